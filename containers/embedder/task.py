@@ -1,0 +1,115 @@
+"""Embedder entrypoint: one replica of the batch-embedding job (Vertex CustomJob, or a local process).
+
+Each replica takes its deterministic share of the corpus (sorted ids, every n-th from its replica index in
+``CLUSTER_SPEC``), embeds it, and writes a Parquet shard and a manifest (count, dim, fingerprint) to the run's
+``embeddings/`` folder. Replica 0 also embeds the evaluation queries, with the previous promoted model too when
+there is one, so the indexer can compare both indexes on the same qrels in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import time
+
+from embedpipe import datasets, logs, storage
+from embedpipe.embedding import encode
+from embedpipe.model import load_model
+
+log = logging.getLogger("embedder")
+
+
+def replica() -> tuple[int, int]:
+    """(index, count) of this replica from CLUSTER_SPEC: pool 0 is replica 0, pool 1 holds the rest."""
+    spec = json.loads(os.environ.get("CLUSTER_SPEC") or "{}")
+    if not spec:
+        return 0, 1
+    cluster, task = spec["cluster"], spec["task"]
+    count = sum(len(v) for k, v in cluster.items() if k.startswith("workerpool") and k != "workerpool2")
+    index = 0 if task["type"] == "workerpool0" else 1 + int(task["index"])
+    return index, count
+
+
+def shard(ids: list[str], index: int, count: int) -> list[str]:
+    return sorted(ids)[index::count]
+
+
+def write_parquet(uri: str, columns: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def main(argv: list[str]) -> int:
+    logs.setup()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--model-uri", required=True)
+    p.add_argument("--previous-model-uri", default="")
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--data-bucket", default=os.environ.get("EMBEDPIPE_DATA_BUCKET", "embedpipe-data"))
+    p.add_argument("--output-dir", default="", help="default: <run folder>/embeddings")
+    args = p.parse_args(argv)
+    out = args.output_dir or args.model_uri.rstrip("/").rsplit("/", 1)[0] + "/embeddings"
+    index, count = replica()
+    t0 = time.time()
+    ds = datasets.load_gcs(args.data_bucket, args.dataset)
+    model, info = load_model(args.model_uri)
+    ids = shard(list(ds.corpus), index, count)
+    docs = [ds.corpus[i] for i in ids]
+    vectors = encode(model, [info.document_prefix + d.full_text for d in docs], args.batch_tokens)
+    name = f"corpus-{index:05d}-of-{count:05d}.parquet"
+    write_parquet(
+        f"{out}/{name}",
+        {
+            "id": ids,
+            "vector": [v.tolist() for v in vectors],
+            "content_hash": [d.content_hash for d in docs],
+            "title": [d.title for d in docs],
+            "text": [d.full_text for d in docs],
+            "metadata": [json.dumps(d.metadata) for d in docs],
+        },
+    )
+    seconds = time.time() - t0
+    if index == 0:
+        qrels = ds.eval_qrels()
+        qids = sorted(q for q in qrels if q in ds.queries)
+        texts = [ds.queries[q] for q in qids]
+        storage.write_json(f"{out}/qrels.json", {q: qrels[q] for q in qids})
+        qv = encode(model, [info.query_prefix + t for t in texts], args.batch_tokens)
+        write_parquet(f"{out}/queries.parquet", {"id": qids, "text": texts, "vector": [v.tolist() for v in qv]})
+        if args.previous_model_uri:
+            prev, prev_info = load_model(args.previous_model_uri)
+            pv = encode(prev, [prev_info.query_prefix + t for t in texts], args.batch_tokens)
+            write_parquet(
+                f"{out}/queries-previous.parquet", {"id": qids, "text": texts, "vector": [v.tolist() for v in pv]}
+            )
+    # The manifest goes last: the indexer trusts a shard only once its manifest exists.
+    storage.write_json(
+        f"{out}/manifest-{index:05d}.json",
+        {
+            "file": name,
+            "replica": index,
+            "replicas": count,
+            "count": len(ids),
+            "dim": int(vectors.shape[1]),
+            "fingerprint": info.fingerprint,
+            "model_uri": args.model_uri,
+            "seconds": round(seconds, 3),
+            "docs_per_s": round(len(ids) / seconds, 2) if seconds else None,
+        },
+    )
+    log.info("replica %d/%d embedded %d docs in %.1fs", index, count, len(ids), seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,15 @@
+"""Cloud Run service: load a run's embeddings into Milvus, evaluate, gate, swap the alias, publish index-updated."""
+
+from __future__ import annotations
+
+import functions_framework
+
+from embedpipe.events import parse_push
+from embedpipe.indexing import index_run
+from embedpipe.runtime import acked
+
+
+@functions_framework.cloud_event
+@acked
+def index(pipe, cloud_event):
+    return index_run(pipe, parse_push(cloud_event).json()["run_id"])

@@ -1,0 +1,264 @@
+"""The ``embedpipe`` command line. Every flag has an ``EMBEDPIPE_*`` env twin; results go to stdout, logs to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import typer
+
+from embedpipe import bus, datasets, logs, runs, stack, storage, topology
+from embedpipe.config import Settings, SettingsError
+from embedpipe.events import Event
+
+app = typer.Typer(
+    help="Keep a Milvus index fresh with a domain-tuned embedding model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def settings() -> Settings:
+    try:
+        s = Settings.from_env()
+    except SettingsError as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(2) from None
+    import os
+
+    for key, value in s.emulator_env().items():
+        os.environ.setdefault(key, value)
+    return s
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", envvar="EMBEDPIPE_VERBOSE")) -> None:
+    logs.setup(10 if verbose else 20)
+
+
+@app.command()
+def up() -> None:
+    """Start the local stack in the background; returns when every part answers."""
+    s = settings()
+    try:
+        stack.up(s, echo=err)
+    except stack.StackError as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(1) from None
+    err(f"local stack is up (state in {s.state_path}); stop it with: embedpipe down")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack and any running local job, leaving no process behind."""
+    stack.down(settings(), echo=err)
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", envvar="EMBEDPIPE_JSON")) -> None:
+    """Show each part of the local stack, its port and health."""
+    rows = stack.status(settings())
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        typer.echo(f"{r['part']:<22} {str(r['port'] or '-'):>6}  {r['health']:<14} pid {r['pid'] or '-'}")
+    if any(r["health"] != "ok" for r in rows):
+        raise typer.Exit(1)
+
+
+def _wait_for_runs(s: Settings, keys: list[str], timeout: float) -> dict:
+    """Wait until every trigger key is claimed and its run has ended; returns the last run's record."""
+    ledger = runs.Ledger(s.artifacts_bucket)
+    deadline = time.time() + timeout
+    run_ids: list[str] = []
+    last_state = None
+    while time.time() < deadline:
+        claims = [ledger.get_claim(k) for k in keys]
+        if all(claims):
+            run_ids = sorted({c["run_id"] for c in claims})
+            records = [ledger.get_run(r) for r in run_ids]
+            records = [r for r in records if r]
+            states = ", ".join(f"{r['run_id']}={r['state']}" for r in records)
+            if states != last_state:
+                err(f"  {time.strftime('%H:%M:%S')} {states}")
+                last_state = states
+            if records and all(r["state"] in runs.TERMINAL for r in records):
+                return max(records, key=lambda r: r["created_at"])
+        time.sleep(0.5)
+    err(f"error: timed out after {timeout:.0f}s waiting for run(s) {run_ids or '(not claimed yet)'}")
+    raise typer.Exit(3)
+
+
+def summary(record: dict) -> str:
+    data = (record.get("final_event") or {}).get("data") or {}
+    lines = [f"run {record['run_id']} ({record['dataset']}): {record['state']}"]
+    if record["state"] == runs.FAILED:
+        lines.append(f"  failed in {data.get('stage')}: {data.get('cause', '')[:500]}")
+        return "\n".join(lines)
+    c = data.get("counts", {})
+    lines.append(
+        f"  documents: {c.get('total')} total, {c.get('upserted')} upserted, {c.get('deleted')} deleted, "
+        f"{c.get('unchanged')} unchanged -> {data.get('collection')}"
+    )
+    for label, m in (("new", data.get("metrics")), ("previous", data.get("previous_metrics"))):
+        if m:
+            lines.append(f"  {label:<8} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+    by_mode = data.get("metrics_by_mode") or {}
+    for mode, m in by_mode.items():
+        lines.append(f"  {mode:<8} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+    lines.append(
+        f"  promoted: {data.get('promoted')} ({(data.get('gate') or {}).get('reason')}); "
+        f"default search mode: {data.get('default_search_mode')}"
+    )
+    lines.append(
+        "  seconds per stage: " + ", ".join(f"{k}={v:.1f}" for k, v in (data.get("stage_seconds") or {}).items())
+    )
+    return "\n".join(lines)
+
+
+def _finish(record: dict) -> None:
+    err(summary(record))
+    typer.echo(json.dumps(record["final_event"], indent=2))
+    raise typer.Exit(0 if record["state"] == runs.SUCCEEDED else 1)
+
+
+@app.command()
+def upload(
+    directory: Path = typer.Argument(..., exists=True, file_okay=False, help="a BEIR folder"),
+    dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
+    wait: bool = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT", help="block until the run ends"),
+    timeout: float = typer.Option(900.0, "--timeout", envvar="EMBEDPIPE_TIMEOUT"),
+) -> None:
+    """Upload a BEIR folder to gs://DATA/datasets/NAME/; with --wait print the run's final event (stdout)."""
+    s = settings()
+    try:
+        datasets.check_name(dataset)
+        datasets.load_dir(directory, dataset)  # fail here, with file:line, before anything is uploaded
+    except (ValueError, datasets.DatasetError) as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(2) from None
+    files = sorted(
+        p for p in directory.rglob("*") if p.is_file() and datasets.classify(p.relative_to(directory).as_posix())
+    )
+    keys = []
+    for path in files:
+        rel = path.relative_to(directory).as_posix()
+        name = f"datasets/{dataset}/{rel}"
+        generation = storage.upload_file(path, f"gs://{s.data_bucket}/{name}")
+        keys.append(f"gcs/{s.data_bucket}/{name}#{generation}")
+        err(f"  uploaded {rel} -> gs://{s.data_bucket}/{name}#{generation}")
+    if wait:
+        _finish(_wait_for_runs(s, keys, timeout))
+
+
+def _parse_set(values: list[str]) -> dict:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            err(f"error: --set expects key=value, got {item!r}")
+            raise typer.Exit(2)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+@app.command()
+def retrain(
+    dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set learning_rate=3e-5"),
+    reason: str = typer.Option("requested from the CLI", "--reason"),
+    wait: bool = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT"),
+    timeout: float = typer.Option(900.0, "--timeout", envvar="EMBEDPIPE_TIMEOUT"),
+) -> None:
+    """Publish a retrain message for a dataset (full run: train, embed, index, gate)."""
+    s = settings()
+    body = {"dataset": dataset, "overrides": _parse_set(set_), "reason": reason}
+    message_id = bus.publish_raw(s.project, topology.RETRAIN_REQUESTS, json.dumps(body).encode())
+    err(f"  published retrain request {message_id}")
+    if wait:
+        _finish(_wait_for_runs(s, [f"pubsub/retrain/{message_id}"], timeout))
+
+
+@app.command("runs")
+def list_runs(as_json: bool = typer.Option(False, "--json", envvar="EMBEDPIPE_JSON")) -> None:
+    """List runs from the ledger."""
+    records = runs.Ledger(settings().artifacts_bucket).list_runs()
+    if as_json:
+        typer.echo(json.dumps(records, indent=1))
+        return
+    for r in records:
+        m = r.get("metrics") or {}
+        typer.echo(
+            f"{r['run_id']:<24} {r['dataset']:<16} {r['state']:<11} promoted={r.get('promoted')!s:<5} "
+            f"recall@10={m.get('recall@10', '-')}  created {r['created_at']}"
+        )
+
+
+@app.command()
+def events(follow: bool = typer.Option(False, "--follow", "-f", envvar="EMBEDPIPE_FOLLOW")) -> None:
+    """Show index-updated, run events and dead letters (CloudEvents JSON, one per line)."""
+    s = settings()
+    log_file = s.state_path / "events.jsonl"
+    shown = 0
+    while True:
+        for topic in stack.event_log_topics():
+            for data, attrs, message_id in bus.pull(f"projects/{s.project}/subscriptions/{topic}-log", timeout=2):
+                try:
+                    doc = Event.from_pubsub(data, attrs).to_structured()
+                except Exception:  # noqa: BLE001 - dead letters may be anything: show them raw
+                    doc = {
+                        "topic": topic,
+                        "message_id": message_id,
+                        "attributes": attrs,
+                        "data": data.decode(errors="replace"),
+                    }
+                with open(log_file, "a") as fh:
+                    fh.write(json.dumps(doc) + "\n")
+        lines = log_file.read_text().splitlines() if log_file.exists() else []
+        for line in lines[shown:]:
+            typer.echo(line)
+        shown = len(lines)
+        if not follow:
+            return
+        time.sleep(1)
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(...),
+    dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
+    k: int = typer.Option(10, "-k", "--k", envvar="EMBEDPIPE_K"),
+    mode: str = typer.Option("dense", "--mode", envvar="EMBEDPIPE_MODE"),
+    as_json: bool = typer.Option(False, "--json", envvar="EMBEDPIPE_JSON"),
+) -> None:
+    """Query the search service over the dataset's promoted index."""
+    s = settings()
+    port = stack.component_ports(s)["search"]
+    qs = urllib.parse.urlencode({"dataset": dataset, "q": query, "k": k, "mode": mode})
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/search?{qs}", timeout=120) as resp:
+            result = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        err(f"error: {exc.code}: {exc.read().decode(errors='replace')}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    for i, h in enumerate(result["hits"], 1):
+        typer.echo(f"{i:>3}. {h['score']:.4f}  {h['id']:<12} {h['title']}")
+
+
+if __name__ == "__main__":
+    app(sys.argv[1:])

@@ -1,0 +1,289 @@
+"""BEIR-format datasets: layout, strict parsing with precise errors, and training pairs.
+
+Layout under ``gs://DATA/datasets/<dataset>/`` (DESIGN.md §3.1)::
+
+    corpus.jsonl | corpus/*.jsonl   {"_id", "title"?, "text", "metadata"?}
+    queries.jsonl                   {"_id", "text"}
+    qrels/<split>.tsv               header "query-id\tcorpus-id\tscore"
+    pairs/*.jsonl                   {"anchor", "positive", "negative"?}   (optional)
+
+Every error names the file, the line and the reason; a bad line fails its file, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_LINE_BYTES = 1 << 20
+DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+QRELS_HEADER = ["query-id", "corpus-id", "score"]
+HEADER_LINE = "\t".join(QRELS_HEADER)
+
+
+class DatasetError(ValueError):
+    def __init__(self, file: str, line: int | None, reason: str):
+        self.file, self.line, self.reason = file, line, reason
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class Doc:
+    id: str
+    text: str
+    title: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def full_text(self) -> str:
+        """What gets embedded and BM25-indexed: the title (when there is one) and the text."""
+        return f"{self.title}. {self.text}" if self.title else self.text
+
+    @property
+    def content_hash(self) -> str:
+        payload = json.dumps([self.title, self.text, self.metadata], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Dataset:
+    name: str
+    corpus: dict[str, Doc]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, dict[str, int]]]  # split -> query id -> doc id -> score
+    pairs: list[tuple[str, str, str | None]]
+
+    def eval_split(self) -> str | None:
+        return next((s for s in ("test", "dev") if self.qrels.get(s)), None)
+
+    def eval_qrels(self) -> dict[str, dict[str, int]]:
+        split = self.eval_split()
+        return self.qrels[split] if split else {}
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for doc_id in sorted(self.corpus):
+            h.update(f"{doc_id}\0{self.corpus[doc_id].content_hash}\n".encode())
+        for a, p, n in self.training_pairs():
+            h.update(f"{a}\0{p}\0{n}\n".encode())
+        return h.hexdigest()[:16]
+
+    def training_pairs(self) -> list[tuple[str, str, str | None]]:
+        """Pairs from ``pairs/``, else queries -> relevant docs of ``qrels/train.tsv``, else derived from the corpus."""
+        if self.pairs:
+            return self.pairs
+        train = self.qrels.get("train") or {}
+        out = []
+        for qid in sorted(train):
+            if qid not in self.queries:
+                continue
+            for doc_id, score in sorted(train[qid].items()):
+                if score > 0 and doc_id in self.corpus:
+                    out.append((self.queries[qid], self.corpus[doc_id].full_text, None))
+        if out:
+            return out
+        return derive_pairs(self.corpus.values())
+
+
+def derive_pairs(docs) -> list[tuple[str, str, str | None]]:
+    """A bare corpus still trains: title -> text, or first sentence -> the rest."""
+    out = []
+    for doc in sorted(docs, key=lambda d: d.id):
+        if doc.title:
+            out.append((doc.title, doc.text, None))
+            continue
+        first, sep, rest = doc.text.partition(". ")
+        if sep and rest.strip() and len(first.split()) >= 3:
+            out.append((first + ".", rest.strip(), None))
+    return out
+
+
+def check_name(name: str) -> str:
+    if not DATASET_RE.match(name):
+        raise ValueError(f"dataset name {name!r} must match {DATASET_RE.pattern}")
+    return name
+
+
+def _lines(data: bytes, file: str):
+    if not data.strip():
+        raise DatasetError(file, None, "file is empty")
+    if b"\0" in data[:8192]:
+        raise DatasetError(file, None, "binary file (NUL bytes), expected UTF-8 text")
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            raise DatasetError(file, number, f"line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(file, number, f"invalid UTF-8 at byte {exc.start}") from None
+        if line.strip():
+            yield number, line
+
+
+def _json_lines(data: bytes, file: str):
+    for number, line in _lines(data, file):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(file, number, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(obj, dict):
+            raise DatasetError(file, number, f"expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
+
+
+def _str_field(obj: dict, key: str, file: str, number: int, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DatasetError(file, number, f"missing required field {key!r}")
+        return ""
+    if isinstance(value, (int, float)) and key == "_id" and not isinstance(value, bool):
+        return str(value)  # BEIR files in the wild use numeric ids; they are ids, not numbers
+    if not isinstance(value, str):
+        raise DatasetError(file, number, f"field {key!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DatasetError(file, number, f"field {key!r} is empty")
+    return value
+
+
+def parse_corpus(
+    data: bytes, file: str, into: dict[str, Doc] | None = None, seen_in: dict[str, str] | None = None
+) -> dict[str, Doc]:
+    """Parse one corpus file; ids must be unique within it and across ``into`` (earlier files)."""
+    docs = {} if into is None else into
+    seen_in = {} if seen_in is None else seen_in
+    for number, obj in _json_lines(data, file):
+        doc_id = _str_field(obj, "_id", file, number)
+        text = _str_field(obj, "text", file, number)
+        title = _str_field(obj, "title", file, number, required=False)
+        metadata = obj.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise DatasetError(file, number, f"field 'metadata' must be an object, got {type(metadata).__name__}")
+        if doc_id in docs:
+            raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {seen_in.get(doc_id, file)})")
+        docs[doc_id] = Doc(doc_id, text, title, metadata)
+        seen_in[doc_id] = f"{file}:{number}"
+    return docs
+
+
+def parse_queries(data: bytes, file: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for number, obj in _json_lines(data, file):
+        qid = _str_field(obj, "_id", file, number)
+        if qid in out:
+            raise DatasetError(file, number, f"duplicate query _id {qid!r}")
+        out[qid] = _str_field(obj, "text", file, number)
+    return out
+
+
+def parse_qrels(data: bytes, file: str) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    lines = iter(_lines(data, file))
+    number, header = next(lines)
+    if header.split("\t") != QRELS_HEADER:
+        raise DatasetError(file, number, f"header must be {HEADER_LINE!r}, got {header!r}")
+    for number, line in lines:
+        cols = line.split("\t")
+        if len(cols) != 3:
+            raise DatasetError(file, number, f"expected 3 tab-separated columns, got {len(cols)}")
+        qid, doc_id, score = cols
+        try:
+            value = int(float(score))
+        except ValueError:
+            raise DatasetError(file, number, f"score {score!r} is not a number") from None
+        out.setdefault(qid, {})[doc_id] = value
+    return out
+
+
+def parse_pairs(data: bytes, file: str) -> list[tuple[str, str, str | None]]:
+    out = []
+    for number, obj in _json_lines(data, file):
+        anchor = _str_field(obj, "anchor", file, number)
+        positive = _str_field(obj, "positive", file, number)
+        negative = _str_field(obj, "negative", file, number, required=False) or None
+        out.append((anchor, positive, negative))
+    return out
+
+
+def classify(rel: str) -> str | None:
+    """Which part of a BEIR folder a relative path is: corpus | queries | qrels | pairs, or None (ignored)."""
+    if rel == "corpus.jsonl" or (rel.startswith("corpus/") and rel.endswith(".jsonl")):
+        return "corpus"
+    if rel == "queries.jsonl":
+        return "queries"
+    if rel.startswith("qrels/") and rel.endswith(".tsv") and rel.count("/") == 1:
+        return "qrels"
+    if rel.startswith("pairs/") and rel.endswith(".jsonl"):
+        return "pairs"
+    return None
+
+
+def load_files(name: str, files: dict[str, bytes]) -> Dataset:
+    """Build a Dataset from ``{relative path: bytes}``; qrels must point at known ids."""
+    corpus: dict[str, Doc] = {}
+    seen: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, dict[str, int]]] = {}
+    pairs: list = []
+    for rel in sorted(files):
+        kind = classify(rel)
+        if kind == "corpus":
+            parse_corpus(files[rel], rel, corpus, seen)
+        elif kind == "queries":
+            queries = parse_queries(files[rel], rel)
+        elif kind == "pairs":
+            pairs.extend(parse_pairs(files[rel], rel))
+    for rel in sorted(files):
+        if classify(rel) == "qrels":
+            split = Path(rel).stem
+            qrels[split] = parse_qrels(files[rel], rel)
+            for qid, rels in qrels[split].items():
+                if qid not in queries:
+                    raise DatasetError(rel, None, f"query-id {qid!r} is not in queries.jsonl")
+                unknown = sorted(set(rels) - set(corpus))
+                if unknown:
+                    raise DatasetError(rel, None, f"corpus-id {unknown[0]!r} (query {qid!r}) is not in the corpus")
+    if not corpus:
+        raise DatasetError(f"datasets/{name}/corpus.jsonl", None, "dataset has no corpus")
+    return Dataset(name, corpus, queries, qrels, pairs)
+
+
+def load_dir(path: Path, name: str | None = None) -> Dataset:
+    path = Path(path)
+    files = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    return load_files(name or path.name, {k: v for k, v in files.items() if classify(k)})
+
+
+def prefix(data_bucket: str, dataset: str) -> str:
+    return f"gs://{data_bucket}/datasets/{dataset}/"
+
+
+def load_gcs(data_bucket: str, dataset: str) -> Dataset:
+    from embedpipe import storage
+
+    root = prefix(data_bucket, dataset)
+    files = {}
+    for uri, _ in storage.list_uris(root):
+        rel = uri[len(root) :]
+        if classify(rel):
+            files[rel] = storage.read_bytes(uri)
+    return load_files(dataset, files)
+
+
+def dataset_of(object_name: str) -> tuple[str, str] | None:
+    """``datasets/<dataset>/<rel>`` -> (dataset, rel) when it is a BEIR file we react to."""
+    parts = object_name.split("/", 2)
+    if len(parts) != 3 or parts[0] != "datasets" or not DATASET_RE.match(parts[1]):
+        return None
+    if ".." in parts[2].split("/") or any(ord(c) < 32 for c in parts[2]):
+        return None
+    return (parts[1], parts[2]) if classify(parts[2]) else None
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="embedpipe-"))

@@ -1,0 +1,34 @@
+"""Logging: readable lines locally, JSON lines with ``severity`` and labels in the cloud (Cloud Logging parses them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"severity": record.levelname, "message": record.getMessage(), "logger": record.name}
+        labels = getattr(record, "labels", None)
+        if labels:
+            out["logging.googleapis.com/labels"] = labels
+        if record.exc_info:
+            out["stack_trace"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup(level: int = logging.INFO, fmt: str | None = None) -> None:
+    """Configure the root logger once per process (stderr, so stdout stays for results)."""
+    fmt = fmt or os.environ.get("EMBEDPIPE_LOG_FORMAT", "text")
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("urllib3", "google", "httpx", "filelock", "sentence_transformers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

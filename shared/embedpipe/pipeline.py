@@ -1,0 +1,320 @@
+"""Orchestration: what each trigger does to the run ledger and which job it launches. Handlers call only this.
+
+Every entry point is idempotent. A trigger is claimed once; a redelivery finds its claim and finishes what the first
+delivery may have left undone. Job launches are keyed by ``<run_id>/<stage>/<attempt>``. Stage transitions are
+compare-and-set from an expected state, so a duplicate or late event for a stage already passed does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from embedpipe import bus, datasets, runs, topology
+from embedpipe.config import Settings
+from embedpipe.events import INDEX_REQUESTED, RUN_FAILED, RUN_STAGE, Event, JobStateHint, ObjectChange, RetrainRequest
+from embedpipe.jobs import SUCCEEDED, JobLauncher, JobSpec
+from embedpipe.jobs import launcher as make_launcher
+from embedpipe.runs import EMBEDDING, INDEXING, PENDING, TRAINING, Ledger
+
+log = logging.getLogger(__name__)
+
+STAGE_STATE = {"train": TRAINING, "embed": EMBEDDING}
+# Run overrides a retrain message may set (``embedpipe retrain --set key=value``), with their types.
+TRAIN_OVERRIDES = {
+    "learning_rate": float,
+    "batch_size": int,
+    "max_steps": int,
+    "epochs": int,
+    "max_seq_length": int,
+    "warmup_ratio": float,
+    "seed": int,
+    "base_model": str,
+}
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger | None = None,
+        launcher: JobLauncher | None = None,
+        publish: Callable[[str, Event], None] | None = None,
+    ):
+        self.settings = settings
+        self.ledger = ledger or Ledger(settings.artifacts_bucket)
+        self._launcher = launcher
+        self._publish = publish
+
+    @property
+    def launcher(self) -> JobLauncher:
+        if self._launcher is None:
+            self._launcher = make_launcher(self.settings)
+        return self._launcher
+
+    def publish(self, topic: str, event: Event) -> None:
+        if self._publish is not None:
+            self._publish(topic, event)
+        else:
+            bus.publish(self.settings.project, topic, event)
+
+    # ------------------------------------------------------------------ triggers
+    def on_object_change(self, change: ObjectChange) -> str:
+        if change.event_type != "OBJECT_FINALIZE":
+            return f"ignored {change.event_type} for {change.name}"
+        if change.bucket != self.settings.data_bucket:
+            return f"ignored object in bucket {change.bucket} (data bucket is {self.settings.data_bucket})"
+        found = datasets.dataset_of(change.name)
+        if found is None:
+            return f"ignored {change.name}: not a dataset file (datasets/<dataset>/<BEIR file>)"
+        dataset, rel = found
+        info = {"object": change.name, "generation": change.generation, "part": datasets.classify(rel)}
+        run_id = self._claim(change.key, dataset, {"type": "upload", "dataset": dataset}, self.settings.debounce_s)
+        self.ledger.add_trigger(run_id, change.key, info)
+        return f"{change.name}#{change.generation} -> run {run_id}"
+
+    def on_retrain(self, req: RetrainRequest) -> str:
+        datasets.check_name(req.dataset)
+        unknown = sorted(set(req.overrides) - set(TRAIN_OVERRIDES))
+        if unknown:
+            raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(TRAIN_OVERRIDES)}")
+        trigger = {"type": "retrain", "dataset": req.dataset, "reason": req.reason}
+        run_id = self._claim(req.key, req.dataset, trigger, 0.0)
+
+        def fn(record):
+            if req.key in record["triggers"]:
+                return None
+            record["triggers"].append(req.key)
+            record["overrides"].update(req.overrides)
+            record["force_full"] = True
+            record["trigger"] = trigger
+            return record
+
+        self.ledger.update_run(run_id, fn)
+        self.launch_due(req.dataset)
+        return f"retrain {req.key} -> run {run_id}"
+
+    def _claim(self, key: str, dataset: str, trigger: dict, due_in_s: float) -> str:
+        claim = self.ledger.get_claim(key)
+        if claim:
+            log.info("duplicate delivery of %s (run %s): finishing its step only", key, claim["run_id"])
+            return claim["run_id"]
+        run_id = self.ledger.pending_run(dataset, trigger, due_in_s)
+        return self.ledger.claim(key, run_id)[0]
+
+    # ------------------------------------------------------------------ launching
+    def launch_due(self, dataset: str | None = None) -> list[str]:
+        """Promote due pending runs to active (one active run per dataset) and start them."""
+        started = []
+        for ds in [dataset] if dataset else self.ledger.list_datasets():
+
+            def fn(st):
+                if st["pending"] and st["active"] is None and st["due_at"] <= time.time():
+                    st["active"], st["pending"], st["pending_since"] = st["pending"], None, None
+                    return st
+                return None
+
+            state = self.ledger.update_dataset(ds, fn)
+            if state["active"]:
+                record = self.ledger.get_run(state["active"])
+                if record and record["state"] == PENDING:  # also finishes a launch that died half-way
+                    self.start_training(record)
+                    started.append(record["run_id"])
+        return started
+
+    def _job_env(self) -> dict[str, str]:
+        return {
+            "EMBEDPIPE_DATA_BUCKET": self.settings.data_bucket,
+            "EMBEDPIPE_ARTIFACTS_BUCKET": self.settings.artifacts_bucket,
+        }
+
+    def train_spec(self, record: dict, attempt: int) -> JobSpec:
+        s, o = self.settings, record.get("overrides") or {}
+        run_id = record["run_id"]
+        params = {
+            k: o.get(k, getattr(s, k if k not in ("batch_size", "max_steps", "epochs") else f"train_{k}"))
+            for k in TRAIN_OVERRIDES
+        }
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
+        args += [f"--dataset={record['dataset']}", f"--run-id={run_id}"]
+        return JobSpec(
+            key=f"{run_id}/train/{attempt}",
+            container="trainer",
+            args=args,
+            base_output_dir=f"{self.ledger.run_dir(run_id)}",
+            env=self._job_env(),
+            labels={"run_id": run_id, "stage": "train"},
+            image=s.trainer_image,
+            machine_type=s.train_machine_type,
+            accelerator_type=s.train_accelerator,
+            accelerator_count=1 if s.train_accelerator else 0,
+        )
+
+    def embed_spec(self, record: dict, attempt: int) -> JobSpec:
+        s, run_id = self.settings, record["run_id"]
+        args = [
+            f"--dataset={record['dataset']}",
+            f"--run-id={run_id}",
+            f"--model-uri={record['model']['uri']}",
+            f"--batch-tokens={s.embed_batch_tokens}",
+        ]
+        previous = self.ledger.get_dataset(record["dataset"]).get("promoted")
+        if previous:
+            args.append(f"--previous-model-uri={previous['model_uri']}")
+        return JobSpec(
+            key=f"{run_id}/embed/{attempt}",
+            container="embedder",
+            args=args,
+            base_output_dir=f"{self.ledger.run_dir(run_id)}/embed",
+            env=self._job_env(),
+            labels={"run_id": run_id, "stage": "embed"},
+            image=s.embedder_image,
+            machine_type=s.embed_machine_type,
+            accelerator_type=s.embed_accelerator,
+            accelerator_count=1 if s.embed_accelerator else 0,
+            replica_count=s.embed_replicas,
+        )
+
+    def _submit(self, record: dict, stage: str, attempt: int, from_state: str) -> None:
+        spec = self.train_spec(record, attempt) if stage == "train" else self.embed_spec(record, attempt)
+        name = self.launcher.submit(spec)
+        job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(time.time())}
+
+        def fn(rec):
+            if rec["state"] != from_state:
+                return None
+            rec["jobs"][stage] = job
+            return rec
+
+        if from_state == STAGE_STATE[stage]:  # a retry within the stage
+            self.ledger.update_run(record["run_id"], fn)
+        else:
+            self.ledger.advance(record["run_id"], from_state, STAGE_STATE[stage], jobs={**record["jobs"], stage: job})
+        self._stage_event(record, STAGE_STATE[stage], job=name)
+
+    def start_training(self, record: dict) -> None:
+        self._submit(record, "train", 1, PENDING)
+
+    def _stage_event(self, record: dict, state: str, **extra) -> None:
+        data = {"run_id": record["run_id"], "dataset": record["dataset"], "state": state, **extra}
+        self.publish(
+            topology.RUN_EVENTS, Event(RUN_STAGE, data, id=f"{record['run_id']}/{state}", subject=record["run_id"])
+        )
+
+    # ------------------------------------------------------------------ job completion
+    def on_job_event(self, hint: JobStateHint) -> str:
+        name = self.launcher.name_for(hint.job_id)
+        try:
+            status = self.launcher.get(name)
+        except (FileNotFoundError, KeyError, LookupError):
+            return f"unknown job {name}: ignored"
+        return self.on_job_status(status)
+
+    def on_job_status(self, status) -> str:
+        if not status.done:
+            return f"job {status.name} is {status.state}: nothing to do yet"
+        run_id, stage = status.labels.get("run_id"), status.labels.get("stage")
+        record = self.ledger.get_run(run_id) if run_id else None
+        if record is None or stage not in STAGE_STATE:
+            return f"job {status.name} has no run (labels {status.labels}): ignored"
+        job = record["jobs"].get(stage) or {}
+        if record["state"] != STAGE_STATE[stage] or job.get("name") != status.name:
+            return f"late or duplicate event for {stage} job {status.name} of run {run_id} ({record['state']})"
+        if status.state == SUCCEEDED:
+            if stage == "train":
+                model = {"uri": f"{self.ledger.run_dir(run_id)}/model/"}
+                record["model"] = model
+                self.ledger.update_run(run_id, lambda r: {**r, "model": model} if r["state"] == TRAINING else None)
+                self._submit(record, "embed", 1, TRAINING)
+                return f"run {run_id}: training succeeded, embedding launched"
+            rec, moved = self.ledger.advance(run_id, EMBEDDING, INDEXING)
+            if moved or rec["state"] == INDEXING:
+                self.request_index(rec)
+            return f"run {run_id}: embedding succeeded, index requested"
+        attempt = job.get("attempt", 1)
+        if attempt < self.settings.max_job_attempts:
+            log.warning(
+                "run %s: %s job %s ended %s (%s); retrying",
+                run_id,
+                stage,
+                status.name,
+                status.state,
+                status.error[-300:],
+            )
+            self._submit(record, stage, attempt + 1, STAGE_STATE[stage])
+            return f"run {run_id}: {stage} job {status.state}, retry {attempt + 1} launched"
+        self.fail(run_id, stage, f"{stage} job {status.name} ended {status.state}: {status.error[-1000:]}")
+        return f"run {run_id}: FAILED in {stage}"
+
+    def request_index(self, record: dict) -> None:
+        event = Event(
+            INDEX_REQUESTED,
+            {"run_id": record["run_id"], "dataset": record["dataset"]},
+            id=f"{record['run_id']}/index",
+            subject=record["run_id"],
+        )
+        self.publish(topology.INDEX_REQUESTS, event)
+        self._stage_event(record, INDEXING)
+
+    # ------------------------------------------------------------------ endings
+    def fail(self, run_id: str, stage: str, cause: str) -> None:
+        record = self.ledger.get_run(run_id)
+        if record is None or record["state"] in runs.TERMINAL:
+            return
+        event = Event(
+            RUN_FAILED,
+            {
+                "run_id": run_id,
+                "dataset": record["dataset"],
+                "stage": stage,
+                "cause": cause,
+                "trigger": record.get("trigger"),
+            },
+            id=f"{run_id}/failed",
+            subject=run_id,
+        )
+        rec, moved = self.ledger.advance(
+            run_id,
+            record["state"],
+            runs.FAILED,
+            error={"stage": stage, "cause": cause},
+            final_event=event.to_structured(),
+        )
+        if moved:
+            self.publish(topology.RUN_EVENTS, event)
+            log.error("run %s failed in %s: %s", run_id, stage, cause)
+        self.release(rec)
+
+    def release(self, record: dict) -> None:
+        """The run ended: free the dataset for its follow-up run (uploads that arrived meanwhile), and start it."""
+
+        def fn(st):
+            if st["active"] != record["run_id"]:
+                return None
+            st["active"] = None
+            return st
+
+        self.ledger.update_dataset(record["dataset"], fn)
+        self.launch_due(record["dataset"])
+
+    # ------------------------------------------------------------------ reconcile
+    def reconcile(self) -> list[str]:
+        """The scheduled safety net: launch due runs, and advance runs whose job ended without an event."""
+        notes = [f"launched {r}" for r in self.launch_due()]
+        for ds in self.ledger.list_datasets():
+            active = self.ledger.get_dataset(ds)["active"]
+            record = self.ledger.get_run(active) if active else None
+            if record is None:
+                continue
+            if record["state"] in runs.TERMINAL:
+                self.release(record)
+                notes.append(f"released {active}")
+                continue
+            stage = {TRAINING: "train", EMBEDDING: "embed"}.get(record["state"])
+            job = record["jobs"].get(stage) if stage else None
+            if job:
+                status = self.launcher.get(job["name"])
+                if status.done:
+                    notes.append(self.on_job_status(status))
+        return notes

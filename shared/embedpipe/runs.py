@@ -1,0 +1,243 @@
+"""The run ledger, kept in the artifacts bucket so every function instance sees the same truth.
+
+Objects (all JSON):
+
+- ``ledger/claims/<sha256(trigger key)>.json``: created once (``if_generation_match=0``); names the run a trigger
+  (an object version or a message id) belongs to. A redelivery finds its claim and only finishes what is left.
+- ``ledger/datasets/<dataset>.json``: per-dataset state: the ``pending`` run collecting uploads (launched when
+  ``due_at`` passes, which is how bursts coalesce), the ``active`` run, and the ``promoted`` index.
+- ``runs/<run_id>/run.json``: the run record. Changed only by compare-and-set on the object generation.
+
+Stages only move forward (``STAGES`` order); a duplicate or late event for a stage already passed is a no-op.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from embedpipe import storage
+from embedpipe.storage import PreconditionFailed
+
+log = logging.getLogger(__name__)
+
+PENDING, TRAINING, EMBEDDING, INDEXING, PUBLISHING = "PENDING", "TRAINING", "EMBEDDING", "INDEXING", "PUBLISHING"
+SUCCEEDED, FAILED = "SUCCEEDED", "FAILED"
+STAGES = (PENDING, TRAINING, EMBEDDING, INDEXING, PUBLISHING, SUCCEEDED)
+TERMINAL = (SUCCEEDED, FAILED)
+
+
+class Store(Protocol):
+    def read_json_gen(self, uri: str) -> tuple[Any, int]: ...
+    def write_json(self, uri: str, obj: Any, if_generation_match: int | None = None) -> int: ...
+    def delete(self, uri: str) -> None: ...
+    def list_uris(self, prefix_uri: str): ...
+
+
+def stage_index(state: str) -> int:
+    return len(STAGES) if state == FAILED else STAGES.index(state)
+
+
+def is_past(record: dict, state: str) -> bool:
+    """True when the run is already at or beyond ``state`` (so an event for it is late or a duplicate)."""
+    return record["state"] in TERMINAL or stage_index(record["state"]) >= stage_index(state)
+
+
+def utcnow() -> float:
+    return time.time()
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_run_id(dataset: str) -> str:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dt%H%M%S")
+    return f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+class Ledger:
+    def __init__(self, artifacts_bucket: str, store: Store = storage):
+        self.bucket = artifacts_bucket
+        self.store = store
+
+    # ------------------------------------------------------------ addresses
+    def run_uri(self, run_id: str) -> str:
+        return f"gs://{self.bucket}/runs/{run_id}/run.json"
+
+    def run_dir(self, run_id: str) -> str:
+        return f"gs://{self.bucket}/runs/{run_id}"
+
+    def _claim_uri(self, key: str) -> str:
+        return f"gs://{self.bucket}/ledger/claims/{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+    def _dataset_uri(self, dataset: str) -> str:
+        return f"gs://{self.bucket}/ledger/datasets/{dataset}.json"
+
+    # ------------------------------------------------------------ compare-and-set
+    def _update(self, uri: str, fn: Callable[[Any], Any], create: Callable[[], Any] | None = None) -> Any:
+        """Read-modify-write with CAS. ``fn`` gets a copy and returns the new document, or None to leave it."""
+        for attempt in range(50):
+            doc, gen = self.store.read_json_gen(uri)
+            if doc is None:
+                if create is None:
+                    raise KeyError(uri)
+                doc = create()
+            new = fn(copy.deepcopy(doc))
+            if new is None:
+                return doc
+            try:
+                self.store.write_json(uri, new, if_generation_match=gen)
+                return new
+            except PreconditionFailed:
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise RuntimeError(f"too much contention on {uri}")
+
+    # ------------------------------------------------------------ claims
+    def get_claim(self, key: str) -> dict | None:
+        return self.store.read_json_gen(self._claim_uri(key))[0]
+
+    def claim(self, key: str, run_id: str) -> tuple[str, bool]:
+        """Claim ``key`` for ``run_id``; returns (the run that owns the claim, whether we created it)."""
+        try:
+            self.store.write_json(
+                self._claim_uri(key), {"key": key, "run_id": run_id, "at": iso(utcnow())}, if_generation_match=0
+            )
+            return run_id, True
+        except PreconditionFailed:
+            return self.get_claim(key)["run_id"], False
+
+    # ------------------------------------------------------------ runs
+    def get_run(self, run_id: str) -> dict | None:
+        return self.store.read_json_gen(self.run_uri(run_id))[0]
+
+    def create_run(self, run_id: str, dataset: str, trigger: dict, **fields: Any) -> dict:
+        now = utcnow()
+        record = {
+            "run_id": run_id,
+            "dataset": dataset,
+            "state": PENDING,
+            "kind": None,
+            "created_at": iso(now),
+            "updated_at": iso(now),
+            "triggers": [],
+            "trigger": trigger,
+            "overrides": {},
+            "jobs": {},
+            "stage_times": {PENDING: {"start": now}},
+            "metrics": None,
+            "previous_metrics": None,
+            "promoted": None,
+            "error": None,
+            "final_event": None,
+            **fields,
+        }
+        self.store.write_json(self.run_uri(run_id), record, if_generation_match=0)
+        return record
+
+    def update_run(self, run_id: str, fn: Callable[[dict], dict | None]) -> dict:
+        def wrapped(record):
+            out = fn(record)
+            if out is not None:
+                out["updated_at"] = iso(utcnow())
+            return out
+
+        return self._update(self.run_uri(run_id), wrapped)
+
+    def advance(self, run_id: str, from_state: str, to_state: str, **fields: Any) -> tuple[dict, bool]:
+        """Move ``from_state`` -> ``to_state`` once; (record, whether this call moved it)."""
+        moved = False
+
+        def fn(record):
+            nonlocal moved
+            if record["state"] != from_state:
+                return None
+            now = utcnow()
+            times = record.setdefault("stage_times", {})
+            times.setdefault(from_state, {"start": now})["end"] = now
+            times.setdefault(to_state, {})["start"] = now
+            if to_state in TERMINAL:
+                times[to_state]["end"] = now
+            record["state"] = to_state
+            record.update(fields)
+            moved = True
+            return record
+
+        return self.update_run(run_id, fn), moved
+
+    def list_runs(self) -> list[dict]:
+        out = []
+        for uri, _ in self.store.list_uris(f"gs://{self.bucket}/runs/"):
+            if uri.endswith("/run.json"):
+                rec = self.store.read_json_gen(uri)[0]
+                if rec:
+                    out.append(rec)
+        return sorted(out, key=lambda r: r["created_at"])
+
+    # ------------------------------------------------------------ datasets
+    def get_dataset(self, dataset: str) -> dict:
+        return self.store.read_json_gen(self._dataset_uri(dataset))[0] or empty_dataset_state(dataset)
+
+    def update_dataset(self, dataset: str, fn: Callable[[dict], dict | None]) -> dict:
+        return self._update(self._dataset_uri(dataset), fn, create=lambda: empty_dataset_state(dataset))
+
+    def list_datasets(self) -> list[str]:
+        prefix = f"gs://{self.bucket}/ledger/datasets/"
+        return sorted(uri[len(prefix) : -5] for uri, _ in self.store.list_uris(prefix) if uri.endswith(".json"))
+
+    def pending_run(self, dataset: str, trigger: dict, due_in_s: float, max_wait_s: float = 60.0) -> str:
+        """The run that collects changes to ``dataset`` now: the pending one (its due time pushed back, bounded
+        by ``max_wait_s`` after its first change), or a new one. Everything that arrives before ``due_at`` joins
+        the same run, which is how bursts coalesce."""
+        for _ in range(20):
+            state = self.get_dataset(dataset)
+            run_id = state["pending"]
+            if run_id is None:
+                run_id = new_run_id(dataset)
+                self.create_run(run_id, dataset, trigger)
+
+            def fn(st, run_id=run_id):
+                now = utcnow()
+                if st["pending"] is None:
+                    st["pending"], st["pending_since"], st["due_at"] = run_id, now, now + due_in_s
+                    return st
+                if st["pending"] != run_id:
+                    return None
+                st["due_at"] = max(st["due_at"], min(now + due_in_s, (st["pending_since"] or now) + max_wait_s))
+                return st
+
+            if self.update_dataset(dataset, fn)["pending"] == run_id:
+                return run_id
+            if state["pending"] is None:
+                self.store.delete(self.run_uri(run_id))  # lost the race; nobody refers to this record
+        raise RuntimeError(f"could not find or create a pending run for {dataset}")
+
+    def add_trigger(self, run_id: str, key: str, info: dict | None = None) -> dict:
+        def fn(record):
+            if key in record["triggers"]:
+                return None
+            record["triggers"].append(key)
+            if info:
+                record.setdefault("trigger_objects", []).append(info)
+            return record
+
+        return self.update_run(run_id, fn)
+
+
+def empty_dataset_state(dataset: str) -> dict:
+    return {
+        "dataset": dataset,
+        "pending": None,
+        "pending_since": None,
+        "due_at": 0,
+        "active": None,
+        "promoted": None,
+        "follow_up": False,
+    }

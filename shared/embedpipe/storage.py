@@ -1,0 +1,145 @@
+"""Object storage (GCS, or fake-gcs-server locally) behind a few small functions.
+
+``gs://bucket/path`` URIs everywhere. Locally ``STORAGE_EMULATOR_HOST`` points the official client at fake-gcs-server,
+which enforces preconditions, so the create-only and compare-and-set writes of the run ledger behave as on GCS.
+Inside a Vertex job the same URIs work whether or not ``/gcs/`` is mounted, because we always go through the client.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from google.api_core import exceptions as gexc
+
+
+class PreconditionFailed(Exception):
+    """A create-only or compare-and-set write lost the race: someone else wrote first."""
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("gs://"):
+        raise ValueError(f"not a gs:// URI: {uri!r}")
+    bucket, _, name = uri[5:].partition("/")
+    return bucket, name
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+@functools.lru_cache(maxsize=4)
+def _client(emulator: str | None, project: str | None):
+    from google.cloud import storage
+
+    if emulator:
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=project or "embedpipe-local", credentials=AnonymousCredentials())
+    return storage.Client(project=project)
+
+
+def client():
+    return _client(os.environ.get("STORAGE_EMULATOR_HOST"), os.environ.get("GOOGLE_CLOUD_PROJECT"))
+
+
+def blob(uri: str):
+    bucket, name = split_uri(uri)
+    return client().bucket(bucket).blob(name)
+
+
+def ensure_bucket(name: str) -> None:
+    try:
+        client().create_bucket(name)
+    except gexc.Conflict:
+        pass
+
+
+def read_bytes(uri: str) -> bytes:
+    return blob(uri).download_as_bytes()
+
+
+def read_json_gen(uri: str) -> tuple[Any, int]:
+    """The JSON document at ``uri`` and its generation, or ``(None, 0)`` when absent (0 = "create only")."""
+    b = blob(uri)
+    try:
+        data = b.download_as_bytes()
+    except gexc.NotFound:
+        return None, 0
+    return json.loads(data), int(b.generation)
+
+
+def read_json(uri: str) -> Any:
+    return read_json_gen(uri)[0]
+
+
+def write_bytes(
+    uri: str, data: bytes, content_type: str = "application/octet-stream", if_generation_match: int | None = None
+) -> int:
+    """Write ``data``; with ``if_generation_match`` (0 = must not exist) raise PreconditionFailed on a lost race."""
+    b = blob(uri)
+    try:
+        b.upload_from_string(data, content_type=content_type, if_generation_match=if_generation_match)
+    except gexc.PreconditionFailed as exc:
+        raise PreconditionFailed(uri) from exc
+    return int(b.generation or 0)
+
+
+def write_json(uri: str, obj: Any, if_generation_match: int | None = None) -> int:
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    return write_bytes(uri, data, "application/json", if_generation_match)
+
+
+def delete(uri: str) -> None:
+    try:
+        blob(uri).delete()
+    except gexc.NotFound:
+        pass
+
+
+def exists(uri: str) -> bool:
+    return blob(uri).exists()
+
+
+def list_uris(prefix_uri: str) -> Iterator[tuple[str, int]]:
+    """(uri, generation) for every object under a prefix."""
+    bucket, prefix = split_uri(prefix_uri)
+    for b in client().list_blobs(bucket, prefix=prefix):
+        yield f"gs://{bucket}/{b.name}", int(b.generation)
+
+
+def upload_file(path: Path, uri: str) -> int:
+    b = blob(uri)
+    b.upload_from_filename(str(path))
+    return int(b.generation)
+
+
+def upload_dir(local: Path, uri: str) -> list[str]:
+    out = []
+    for path in sorted(Path(local).rglob("*")):
+        if path.is_file():
+            target = join(uri, path.relative_to(local).as_posix())
+            upload_file(path, target)
+            out.append(target)
+    return out
+
+
+def download_dir(uri: str, local: Path) -> Path:
+    local = Path(local)
+    prefix = uri.rstrip("/") + "/"
+    found = False
+    for obj, _ in list_uris(prefix):
+        rel = obj[len(prefix) :]
+        if not rel or rel.endswith("/"):
+            continue
+        dest = local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        blob(obj).download_to_filename(str(dest))
+        found = True
+    if not found:
+        raise FileNotFoundError(f"nothing under {uri}")
+    return local

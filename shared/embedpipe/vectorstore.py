@@ -1,0 +1,211 @@
+"""Milvus: one collection per full run (``<dataset>__<run_id>``), the alias ``<dataset>`` on the promoted one.
+
+Fields (DESIGN.md §3.7): ``id`` VARCHAR primary key (the document's stable id), ``dense`` (COSINE), ``text`` with an
+analyzer feeding a BM25 function into ``sparse`` (hybrid search), ``title``, ``content_hash``, ``metadata`` JSON.
+The collection's description records the model fingerprint and dim; loading vectors of another model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_CHARS = 16000  # VARCHAR max_length is in bytes (65535); 4 bytes per char worst case
+OUTPUT_FIELDS = ["id", "title"]
+
+
+class FingerprintMismatch(ValueError):
+    """Vectors from a different model (fingerprint or dim) than the collection was built for."""
+
+
+def _transient(exc: BaseException) -> bool:
+    from pymilvus.exceptions import MilvusException
+
+    text = str(exc).lower()
+    return isinstance(exc, MilvusException) and any(
+        s in text for s in ("unavailable", "deadline", "connect", "timeout", "temporarily")
+    )
+
+
+milvus_retry = retry(
+    retry=retry_if_exception(_transient),
+    stop=stop_after_attempt(6),
+    wait=wait_random_exponential(multiplier=0.5, max=10),
+    reraise=True,
+)
+
+
+def safe_name(name: str) -> str:
+    """Milvus names allow letters, digits and underscores only."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def collection_name(dataset: str, run_id: str) -> str:
+    return safe_name(f"{dataset}__{run_id}")
+
+
+def alias_name(dataset: str) -> str:
+    return safe_name(dataset)
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    fingerprint: str
+    dim: int
+    model_uri: str
+
+
+def connect(uri: str, token: str = ""):
+    from pymilvus import MilvusClient
+
+    return MilvusClient(uri=uri, token=token or "")
+
+
+def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: str) -> None:
+    """Create (idempotently) the collection with dense + BM25 sparse fields and their indexes."""
+    from pymilvus import DataType, Function, FunctionType
+
+    if client.has_collection(name):
+        check_fingerprint(client, name, fingerprint, dim)
+        return
+    schema = client.create_schema(
+        auto_id=False,
+        enable_dynamic_field=False,
+        description=json.dumps({"fingerprint": fingerprint, "dim": dim, "model_uri": model_uri}),
+    )
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
+    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=True)
+    schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_field("title", DataType.VARCHAR, max_length=2048)
+    schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+    schema.add_field("metadata", DataType.JSON)
+    schema.add_function(
+        Function(
+            name="bm25", function_type=FunctionType.BM25, input_field_names=["text"], output_field_names=["sparse"]
+        )
+    )
+    index = client.prepare_index_params()
+    index.add_index(field_name="dense", index_type="AUTOINDEX", metric_type="COSINE")
+    index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+    client.create_collection(collection_name=name, schema=schema, index_params=index)
+    log.info("created collection %s (dim=%d, model fingerprint %s)", name, dim, fingerprint)
+
+
+def describe(client, name: str) -> CollectionInfo:
+    desc = client.describe_collection(name)
+    meta = json.loads(desc.get("description") or "{}")
+    return CollectionInfo(
+        desc.get("collection_name", name),
+        meta.get("fingerprint", ""),
+        int(meta.get("dim", 0)),
+        meta.get("model_uri", ""),
+    )
+
+
+def check_fingerprint(client, name: str, fingerprint: str, dim: int) -> None:
+    info = describe(client, name)
+    if info.fingerprint != fingerprint or info.dim != dim:
+        raise FingerprintMismatch(
+            f"collection {name} holds vectors of model {info.fingerprint} (dim {info.dim}); refusing vectors of "
+            f"model {fingerprint} (dim {dim})"
+        )
+
+
+def rows_from(ids, vectors, texts, titles, hashes, metadatas) -> list[dict]:
+    return [
+        {
+            "id": i,
+            "dense": v,
+            "text": (t or " ")[:MAX_TEXT_CHARS],
+            "title": (ti or "")[:500],
+            "content_hash": h,
+            "metadata": m,
+        }
+        for i, v, t, ti, h, m in zip(ids, vectors, texts, titles, hashes, metadatas)
+    ]
+
+
+@milvus_retry
+def upsert_batch(client, name: str, rows: list[dict]) -> int:
+    # Upsert by primary key: a redelivered request rewrites the same rows, never duplicates them.
+    client.upsert(collection_name=name, data=rows)
+    return len(rows)
+
+
+@milvus_retry
+def delete_ids(client, name: str, ids: list[str]) -> None:
+    if ids:
+        client.delete(collection_name=name, ids=ids)
+
+
+@milvus_retry
+def finish_load(client, name: str) -> None:
+    client.flush(name)  # search on unflushed data is very slow on Milvus Lite
+    client.load_collection(name)
+
+
+def ids_and_hashes(client, name: str) -> dict[str, str]:
+    """id -> content hash for every row (iterates, so it works past the query limit)."""
+    out = {}
+    it = client.query_iterator(collection_name=name, filter="", output_fields=["id", "content_hash"], batch_size=1000)
+    try:
+        while True:
+            batch = it.next()
+            if not batch:
+                break
+            out.update({r["id"]: r["content_hash"] for r in batch})
+    finally:
+        it.close()
+    return out
+
+
+@milvus_retry
+def search_dense(client, name: str, vectors, k: int) -> list[list[tuple[str, float]]]:
+    res = client.search(
+        collection_name=name,
+        data=[list(map(float, v)) for v in vectors],
+        anns_field="dense",
+        limit=k,
+        output_fields=["id"],
+        search_params={"metric_type": "COSINE"},
+    )
+    return [[(h["id"], float(h["distance"])) for h in hits] for hits in res]
+
+
+@milvus_retry
+def search_hybrid(client, name: str, vectors, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """Dense + BM25, fused by reciprocal rank (RRF, k=60)."""
+    from pymilvus import AnnSearchRequest, RRFRanker
+
+    out = []
+    for v, text in zip(vectors, texts):
+        reqs = [
+            AnnSearchRequest(data=[list(map(float, v))], anns_field="dense", param={"metric_type": "COSINE"}, limit=k),
+            AnnSearchRequest(data=[text], anns_field="sparse", param={"metric_type": "BM25"}, limit=k),
+        ]
+        res = client.hybrid_search(collection_name=name, reqs=reqs, ranker=RRFRanker(60), limit=k, output_fields=["id"])
+        out.append([(h["id"], float(h["distance"])) for h in res[0]])
+    return out
+
+
+def alias_target(client, alias: str) -> str | None:
+    try:
+        return client.describe_alias(alias).get("collection_name")
+    except Exception:  # noqa: BLE001 - pymilvus raises a generic error for a missing alias
+        return None
+
+
+def point_alias(client, alias: str, collection: str) -> None:
+    if alias_target(client, alias) is None:
+        client.create_alias(collection_name=collection, alias=alias)
+    else:
+        client.alter_alias(collection_name=collection, alias=alias)
+    log.info("alias %s -> %s", alias, collection)

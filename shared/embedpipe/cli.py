@@ -177,8 +177,10 @@ def _parse_set(values: list[str]) -> dict:
 @app.command()
 def retrain(
     dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
-    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set learning_rate=3e-5"),
-    reason: str = typer.Option("requested from the CLI", "--reason"),
+    set_: list[str] = typer.Option(
+        [], "--set", envvar="EMBEDPIPE_SET", help="override, e.g. --set learning_rate=3e-5 (env: space-separated)"
+    ),
+    reason: str = typer.Option("requested from the CLI", "--reason", envvar="EMBEDPIPE_REASON"),
     wait: bool = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT"),
     timeout: float = typer.Option(900.0, "--timeout", envvar="EMBEDPIPE_TIMEOUT"),
 ) -> None:
@@ -240,7 +242,7 @@ def search(
     query: str = typer.Argument(...),
     dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
     k: int = typer.Option(10, "-k", "--k", envvar="EMBEDPIPE_K"),
-    mode: str = typer.Option("dense", "--mode", envvar="EMBEDPIPE_MODE"),
+    mode: str = typer.Option("dense", "--search-mode", envvar="EMBEDPIPE_SEARCH_MODE", help="dense | hybrid"),
     as_json: bool = typer.Option(False, "--json", envvar="EMBEDPIPE_JSON"),
 ) -> None:
     """Query the search service over the dataset's promoted index."""

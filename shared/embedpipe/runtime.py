@@ -31,6 +31,7 @@ def acked(handler):
         except EventError as exc:
             log.error("%s: dropped malformed event %s: %s", handler.__name__, cloud_event["id"], exc)
             return
-        log.info("%s: %s", handler.__name__, outcome)
+        # Quiet when nothing happened (the reconcile tick fires every second locally).
+        log.log(logging.INFO if outcome else logging.DEBUG, "%s: %s", handler.__name__, outcome or "nothing to do")
 
     return wrapper

@@ -241,10 +241,14 @@ def start_part(settings: Settings, part: Part) -> int:
     logs = settings.state_path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     _pid_file(settings, part.name).parent.mkdir(parents=True, exist_ok=True)
+    # Own runtime dir per process: gunicorn's control sockets would otherwise race on ~/.gunicorn.
+    runtime = settings.state_path / "run" / part.name
+    runtime.mkdir(parents=True, exist_ok=True)
+    env = {**child_env(settings), "XDG_RUNTIME_DIR": str(runtime)}
     with open(logs / f"{part.name}.log", "ab") as out:
         proc = subprocess.Popen(
             part.argv,
-            env=child_env(settings),
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -272,8 +276,9 @@ def wait_healthy(settings: Settings, part: Part, timeout: float = 90.0) -> None:
     raise StackError(f"{part.name} did not answer on port {part.port} within {timeout:.0f}s")
 
 
-def up(settings: Settings, echo=print) -> None:
-    """Start every part that is not running, in dependency order, and provision topics and buckets."""
+def up(settings: Settings, echo=print, components: bool = True) -> None:
+    """Start every part that is not running, in dependency order, and provision topics and buckets.
+    ``components=False`` starts only the emulators and Milvus (for tests that drive functions in-process)."""
     for key, value in settings.emulator_env().items():
         os.environ[key] = value
     storage._client.cache_clear()
@@ -288,16 +293,18 @@ def up(settings: Settings, echo=print) -> None:
             wait_healthy(settings, p)
             echo(f"  {p.name:<22} up   {p.port or '-'}")
 
-    ensure(["pubsub", "milvus", *[c.name for c in topology.COMPONENTS]])
+    ensure(["pubsub", "milvus", *([c.name for c in topology.COMPONENTS] if components else [])])
     # Topics must exist before fake-gcs-server publishes (it silently drops events for a missing topic).
     ports = component_ports(settings)
-    bus.apply_topology(settings.project, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()})
+    endpoints = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()} if components else None
+    bus.apply_topology(settings.project, endpoints)
     for topic in event_log_topics():
         bus.ensure_pull_subscription(settings.project, topic, f"{topic}-log")
     ensure(["gcs"])
     for bucket in (settings.data_bucket, settings.artifacts_bucket):
         storage.ensure_bucket(bucket)
-    ensure(["ticker"])
+    if components:
+        ensure(["ticker"])
     (settings.state_path / "stack.json").write_text(json.dumps({"ports": ports, "project": settings.project}))
 
 

@@ -2,12 +2,11 @@
 
 Fields (DESIGN.md §3.7): ``id`` VARCHAR primary key (the document's stable id), ``dense`` (COSINE), ``text`` with an
 analyzer feeding a BM25 function into ``sparse`` (hybrid search), ``title``, ``content_hash``, ``metadata`` JSON.
-The collection's description records the model fingerprint and dim; loading vectors of another model is refused.
+The collection's properties record the model fingerprint and dim; loading vectors of another model is refused.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 16000  # VARCHAR max_length is in bytes (65535); 4 bytes per char worst case
 OUTPUT_FIELDS = ["id", "title"]
+PROP = "embedpipe."  # collection properties: the model fingerprint, dim and URI (descriptions are not kept by Lite)
 
 
 class FingerprintMismatch(ValueError):
@@ -75,11 +75,7 @@ def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: 
     if client.has_collection(name):
         check_fingerprint(client, name, fingerprint, dim)
         return
-    schema = client.create_schema(
-        auto_id=False,
-        enable_dynamic_field=False,
-        description=json.dumps({"fingerprint": fingerprint, "dim": dim, "model_uri": model_uri}),
-    )
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
     schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=True)
@@ -95,18 +91,19 @@ def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: 
     index = client.prepare_index_params()
     index.add_index(field_name="dense", index_type="AUTOINDEX", metric_type="COSINE")
     index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-    client.create_collection(collection_name=name, schema=schema, index_params=index)
+    client.create_collection(
+        collection_name=name,
+        schema=schema,
+        index_params=index,
+        properties={PROP + "fingerprint": fingerprint, PROP + "dim": str(dim), PROP + "model_uri": model_uri},
+    )
     log.info("created collection %s (dim=%d, model fingerprint %s)", name, dim, fingerprint)
 
 
 def describe(client, name: str) -> CollectionInfo:
-    desc = client.describe_collection(name)
-    meta = json.loads(desc.get("description") or "{}")
+    props = client.describe_collection(name).get("properties") or {}
     return CollectionInfo(
-        desc.get("collection_name", name),
-        meta.get("fingerprint", ""),
-        int(meta.get("dim", 0)),
-        meta.get("model_uri", ""),
+        name, props.get(PROP + "fingerprint", ""), int(props.get(PROP + "dim", 0)), props.get(PROP + "model_uri", "")
     )
 
 
@@ -197,10 +194,11 @@ def search_hybrid(client, name: str, vectors, texts: list[str], k: int) -> list[
 
 
 def alias_target(client, alias: str) -> str | None:
-    try:
-        return client.describe_alias(alias).get("collection_name")
-    except Exception:  # noqa: BLE001 - pymilvus raises a generic error for a missing alias
-        return None
+    # list_aliases per collection instead of describe_alias, which logs an RPC error for a missing alias.
+    for name in client.list_collections():
+        if alias in client.list_aliases(collection_name=name).get("aliases", []):
+            return name
+    return None
 
 
 def point_alias(client, alias: str, collection: str) -> None:

@@ -1,0 +1,72 @@
+"""Milvus Lite server round trip: schema with BM25, upsert by id, dense and hybrid search, alias, fingerprints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedpipe import vectorstore
+
+
+@pytest.fixture()
+def client(services):
+    return vectorstore.connect(services.milvus_uri)
+
+
+def rows(n: int, dim: int, seed: int = 0, tag: str = "v1"):
+    rng = np.random.default_rng(seed)
+    vecs = rng.normal(size=(n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"doc-{i}" for i in range(n)]
+    texts = [f"document {i} about {'pumps' if i % 2 else 'valves'} {tag}" for i in range(n)]
+    return vectorstore.rows_from(
+        ids,
+        vecs.tolist(),
+        texts,
+        [f"title {i}" for i in range(n)],
+        [f"{tag}-{i}" for i in range(n)],
+        [{"i": i} for i in range(n)],
+    ), vecs
+
+
+def test_round_trip(client):
+    name = vectorstore.collection_name("vs-test", "run-1")
+    assert name == "vs_test__run_1"
+    vectorstore.create_collection(client, name, 16, "fp-a", "gs://x/model/")
+    data, vecs = rows(50, 16)
+    assert vectorstore.upsert_batch(client, name, data) == 50
+    again, _ = rows(50, 16, tag="v2")  # same ids, new content: upsert replaces, never duplicates
+    vectorstore.upsert_batch(client, name, again)
+    vectorstore.finish_load(client, name)
+    hashes = vectorstore.ids_and_hashes(client, name)
+    assert len(hashes) == 50 and hashes["doc-7"] == "v2-7"
+
+    dense = vectorstore.search_dense(client, name, vecs[:3], 5)
+    assert [hits[0][0] for hits in dense] == ["doc-0", "doc-1", "doc-2"]
+    assert dense[0][0][1] == pytest.approx(1.0, abs=1e-3)
+    hybrid = vectorstore.search_hybrid(client, name, vecs[:1], ["document 0 about valves"], 5)
+    assert hybrid[0][0][0] == "doc-0"
+
+    vectorstore.delete_ids(client, name, ["doc-0", "doc-1"])
+    assert len(vectorstore.ids_and_hashes(client, name)) == 48
+
+
+def test_alias_swap_and_fingerprint_refusal(client):
+    a = vectorstore.collection_name("alias-test", "a")
+    b = vectorstore.collection_name("alias-test", "b")
+    for name in (a, b):
+        vectorstore.create_collection(client, name, 8, "fp-" + name[-1], "gs://x/")
+        vectorstore.upsert_batch(client, name, rows(4, 8)[0])
+        vectorstore.finish_load(client, name)
+    alias = vectorstore.alias_name("alias-test")
+    assert vectorstore.alias_target(client, alias) is None
+    vectorstore.point_alias(client, alias, a)
+    assert vectorstore.alias_target(client, alias) == a
+    vectorstore.point_alias(client, alias, b)
+    assert vectorstore.alias_target(client, alias) == b
+
+    vectorstore.create_collection(client, a, 8, "fp-a", "gs://x/")  # same model: idempotent
+    with pytest.raises(vectorstore.FingerprintMismatch):
+        vectorstore.create_collection(client, a, 8, "fp-other", "gs://x/")
+    with pytest.raises(vectorstore.FingerprintMismatch):
+        vectorstore.check_fingerprint(client, a, "fp-a", 16)

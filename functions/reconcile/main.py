@@ -11,4 +11,4 @@ from embedpipe.runtime import acked
 @functions_framework.cloud_event
 @acked
 def reconcile(pipe, cloud_event):
-    return "; ".join(pipe.reconcile()) or "nothing to do"
+    return "; ".join(pipe.reconcile())

@@ -37,6 +37,9 @@ test-integration: setup ## integration tests (start their own emulators and Milv
 test-e2e: setup ## end-to-end tests (start and stop their own local stack)
 	$(PY) -m pytest tests/e2e -q
 
+bench: setup ## benchmarks vs named baselines (same run); table + bench-results.json
+	$(PY) -m bench.run $(SECTIONS)
+
 lint: setup ## ruff lint + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 

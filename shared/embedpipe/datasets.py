@@ -104,7 +104,7 @@ def derive_pairs(docs) -> list[tuple[str, str, str | None]]:
 
 
 def check_name(name: str) -> str:
-    if not DATASET_RE.match(name):
+    if not DATASET_RE.fullmatch(name):
         raise ValueError(f"dataset name {name!r} must match {DATASET_RE.pattern}")
     return name
 
@@ -181,7 +181,8 @@ def parse_queries(data: bytes, file: str) -> dict[str, str]:
     return out
 
 
-def parse_qrels(data: bytes, file: str) -> dict[str, dict[str, int]]:
+def parse_qrels(data: bytes, file: str, known_queries=None, known_docs=None) -> dict[str, dict[str, int]]:
+    """Parse one qrels file; with ``known_queries``/``known_docs`` also check each row's ids (errors name the line)."""
     out: dict[str, dict[str, int]] = {}
     lines = iter(_lines(data, file))
     number, header = next(lines)
@@ -194,8 +195,12 @@ def parse_qrels(data: bytes, file: str) -> dict[str, dict[str, int]]:
         qid, doc_id, score = cols
         try:
             value = int(float(score))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise DatasetError(file, number, f"score {score!r} is not a number") from None
+        if known_queries is not None and qid not in known_queries:
+            raise DatasetError(file, number, f"query-id {qid!r} is not in queries.jsonl")
+        if known_docs is not None and doc_id not in known_docs:
+            raise DatasetError(file, number, f"corpus-id {doc_id!r} (query {qid!r}) is not in the corpus")
         out.setdefault(qid, {})[doc_id] = value
     return out
 
@@ -241,13 +246,7 @@ def load_files(name: str, files: dict[str, bytes]) -> Dataset:
     for rel in sorted(files):
         if classify(rel) == "qrels":
             split = Path(rel).stem
-            qrels[split] = parse_qrels(files[rel], rel)
-            for qid, rels in qrels[split].items():
-                if qid not in queries:
-                    raise DatasetError(rel, None, f"query-id {qid!r} is not in queries.jsonl")
-                unknown = sorted(set(rels) - set(corpus))
-                if unknown:
-                    raise DatasetError(rel, None, f"corpus-id {unknown[0]!r} (query {qid!r}) is not in the corpus")
+            qrels[split] = parse_qrels(files[rel], rel, queries, corpus)
     if not corpus:
         raise DatasetError(f"datasets/{name}/corpus.jsonl", None, "dataset has no corpus")
     return Dataset(name, corpus, queries, qrels, pairs)
@@ -278,7 +277,7 @@ def load_gcs(data_bucket: str, dataset: str) -> Dataset:
 def dataset_of(object_name: str) -> tuple[str, str] | None:
     """``datasets/<dataset>/<rel>`` -> (dataset, rel) when it is a BEIR file we react to."""
     parts = object_name.split("/", 2)
-    if len(parts) != 3 or parts[0] != "datasets" or not DATASET_RE.match(parts[1]):
+    if len(parts) != 3 or parts[0] != "datasets" or not DATASET_RE.fullmatch(parts[1]):
         return None
     if ".." in parts[2].split("/") or any(ord(c) < 32 for c in parts[2]):
         return None

@@ -259,6 +259,8 @@ class JobStateHint:
 def parse_job_log_entry(msg: PushMessage) -> JobStateHint:
     """One parser for Cloud Logging sink entries and the local job runner's (same LogEntry shape)."""
     entry = msg.json()
+    if not isinstance(entry, dict):
+        raise EventError(f"message {msg.message_id}: a LogEntry must be a JSON object, got {type(entry).__name__}")
     resource = entry.get("resource") or {}
     if resource.get("type") != "ml_job":
         raise EventError(f"message {msg.message_id}: not an ml_job LogEntry (resource.type={resource.get('type')!r})")

@@ -13,7 +13,16 @@ from collections.abc import Callable
 
 from embedpipe import bus, datasets, runs, topology
 from embedpipe.config import Settings
-from embedpipe.events import INDEX_REQUESTED, RUN_FAILED, RUN_STAGE, Event, JobStateHint, ObjectChange, RetrainRequest
+from embedpipe.events import (
+    INDEX_REQUESTED,
+    RUN_FAILED,
+    RUN_STAGE,
+    Event,
+    EventError,
+    JobStateHint,
+    ObjectChange,
+    RetrainRequest,
+)
 from embedpipe.jobs import SUCCEEDED, JobLauncher, JobSpec
 from embedpipe.jobs import launcher as make_launcher
 from embedpipe.runs import EMBEDDING, INDEXING, PENDING, TRAINING, Ledger
@@ -32,6 +41,26 @@ TRAIN_OVERRIDES = {
     "seed": int,
     "base_model": str,
 }
+
+
+def checked_overrides(req: RetrainRequest) -> dict:
+    """Validate a retrain message before anything is stored: a bad one can never succeed, so it is acked, not
+    retried (EventError)."""
+    try:
+        datasets.check_name(req.dataset)
+    except ValueError as exc:
+        raise EventError(f"retrain {req.key}: {exc}") from None
+    unknown = sorted(set(req.overrides) - set(TRAIN_OVERRIDES))
+    if unknown:
+        raise EventError(f"retrain {req.key}: unknown override(s) {unknown}; allowed: {sorted(TRAIN_OVERRIDES)}")
+    out = {}
+    for key, value in req.overrides.items():
+        kind = TRAIN_OVERRIDES[key]
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise EventError(f"retrain {req.key}: override {key}={value!r} is not a valid {kind.__name__}") from None
+    return out
 
 
 class Pipeline:
@@ -75,10 +104,7 @@ class Pipeline:
         return f"{change.name}#{change.generation} -> run {run_id}"
 
     def on_retrain(self, req: RetrainRequest) -> str:
-        datasets.check_name(req.dataset)
-        unknown = sorted(set(req.overrides) - set(TRAIN_OVERRIDES))
-        if unknown:
-            raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(TRAIN_OVERRIDES)}")
+        overrides = checked_overrides(req)
         trigger = {"type": "retrain", "dataset": req.dataset, "reason": req.reason}
         run_id = self._claim(req.key, req.dataset, trigger, 0.0)
 
@@ -86,7 +112,7 @@ class Pipeline:
             if req.key in record["triggers"]:
                 return None
             record["triggers"].append(req.key)
-            record["overrides"].update(req.overrides)
+            record["overrides"].update(overrides)
             record["force_full"] = True
             record["trigger"] = trigger
             return record

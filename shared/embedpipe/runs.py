@@ -157,6 +157,7 @@ class Ledger:
 
         def fn(record):
             nonlocal moved
+            moved = False  # a CAS retry re-runs this; only the attempt that writes may report a move
             if record["state"] != from_state:
                 return None
             now = utcnow()
@@ -199,13 +200,16 @@ class Ledger:
         for _ in range(20):
             state = self.get_dataset(dataset)
             run_id = state["pending"]
-            if run_id is None:
+            fresh = run_id is None
+            if fresh:
                 run_id = new_run_id(dataset)
                 self.create_run(run_id, dataset, trigger)
 
-            def fn(st, run_id=run_id):
+            def fn(st, run_id=run_id, fresh=fresh):
                 now = utcnow()
                 if st["pending"] is None:
+                    if not fresh:
+                        return None  # the run we read as pending was launched meanwhile: start over
                     st["pending"], st["pending_since"], st["due_at"] = run_id, now, now + due_in_s
                     return st
                 if st["pending"] != run_id:
@@ -215,7 +219,7 @@ class Ledger:
 
             if self.update_dataset(dataset, fn)["pending"] == run_id:
                 return run_id
-            if state["pending"] is None:
+            if fresh:
                 self.store.delete(self.run_uri(run_id))  # lost the race; nobody refers to this record
         raise RuntimeError(f"could not find or create a pending run for {dataset}")
 

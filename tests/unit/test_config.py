@@ -59,7 +59,11 @@ def test_reads_os_environ_by_default(monkeypatch):
 
 @pytest.mark.parametrize(
     ("var", "raw", "kind"),
-    [("EMBEDPIPE_MAX_JOB_ATTEMPTS", "two", "int"), ("EMBEDPIPE_SEED", "4.5", "int"), ("EMBEDPIPE_TICK_S", "1s", "float")],
+    [
+        ("EMBEDPIPE_MAX_JOB_ATTEMPTS", "two", "int"),
+        ("EMBEDPIPE_SEED", "4.5", "int"),
+        ("EMBEDPIPE_TICK_S", "1s", "float"),
+    ],
 )
 def test_malformed_number_names_the_env_var(var, raw, kind):
     with pytest.raises(SettingsError) as err:

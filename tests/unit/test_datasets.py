@@ -190,11 +190,6 @@ def test_qrels_non_numeric_score():
     assert_error(err, "qrels/dev.tsv", 2, "score 'high' is not a number")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_qrels does int(float(score)) catching only ValueError; 'inf' raises OverflowError, "
-    "which escapes as a crash instead of a DatasetError naming file and line",
-)
 def test_qrels_infinite_score():
     err = qrels_error(HEADER + b"q1\td1\tinf\n")
     assert_error(err, "qrels/test.tsv", 2, "score 'inf' is not a number")
@@ -213,21 +208,16 @@ def test_qrels_with_unknown_corpus_id():
     files = beir_files(**{"qrels/test.tsv": HEADER + b"q1\td1\t1\nq2\tzzz\t1\n"})
     with pytest.raises(DatasetError) as err:
         load_files("demo", files)
-    assert_error(err.value, "qrels/test.tsv", None, "corpus-id 'zzz' (query 'q2') is not in the corpus")
+    assert_error(err.value, "qrels/test.tsv", 3, "corpus-id 'zzz' (query 'q2') is not in the corpus")
 
 
 def test_qrels_with_unknown_query_id():
     files = beir_files(**{"qrels/train.tsv": HEADER + b"q1\td1\t1\nq9\td2\t1\n"})
     with pytest.raises(DatasetError) as err:
         load_files("demo", files)
-    assert_error(err.value, "qrels/train.tsv", None, "query-id 'q9' is not in queries.jsonl")
+    assert_error(err.value, "qrels/train.tsv", 3, "query-id 'q9' is not in queries.jsonl")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DESIGN 3.1 wants (file, line, reason) for every bad line, but load_files checks qrels ids after "
-    "parsing, so the error for a row naming an unknown corpus id has line=None",
-)
 def test_qrels_unknown_id_error_names_the_line():
     files = beir_files(**{"qrels/test.tsv": HEADER + b"q1\td1\t1\nq2\tzzz\t1\n"})
     with pytest.raises(DatasetError) as err:
@@ -365,11 +355,6 @@ def test_dataset_of_rejects(name):
     assert dataset_of(name) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DATASET_RE ends in '$', which also matches before a trailing newline, so a dataset name "
-    "'demo\\n' passes dataset_of/check_name (use re.fullmatch or '\\Z')",
-)
 def test_dataset_name_with_trailing_newline_is_rejected():
     assert dataset_of("datasets/demo\n/corpus.jsonl") is None
 

@@ -229,12 +229,6 @@ def test_parse_job_log_entry_requires_a_job_id():
         parse_job_log_entry(msg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_job_log_entry calls .get on the decoded body without checking it is an object; a JSON "
-    "array/string raises AttributeError, which runtime.acked does not treat as malformed, so Pub/Sub redelivers "
-    "a poison message until the dead-letter topic",
-)
 def test_parse_job_log_entry_rejects_a_body_that_is_not_an_object():
     msg = parse_push(push_event(b'["ml_job"]', topic="job-events"))
     with pytest.raises(EventError):

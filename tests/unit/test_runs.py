@@ -151,17 +151,28 @@ def test_advance_retries_after_a_concurrent_write(ledger, store):
     assert record == stored
 
 
-def test_racing_advances_move_exactly_once(ledger, store):
-    """Two instances handle the same job event: the one that loses the CAS sees the new state and does nothing."""
+def race_two_advances(ledger, store) -> tuple[list[bool], dict, bool]:
+    """Another instance advances PENDING -> TRAINING between our read and our compare-and-set."""
     ledger.create_run("r1", "demo", {})
-    winners = []
+    theirs = []
     store.interleave(
-        "write", "/runs/r1/", lambda: winners.append(ledger.advance("r1", PENDING, TRAINING, by="other")[1])
+        "write", "/runs/r1/", lambda: theirs.append(ledger.advance("r1", PENDING, TRAINING, by="other")[1])
     )
     record, moved = ledger.advance("r1", PENDING, TRAINING, by="us")
-    assert winners == [True] and not moved
-    assert record["state"] == TRAINING and record["by"] == "other"
+    return theirs, record, moved
+
+
+def test_racing_advances_keep_the_winners_write(ledger, store):
+    theirs, record, _ = race_two_advances(ledger, store)
+    assert theirs == [True]
     assert store.conflicts == 1
+    assert record["state"] == TRAINING and record["by"] == "other"
+    assert ledger.get_run("r1") == record
+
+
+def test_racing_advances_move_exactly_once(ledger, store):
+    theirs, _, moved = race_two_advances(ledger, store)
+    assert theirs == [True] and moved is False
 
 
 # ---------------------------------------------------------------- pending runs (coalescing)
@@ -224,12 +235,6 @@ def test_pending_run_lost_creation_race_joins_the_winner_and_cleans_up(ledger, s
     assert [r["run_id"] for r in ledger.list_runs()] == [ours]  # the losing record was deleted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pending_run reads state['pending']=R1, then if R1 is launched before its CAS, fn() sees "
-    "st['pending'] is None and re-pends R1 (already active): the upload joins a run that already started and "
-    "no follow-up run is made",
-)
 def test_pending_run_does_not_rejoin_a_run_launched_meanwhile(ledger, store, clock):
     r1 = ledger.pending_run("demo", {}, due_in_s=0)
 
@@ -242,7 +247,9 @@ def test_pending_run_does_not_rejoin_a_run_launched_meanwhile(ledger, store, clo
         ledger.advance(r1, PENDING, TRAINING)
 
     # pending_run reads the dataset twice (get_dataset, then the CAS update); the launcher runs in between
-    store.interleave("read", "/ledger/datasets/demo.json", lambda: store.interleave("read", "/ledger/", launcher_takes_r1))
+    store.interleave(
+        "read", "/ledger/datasets/demo.json", lambda: store.interleave("read", "/ledger/", launcher_takes_r1)
+    )
     r2 = ledger.pending_run("demo", {}, due_in_s=0)
     state = ledger.get_dataset("demo")
     assert state["active"] == r1

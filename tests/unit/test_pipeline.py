@@ -1,0 +1,442 @@
+"""embedpipe.pipeline: what each trigger does to the ledger and which jobs it launches (fakes for store and jobs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from embedpipe import events, topology
+from embedpipe.config import Settings
+from embedpipe.events import INDEX_REQUESTED, RUN_FAILED, RUN_STAGE, Event, JobStateHint, ObjectChange
+from embedpipe.jobs import JobSpec
+from embedpipe.pipeline import Pipeline
+from embedpipe.runs import EMBEDDING, FAILED, INDEXING, PENDING, SUCCEEDED, TRAINING, Ledger
+from tests.unit.fakes import Clock, FakeLauncher, FakeStore, load_event
+
+DATA = "embedpipe-data"
+
+
+class Harness:
+    """A Pipeline wired to fakes, plus the shortcuts the tests below share."""
+
+    def __init__(self, settings: Settings, store: FakeStore, launcher: FakeLauncher, clock: Clock):
+        self.settings, self.store, self.launcher, self.clock = settings, store, launcher, clock
+        self.ledger = Ledger(settings.artifacts_bucket, store=store)
+        self.published: list[tuple[str, Event]] = []
+        self.pipe = Pipeline(
+            settings, ledger=self.ledger, launcher=launcher, publish=lambda t, e: self.published.append((t, e))
+        )
+
+    # ------------------------------------------------------------ triggers
+    def upload(self, name: str = "datasets/demo/corpus.jsonl", generation: int = 1, **kw) -> str:
+        change = ObjectChange(kw.pop("bucket", DATA), name, generation, kw.pop("event_type", "OBJECT_FINALIZE"))
+        return self.pipe.on_object_change(change)
+
+    def started_run(self, dataset: str = "demo") -> str:
+        """An upload, the debounce passed, launched: a run in TRAINING with one train job."""
+        self.upload(f"datasets/{dataset}/corpus.jsonl")
+        self.clock.advance(self.settings.debounce_s + 1)
+        (run_id,) = self.pipe.launch_due(dataset)
+        return run_id
+
+    def job_event(self, spec: JobSpec, state: str, error: str = "") -> str:
+        """The job ends and its ml_job LogEntry arrives (on_job_event confirms the state through the launcher)."""
+        self.launcher.finish(self.launcher.name_for(spec.job_id), state, error)
+        return self.redeliver(spec, state)
+
+    def redeliver(self, spec: JobSpec, state: str) -> str:
+        return self.pipe.on_job_event(JobStateHint(spec.job_id, state, "Job completed."))
+
+    # ------------------------------------------------------------ reading
+    def run(self, run_id: str) -> dict:
+        return self.ledger.get_run(run_id)
+
+    def runs(self) -> list[dict]:
+        return self.ledger.list_runs()
+
+    def events(self, event_type: str, topic: str | None = None) -> list[Event]:
+        return [e for t, e in self.published if e.type == event_type and (topic is None or t == topic)]
+
+
+@pytest.fixture
+def make(store, launcher, clock):
+    def make(**tweaks) -> Harness:
+        settings = dataclasses.replace(Settings.from_env({}), **{"debounce_s": 0.0, **tweaks})
+        return Harness(settings, store, launcher, clock)
+
+    return make
+
+
+@pytest.fixture
+def h(make) -> Harness:
+    return make()
+
+
+# ---------------------------------------------------------------- object changes
+
+
+def test_gcs_event_delivered_three_times_gives_one_claim_one_run(make):
+    h = make(debounce_s=30)
+    change = events.parse_object_change(load_event("gcs_notification_push.json"))
+    outcomes = [h.pipe.on_object_change(change) for _ in range(3)]
+
+    assert len(h.store.uris("/ledger/claims/")) == 1
+    (run,) = h.runs()
+    assert len(set(outcomes)) == 1 and run["run_id"] in outcomes[0]
+    assert run["state"] == PENDING
+    assert run["triggers"] == ["gcs/embedpipe-data/datasets/demo/corpus.jsonl#1732611845123456"]
+    assert run["trigger_objects"] == [
+        {"object": "datasets/demo/corpus.jsonl", "generation": 1732611845123456, "part": "corpus"}
+    ]
+    assert h.ledger.get_dataset("demo")["pending"] == run["run_id"]
+    assert h.launcher.submits == []  # not due yet
+
+
+def test_eventarc_and_pubsub_deliveries_of_one_object_version_are_one_trigger(make):
+    h = make(debounce_s=30)
+    h.pipe.on_object_change(events.parse_object_change(load_event("gcs_notification_push.json")))
+    h.pipe.on_object_change(events.parse_object_change(load_event("gcs_finalized_eventarc.json")))
+    (run,) = h.runs()
+    assert len(run["triggers"]) == 1
+
+
+def test_a_new_generation_is_a_new_trigger_of_the_same_pending_run(make):
+    h = make(debounce_s=30)
+    h.upload(generation=1)
+    h.upload(generation=2)
+    (run,) = h.runs()
+    assert run["triggers"] == [
+        "gcs/embedpipe-data/datasets/demo/corpus.jsonl#1",
+        "gcs/embedpipe-data/datasets/demo/corpus.jsonl#2",
+    ]
+
+
+def test_a_burst_of_uploads_coalesces_into_one_run(make):
+    h = make(debounce_s=5)
+    for name in ("corpus/part-1.jsonl", "corpus/part-2.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        h.upload(f"datasets/demo/{name}")
+        h.clock.advance(1)
+    (run,) = h.runs()
+    assert [o["part"] for o in run["trigger_objects"]] == ["corpus", "corpus", "queries", "qrels"]
+    h.clock.advance(5)
+    assert h.pipe.launch_due() == [run["run_id"]]
+    assert len(h.launcher.submits) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ObjectChange(DATA, "datasets/demo/corpus.jsonl", 3, "OBJECT_DELETE"),
+        ObjectChange(DATA, "datasets/demo/corpus.jsonl", 3, "OBJECT_METADATA_UPDATE"),
+        ObjectChange("someone-elses-bucket", "datasets/demo/corpus.jsonl", 3, "OBJECT_FINALIZE"),
+        ObjectChange(DATA, "uploads/demo/corpus.jsonl", 3, "OBJECT_FINALIZE"),
+        ObjectChange(DATA, "datasets/demo/README.md", 3, "OBJECT_FINALIZE"),
+        ObjectChange(DATA, "datasets/Bad Name/corpus.jsonl", 3, "OBJECT_FINALIZE"),
+    ],
+    ids=["delete", "metadata-update", "other-bucket", "not-datasets", "not-beir-file", "bad-dataset-name"],
+)
+def test_irrelevant_object_changes_are_ignored(h, change):
+    assert h.pipe.on_object_change(change).startswith("ignored")
+    assert h.store.objects == {}
+    assert h.launcher.submits == [] and h.published == []
+
+
+def test_redelivery_finishes_a_trigger_whose_first_delivery_died_after_claiming(make):
+    h = make(debounce_s=30)
+    key = "gcs/embedpipe-data/datasets/demo/corpus.jsonl#1"
+    run_id = h.ledger.pending_run("demo", {"type": "upload"}, 30)
+    h.ledger.claim(key, run_id)  # ... and the instance died before recording the trigger on the run
+    h.upload(generation=1)
+    assert h.run(run_id)["triggers"] == [key]
+    assert len(h.runs()) == 1
+
+
+# ---------------------------------------------------------------- launching
+
+
+def test_launch_due_waits_for_due_at_then_starts_exactly_once(make):
+    h = make(debounce_s=30)
+    h.upload()
+    (run,) = h.runs()
+    run_id = run["run_id"]
+
+    h.clock.advance(29)
+    assert h.pipe.launch_due() == [] and h.pipe.launch_due("demo") == []
+    assert h.launcher.submits == [] and h.run(run_id)["state"] == PENDING
+
+    h.clock.advance(2)
+    assert h.pipe.launch_due() == [run_id]
+    (spec,) = h.launcher.submits
+    assert spec.container == "trainer"
+    assert spec.key == f"{run_id}/train/1"
+    assert spec.labels == {"run_id": run_id, "stage": "train"}
+    assert "--dataset=demo" in spec.args and f"--run-id={run_id}" in spec.args
+    assert spec.base_output_dir == f"gs://embedpipe-artifacts/runs/{run_id}"
+    record = h.run(run_id)
+    assert record["state"] == TRAINING
+    assert record["jobs"]["train"]["name"] == h.launcher.name_for(spec.job_id)
+    assert record["jobs"]["train"]["attempt"] == 1
+    state = h.ledger.get_dataset("demo")
+    assert (state["active"], state["pending"]) == (run_id, None)
+    (stage,) = h.events(RUN_STAGE, topology.RUN_EVENTS)
+    assert stage.data == {
+        "run_id": run_id,
+        "dataset": "demo",
+        "state": TRAINING,
+        "job": record["jobs"]["train"]["name"],
+    }
+
+    # ticks and redeliveries after the launch start nothing
+    assert h.pipe.launch_due() == [] and h.pipe.launch_due("demo") == []
+    h.upload()
+    assert len(h.launcher.submits) == 1 and len(h.runs()) == 1
+
+
+def test_launch_that_died_half_way_is_finished_by_the_next_tick(h):
+    run_id = h.ledger.pending_run("demo", {"type": "upload"}, 0)
+
+    def promoted_but_not_submitted(st):
+        st["active"], st["pending"], st["pending_since"] = st["pending"], None, None
+        return st
+
+    h.ledger.update_dataset("demo", promoted_but_not_submitted)
+    assert h.pipe.launch_due() == [run_id]
+    assert [s.key for s in h.launcher.submits] == [f"{run_id}/train/1"]
+    assert h.run(run_id)["state"] == TRAINING
+
+
+def test_one_active_run_per_dataset_and_one_follow_up(make):
+    h = make(debounce_s=5)
+    first = h.started_run()
+
+    # two uploads while the first run trains: they gather in exactly one follow-up run
+    h.upload(generation=2)
+    h.upload("datasets/demo/queries.jsonl", generation=3)
+    runs = {r["run_id"]: r for r in h.runs()}
+    assert len(runs) == 2
+    (second,) = set(runs) - {first}
+    assert len(runs[second]["triggers"]) == 2
+
+    h.clock.advance(60)
+    assert h.pipe.launch_due() == []
+    assert h.run(second)["state"] == PENDING and len(h.launcher.submits) == 1
+
+    # the first run ends: the dataset is free and the follow-up starts
+    record, _ = h.ledger.advance(first, TRAINING, SUCCEEDED)
+    h.pipe.release(record)
+    assert [s.labels["run_id"] for s in h.launcher.submits] == [first, second]
+    state = h.ledger.get_dataset("demo")
+    assert (state["active"], state["pending"]) == (second, None)
+
+
+def test_datasets_do_not_wait_for_each_other(h):
+    a = h.started_run("demo")
+    b = h.started_run("other")
+    assert a != b
+    assert {s.labels["run_id"] for s in h.launcher.submits} == {a, b}
+
+
+# ---------------------------------------------------------------- job events
+
+
+def test_training_succeeded_launches_embedding(h):
+    run_id = h.started_run()
+    (train,) = h.launcher.submits
+    outcome = h.job_event(train, "SUCCEEDED")
+    assert outcome == f"run {run_id}: training succeeded, embedding launched"
+
+    record = h.run(run_id)
+    assert record["state"] == EMBEDDING
+    assert record["model"] == {"uri": f"gs://embedpipe-artifacts/runs/{run_id}/model/"}
+    (embed,) = h.launcher.stage_submits("embed")
+    assert embed.container == "embedder"
+    assert embed.key == f"{run_id}/embed/1"
+    assert embed.labels == {"run_id": run_id, "stage": "embed"}
+    assert f"--model-uri=gs://embedpipe-artifacts/runs/{run_id}/model/" in embed.args
+    assert record["jobs"]["train"]["name"] == h.launcher.name_for(train.job_id)
+    assert record["jobs"]["embed"]["name"] == h.launcher.name_for(embed.job_id)
+    assert [e.data["state"] for e in h.events(RUN_STAGE)] == [TRAINING, EMBEDDING]
+
+
+def test_embedding_succeeded_requests_the_index(h):
+    run_id = h.started_run()
+    h.job_event(h.launcher.submits[0], "SUCCEEDED")
+    h.job_event(h.launcher.stage_submits("embed")[0], "SUCCEEDED")
+    assert h.run(run_id)["state"] == INDEXING
+    (request,) = h.events(INDEX_REQUESTED, topology.INDEX_REQUESTS)
+    assert request.data == {"run_id": run_id, "dataset": "demo"}
+    assert request.id == f"{run_id}/index"
+
+
+def test_duplicate_and_late_job_events_are_no_ops(h):
+    run_id = h.started_run()
+    train = h.launcher.submits[0]
+    h.job_event(train, "SUCCEEDED")
+    assert "late or duplicate" in h.redeliver(train, "SUCCEEDED")
+    assert len(h.launcher.submits) == 2  # train + embed, no second embed
+
+    embed = h.launcher.stage_submits("embed")[0]
+    h.job_event(embed, "SUCCEEDED")
+    published = len(h.published)
+    for spec in (embed, train, embed):  # redelivered and late (the run is past both stages)
+        assert "late or duplicate" in h.redeliver(spec, "SUCCEEDED")
+    assert len(h.launcher.submits) == 2
+    assert len(h.published) == published
+    assert len(h.events(INDEX_REQUESTED)) == 1
+    assert h.run(run_id)["state"] == INDEXING
+
+
+def test_job_events_that_are_not_ours_or_not_final_are_ignored(h):
+    run_id = h.started_run()
+    train = h.launcher.submits[0]
+    # still running: a hint only, the launcher has the truth
+    assert "nothing to do yet" in h.pipe.on_job_event(JobStateHint(train.job_id, "SUCCEEDED", ""))
+    # a job we never launched
+    assert "unknown job" in h.pipe.on_job_event(JobStateHint("999", "SUCCEEDED", ""))
+    # a job without our labels
+    stray = JobSpec(key="x", container="trainer", args=[], base_output_dir="gs://b", labels={"team": "search"})
+    h.launcher.submit(stray)
+    assert "has no run" in h.job_event(stray, "SUCCEEDED")
+    assert h.run(run_id)["state"] == TRAINING
+    assert len(h.launcher.stage_submits("embed")) == 0
+
+
+def test_failed_job_is_retried_then_the_run_fails(make):
+    h = make(max_job_attempts=3)
+    run_id = h.started_run()
+    for attempt in (1, 2):
+        spec = h.launcher.submits[-1]
+        assert spec.key == f"{run_id}/train/{attempt}"
+        assert "retry" in h.job_event(spec, "FAILED", "CUDA error: out of memory")
+        record = h.run(run_id)
+        assert record["state"] == TRAINING
+        assert record["jobs"]["train"]["attempt"] == attempt + 1
+        # the failed attempt's event again: no second retry
+        assert "late or duplicate" in h.redeliver(spec, "FAILED")
+        assert len(h.launcher.submits) == attempt + 1
+    assert h.events(RUN_FAILED) == []
+
+    last = h.launcher.submits[-1]
+    assert h.job_event(last, "FAILED", "CUDA error: out of memory") == f"run {run_id}: FAILED in train"
+    assert [s.key for s in h.launcher.submits] == [f"{run_id}/train/{n}" for n in (1, 2, 3)]
+    record = h.run(run_id)
+    assert record["state"] == FAILED
+    assert record["error"]["stage"] == "train"
+
+    (failed,) = h.events(RUN_FAILED, topology.RUN_EVENTS)
+    events.validate(failed)
+    assert failed.id == f"{run_id}/failed" and failed.subject == run_id
+    assert failed.data["run_id"] == run_id and failed.data["dataset"] == "demo"
+    assert failed.data["stage"] == "train"
+    assert "ended FAILED" in failed.data["cause"] and "out of memory" in failed.data["cause"]
+    assert failed.data["trigger"] == {"type": "upload", "dataset": "demo"}
+    assert record["final_event"] == failed.to_structured()
+    assert h.ledger.get_dataset("demo")["active"] is None
+
+    # the last failure redelivered: the run stays failed, nothing more is published
+    h.redeliver(last, "FAILED")
+    assert len(h.events(RUN_FAILED)) == 1 and len(h.launcher.submits) == 3
+
+
+def test_embed_failure_names_the_embed_stage(make):
+    h = make(max_job_attempts=1)
+    run_id = h.started_run()
+    h.job_event(h.launcher.submits[0], "SUCCEEDED")
+    h.job_event(h.launcher.stage_submits("embed")[0], "CANCELLED")
+    assert len(h.launcher.stage_submits("embed")) == 1  # max_job_attempts=1: no retry
+    (failed,) = h.events(RUN_FAILED, topology.RUN_EVENTS)
+    assert failed.data["stage"] == "embed" and "ended CANCELLED" in failed.data["cause"]
+    assert h.run(run_id)["state"] == FAILED
+
+
+def test_a_failed_run_releases_the_dataset_for_its_follow_up(make):
+    h = make(max_job_attempts=1, debounce_s=5)
+    first = h.started_run()
+    h.upload(generation=2)
+    h.clock.advance(10)
+    h.job_event(h.launcher.submits[0], "FAILED")
+    assert h.run(first)["state"] == FAILED
+    (second,) = [r["run_id"] for r in h.runs() if r["run_id"] != first]
+    assert h.run(second)["state"] == TRAINING
+    assert h.ledger.get_dataset("demo")["active"] == second
+
+
+def test_fail_is_idempotent(h):
+    run_id = h.started_run()
+    h.pipe.fail(run_id, "index", "milvus unreachable")
+    h.pipe.fail(run_id, "index", "milvus unreachable")
+    (failed,) = h.events(RUN_FAILED)
+    assert failed.data["stage"] == "index"
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+def test_reconcile_finishes_a_stage_whose_job_event_was_lost(h):
+    run_id = h.started_run()
+    h.launcher.finish(h.launcher.name_for(h.launcher.submits[0].job_id), "SUCCEEDED")  # no event arrives
+    notes = h.pipe.reconcile()
+    assert f"run {run_id}: training succeeded, embedding launched" in notes
+    assert h.run(run_id)["state"] == EMBEDDING
+    assert h.pipe.reconcile() == []  # the embed job is still running
+    assert len(h.launcher.submits) == 2
+
+
+# ---------------------------------------------------------------- retrain
+
+
+def test_retrain_starts_a_full_run_with_overrides(h):
+    req = events.parse_retrain(events.parse_push(load_event("retrain_push.json")))
+    h.pipe.on_retrain(req)
+    (run,) = h.runs()
+    assert run["state"] == TRAINING
+    assert run["overrides"] == {"learning_rate": 3e-5}
+    assert run["force_full"] is True
+    assert run["triggers"] == [req.key]
+    assert run["trigger"] == {"type": "retrain", "dataset": "demo", "reason": "new labels from the support team"}
+    (spec,) = h.launcher.submits
+    assert "--learning-rate=3e-05" in spec.args
+    assert f"--max-steps={h.settings.train_max_steps}" in spec.args  # not overridden: the settings' default
+
+    h.pipe.on_retrain(req)  # redelivered
+    assert len(h.runs()) == 1 and len(h.launcher.submits) == 1
+    assert h.run(run["run_id"])["triggers"] == [req.key]
+
+
+def test_retrain_redelivery_finishes_what_a_crashed_first_delivery_left(h):
+    req = events.parse_retrain(events.parse_push(load_event("retrain_push.json")))
+    run_id = h.ledger.pending_run("demo", {"type": "retrain"}, 0)
+    h.ledger.claim(req.key, run_id)  # first delivery died here
+    h.pipe.on_retrain(req)
+    record = h.run(run_id)
+    assert record["overrides"] == {"learning_rate": 3e-5}
+    assert record["state"] == TRAINING
+    assert len(h.launcher.submits) == 1
+
+
+def test_retrain_with_an_unknown_override_is_rejected(h):
+    req = events.RetrainRequest("demo", {"learning_rate": 1e-5, "dropout": 0.2}, None, "r", "pubsub/retrain/1")
+    with pytest.raises(ValueError, match=r"unknown override\(s\) \['dropout'\]"):
+        h.pipe.on_retrain(req)
+    assert h.store.objects == {} and h.launcher.submits == []
+
+
+def test_retrain_with_a_bad_dataset_name_is_rejected(h):
+    req = events.RetrainRequest("../demo", {}, None, "r", "pubsub/retrain/1")
+    with pytest.raises(ValueError, match="dataset name"):
+        h.pipe.on_retrain(req)
+    assert h.store.objects == {} and h.launcher.submits == []
+
+
+def test_retrain_rejection_is_a_malformed_event(h):
+    req = events.RetrainRequest("demo", {"dropout": 0.2}, None, "r", "pubsub/retrain/1")
+    with pytest.raises(events.EventError):
+        h.pipe.on_retrain(req)
+
+
+def test_retrain_with_a_mistyped_override_is_rejected(h):
+    req = events.RetrainRequest("demo", {"learning_rate": "fast"}, None, "r", "pubsub/retrain/1")
+    with pytest.raises(ValueError):
+        h.pipe.on_retrain(req)
+    assert h.launcher.submits == []

@@ -59,6 +59,8 @@ class JobStatus:
     state: str  # QUEUED | RUNNING | SUCCEEDED | FAILED | CANCELLED
     labels: dict[str, str]
     error: str = ""
+    model_dir: str = ""  # a finished HP-tuning job: the best trial's model dir (else the stage's default)
+    tuning: dict | None = None  # an HP-tuning job: metric, goal, trials (id, params, state, metric), best_trial
 
     @property
     def done(self) -> bool:
@@ -128,7 +130,14 @@ class LocalJobLauncher:
         job_dir = self._dir(name)
         spec = json.loads((job_dir / "spec.json").read_text())
         state = json.loads((job_dir / "state.json").read_text())
-        status = JobStatus(name, state["state"], spec["labels"], state.get("error", ""))
+        status = JobStatus(
+            name,
+            state["state"],
+            spec["labels"],
+            state.get("error", ""),
+            state.get("model_dir", ""),
+            state.get("tuning"),
+        )
         if not status.done:
             pid_file = job_dir / "runner.pid"
             if pid_file.exists() and not _pid_alive(int(pid_file.read_text())):
@@ -136,7 +145,14 @@ class LocalJobLauncher:
                 state = json.loads((job_dir / "state.json").read_text())  # it may have just finished
                 if state["state"] not in TERMINAL:
                     return JobStatus(name, FAILED, spec["labels"], "job runner process died")
-                return JobStatus(name, state["state"], spec["labels"], state.get("error", ""))
+                return JobStatus(
+                    name,
+                    state["state"],
+                    spec["labels"],
+                    state.get("error", ""),
+                    state.get("model_dir", ""),
+                    state.get("tuning"),
+                )
         return status
 
     def cancel(self, name: str) -> None:

@@ -7,12 +7,14 @@ bf16 autocast and the log cadence inside jobs, and it stays fast on a 2-core CPU
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
 
+from embedpipe.checkpoints import Checkpoints
+from embedpipe.distributed import DistInfo
 from embedpipe.embedding import autocast
+from embedpipe.scalars import ScalarLog
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ class TrainParams:
     warmup_ratio: float = 0.1
     seed: int = 42
     log_every: int = 10
+    checkpoint_every: int = 50  # steps; 0 = no checkpoints
+    mini_batch_size: int = 0  # > 0 and < batch_size: cached (GradCache) loss with this mini-batch
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,62 +61,211 @@ def length_grouped_batches(pairs: list, batch_size: int, rng: random.Random) -> 
     return batches
 
 
-def train(model, pairs: list[tuple[str, str, str | None]], params: TrainParams) -> dict:
-    """Fine-tune ``model`` in place; returns the loss curve and throughput."""
+def _batch_for(pairs: list, params: TrainParams, epoch: int, cache: dict) -> list[list]:
+    """The (global) batches of one epoch: a pure function of the seed and the epoch, so a resumed run and every
+    rank of a distributed run see the same order without sharing state."""
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = length_grouped_batches(pairs, params.batch_size, random.Random(params.seed + epoch))
+    return cache[epoch]
+
+
+def _rng_state() -> dict:
+    import numpy as np
     import torch
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_loss(model, params: TrainParams):
+    """In-batch negatives; the cached (GradCache) variant when ``mini_batch_size`` is smaller than the batch, so a
+    large batch trains in the memory of a small one."""
+    from sentence_transformers import losses
+
+    if 0 < params.mini_batch_size < params.batch_size:
+        return losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=params.mini_batch_size)
+    return losses.MultipleNegativesRankingLoss(model)
+
+
+def train(
+    model,
+    pairs: list[tuple[str, str, str | None]],
+    params: TrainParams,
+    *,
+    dist_info: DistInfo | None = None,
+    checkpoints: Checkpoints | None = None,
+    scalars: ScalarLog | None = None,
+) -> dict:
+    """Fine-tune ``model`` in place; returns the loss curve and throughput.
+
+    Distributed (``dist_info.world_size > 1``, process group already initialised): every rank builds the same global
+    batch list and trains on batches ``rank, rank + world, ...``; gradients are averaged by DDP (or by an explicit
+    all-reduce for the cached loss, whose two-pass backward DDP does not support). ``max_steps`` counts optimizer
+    steps, each of which consumes ``world_size`` batches. With ``checkpoints``, the primary rank saves model,
+    optimizer, scheduler, RNG states and step every ``checkpoint_every`` steps, and a restart resumes from the
+    latest one (the data order is a function of seed and epoch, so the resumed run continues where it stopped).
+    """
+    import torch
     from transformers import get_linear_schedule_with_warmup
 
     if len(pairs) < 2:
         raise ValueError(f"need at least 2 training pairs, got {len(pairs)}")
+    dist_info = dist_info or DistInfo()
+    rank, world = dist_info.rank, dist_info.world_size
+    primary = rank == 0
     seed_everything(params.seed)
-    rng = random.Random(params.seed)
     model.max_seq_length = params.max_seq_length
     model.train()
-    loss_fn = MultipleNegativesRankingLoss(model)
-    steps_per_epoch = math.ceil(len(pairs) / params.batch_size)
-    total = (
-        min(params.max_steps, steps_per_epoch * params.epochs)
-        if params.max_steps > 0
-        else (steps_per_epoch * params.epochs)
-    )
+    loss_fn = make_loss(model, params)
+    cached = not isinstance(loss_fn, _mnrl_class())
+    batches_cache: dict = {}
+    steps_per_epoch = len(_batch_for(pairs, params, 0, batches_cache)) // world
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(pairs)} pairs make fewer batches of {params.batch_size} than {world} ranks")
+    total = steps_per_epoch * params.epochs
+    if params.max_steps > 0:
+        total = min(params.max_steps, total)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.learning_rate)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total * params.warmup_ratio), total)
     prep = getattr(model, "preprocess", None) or model.tokenize
     device = str(model.device)
 
-    curve, seen, step, t0 = [], 0, 0, time.perf_counter()
+    curve, seen, step, resumed_from = [], 0, 0, None
+    state = checkpoints.load_latest() if checkpoints else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, seen, curve = state["step"], state["pairs_seen"], state["loss_curve"]
+        resumed_from = step
+        log.info("resumed from checkpoint step %d/%d (%s)", step, total, checkpoints.uri)
+
+    forward = loss_fn
+    if world > 1 and not cached:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The BERT pooler is unused by mean pooling: its parameters get no gradient.
+        forward = DistributedDataParallel(
+            loss_fn,
+            device_ids=[dist_info.local_rank] if device.startswith("cuda") else None,
+            find_unused_parameters=True,
+        )
+
+    t0, seen_here, start_step = time.perf_counter(), 0, step
     while step < total:
-        for batch in length_grouped_batches(pairs, params.batch_size, rng):
-            if step >= total:
-                break
-            columns = [[p[0] for p in batch], [p[1] for p in batch]]
-            if all(p[2] for p in batch):
-                columns.append([p[2] for p in batch])  # hard negatives, when every pair has one
-            features = [
-                {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in prep(c).items()} for c in columns
-            ]
-            with autocast(device):
-                loss = loss_fn(features, None)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seen += len(batch)
-            curve.append({"step": step, "loss": round(float(loss), 5)})
-            if step % params.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - t0
-                eta = elapsed / step * (total - step)
-                log.info("step %d/%d loss=%.4f pairs/s=%.1f eta=%.0fs", step, total, float(loss), seen / elapsed, eta)
+        epoch, index = divmod(step, steps_per_epoch)
+        epoch_batches = _batch_for(pairs, params, epoch, batches_cache)
+        step_batches = epoch_batches[index * world : (index + 1) * world]
+        batch = step_batches[rank]
+        columns = [[p[0] for p in batch], [p[1] for p in batch]]
+        if all(p[2] for p in batch):
+            columns.append([p[2] for p in batch])  # hard negatives, when every pair has one
+        features = [{k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in prep(c).items()} for c in columns]
+        with autocast(device):
+            loss = forward(features, None)
+        loss.backward()
+        loss_value = loss.detach().float()
+        if world > 1:
+            import torch.distributed as dist
+
+            if cached:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            dist.all_reduce(loss_value)
+            loss_value /= world
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        n = sum(len(b) for b in step_batches)
+        seen += n
+        seen_here += n
+        curve.append({"step": step, "loss": round(float(loss_value), 5)})
+        if not primary:
+            continue
+        if scalars is not None:
+            scalars.add("train/loss", float(loss_value), step)
+            scalars.add("train/learning_rate", scheduler.get_last_lr()[0], step)
+        if step % params.log_every == 0 or step == total:
+            elapsed = time.perf_counter() - t0
+            rate = seen_here / elapsed if elapsed else 0.0
+            eta = elapsed / (step - start_step) * (total - step)
+            log.info("step %d/%d loss=%.4f pairs/s=%.1f eta=%.0fs", step, total, float(loss_value), rate, eta)
+            if scalars is not None:
+                scalars.add("train/pairs_per_s", rate, step)
+        if checkpoints and params.checkpoint_every > 0 and step % params.checkpoint_every == 0 and step < total:
+            checkpoints.save(
+                step,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "pairs_seen": seen,
+                    "loss_curve": curve,
+                    "params": params.to_dict(),
+                },
+            )
+            if scalars is not None:
+                scalars.flush()
+            log.info("checkpoint at step %d written to %s", step, checkpoints.uri)
     elapsed = time.perf_counter() - t0
     model.eval()
     return {
         "steps": step,
+        "total_steps": total,
+        "resumed_from_step": resumed_from,
+        "world_size": world,
         "pairs_seen": seen,
+        "pairs_seen_this_run": seen_here,
         "seconds": round(elapsed, 3),
-        "pairs_per_s": round(seen / elapsed, 2) if elapsed else None,
+        "pairs_per_s": round(seen_here / elapsed, 2) if elapsed and seen_here else None,
         "loss_curve": curve,
         "params": params.to_dict(),
     }
+
+
+def _mnrl_class():
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    return MultipleNegativesRankingLoss
+
+
+def evaluate_exact(model, ds, query_prefix: str = "", document_prefix: str = "", k: int = 100) -> dict:
+    """Retrieval metrics of ``model`` on the dataset's eval qrels (test, else dev) by exact cosine top-``k`` search
+    in memory: the same ``encode`` and ``evaluation.evaluate`` the indexer uses, without Milvus."""
+    import numpy as np
+
+    from embedpipe.embedding import encode
+    from embedpipe.evaluation import evaluate
+
+    qrels = ds.eval_qrels()
+    qids = [q for q in sorted(qrels) if q in ds.queries]
+    if not qids:
+        return {}
+    doc_ids = sorted(ds.corpus)
+    docs = encode(model, [ds.corpus[d].full_text for d in doc_ids], prefix=document_prefix)
+    queries = encode(model, [ds.queries[q] for q in qids], prefix=query_prefix)
+    scores = queries @ docs.T
+    k = min(k, len(doc_ids))
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    ranked = {q: [doc_ids[j] for j in row] for q, row in zip(qids, top)}
+    return evaluate(ranked, {q: qrels[q] for q in qids})

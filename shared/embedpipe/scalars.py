@@ -1,0 +1,67 @@
+"""Training scalars for ``AIP_TENSORBOARD_LOG_DIR``.
+
+With the ``tensorboard`` package installed, scalars go to TensorBoard event files (``torch.utils.tensorboard``);
+without it (our default: it is a heavy dependency) they go to ``scalars.jsonl``, one JSON object per line:
+``{"tag": "train/loss", "step": 10, "value": 0.53, "wall_time": 1700000000.0}``. Either way they are written to a
+local folder and copied to the (``gs://``) log dir on ``flush()``, since GCS objects cannot be appended to; a
+resumed run starts from the ``scalars.jsonl`` already there.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+class ScalarLog:
+    def __init__(self, uri: str | None):
+        self.uri = uri
+        self.local = Path(uri) if uri and not uri.startswith("gs://") else Path(tempfile.mkdtemp(prefix="tb-"))
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.format = "jsonl"
+        self._writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.local))
+            self.format = "tensorboard"
+        except ImportError:
+            if uri and uri.startswith("gs://"):
+                self._fetch_previous()  # a resumed run appends to what the first attempt logged
+            self._fh = open(self.local / "scalars.jsonl", "a")
+
+    def _fetch_previous(self) -> None:
+        from google.api_core import exceptions as gexc
+
+        from embedpipe import storage
+
+        try:
+            (self.local / "scalars.jsonl").write_bytes(storage.read_bytes(storage.join(self.uri, "scalars.jsonl")))
+        except gexc.NotFound:
+            pass
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_scalar(tag, value, step)
+        else:
+            line = {"tag": tag, "step": step, "value": float(value), "wall_time": time.time()}
+            self._fh.write(json.dumps(line) + "\n")
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+        else:
+            self._fh.flush()
+        if self.uri and self.uri.startswith("gs://"):
+            from embedpipe import storage
+
+            storage.upload_dir(self.local, self.uri)
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._fh.close()

@@ -1,0 +1,166 @@
+"""The trainer container's entrypoint as real processes against fake GCS and the Pub/Sub emulator: resume after a
+kill, a 2-replica DDP job and a 3-trial HP-tuning job through the LocalJobLauncher (the local job runner)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from embedpipe import hypertune, storage
+from embedpipe.jobs import SUCCEEDED, JobSpec, LocalJobLauncher
+from tests.helpers import FIXTURES, ROOT
+
+DATASET = "trainertiny"
+
+
+@pytest.fixture(scope="module")
+def dataset(services) -> str:
+    for path in sorted((FIXTURES / "tiny_beir").rglob("*")):
+        rel = path.relative_to(FIXTURES / "tiny_beir").as_posix()
+        # Without qrels/train.tsv (3 pairs) the trainer derives title -> text pairs from the 24 documents.
+        if path.is_file() and path.suffix in (".jsonl", ".tsv") and rel != "qrels/train.tsv":
+            storage.upload_file(path, f"gs://{services.data_bucket}/datasets/{DATASET}/{rel}")
+    return DATASET
+
+
+def train_args(settings, run_id: str, **overrides) -> list[str]:
+    flags = {"batch-size": 4, "max-steps": 4, "epochs": 100, "max-seq-length": 32, "log-every": 2, **overrides}
+    return [
+        f"--dataset={DATASET}",
+        f"--run-id={run_id}",
+        f"--base-model={settings.base_model}",
+        *(f"--{k}={v}" for k, v in flags.items()),
+    ]
+
+
+def run_job(settings, tmp_path, spec_kw: dict, timeout: float = 240.0):
+    """Submit through a LocalJobLauncher with its own state dir; wait for the end; return (status, job dir)."""
+    launcher = LocalJobLauncher(dataclasses.replace(settings, state_dir=str(tmp_path / "state")))
+    name = launcher.submit(JobSpec(key=f"itest/{uuid.uuid4().hex}", container="trainer", **spec_kw))
+    deadline = time.time() + timeout
+    while not (status := launcher.get(name)).done:
+        assert time.time() < deadline, f"job {name} still {status.state} after {timeout}s"
+        time.sleep(0.5)
+    return status, launcher.root / name.rsplit("/", 1)[-1]
+
+
+def test_a_killed_training_process_resumes_from_its_checkpoint(services, dataset, tmp_path):
+    base = f"gs://{services.artifacts_bucket}/runs/resume-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "AIP_MODEL_DIR": f"{base}/model/",
+        "AIP_CHECKPOINT_DIR": f"{base}/checkpoints/",
+        "AIP_TENSORBOARD_LOG_DIR": f"{base}/logs/",
+    }
+    cmd = [
+        sys.executable,
+        str(ROOT / "containers/trainer/task.py"),
+        *train_args(services, "resume", **{"max-steps": 60, "checkpoint-every": 10, "log-every": 10}),
+    ]
+    log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
+    with open(log1, "wb") as out:
+        first = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.time() + 120
+    while not storage.exists(f"{base}/checkpoints/latest.json"):
+        assert first.poll() is None, f"trainer ended before its first checkpoint:\n{log1.read_text()}"
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # preemption: no chance to clean up
+    first.wait()
+    assert first.returncode == -signal.SIGKILL
+    assert not storage.exists(f"{base}/metrics.json")
+    step = storage.read_json(f"{base}/checkpoints/latest.json")["step"]
+    assert 10 <= step < 60 and step % 10 == 0
+
+    with open(log2, "wb") as out:
+        second = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, timeout=180)
+    text = log2.read_text()
+    assert second.returncode == 0, text
+    assert f"resumed from checkpoint step {step}/60" in text
+    assert f"training: step {step + 10}/60 loss=" in text
+    assert "training: step 10/60 loss=" not in text  # it did not start over
+    metrics = storage.read_json(f"{base}/metrics.json")
+    assert metrics["resumed_from_step"] == step
+    assert metrics["steps"] == 60 and len(metrics["loss_curve"]) == 60
+    assert set(metrics["eval"]) >= {"recall@10", "ndcg@10", "mrr@10"} and metrics["eval_split"] == "test"
+    assert metrics["pairs_source"] == "derived from corpus"
+    assert metrics["versions"]["torch"] and metrics["pairs_per_s"] > 0
+    assert storage.exists(f"{base}/model/embedpipe.json")
+    scalars = storage.read_bytes(f"{base}/logs/scalars.jsonl").decode().splitlines()
+    losses = [json.loads(x)["step"] for x in scalars if '"train/loss"' in x]
+    assert losses[0] == 1 and losses[-1] == 60  # the first attempt's scalars were kept
+
+
+def test_two_replica_ddp_job(services, dataset, tmp_path):
+    run_id = f"ddp-{uuid.uuid4().hex[:8]}"
+    base = f"gs://{services.artifacts_bucket}/runs/{run_id}"
+    status, job_dir = run_job(
+        services,
+        tmp_path,
+        {
+            "args": train_args(services, run_id),
+            "base_output_dir": base,
+            "labels": {"run_id": run_id, "stage": "train"},
+            "replica_count": 2,
+        },
+    )
+    logs = [(job_dir / f"replica-{i}.log").read_text() for i in range(2)]
+    assert status.state == SUCCEEDED, status.error
+    assert status.model_dir == f"{base}/model/"
+    assert "rank 0/2 (cluster_spec)" in logs[0] and "rank 1/2 (cluster_spec)" in logs[1]
+    assert "rank 0/2 trained 4 steps" in logs[0] and "rank 1/2 trained 4 steps" in logs[1]
+    assert "written to" in logs[0] and "written to" not in logs[1]
+    assert "rank 1: done; rank 0 writes the model and metrics" in logs[1]
+    metrics = storage.read_json(f"{base}/metrics.json")
+    assert metrics["world_size"] == 2 and metrics["rank_source"] == "cluster_spec"
+    assert metrics["pairs_seen"] == 4 * 2 * 4  # 4 steps x 2 ranks x batch 4
+    assert storage.exists(f"{base}/model/embedpipe.json")
+
+
+def test_hp_tuning_job_runs_three_trials_and_picks_the_best(services, dataset, tmp_path):
+    run_id = f"hpt-{uuid.uuid4().hex[:8]}"
+    base = f"gs://{services.artifacts_bucket}/runs/{run_id}"
+    hp = {
+        "metric": "recall@10",
+        "goal": "maximize",
+        "max_trials": 3,
+        "parallel_trials": 2,
+        "parameters": {"learning_rate": {"min": 1e-5, "max": 1e-2, "scale": "log"}},
+    }
+    status, job_dir = run_job(
+        services,
+        tmp_path,
+        {
+            "args": train_args(services, run_id),
+            "base_output_dir": base,
+            "labels": {"run_id": run_id, "stage": "train"},
+            "hp_tuning": hp,
+        },
+    )
+    assert status.state == SUCCEEDED, status.error
+    tuning = status.tuning
+    trials = tuning["trials"]
+    assert [t["id"] for t in trials] == ["1", "2", "3"] and all(t["state"] == SUCCEEDED for t in trials)
+    assert len({t["params"]["learning_rate"] for t in trials}) == 3
+    best = max(trials, key=lambda t: (t["metric"], -int(t["id"])))
+    assert tuning["best_trial"] == best["id"]
+    assert status.model_dir == f"{base}/{best['id']}/model/"
+    for t in trials:
+        metrics = storage.read_json(f"{base}/{t['id']}/metrics.json")
+        assert metrics["trial"] == t["id"]
+        assert metrics["params"]["learning_rate"] == t["params"]["learning_rate"]  # the trial's --learning-rate
+        assert metrics["eval"]["recall@10"] == t["metric"]
+        assert storage.exists(f"{base}/{t['id']}/model/embedpipe.json")
+        lines = [json.loads(x) for x in (job_dir / f"trial-{t['id']}" / "output.metrics").read_text().splitlines()]
+        line = next(x for x in lines if hypertune.metric_tag("recall@10") in x)
+        assert line["trial"] == t["id"] and line["global_step"] == "4"
+        assert float(line["recall_at_10"]) == t["metric"]
+    assert not storage.exists(f"{base}/model/embedpipe.json")  # no untuned model at the job's base

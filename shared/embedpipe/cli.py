@@ -262,5 +262,39 @@ def search(
         typer.echo(f"{i:>3}. {h['score']:.4f}  {h['id']:<12} {h['title']}")
 
 
+deploy_app = typer.Typer(help="Deploy the topology (the same one `embedpipe up` runs locally) to a cloud.")
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("gcp")
+def deploy_gcp(
+    project: str = typer.Option(..., "--project", envvar="EMBEDPIPE_PROJECT", help="GCP project id"),
+    region: str = typer.Option("us-central1", "--region", envvar="EMBEDPIPE_REGION"),
+    dry_run: bool = typer.Option(False, "--dry-run", envvar="EMBEDPIPE_DRY_RUN", help="print the plan, touch nothing"),
+    vpc_connector: str = typer.Option(
+        "", "--vpc-connector", envvar="EMBEDPIPE_VPC_CONNECTOR", help="Serverless VPC connector (private Milvus)"
+    ),
+) -> None:
+    """Create or update everything on GCP, idempotently (see deploy/README.md); --dry-run prints the plan."""
+    from embedpipe import deploy
+
+    try:
+        base = Settings.from_env()
+    except SettingsError as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(2) from None
+    cfg = deploy.config_from_settings(project, region, base, vpc_connector)
+    steps = deploy.plan(cfg)
+    if dry_run:
+        typer.echo(deploy.render(cfg, steps))
+        return
+    try:
+        counts = deploy.apply(cfg, steps, echo=err)
+    except deploy.DeployError as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(1) from None
+    err(f"deployed to {project}/{region}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
 if __name__ == "__main__":
     app(sys.argv[1:])

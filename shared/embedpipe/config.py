@@ -37,6 +37,14 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def _bool(raw: str) -> bool:
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false, 1/0, yes/no or on/off")
+
+
 @dataclass(frozen=True)
 class Settings:
     # where
@@ -69,8 +77,14 @@ class Settings:
     seed: int = 42
     embed_batch_tokens: int = 8192
     # evaluation and promotion
-    gate_metric: str = "recall@10"
+    gate_metric: str = "recall@10"  # of the better of dense/hybrid; any evaluation.METRIC_KEYS key
     gate_tolerance: float = 0.0
+    keep_collections: int = 2  # per dataset, besides the live one: newest rejected/replaced collections kept
+    # Milvus bulk import (scale path) for full loads of at least this many rows; needs the bucket Milvus reads from
+    bulk_import_min_rows: int = 1_000_000
+    bulk_import_bucket: str = ""
+    # search service: how often it re-reads the ledger for a promotion it may have missed (index-updated is the push)
+    search_refresh_s: float = 30.0
     # jobs on Vertex AI (mode=gcp)
     trainer_image: str = ""
     embedder_image: str = ""
@@ -80,6 +94,15 @@ class Settings:
     embed_accelerator: str = "NVIDIA_TESLA_T4"
     embed_replicas: int = 1
     service_account: str = ""
+    vertex_endpoint: str = ""  # Vertex AI API endpoint; default <region>-aiplatform.googleapis.com; http:// = test
+    job_network: str = ""  # VPC for jobs, projects/<number>/global/networks/<name> (to reach a private Milvus)
+    job_scheduling: str = "standard"  # standard | spot (preemptible, cheaper; pair with restart on worker restart)
+    job_timeout_s: int = 86400  # Vertex cancels a job that runs longer (caps a runaway GPU bill)
+    job_restart_on_worker_restart: bool = False
+    # push authentication (OIDC tokens that Pub/Sub push attaches); auto = on in gcp mode, off locally
+    push_auth: str = "auto"  # auto | on | off
+    push_audience: str = ""  # comma-separated accepted audiences; empty = the URL the request came to
+    push_service_account: str = ""  # the only identity allowed to push, e.g. embedpipe-push@P.iam.gserviceaccount.com
     log_format: str = "text"  # text | json
 
     @classmethod
@@ -92,7 +115,7 @@ class Settings:
                 continue
             kind = type(f.default) if f.default is not dataclasses.MISSING else str
             try:
-                values[f.name] = kind(raw)
+                values[f.name] = _bool(raw) if kind is bool else kind(raw)
             except ValueError as exc:
                 raise SettingsError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}: {exc}") from None
         settings = cls(**values)
@@ -108,8 +131,24 @@ class Settings:
                     raise SettingsError(
                         f"{PREFIX}{name.upper()} is required in gcp mode (the container image URI in Artifact Registry)"
                     )
+        if self.job_scheduling not in ("standard", "spot"):
+            raise SettingsError(f"{PREFIX}JOB_SCHEDULING must be 'standard' or 'spot', not {self.job_scheduling!r}")
+        if self.push_auth not in ("auto", "on", "off"):
+            raise SettingsError(f"{PREFIX}PUSH_AUTH must be 'auto', 'on' or 'off', not {self.push_auth!r}")
+        from embedpipe.evaluation import METRIC_KEYS
+
+        if self.gate_metric not in METRIC_KEYS:
+            raise SettingsError(
+                f"{PREFIX}GATE_METRIC must be one of {', '.join(METRIC_KEYS)}, not {self.gate_metric!r}"
+            )
+        if self.keep_collections < 0:
+            raise SettingsError(f"{PREFIX}KEEP_COLLECTIONS must be >= 0, not {self.keep_collections}")
         if not 0 <= self.gate_tolerance <= 1:
             raise SettingsError(f"{PREFIX}GATE_TOLERANCE must be within [0, 1], not {self.gate_tolerance}")
+
+    @property
+    def push_auth_enabled(self) -> bool:
+        return self.push_auth == "on" or (self.push_auth == "auto" and self.mode == "gcp")
 
     @property
     def state_path(self) -> Path:

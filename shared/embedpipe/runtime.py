@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from embedpipe import logs
+from embedpipe import auth, logs
 from embedpipe.config import Settings
 from embedpipe.events import EventError
 from embedpipe.pipeline import Pipeline
@@ -26,6 +26,7 @@ def acked(handler):
     @functools.wraps(handler)
     def wrapper(cloud_event):
         pipe = pipeline()
+        auth.authorize_push(pipe.settings)  # before anything else: a refused push has no side effect
         try:
             outcome = handler(pipe, cloud_event)
         except EventError as exc:

@@ -53,7 +53,8 @@ COMPONENTS = (
     Component("reconcile", "functions/reconcile/main.py", "reconcile", "cloudevent", RECONCILE_TICKS),
     # Long upserts and evaluation: a Cloud Run service, so the push ack deadline is the maximum.
     Component("indexer", "services/indexer/main.py", "index", "cloudevent", INDEX_REQUESTS, ack_deadline_s=600),
-    Component("search", "services/search/main.py", "search", "http", None),
+    # Query API; index-updated is pushed to it so it reloads the promoted model (in the background).
+    Component("search", "services/search/main.py", "search", "http", INDEX_UPDATED),
 )
 
 # Retry policy for push subscriptions: without one the emulator redelivers a failing message every second forever.
@@ -70,3 +71,74 @@ def component(name: str) -> Component:
         if c.name == name:
             return c
     raise KeyError(name)
+
+
+# ---------------------------------------------------------------- beyond Pub/Sub: the rest of the topology
+# Each entry below is applied by the GCP deploy (``embedpipe.deploy``) and has a named local stand-in in
+# ``embedpipe up`` (``stack.py``), so the two never drift apart.
+
+# Settings fields naming the buckets (local: fake-gcs-server buckets).
+BUCKETS = ("data_bucket", "artifacts_bucket")
+# GCS -> Pub/Sub notification on the data bucket (local: fake-gcs-server's -event.* flags).
+DATA_NOTIFICATION_TOPIC = DATA_EVENTS
+DATA_NOTIFICATION_EVENTS = ("OBJECT_FINALIZE",)
+# Cloud Logging sink that turns Vertex AI job-state log entries into job-events messages (local: the job runner
+# publishes the same LogEntry). Only job-level entries that carry a terminal state label pass the filter.
+JOB_LOG_SINK = "embedpipe-job-events"
+JOB_LOG_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "PARTIALLY_SUCCEEDED", "EXPIRED")
+JOB_LOG_FILTER = 'resource.type="ml_job" AND (' + " OR ".join(
+    f'labels."ml.googleapis.com/job_state"="{state}"' for state in JOB_LOG_STATES
+) + ")"
+# Cloud Scheduler job publishing to reconcile-ticks (local: the ticker, every EMBEDPIPE_TICK_S seconds).
+RECONCILE_SCHEDULER_JOB = "embedpipe-reconcile-tick"
+RECONCILE_SCHEDULE = "*/5 * * * *"
+# Vertex AI custom containers built from containers/<name>/Dockerfile (local: task.py run as a process).
+IMAGES = ("trainer", "embedder")
+
+# Least-privilege access per identity. Identities: each component (its own service account), "job" (what Vertex AI
+# jobs run as) and "push" (what push subscriptions sign their OIDC tokens as). Targets: "project", "bucket:<field>",
+# "topic:<topic>", "sa:<identity>". Why each grant exists is in deploy/README.md.
+ACCESS: dict[str, tuple[tuple[str, str], ...]] = {
+    "on-data-uploaded": (("bucket:artifacts_bucket", "roles/storage.objectUser"),),
+    "on-retrain-requested": (
+        ("bucket:artifacts_bucket", "roles/storage.objectUser"),
+        ("bucket:data_bucket", "roles/storage.objectViewer"),
+        ("project", "roles/aiplatform.user"),
+        ("sa:job", "roles/iam.serviceAccountUser"),
+        ("topic:" + RUN_EVENTS, "roles/pubsub.publisher"),
+    ),
+    "on-job-event": (
+        ("bucket:artifacts_bucket", "roles/storage.objectUser"),
+        ("bucket:data_bucket", "roles/storage.objectViewer"),
+        ("project", "roles/aiplatform.user"),
+        ("sa:job", "roles/iam.serviceAccountUser"),
+        ("topic:" + RUN_EVENTS, "roles/pubsub.publisher"),
+        ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher"),
+    ),
+    "reconcile": (
+        ("bucket:artifacts_bucket", "roles/storage.objectUser"),
+        ("bucket:data_bucket", "roles/storage.objectViewer"),
+        ("project", "roles/aiplatform.user"),
+        ("sa:job", "roles/iam.serviceAccountUser"),
+        ("topic:" + RUN_EVENTS, "roles/pubsub.publisher"),
+        ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher"),
+    ),
+    "indexer": (
+        ("bucket:artifacts_bucket", "roles/storage.objectUser"),
+        ("bucket:data_bucket", "roles/storage.objectViewer"),
+        ("topic:" + INDEX_UPDATED, "roles/pubsub.publisher"),
+        ("topic:" + RUN_EVENTS, "roles/pubsub.publisher"),
+    ),
+    "search": (("bucket:artifacts_bucket", "roles/storage.objectViewer"),),
+    "job": (
+        ("bucket:data_bucket", "roles/storage.objectViewer"),
+        ("bucket:artifacts_bucket", "roles/storage.objectUser"),
+    ),
+    "push": (),  # gets roles/run.invoker on each push-fed component (granted with the component)
+}
+# Components that talk to Milvus (get EMBEDPIPE_MILVUS_URI and the token secret).
+MILVUS_CLIENTS = ("on-retrain-requested", "on-job-event", "reconcile", "indexer", "search")
+
+
+def identities() -> list[str]:
+    return list(ACCESS)

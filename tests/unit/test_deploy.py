@@ -1,0 +1,241 @@
+"""embedpipe.deploy: the dry-run plan through the CLI, idempotent apply against a stateful fake gcloud, and the
+requirements derived for each staged function."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from embedpipe import deploy, topology
+from embedpipe.cli import app
+from embedpipe.config import Settings
+
+
+@pytest.fixture
+def cfg(monkeypatch) -> deploy.DeployConfig:
+    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
+    base = Settings.from_env({"EMBEDPIPE_MILVUS_URI": "https://milvus.example.com:19530"})
+    return deploy.config_from_settings("demo-project", "us-central1", base)
+
+
+def test_dry_run_prints_the_whole_plan_and_touches_nothing(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail(f"ran {a}"))
+    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
+    monkeypatch.setattr(deploy, "stage", lambda *a: pytest.fail("staged during a dry run"))
+    result = CliRunner().invoke(
+        app, ["deploy", "gcp", "--project", "demo-project", "--region", "us-central1", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert calls == []
+    assert out.startswith("embedpipe deploy plan: project demo-project, region us-central1, image tag 0123456789ab")
+    kinds = re.findall(r"^\[\d\d\] (\S+) (\S+)", out, flags=re.M)
+    order = [k for k, _ in kinds]
+    # Dependencies come first: identities before grants on buckets/topics, images and functions before the
+    # subscriptions that push to them, the topic before the sink and the scheduler that publish to it.
+    first = {k: order.index(k) for k in dict.fromkeys(order)}
+    assert first["apis"] < first["artifact-registry"] < first["service-account"] < first["bucket"] < first["topic"]
+    assert first["topic"] < first["image"] < first["function"] < first["push-subscription"] < first["gcs-notification"]
+    assert first["gcs-notification"] < first["log-sink"] < first["scheduler-job"]
+    names = {n for _, n in kinds}
+    for t in (*topology.TOPICS, *topology.dead_letter_topics()):
+        assert t in names
+    for c in topology.COMPONENTS:
+        assert c.name in names
+        if c.topic:
+            assert c.subscription in names
+    for identity in topology.identities():
+        assert f"ep-{identity}@demo-project.iam.gserviceaccount.com" in names
+    assert "gs://demo-project-embedpipe-data" in names and "gs://demo-project-embedpipe-artifacts" in names
+    # The settings a reviewer signs off on.
+    assert topology.JOB_LOG_FILTER in out
+    assert "--schedule=*/5 * * * *" in out
+    assert "--dead-letter-topic=on-job-event-dlq --max-delivery-attempts=5" in out
+    assert "--min-retry-delay=1s --max-retry-delay=30s" in out
+    assert "--push-auth-service-account=ep-push@demo-project.iam.gserviceaccount.com" in out
+    assert "'--member=<<sink_writer>>' --role=roles/pubsub.publisher" in out
+    assert "gcloud functions deploy on-job-event --gen2 --runtime=python311" in out
+    assert "--no-allow-unauthenticated" in out
+    assert "gcloud run deploy indexer --source=build/functions/indexer" in out
+    assert "--config=deploy/cloudbuild.yaml" in out and "_DOCKERFILE=containers/trainer/Dockerfile" in out
+    assert "EMBEDPIPE_MODE=gcp" in out and "EMBEDPIPE_PUSH_SERVICE_ACCOUNT=ep-push@" in out
+
+
+def test_least_privilege_bindings(cfg):
+    steps = {s.name: s for s in deploy.plan(cfg)}
+    bucket_iam = " ".join(" ".join(a) for a in steps["gs://demo-project-embedpipe-data"].iam)
+    assert "ep-on-data-uploaded@" not in bucket_iam, "the upload function never reads the data bucket"
+    assert "ep-job@demo-project.iam.gserviceaccount.com --role=roles/storage.objectViewer" in bucket_iam
+    search_roles = [a for s in steps.values() for a in s.iam if "--member=serviceAccount:ep-search@" in " ".join(a)]
+    assert [r[-2] for r in search_roles] == ["--role=roles/storage.objectViewer"]
+    project_roles = [a for s in steps.values() for a in s.iam if a[1:3] == ["projects", "add-iam-policy-binding"]]
+    assert {a[4].split(":")[1].split("@")[0] for a in project_roles} == {"ep-on-retrain-requested", "ep-on-job-event",
+                                                                          "ep-reconcile"}  # fmt: skip
+    assert all(a[5] == "--role=roles/aiplatform.user" for a in project_roles), "no project-wide editor roles"
+
+
+class FakeGcloud:
+    """A project in memory: describe/list answer from it, create/update/deploy change it, lookups answer canned."""
+
+    def __init__(self) -> None:
+        self.state: dict[tuple, str] = {}
+        self.calls: list[list[str]] = []
+
+    @staticmethod
+    def key(argv: list[str]) -> tuple:
+        args = [a for a in argv[1:] if not a.startswith("--")]
+        if args[:2] == ["builds", "submit"]:
+            image = re.search(r"_IMAGE=([^,]+)", " ".join(argv))[1]
+            return ("artifacts", "docker", "images", image)
+        verbs = ("describe", "create", "update", "deploy", "list")
+        i = next(i for i, a in enumerate(args) if a in verbs)
+        group = tuple(a for a in args[:i] if a not in ("services",)) or ("run",)
+        rest = [a for a in args[i + 1 :] if a != "pubsub"]
+        name = rest[0].split("@")[0] if rest else ""
+        return (*group, name)
+
+    def __call__(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+        self.calls.append(argv)
+        joined = " ".join(argv)
+        out, rc = "", 0
+        if "value(projectNumber)" in joined:
+            out = "123456789"
+        elif argv[1:3] == ["storage", "service-agent"]:
+            out = "service-123456789@gs-project-accounts.iam.gserviceaccount.com"
+        elif "value(writerIdentity)" in joined:
+            out = "serviceAccount:service-123456789@gcp-sa-logging.iam.gserviceaccount.com"
+        elif "serviceConfig.uri" in joined or "status.url" in joined:
+            out = f"https://{argv[3]}-abc-uc.a.run.app"
+        elif "add-iam-policy-binding" in joined or "add-invoker-policy-binding" in joined or "enable" in argv:
+            pass
+        elif " describe " in joined or " list " in joined:
+            key = self.key(argv)
+            if key in self.state:
+                out = self.state[key]
+            else:
+                rc = 1
+        else:  # create / update / deploy / builds submit
+            key = self.key(argv)
+            m = re.search(r"(?:--labels|--update-labels)=embedpipe-fingerprint=(\w+)", joined)
+            d = re.search(r"--description=(.*\])", joined)
+            t = re.search(r"--topic=(projects/\S+)", joined)
+            if m:
+                self.state[key] = m[1]
+            elif d:
+                self.state[key] = d[1]
+            elif t:
+                self.state[key] = f"//pubsub.googleapis.com/{t[1]}"
+            else:
+                self.state.setdefault(key, "sha256:digest")
+        assert "<<" not in joined, f"unresolved placeholder in {joined}"
+        return subprocess.CompletedProcess(argv, rc, out + "\n", "" if rc == 0 else "NOT_FOUND")
+
+
+def test_apply_creates_everything_then_a_second_apply_changes_nothing(cfg):
+    steps = deploy.plan(cfg)
+    for s in steps:
+        s.local = None  # staging is covered by tests/integration/test_staging.py
+    gcloud = FakeGcloud()
+    first = deploy.apply(cfg, steps, runner=gcloud, echo=lambda *_: None)
+    assert first == {"created": len(steps) - 1, "updated": 0, "unchanged": 0, "ensured": 1}  # 1: APIs enabled
+    subs = [c for c in gcloud.calls if c[1:4] == ["pubsub", "subscriptions", "create"]]
+    assert any("--push-endpoint=https://on-job-event-abc-uc.a.run.app/projects/demo-project/topics/job-events" in c
+               for c in subs)  # fmt: skip
+    sink_grant = [c for c in gcloud.calls if "gcp-sa-logging" in " ".join(c)]
+    assert sink_grant and sink_grant[0][1:5] == ["pubsub", "topics", "add-iam-policy-binding", "job-events"]
+
+    gcloud.calls.clear()
+    second = deploy.apply(cfg, deploy.plan(cfg), runner=gcloud, echo=lambda *_: None)
+    assert second == {"created": 0, "updated": 0, "unchanged": len(steps) - 1, "ensured": 1}
+    changing = [c for c in gcloud.calls if {"create", "update", "deploy", "submit"} & set(c)]
+    assert changing == [], "a second apply creates, updates and deploys nothing"
+
+
+def test_a_changed_setting_updates_only_that_resource(cfg, monkeypatch):
+    gcloud = FakeGcloud()
+    steps = deploy.plan(cfg)
+    for s in steps:
+        s.local = None
+    deploy.apply(cfg, steps, runner=gcloud, echo=lambda *_: None)
+    monkeypatch.setattr(topology, "RECONCILE_SCHEDULE", "*/10 * * * *")
+    import dataclasses
+
+    changed = dataclasses.replace(cfg, schedule="*/10 * * * *")
+    steps = deploy.plan(changed)
+    for s in steps:
+        s.local = None
+    gcloud.calls.clear()
+    counts = deploy.apply(changed, steps, runner=gcloud, echo=lambda *_: None)
+    assert counts["updated"] == 1 and counts["created"] == 0
+    (update,) = [c for c in gcloud.calls if "update" in c]
+    assert update[1:4] == ["scheduler", "jobs", "update"] and "--schedule=*/10 * * * *" in update
+
+
+def test_apply_refuses_a_local_milvus(monkeypatch):
+    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "abc")
+    cfg = deploy.config_from_settings("demo-project", "us-central1", Settings.from_env({}))
+    with pytest.raises(deploy.DeployError, match="EMBEDPIPE_MILVUS_URI points at localhost"):
+        deploy.apply(cfg, [], runner=FakeGcloud())
+
+
+def test_deployed_settings_are_cloud_settings(cfg):
+    s = cfg.settings
+    assert s.mode == "gcp" and s.push_auth_enabled
+    assert s.trainer_image == "us-central1-docker.pkg.dev/demo-project/embedpipe/trainer:0123456789ab"
+    assert s.service_account == "ep-job@demo-project.iam.gserviceaccount.com"
+    assert s.base_model == deploy.DEFAULT_HUB_MODEL, "a local weights path means nothing in the cloud"
+    env = deploy.runtime_env(cfg)
+    assert "EMBEDPIPE_STATE_DIR" not in env and "EMBEDPIPE_PUBSUB_PORT" not in env
+    assert "EMBEDPIPE_MILVUS_TOKEN" not in env, "the token travels as a Secret Manager secret, never as plain env"
+
+
+def test_function_requirements_are_pinned_and_lean():
+    pins = deploy._pins()
+    for c in topology.COMPONENTS:
+        reqs = deploy.source_files(c)["requirements.txt"].decode().splitlines()[1:]
+        lines = [r for r in reqs if not r.startswith("--")]
+        assert all("==" in r for r in lines), reqs
+        assert all(deploy._norm(r.split("==")[0]) in pins or "==" in r for r in lines)
+        assert any(r.startswith("functions-framework==") for r in lines)
+        if not deploy.is_service(c):
+            assert not [r for r in lines if r.split("==")[0] in ("torch", "sentence-transformers", "pytest", "ruff")]
+    launching = deploy.source_files(topology.component("on-job-event"))["requirements.txt"].decode()
+    assert "google-cloud-aiplatform==" in launching, "a function that launches Vertex jobs needs aiplatform"
+
+
+def test_import_closure_follows_lazy_imports_and_skips_optional_ones(tmp_path):
+    pkg = tmp_path / "embedpipe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    import yaml\n    from embedpipe import b\n")
+    (pkg / "b.py").write_text(
+        "try:\n    import tomli_w\nexcept ImportError:\n    pass\nimport json\nimport jsonschema\n"
+    )
+    entry = tmp_path / "main.py"
+    entry.write_text("from embedpipe.a import f\n")
+    modules, third = deploy.import_closure(entry, pkg)
+    assert modules == {"embedpipe.a", "embedpipe.b"}
+    assert third == {"yaml", "jsonschema"}
+
+
+@pytest.mark.parametrize("fixture", ["ml_job_sink_entry_push.json", "ml_job_local_runner_push.json"])
+def test_the_log_sink_filter_selects_both_job_entries_and_they_parse_alike(fixture):
+    """The real sink entry and the local runner's entry pass the sink's filter terms and give the same hint."""
+    from embedpipe.events import JOB_STATE_LABEL, parse_job_log_entry, parse_push
+    from tests.unit.fakes import load_event
+
+    msg = parse_push(load_event(fixture))
+    entry = msg.json()
+    assert entry["resource"]["type"] == "ml_job" and 'resource.type="ml_job"' in topology.JOB_LOG_FILTER
+    state = entry["labels"][JOB_STATE_LABEL]
+    assert f'labels."{JOB_STATE_LABEL}"="{state}"' in topology.JOB_LOG_FILTER
+    hint = parse_job_log_entry(msg)
+    assert (hint.job_id, hint.state, hint.message) == (
+        "1234567890123456789",
+        "SUCCEEDED",
+        "Job completed successfully.",
+    )

@@ -4,6 +4,11 @@ Each replica takes its deterministic share of the corpus (sorted ids, every n-th
 ``CLUSTER_SPEC``), embeds it, and writes a Parquet shard and a manifest (count, dim, fingerprint) to the run's
 ``embeddings/`` folder. Replica 0 also embeds the evaluation queries, with the previous promoted model too when
 there is one, so the indexer can compare both indexes on the same qrels in the same run.
+
+Incremental mode (``--live-hashes``, DESIGN.md §3.2): the model is the promoted one; only documents whose content hash
+differs from the live index's table are embedded (sharded across replicas), and the ids the corpus snapshot no longer
+has go to ``deleted-*.parquet`` for the indexer to delete. GCS reads and writes run in a thread pool, overlapping the
+model load and the query embedding.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from embedpipe import datasets, logs, storage
+from embedpipe import datasets, incremental, logs, storage
 from embedpipe.embedding import encode
 from embedpipe.model import load_model
 
@@ -39,11 +45,22 @@ def shard(ids: list[str], index: int, count: int) -> list[str]:
 
 
 def write_parquet(uri: str, columns: dict) -> None:
+    """Columns to Parquet in GCS; a column of numpy rows becomes a fixed-size float32 list (the vectors)."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    arrays = {}
+    for key, col in columns.items():
+        if col and isinstance(col[0], np.ndarray):
+            flat = np.asarray(col, dtype=np.float32)
+            arrays[key] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        elif key == "id":
+            arrays[key] = pa.array(col, type=pa.string())
+        else:
+            arrays[key] = pa.array(col)
     buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf)
+    pq.write_table(pa.table(arrays), buf)
     storage.write_bytes(uri, buf.getvalue())
 
 
@@ -57,57 +74,100 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--data-bucket", default=os.environ.get("EMBEDPIPE_DATA_BUCKET", "embedpipe-data"))
     p.add_argument("--output-dir", default="", help="default: <run folder>/embeddings")
+    p.add_argument(
+        "--live-hashes",
+        default="",
+        help="incremental mode: Parquet (id, content_hash) of the live index; embed only new/changed documents",
+    )
     args = p.parse_args(argv)
     out = args.output_dir or args.model_uri.rstrip("/").rsplit("/", 1)[0] + "/embeddings"
     index, count = replica()
     t0 = time.time()
-    ds = datasets.load_gcs(args.data_bucket, args.dataset)
-    model, info = load_model(args.model_uri)
-    ids = shard(list(ds.corpus), index, count)
-    docs = [ds.corpus[i] for i in ids]
-    vectors = encode(model, [info.document_prefix + d.full_text for d in docs], args.batch_tokens)
-    name = f"corpus-{index:05d}-of-{count:05d}.parquet"
-    write_parquet(
-        f"{out}/{name}",
-        {
-            "id": ids,
-            "vector": [v.tolist() for v in vectors],
-            "content_hash": [d.content_hash for d in docs],
-            "title": [d.title for d in docs],
-            "text": [d.full_text for d in docs],
-            "metadata": [json.dumps(d.metadata) for d in docs],
-        },
-    )
-    seconds = time.time() - t0
-    if index == 0:
-        qrels = ds.eval_qrels()
-        qids = sorted(q for q in qrels if q in ds.queries)
-        texts = [ds.queries[q] for q in qids]
-        storage.write_json(f"{out}/qrels.json", {q: qrels[q] for q in qids})
-        qv = encode(model, [info.query_prefix + t for t in texts], args.batch_tokens)
-        write_parquet(f"{out}/queries.parquet", {"id": qids, "text": texts, "vector": [v.tolist() for v in qv]})
-        if args.previous_model_uri:
-            prev, prev_info = load_model(args.previous_model_uri)
-            pv = encode(prev, [prev_info.query_prefix + t for t in texts], args.batch_tokens)
-            write_parquet(
-                f"{out}/queries-previous.parquet", {"id": qids, "text": texts, "vector": [v.tolist() for v in pv]}
+    # GCS reads overlap: the corpus and the live hash table load while the model downloads and loads.
+    with ThreadPoolExecutor(4) as writes:
+        reading = writes.submit(datasets.load_gcs, args.data_bucket, args.dataset)
+        live = writes.submit(incremental.read_snapshot, args.live_hashes) if args.live_hashes else None
+        model, info = load_model(args.model_uri)
+        ds = reading.result()
+        mode = "incremental" if live else "full"
+        if live:
+            d = incremental.diff({i: doc.content_hash for i, doc in ds.corpus.items()}, live.result())
+            ids, deleted = shard(d.changed, index, count), shard(d.deleted, index, count)
+            unchanged = d.unchanged if index == 0 else 0  # counted once, by replica 0
+        else:
+            ids, deleted, unchanged = shard(list(ds.corpus), index, count), [], 0
+        docs = [ds.corpus[i] for i in ids]
+        vectors = encode(model, [info.document_prefix + d.full_text for d in docs], args.batch_tokens)
+        name = f"corpus-{index:05d}-of-{count:05d}.parquet"
+        deleted_name = f"deleted-{index:05d}-of-{count:05d}.parquet"
+        # GCS writes overlap with the query embedding below; all finish before the manifest is written.
+        pending = [
+            writes.submit(
+                write_parquet,
+                f"{out}/{name}",
+                {
+                    "id": ids,
+                    "vector": list(vectors),
+                    "content_hash": [d.content_hash for d in docs],
+                    "title": [d.title for d in docs],
+                    "text": [d.full_text for d in docs],
+                    "metadata": [json.dumps(d.metadata) for d in docs],
+                },
+            ),
+            writes.submit(write_parquet, f"{out}/{deleted_name}", {"id": deleted}),
+        ]
+        seconds = time.time() - t0
+        if index == 0:
+            qrels = ds.eval_qrels()
+            qids = sorted(q for q in qrels if q in ds.queries)
+            texts = [ds.queries[q] for q in qids]
+            pending.append(writes.submit(storage.write_json, f"{out}/qrels.json", {q: qrels[q] for q in qids}))
+            qv = encode(model, [info.query_prefix + t for t in texts], args.batch_tokens)
+            pending.append(
+                writes.submit(write_parquet, f"{out}/queries.parquet", {"id": qids, "text": texts, "vector": list(qv)})
             )
+            if args.previous_model_uri:
+                prev, prev_info = load_model(args.previous_model_uri)
+                pv = encode(prev, [prev_info.query_prefix + t for t in texts], args.batch_tokens)
+                pending.append(
+                    writes.submit(
+                        write_parquet,
+                        f"{out}/queries-previous.parquet",
+                        {"id": qids, "text": texts, "vector": list(pv)},
+                    )
+                )
+        for f in pending:
+            f.result()
     # The manifest goes last: the indexer trusts a shard only once its manifest exists.
     storage.write_json(
         f"{out}/manifest-{index:05d}.json",
         {
             "file": name,
+            "deleted_file": deleted_name,
+            "mode": mode,
             "replica": index,
             "replicas": count,
             "count": len(ids),
-            "dim": int(vectors.shape[1]),
+            "deleted": len(deleted),
+            "unchanged": unchanged,
+            "corpus_total": len(ds.corpus),
+            "dim": int(info.dim or vectors.shape[1]),
             "fingerprint": info.fingerprint,
             "model_uri": args.model_uri,
             "seconds": round(seconds, 3),
             "docs_per_s": round(len(ids) / seconds, 2) if seconds else None,
         },
     )
-    log.info("replica %d/%d embedded %d docs in %.1fs", index, count, len(ids), seconds)
+    log.info(
+        "replica %d/%d (%s): embedded %d docs in %.1fs; %d deleted, %d unchanged",
+        index,
+        count,
+        mode,
+        len(ids),
+        seconds,
+        len(deleted),
+        unchanged,
+    )
     return 0
 
 

@@ -1,26 +1,69 @@
-"""Cloud Run service: GET /search?dataset=&q=&k=&mode=dense|hybrid and GET /healthz."""
+"""Cloud Run service: GET /search?dataset=&q=&k=&mode=dense|hybrid, GET /healthz, and POST of index-updated events.
+
+index-updated reaches this service by push subscription (``topology``: component ``search`` on topic
+``index-updated``); a promoted update starts a background reload while requests keep using the loaded model.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import logging
+
 import functions_framework
 
+from embedpipe import auth, logs
 from embedpipe.config import Settings
-from embedpipe.search import NotIndexed
-from embedpipe.search import search as run_search
+from embedpipe.events import INDEX_UPDATED
+from embedpipe.search import NotIndexed, Searcher
 
+logs.setup()
+log = logging.getLogger("search")
 _settings = Settings.from_env()
+searcher = Searcher(_settings)
+
+
+def on_push(request):
+    """A Pub/Sub push (JSON wrapper ``{"message": {...}}``) of an index-updated CloudEvent: reload, never fail."""
+    auth.authorize_push(_settings)  # gcp mode: only the push service account may trigger a reload
+    body = request.get_json(silent=True) or {}
+    msg = body.get("message") if isinstance(body, dict) else None
+    if not isinstance(msg, dict):
+        return {"error": "expected a Pub/Sub push body {'message': {...}}"}, 400
+    attrs = msg.get("attributes") or {}
+    if attrs.get("ce-type") != INDEX_UPDATED:
+        return {"ignored": attrs.get("ce-type")}, 200  # ack: not ours to handle
+    try:
+        data = json.loads(base64.b64decode(msg.get("data") or "", validate=True))
+    except (binascii.Error, ValueError) as exc:
+        log.error("dropped malformed index-updated message %s: %s", msg.get("messageId"), exc)
+        return {"error": "malformed"}, 200  # ack: redelivery cannot fix it
+    started = searcher.on_index_updated(data)
+    log.info(
+        "index-updated for %s (promoted=%s): reload %s",
+        data.get("dataset"),
+        data.get("promoted"),
+        "started" if started else "not needed",
+    )
+    return {"reloading": bool(started)}, 200
 
 
 @functions_framework.http
 def search(request):
+    if request.method == "POST":
+        return on_push(request)
     if request.path.rstrip("/") == "/healthz":
-        return {"status": "ok"}
+        return {
+            "status": "ok",
+            "serving": {ds: s.promoted.get("collection") for ds, s in list(searcher._serving.items())},
+        }
     args = request.args
     if not args.get("dataset") or not args.get("q"):
         return {"error": "query parameters 'dataset' and 'q' are required"}, 400
     try:
         k = int(args.get("k", 10))
-        return run_search(_settings, args["dataset"], args["q"], k, args.get("mode", "dense"))
+        return searcher.search(args["dataset"], args["q"], k, args.get("mode", "dense"))
     except NotIndexed as exc:
         return {"error": str(exc)}, 404
     except ValueError as exc:

@@ -6,6 +6,8 @@ import contextlib
 import functools
 import logging
 import os
+import queue
+import threading
 
 import numpy as np
 
@@ -52,21 +54,69 @@ def token_batches(lengths: list[int], batch_tokens: int, max_batch: int = 512) -
     return batches
 
 
+def _dim(model) -> int:
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return get()
+
+
+def _prefetch(make, items, depth: int = 4):
+    """Yield ``make(item)`` for each item, computed ahead by a background thread (the Rust tokenizer releases the
+    GIL, so tokenizing batch i+1 overlaps the forward pass of batch i). Errors are re-raised in the caller."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, make(item)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put((done, exc))
+            return
+        q.put((done, None))
+
+    thread = threading.Thread(target=produce, name="tokenize", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, value = q.get()
+            if item is done:
+                if value is not None:
+                    raise value
+                return
+            yield item, value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
 def encode(model, texts: list[str], batch_tokens: int = 8192, prefix: str = "") -> np.ndarray:
-    """Embed ``texts`` with a SentenceTransformer; float32, L2-normalised, in input order."""
+    """Embed ``texts`` with a SentenceTransformer; float32, L2-normalised, in input order.
+
+    Batches are length-sorted and sized by a padded-token budget; a background thread tokenizes the next batches
+    while the model runs; bf16 autocast where the hardware is fast at it (``bf16_supported``)."""
     import torch
 
     if not texts:
-        return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+        return np.zeros((0, _dim(model)), dtype=np.float32)
     texts = [prefix + t for t in texts] if prefix else list(texts)
     tok = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length, add_special_tokens=True)
     lengths = [len(ids) for ids in tok["input_ids"]]
     device = str(model.device)
-    out = np.zeros((len(texts), model.get_sentence_embedding_dimension()), dtype=np.float32)
+    out = np.zeros((len(texts), _dim(model)), dtype=np.float32)
     prep = getattr(model, "preprocess", None) or model.tokenize
+
+    def tokenize(batch: list[int]) -> dict:
+        return prep([texts[i] for i in batch])
+
     with torch.inference_mode(), autocast(device):
-        for batch in token_batches(lengths, batch_tokens):
-            features = prep([texts[i] for i in batch])
+        for batch, features in _prefetch(tokenize, token_batches(lengths, batch_tokens)):
             features = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in features.items()}
             emb = model(features)["sentence_embedding"].float()
             emb = torch.nn.functional.normalize(emb, dim=-1)

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 
-from embedpipe import evaluation, runs, storage, topology, vectorstore
+from embedpipe import bulkload, evaluation, report, runs, storage, topology, vectorstore
 from embedpipe.events import INDEX_UPDATED, Event, validate
 from embedpipe.pipeline import Pipeline
 from embedpipe.runs import INDEXING, PUBLISHING, SUCCEEDED
@@ -20,6 +20,8 @@ from embedpipe.runs import INDEXING, PUBLISHING, SUCCEEDED
 log = logging.getLogger(__name__)
 
 UPSERT_BATCH = 1000
+# A run left in PUBLISHING this long lost the delivery that was publishing it: redeliveries and reconcile finish it.
+STALLED_PUBLISH_S = 60.0
 
 
 def read_parquet(uri: str):
@@ -70,7 +72,9 @@ def index_run(pipe: Pipeline, run_id: str) -> str:
     if record["state"] in runs.TERMINAL:
         return f"run {run_id} already {record['state']}: duplicate request ignored"
     if record["state"] == PUBLISHING:
-        return finish(pipe, record)
+        if not publish_stalled(record):
+            return f"run {run_id} is being published by another delivery: ignored"
+        return finish(pipe, record)  # the delivery that stored the event died before publishing it
     if record["state"] != INDEXING:
         return f"run {run_id} is {record['state']}, not ready to index: ignored"
     try:
@@ -80,97 +84,163 @@ def index_run(pipe: Pipeline, run_id: str) -> str:
         return f"run {run_id}: FAILED in index: {exc}"
 
 
+def decide(new: dict, old: dict | None, metric: str, tolerance: float, had_previous: bool) -> tuple[bool, str]:
+    """The gate for a full run: promote unless ``metric`` (of the better search mode) is worse than the live index's
+    by more than ``tolerance``, both measured on the same qrels in the same run."""
+    if not old:
+        return True, "no previous metrics" if had_previous else "first index for this dataset"
+    new_v, old_v = new.get(metric, 0.0), old.get(metric, 0.0)
+    ok = new_v >= old_v - tolerance
+    return ok, f"{metric} {new_v:.4f} vs {old_v:.4f} (tolerance {tolerance}): {'promoted' if ok else 'rejected'}"
+
+
+class Stopwatch:
+    """Seconds spent inside Milvus calls (reported as ``milvus_seconds``, so orchestration overhead is measurable)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, fn, *args, **kwargs):
+        t = time.time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.time() - t
+
+
+def load_shards(
+    s, client, collection: str, embed_uri: str, manifests: list[dict], watch: Stopwatch, fresh: bool
+) -> int:
+    """Upsert every shard (or bulk import, for a large fresh collection on a server that can); returns rows."""
+    tables = []
+    for m in manifests:
+        table = read_parquet(f"{embed_uri}/{m['file']}")
+        if table.num_rows != m["count"]:
+            raise ValueError(f"{m['file']}: {table.num_rows} rows, manifest says {m['count']}")
+        tables.append(table)
+    total = sum(t.num_rows for t in tables)
+    if fresh and bulkload.wanted(s, total):
+        try:
+            files = bulkload.stage_files(tables, s.bulk_import_bucket, f"embedpipe-import/{collection}")
+            return watch(bulkload.run_import, s, collection, files)
+        except bulkload.ImportUnsupported as exc:
+            log.warning("bulk import unavailable (%s): loading %s with upserts", exc, collection)
+    return upsert_tables(client, collection, tables, watch)
+
+
+def upsert_tables(client, collection: str, tables, watch: Stopwatch, batch: int = UPSERT_BATCH) -> int:
+    """Row upserts in batches (by primary key, so a redelivered request rewrites the same rows)."""
+    upserted = 0
+    for table in tables:
+        cols = {c: table.column(c).to_pylist() for c in ("id", "vector", "text", "title", "content_hash", "metadata")}
+        cols["metadata"] = [json.loads(x) for x in cols["metadata"]]
+        for start in range(0, table.num_rows, batch):
+            sl = slice(start, start + batch)
+            rows = vectorstore.rows_from(
+                *(cols[c][sl] for c in ("id", "vector", "text", "title", "content_hash", "metadata"))
+            )
+            upserted += watch(vectorstore.upsert_batch, client, collection, rows)
+    return upserted
+
+
+def delete_removed(client, collection: str, embed_uri: str, manifests: list[dict], watch: Stopwatch) -> int:
+    deleted = 0
+    for m in manifests:
+        if not m.get("deleted"):
+            continue
+        ids = read_parquet(f"{embed_uri}/{m['deleted_file']}").column("id").to_pylist()
+        for start in range(0, len(ids), UPSERT_BATCH):
+            watch(vectorstore.delete_ids, client, collection, ids[start : start + UPSERT_BATCH])
+        deleted += len(ids)
+    return deleted
+
+
 def _index(pipe: Pipeline, record: dict) -> str:
     s, ledger, run_id, dataset = pipe.settings, pipe.ledger, record["run_id"], record["dataset"]
     t0 = time.time()
     embed_uri = f"{ledger.run_dir(run_id)}/embeddings"
     manifests = load_manifests(embed_uri)
     fingerprint, dim = manifests[0]["fingerprint"], manifests[0]["dim"]
+    kind = record.get("kind") or "full"
     client = vectorstore.connect(s.milvus_uri, s.milvus_token)
-    collection = vectorstore.collection_name(dataset, run_id)
-    vectorstore.create_collection(client, collection, dim, fingerprint, record["model"]["uri"])
-    milvus_s, upserted = 0.0, 0
-    for m in manifests:
-        table = read_parquet(f"{embed_uri}/{m['file']}")
-        if table.num_rows != m["count"]:
-            raise ValueError(f"{m['file']}: {table.num_rows} rows, manifest says {m['count']}")
-        cols = {c: table.column(c).to_pylist() for c in ("id", "vector", "text", "title", "content_hash", "metadata")}
-        cols["metadata"] = [json.loads(x) for x in cols["metadata"]]
-        for start in range(0, table.num_rows, UPSERT_BATCH):
-            sl = slice(start, start + UPSERT_BATCH)
-            rows = vectorstore.rows_from(
-                *(cols[c][sl] for c in ("id", "vector", "text", "title", "content_hash", "metadata"))
-            )
-            t = time.time()
-            upserted += vectorstore.upsert_batch(client, collection, rows)
-            milvus_s += time.time() - t
-    t = time.time()
-    vectorstore.finish_load(client, collection)
-    milvus_s += time.time() - t
-    total = sum(m["count"] for m in manifests)
+    alias = vectorstore.alias_name(dataset)
+    watch = Stopwatch()
+    promoted_before = ledger.get_dataset(dataset).get("promoted") or {}
+    if kind == "incremental":  # into the live collection, which must hold vectors of this very model
+        collection = record["live"]["collection"]
+        watch(vectorstore.check_fingerprint, client, collection, fingerprint, dim)
+    else:
+        collection = vectorstore.collection_name(dataset, run_id)
+        watch(vectorstore.create_collection, client, collection, dim, fingerprint, record["model"]["uri"])
+    upserted = load_shards(s, client, collection, embed_uri, manifests, watch, fresh=kind == "full")
+    # A run that rejected a corpus file must not delete what that file's documents had put in the index.
+    deleted = 0 if record.get("skip_deletes") else delete_removed(client, collection, embed_uri, manifests, watch)
+    watch(vectorstore.finish_load, client, collection)
+    counts = {
+        "upserted": upserted,
+        "deleted": deleted,
+        "unchanged": sum(m.get("unchanged", 0) for m in manifests),
+        "total": manifests[0].get("corpus_total", sum(m["count"] for m in manifests)),
+    }
 
     qrels = storage.read_json(f"{embed_uri}/qrels.json") or {}
-    alias = vectorstore.alias_name(dataset)
-    t = time.time()
     new = (
-        score(rank(client, collection, read_parquet(f"{embed_uri}/queries.parquet")), qrels, s.gate_metric)
+        score(watch(rank, client, collection, read_parquet(f"{embed_uri}/queries.parquet")), qrels, s.gate_metric)
         if qrels
         else {"by_mode": {}, "default_mode": "dense", "metrics": {}}
     )
-    previous_collection = vectorstore.alias_target(client, alias)
+    previous_collection = watch(vectorstore.alias_target, client, alias)
     old = None
-    if (
-        previous_collection
-        and previous_collection != collection
-        and qrels
-        and storage.exists(f"{embed_uri}/queries-previous.parquet")
-    ):
-        old = score(
-            rank(client, previous_collection, read_parquet(f"{embed_uri}/queries-previous.parquet")),
-            qrels,
-            s.gate_metric,
-        )
-    eval_s = time.time() - t
-    milvus_s += eval_s
-
-    gate = s.gate_metric
-    if old is None or not old["metrics"]:
-        promoted, reason = True, "first index for this dataset" if not previous_collection else "no previous metrics"
+    if kind == "incremental":
+        # The index it replaces is the live collection before this update: its metrics as last measured.
+        if promoted_before.get("metrics"):
+            old = {"by_mode": promoted_before.get("metrics_by_mode") or {}, "metrics": promoted_before["metrics"]}
+        promoted, reason = True, "incremental update of the live collection (not gated)"
     else:
-        new_v, old_v = new["metrics"].get(gate, 0.0), old["metrics"].get(gate, 0.0)
-        promoted = new_v >= old_v - s.gate_tolerance
-        reason = f"{gate} {new_v:.4f} vs {old_v:.4f} (tolerance {s.gate_tolerance})"
-    if promoted:
-        vectorstore.point_alias(client, alias, collection)
-        model = record["model"]
-        ledger.update_dataset(
-            dataset,
-            lambda st: {
-                **st,
-                "promoted": {
-                    "run_id": run_id,
-                    "collection": collection,
-                    "model_uri": model["uri"],
-                    "fingerprint": fingerprint,
-                    "dim": dim,
-                    "metrics": new["metrics"],
-                },
-            },
+        if (
+            previous_collection
+            and previous_collection != collection
+            and qrels
+            and storage.exists(f"{embed_uri}/queries-previous.parquet")
+        ):
+            queries_prev = read_parquet(f"{embed_uri}/queries-previous.parquet")
+            old = score(watch(rank, client, previous_collection, queries_prev), qrels, s.gate_metric)
+        promoted, reason = decide(
+            new["metrics"], old["metrics"] if old else None, s.gate_metric, s.gate_tolerance, bool(previous_collection)
         )
-    log.info("run %s: %d rows in %s; %s; promoted=%s", run_id, total, collection, reason, promoted)
+    if promoted:
+        if kind == "full":
+            watch(vectorstore.point_alias, client, alias, collection)
+        model_uri = record["model"]["uri"]
+        entry = {
+            "run_id": run_id if kind == "full" else promoted_before.get("run_id", run_id),
+            "collection": collection,
+            "model_uri": model_uri,
+            "fingerprint": fingerprint,
+            "dim": dim,
+            "metrics": new["metrics"],
+            "metrics_by_mode": new["by_mode"],
+            "updated_by": run_id,
+        }
+        ledger.update_dataset(dataset, lambda st: {**st, "promoted": entry})
+    dropped = (
+        [] if kind == "incremental" else watch(vectorstore.drop_old_collections, client, dataset, s.keep_collections)
+    )
+    log.info("run %s (%s): %s into %s; %s; dropped %s", run_id, kind, counts, collection, reason, dropped or "none")
 
     times = record.get("stage_times", {})
     stage_seconds = {
         st.lower(): round(v["end"] - v["start"], 3) for st, v in times.items() if v.get("start") and v.get("end")
     }
     stage_seconds["index"] = round(time.time() - t0, 3)
-    trainer_metrics = storage.read_json(f"{ledger.run_dir(run_id)}/metrics.json") or {}
+    trainer_metrics = (storage.read_json(f"{ledger.run_dir(run_id)}/metrics.json") or {}) if kind == "full" else {}
+    report_uri = f"{ledger.run_dir(run_id)}/report.html"
     data = {
         "run_id": run_id,
         "dataset": dataset,
-        "kind": record.get("kind") or "full",
+        "kind": kind,
         "promoted": promoted,
-        "gate": {"metric": gate, "tolerance": s.gate_tolerance, "reason": reason},
+        "gate": {"metric": s.gate_metric, "tolerance": s.gate_tolerance, "reason": reason},
         "alias": alias,
         "collection": collection,
         "model": {
@@ -179,22 +249,26 @@ def _index(pipe: Pipeline, record: dict) -> str:
             "dim": dim,
             "fingerprint": fingerprint,
         },
-        "counts": {"upserted": upserted, "deleted": 0, "unchanged": 0, "total": total},
+        "counts": counts,
         "metrics": new["metrics"] or None,
-        "previous_metrics": old["metrics"] if old else None,
+        "previous_metrics": (old["metrics"] or None) if old else None,
         "metrics_by_mode": new["by_mode"],
         "previous_metrics_by_mode": old["by_mode"] if old else None,
         "default_search_mode": new["default_mode"],
         "eval": {"split": "test" if qrels else None, "queries": len(qrels)},
         "stage_seconds": stage_seconds,
-        "milvus_seconds": round(milvus_s, 3),
-        "report_uri": None,
+        "milvus_seconds": round(watch.seconds, 3),
+        "report_uri": report_uri,
         "trigger": record.get("trigger"),
         "previous_collection": previous_collection,
+        "dropped_collections": dropped,
     }
+    storage.write_bytes(
+        report_uri, report.render(data, trainer_metrics.get("loss_curve")).encode(), content_type="text/html"
+    )
     event = Event(INDEX_UPDATED, data, id=f"{run_id}/index-updated", subject=run_id)
     validate(event)
-    ledger.advance(
+    rec, moved = ledger.advance(
         run_id,
         INDEXING,
         PUBLISHING,
@@ -203,9 +277,16 @@ def _index(pipe: Pipeline, record: dict) -> str:
         previous_metrics=data["previous_metrics"],
         promoted=promoted,
         collection=collection,
-        counts=data["counts"],
+        counts=counts,
     )
-    return finish(pipe, ledger.get_run(run_id))
+    if not moved:  # a concurrent delivery of the same request stored its event first; it publishes
+        return f"run {run_id}: another delivery finished indexing first ({rec['state']})"
+    return finish(pipe, rec)
+
+
+def publish_stalled(record: dict, after_s: float = STALLED_PUBLISH_S) -> bool:
+    started = (record.get("stage_times") or {}).get(PUBLISHING, {}).get("start") or 0
+    return record["state"] == PUBLISHING and time.time() - started > after_s
 
 
 def finish(pipe: Pipeline, record: dict) -> str:

@@ -1,14 +1,21 @@
-"""Query-time search over a dataset's alias, with the model that built the promoted collection.
+"""Query-time search over a dataset's promoted index, with the model that built it.
 
-The promoted index is read from the ledger on each request (one small object read), so a new promotion is picked up
-by the next request; models are cached per URI, so a reload never drops requests in flight: old requests finish on
-the old model, new ones load the new one once.
+A ``Searcher`` serves each dataset from what it has loaded: (promoted entry, model). A reload is explicit and
+non-blocking: ``reload(dataset)`` (called for each index-updated event the service receives by push, and at most
+every ``Settings.search_refresh_s`` from a request, in case an event was missed) loads the new model in a background
+thread while requests keep being answered with the old one; the swap is one assignment. Queries go to the collection
+by name (not the alias), so the old model is never used against the new collection in the moment between the alias
+swap and the end of the reload (retention keeps the replaced collection, ``Settings.keep_collections`` >= 1).
+The first request for a dataset loads synchronously: there is nothing older to serve.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
+import time
+from dataclasses import dataclass
 
 from embedpipe import vectorstore
 from embedpipe.config import Settings
@@ -16,6 +23,7 @@ from embedpipe.embedding import encode
 from embedpipe.model import load_model
 from embedpipe.runs import Ledger
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
@@ -33,29 +41,125 @@ def model_for(uri: str):
         return _model(uri)
 
 
+@dataclass(frozen=True)
+class Serving:
+    promoted: dict  # the ledger's promoted entry: collection, model_uri, fingerprint, updated_by, ...
+    model: object
+    info: object
+
+    @property
+    def version(self) -> tuple:
+        return (self.promoted.get("collection"), self.promoted.get("model_uri"), self.promoted.get("updated_by"))
+
+
+class Searcher:
+    def __init__(self, settings: Settings, ledger: Ledger | None = None, loader=model_for):
+        self.settings = settings
+        self.ledger = ledger or Ledger(settings.artifacts_bucket)
+        self.loader = loader
+        self._serving: dict[str, Serving] = {}
+        self._checked: dict[str, float] = {}
+        self._reloading: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._first = threading.Lock()
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = vectorstore.connect(self.settings.milvus_uri, self.settings.milvus_token)
+        return self._client
+
+    def serving(self, dataset: str) -> Serving | None:
+        return self._serving.get(dataset)
+
+    def _promoted(self, dataset: str) -> dict | None:
+        self._checked[dataset] = time.time()
+        return self.ledger.get_dataset(dataset).get("promoted")
+
+    def _load(self, promoted: dict) -> Serving:
+        model, info = self.loader(promoted["model_uri"])
+        return Serving(promoted, model, info)
+
+    def current(self, dataset: str) -> Serving:
+        cur = self._serving.get(dataset)
+        if cur is None:
+            with self._first:  # first request: load now, once
+                cur = self._serving.get(dataset)
+                if cur is None:
+                    promoted = self._promoted(dataset)
+                    if not promoted:
+                        raise NotIndexed(f"dataset {dataset!r} has no promoted index yet")
+                    cur = self._serving[dataset] = self._load(promoted)
+            return cur
+        if time.time() - self._checked.get(dataset, 0) > self.settings.search_refresh_s:
+            self.reload(dataset)
+        return cur
+
+    def reload(self, dataset: str) -> threading.Thread | None:
+        """Start loading the dataset's promoted model in the background (no-op when one is under way); requests
+        are answered with the current one until the new one is ready. Returns the thread."""
+        with self._lock:
+            running = self._reloading.get(dataset)
+            if running is not None and running.is_alive():
+                return running
+            thread = threading.Thread(target=self._reload, args=(dataset,), name=f"reload-{dataset}", daemon=True)
+            self._reloading[dataset] = thread
+            self._checked[dataset] = time.time()
+        thread.start()
+        return thread
+
+    def _reload(self, dataset: str) -> None:
+        try:
+            promoted = self._promoted(dataset)
+            cur = self._serving.get(dataset)
+            if not promoted or (cur and Serving(promoted, None, None).version == cur.version):
+                return
+            t = time.time()
+            new = self._load(promoted)
+            self._serving[dataset] = new  # the swap: requests from now on use the new model
+            log.info(
+                "search %s: now serving %s (model %s), loaded in %.1fs",
+                dataset,
+                promoted["collection"],
+                promoted.get("fingerprint"),
+                time.time() - t,
+            )
+        except Exception:  # noqa: BLE001 - keep serving the old model; the next event or refresh retries
+            log.exception("search %s: reload failed; still serving the previous model", dataset)
+
+    def on_index_updated(self, data: dict) -> threading.Thread | None:
+        """An index-updated event: reload when it promoted something (a rejected run changes nothing)."""
+        if data.get("promoted") and data.get("dataset"):
+            return self.reload(data["dataset"])
+        return None
+
+    def search(self, dataset: str, query: str, k: int = 10, mode: str = "dense") -> dict:
+        if mode not in ("dense", "hybrid"):
+            raise ValueError(f"mode must be dense or hybrid, not {mode!r}")
+        if not 1 <= k <= 1000:
+            raise ValueError(f"k must be within 1..1000, not {k}")
+        cur = self.current(dataset)
+        vector = encode(cur.model, [cur.info.query_prefix + query])[0]
+        collection = cur.promoted["collection"]
+        if mode == "dense":
+            hits = vectorstore.search_dense(self.client, collection, [vector], k)[0]
+        else:
+            hits = vectorstore.search_hybrid(self.client, collection, [vector], [query], k)[0]
+        titles = {}
+        if hits:
+            rows = self.client.get(collection_name=collection, ids=[h[0] for h in hits], output_fields=["id", "title"])
+            titles = {r["id"]: r.get("title", "") for r in rows}
+        return {
+            "dataset": dataset,
+            "query": query,
+            "mode": mode,
+            "collection": collection,
+            "model_version": cur.promoted.get("fingerprint"),
+            "hits": [{"id": i, "score": round(sc, 6), "title": titles.get(i, "")} for i, sc in hits],
+        }
+
+
 def search(settings: Settings, dataset: str, query: str, k: int = 10, mode: str = "dense") -> dict:
-    if mode not in ("dense", "hybrid"):
-        raise ValueError(f"mode must be dense or hybrid, not {mode!r}")
-    promoted = Ledger(settings.artifacts_bucket).get_dataset(dataset).get("promoted")
-    if not promoted:
-        raise NotIndexed(f"dataset {dataset!r} has no promoted index yet")
-    model, info = model_for(promoted["model_uri"])
-    vector = encode(model, [info.query_prefix + query])[0]
-    client = vectorstore.connect(settings.milvus_uri, settings.milvus_token)
-    alias = vectorstore.alias_name(dataset)
-    if mode == "dense":
-        hits = vectorstore.search_dense(client, alias, [vector], k)[0]
-    else:
-        hits = vectorstore.search_hybrid(client, alias, [vector], [query], k)[0]
-    titles = {}
-    if hits:
-        rows = client.get(collection_name=alias, ids=[h[0] for h in hits], output_fields=["id", "title"])
-        titles = {r["id"]: r.get("title", "") for r in rows}
-    return {
-        "dataset": dataset,
-        "query": query,
-        "mode": mode,
-        "collection": promoted["collection"],
-        "model_version": promoted.get("fingerprint"),
-        "hits": [{"id": i, "score": round(s, 6), "title": titles.get(i, "")} for i, s in hits],
-    }
+    """One-off search (no long-lived Searcher): reads the promoted index from the ledger now."""
+    return Searcher(settings).search(dataset, query, k, mode)

@@ -7,6 +7,7 @@ The collection's properties record the model fingerprint and dim; loading vector
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 16000  # VARCHAR max_length is in bytes (65535); 4 bytes per char worst case
 OUTPUT_FIELDS = ["id", "title"]
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_permit_without_calls": False}
 PROP = "embedpipe."  # collection properties: the model fingerprint, dim and URI (descriptions are not kept by Lite)
 
 
@@ -31,6 +33,25 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, MilvusException) and any(
         s in text for s in ("unavailable", "deadline", "connect", "timeout", "temporarily")
     )
+
+
+def loaded(fn):
+    """After a Milvus restart collections come back released; load on demand and try once more."""
+
+    @functools.wraps(fn)
+    def wrapper(client, name, *args, **kwargs):
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            return fn(client, name, *args, **kwargs)
+        except MilvusException as exc:
+            text = str(exc).lower()
+            if "released" not in text and "not loaded" not in text:
+                raise
+            client.load_collection(name)
+            return fn(client, name, *args, **kwargs)
+
+    return wrapper
 
 
 milvus_retry = retry(
@@ -65,7 +86,9 @@ class CollectionInfo:
 def connect(uri: str, token: str = ""):
     from pymilvus import MilvusClient
 
-    return MilvusClient(uri=uri, token=token or "")
+    # pymilvus pings every 10 s even when idle; servers that keep gRPC's default ping policy (Milvus Lite) answer
+    # that with GOAWAY "too many pings" and the connection dies. Ping no more often than the default allows.
+    return MilvusClient(uri=uri, token=token or "", grpc_options=GRPC_OPTIONS)
 
 
 def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: str) -> None:
@@ -149,6 +172,7 @@ def finish_load(client, name: str) -> None:
     client.load_collection(name)
 
 
+@loaded
 def ids_and_hashes(client, name: str) -> dict[str, str]:
     """id -> content hash for every row (iterates, so it works past the query limit)."""
     out = {}
@@ -165,6 +189,7 @@ def ids_and_hashes(client, name: str) -> dict[str, str]:
 
 
 @milvus_retry
+@loaded
 def search_dense(client, name: str, vectors, k: int) -> list[list[tuple[str, float]]]:
     res = client.search(
         collection_name=name,
@@ -178,6 +203,7 @@ def search_dense(client, name: str, vectors, k: int) -> list[list[tuple[str, flo
 
 
 @milvus_retry
+@loaded
 def search_hybrid(client, name: str, vectors, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
     """Dense + BM25, fused by reciprocal rank (RRF, k=60)."""
     from pymilvus import AnnSearchRequest, RRFRanker
@@ -207,3 +233,26 @@ def point_alias(client, alias: str, collection: str) -> None:
     else:
         client.alter_alias(collection_name=collection, alias=alias)
     log.info("alias %s -> %s", alias, collection)
+
+
+RUN_SUFFIX = re.compile(r"__\d{8}t\d{6}_[0-9a-f]{6}$")  # collection_name(): "<dataset>__<run_id>", run ids sort by time
+
+
+def dataset_collections(client, dataset: str) -> list[str]:
+    """The dataset's per-run collections, oldest first."""
+    prefix = alias_name(dataset)
+    return sorted(
+        n for n in client.list_collections() if RUN_SUFFIX.search(n) and n[: RUN_SUFFIX.search(n).start()] == prefix
+    )
+
+
+def drop_old_collections(client, dataset: str, keep: int) -> list[str]:
+    """Retention: keep the live (aliased) collection and the newest ``keep`` others (rejected runs, replaced
+    indexes: for inspection and rollback); drop the rest. Returns the dropped names."""
+    live = alias_target(client, alias_name(dataset))
+    others = [n for n in dataset_collections(client, dataset) if n != live]
+    dropped = others[: max(0, len(others) - keep)]
+    for name in dropped:
+        client.drop_collection(name)
+        log.info("retention: dropped collection %s (keeping %d besides the live %s)", name, keep, live)
+    return dropped

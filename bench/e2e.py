@@ -1,0 +1,76 @@
+"""Orchestration overhead for the demo dataset on a local stack (free ports, own state dir): wall time from
+``embedpipe upload --wait`` to index-updated, minus the time inside the jobs (the job runner's started..finished of
+each job) and inside the indexer's Milvus calls (``milvus_seconds`` of the event). Training is cut to a few steps
+(EMBEDPIPE_TRAIN_MAX_STEPS, default 10 here): the overhead does not depend on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.run import ROOT
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run() -> dict:
+    state = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    pubsub, gcs, milvus, functions = free_ports(4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
+    env.update(
+        {
+            "EMBEDPIPE_STATE_DIR": str(state),
+            "EMBEDPIPE_PROJECT": "embedpipe-bench",
+            "EMBEDPIPE_PUBSUB_PORT": str(pubsub),
+            "EMBEDPIPE_GCS_PORT": str(gcs),
+            "EMBEDPIPE_MILVUS_PORT": str(milvus),
+            "EMBEDPIPE_MILVUS_URI": f"http://127.0.0.1:{milvus}",
+            "EMBEDPIPE_FUNCTIONS_PORT": str(functions),
+            "EMBEDPIPE_TRAIN_MAX_STEPS": os.environ.get("EMBEDPIPE_TRAIN_MAX_STEPS", "10"),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    exe = str(Path(sys.executable).parent / "embedpipe")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+
+    up = cli("up")
+    if up.returncode:
+        raise RuntimeError(up.stderr[-2000:])
+    try:
+        t0 = time.time()
+        res = cli("upload", "examples/demo/data", "--dataset", "demo", "--wait", "--timeout", "1500")
+        total = time.time() - t0
+        if res.returncode:
+            raise RuntimeError(res.stderr[-3000:])
+        data = json.loads(res.stdout)["data"]
+        in_jobs = 0.0
+        for st in (state / "jobs").glob("*/state.json"):
+            s = json.loads(st.read_text())
+            if s.get("started") and s.get("finished"):
+                in_jobs += s["finished"] - s["started"]
+        overhead = total - in_jobs - data["milvus_seconds"]
+        print(
+            f"demo: total {total:.1f}s, jobs {in_jobs:.1f}s, milvus {data['milvus_seconds']:.1f}s; "
+            f"dense {data['metrics_by_mode'].get('dense')} hybrid {data['metrics_by_mode'].get('hybrid')}",
+            file=sys.stderr,
+        )
+        return {"overhead_s": round(overhead, 2), "total_s": round(total, 2)}
+    finally:
+        cli("down")

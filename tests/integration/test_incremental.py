@@ -1,0 +1,135 @@
+"""Incremental updates on the real stack: the pipeline decides at launch, snapshots the live id -> hash table, the
+embedder job (a real process, through LocalJobLauncher) embeds only new/changed documents, and the indexer upserts
+into the live collection and deletes removed ids."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from embedpipe import runs, storage, vectorstore
+from embedpipe.events import Event
+from embedpipe.indexing import index_run
+from embedpipe.jobs import LocalJobLauncher
+from embedpipe.pipeline import Pipeline
+from embedpipe.runs import Ledger
+
+DATASET = "incr"
+N = 200
+
+
+def corpus_lines(changed: dict[int, str] | None = None, removed: set[int] = frozenset()) -> bytes:
+    changed = changed or {}
+    docs = [
+        {
+            "_id": f"doc{i:03d}",
+            "title": f"Topic {i % 17}",
+            "text": changed.get(i, f"Document {i} about topic {i % 17}."),
+        }
+        for i in range(N)
+        if i not in removed
+    ]
+    return "".join(json.dumps(d) + "\n" for d in docs).encode()
+
+
+def upload(settings, rel: str, data: bytes) -> int:
+    return storage.write_bytes(f"gs://{settings.data_bucket}/datasets/{DATASET}/{rel}", data)
+
+
+def run_until_indexed(pipe: Pipeline, run_id: str, timeout: float = 240) -> dict:
+    """Drive a launched run: wait for its job(s) like the job-event function would, then index it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        record = pipe.ledger.get_run(run_id)
+        if record["state"] == runs.INDEXING:
+            index_run(pipe, run_id)
+            return pipe.ledger.get_run(run_id)
+        stage = {runs.TRAINING: "train", runs.EMBEDDING: "embed"}.get(record["state"])
+        status = pipe.launcher.get(record["jobs"][stage]["name"])
+        if status.done:
+            assert status.state == "SUCCEEDED", status.error[-2000:]
+            pipe.on_job_status(status)
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} not indexed within {timeout}s: {pipe.ledger.get_run(run_id)['state']}")
+
+
+def new_run(pipe: Pipeline, rel: str, generation: int, part: str = "corpus") -> str:
+    ledger = pipe.ledger
+    run_id = ledger.pending_run(DATASET, {"type": "upload", "dataset": DATASET}, 0.0)
+    key = f"gcs/{pipe.settings.data_bucket}/datasets/{DATASET}/{rel}#{generation}"
+    ledger.add_trigger(run_id, key, {"object": f"datasets/{DATASET}/{rel}", "generation": generation, "part": part})
+    assert pipe.launch_due(DATASET) == [run_id]
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def pipe(services):
+    published: list[Event] = []
+    p = Pipeline(
+        services, Ledger(services.artifacts_bucket), LocalJobLauncher(services), lambda t, e: published.append(e)
+    )
+    p.published = published
+    upload(
+        services,
+        "queries.jsonl",
+        "".join(json.dumps({"_id": f"q{i}", "text": f"topic {i}"}) + "\n" for i in range(17)).encode(),
+    )
+    upload(
+        services,
+        "qrels/test.tsv",
+        ("query-id\tcorpus-id\tscore\n" + "".join(f"q{i % 17}\tdoc{i:03d}\t1\n" for i in range(0, N, 2))).encode(),
+    )
+    # The first (full) run: trains the tiny model, embeds everything, promotes.
+    gen = upload(services, "corpus.jsonl", corpus_lines())
+    run_id = new_run(p, "corpus.jsonl", gen)
+    record = run_until_indexed(p, run_id)
+    assert record["kind"] == "full" and record["promoted"] is True
+    return p
+
+
+def embedded_ids(pipe: Pipeline, run_id: str) -> list[str]:
+    uri = f"{pipe.ledger.run_dir(run_id)}/embeddings/corpus-00000-of-00001.parquet"
+    return pq.read_table(storage.blob(uri).open("rb")).column("id").to_pylist()
+
+
+def test_unchanged_corpus_reupload_embeds_nothing(pipe):
+    before = pipe.ledger.get_dataset(DATASET)["promoted"]
+    gen = upload(pipe.settings, "corpus.jsonl", corpus_lines())
+    run_id = new_run(pipe, "corpus.jsonl", gen)
+    record = pipe.ledger.get_run(run_id)
+    assert record["kind"] == "incremental" and "train" not in record["jobs"], "no training for a corpus change"
+    record = run_until_indexed(pipe, run_id)
+    assert "TRAINING" not in record["stage_times"]
+    event = pipe.published[-1].data
+    assert event["kind"] == "incremental" and event["collection"] == before["collection"]
+    assert event["counts"] == {"upserted": 0, "deleted": 0, "unchanged": N, "total": N}
+    assert embedded_ids(pipe, run_id) == []
+    assert event["model"]["uri"] == before["model_uri"]
+
+
+def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe):
+    live = pipe.ledger.get_dataset(DATASET)["promoted"]["collection"]
+    changed = {7: "A rewritten document seven.", 150: "Document 150, now about bicycles."}
+    gen = upload(pipe.settings, "corpus.jsonl", corpus_lines(changed, removed={43}))
+    run_id = new_run(pipe, "corpus.jsonl", gen)
+    run_until_indexed(pipe, run_id)
+    event = pipe.published[-1].data
+    assert event["kind"] == "incremental" and event["promoted"] is True
+    assert event["counts"] == {"upserted": 2, "deleted": 1, "unchanged": N - 3, "total": N - 1}
+    assert embedded_ids(pipe, run_id) == ["doc007", "doc150"]
+    assert set(event["metrics"]) >= {"recall@10", "ndcg@10"} and event["previous_metrics"] is not None
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    table = vectorstore.ids_and_hashes(client, live)
+    assert len(table) == N - 1 and "doc043" not in table
+    assert vectorstore.alias_target(client, DATASET) == live
+
+
+def test_training_data_change_is_a_full_run(pipe):
+    gen = upload(pipe.settings, "qrels/train.tsv", b"query-id\tcorpus-id\tscore\nq1\tdoc001\t1\n")
+    run_id = new_run(pipe, "qrels/train.tsv", gen, part="qrels")
+    record = pipe.ledger.get_run(run_id)
+    assert record["kind"] == "full" and record["state"] == runs.TRAINING
+    pipe.launcher.cancel(record["jobs"]["train"]["name"])

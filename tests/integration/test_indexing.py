@@ -1,0 +1,193 @@
+"""The indexer against the real Milvus Lite server and fake-gcs-server, on synthetic embedding shards (so the test
+decides which index is better): the gate in both directions, alias swap, retention, fingerprint refusal, report.html,
+and the search service reloading (in the background) when index-updated arrives."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+
+import functions_framework
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedpipe import runs, storage, vectorstore
+from embedpipe.events import Event
+from embedpipe.indexing import index_run
+from embedpipe.pipeline import Pipeline
+from embedpipe.runs import Ledger
+from tests.helpers import ROOT
+
+DIM, N_DOCS, N_QUERIES = 32, 60, 20
+DATASET = "gated"
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+RNG = np.random.default_rng(0)
+DOC_VECTORS = unit(RNG.normal(size=(N_DOCS, DIM)))
+QRELS = {f"q{i}": {f"d{i:03d}": 1} for i in range(N_QUERIES)}  # query i is about document i
+
+
+def parquet(uri: str, columns: dict) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def query_vectors(good: int) -> list:
+    """The first ``good`` queries point at their document; the rest point away (random)."""
+    noise = unit(np.random.default_rng(good).normal(size=(N_QUERIES, DIM)))
+    return [DOC_VECTORS[i] if i < good else noise[i] for i in range(N_QUERIES)]
+
+
+def prepared_run(pipe: Pipeline, good: int, previous_good: int | None, fingerprint: str = "fp-a") -> str:
+    """A run in INDEXING with embedding shards whose query vectors find ``good`` of 20 relevant documents."""
+    ledger = pipe.ledger
+    run_id = runs.new_run_id(DATASET)
+    ledger.create_run(run_id, DATASET, {"type": "test"}, kind="full", model={"uri": f"gs://m/{run_id}/model/"})
+    ledger.advance(run_id, runs.PENDING, runs.INDEXING)
+    out = f"{ledger.run_dir(run_id)}/embeddings"
+    ids = [f"d{i:03d}" for i in range(N_DOCS)]
+    parquet(
+        f"{out}/corpus-00000-of-00001.parquet",
+        {
+            "id": ids,
+            "vector": [v.tolist() for v in DOC_VECTORS],
+            "content_hash": [f"h{i}" for i in ids],
+            "title": [f"title {i}" for i in ids],
+            "text": [f"text of {i}" for i in ids],
+            "metadata": ["{}"] * N_DOCS,
+        },
+    )
+    storage.write_json(f"{out}/qrels.json", QRELS)
+    qids, texts = list(QRELS), [f"query {q}" for q in QRELS]
+    parquet(f"{out}/queries.parquet", {"id": qids, "text": texts, "vector": [v.tolist() for v in query_vectors(good)]})
+    if previous_good is not None:
+        vecs = [v.tolist() for v in query_vectors(previous_good)]
+        parquet(f"{out}/queries-previous.parquet", {"id": qids, "text": texts, "vector": vecs})
+    manifest = {"file": "corpus-00000-of-00001.parquet", "replica": 0, "replicas": 1, "count": N_DOCS}
+    storage.write_json(f"{out}/manifest-00000.json", {**manifest, "dim": DIM, "fingerprint": fingerprint})
+    storage.write_json(f"{ledger.run_dir(run_id)}/metrics.json", {"loss_curve": [{"step": 1, "loss": 1.0}]})
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def pipe(services):
+    published: list[Event] = []
+    settings = dataclasses.replace(services, keep_collections=1)
+    p = Pipeline(settings, Ledger(settings.artifacts_bucket), publish=lambda topic, e: published.append(e))
+    p.published = published
+    return p
+
+
+def test_gate_both_directions_alias_swap_retention_and_report(pipe):
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    first = prepared_run(pipe, good=10, previous_good=None)
+    index_run(pipe, first)
+    event = pipe.published[-1].data
+    assert event["promoted"] is True and event["gate"]["reason"] == "first index for this dataset"
+    assert vectorstore.alias_target(client, DATASET) == event["collection"]
+    assert event["metrics"]["recall@1"] == pytest.approx(0.5)  # 10 of 20 queries point straight at their doc
+
+    # Better than the live index: promoted, alias swapped, previous metrics measured in the same run.
+    better = prepared_run(pipe, good=16, previous_good=10)
+    index_run(pipe, better)
+    event = pipe.published[-1].data
+    assert event["promoted"] is True and event["previous_collection"] == vectorstore.collection_name(DATASET, first)
+    assert event["metrics"]["recall@10"] > event["previous_metrics"]["recall@10"]
+    assert vectorstore.alias_target(client, DATASET) == vectorstore.collection_name(DATASET, better)
+    assert pipe.ledger.get_dataset(DATASET)["promoted"]["run_id"] == better
+
+    # Worse: rejected, alias untouched, the rejected collection kept for inspection, promoted=false published.
+    worse = prepared_run(pipe, good=4, previous_good=16)
+    index_run(pipe, worse)
+    event = pipe.published[-1].data
+    assert event["promoted"] is False and "rejected" in event["gate"]["reason"]
+    assert vectorstore.alias_target(client, DATASET) == vectorstore.collection_name(DATASET, better)
+    assert pipe.ledger.get_run(worse)["state"] == runs.SUCCEEDED
+    names = vectorstore.dataset_collections(client, DATASET)
+    # keep_collections=1: the live one + the newest other (the rejected run); the first one was dropped.
+    assert names == [vectorstore.collection_name(DATASET, r) for r in (better, worse)]
+    assert event["dropped_collections"] == [vectorstore.collection_name(DATASET, first)]
+
+    # Within tolerance: a slightly worse run passes when the tolerance allows it.
+    pipe.settings = dataclasses.replace(pipe.settings, gate_tolerance=0.5)
+    tolerated = prepared_run(pipe, good=12, previous_good=16)
+    index_run(pipe, tolerated)
+    assert pipe.published[-1].data["promoted"] is True
+    pipe.settings = dataclasses.replace(pipe.settings, gate_tolerance=0.0)
+
+    page = storage.read_bytes(event["report_uri"]).decode()
+    assert event["report_uri"] == f"{pipe.ledger.run_dir(worse)}/report.html"
+    for plot in ("plot-loss", "plot-recall", "plot-stages"):
+        assert f'<svg id="{plot}"' in page
+
+
+def test_vectors_of_another_model_are_refused(pipe):
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    run_id = prepared_run(pipe, good=10, previous_good=None, fingerprint="fp-a")
+    index_run(pipe, run_id)
+    live = pipe.ledger.get_dataset(DATASET)["promoted"]["collection"]
+    # An incremental run whose shards come from a different model must not touch the live collection.
+    other = prepared_run(pipe, good=10, previous_good=None, fingerprint="fp-OTHER")
+    pipe.ledger.update_run(other, lambda r: {**r, "kind": "incremental", "live": {"collection": live}})
+    before = client.query(live, filter="", output_fields=["count(*)"])
+    assert "FAILED in index" in index_run(pipe, other)
+    assert "fp-OTHER" in pipe.ledger.get_run(other)["error"]["cause"]
+    assert client.query(live, filter="", output_fields=["count(*)"]) == before
+
+
+def test_search_service_reloads_in_the_background(services, tiny_model, pipe):
+    """The search service keeps answering with the loaded model while an index-updated event triggers a reload."""
+    import sys
+    import threading
+
+    app = functions_framework.create_app(
+        target="search", source=str(ROOT / "services/search/main.py"), signature_type="http"
+    )
+    # create_app imported services/search/main.py; its module-level Searcher is what requests use.
+    module = next(m for n, m in sys.modules.items() if getattr(m, "searcher", None) and n.endswith("main"))
+    searcher = module.searcher
+    client = app.test_client()
+    # Point the promoted entry at the tiny model (dim 32, like the synthetic vectors).
+    pipe.ledger.update_dataset(DATASET, lambda st: {**st, "promoted": {**st["promoted"], "model_uri": tiny_model}})
+    assert client.get("/healthz").status_code == 200
+    r = client.get(f"/search?dataset={DATASET}&q=text&k=3&mode=hybrid")
+    assert r.status_code == 200, r.get_data(as_text=True)
+    first = r.get_json()
+    assert len(first["hits"]) == 3 and first["collection"] == pipe.ledger.get_dataset(DATASET)["promoted"]["collection"]
+
+    # Promote a better run; the new model loads slowly: requests meanwhile are served by the old one.
+    gate = threading.Event()
+    real_loader = searcher.loader
+
+    def slow_loader(uri):
+        gate.wait(30)
+        return real_loader(uri)
+
+    searcher.loader = slow_loader
+    newer = prepared_run(pipe, good=20, previous_good=10)
+    index_run(pipe, newer)
+    pipe.ledger.update_dataset(DATASET, lambda st: {**st, "promoted": {**st["promoted"], "model_uri": tiny_model}})
+    data = pipe.published[-1].data
+    assert data["promoted"] is True
+    message = {
+        "data": base64.b64encode(json.dumps(data).encode()).decode(),
+        "messageId": "1",
+        "attributes": {"ce-type": "io.embedpipe.index.updated.v1"},
+    }
+    r = client.post(f"/projects/{services.project}/topics/index-updated", json={"message": message})
+    assert r.status_code == 200 and r.get_json() == {"reloading": True}
+    during = client.get(f"/search?dataset={DATASET}&q=text&k=3").get_json()
+    assert during["collection"] == first["collection"], "old model + its own collection while the new one loads"
+    gate.set()
+    searcher._reloading[DATASET].join(30)
+    after = client.get(f"/search?dataset={DATASET}&q=text&k=3").get_json()
+    assert after["collection"] == vectorstore.collection_name(DATASET, newer)

@@ -1,0 +1,61 @@
+"""embedpipe.incremental: which runs are incremental, and the content-hash diff against the live index."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from embedpipe.incremental import FULL, INCREMENTAL, diff, kind_for
+
+PROMOTED = {"collection": "demo__20260101t000000_abcdef", "model_uri": "gs://a/runs/r/model/"}
+
+
+def obj(rel: str, part: str | None) -> dict:
+    return {"object": f"datasets/demo/{rel}", "generation": 1, "part": part}
+
+
+@pytest.mark.parametrize(
+    "record, promoted, kind",
+    [
+        ({"trigger_objects": [obj("corpus.jsonl", "corpus")]}, None, FULL),  # nothing promoted yet
+        ({"trigger_objects": [obj("corpus.jsonl", "corpus")]}, PROMOTED, INCREMENTAL),
+        (
+            {"trigger_objects": [obj("corpus/part-1.jsonl", "corpus"), obj("queries.jsonl", "queries")]},
+            PROMOTED,
+            INCREMENTAL,
+        ),
+        ({"trigger_objects": [obj("qrels/test.tsv", "qrels")]}, PROMOTED, INCREMENTAL),  # eval labels only
+        ({"trigger_objects": [obj("corpus.jsonl", "corpus"), obj("qrels/train.tsv", "qrels")]}, PROMOTED, FULL),
+        ({"trigger_objects": [obj("pairs/p.jsonl", "pairs")]}, PROMOTED, FULL),
+        ({"force_full": True, "trigger_objects": []}, PROMOTED, FULL),  # a retrain message
+    ],
+)
+def test_kind_for(record, promoted, kind):
+    assert kind_for(record, promoted)[0] == kind
+
+
+def test_unchanged_corpus_embeds_nothing():
+    corpus = {f"d{i}": f"h{i}" for i in range(100)}
+    d = diff(corpus, dict(corpus))
+    assert d.changed == [] and d.deleted == [] and d.unchanged == 100
+
+
+def test_one_percent_change_is_exactly_those_documents():
+    rng = random.Random(7)
+    live = {f"d{i:04d}": f"h{i}" for i in range(1000)}
+    corpus = dict(live)
+    changed = sorted(rng.sample(sorted(live), 10))
+    for i in changed:
+        corpus[i] = "new-" + corpus[i]
+    d = diff(corpus, live)
+    assert d.changed == changed and d.deleted == [] and d.unchanged == 990
+
+
+def test_new_changed_and_removed_documents():
+    live = {"a": "1", "b": "2", "c": "3"}
+    corpus = {"a": "1", "b": "2x", "d": "4"}  # b changed, c removed, d new
+    d = diff(corpus, live)
+    assert d.changed == ["b", "d"]
+    assert d.deleted == ["c"]
+    assert d.unchanged == 1

@@ -128,3 +128,54 @@ def post(client, cloud_event) -> int:
 
 def load_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def upload_folder(settings: Settings, folder: Path, dataset: str) -> list[str]:
+    """Upload a BEIR folder's files into the data bucket; returns the ledger trigger keys of the uploads."""
+    from embedpipe import storage
+
+    keys = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            name = f"datasets/{dataset}/{path.relative_to(folder).as_posix()}"
+            generation = storage.upload_file(path, f"gs://{settings.data_bucket}/{name}")
+            keys.append(f"gcs/{settings.data_bucket}/{name}#{generation}")
+    return keys
+
+
+def wait_runs_done(ledger, keys: list[str], timeout: float = 240) -> list[dict]:
+    """Every key claimed, and every run those keys joined ended; returns the run records, oldest first."""
+
+    def done():
+        claims = [ledger.get_claim(k) for k in keys]
+        if not all(claims):
+            return None
+        records = [ledger.get_run(r) for r in sorted({c["run_id"] for c in claims})]
+        if records and all(r and r["state"] in ("SUCCEEDED", "FAILED") for r in records):
+            return sorted(records, key=lambda r: r["created_at"])
+        return None
+
+    return wait_for(done, timeout, f"runs of {len(keys)} upload(s) to end")
+
+
+def job_specs(settings: Settings, run_id: str) -> list[dict]:
+    """Every local job submitted for a run (spec + state), from the job runner's folders."""
+    out = []
+    root = settings.state_path / "jobs"
+    for spec_file in sorted(root.glob("*/spec.json")) if root.exists() else []:
+        spec = json.loads(spec_file.read_text())
+        if spec["labels"].get("run_id") == run_id:
+            spec["status"] = json.loads((spec_file.parent / "state.json").read_text())
+            out.append(spec)
+    return out

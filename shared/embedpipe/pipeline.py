@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from embedpipe import bus, datasets, runs, topology
+from embedpipe import bus, datasets, incremental, intake, runs, storage, topology
 from embedpipe.config import Settings
 from embedpipe.events import (
     INDEX_REQUESTED,
@@ -70,11 +70,17 @@ class Pipeline:
         ledger: Ledger | None = None,
         launcher: JobLauncher | None = None,
         publish: Callable[[str, Event], None] | None = None,
+        check_object: Callable[[str, str, int], intake.Rejection | None] | None = None,
     ):
         self.settings = settings
         self.ledger = ledger or Ledger(settings.artifacts_bucket)
         self._launcher = launcher
         self._publish = publish
+        # Intake reads the uploaded bytes from GCS; a ledger on an in-memory store (unit tests) has none to read.
+        if check_object is None and self.ledger.store is storage:
+            check_object = intake.check_object
+        self.check_object = check_object or (lambda bucket, name, generation: None)
+        self.validate = self._validate_dataset if self.ledger.store is storage else (lambda record: None)
 
     @property
     def launcher(self) -> JobLauncher:
@@ -94,14 +100,42 @@ class Pipeline:
             return f"ignored {change.event_type} for {change.name}"
         if change.bucket != self.settings.data_bucket:
             return f"ignored object in bucket {change.bucket} (data bucket is {self.settings.data_bucket})"
+        if not change.name.startswith("datasets/"):
+            return f"ignored {change.name}: not under datasets/"
+        if intake.name_problem(change.name):  # belongs to no dataset we could name: quarantine, report, done
+            rejection = self.check_object(change.bucket, change.name, change.generation)
+            if rejection:
+                self._report_rejection(None, change.key, rejection)
+            return f"rejected {change.name}: {intake.name_problem(change.name)}"
         found = datasets.dataset_of(change.name)
         if found is None:
-            return f"ignored {change.name}: not a dataset file (datasets/<dataset>/<BEIR file>)"
+            return f"ignored {change.name}: not a BEIR file (corpus, queries, qrels, pairs)"
         dataset, rel = found
         info = {"object": change.name, "generation": change.generation, "part": datasets.classify(rel)}
         run_id = self._claim(change.key, dataset, {"type": "upload", "dataset": dataset}, self.settings.debounce_s)
+        record = self.ledger.get_run(run_id) or {}
+        if change.key in record.get("triggers", []) or change.key in record.get("file_errors", {}):
+            return f"{change.name}#{change.generation} -> run {run_id}"  # a redelivery: already recorded
+        rejection = self.check_object(change.bucket, change.name, change.generation)
+        if rejection:
+            self._report_rejection(run_id, change.key, rejection)
+            return f"rejected {change.name}#{change.generation} (run {run_id}): {rejection.reason}"
         self.ledger.add_trigger(run_id, change.key, info)
         return f"{change.name}#{change.generation} -> run {run_id}"
+
+    def _report_rejection(self, run_id: str | None, key: str, rejection: intake.Rejection) -> None:
+        """Record a bad file in its run (per-file errors; the run goes on with the valid files) and tell
+        run-events subscribers which object, line and reason."""
+        if run_id:
+            def fn(record):
+                if key in record.setdefault("file_errors", {}):
+                    return None
+                record["file_errors"][key] = rejection.to_dict()
+                return record
+
+            self.ledger.update_run(run_id, fn)
+        self.publish(topology.RUN_EVENTS, Event(intake.FILE_REJECTED, {"run_id": run_id, **rejection.to_dict()},
+                                                id=f"{key}/rejected", subject=run_id))
 
     def on_retrain(self, req: RetrainRequest) -> str:
         overrides = checked_overrides(req)
@@ -115,6 +149,8 @@ class Pipeline:
             record["overrides"].update(overrides)
             record["force_full"] = True
             record["trigger"] = trigger
+            if req.hp_tuning:  # a tuning job: on Vertex, or the local job runner's trials
+                record["hp_tuning"] = req.hp_tuning
             return record
 
         self.ledger.update_run(run_id, fn)
@@ -175,6 +211,7 @@ class Pipeline:
             machine_type=s.train_machine_type,
             accelerator_type=s.train_accelerator,
             accelerator_count=1 if s.train_accelerator else 0,
+            hp_tuning=record.get("hp_tuning"),
         )
 
     def embed_spec(self, record: dict, attempt: int) -> JobSpec:
@@ -184,10 +221,14 @@ class Pipeline:
             f"--run-id={run_id}",
             f"--model-uri={record['model']['uri']}",
             f"--batch-tokens={s.embed_batch_tokens}",
+            f"--output-dir={self.ledger.run_dir(run_id)}/embeddings",
         ]
-        previous = self.ledger.get_dataset(record["dataset"]).get("promoted")
-        if previous:
-            args.append(f"--previous-model-uri={previous['model_uri']}")
+        if record.get("kind") == incremental.INCREMENTAL:  # the promoted model, only new/changed documents
+            args.append(f"--live-hashes={incremental.snapshot_uri(self.ledger.run_dir(run_id))}")
+        else:
+            previous = self.ledger.get_dataset(record["dataset"]).get("promoted")
+            if previous:
+                args.append(f"--previous-model-uri={previous['model_uri']}")
         return JobSpec(
             key=f"{run_id}/embed/{attempt}",
             container="embedder",
@@ -220,7 +261,53 @@ class Pipeline:
         self._stage_event(record, STAGE_STATE[stage], job=name)
 
     def start_training(self, record: dict) -> None:
-        self._submit(record, "train", 1, PENDING)
+        """Launch a PENDING run. The kind is decided here once (``incremental.kind_for``) and stored: a full run
+        trains first; an incremental one skips TRAINING and embeds with the promoted model (DESIGN.md §3.2)."""
+        problem = self.validate(record)
+        if problem:
+            self.fail(record["run_id"], "intake", problem)
+            return
+        record = self.ledger.get_run(record["run_id"]) or record
+        kind = record.get("kind")
+        promoted = self.ledger.get_dataset(record["dataset"]).get("promoted")
+        if kind is None:
+            kind, why = incremental.kind_for(record, promoted)
+            log.info("run %s: %s run (%s)", record["run_id"], kind, why)
+        if kind == incremental.INCREMENTAL:
+            run_dir = self.ledger.run_dir(record["run_id"])
+            rows = incremental.snapshot_live(
+                self.settings.milvus_uri,
+                self.settings.milvus_token,
+                promoted["collection"],
+                incremental.snapshot_uri(run_dir),
+            )
+        if kind == incremental.INCREMENTAL and rows is not None:
+            live = {"collection": promoted["collection"], "rows": rows}
+            fields = {"kind": kind, "model": {"uri": promoted["model_uri"]}, "live": live}
+            self.ledger.update_run(record["run_id"], lambda r: {**r, **fields} if r["state"] == PENDING else None)
+            self._submit({**record, **fields}, "embed", 1, PENDING)
+            return
+        kind = incremental.FULL
+        if record.get("kind") != kind:
+            self.ledger.update_run(record["run_id"], lambda r: {**r, "kind": kind} if r["state"] == PENDING else None)
+        self._submit({**record, "kind": kind}, "train", 1, PENDING)
+
+    def _validate_dataset(self, record: dict) -> str | None:
+        """Launch-time intake: the files a run will read must be valid together. Files that break cross-file
+        rules are quarantined and reported; the run fails (nothing indexed changes) only if nothing usable is
+        left. Runs that rejected a corpus file skip deletions, so a bad upload never removes indexed documents."""
+        if record.get("state") != PENDING:
+            return None
+        _, rejections, problem = intake.load_valid(self.settings.data_bucket, record["dataset"])
+        for r in rejections:
+            self._report_rejection(record["run_id"], f"gcs/{r.object[5:]}#{r.generation}", r)
+        errors = (self.ledger.get_run(record["run_id"]) or {}).get("file_errors") or {}
+        if any("/corpus" in e["object"] for e in errors.values()):
+            self.ledger.update_run(record["run_id"], lambda r: {**r, "skip_deletes": True})
+        if problem:
+            rejected = "; ".join(f"{e['object']}:{e['line'] or ''} {e['reason']}" for e in errors.values())
+            return problem + (f" (rejected: {rejected})" if rejected else "")
+        return None
 
     def _stage_event(self, record: dict, state: str, **extra) -> None:
         data = {"run_id": record["run_id"], "dataset": record["dataset"], "state": state, **extra}
@@ -249,9 +336,10 @@ class Pipeline:
             return f"late or duplicate event for {stage} job {status.name} of run {run_id} ({record['state']})"
         if status.state == SUCCEEDED:
             if stage == "train":
-                model = {"uri": f"{self.ledger.run_dir(run_id)}/model/"}
-                record["model"] = model
-                self.ledger.update_run(run_id, lambda r: {**r, "model": model} if r["state"] == TRAINING else None)
+                model = {"uri": status.model_dir or f"{self.ledger.run_dir(run_id)}/model/"}  # best HP trial's
+                done = {"model": model, **({"tuning": status.tuning} if status.tuning else {})}  # every trial
+                record.update(done)
+                self.ledger.update_run(run_id, lambda r: {**r, **done} if r["state"] == TRAINING else None)
                 self._submit(record, "embed", 1, TRAINING)
                 return f"run {run_id}: training succeeded, embedding launched"
             rec, moved = self.ledger.advance(run_id, EMBEDDING, INDEXING)
@@ -336,6 +424,12 @@ class Pipeline:
             if record["state"] in runs.TERMINAL:
                 self.release(record)
                 notes.append(f"released {active}")
+                continue
+            if record["state"] == runs.PUBLISHING:
+                from embedpipe import indexing  # indexing builds on this module
+
+                if indexing.publish_stalled(record):
+                    notes.append(indexing.finish(self, record))
                 continue
             stage = {TRAINING: "train", EMBEDDING: "embed"}.get(record["state"])
             job = record["jobs"].get(stage) if stage else None

@@ -357,3 +357,14 @@ def status(settings: Settings) -> list[dict]:
             }
         )
     return out
+
+
+def kill_part(settings: Settings, name: str, sig: int = signal.SIGKILL) -> int | None:
+    """Kill one running part with everything it started (fault injection; ``up`` starts it again)."""
+    pid = _pid(settings, name)
+    if pid:
+        _kill_group(pid, sig)
+        while _alive(pid):
+            time.sleep(0.05)
+        _pid_file(settings, name).unlink(missing_ok=True)
+    return pid

@@ -132,14 +132,29 @@ def test_a_burst_of_uploads_coalesces_into_one_run(make):
         ObjectChange("someone-elses-bucket", "datasets/demo/corpus.jsonl", 3, "OBJECT_FINALIZE"),
         ObjectChange(DATA, "uploads/demo/corpus.jsonl", 3, "OBJECT_FINALIZE"),
         ObjectChange(DATA, "datasets/demo/README.md", 3, "OBJECT_FINALIZE"),
-        ObjectChange(DATA, "datasets/Bad Name/corpus.jsonl", 3, "OBJECT_FINALIZE"),
     ],
-    ids=["delete", "metadata-update", "other-bucket", "not-datasets", "not-beir-file", "bad-dataset-name"],
+    ids=["delete", "metadata-update", "other-bucket", "not-datasets", "not-beir-file"],
 )
 def test_irrelevant_object_changes_are_ignored(h, change):
     assert h.pipe.on_object_change(change).startswith("ignored")
     assert h.store.objects == {}
     assert h.launcher.submits == [] and h.published == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "datasets/Bad Name/corpus.jsonl",
+        "datasets/demo/../x/corpus.jsonl",
+        "datasets/demo/corpus\x01.jsonl",
+        "datasets/demo/" + "c" * 201 + ".jsonl",
+    ],
+)
+def test_badly_named_objects_are_rejected_without_a_run(h, name):
+    outcome = h.pipe.on_object_change(ObjectChange(DATA, name, 3, "OBJECT_FINALIZE"))
+    assert outcome.startswith("rejected") and name in outcome
+    assert h.store.objects == {}
+    assert h.launcher.submits == []
 
 
 def test_redelivery_finishes_a_trigger_whose_first_delivery_died_after_claiming(make):

@@ -1,0 +1,332 @@
+"""At-least-once delivery, faults and bursts on a real local stack (issue: reliability).
+
+Faults are injected through the stack's own process control (``stack.kill_part``, ``embedpipe up`` to restart) or by
+killing a job's process, never by changing production code paths. Each test uses its own dataset, is bounded in
+time, and checks the end state: the run completed (or failed with run.failed), the index holds exactly the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from embedpipe import bus, datasets, runs, stack, storage, topology, vectorstore
+from embedpipe.runs import Ledger
+from tests.helpers import (
+    FIXTURES,
+    ROOT,
+    apply_env,
+    isolated_settings,
+    job_specs,
+    upload_folder,
+    wait_for,
+    wait_runs_done,
+)
+
+pytestmark = pytest.mark.e2e
+SECRET = "tok-3x4mpl3-s3cr3t-do-not-log"
+TINY = FIXTURES / "tiny_beir"
+
+
+def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "embedpipe"
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def env_stack(tmp_path_factory, tiny_model):
+    settings = isolated_settings(tmp_path_factory.mktemp("chaos-state"), tiny_model, milvus_token=SECRET)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
+    env.update(settings.to_env())
+    result = cli(env, "up")
+    assert result.returncode == 0, result.stderr
+    apply_env(settings)
+    yield settings, env
+    cli(env, "down")
+
+
+def index_ids(settings, alias: str) -> set[str]:
+    client = vectorstore.connect(settings.milvus_uri, settings.milvus_token)
+    return set(vectorstore.ids_and_hashes(client, alias))
+
+
+def corpus_ids(folder: Path = TINY) -> set[str]:
+    return set(datasets.load_dir(folder).corpus)
+
+
+def subscribe(settings, topic: str, name: str) -> str:
+    return bus.ensure_pull_subscription(settings.project, topic, name)
+
+
+def drain(sub: str, seconds: float) -> list[tuple[bytes, dict, str]]:
+    got, deadline = [], time.time() + seconds
+    while time.time() < deadline:
+        got += bus.pull(sub, timeout=1)
+    return got
+
+
+def test_every_event_delivered_three_times(env_stack):
+    """GCS notifications, job-state messages and index requests each arrive 3 times: one job per stage, one
+    index-updated for the run."""
+    settings, _ = env_stack
+    ledger = Ledger(settings.artifacts_bucket)
+    updated = subscribe(settings, topology.INDEX_UPDATED, "index-updated-dups")
+    taps = {
+        t: subscribe(settings, t, f"{t}-dups")
+        for t in (topology.DATA_EVENTS, topology.JOB_EVENTS, topology.INDEX_REQUESTS)
+    }
+    stop = threading.Event()
+    copies = {t: 0 for t in taps}
+
+    def duplicate():
+        while not stop.is_set():
+            for topic, sub in taps.items():
+                for data, attrs, _ in bus.pull(sub, timeout=0.5):
+                    if attrs.get("x-copy"):
+                        continue
+                    for _ in range(2):
+                        bus.publish_raw(settings.project, topic, data, **attrs, **{"x-copy": "1"})
+                        copies[topic] += 1
+
+    thread = threading.Thread(target=duplicate, daemon=True)
+    thread.start()
+    try:
+        keys = upload_folder(settings, TINY, "dups")
+        (record,) = wait_runs_done(ledger, keys)
+        time.sleep(3)  # let the last copies arrive
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert record["state"] == runs.SUCCEEDED, record.get("error")
+    assert copies[topology.DATA_EVENTS] >= 2 * len(keys) and copies[topology.JOB_EVENTS] >= 4
+    assert copies[topology.INDEX_REQUESTS] >= 2
+    stages = sorted(s["labels"]["stage"] for s in job_specs(settings, record["run_id"]))
+    assert stages == ["embed", "train"], "exactly one job per stage"
+    assert sorted(record["triggers"]) == sorted(keys)
+    events = [json.loads(d) for d, a, _ in drain(updated, 2) if a.get("ce-subject") == record["run_id"]]
+    assert len(events) == 1, "exactly one index-updated per run"
+    assert index_ids(settings, "dups") == corpus_ids()
+
+
+def _replica_pids(job_dir: Path) -> list[int]:
+    runner = int((job_dir / "runner.pid").read_text())
+    out = subprocess.run(["pgrep", "-P", str(runner)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_killed_trainer_is_retried(env_stack):
+    settings, _ = env_stack
+    ledger = Ledger(settings.artifacts_bucket)
+    keys = upload_folder(settings, TINY, "killjob")
+
+    def training_replica():
+        claim = ledger.get_claim(keys[0])
+        record = claim and ledger.get_run(claim["run_id"])
+        if not record or record["state"] != runs.TRAINING:
+            return None
+        job_dir = settings.state_path / "jobs" / record["jobs"]["train"]["name"].rsplit("/", 1)[-1]
+        return _replica_pids(job_dir) if (job_dir / "runner.pid").exists() else None
+
+    for pid in wait_for(training_replica, 120, "the training replica process"):
+        os.kill(pid, signal.SIGKILL)
+    (record,) = wait_runs_done(ledger, keys)
+    assert record["state"] == runs.SUCCEEDED, record.get("error")
+    assert record["jobs"]["train"]["attempt"] == 2
+    trains = [s for s in job_specs(settings, record["run_id"]) if s["labels"]["stage"] == "train"]
+    assert sorted(s["status"]["state"] for s in trains) == ["FAILED", "SUCCEEDED"]
+    assert index_ids(settings, "killjob") == corpus_ids()
+
+
+def test_function_process_killed_then_restarted(env_stack):
+    settings, env = env_stack
+    ledger = Ledger(settings.artifacts_bucket)
+    assert stack.kill_part(settings, "on-job-event")
+    keys = upload_folder(settings, TINY, "killfn")
+
+    def train_finished():
+        claim = ledger.get_claim(keys[0])
+        record = claim and ledger.get_run(claim["run_id"])
+        return record and any(s["status"]["state"] == "SUCCEEDED" for s in job_specs(settings, record["run_id"]))
+
+    wait_for(train_finished, 120, "the training job to finish while on-job-event is down")
+    time.sleep(2)  # its job-state message is now being redelivered to a dead endpoint
+    assert cli(env, "up").returncode == 0  # restarts what is not running
+    (record,) = wait_runs_done(ledger, keys)
+    assert record["state"] == runs.SUCCEEDED, record.get("error")
+    assert index_ids(settings, "killfn") == corpus_ids()
+
+
+def test_milvus_restart_before_upserts(env_stack):
+    settings, env = env_stack
+    ledger = Ledger(settings.artifacts_bucket)
+    client = vectorstore.connect(settings.milvus_uri, settings.milvus_token)
+    before = {name: index_ids(settings, name) for name in client.list_collections()}
+    keys = upload_folder(settings, TINY, "milvusdown")
+
+    def embedding():
+        claim = ledger.get_claim(keys[0])
+        record = claim and ledger.get_run(claim["run_id"])
+        return record if record and record["state"] in (runs.EMBEDDING, runs.INDEXING) else None
+
+    wait_for(embedding, 120, "the run to reach EMBEDDING")
+    assert stack.kill_part(settings, "milvus")
+    wait_for(
+        lambda: (r := ledger.get_run(embedding()["run_id"])) and r["state"] == runs.INDEXING,
+        120,
+        "the index request while Milvus is down",
+    )
+    time.sleep(3)  # the indexer is failing and being redelivered
+    assert cli(env, "up").returncode == 0
+    (record,) = wait_runs_done(ledger, keys)
+    assert record["state"] == runs.SUCCEEDED, record.get("error")
+    assert index_ids(settings, "milvusdown") == corpus_ids()
+    after = {name: index_ids(settings, name) for name in before}
+    assert after == before, "what was indexed before survives the restart"
+
+
+def test_pubsub_emulator_restart_mid_run(env_stack):
+    settings, env = env_stack
+    ledger = Ledger(settings.artifacts_bucket)
+    keys = upload_folder(settings, TINY, "pubsubdown")
+    wait_for(
+        lambda: (c := ledger.get_claim(keys[-1])) and ledger.get_run(c["run_id"])["state"] == runs.TRAINING,
+        120,
+        "training to start",
+    )
+    assert stack.kill_part(settings, "pubsub")
+    time.sleep(2)
+    assert cli(env, "up").returncode == 0  # restarts the emulator and re-provisions the topology
+    (record,) = wait_runs_done(ledger, keys)
+    assert record["state"] == runs.SUCCEEDED, record.get("error")
+    assert index_ids(settings, "pubsubdown") == corpus_ids()
+
+
+def test_poison_message_ends_in_dead_letter_topic(env_stack):
+    settings, env = env_stack
+    assert stack.kill_part(settings, "indexer")
+    try:
+        bus.publish_raw(settings.project, topology.INDEX_REQUESTS, b'{"run_id": "no-such-run-poison"}')
+
+        def dead_lettered():
+            out = cli(env, "events")
+            return [line for line in out.stdout.splitlines() if "no-such-run-poison" in line]
+
+        lines = wait_for(dead_lettered, 150, "the message in the indexer's dead-letter topic", interval=2)
+        assert json.loads(lines[0])["topic"] == topology.component("indexer").dead_letter_topic
+    finally:
+        assert cli(env, "up").returncode == 0
+
+
+def test_burst_of_100_files_one_training_at_a_time(env_stack, tmp_path):
+    settings, _ = env_stack
+    ledger = Ledger(settings.artifacts_bucket)
+    folder = tmp_path / "burst"
+    (folder / "corpus").mkdir(parents=True)
+    base = list(datasets.load_dir(TINY).corpus.values())
+    ids = set()
+    for f in range(100):
+        lines = []
+        for j in range(3):
+            doc = base[(f * 3 + j) % len(base)]
+            doc_id = f"b{f:03d}-{j}"
+            ids.add(doc_id)
+            lines.append(json.dumps({"_id": doc_id, "title": doc.title, "text": f"{doc.text} (copy {f}.{j})"}))
+        (folder / "corpus" / f"part-{f:03d}.jsonl").write_text("\n".join(lines) + "\n")
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted((folder / "corpus").iterdir())
+    with ThreadPoolExecutor(8) as pool:
+        generations = list(
+            pool.map(
+                lambda p: storage.upload_file(p, f"gs://{settings.data_bucket}/datasets/burst/corpus/{p.name}"), files
+            )
+        )
+    keys = [f"gcs/{settings.data_bucket}/datasets/burst/corpus/{p.name}#{g}" for p, g in zip(files, generations)]
+    records = wait_runs_done(ledger, keys, timeout=400)
+    wait_for(
+        lambda: not ledger.get_dataset("burst")["pending"] and not ledger.get_dataset("burst")["active"],
+        300,
+        "follow-up runs to finish",
+    )
+    records = [r for r in ledger.list_runs() if r["dataset"] == "burst"]
+    assert all(r["state"] == runs.SUCCEEDED for r in records), [r.get("error") for r in records]
+    assert len(records) <= 3, "a burst coalesces into one run (plus at most a follow-up)"
+    spans = sorted(
+        (s["status"]["started"], s["status"]["finished"])
+        for r in records
+        for s in job_specs(settings, r["run_id"])
+        if s["labels"]["stage"] == "train"
+    )
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), "one training at a time"
+    assert index_ids(settings, "burst") == ids
+
+
+def test_bad_input_is_quarantined_and_nothing_indexed_is_lost(env_stack):
+    settings, _ = env_stack
+    ledger = Ledger(settings.artifacts_bucket)
+    (first,) = wait_runs_done(ledger, upload_folder(settings, TINY, "badin"))
+    assert first["state"] == runs.SUCCEEDED
+    before = index_ids(settings, "badin")
+    long_line = b'{"_id": "long", "text": "' + b"x" * (datasets.MAX_LINE_BYTES + 10) + b'"}\n'
+    bad = {  # path -> (bytes, line the error must name, words the reason must contain)
+        "corpus/bad-utf8.jsonl": (b'{"_id": "u1", "text": "ok"}\n{"_id": "u2", "text": "\xff\xfe"}\n', 2, "UTF-8"),
+        "corpus/bad-json.jsonl": (
+            b'{"_id": "j1", "text": "ok"}\n{"_id": "j2"}\n{"_id": "j3", "text": }\n',
+            2,
+            "missing required field 'text'",
+        ),
+        "corpus/dup.jsonl": (b'{"_id": "d1", "text": "a"}\n{"_id": "d1", "text": "b"}\n', 2, "duplicate _id"),
+        "corpus/empty.jsonl": (b"", None, "empty"),
+        "corpus/binary.jsonl": (b"\x00\x01\x02binary", None, "binary"),
+        "corpus/wrongtype.jsonl": (b'{"_id": "w1", "text": 42}\n', 1, "must be a string"),
+        "corpus/longline.jsonl": (long_line, 1, "over the"),
+        "corpus/zz-cross.jsonl": (b'{"_id": "g01", "text": "a second g01"}\n', 1, "duplicate _id 'g01'"),
+        "qrels/dev.tsv": (b"query-id\tcorpus-id\tscore\nq01\tnope\t1\n", 2, "not in the corpus"),
+    }
+    good = b'{"_id": "new-1", "text": "Seed trays are washed weekly."}\n{"_id": "new-2", "text": "Hoses coil."}\n'
+    badly_named = [
+        "datasets/badin/corpus/ctl\x07.jsonl",
+        "datasets/badin/../escape/corpus.jsonl",
+        "datasets/badin/corpus/" + "n" * 210 + ".jsonl",
+    ]
+    keys = []
+    for rel, (data, _, _) in {**bad, "corpus/extra.jsonl": (good, None, "")}.items():
+        gen = storage.write_bytes(f"gs://{settings.data_bucket}/datasets/badin/{rel}", data)
+        keys.append(f"gcs/{settings.data_bucket}/datasets/badin/{rel}#{gen}")
+    for name in badly_named:
+        storage.write_bytes(f"gs://{settings.data_bucket}/{name}", good)
+    records = wait_runs_done(ledger, keys)
+    record = records[-1]
+    assert record["state"] == runs.SUCCEEDED, record.get("error")
+    errors = {e["object"].split("/datasets/badin/", 1)[1]: e for e in record["file_errors"].values()}
+    for rel, (_, line, words) in bad.items():
+        assert rel in errors, f"{rel} was not rejected"
+        assert errors[rel]["line"] == line and words in errors[rel]["reason"], errors[rel]
+        assert not storage.exists(f"gs://{settings.data_bucket}/datasets/badin/{rel}")
+        assert storage.exists(errors[rel]["quarantined_to"])
+    for name in badly_named:
+        wait_for(lambda n=name: not storage.exists(f"gs://{settings.data_bucket}/{n}"), 30, f"{name!r} moved")
+    assert index_ids(settings, "badin") == before | {"new-1", "new-2"}, "valid files indexed, nothing lost"
+
+
+def test_secrets_never_leak(env_stack):
+    """The Milvus token reached every process (EMBEDPIPE_MILVUS_TOKEN) but appears in no log, event, job spec,
+    run record or report."""
+    settings, env = env_stack
+    cli(env, "events")
+    scanned = 0
+    for path in settings.state_path.rglob("*"):
+        if path.is_file() and "milvus" not in path.relative_to(settings.state_path).parts[:1]:
+            scanned += 1
+            assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
+    assert scanned > 50
+    runs_json = cli(env, "runs", "--json").stdout
+    assert SECRET not in runs_json and json.loads(runs_json)

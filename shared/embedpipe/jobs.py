@@ -14,9 +14,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +28,7 @@ from embedpipe.config import Settings, repo_root
 
 log = logging.getLogger(__name__)
 
+NEVER_STARTED_S = 60.0  # a QUEUED local job with no runner after this long lost its launcher
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
@@ -104,13 +108,17 @@ class LocalJobLauncher:
         name = self.name_for(spec.job_id)
         job_dir = self._dir(name)
         self.root.mkdir(parents=True, exist_ok=True)
+        # The job folder appears whole (spec + state) by one rename, which fails if it exists: that rename is the
+        # claim, so a retried or concurrent submit never starts a second runner nor sees a half-written job.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{job_dir.name}-", dir=self.root))
+        (tmp / "spec.json").write_text(json.dumps({"name": name, **spec.to_dict()}, indent=1))
+        _write_state(tmp, QUEUED, queued=time.time())
         try:
-            job_dir.mkdir()
-        except FileExistsError:
+            os.rename(tmp, job_dir)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
             log.info("job %s already submitted for key %s", name, spec.key)
             return name
-        (job_dir / "spec.json").write_text(json.dumps({"name": name, **spec.to_dict()}, indent=1))
-        _write_state(job_dir, QUEUED)
         env = {**os.environ, **self.settings.to_env(), **self.settings.emulator_env()}
         with open(job_dir / "runner.log", "ab") as out:
             proc = subprocess.Popen(
@@ -129,30 +137,29 @@ class LocalJobLauncher:
     def get(self, name: str) -> JobStatus:
         job_dir = self._dir(name)
         spec = json.loads((job_dir / "spec.json").read_text())
-        state = json.loads((job_dir / "state.json").read_text())
-        status = JobStatus(
-            name,
-            state["state"],
-            spec["labels"],
-            state.get("error", ""),
-            state.get("model_dir", ""),
-            state.get("tuning"),
-        )
-        if not status.done:
-            pid_file = job_dir / "runner.pid"
-            if pid_file.exists() and not _pid_alive(int(pid_file.read_text())):
-                # The runner died without recording an end (killed): the job failed.
-                state = json.loads((job_dir / "state.json").read_text())  # it may have just finished
-                if state["state"] not in TERMINAL:
-                    return JobStatus(name, FAILED, spec["labels"], "job runner process died")
-                return JobStatus(
-                    name,
-                    state["state"],
-                    spec["labels"],
-                    state.get("error", ""),
-                    state.get("model_dir", ""),
-                    state.get("tuning"),
-                )
+
+        def read() -> tuple[JobStatus, dict]:
+            state = json.loads((job_dir / "state.json").read_text())
+            status = JobStatus(
+                name,
+                state["state"],
+                spec["labels"],
+                state.get("error", ""),
+                state.get("model_dir", ""),
+                state.get("tuning"),
+            )
+            return status, state
+
+        status, state = read()
+        if status.done:
+            return status
+        pid_file = job_dir / "runner.pid"
+        if pid_file.exists() and not _pid_alive(int(pid_file.read_text())):
+            status, _ = read()  # it may have just finished
+            if not status.done:  # the runner died without recording an end (killed): the job failed
+                return JobStatus(name, FAILED, spec["labels"], "job runner process died")
+        elif not pid_file.exists() and time.time() - state.get("queued", time.time()) > NEVER_STARTED_S:
+            return JobStatus(name, FAILED, spec["labels"], "job runner never started (its launcher died)")
         return status
 
     def cancel(self, name: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 from embedpipe import bus, datasets, runs, storage, topology, vectorstore
 from embedpipe.jobs import LocalJobLauncher
 from embedpipe.runs import Ledger
-from tests.helpers import FIXTURES, ROOT, post, push_event
+from tests.helpers import FIXTURES, ROOT, post, push_event, upload_folder
 
 
 def client_for(name: str):
@@ -136,6 +136,7 @@ def test_whole_loop_through_each_function(services, subs):
 
 def test_retrain_message_launches_one_run(services):
     s, ledger = services, Ledger(services.artifacts_bucket)
+    upload_folder(s, FIXTURES / "tiny_beir", "retrain-ds")  # no push subscriptions here: only the files land
     fn = client_for("on-retrain-requested")
     body = json.dumps({"dataset": "retrain-ds", "overrides": {"max_steps": 2}, "reason": "test"}).encode()
     event = push_event(body, {}, topology.RETRAIN_REQUESTS, message_id="4242")
@@ -149,6 +150,25 @@ def test_retrain_message_launches_one_run(services):
     assert record["trigger"]["type"] == "retrain"
     assert job_count(s) == before + 1
     LocalJobLauncher(s).cancel(record["jobs"]["train"]["name"])
+
+
+def test_retrain_of_a_dataset_without_data_fails_with_run_failed(services, subs):
+    ledger = Ledger(services.artifacts_bucket)
+    fn = client_for("on-retrain-requested")
+    event = push_event(b'{"dataset": "never-uploaded"}', {}, topology.RETRAIN_REQUESTS, message_id="4343")
+    assert post(fn, event) == 200
+    record = ledger.get_run(ledger.get_claim("pubsub/retrain/4343")["run_id"])
+    assert record["state"] == runs.FAILED and record["error"]["stage"] == "intake"
+    assert "no corpus" in record["error"]["cause"]
+    deadline, failed = time.time() + 30, []
+    while not failed and time.time() < deadline:  # the subscription also holds earlier tests' stage events
+        failed = [
+            json.loads(d)
+            for d, a, _ in bus.pull(subs[topology.RUN_EVENTS], timeout=2)
+            if a.get("ce-type") == "io.embedpipe.run.failed.v1" and a.get("ce-subject") == record["run_id"]
+        ]
+    assert failed and failed[0]["stage"] == "intake"
+    assert ledger.get_dataset("never-uploaded")["active"] is None  # released: the next upload can start a run
 
 
 def test_malformed_and_unknown_events_are_acknowledged(services):

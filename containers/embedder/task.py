@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run-id", required=True)
     p.add_argument("--model-uri", required=True)
     p.add_argument("--previous-model-uri", default="")
-    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--data-bucket", default=os.environ.get("EMBEDPIPE_DATA_BUCKET", "embedpipe-data"))
     p.add_argument("--output-dir", default="", help="default: <run folder>/embeddings")
     p.add_argument(
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     with ThreadPoolExecutor(4) as writes:
         reading = writes.submit(datasets.load_gcs, args.data_bucket, args.dataset)
         live = writes.submit(incremental.read_snapshot, args.live_hashes) if args.live_hashes else None
-        model, info = load_model(args.model_uri)
+        model, info = load_model(args.model_uri, inference=True)
         ds = reading.result()
         mode = "incremental" if live else "full"
         if live:
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
                 writes.submit(write_parquet, f"{out}/queries.parquet", {"id": qids, "text": texts, "vector": list(qv)})
             )
             if args.previous_model_uri:
-                prev, prev_info = load_model(args.previous_model_uri)
+                prev, prev_info = load_model(args.previous_model_uri, inference=True)
                 pv = encode(prev, [prev_info.query_prefix + t for t in texts], args.batch_tokens)
                 pending.append(
                     writes.submit(

@@ -63,8 +63,8 @@ class Settings:
     milvus_uri: str = "http://127.0.0.1:19530"
     milvus_token: str = field(default="", repr=False)
     # orchestration
-    debounce_s: float = 2.0
-    tick_s: float = 1.0
+    debounce_s: float = 1.0
+    tick_s: float = 0.5
     max_job_attempts: int = 2
     # model and training defaults (a retrain message may override per run)
     base_model: str = field(default_factory=_default_base_model)
@@ -75,7 +75,7 @@ class Settings:
     learning_rate: float = 5e-5
     warmup_ratio: float = 0.1
     seed: int = 42
-    embed_batch_tokens: int = 8192
+    embed_batch_tokens: int = 4096
     # evaluation and promotion
     gate_metric: str = "recall@10"  # of the better of dense/hybrid; any evaluation.METRIC_KEYS key
     gate_tolerance: float = 0.0

@@ -96,7 +96,7 @@ def _prefetch(make, items, depth: int = 4):
                 thread.join(0.01)
 
 
-def encode(model, texts: list[str], batch_tokens: int = 8192, prefix: str = "") -> np.ndarray:
+def encode(model, texts: list[str], batch_tokens: int = 4096, prefix: str = "") -> np.ndarray:
     """Embed ``texts`` with a SentenceTransformer; float32, L2-normalised, in input order.
 
     Batches are length-sorted and sized by a padded-token budget; a background thread tokenizes the next batches
@@ -115,7 +115,9 @@ def encode(model, texts: list[str], batch_tokens: int = 8192, prefix: str = "") 
     def tokenize(batch: list[int]) -> dict:
         return prep([texts[i] for i in batch])
 
-    with torch.inference_mode(), autocast(device):
+    # bf16 weights (load_model(inference=True)) need no autocast; fp32 weights get it where bf16 is fast.
+    fp32 = next(model.parameters()).dtype == torch.float32
+    with torch.inference_mode(), autocast(device) if fp32 else contextlib.nullcontext():
         for batch, features in _prefetch(tokenize, token_batches(lengths, batch_tokens)):
             features = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in features.items()}
             emb = model(features)["sentence_embedding"].float()

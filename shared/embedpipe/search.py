@@ -33,7 +33,7 @@ class NotIndexed(LookupError):
 
 @functools.lru_cache(maxsize=4)
 def _model(uri: str):
-    return load_model(uri)
+    return load_model(uri, inference=True)
 
 
 def model_for(uri: str):

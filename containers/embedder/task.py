@@ -22,26 +22,18 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from embedpipe import datasets, incremental, logs, storage
-from embedpipe.embedding import encode
+from embedpipe import datasets, distributed, incremental, logs, storage
+from embedpipe.embedding import encode, shard
 from embedpipe.model import load_model
 
 log = logging.getLogger("embedder")
 
 
 def replica() -> tuple[int, int]:
-    """(index, count) of this replica from CLUSTER_SPEC: pool 0 is replica 0, pool 1 holds the rest."""
-    spec = json.loads(os.environ.get("CLUSTER_SPEC") or "{}")
-    if not spec:
-        return 0, 1
-    cluster, task = spec["cluster"], spec["task"]
-    count = sum(len(v) for k, v in cluster.items() if k.startswith("workerpool") and k != "workerpool2")
-    index = 0 if task["type"] == "workerpool0" else 1 + int(task["index"])
-    return index, count
-
-
-def shard(ids: list[str], index: int, count: int) -> list[str]:
-    return sorted(ids)[index::count]
+    """(index, count) of this replica: its rank and world size from CLUSTER_SPEC (pool 0 is replica 0, pool 1 holds
+    the rest) or torchrun env, parsed by the same code the trainer uses."""
+    info = distributed.from_env()
+    return info.rank, info.world_size
 
 
 def write_parquet(uri: str, columns: dict) -> None:

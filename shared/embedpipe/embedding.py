@@ -124,3 +124,11 @@ def encode(model, texts: list[str], batch_tokens: int = 4096, prefix: str = "") 
             emb = torch.nn.functional.normalize(emb, dim=-1)
             out[batch] = emb.cpu().numpy()
     return out
+
+
+def shard(ids, index: int, count: int) -> list[str]:
+    """Replica ``index`` of ``count``'s share: every ``count``-th id in sorted order, so the replicas together
+    embed every document exactly once, whatever order each of them listed the corpus in."""
+    if not 0 <= index < count:
+        raise ValueError(f"replica index {index} is not within 0..{count - 1}")
+    return sorted(ids)[index::count]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from embedpipe.embedding import token_batches
+from embedpipe.embedding import shard, token_batches
 
 
 def check(lengths: list[int], budget: int, max_batch: int = 512) -> list[list[int]]:
@@ -51,3 +51,17 @@ def test_random_lengths_respect_the_budget(seed):
     for b, nxt in zip(batches, batches[1:]):
         longest = lengths[b[0]]
         assert len(b) == 64 or (len(b) + 1) * max(longest, lengths[nxt[0]]) > 2048
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 7])
+def test_replica_shards_cover_every_document_exactly_once(count):
+    ids = [f"doc-{i}" for i in range(103)]
+    shuffled = ids[::-1]  # each replica may list the corpus in another order
+    shards = [shard(shuffled if i % 2 else ids, i, count) for i in range(count)]
+    assert sorted(x for s in shards for x in s) == sorted(ids)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_replica_index_out_of_range_is_refused():
+    with pytest.raises(ValueError):
+        shard(["a"], 3, 3)

@@ -10,6 +10,7 @@ from google.api_core import exceptions as gexc
 
 from embedpipe import topology
 from embedpipe.events import Event
+from embedpipe.retries import transient
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def topic_path(project: str, topic: str) -> str:
     return f"projects/{project}/topics/{topic}"
 
 
+@transient
 def publish(project: str, topic: str, event: Event, timeout: float = 30.0) -> str:
     """Publish one CloudEvent and wait for the server's ack; returns the message id."""
     data, attrs = event.to_pubsub()
@@ -38,6 +40,7 @@ def publish(project: str, topic: str, event: Event, timeout: float = 30.0) -> st
     return message_id
 
 
+@transient
 def publish_raw(project: str, topic: str, data: bytes, timeout: float = 30.0, **attrs: str) -> str:
     return publisher().publish(topic_path(project, topic), data, **attrs).result(timeout=timeout)
 

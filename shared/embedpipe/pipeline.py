@@ -25,6 +25,7 @@ from embedpipe.events import (
 )
 from embedpipe.jobs import SUCCEEDED, JobLauncher, JobSpec
 from embedpipe.jobs import launcher as make_launcher
+from embedpipe.retries import transient
 from embedpipe.runs import EMBEDDING, INDEXING, PENDING, TRAINING, Ledger
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ class Pipeline:
 
     def _submit(self, record: dict, stage: str, attempt: int, from_state: str) -> None:
         spec = self.train_spec(record, attempt) if stage == "train" else self.embed_spec(record, attempt)
-        name = self.launcher.submit(spec)
+        name = transient(self.launcher.submit)(spec)  # keyed, so a retried submit is the same job
         job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(time.time())}
 
         def fn(rec):
@@ -319,7 +320,7 @@ class Pipeline:
     def on_job_event(self, hint: JobStateHint) -> str:
         name = self.launcher.name_for(hint.job_id)
         try:
-            status = self.launcher.get(name)
+            status = transient(self.launcher.get)(name)
         except (FileNotFoundError, KeyError, LookupError):
             return f"unknown job {name}: ignored"
         return self.on_job_status(status)
@@ -434,7 +435,7 @@ class Pipeline:
             stage = {TRAINING: "train", EMBEDDING: "embed"}.get(record["state"])
             job = record["jobs"].get(stage) if stage else None
             if job:
-                status = self.launcher.get(job["name"])
+                status = transient(self.launcher.get)(job["name"])
                 if status.done:
                     notes.append(self.on_job_status(status))
         return notes

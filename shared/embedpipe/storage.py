@@ -16,6 +16,8 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
+from embedpipe.retries import transient
+
 
 class PreconditionFailed(Exception):
     """A create-only or compare-and-set write lost the race: someone else wrote first."""
@@ -59,10 +61,12 @@ def ensure_bucket(name: str) -> None:
         pass
 
 
+@transient
 def read_bytes(uri: str) -> bytes:
     return blob(uri).download_as_bytes()
 
 
+@transient
 def read_json_gen(uri: str) -> tuple[Any, int]:
     """The JSON document at ``uri`` and its generation, or ``(None, 0)`` when absent (0 = "create only")."""
     b = blob(uri)
@@ -77,6 +81,7 @@ def read_json(uri: str) -> Any:
     return read_json_gen(uri)[0]
 
 
+@transient
 def write_bytes(
     uri: str, data: bytes, content_type: str = "application/octet-stream", if_generation_match: int | None = None
 ) -> int:
@@ -94,6 +99,7 @@ def write_json(uri: str, obj: Any, if_generation_match: int | None = None) -> in
     return write_bytes(uri, data, "application/json", if_generation_match)
 
 
+@transient
 def delete(uri: str) -> None:
     try:
         blob(uri).delete()
@@ -101,6 +107,7 @@ def delete(uri: str) -> None:
         pass
 
 
+@transient
 def exists(uri: str) -> bool:
     return blob(uri).exists()
 
@@ -112,6 +119,7 @@ def list_uris(prefix_uri: str) -> Iterator[tuple[str, int]]:
         yield f"gs://{bucket}/{b.name}", int(b.generation)
 
 
+@transient
 def upload_file(path: Path, uri: str) -> int:
     b = blob(uri)
     b.upload_from_filename(str(path))

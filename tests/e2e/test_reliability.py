@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embedpipe import bus, datasets, runs, stack, storage, topology, vectorstore
@@ -58,8 +59,23 @@ def index_ids(settings, alias: str) -> set[str]:
     return set(vectorstore.ids_and_hashes(client, alias))
 
 
-def corpus_ids(folder: Path = TINY) -> set[str]:
-    return set(datasets.load_dir(folder).corpus)
+def assert_index_is_the_corpus(settings, record: dict, folder: Path = TINY) -> None:
+    """The live collection holds exactly the corpus' ids, and each row's vector embeds its own document (with the
+    run's model), so no row was lost, duplicated or mixed up by the fault."""
+    from embedpipe.embedding import encode
+    from embedpipe.model import load_model
+
+    corpus = datasets.load_dir(folder).corpus
+    alias = vectorstore.alias_name(record["dataset"])
+    assert index_ids(settings, alias) == set(corpus)
+    client = vectorstore.connect(settings.milvus_uri, settings.milvus_token)
+    ids = sorted(corpus)
+    rows = {r["id"]: r["dense"] for r in client.get(collection_name=alias, ids=ids, output_fields=["id", "dense"])}
+    model, _ = load_model(record["model"]["uri"])
+    want = encode(model, [corpus[i].full_text for i in ids])
+    got = np.array([rows[i] for i in ids], dtype=np.float32)
+    cos = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.999, f"row {ids[int(cos.argmin())]} does not hold its document's vector"
 
 
 def subscribe(settings, topic: str, name: str) -> str:
@@ -113,7 +129,7 @@ def test_every_event_delivered_three_times(env_stack):
     assert sorted(record["triggers"]) == sorted(keys)
     events = [json.loads(d) for d, a, _ in drain(updated, 2) if a.get("ce-subject") == record["run_id"]]
     assert len(events) == 1, "exactly one index-updated per run"
-    assert index_ids(settings, "dups") == corpus_ids()
+    assert_index_is_the_corpus(settings, record)
 
 
 def _replica_pids(job_dir: Path) -> list[int]:
@@ -122,27 +138,29 @@ def _replica_pids(job_dir: Path) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def test_killed_trainer_is_retried(env_stack):
+@pytest.mark.parametrize("stage", ["train", "embed"])
+def test_killed_job_process_is_retried(env_stack, stage):
     settings, _ = env_stack
     ledger = Ledger(settings.artifacts_bucket)
-    keys = upload_folder(settings, TINY, "killjob")
+    keys = upload_folder(settings, TINY, f"kill-{stage}")
+    state = {"train": runs.TRAINING, "embed": runs.EMBEDDING}[stage]
 
-    def training_replica():
+    def replica_of_stage():
         claim = ledger.get_claim(keys[0])
         record = claim and ledger.get_run(claim["run_id"])
-        if not record or record["state"] != runs.TRAINING:
+        if not record or record["state"] != state:
             return None
-        job_dir = settings.state_path / "jobs" / record["jobs"]["train"]["name"].rsplit("/", 1)[-1]
+        job_dir = settings.state_path / "jobs" / record["jobs"][stage]["name"].rsplit("/", 1)[-1]
         return _replica_pids(job_dir) if (job_dir / "runner.pid").exists() else None
 
-    for pid in wait_for(training_replica, 120, "the training replica process"):
+    for pid in wait_for(replica_of_stage, 120, f"the {stage} replica process", interval=0.1):
         os.kill(pid, signal.SIGKILL)
     (record,) = wait_runs_done(ledger, keys)
     assert record["state"] == runs.SUCCEEDED, record.get("error")
-    assert record["jobs"]["train"]["attempt"] == 2
-    trains = [s for s in job_specs(settings, record["run_id"]) if s["labels"]["stage"] == "train"]
-    assert sorted(s["status"]["state"] for s in trains) == ["FAILED", "SUCCEEDED"]
-    assert index_ids(settings, "killjob") == corpus_ids()
+    assert record["jobs"][stage]["attempt"] == 2
+    jobs = [s for s in job_specs(settings, record["run_id"]) if s["labels"]["stage"] == stage]
+    assert sorted(s["status"]["state"] for s in jobs) == ["FAILED", "SUCCEEDED"]
+    assert_index_is_the_corpus(settings, record)
 
 
 def test_function_process_killed_then_restarted(env_stack):
@@ -161,7 +179,7 @@ def test_function_process_killed_then_restarted(env_stack):
     assert cli(env, "up").returncode == 0  # restarts what is not running
     (record,) = wait_runs_done(ledger, keys)
     assert record["state"] == runs.SUCCEEDED, record.get("error")
-    assert index_ids(settings, "killfn") == corpus_ids()
+    assert_index_is_the_corpus(settings, record)
 
 
 def test_milvus_restart_before_upserts(env_stack):
@@ -187,7 +205,7 @@ def test_milvus_restart_before_upserts(env_stack):
     assert cli(env, "up").returncode == 0
     (record,) = wait_runs_done(ledger, keys)
     assert record["state"] == runs.SUCCEEDED, record.get("error")
-    assert index_ids(settings, "milvusdown") == corpus_ids()
+    assert_index_is_the_corpus(settings, record)
     after = {name: index_ids(settings, name) for name in before}
     assert after == before, "what was indexed before survives the restart"
 
@@ -206,7 +224,7 @@ def test_pubsub_emulator_restart_mid_run(env_stack):
     assert cli(env, "up").returncode == 0  # restarts the emulator and re-provisions the topology
     (record,) = wait_runs_done(ledger, keys)
     assert record["state"] == runs.SUCCEEDED, record.get("error")
-    assert index_ids(settings, "pubsubdown") == corpus_ids()
+    assert_index_is_the_corpus(settings, record)
 
 
 def test_poison_message_ends_in_dead_letter_topic(env_stack):

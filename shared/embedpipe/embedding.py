@@ -6,10 +6,10 @@ import contextlib
 import functools
 import logging
 import os
-import queue
-import threading
 
 import numpy as np
+
+from embedpipe.prefetch import prefetch
 
 log = logging.getLogger(__name__)
 
@@ -59,43 +59,6 @@ def _dim(model) -> int:
     return get()
 
 
-def _prefetch(make, items, depth: int = 4):
-    """Yield ``make(item)`` for each item, computed ahead by a background thread (the Rust tokenizer releases the
-    GIL, so tokenizing batch i+1 overlaps the forward pass of batch i). Errors are re-raised in the caller."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce():
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put((item, make(item)))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put((done, exc))
-            return
-        q.put((done, None))
-
-    thread = threading.Thread(target=produce, name="tokenize", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, value = q.get()
-            if item is done:
-                if value is not None:
-                    raise value
-                return
-            yield item, value
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
-
-
 def encode(model, texts: list[str], batch_tokens: int = 4096, prefix: str = "") -> np.ndarray:
     """Embed ``texts`` with a SentenceTransformer; float32, L2-normalised, in input order.
 
@@ -118,7 +81,7 @@ def encode(model, texts: list[str], batch_tokens: int = 4096, prefix: str = "") 
     # bf16 weights (load_model(inference=True)) need no autocast; fp32 weights get it where bf16 is fast.
     fp32 = next(model.parameters()).dtype == torch.float32
     with torch.inference_mode(), autocast(device) if fp32 else contextlib.nullcontext():
-        for batch, features in _prefetch(tokenize, token_batches(lengths, batch_tokens)):
+        for batch, features in prefetch(tokenize, token_batches(lengths, batch_tokens), name="tokenize"):
             features = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in features.items()}
             emb = model(features)["sentence_embedding"].float()
             emb = torch.nn.functional.normalize(emb, dim=-1)

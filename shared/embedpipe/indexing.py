@@ -12,9 +12,12 @@ import json
 import logging
 import time
 
+import numpy as np
+
 from embedpipe import bulkload, evaluation, report, runs, storage, topology, vectorstore
 from embedpipe.events import INDEX_UPDATED, Event, validate
 from embedpipe.pipeline import Pipeline
+from embedpipe.prefetch import prefetch
 from embedpipe.runs import INDEXING, PUBLISHING, SUCCEEDED
 
 log = logging.getLogger(__name__)
@@ -129,17 +132,30 @@ def load_shards(
 
 
 def upsert_tables(client, collection: str, tables, watch: Stopwatch, batch: int = UPSERT_BATCH) -> int:
-    """Row upserts in batches (by primary key, so a redelivered request rewrites the same rows)."""
+    """Row upserts in batches (by primary key, so a redelivered request rewrites the same rows). The next batch's
+    rows are built in a background thread while the current one is on the wire, and vectors go over as numpy rows
+    (no Python float per component)."""
+
+    def pieces():
+        for table in tables:
+            for start in range(0, table.num_rows, batch):
+                yield table.slice(start, batch)
+
+    def rows_of(part):
+        vectors = np.asarray(part.column("vector").combine_chunks().flatten(), dtype=np.float32)
+        cols = {c: part.column(c).to_pylist() for c in ("id", "text", "title", "content_hash", "metadata")}
+        return vectorstore.rows_from(
+            cols["id"],
+            list(vectors.reshape(part.num_rows, -1)),
+            cols["text"],
+            cols["title"],
+            cols["content_hash"],
+            [json.loads(x) for x in cols["metadata"]],
+        )
+
     upserted = 0
-    for table in tables:
-        cols = {c: table.column(c).to_pylist() for c in ("id", "vector", "text", "title", "content_hash", "metadata")}
-        cols["metadata"] = [json.loads(x) for x in cols["metadata"]]
-        for start in range(0, table.num_rows, batch):
-            sl = slice(start, start + batch)
-            rows = vectorstore.rows_from(
-                *(cols[c][sl] for c in ("id", "vector", "text", "title", "content_hash", "metadata"))
-            )
-            upserted += watch(vectorstore.upsert_batch, client, collection, rows)
+    for _, rows in prefetch(rows_of, pieces(), depth=2, name="upsert-rows"):
+        upserted += watch(vectorstore.upsert_batch, client, collection, rows)
     return upserted
 
 

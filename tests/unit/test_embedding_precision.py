@@ -49,6 +49,6 @@ def test_prefetch_reraises_producer_errors():
 
     got = []
     with pytest.raises(RuntimeError, match="tokenizer failed"):
-        for _item, value in embedding._prefetch(boom, range(10), depth=2):
+        for _item, value in embedding.prefetch(boom, range(10), depth=2):
             got.append(value)
     assert got == [0, 1, 2]

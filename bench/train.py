@@ -6,7 +6,8 @@ is ``SentenceTransformerTrainer`` with its defaults (fp32, no length grouping); 
 has it and length-grouped batches. Throughput = pairs / wall seconds of the training call. Both models are then
 evaluated the same way (exact cosine top-100 over the demo corpus, ``recall@10`` on the test qrels).
 
-Environment knobs: ``BENCH_TRAIN_STEPS`` (default 20), ``BENCH_TRAIN_BATCH`` (32, our training default), ``BENCH_TRAIN_SEQ`` (128).
+Environment knobs: ``BENCH_TRAIN_STEPS`` (default 20), ``BENCH_TRAIN_BATCH`` (32, our training default),
+``BENCH_TRAIN_SEQ`` (128).
 """
 
 from __future__ import annotations

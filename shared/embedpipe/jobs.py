@@ -78,7 +78,8 @@ class JobLauncher(Protocol):
     def name_for(self, job_id: str) -> str: ...
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, or one that vanished while we looked, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -154,7 +155,7 @@ class LocalJobLauncher:
         if status.done:
             return status
         pid_file = job_dir / "runner.pid"
-        if pid_file.exists() and not _pid_alive(int(pid_file.read_text())):
+        if pid_file.exists() and not pid_alive(int(pid_file.read_text())):
             status, _ = read()  # it may have just finished
             if not status.done:  # the runner died without recording an end (killed): the job failed
                 return JobStatus(name, FAILED, spec["labels"], "job runner process died")
@@ -178,7 +179,7 @@ class LocalJobLauncher:
         pids = []
         for pid_file in self.root.glob("*/runner.pid") if self.root.exists() else []:
             pid = int(pid_file.read_text())
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 pids.append(pid)
         return pids
 

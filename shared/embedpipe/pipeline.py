@@ -128,6 +128,7 @@ class Pipeline:
         """Record a bad file in its run (per-file errors; the run goes on with the valid files) and tell
         run-events subscribers which object, line and reason."""
         if run_id:
+
             def fn(record):
                 if key in record.setdefault("file_errors", {}):
                     return None
@@ -135,8 +136,12 @@ class Pipeline:
                 return record
 
             self.ledger.update_run(run_id, fn)
-        self.publish(topology.RUN_EVENTS, Event(intake.FILE_REJECTED, {"run_id": run_id, **rejection.to_dict()},
-                                                id=f"{key}/rejected", subject=run_id))
+        self.publish(
+            topology.RUN_EVENTS,
+            Event(
+                intake.FILE_REJECTED, {"run_id": run_id, **rejection.to_dict()}, id=f"{key}/rejected", subject=run_id
+            ),
+        )
 
     def on_retrain(self, req: RetrainRequest) -> str:
         overrides = checked_overrides(req)

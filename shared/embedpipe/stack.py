@@ -28,7 +28,7 @@ from pathlib import Path
 
 from embedpipe import bus, storage, topology
 from embedpipe.config import Settings, repo_root
-from embedpipe.jobs import LocalJobLauncher
+from embedpipe.jobs import LocalJobLauncher, pid_alive
 
 
 class StackError(RuntimeError):
@@ -179,24 +179,11 @@ def _pid_file(settings: Settings, name: str) -> Path:
     return settings.state_path / "pids" / f"{name}.pid"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _pid(settings: Settings, name: str) -> int | None:
     f = _pid_file(settings, name)
     if f.exists():
         pid = int(f.read_text())
-        if _alive(pid):
+        if pid_alive(pid):
             return pid
     return None
 
@@ -332,13 +319,13 @@ def down(settings: Settings, echo=print, timeout: float = 15.0) -> None:
     for pid in pids.values():
         _kill_group(pid, signal.SIGTERM)
     deadline = time.time() + timeout
-    while time.time() < deadline and any(_alive(p) for p in pids.values()):
+    while time.time() < deadline and any(pid_alive(p) for p in pids.values()):
         time.sleep(0.1)
     for pid in pids.values():
-        if _alive(pid):
+        if pid_alive(pid):
             _kill_group(pid, signal.SIGKILL)
     for name, pid in pids.items():
-        while _alive(pid):
+        while pid_alive(pid):
             time.sleep(0.05)
         echo(f"  {name:<22} stopped")
         _pid_file(settings, name).unlink(missing_ok=True)
@@ -364,7 +351,7 @@ def kill_part(settings: Settings, name: str, sig: int = signal.SIGKILL) -> int |
     pid = _pid(settings, name)
     if pid:
         _kill_group(pid, sig)
-        while _alive(pid):
+        while pid_alive(pid):
             time.sleep(0.05)
         _pid_file(settings, name).unlink(missing_ok=True)
     return pid

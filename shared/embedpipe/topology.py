@@ -86,9 +86,11 @@ DATA_NOTIFICATION_EVENTS = ("OBJECT_FINALIZE",)
 # publishes the same LogEntry). Only job-level entries that carry a terminal state label pass the filter.
 JOB_LOG_SINK = "embedpipe-job-events"
 JOB_LOG_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "PARTIALLY_SUCCEEDED", "EXPIRED")
-JOB_LOG_FILTER = 'resource.type="ml_job" AND (' + " OR ".join(
-    f'labels."ml.googleapis.com/job_state"="{state}"' for state in JOB_LOG_STATES
-) + ")"
+JOB_LOG_FILTER = (
+    'resource.type="ml_job" AND ('
+    + " OR ".join(f'labels."ml.googleapis.com/job_state"="{state}"' for state in JOB_LOG_STATES)
+    + ")"
+)
 # Cloud Scheduler job publishing to reconcile-ticks (local: the ticker, every EMBEDPIPE_TICK_S seconds).
 RECONCILE_SCHEDULER_JOB = "embedpipe-reconcile-tick"
 RECONCILE_SCHEDULE = "*/5 * * * *"

@@ -58,8 +58,19 @@ def test_upload_wait_prints_index_updated(local_stack):
 
 def test_retrain_compares_with_the_live_index(local_stack):
     settings, env = local_stack
-    result = cli(env, "retrain", "--dataset", "tiny", "--set", "max_steps=2", "--set", "learning_rate=1e-4",
-                 "--wait", "--timeout", "300")
+    result = cli(
+        env,
+        "retrain",
+        "--dataset",
+        "tiny",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "learning_rate=1e-4",
+        "--wait",
+        "--timeout",
+        "300",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)["data"]
     assert data["trigger"]["type"] == "retrain"
@@ -109,5 +120,5 @@ def test_down_leaves_no_process(local_stack):
     result = cli(env, "down")
     assert result.returncode == 0, result.stderr
     for pid in pids:
-        assert not stack._alive(pid), f"process {pid} still running after down"
+        assert not stack.pid_alive(pid), f"process {pid} still running after down"
     assert all(p["health"] == "stopped" for p in stack.status(settings))

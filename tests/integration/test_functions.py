@@ -13,7 +13,7 @@ import pytest
 from embedpipe import bus, datasets, runs, storage, topology, vectorstore
 from embedpipe.jobs import LocalJobLauncher
 from embedpipe.runs import Ledger
-from tests.helpers import FIXTURES, ROOT, post, push_event, upload_folder
+from tests.helpers import FIXTURES, ROOT, job_specs, post, push_event, upload_folder
 
 
 def client_for(name: str):
@@ -46,11 +46,6 @@ def subs(services):
     return out
 
 
-def job_count(settings) -> int:
-    root = settings.state_path / "jobs"
-    return len(list(root.iterdir())) if root.exists() else 0
-
-
 def test_whole_loop_through_each_function(services, subs):
     s, ledger = services, Ledger(services.artifacts_bucket)
     corpus_ids = set(datasets.load_dir(FIXTURES / "tiny_beir").corpus)
@@ -81,7 +76,7 @@ def test_whole_loop_through_each_function(services, subs):
     assert post(reconcile, tick) == 200
     record = ledger.get_run(run_id)
     assert record["state"] == runs.TRAINING
-    assert job_count(s) == 1
+    assert len(job_specs(s, run_id)) == 1  # the session's other tests share this job folder
     status = LocalJobLauncher(s).get(record["jobs"]["train"]["name"])
     assert status.labels == {"run_id": run_id, "stage": "train"}
 
@@ -97,7 +92,7 @@ def test_whole_loop_through_each_function(services, subs):
         assert post(on_job, push_event(data, attrs, topology.JOB_EVENTS, message_id=mid)) == 200
     record = ledger.get_run(run_id)
     assert record["state"] == runs.EMBEDDING
-    assert job_count(s) == 2
+    assert len(job_specs(s, run_id)) == 2
 
     data, attrs, mid = wait_messages(subs[topology.JOB_EVENTS])[0]
     assert json.loads(data)["labels"]["ml.googleapis.com/job_state"] == "SUCCEEDED"
@@ -131,7 +126,7 @@ def test_whole_loop_through_each_function(services, subs):
     # A late job event for a stage the run has passed is a logged no-op.
     assert post(on_job, push_event(data=json.dumps(entry).encode(), attributes={}, topic=topology.JOB_EVENTS)) == 200
     assert ledger.get_run(run_id)["state"] == runs.SUCCEEDED
-    assert job_count(s) == 2
+    assert len(job_specs(s, run_id)) == 2
 
 
 def test_retrain_message_launches_one_run(services):
@@ -140,7 +135,6 @@ def test_retrain_message_launches_one_run(services):
     fn = client_for("on-retrain-requested")
     body = json.dumps({"dataset": "retrain-ds", "overrides": {"max_steps": 2}, "reason": "test"}).encode()
     event = push_event(body, {}, topology.RETRAIN_REQUESTS, message_id="4242")
-    before = job_count(s)
     for _ in range(3):
         assert post(fn, event) == 200
     run_id = ledger.get_claim("pubsub/retrain/4242")["run_id"]
@@ -148,7 +142,7 @@ def test_retrain_message_launches_one_run(services):
     assert record["state"] == runs.TRAINING
     assert record["overrides"] == {"max_steps": 2}
     assert record["trigger"]["type"] == "retrain"
-    assert job_count(s) == before + 1
+    assert len(job_specs(s, run_id)) == 1
     LocalJobLauncher(s).cancel(record["jobs"]["train"]["name"])
 
 

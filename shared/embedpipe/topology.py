@@ -100,31 +100,22 @@ IMAGES = ("trainer", "embedder")
 # Least-privilege access per identity. Identities: each component (its own service account), "job" (what Vertex AI
 # jobs run as) and "push" (what push subscriptions sign their OIDC tokens as). Targets: "project", "bucket:<field>",
 # "topic:<topic>", "sa:<identity>". Why each grant exists is in deploy/README.md.
+_LEDGER = ("bucket:artifacts_bucket", "roles/storage.objectUser")  # run ledger, claims, run records
+_INTAKE = ("bucket:data_bucket", "roles/storage.objectUser")  # reads uploads, moves bad ones under quarantine/
+_RUN_EVENTS = ("topic:" + RUN_EVENTS, "roles/pubsub.publisher")  # stage changes, run.failed, file.rejected
+# Whatever may launch a run: launch-time intake, submitting Vertex jobs as the job identity.
+_LAUNCHER = (
+    _LEDGER,
+    _INTAKE,
+    ("project", "roles/aiplatform.user"),
+    ("sa:job", "roles/iam.serviceAccountUser"),
+    _RUN_EVENTS,
+)
 ACCESS: dict[str, tuple[tuple[str, str], ...]] = {
-    "on-data-uploaded": (("bucket:artifacts_bucket", "roles/storage.objectUser"),),
-    "on-retrain-requested": (
-        ("bucket:artifacts_bucket", "roles/storage.objectUser"),
-        ("bucket:data_bucket", "roles/storage.objectViewer"),
-        ("project", "roles/aiplatform.user"),
-        ("sa:job", "roles/iam.serviceAccountUser"),
-        ("topic:" + RUN_EVENTS, "roles/pubsub.publisher"),
-    ),
-    "on-job-event": (
-        ("bucket:artifacts_bucket", "roles/storage.objectUser"),
-        ("bucket:data_bucket", "roles/storage.objectViewer"),
-        ("project", "roles/aiplatform.user"),
-        ("sa:job", "roles/iam.serviceAccountUser"),
-        ("topic:" + RUN_EVENTS, "roles/pubsub.publisher"),
-        ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher"),
-    ),
-    "reconcile": (
-        ("bucket:artifacts_bucket", "roles/storage.objectUser"),
-        ("bucket:data_bucket", "roles/storage.objectViewer"),
-        ("project", "roles/aiplatform.user"),
-        ("sa:job", "roles/iam.serviceAccountUser"),
-        ("topic:" + RUN_EVENTS, "roles/pubsub.publisher"),
-        ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher"),
-    ),
+    "on-data-uploaded": (_LEDGER, _INTAKE, _RUN_EVENTS),
+    "on-retrain-requested": _LAUNCHER,
+    "on-job-event": (*_LAUNCHER, ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher")),
+    "reconcile": (*_LAUNCHER, ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher")),
     "indexer": (
         ("bucket:artifacts_bucket", "roles/storage.objectUser"),
         ("bucket:data_bucket", "roles/storage.objectViewer"),

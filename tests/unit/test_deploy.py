@@ -68,7 +68,15 @@ def test_dry_run_prints_the_whole_plan_and_touches_nothing(monkeypatch, tmp_path
 def test_least_privilege_bindings(cfg):
     steps = {s.name: s for s in deploy.plan(cfg)}
     bucket_iam = " ".join(" ".join(a) for a in steps["gs://demo-project-embedpipe-data"].iam)
-    assert "ep-on-data-uploaded@" not in bucket_iam, "the upload function never reads the data bucket"
+    # intake reads each upload and moves a bad one under quarantine/: objectUser on the data bucket, nothing more
+    upload_fn = "ep-on-data-uploaded@demo-project.iam.gserviceaccount.com --role=roles/storage.objectUser"
+    assert upload_fn in bucket_iam
+    assert [
+        a
+        for s in steps.values()
+        for a in s.iam
+        if a[1:3] == ["projects", "add-iam-policy-binding"] and "ep-on-data-uploaded@" in " ".join(a)
+    ] == [], "the upload function launches nothing"
     assert "ep-job@demo-project.iam.gserviceaccount.com --role=roles/storage.objectViewer" in bucket_iam
     search_roles = [a for s in steps.values() for a in s.iam if "--member=serviceAccount:ep-search@" in " ".join(a)]
     assert [r[-2] for r in search_roles] == ["--role=roles/storage.objectViewer"]

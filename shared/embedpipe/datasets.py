@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,7 +281,3 @@ def dataset_of(object_name: str) -> tuple[str, str] | None:
     if ".." in parts[2].split("/") or any(ord(c) < 32 for c in parts[2]):
         return None
     return (parts[1], parts[2]) if classify(parts[2]) else None
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="embedpipe-"))

@@ -17,7 +17,6 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 16000  # VARCHAR max_length is in bytes (65535); 4 bytes per char worst case
-OUTPUT_FIELDS = ["id", "title"]
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_permit_without_calls": False}
 PROP = "embedpipe."  # collection properties: the model fingerprint, dim and URI (descriptions are not kept by Lite)
 

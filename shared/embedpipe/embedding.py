@@ -38,19 +38,26 @@ def autocast(device: str = "cpu"):
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
 
 
-def token_batches(lengths: list[int], batch_tokens: int, max_batch: int = 512) -> list[list[int]]:
-    """Indices grouped longest-first so each batch's padded size (rows x longest row) stays within the budget."""
+def padded(length: int, multiple: int, cap: int | None = None) -> int:
+    """``length`` rounded up to ``multiple`` (never past ``cap``): few distinct batch shapes, since CPU (oneDNN)
+    and GPU kernels are built or tuned per shape and tensor cores want multiples of 8/16."""
+    rounded = -(-length // multiple) * multiple
+    return max(length, min(rounded, cap)) if cap else rounded
+
+
+def token_batches(
+    lengths: list[int], batch_tokens: int, max_batch: int = 512, multiple: int = 1, cap: int | None = None
+) -> list[list[int]]:
+    """Indices grouped longest-first so each batch's padded size (rows x longest row, rounded up to ``multiple``)
+    stays within the budget. Batches headed by the same rounded length get the same shape."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current, longest = [], [], 0
+    batches: list[list[int]] = []
+    rows = 0
     for i in order:
-        longest_if_added = max(longest, lengths[i])
-        if current and (longest_if_added * (len(current) + 1) > batch_tokens or len(current) >= max_batch):
-            batches.append(current)
-            current, longest_if_added = [], lengths[i]
-        current.append(i)
-        longest = longest_if_added
-    if current:
-        batches.append(current)
+        if not batches or len(batches[-1]) >= rows:
+            batches.append([])
+            rows = min(max_batch, max(1, batch_tokens // padded(lengths[i], multiple, cap)))
+        batches[-1].append(i)
     return batches
 
 
@@ -59,34 +66,53 @@ def _dim(model) -> int:
     return get()
 
 
-def encode(model, texts: list[str], batch_tokens: int = 4096, prefix: str = "") -> np.ndarray:
+def encode(
+    model, texts: list[str], batch_tokens: int = 4096, prefix: str = "", chunk: int = 4096, multiple: int = 16
+) -> np.ndarray:
     """Embed ``texts`` with a SentenceTransformer; float32, L2-normalised, in input order.
 
-    Batches are length-sorted and sized by a padded-token budget; a background thread tokenizes the next batches
-    while the model runs; bf16 autocast where the hardware is fast at it (``bf16_supported``)."""
+    Texts are tokenized once, ``chunk`` at a time, in a background thread (the Rust tokenizer releases the GIL) while
+    the model runs on the previous chunk; within a chunk, rows are length-sorted into batches sized by a padded-token
+    budget. bf16 weights (``load_model(inference=True)``) run as they are; fp32 weights get autocast where bf16 is fast
+    (``bf16_supported``)."""
     import torch
 
     if not texts:
         return np.zeros((0, _dim(model)), dtype=np.float32)
     texts = [prefix + t for t in texts] if prefix else list(texts)
-    tok = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length, add_special_tokens=True)
-    lengths = [len(ids) for ids in tok["input_ids"]]
-    device = str(model.device)
     out = np.zeros((len(texts), _dim(model)), dtype=np.float32)
     prep = getattr(model, "preprocess", None) or model.tokenize
+    left = getattr(model.tokenizer, "padding_side", "right") == "left"
 
-    def tokenize(batch: list[int]) -> dict:
-        return prep([texts[i] for i in batch])
+    def tokenize(start: int) -> dict:
+        # the model's own preprocessing (lower-casing, prompts, truncation at max_seq_length), padded per chunk
+        return prep(texts[start : start + chunk])
 
-    # bf16 weights (load_model(inference=True)) need no autocast; fp32 weights get it where bf16 is fast.
     fp32 = next(model.parameters()).dtype == torch.float32
-    with torch.inference_mode(), autocast(device) if fp32 else contextlib.nullcontext():
-        for batch, features in prefetch(tokenize, token_batches(lengths, batch_tokens), name="tokenize"):
-            features = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in features.items()}
-            emb = model(features)["sentence_embedding"].float()
-            emb = torch.nn.functional.normalize(emb, dim=-1)
-            out[batch] = emb.cpu().numpy()
+    with torch.inference_mode(), autocast(str(model.device)) if fp32 else contextlib.nullcontext():
+        for start, features in prefetch(tokenize, range(0, len(texts), chunk), depth=2, name="tokenize"):
+            mask = features["attention_mask"]
+            lengths = mask.sum(dim=1).tolist()
+            width = mask.shape[1]
+            for batch in token_batches(lengths, batch_tokens, multiple=multiple, cap=width):
+                cols = padded(max(lengths[i] for i in batch), multiple, width)
+                span = slice(width - cols, width) if left else slice(0, cols)
+                rows = torch.tensor(batch)
+                part = {k: _rows(v, rows, span, mask.shape) for k, v in features.items()}
+                part = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in part.items()}
+                emb = model(part)["sentence_embedding"].float()
+                out[[start + i for i in batch]] = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
     return out
+
+
+def _rows(value, rows, span: slice, shape):
+    """One batch's slice of a chunk's feature: its rows, and only as many (padded) columns as it needs."""
+    if not hasattr(value, "index_select") or value.dim() == 0 or value.shape[0] != shape[0]:
+        return value
+    value = value.index_select(0, rows.to(value.device))
+    if value.dim() >= 2 and value.shape[1] == shape[1]:
+        value = value[:, span]
+    return value
 
 
 def shard(ids, index: int, count: int) -> list[str]:

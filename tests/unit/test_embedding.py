@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from embedpipe.embedding import shard, token_batches
+from embedpipe.embedding import padded, shard, token_batches
 
 
 def check(lengths: list[int], budget: int, max_batch: int = 512) -> list[list[int]]:
@@ -51,6 +51,25 @@ def test_random_lengths_respect_the_budget(seed):
     for b, nxt in zip(batches, batches[1:]):
         longest = lengths[b[0]]
         assert len(b) == 64 or (len(b) + 1) * max(longest, lengths[nxt[0]]) > 2048
+
+
+def test_padded_rounds_up_within_the_cap():
+    assert [padded(n, 16) for n in (1, 16, 17, 150)] == [16, 16, 32, 160]
+    assert padded(150, 16, cap=150) == 150  # never past the chunk's (or the model's) width
+    assert padded(150, 1) == 150
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rounded_lengths_keep_the_budget_and_repeat_shapes(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 250) for _ in range(2000)]
+    batches = token_batches(lengths, 4096, multiple=16, cap=256)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    shapes = [(len(b), padded(max(lengths[i] for i in b), 16, 256)) for b in batches]
+    assert all(rows * width <= 4096 for rows, width in shapes)
+    # one shape per rounded length (16 of them up to 256), plus the last, partial batch: kernels are reused
+    assert len(set(shapes[:-1])) <= 16
+    assert len(set(shapes)) < len(batches) / 3
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 7])

@@ -37,7 +37,8 @@ def test_bf16_within_cosine_0999_of_fp32(monkeypatch, model):
 
 def test_token_budget_batches_and_prefetch_keep_input_order(monkeypatch, model):
     reference = model.encode(TEXTS, batch_size=8, normalize_embeddings=True, convert_to_numpy=True)
-    ours = encode_with(monkeypatch, model, "0", batch_tokens=256)  # many small batches through the prefetch queue
+    # many small batches, and chunks of 7 texts through the tokenizer thread
+    ours = encode_with(monkeypatch, model, "0", batch_tokens=256, chunk=7)
     assert np.allclose((reference * ours).sum(axis=1), 1.0, atol=1e-4)
 
 

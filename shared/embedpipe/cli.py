@@ -82,9 +82,10 @@ def _wait_for_runs(s: Settings, keys: list[str], timeout: float) -> dict:
     run_ids: list[str] = []
     last_state = None
     while time.time() < deadline:
-        claims = [ledger.get_claim(k) for k in keys]
-        if all(claims):
-            run_ids = sorted({c["run_id"] for c in claims})
+        if not run_ids:
+            claims = [ledger.get_claim(k) for k in keys]
+            run_ids = sorted({c["run_id"] for c in claims}) if all(claims) else []
+        if run_ids:  # a claim never moves to another run: from here on only the run records are read
             records = [ledger.get_run(r) for r in run_ids]
             records = [r for r in records if r]
             states = ", ".join(f"{r['run_id']}={r['state']}" for r in records)
@@ -93,7 +94,7 @@ def _wait_for_runs(s: Settings, keys: list[str], timeout: float) -> dict:
                 last_state = states
             if records and all(r["state"] in runs.TERMINAL for r in records):
                 return max(records, key=lambda r: r["created_at"])
-        time.sleep(0.5)
+        time.sleep(0.1)
     err(f"error: timed out after {timeout:.0f}s waiting for run(s) {run_ids or '(not claimed yet)'}")
     raise typer.Exit(3)
 

@@ -63,7 +63,9 @@ class Settings:
     milvus_uri: str = "http://127.0.0.1:19530"
     milvus_token: str = field(default="", repr=False)
     # orchestration
-    debounce_s: float = 1.0
+    debounce_s: float = 0.5
+    # an upload handler waits out a quiet period this short itself and launches the run (longer: the reconcile tick)
+    launch_wait_s: float = 10.0
     tick_s: float = 0.5
     max_job_attempts: int = 2
     # model and training defaults (a retrain message may override per run)

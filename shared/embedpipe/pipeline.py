@@ -72,8 +72,10 @@ class Pipeline:
         launcher: JobLauncher | None = None,
         publish: Callable[[str, Event], None] | None = None,
         check_object: Callable[[str, str, int], intake.Rejection | None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.settings = settings
+        self.sleep = sleep
         self.ledger = ledger or Ledger(settings.artifacts_bucket)
         self._launcher = launcher
         self._publish = publish
@@ -419,9 +421,34 @@ class Pipeline:
         self.launch_due(record["dataset"])
 
     # ------------------------------------------------------------------ reconcile
+    def launch_soon(self) -> list[str]:
+        """Launch due runs, and wait for those due within ``launch_wait_s`` to launch them on time: a run starts when
+        its quiet period ends, not at the tick after. The waiting is done here, in the tick's handler, because upload
+        handlers that waited would hold back the delivery of the very uploads that extend the quiet period."""
+        started = self.launch_due()
+        if self.settings.launch_wait_s <= 0:
+            return started
+        while True:
+            due = [
+                (st["due_at"], ds)
+                for ds in self.ledger.list_datasets()
+                for st in [self.ledger.get_dataset(ds)]
+                if st["pending"] and not st["active"] and st["due_at"] - time.time() <= self.settings.launch_wait_s
+            ]
+            if not due:
+                return started
+            due_at, dataset = min(due)
+            if due_at > time.time():
+                self.sleep(due_at - time.time())
+            launched = self.launch_due(dataset)
+            if not launched and self.ledger.get_dataset(dataset)["due_at"] <= due_at:
+                return started  # someone else launched it, or it cannot start: leave it to the next tick
+            started += launched
+
     def reconcile(self) -> list[str]:
-        """The scheduled safety net: launch due runs, and advance runs whose job ended without an event."""
-        notes = [f"launched {r}" for r in self.launch_due()]
+        """The scheduled safety net: launch due runs (on time, see ``launch_soon``), and advance runs whose job ended
+        without an event."""
+        notes = [f"launched {r}" for r in self.launch_soon()]
         for ds in self.ledger.list_datasets():
             active = self.ledger.get_dataset(ds)["active"]
             record = self.ledger.get_run(active) if active else None

@@ -20,8 +20,9 @@ from tests.helpers import FIXTURES, ROOT
 PROJECT = "embedpipe-staging"  # own project and buckets on the shared emulators: no crosstalk with other tests
 DATA, ARTIFACTS = "staging-data", "staging-artifacts"
 
-# Imported by third-party code only when installed (``try: import ... except ImportError``).
-OPTIONAL = {"grpc_status", "pip", "setuptools", "_distutils_hack"}
+# Imported by third-party code only when installed (``try: import ... except ImportError``): xxhash by pymilvus's
+# bloom filter, cloudpickle by pyarrow.
+OPTIONAL = {"grpc_status", "pip", "setuptools", "_distutils_hack", "xxhash", "cloudpickle"}
 
 CHILD = r"""
 import json, sys

@@ -25,7 +25,11 @@ class Harness:
         self.ledger = Ledger(settings.artifacts_bucket, store=store)
         self.published: list[tuple[str, Event]] = []
         self.pipe = Pipeline(
-            settings, ledger=self.ledger, launcher=launcher, publish=lambda t, e: self.published.append((t, e))
+            settings,
+            ledger=self.ledger,
+            launcher=launcher,
+            publish=lambda t, e: self.published.append((t, e)),
+            sleep=clock.advance,
         )
 
     # ------------------------------------------------------------ triggers
@@ -62,7 +66,8 @@ class Harness:
 @pytest.fixture
 def make(store, launcher, clock):
     def make(**tweaks) -> Harness:
-        settings = dataclasses.replace(Settings.from_env({}), **{"debounce_s": 0.0, **tweaks})
+        # launches happen where each test says (launch_due, reconcile) unless it turns handler launches on
+        settings = dataclasses.replace(Settings.from_env({}), **{"debounce_s": 0.0, "launch_wait_s": 0.0, **tweaks})
         return Harness(settings, store, launcher, clock)
 
     return make
@@ -206,6 +211,44 @@ def test_launch_due_waits_for_due_at_then_starts_exactly_once(make):
     assert h.pipe.launch_due() == [] and h.pipe.launch_due("demo") == []
     h.upload()
     assert len(h.launcher.submits) == 1 and len(h.runs()) == 1
+
+
+def test_tick_waits_out_a_short_quiet_period_and_launches_on_time(make):
+    h = make(debounce_s=5, launch_wait_s=10)
+    t0 = h.clock.now
+    h.upload()
+    assert h.launcher.submits == [] and h.clock.now == t0  # the upload handler never waits
+    h.clock.advance(2)
+    assert h.pipe.reconcile() == [f"launched {h.runs()[0]['run_id']}"]
+    assert h.clock.now == t0 + 5  # slept exactly until due_at, not until the next tick
+    assert h.runs()[0]["state"] == TRAINING and len(h.launcher.submits) == 1
+
+
+def test_tick_follows_a_quiet_period_pushed_back_while_it_waits(make):
+    h = make(debounce_s=5, launch_wait_s=10)
+    h.upload()
+    naps = []
+
+    def newer_upload_meanwhile(seconds):
+        naps.append(seconds)
+        h.clock.advance(seconds)
+        if len(naps) == 1:  # another upload lands just before the quiet period ends
+            h.upload(generation=2)
+
+    h.pipe.sleep = newer_upload_meanwhile
+    (run_id,) = [r["run_id"] for r in h.runs()]
+    assert h.pipe.reconcile() == [f"launched {run_id}"]
+    assert naps == [5, 5] and len(h.launcher.submits) == 1
+    assert len(h.run(run_id)["triggers"]) == 2  # both uploads in the one run
+
+
+def test_quiet_periods_beyond_launch_wait_are_left_to_a_later_tick(make):
+    h = make(debounce_s=30, launch_wait_s=10)
+    t0 = h.clock.now
+    h.upload()
+    assert h.pipe.reconcile() == [] and h.clock.now == t0 and h.launcher.submits == []
+    h.clock.advance(25)
+    assert len(h.pipe.reconcile()) == 1 and h.clock.now == t0 + 30
 
 
 def test_launch_that_died_half_way_is_finished_by_the_next_tick(h):

@@ -1,7 +1,7 @@
 """Overlap producing the next piece of work with consuming the current one.
 
-Used where the producer releases the GIL: tokenizing batch i+1 (Rust tokenizer) while the model runs batch i, and
-building upsert rows for batch i+1 while batch i is on the wire to Milvus.
+Used where the producer releases the GIL: tokenizing the next chunk of texts (Rust tokenizer) while the model runs
+on the current one.
 """
 
 from __future__ import annotations

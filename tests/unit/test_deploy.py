@@ -53,7 +53,7 @@ def test_dry_run_prints_the_whole_plan_and_touches_nothing(monkeypatch, tmp_path
     assert "gs://demo-project-embedpipe-data" in names and "gs://demo-project-embedpipe-artifacts" in names
     # The settings a reviewer signs off on.
     assert topology.JOB_LOG_FILTER in out
-    assert "--schedule=*/5 * * * *" in out
+    assert "--schedule=* * * * *" in out
     assert "--dead-letter-topic=on-job-event-dlq --max-delivery-attempts=5" in out
     assert "--min-retry-delay=1s --max-retry-delay=30s" in out
     assert "--push-auth-service-account=ep-push@demo-project.iam.gserviceaccount.com" in out

@@ -45,6 +45,10 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true/false, 1/0, yes/no or on/off")
 
 
+# The reconcile handler waits at most this long, well inside its push subscription's 60 s ack deadline.
+MAX_LAUNCH_WAIT_S = 30.0
+
+
 @dataclass(frozen=True)
 class Settings:
     # where
@@ -147,6 +151,11 @@ class Settings:
             raise SettingsError(f"{PREFIX}KEEP_COLLECTIONS must be >= 0, not {self.keep_collections}")
         if not 0 <= self.gate_tolerance <= 1:
             raise SettingsError(f"{PREFIX}GATE_TOLERANCE must be within [0, 1], not {self.gate_tolerance}")
+        if not 0 <= self.launch_wait_s <= MAX_LAUNCH_WAIT_S:
+            raise SettingsError(
+                f"{PREFIX}LAUNCH_WAIT_S must be within [0, {MAX_LAUNCH_WAIT_S}] (a tick's handler must answer within "
+                f"its push ack deadline), not {self.launch_wait_s}"
+            )
 
     @property
     def push_auth_enabled(self) -> bool:

@@ -92,6 +92,12 @@ def test_unknown_mode_is_rejected():
         Settings.from_env({"EMBEDPIPE_MODE": "cloud"})
 
 
+@pytest.mark.parametrize("value", ["-1", "31"])
+def test_launch_wait_stays_within_the_tick_ack_deadline(value):
+    with pytest.raises(SettingsError, match="EMBEDPIPE_LAUNCH_WAIT_S must be within"):
+        Settings.from_env({"EMBEDPIPE_LAUNCH_WAIT_S": value})
+
+
 @pytest.mark.parametrize("value", ["-0.1", "1.5"])
 def test_gate_tolerance_must_be_a_fraction(value):
     with pytest.raises(SettingsError, match="EMBEDPIPE_GATE_TOLERANCE must be within"):

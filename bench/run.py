@@ -30,6 +30,11 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from embedpipe.jobs import ALLOCATOR_ENV
+
+    if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
+        # Run as the embedding jobs do (allocator settings are read at process start); baselines share the process.
+        os.execve(sys.executable, [sys.executable, "-m", "bench.run", *argv], {**os.environ, **ALLOCATOR_ENV})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     wanted = argv or [s for s in SECTIONS if (Path(__file__).parent / f"{s}.py").exists()]
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

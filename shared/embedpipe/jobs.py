@@ -32,6 +32,11 @@ NEVER_STARTED_S = 60.0  # a QUEUED local job with no runner after this long lost
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
+# Environment of embedding jobs (JobSpec env: the local runner's replicas and Vertex containers alike). glibc serves
+# each activation-sized tensor with a fresh mmap and unmaps it when freed, so every batch page-faults its buffers in
+# again; keeping such blocks on the heap made CPU embedding ~10% faster here (4.25 -> 3.85 s for the demo corpus).
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
 
 @dataclass(frozen=True)
 class JobSpec:

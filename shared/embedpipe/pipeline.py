@@ -23,7 +23,7 @@ from embedpipe.events import (
     ObjectChange,
     RetrainRequest,
 )
-from embedpipe.jobs import SUCCEEDED, JobLauncher, JobSpec
+from embedpipe.jobs import ALLOCATOR_ENV, SUCCEEDED, JobLauncher, JobSpec
 from embedpipe.jobs import launcher as make_launcher
 from embedpipe.retries import transient
 from embedpipe.runs import EMBEDDING, INDEXING, PENDING, TRAINING, Ledger
@@ -242,7 +242,7 @@ class Pipeline:
             container="embedder",
             args=args,
             base_output_dir=f"{self.ledger.run_dir(run_id)}/embed",
-            env=self._job_env(),
+            env={**self._job_env(), **ALLOCATOR_ENV},
             labels={"run_id": run_id, "stage": "embed"},
             image=s.embedder_image,
             machine_type=s.embed_machine_type,

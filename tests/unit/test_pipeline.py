@@ -312,6 +312,7 @@ def test_training_succeeded_launches_embedding(h):
     assert embed.key == f"{run_id}/embed/1"
     assert embed.labels == {"run_id": run_id, "stage": "embed"}
     assert f"--model-uri=gs://embedpipe-artifacts/runs/{run_id}/model/" in embed.args
+    assert embed.env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)  # the embedder's allocator settings travel with it
     assert record["jobs"]["train"]["name"] == h.launcher.name_for(train.job_id)
     assert record["jobs"]["embed"]["name"] == h.launcher.name_for(embed.job_id)
     assert [e.data["state"] for e in h.events(RUN_STAGE)] == [TRAINING, EMBEDDING]

@@ -1,7 +1,8 @@
 """``make bench``: speed as ratios against a named baseline measured in the same run, never as test assertions.
 
 Each section is a module in this folder with ``run() -> dict`` (its keys are fixed by the issue that asked for it).
-Results are merged into ``bench-results.json`` at the repo root and printed as a table.
+Results are merged into ``bench-results.json`` at the repo root and printed as a table. Several sections run one
+after another, each in its own process.
 
     python -m bench.run [section ...]     # default: every section
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +39,13 @@ def main(argv: list[str]) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "bench.run", *argv], {**os.environ, **ALLOCATOR_ENV})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     wanted = argv or [s for s in SECTIONS if (Path(__file__).parent / f"{s}.py").exists()]
+    if len(wanted) > 1:  # each section in a fresh process: no heap, thread or cache state carried from the one before
+        for section in wanted:
+            subprocess.run([sys.executable, "-m", "bench.run", section], check=True, stdout=subprocess.DEVNULL)
+        results = json.loads(RESULTS.read_text())
+        print(table({s: results[s] for s in wanted}))
+        print(f"\nwritten to {RESULTS}")
+        return 0
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for section in wanted:
         t0 = time.time()

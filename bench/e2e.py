@@ -50,10 +50,10 @@ def run() -> dict:
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
-    up = cli("up")
-    if up.returncode:
-        raise RuntimeError(up.stderr[-2000:])
     try:
+        up = cli("up")
+        if up.returncode:  # e.g. a component's port was taken meanwhile; down still stops what did start
+            raise RuntimeError(up.stderr[-2000:])
         t0 = time.time()
         res = cli("upload", "examples/demo/data", "--dataset", "demo", "--wait", "--timeout", "1500")
         total = time.time() - t0

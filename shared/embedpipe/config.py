@@ -68,7 +68,7 @@ class Settings:
     milvus_token: str = field(default="", repr=False)
     # orchestration
     debounce_s: float = 0.5
-    # an upload handler waits out a quiet period this short itself and launches the run (longer: the reconcile tick)
+    # a reconcile tick waits for a run due within this many seconds and launches it on time (0: at a later tick)
     launch_wait_s: float = 10.0
     tick_s: float = 0.5
     max_job_attempts: int = 2

@@ -98,21 +98,21 @@ def encode(
                 cols = padded(max(lengths[i] for i in batch), multiple, width)
                 span = slice(width - cols, width) if left else slice(0, cols)
                 rows = torch.tensor(batch)
-                part = {k: _rows(v, rows, span, mask.shape) for k, v in features.items()}
-                part = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in part.items()}
+                part = {k: _rows(v, rows, span, mask.shape, model.device) for k, v in features.items()}
                 emb = model(part)["sentence_embedding"].float()
                 out[[start + i for i in batch]] = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
     return out
 
 
-def _rows(value, rows, span: slice, shape):
-    """One batch's slice of a chunk's feature: its rows, and only as many (padded) columns as it needs."""
+def _rows(value, rows, span: slice, shape, device):
+    """One batch's slice of a chunk's feature on ``device``: its rows, and only as many (padded) columns as it
+    needs. Values that are not per-row tensors (e.g. the modality name) pass through."""
     if not hasattr(value, "index_select") or value.dim() == 0 or value.shape[0] != shape[0]:
         return value
-    value = value.index_select(0, rows.to(value.device))
+    value = value.index_select(0, rows)
     if value.dim() >= 2 and value.shape[1] == shape[1]:
         value = value[:, span]
-    return value
+    return value.to(device)
 
 
 def shard(ids, index: int, count: int) -> list[str]:

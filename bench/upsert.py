@@ -76,26 +76,27 @@ def run() -> dict:
         cols["metadata"] = [json.loads(x) for x in cols["metadata"]]
         rows = vectorstore.rows_from(*(cols[c] for c in ("id", "vector", "text", "title", "content_hash", "metadata")))
 
-        def baseline(batch: int) -> float:
-            name = f"baseline_{next(serial)}"
+        def rate(load) -> float:
+            """Vectors/s of ``load(collection) -> rows`` into a fresh collection; drop it, let the server settle."""
+            name = f"bench_{next(serial)}"
             vectorstore.create_collection(client, name, DIM, "fp", "bench")
             t = time.perf_counter()
+            n = load(name)
+            per_s = n / (time.perf_counter() - t)
+            client.drop_collection(name)
+            time.sleep(settle)
+            return per_s
+
+        def insert_rows(name: str, batch: int) -> int:
             for start in range(0, N, batch):
                 client.insert(collection_name=name, data=rows[start : start + batch])
-            rate = N / (time.perf_counter() - t)
-            client.drop_collection(name)
-            time.sleep(settle)
-            return rate
+            return N
+
+        def baseline(batch: int) -> float:
+            return rate(lambda name: insert_rows(name, batch))
 
         def ours() -> float:
-            name = f"ours_{next(serial)}"
-            vectorstore.create_collection(client, name, DIM, "fp", "bench")
-            t = time.perf_counter()
-            n = indexing.upsert_tables(client, name, [table], indexing.Stopwatch())
-            rate = n / (time.perf_counter() - t)
-            client.drop_collection(name)
-            time.sleep(settle)
-            return rate
+            return rate(lambda name: indexing.upsert_tables(client, name, [table], indexing.Stopwatch()))
 
         serial = itertools.count()
         settle = float(os.environ.get("BENCH_UPSERT_SETTLE_S", "3"))

@@ -39,13 +39,17 @@ def shard_table():
     vecs = rng.normal(size=(N, DIM)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     ids = [f"doc{i:06d}" for i in range(N)]
+    texts = [f"document {i} about topic {i % 97} and subject {i % 13}" for i in range(N)]
+    from embedpipe import lexical
+
     return pa.table(
         {
             "id": ids,
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM),
             "content_hash": [f"{i:032x}" for i in range(N)],
             "title": [f"title {i}" for i in range(N)],
-            "text": [f"document {i} about topic {i % 97} and subject {i % 13}" for i in range(N)],
+            "text": texts,
+            "bm25_text": lexical.analyzed(texts),
             "metadata": [json.dumps({"n": i % 5}) for i in range(N)],
         }
     )
@@ -72,9 +76,10 @@ def run() -> dict:
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.2)
         table = shard_table()
-        cols = {c: table.column(c).to_pylist() for c in ("id", "vector", "text", "title", "content_hash", "metadata")}
+        names = ("id", "vector", "text", "bm25_text", "title", "content_hash", "metadata")
+        cols = {c: table.column(c).to_pylist() for c in names}
         cols["metadata"] = [json.loads(x) for x in cols["metadata"]]
-        rows = vectorstore.rows_from(*(cols[c] for c in ("id", "vector", "text", "title", "content_hash", "metadata")))
+        rows = vectorstore.rows_from(*(cols[c] for c in names))
 
         def rate(load) -> float:
             """Vectors/s of ``load(collection) -> rows`` into a fresh collection; drop it, let the server settle."""

@@ -5,6 +5,10 @@ Each replica takes its deterministic share of the corpus (sorted ids, every n-th
 ``embeddings/`` folder. Replica 0 also embeds the evaluation queries, with the previous promoted model too when
 there is one, so the indexer can compare both indexes on the same qrels in the same run.
 
+Full runs also embed with the untuned base model (``base_vector`` columns) when the shipped model is a fine-tune, so
+the indexer can score the base-model baseline on the same queries in the same run; every shard carries
+``bm25_text``, the document analyzed for BM25 (``embedpipe.lexical``). Non-finite vectors fail the job.
+
 Incremental mode (``--live-hashes``, DESIGN.md §3.2): the model is the promoted one; only documents whose content hash
 differs from the live index's table are embedded (sharded across replicas), and the ids the corpus snapshot no longer
 has go to ``deleted-*.parquet`` for the indexer to delete. GCS reads and writes run in a thread pool, overlapping the
@@ -22,7 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from embedpipe import datasets, distributed, incremental, logs, storage
+from embedpipe import datasets, distributed, incremental, lexical, logs, storage
 from embedpipe.embedding import encode, shard
 from embedpipe.model import load_model
 
@@ -54,6 +58,25 @@ def write_parquet(uri: str, columns: dict) -> None:
     buf = io.BytesIO()
     pq.write_table(pa.table(arrays), buf)
     storage.write_bytes(uri, buf.getvalue())
+
+
+def checked(vectors, what: str):
+    """Vectors that are NaN or infinite would poison the index and every metric after it."""
+    import numpy as np
+
+    bad = ~np.isfinite(vectors).all(axis=1) if len(vectors) else []
+    if len(vectors) and bad.any():
+        raise ValueError(f"{int(bad.sum())} of {len(vectors)} {what} vectors are not finite (NaN or inf)")
+    return vectors
+
+
+def base_model_for(info, mode: str):
+    """The untuned base model at the shipped model's sequence length, when a full run shipped a fine-tune."""
+    if mode != "full" or not info.tuned or not info.base_model:
+        return None
+    base, _ = load_model(info.base_model, inference=True)
+    base.max_seq_length = info.max_seq_length
+    return base
 
 
 def main(argv: list[str]) -> int:
@@ -89,7 +112,14 @@ def main(argv: list[str]) -> int:
         else:
             ids, deleted, unchanged = shard(list(ds.corpus), index, count), [], 0
         docs = [ds.corpus[i] for i in ids]
-        vectors = encode(model, [info.document_prefix + d.full_text for d in docs], args.batch_tokens)
+        texts = [d.full_text for d in docs]
+        vectors = checked(encode(model, [info.document_prefix + t for t in texts], args.batch_tokens), "document")
+        base = base_model_for(info, mode)
+        extra = {}
+        if base is not None:
+            extra["base_vector"] = list(
+                checked(encode(base, [info.document_prefix + t for t in texts], args.batch_tokens), "base document")
+            )
         name = f"corpus-{index:05d}-of-{count:05d}.parquet"
         deleted_name = f"deleted-{index:05d}-of-{count:05d}.parquet"
         # GCS writes overlap with the query embedding below; all finish before the manifest is written.
@@ -102,8 +132,10 @@ def main(argv: list[str]) -> int:
                     "vector": list(vectors),
                     "content_hash": [d.content_hash for d in docs],
                     "title": [d.title for d in docs],
-                    "text": [d.full_text for d in docs],
+                    "text": texts,
+                    "bm25_text": lexical.analyzed(texts),
                     "metadata": [json.dumps(d.metadata) for d in docs],
+                    **extra,
                 },
             ),
             writes.submit(write_parquet, f"{out}/{deleted_name}", {"id": deleted}),
@@ -114,10 +146,11 @@ def main(argv: list[str]) -> int:
             qids = sorted(q for q in qrels if q in ds.queries)
             texts = [ds.queries[q] for q in qids]
             pending.append(writes.submit(storage.write_json, f"{out}/qrels.json", {q: qrels[q] for q in qids}))
-            qv = encode(model, [info.query_prefix + t for t in texts], args.batch_tokens)
-            pending.append(
-                writes.submit(write_parquet, f"{out}/queries.parquet", {"id": qids, "text": texts, "vector": list(qv)})
-            )
+            qv = checked(encode(model, [info.query_prefix + t for t in texts], args.batch_tokens), "query")
+            qcols = {"id": qids, "text": texts, "bm25_text": lexical.analyzed(texts), "vector": list(qv)}
+            if base is not None:
+                qcols["base_vector"] = list(encode(base, [info.query_prefix + t for t in texts], args.batch_tokens))
+            pending.append(writes.submit(write_parquet, f"{out}/queries.parquet", qcols))
             if args.previous_model_uri:
                 prev, prev_info = load_model(args.previous_model_uri, inference=True)
                 pv = encode(prev, [prev_info.query_prefix + t for t in texts], args.batch_tokens)
@@ -125,7 +158,7 @@ def main(argv: list[str]) -> int:
                     writes.submit(
                         write_parquet,
                         f"{out}/queries-previous.parquet",
-                        {"id": qids, "text": texts, "vector": list(pv)},
+                        {"id": qids, "text": texts, "bm25_text": lexical.analyzed(texts), "vector": list(pv)},
                     )
                 )
         for f in pending:
@@ -143,6 +176,12 @@ def main(argv: list[str]) -> int:
             "deleted": len(deleted),
             "unchanged": unchanged,
             "corpus_total": len(ds.corpus),
+            "skipped": len(ds.skipped),  # documents with neither title nor text (the whole corpus' count)
+            "qrels_absent": ds.qrels_absent.get(ds.eval_split() or "", 0),
+            "eval_split": ds.eval_split(),
+            "tuned": info.tuned,
+            "has_base": base is not None,
+            "search": info.search,
             "dim": int(info.dim or vectors.shape[1]),
             "fingerprint": info.fingerprint,
             "model_uri": args.model_uri,

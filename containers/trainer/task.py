@@ -7,9 +7,13 @@ Hyperparameters come as flags, ``--learning-rate=...`` or ``--learning_rate=...`
 - Checkpoints every ``--checkpoint-every`` steps to ``AIP_CHECKPOINT_DIR``; a restarted job resumes from the latest.
 - Scalars to ``AIP_TENSORBOARD_LOG_DIR`` (TensorBoard files if ``tensorboard`` is installed, else ``scalars.jsonl``).
 - Multi-worker DDP from torchrun env or ``CLUSTER_SPEC`` (``embedpipe.distributed``); only rank 0 writes outputs.
-- After training, rank 0 evaluates the model on the test qrels (exact cosine top-100) and, in an HP-tuning trial
-  (``CLOUD_ML_TRIAL_ID`` or ``CLOUD_ML_HP_METRIC_FILE`` set), reports every eval metric in the hypertune format
-  (tags ``recall_at_10``, ``ndcg_at_10``, ...), so whichever one the study optimises is there.
+- Every choice is made on the selection split (``embedpipe.selection``: ``qrels/dev.tsv``, else held-out training
+  pairs); ``qrels/test.tsv`` is never opened here. The sequence length comes from the corpus when not pinned
+  (``--max-seq-length=0``); the best epoch is kept (early stopping); the base model ships instead when the fine-tune
+  does not beat it (``tuned: false`` and the reason in ``embedpipe.json``); the default search mode and hybrid
+  weight are chosen with the shipped model. In an HP-tuning trial (``CLOUD_ML_TRIAL_ID`` or
+  ``CLOUD_ML_HP_METRIC_FILE`` set) the selection metrics are reported in the hypertune format (tags
+  ``recall_at_10``, ``ndcg_at_10``, ...), so trials are compared on non-test data too.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedpipe import datasets, distributed, hypertune, logs, storage
+from embedpipe import datasets, distributed, hypertune, logs, selection, storage
 from embedpipe.checkpoints import Checkpoints
 from embedpipe.model import ModelInfo, git_sha, load_model, save_model
 from embedpipe.scalars import ScalarLog
-from embedpipe.training import TrainParams, evaluate_exact, train
+from embedpipe.training import TrainParams, seq_length_for, train
 
 log = logging.getLogger("trainer")
 
@@ -69,6 +73,18 @@ def versions() -> dict:
     }
 
 
+def choose_model(base_score: float | None, tuned_score: float | None) -> tuple[bool, str]:
+    """Ship the fine-tune only when it beats the base model on the selection split."""
+    if base_score is None or tuned_score is None:
+        return True, "no selection split (too few training pairs): the fine-tune ships unchecked"
+    if tuned_score > base_score:
+        return True, f"fine-tune {selection.METRIC} {tuned_score:.4f} > base {base_score:.4f} on the selection split"
+    return False, (
+        f"fine-tune {selection.METRIC} {tuned_score:.4f} did not beat the base model's {base_score:.4f} on the "
+        "selection split: the base model ships"
+    )
+
+
 def main(argv: list[str]) -> int:
     logs.setup()
     args = parse_args(argv)
@@ -81,38 +97,91 @@ def main(argv: list[str]) -> int:
         return 0
     device = distributed.init(dist)
     log.info("rank %d/%d (%s) on %s", dist.rank, dist.world_size, dist.source, device)
-    ds = datasets.load_gcs(args.data_bucket, args.dataset)
+    ds = datasets.load_gcs(args.data_bucket, args.dataset, test=False)  # test labels never reach training
     pairs = ds.training_pairs()
     source = "pairs/" if ds.pairs else ("qrels/train.tsv" if ds.qrels.get("train") else "derived from corpus")
-    log.info("dataset %s: %d docs, %d training pairs (%s)", args.dataset, len(ds.corpus), len(pairs), source)
+    train_pairs, task = selection.task_for(ds, pairs, args.seed)
+    log.info(
+        "dataset %s: %d docs, %d training pairs (%s), %d trained on; selection: %s",
+        args.dataset,
+        len(ds.corpus),
+        len(pairs),
+        source,
+        len(train_pairs),
+        task.describe() if task else "none",
+    )
     model, base = load_model(args.base_model, device=device)
+    seq = args.max_seq_length or seq_length_for(
+        model, [d.full_text for d in ds.corpus.values()], base.max_seq_length, args.seed
+    )
+    model.max_seq_length = seq
+    log.info("max_seq_length %d (%s)", seq, "pinned" if args.max_seq_length else "from the corpus' token lengths")
     params = TrainParams(**{k: getattr(args, k) for k in TrainParams.__dataclass_fields__ if hasattr(args, k)})
+    params.max_seq_length = seq
+
+    def score(m) -> float:
+        return selection.dense_score(m, task, base.query_prefix, base.document_prefix)
+
+    base_score = score(model) if task else None
+    if task:
+        log.info("selection: base model %s %.4f", selection.METRIC, base_score)
     ckpt_dir = os.environ.get("AIP_CHECKPOINT_DIR")
     scalars = ScalarLog(os.environ.get("AIP_TENSORBOARD_LOG_DIR")) if dist.is_primary else None
     stats = train(
         model,
-        pairs,
+        train_pairs,
         params,
         dist_info=dist,
         checkpoints=Checkpoints(ckpt_dir) if ckpt_dir else None,
         scalars=scalars,
+        select=score if task else None,
     )
     log.info("rank %d/%d trained %d steps", dist.rank, dist.world_size, stats["steps"])
     distributed.shutdown()
     if not dist.is_primary:
         log.info("rank %d: done; rank 0 writes the model and metrics", dist.rank)
         return 0
-    eval_metrics = evaluate_exact(model, ds, base.query_prefix, base.document_prefix)
-    log.info("eval on %s qrels: %s", ds.eval_split(), eval_metrics)
+    tuned_score = max((e["score"] for e in stats["selection"]), default=None)
+    tuned, reason = choose_model(base_score, tuned_score)
+    log.info("%s", reason)
+    if not tuned:
+        model, _ = load_model(args.base_model, device=device)
+        model.max_seq_length = seq
+    chosen: dict = {"default_mode": "dense", "hybrid_weight": 0.5, "rrf_k": selection.evaluation.RRF_K}
+    by_mode: dict = {}
+    if task:
+        dense = selection.dense_rankings(model, task, base.query_prefix, base.document_prefix)
+        bm25 = selection.bm25_rankings(task)
+        chosen = selection.choose_search(task, dense, bm25)
+        by_mode = selection.by_mode(task, dense, bm25, chosen["hybrid_weight"])
+        log.info(
+            "selection: search mode %s (hybrid weight %s): %s",
+            chosen["default_mode"],
+            chosen["hybrid_weight"],
+            chosen["scores"],
+        )
+    eval_metrics = by_mode.get("dense", {})
     info = ModelInfo(
         base_model=args.base_model,
         dim=base.dim,
-        max_seq_length=params.max_seq_length,
+        max_seq_length=seq,
         query_prefix=base.query_prefix,
         document_prefix=base.document_prefix,
         git_sha=git_sha(),
         data_fingerprint=ds.fingerprint(),
         metrics=eval_metrics,
+        tuned=tuned,
+        shipped_reason=reason,
+        selection={
+            **(task.describe() if task else {"split": None}),
+            "base": base_score,
+            "tuned": tuned_score,
+            "epochs": stats["selection"],
+            "best_step": stats["best_step"],
+            "by_mode": by_mode,
+            "by_weight": chosen.get("by_weight", {}),
+        },
+        search={k: chosen[k] for k in ("default_mode", "hybrid_weight", "rrf_k")},
     )
     with tempfile.TemporaryDirectory() as tmp:
         info = save_model(model, Path(tmp), info)
@@ -121,13 +190,19 @@ def main(argv: list[str]) -> int:
         "model_version": info.version,
         "fingerprint": info.fingerprint,
         "pairs": len(pairs),
+        "pairs_trained": len(train_pairs),
         "pairs_source": source,
         "git_sha": info.git_sha,
         "versions": versions(),
         "device": device,
         "rank_source": dist.source,
         "trial": os.environ.get("CLOUD_ML_TRIAL_ID", ""),
-        "eval_split": ds.eval_split(),
+        "max_seq_length": seq,
+        "tuned": tuned,
+        "shipped_reason": reason,
+        "selection": info.selection,
+        "search": info.search,
+        "eval_split": task.split if task else None,
         "eval": eval_metrics,
         "seconds": round(time.time() - t0, 3),
         **stats,
@@ -135,12 +210,12 @@ def main(argv: list[str]) -> int:
     storage.write_json(f"{run_dir}/metrics.json", metrics)
     if scalars is not None:
         for key, value in eval_metrics.items():
-            scalars.add(f"eval/{key}", value, stats["steps"])
+            scalars.add(f"selection/{key}", value, stats["steps"])
         scalars.close()
     if os.environ.get("CLOUD_ML_TRIAL_ID") or os.environ.get("CLOUD_ML_HP_METRIC_FILE"):
         for key, value in eval_metrics.items():
             hypertune.report(key, value, stats["steps"])
-        log.info("hypertune: %d metrics reported to %s", len(eval_metrics), hypertune.metric_file())
+        log.info("hypertune: %d selection metrics reported to %s", len(eval_metrics), hypertune.metric_file())
     log.info("model %s written to %s (%.1f pairs/s)", info.fingerprint, model_dir, stats["pairs_per_s"] or 0)
     return 0
 

@@ -1,4 +1,5 @@
-"""Cloud Run service: GET /search?dataset=&q=&k=&mode=dense|hybrid, GET /healthz, and POST of index-updated events.
+"""Cloud Run service: GET /search?dataset=&q=&k=&mode=dense|bm25|hybrid (default: the promoted run's mode),
+GET /healthz, and POST of index-updated events.
 
 index-updated reaches this service by push subscription (``topology``: component ``search`` on topic
 ``index-updated``); a promoted update starts a background reload while requests keep using the loaded model.
@@ -63,7 +64,7 @@ def search(request):
         return {"error": "query parameters 'dataset' and 'q' are required"}, 400
     try:
         k = int(args.get("k", 10))
-        return searcher.search(args["dataset"], args["q"], k, args.get("mode", "dense"))
+        return searcher.search(args["dataset"], args["q"], k, args.get("mode") or None)
     except NotIndexed as exc:
         return {"error": str(exc)}, 404
     except ValueError as exc:

@@ -106,10 +106,15 @@ def summary(record: dict) -> str:
         lines.append(f"  failed in {data.get('stage')}: {data.get('cause', '')[:500]}")
         return "\n".join(lines)
     c = data.get("counts", {})
+    skipped = f", {c['skipped']} skipped (neither title nor text)" if "skipped" in c else ""
     lines.append(
         f"  documents: {c.get('total')} total, {c.get('upserted')} upserted, {c.get('deleted')} deleted, "
-        f"{c.get('unchanged')} unchanged -> {data.get('collection')}"
+        f"{c.get('unchanged')} unchanged{skipped} -> {data.get('collection')}"
     )
+    absent = (data.get("eval") or {}).get("qrels_absent")
+    if absent:  # per split, or one number for the evaluated split
+        shown = ", ".join(f"{k}={v}" for k, v in absent.items()) if isinstance(absent, dict) else absent
+        lines.append(f"  qrels rows naming documents not in the corpus: {shown} (scored as relevant, unretrievable)")
     for label, m in (("new", data.get("metrics")), ("previous", data.get("previous_metrics"))):
         if m:
             lines.append(f"  {label:<8} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
@@ -132,6 +137,34 @@ def _finish(record: dict) -> None:
     raise typer.Exit(0 if record["state"] == runs.SUCCEEDED else 1)
 
 
+MAX_WARNINGS = 20  # notice lines ``upload`` prints before summing up the rest
+
+
+def precheck(directory: Path, dataset: str, echo=err) -> datasets.Dataset:
+    """``upload``'s local pre-check, the same verdicts as the cloud-side intake (the same parsers): a broken file
+    exits 2 with file:line before anything is uploaded; what a published BEIR folder legitimately holds is accepted
+    with warnings on stderr (each skipped document, up to ``MAX_WARNINGS``, then counts)."""
+    try:
+        datasets.check_name(dataset)
+        ds = datasets.load_dir(directory, dataset)
+    except (ValueError, datasets.DatasetError) as exc:
+        echo(f"error: {exc}")
+        raise typer.Exit(2) from None
+    for notice in ds.skipped[:MAX_WARNINGS]:
+        echo(f"warning: {notice}")
+    if len(ds.skipped) > MAX_WARNINGS:
+        echo(f"warning: ... and {len(ds.skipped) - MAX_WARNINGS} more")
+    if ds.skipped:
+        n = len(ds.skipped)
+        echo(f"warning: {n} document{'s' * (n != 1)} skipped (neither title nor text); {len(ds.corpus)} kept")
+    for split, n in sorted(ds.qrels_absent.items()):
+        echo(
+            f"warning: qrels/{split}.tsv: {n} row{'s' * (n != 1)} name{'s' * (n == 1)} a document not in the corpus "
+            "(kept for evaluation as relevant and unretrievable, left out of training)"
+        )
+    return ds
+
+
 @app.command()
 def upload(
     directory: Path = typer.Argument(..., exists=True, file_okay=False, help="a BEIR folder"),
@@ -141,12 +174,7 @@ def upload(
 ) -> None:
     """Upload a BEIR folder to gs://DATA/datasets/NAME/; with --wait print the run's final event (stdout)."""
     s = settings()
-    try:
-        datasets.check_name(dataset)
-        datasets.load_dir(directory, dataset)  # fail here, with file:line, before anything is uploaded
-    except (ValueError, datasets.DatasetError) as exc:
-        err(f"error: {exc}")
-        raise typer.Exit(2) from None
+    precheck(directory, dataset)
     files = sorted(
         p for p in directory.rglob("*") if p.is_file() and datasets.classify(p.relative_to(directory).as_posix())
     )
@@ -201,11 +229,24 @@ def list_runs(as_json: bool = typer.Option(False, "--json", envvar="EMBEDPIPE_JS
     if as_json:
         typer.echo(json.dumps(records, indent=1))
         return
+
+    def cell(m: dict | None, key: str) -> str:
+        return f"{m[key]:.3f}" if m and isinstance(m.get(key), (int, float)) else "-"
+
+    typer.echo(
+        f"{'run':<24} {'dataset':<16} {'state':<11} {'promoted':<8} {'mode':<6} "
+        + " ".join(f"{m + ' nDCG@10':>14}" for m in ("served", "base", "bm25"))
+        + f" {'served R@10':>11}  created"
+    )
     for r in records:
-        m = r.get("metrics") or {}
+        data = (r.get("final_event") or {}).get("data") or {}
+        by_mode = data.get("metrics_by_mode") or {}
+        served = by_mode.get("served") or r.get("metrics")
         typer.echo(
-            f"{r['run_id']:<24} {r['dataset']:<16} {r['state']:<11} promoted={r.get('promoted')!s:<5} "
-            f"recall@10={m.get('recall@10', '-')}  created {r['created_at']}"
+            f"{r['run_id']:<24} {r['dataset']:<16} {r['state']:<11} {r.get('promoted')!s:<8} "
+            f"{data.get('default_search_mode') or '-':<6} "
+            + " ".join(f"{cell(m, 'ndcg@10'):>14}" for m in (served, by_mode.get("base"), by_mode.get("bm25")))
+            + f" {cell(served, 'recall@10'):>11}  {r['created_at']}"
         )
 
 
@@ -243,13 +284,18 @@ def search(
     query: str = typer.Argument(...),
     dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
     k: int = typer.Option(10, "-k", "--k", envvar="EMBEDPIPE_K"),
-    mode: str = typer.Option("dense", "--search-mode", envvar="EMBEDPIPE_SEARCH_MODE", help="dense | hybrid"),
+    mode: str = typer.Option(
+        "",
+        "--search-mode",
+        envvar="EMBEDPIPE_SEARCH_MODE",
+        help="dense | bm25 | hybrid (default: the mode the promoted run chose)",
+    ),
     as_json: bool = typer.Option(False, "--json", envvar="EMBEDPIPE_JSON"),
 ) -> None:
     """Query the search service over the dataset's promoted index."""
     s = settings()
     port = stack.component_ports(s)["search"]
-    qs = urllib.parse.urlencode({"dataset": dataset, "q": query, "k": k, "mode": mode})
+    qs = urllib.parse.urlencode({"dataset": dataset, "q": query, "k": k, **({"mode": mode} if mode else {})})
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/search?{qs}", timeout=120) as resp:
             result = json.loads(resp.read())

@@ -74,16 +74,18 @@ class Settings:
     max_job_attempts: int = 2
     # model and training defaults (a retrain message may override per run)
     base_model: str = field(default_factory=_default_base_model)
-    max_seq_length: int = 64
+    max_seq_length: int = 0  # 0: from the corpus' token lengths (95th percentile, up to the base model's limit)
     train_batch_size: int = 32
-    train_max_steps: int = 40
-    train_epochs: int = 1
-    learning_rate: float = 5e-5
+    train_max_steps: int = 1000  # a cap on optimizer steps (0: none); training length is train_epochs over the pairs
+    train_epochs: int = 2  # at most: the best epoch on the selection split is kept, a worse one stops training
+    learning_rate: float = 2e-5
     warmup_ratio: float = 0.1
     seed: int = 42
     embed_batch_tokens: int = 4096
     # evaluation and promotion
-    gate_metric: str = "recall@10"  # of the better of dense/hybrid; any evaluation.METRIC_KEYS key
+    # comma-separated evaluation.METRIC_KEYS: the served mode must match the baselines (BM25, base model) and the
+    # live index on each of them
+    gate_metric: str = "ndcg@10,recall@10"
     gate_tolerance: float = 0.0
     keep_collections: int = 2  # per dataset, besides the live one: newest rejected/replaced collections kept
     # Milvus bulk import (scale path) for full loads of at least this many rows; needs the bucket Milvus reads from
@@ -143,9 +145,10 @@ class Settings:
             raise SettingsError(f"{PREFIX}PUSH_AUTH must be 'auto', 'on' or 'off', not {self.push_auth!r}")
         from embedpipe.evaluation import METRIC_KEYS
 
-        if self.gate_metric not in METRIC_KEYS:
+        bad = [m for m in self.gate_metrics if m not in METRIC_KEYS] or ([] if self.gate_metrics else ["(none)"])
+        if bad:
             raise SettingsError(
-                f"{PREFIX}GATE_METRIC must be one of {', '.join(METRIC_KEYS)}, not {self.gate_metric!r}"
+                f"{PREFIX}GATE_METRIC must be comma-separated names from {', '.join(METRIC_KEYS)}, not {bad}"
             )
         if self.keep_collections < 0:
             raise SettingsError(f"{PREFIX}KEEP_COLLECTIONS must be >= 0, not {self.keep_collections}")
@@ -156,6 +159,10 @@ class Settings:
                 f"{PREFIX}LAUNCH_WAIT_S must be within [0, {MAX_LAUNCH_WAIT_S}] (a tick's handler must answer within "
                 f"its push ack deadline), not {self.launch_wait_s}"
             )
+
+    @property
+    def gate_metrics(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.gate_metric.split(",") if m.strip())
 
     @property
     def push_auth_enabled(self) -> bool:

@@ -7,7 +7,11 @@ Layout under ``gs://DATA/datasets/<dataset>/`` (DESIGN.md §3.1)::
     qrels/<split>.tsv               header "query-id\tcorpus-id\tscore"
     pairs/*.jsonl                   {"anchor", "positive", "negative"?}   (optional)
 
-Every error names the file, the line and the reason; a bad line fails its file, never silently skipped.
+Every error names the file, the line and the reason; a bad line fails its file, never silently skipped. What
+published BEIR folders legitimately hold is accepted the way BEIR's loader and trec_eval accept it, with a
+``Notice`` (file, line, reason) instead of an error: a document with a title and no text is a title-only document;
+a document with neither is skipped (``Dataset.skipped``); a qrels row naming a document the corpus does not have is
+kept for evaluation (a relevant document no ranking can hold) and out of training (``Dataset.qrels_absent``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,26 @@ class DatasetError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+TITLE_COPY_END = re.compile(r"\s*(?:$|\n|[.:;!?](?:\s|$)|[-\u2013\u2014]\s)\s*")
+SENTENCE_END = ".:;!?"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something accepted with a warning: the file, line, document or query id, and why."""
+
+    file: str
+    line: int | None
+    id: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "id": self.id, "reason": self.reason}
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
 @dataclass(frozen=True)
 class Doc:
     id: str
@@ -39,9 +63,29 @@ class Doc:
     metadata: dict = field(default_factory=dict)
 
     @property
+    def body(self) -> str:
+        """The text without a leading copy of the title: some collections repeat the title as the text's first line
+        (``"<title>\n<abstract>"`` or ``"<title>. <abstract>"``). Only a title followed by a line break or
+        sentence-ending punctuation is a copy; a title that merely begins the first sentence stays."""
+        title, text = self.title.strip(), self.text.strip()
+        if not title or not text.startswith(title):
+            return text
+        rest = text[len(title) :]
+        if TITLE_COPY_END.match(rest):
+            return TITLE_COPY_END.sub("", rest, count=1).strip()
+        if title[-1] in SENTENCE_END and (not rest or rest[0].isspace()):  # the title's own full stop ends it
+            return rest.strip()
+        return text
+
+    @property
     def full_text(self) -> str:
-        """What gets embedded and BM25-indexed: the title (when there is one) and the text."""
-        return f"{self.title}. {self.text}" if self.title else self.text
+        """What gets embedded and BM25-indexed: the title (when there is one) and the text, the title once."""
+        title, body = self.title.strip(), self.body
+        if not title:
+            return body
+        if not body or body == title:
+            return title
+        return f"{title} {body}" if title[-1] in SENTENCE_END else f"{title}. {body}"
 
     @property
     def content_hash(self) -> str:
@@ -56,6 +100,8 @@ class Dataset:
     queries: dict[str, str]
     qrels: dict[str, dict[str, dict[str, int]]]  # split -> query id -> doc id -> score
     pairs: list[tuple[str, str, str | None]]
+    skipped: list[Notice] = field(default_factory=list)  # documents with neither title nor text
+    qrels_absent: dict[str, int] = field(default_factory=dict)  # split -> rows naming a document not in the corpus
 
     def eval_split(self) -> str | None:
         return next((s for s in ("test", "dev") if self.qrels.get(s)), None)
@@ -90,16 +136,31 @@ class Dataset:
 
 
 def derive_pairs(docs) -> list[tuple[str, str, str | None]]:
-    """A bare corpus still trains: title -> text, or first sentence -> the rest."""
+    """A bare corpus still trains: title -> text without the title (a positive that repeats its anchor teaches
+    nothing: the loss is ~0 from the first step), or first sentence -> the rest. Title-only documents give none."""
     out = []
     for doc in sorted(docs, key=lambda d: d.id):
-        if doc.title:
-            out.append((doc.title, doc.text, None))
+        body = doc.body
+        if doc.title.strip():
+            if body and body != doc.title.strip():
+                out.append((doc.title.strip(), body, None))
             continue
-        first, sep, rest = doc.text.partition(". ")
+        first, sep, rest = body.partition(". ")
         if sep and rest.strip() and len(first.split()) >= 3:
             out.append((first + ".", rest.strip(), None))
     return out
+
+
+MAX_ID_BYTES = 512  # Milvus VARCHAR primary key limit
+ID_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_id(doc_id: str, file: str, number: int) -> None:
+    """Document ids become Milvus primary keys: at most 512 UTF-8 bytes, no control characters."""
+    if len(doc_id.encode()) > MAX_ID_BYTES:
+        raise DatasetError(file, number, f"_id is {len(doc_id.encode())} bytes, over the {MAX_ID_BYTES}-byte limit")
+    if ID_FORBIDDEN.search(doc_id):
+        raise DatasetError(file, number, f"_id {doc_id!r} contains control characters")
 
 
 def check_name(name: str) -> str:
@@ -151,22 +212,32 @@ def _str_field(obj: dict, key: str, file: str, number: int, required: bool = Tru
 
 
 def parse_corpus(
-    data: bytes, file: str, into: dict[str, Doc] | None = None, seen_in: dict[str, str] | None = None
+    data: bytes,
+    file: str,
+    into: dict[str, Doc] | None = None,
+    seen_in: dict[str, str] | None = None,
+    notices: list[Notice] | None = None,
 ) -> dict[str, Doc]:
-    """Parse one corpus file; ids must be unique within it and across ``into`` (earlier files)."""
+    """Parse one corpus file; ids must be unique within it and across ``into`` (earlier files). A document with
+    neither title nor text is skipped with a notice; one with only a title is a title-only document."""
     docs = {} if into is None else into
     seen_in = {} if seen_in is None else seen_in
+    notices = [] if notices is None else notices
     for number, obj in _json_lines(data, file):
         doc_id = _str_field(obj, "_id", file, number)
-        text = _str_field(obj, "text", file, number)
+        check_id(doc_id, file, number)
+        text = _str_field(obj, "text", file, number, required=False)
         title = _str_field(obj, "title", file, number, required=False)
         metadata = obj.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise DatasetError(file, number, f"field 'metadata' must be an object, got {type(metadata).__name__}")
-        if doc_id in docs:
+        if doc_id in docs or doc_id in seen_in:
             raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {seen_in.get(doc_id, file)})")
-        docs[doc_id] = Doc(doc_id, text, title, metadata)
         seen_in[doc_id] = f"{file}:{number}"
+        if not text.strip() and not title.strip():
+            notices.append(Notice(file, number, doc_id, f"document {doc_id!r} has neither title nor text: skipped"))
+            continue
+        docs[doc_id] = Doc(doc_id, text, title, metadata)
     return docs
 
 
@@ -180,8 +251,12 @@ def parse_queries(data: bytes, file: str) -> dict[str, str]:
     return out
 
 
-def parse_qrels(data: bytes, file: str, known_queries=None, known_docs=None) -> dict[str, dict[str, int]]:
-    """Parse one qrels file; with ``known_queries``/``known_docs`` also check each row's ids (errors name the line)."""
+def parse_qrels(
+    data: bytes, file: str, known_queries=None, known_docs=None, notices: list[Notice] | None = None
+) -> dict[str, dict[str, int]]:
+    """Parse one qrels file; with ``known_queries`` each row's query must exist (errors name the line); with
+    ``known_docs`` a row naming an absent document is kept (trec_eval counts it as relevant and unretrievable) with
+    a notice."""
     out: dict[str, dict[str, int]] = {}
     lines = iter(_lines(data, file))
     number, header = next(lines)
@@ -198,8 +273,8 @@ def parse_qrels(data: bytes, file: str, known_queries=None, known_docs=None) -> 
             raise DatasetError(file, number, f"score {score!r} is not a number") from None
         if known_queries is not None and qid not in known_queries:
             raise DatasetError(file, number, f"query-id {qid!r} is not in queries.jsonl")
-        if known_docs is not None and doc_id not in known_docs:
-            raise DatasetError(file, number, f"corpus-id {doc_id!r} (query {qid!r}) is not in the corpus")
+        if known_docs is not None and doc_id not in known_docs and notices is not None:
+            notices.append(Notice(file, number, doc_id, f"corpus-id {doc_id!r} (query {qid!r}) is not in the corpus"))
         out.setdefault(qid, {})[doc_id] = value
     return out
 
@@ -227,17 +302,23 @@ def classify(rel: str) -> str | None:
     return None
 
 
+TEST_QRELS = "qrels/test.tsv"
+
+
 def load_files(name: str, files: dict[str, bytes]) -> Dataset:
-    """Build a Dataset from ``{relative path: bytes}``; qrels must point at known ids."""
+    """Build a Dataset from ``{relative path: bytes}``; qrels must name known queries (absent documents are kept
+    and counted, see the module docstring)."""
     corpus: dict[str, Doc] = {}
     seen: dict[str, str] = {}
+    skipped: list[Notice] = []
+    absent: dict[str, int] = {}
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, dict[str, int]]] = {}
     pairs: list = []
     for rel in sorted(files):
         kind = classify(rel)
         if kind == "corpus":
-            parse_corpus(files[rel], rel, corpus, seen)
+            parse_corpus(files[rel], rel, corpus, seen, skipped)
         elif kind == "queries":
             queries = parse_queries(files[rel], rel)
         elif kind == "pairs":
@@ -245,10 +326,13 @@ def load_files(name: str, files: dict[str, bytes]) -> Dataset:
     for rel in sorted(files):
         if classify(rel) == "qrels":
             split = Path(rel).stem
-            qrels[split] = parse_qrels(files[rel], rel, queries, corpus)
+            notices: list[Notice] = []
+            qrels[split] = parse_qrels(files[rel], rel, queries, corpus, notices)
+            if notices:
+                absent[split] = len(notices)
     if not corpus:
         raise DatasetError(f"datasets/{name}/corpus.jsonl", None, "dataset has no corpus")
-    return Dataset(name, corpus, queries, qrels, pairs)
+    return Dataset(name, corpus, queries, qrels, pairs, skipped, absent)
 
 
 def load_dir(path: Path, name: str | None = None) -> Dataset:
@@ -261,14 +345,16 @@ def prefix(data_bucket: str, dataset: str) -> str:
     return f"gs://{data_bucket}/datasets/{dataset}/"
 
 
-def load_gcs(data_bucket: str, dataset: str) -> Dataset:
+def load_gcs(data_bucket: str, dataset: str, test: bool = True) -> Dataset:
+    """The dataset as stored. ``test=False`` (the trainer) never opens ``qrels/test.tsv``: test labels cannot
+    reach training or any choice made from them."""
     from embedpipe import storage
 
     root = prefix(data_bucket, dataset)
     files = {}
     for uri, _ in storage.list_uris(root):
         rel = uri[len(root) :]
-        if classify(rel):
+        if classify(rel) and (test or rel != TEST_QRELS):
             files[rel] = storage.read_bytes(uri)
     return load_files(dataset, files)
 

@@ -32,10 +32,14 @@ def kind_for(record: dict, promoted: dict | None) -> tuple[str, str]:
         return FULL, "no promoted index for this dataset"
     if record.get("force_full"):
         return FULL, "retrain requested"
+    from embedpipe.vectorstore import SCHEMA_VERSION
+
+    if promoted.get("schema") != SCHEMA_VERSION:
+        return FULL, f"the live collection has an older schema ({promoted.get('schema', 1)}): rebuilt"
     for obj in record.get("trigger_objects") or []:
         found = datasets.dataset_of(obj.get("object", ""))
         rel = found[1] if found else ""
-        if obj.get("part") == "pairs" or rel == "qrels/train.tsv":
+        if obj.get("part") == "pairs" or rel in ("qrels/train.tsv", "qrels/dev.tsv"):
             return FULL, f"training data changed ({rel})"
     return INCREMENTAL, f"corpus change with promoted index {promoted['collection']}"
 

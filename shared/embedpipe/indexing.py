@@ -48,23 +48,39 @@ def load_manifests(embed_uri: str) -> list[dict]:
     return sorted(manifests, key=lambda m: m["replica"])
 
 
-def rank(client, collection: str, queries, k: int = 100) -> dict[str, dict[str, list[str]]]:
+def rank(client, collection: str, queries, search: dict | None, k: int = 100) -> dict[str, dict[str, list[str]]]:
+    """Rankings of every search mode the collection has (dense, bm25, hybrid) for the eval queries: dense and BM25
+    searched once each, hybrid fused from them with the model's weight, exactly as the search service does."""
     ids = queries.column("id").to_pylist()
     vectors = queries.column("vector").to_pylist()
-    texts = queries.column("text").to_pylist()
-    dense = vectorstore.search_dense(client, collection, vectors, k)
-    hybrid = vectorstore.search_hybrid(client, collection, vectors, texts, k)
-    return {
-        "dense": {q: [d for d, _ in hits] for q, hits in zip(ids, dense)},
-        "hybrid": {q: [d for d, _ in hits] for q, hits in zip(ids, hybrid)},
-    }
+    dense = vectorstore.search_dense(client, collection, vectors, max(k, vectorstore.DEPTH))
+    out = {"dense": {q: [d for d, _ in hits[:k]] for q, hits in zip(ids, dense)}}
+    if "bm25_text" in queries.column_names and vectorstore.has_field(client, collection, "bm25_text"):
+        texts = queries.column("bm25_text").to_pylist()
+        sparse = vectorstore.search_sparse(client, collection, texts, max(k, vectorstore.DEPTH))
+        out["bm25"] = {q: [d for d, _ in hits[:k]] for q, hits in zip(ids, sparse)}
+        out["hybrid"] = {q: [d for d, _ in vectorstore.fused(a, b, k, search)] for q, a, b in zip(ids, dense, sparse)}
+    return out
 
 
-def score(ranked: dict, qrels: dict, metric: str) -> dict:
-    """Metrics for dense and hybrid; the better of the two (on ``metric``) is the default search mode."""
+def rank_base(embed_uri: str, manifests: list[dict], queries, k: int = 100) -> dict[str, list[str]]:
+    """The untuned base model's exact top-k for the eval queries, streamed shard by shard (memory: queries x k)."""
+    top = evaluation.TopK(np.asarray(queries.column("base_vector").to_pylist(), dtype=np.float32), k)
+    for m in manifests:
+        table = read_parquet(f"{embed_uri}/{m['file']}")
+        if table.num_rows:
+            vectors = np.asarray(table.column("base_vector").combine_chunks().flatten(), dtype=np.float32)
+            top.add(table.column("id").to_pylist(), vectors.reshape(table.num_rows, -1))
+    return top.ranked(queries.column("id").to_pylist())
+
+
+def score(ranked: dict, qrels: dict, served_mode: str) -> dict:
+    """Metrics of every mode on the eval qrels; ``served`` is the mode search answers with by default (chosen at
+    training time on the selection split, never here on test)."""
     by_mode = {mode: evaluation.evaluate(r, qrels) for mode, r in ranked.items()}
-    best = max(by_mode, key=lambda m: (by_mode[m].get(metric, 0.0), m == "dense"))
-    return {"by_mode": by_mode, "default_mode": best, "metrics": by_mode[best]}
+    mode = served_mode if served_mode in by_mode else "dense"
+    by_mode["served"] = by_mode[mode]
+    return {"by_mode": by_mode, "default_mode": mode, "metrics": by_mode[mode]}
 
 
 def index_run(pipe: Pipeline, run_id: str) -> str:
@@ -86,14 +102,27 @@ def index_run(pipe: Pipeline, run_id: str) -> str:
         return f"run {run_id}: FAILED in index: {exc}"
 
 
-def decide(new: dict, old: dict | None, metric: str, tolerance: float, had_previous: bool) -> tuple[bool, str]:
-    """The gate for a full run: promote unless ``metric`` (of the better search mode) is worse than the live index's
-    by more than ``tolerance``, both measured on the same qrels in the same run."""
-    if not old:
-        return True, "no previous metrics" if had_previous else "first index for this dataset"
-    new_v, old_v = new.get(metric, 0.0), old.get(metric, 0.0)
-    ok = new_v >= old_v - tolerance
-    return ok, f"{metric} {new_v:.4f} vs {old_v:.4f} (tolerance {tolerance}): {'promoted' if ok else 'rejected'}"
+def decide(
+    new: dict, old: dict | None, metrics: tuple[str, ...], tolerance: float, had_previous: bool, baselines: bool = True
+) -> tuple[bool, str]:
+    """The gate for a full run (test qrels; the only use of test labels besides reporting): the served mode must be
+    at least as good as BM25 alone and the untuned base model (``baselines``), and as the live index it would
+    replace, on every gate metric, within ``tolerance``. First runs are gated against the baselines too."""
+    served = new.get("served") or {}
+    if not served:
+        return True, "no eval qrels: promoted unmeasured" if not had_previous else "no eval qrels"
+    rivals = {m: new[m] for m in ("bm25", "base") if baselines and new.get(m)}
+    if old:
+        rivals["live index"] = old
+    failed, passed = [], []
+    for name, other in rivals.items():
+        for metric in metrics:
+            a, b = served.get(metric, 0.0), other.get(metric, 0.0)
+            (passed if a >= b - tolerance else failed).append(f"{metric} {a:.4f} vs {name} {b:.4f}")
+    what = "first index for this dataset; " if not had_previous else ""
+    if failed:
+        return False, f"{what}rejected: served is worse on " + "; ".join(failed) + f" (tolerance {tolerance})"
+    return True, f"{what}promoted: " + ("; ".join(passed) or "nothing to compare with")
 
 
 class Stopwatch:
@@ -142,11 +171,12 @@ def upsert_tables(client, collection: str, tables, watch: Stopwatch, batch: int 
 
     def rows_of(part):
         vectors = np.asarray(part.column("vector").combine_chunks().flatten(), dtype=np.float32)
-        cols = {c: part.column(c).to_pylist() for c in ("id", "text", "title", "content_hash", "metadata")}
+        cols = {c: part.column(c).to_pylist() for c in ("id", "text", "bm25_text", "title", "content_hash", "metadata")}
         return vectorstore.rows_from(
             cols["id"],
             list(vectors.reshape(part.num_rows, -1)),
             cols["text"],
+            cols["bm25_text"],
             cols["title"],
             cols["content_hash"],
             [json.loads(x) for x in cols["metadata"]],
@@ -196,14 +226,20 @@ def _index(pipe: Pipeline, record: dict) -> str:
         "deleted": deleted,
         "unchanged": sum(m.get("unchanged", 0) for m in manifests),
         "total": manifests[0].get("corpus_total", sum(m["count"] for m in manifests)),
+        "skipped": manifests[0].get("skipped", 0),
     }
 
     qrels = storage.read_json(f"{embed_uri}/qrels.json") or {}
-    new = (
-        score(watch(rank, client, collection, read_parquet(f"{embed_uri}/queries.parquet")), qrels, s.gate_metric)
-        if qrels
-        else {"by_mode": {}, "default_mode": "dense", "metrics": {}}
-    )
+    search = manifests[0].get("search") or {}
+    new = {"by_mode": {}, "default_mode": search.get("default_mode", "dense"), "metrics": {}}
+    if qrels:
+        queries = read_parquet(f"{embed_uri}/queries.parquet")
+        ranked = watch(rank, client, collection, queries, search)
+        if kind == "full":  # the baselines: BM25 alone is ranked above; the untuned base model here
+            ranked["base"] = (
+                rank_base(embed_uri, manifests, queries) if manifests[0].get("has_base") else ranked["dense"]
+            )
+        new = score(ranked, qrels, new["default_mode"])
     previous_collection = watch(vectorstore.alias_target, client, alias)
     old = None
     if kind == "incremental":
@@ -219,9 +255,15 @@ def _index(pipe: Pipeline, record: dict) -> str:
             and storage.exists(f"{embed_uri}/queries-previous.parquet")
         ):
             queries_prev = read_parquet(f"{embed_uri}/queries-previous.parquet")
-            old = score(watch(rank, client, previous_collection, queries_prev), qrels, s.gate_metric)
+            prev_search = promoted_before.get("search") or {}
+            ranked_prev = watch(rank, client, previous_collection, queries_prev, prev_search)
+            old = score(ranked_prev, qrels, prev_search.get("default_mode", "dense"))
         promoted, reason = decide(
-            new["metrics"], old["metrics"] if old else None, s.gate_metric, s.gate_tolerance, bool(previous_collection)
+            new["by_mode"],
+            old["metrics"] if old else None,
+            s.gate_metrics,
+            s.gate_tolerance,
+            bool(previous_collection),
         )
     if promoted:
         if kind == "full":
@@ -235,6 +277,8 @@ def _index(pipe: Pipeline, record: dict) -> str:
             "dim": dim,
             "metrics": new["metrics"],
             "metrics_by_mode": new["by_mode"],
+            "search": {**search, "default_mode": new["default_mode"]},
+            "schema": vectorstore.SCHEMA_VERSION,
             "updated_by": run_id,
         }
         ledger.update_dataset(dataset, lambda st: {**st, "promoted": entry})
@@ -256,6 +300,7 @@ def _index(pipe: Pipeline, record: dict) -> str:
         "kind": kind,
         "promoted": promoted,
         "gate": {"metric": s.gate_metric, "tolerance": s.gate_tolerance, "reason": reason},
+        "search": {**search, "default_mode": new["default_mode"]},
         "alias": alias,
         "collection": collection,
         "model": {
@@ -263,14 +308,22 @@ def _index(pipe: Pipeline, record: dict) -> str:
             "version": trainer_metrics.get("model_version", fingerprint),
             "dim": dim,
             "fingerprint": fingerprint,
+            "tuned": manifests[0].get("tuned", True),
+            "shipped_reason": trainer_metrics.get("shipped_reason", ""),
+            "max_seq_length": trainer_metrics.get("max_seq_length"),
         },
+        "selection": trainer_metrics.get("selection") if kind == "full" else None,
         "counts": counts,
         "metrics": new["metrics"] or None,
         "previous_metrics": (old["metrics"] or None) if old else None,
         "metrics_by_mode": new["by_mode"],
         "previous_metrics_by_mode": old["by_mode"] if old else None,
         "default_search_mode": new["default_mode"],
-        "eval": {"split": "test" if qrels else None, "queries": len(qrels)},
+        "eval": {
+            "split": manifests[0].get("eval_split") if qrels else None,
+            "queries": len(qrels),
+            "qrels_absent": manifests[0].get("qrels_absent", 0),
+        },
         "stage_seconds": stage_seconds,
         "milvus_seconds": round(watch.seconds, 3),
         "report_uri": report_uri,

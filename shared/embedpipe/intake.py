@@ -4,6 +4,12 @@ A bad file never reaches training or the index: its error (object, line, reason)
 ``io.embedpipe.file.rejected.v1`` event on ``run-events``, and the object is moved to
 ``gs://DATA/quarantine/<dataset>/<path>`` (the copy keeps the bytes for inspection; the original is deleted only if it
 is still the generation we checked, so a corrected re-upload is never removed). Valid files beside it go on.
+
+What published BEIR folders legitimately hold is accepted with ``datasets.Notice``s, not rejected: a corpus document
+with neither title nor text is skipped and its notice travels in the ``Accepted`` verdict into the run record
+(``record["notices"]``, see ``Pipeline.on_object_change``). A qrels row naming a document the corpus lacks cannot be
+seen in one file on its own; the launch-time load counts it (``Dataset.qrels_absent``) and keeps the file. The same
+parsers serve ``embedpipe upload``'s local pre-check, so both sides give the same verdict on the same bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from embedpipe import datasets, storage
 log = logging.getLogger(__name__)
 
 MAX_SEGMENT_CHARS = 200
+MAX_NOTICES = 100  # notice items kept per object in the run record (the count is always exact)
 FILE_REJECTED = "io.embedpipe.file.rejected.v1"
 
 
@@ -39,6 +46,30 @@ class Rejection:
         }
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """The object is a usable dataset file; ``notices`` are what its parse accepted with a warning."""
+
+    object: str  # gs:// URI of the uploaded object
+    generation: int
+    notices: tuple[datasets.Notice, ...] = ()
+
+    def to_dict(self, limit: int = MAX_NOTICES) -> dict:
+        """The run record's entry: exact count, the first ``limit`` notices (a million skipped documents must not
+        make a million-entry record)."""
+        return {
+            "object": self.object,
+            "generation": self.generation,
+            "count": len(self.notices),
+            "items": [n.to_dict() for n in self.notices[:limit]],
+        }
+
+
+# What ``check_object`` answers: rejected (and quarantined), accepted (maybe with notices), or None when the object
+# is gone (replaced or deleted since the event: the newer generation has its own event).
+Verdict = Rejection | Accepted | None
+
+
 def name_problem(name: str) -> str | None:
     """Why an object name under ``datasets/`` cannot be a dataset file, or None when it is fine."""
     parts = name.split("/")
@@ -53,17 +84,21 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def check_file(rel: str, data: bytes) -> None:
-    """Parse one BEIR file on its own (raises DatasetError naming the line); cross-file checks happen at launch."""
+def check_file(rel: str, data: bytes) -> list[datasets.Notice]:
+    """Parse one BEIR file on its own: raises DatasetError (file, line, reason) for a broken file, else returns its
+    notices (corpus documents skipped for having neither title nor text). Cross-file checks (duplicate ids across
+    corpus files, qrels naming unknown queries; qrels naming absent documents are counted) happen at launch."""
+    notices: list[datasets.Notice] = []
     kind = datasets.classify(rel)
     if kind == "corpus":
-        datasets.parse_corpus(data, rel)
+        datasets.parse_corpus(data, rel, notices=notices)
     elif kind == "queries":
         datasets.parse_queries(data, rel)
     elif kind == "qrels":
         datasets.parse_qrels(data, rel)
     elif kind == "pairs":
         datasets.parse_pairs(data, rel)
+    return notices
 
 
 def quarantine(bucket: str, name: str, generation: int) -> str:
@@ -83,8 +118,9 @@ def quarantine(bucket: str, name: str, generation: int) -> str:
     return f"gs://{bucket}/{target}"
 
 
-def check_object(bucket: str, name: str, generation: int) -> Rejection | None:
-    """None when the object is a usable dataset file; else a Rejection (and the object is quarantined)."""
+def check_object(bucket: str, name: str, generation: int) -> Verdict:
+    """``Accepted`` (with its notices) when the object is a usable dataset file; a ``Rejection`` (and the object is
+    quarantined) when it is not; None when that generation is gone."""
     uri = f"gs://{bucket}/{name}"
     problem = name_problem(name)
     line = None
@@ -95,18 +131,23 @@ def check_object(bucket: str, name: str, generation: int) -> Rejection | None:
         except gexc.NotFound:
             return None  # replaced or deleted since: the newer generation has its own event
         try:
-            check_file(rel, data)
-            return None
+            notices = check_file(rel, data)
         except datasets.DatasetError as exc:
             problem, line = exc.reason, exc.line
+        else:
+            return Accepted(uri, generation, tuple(notices))  # the pipeline records and logs the notices
     where = f"{uri}:{line}" if line else uri
     log.warning("rejected %s: %s", where, problem)
     return Rejection(uri, generation, line, problem, quarantine(bucket, name, generation))
 
 
 def load_valid(bucket: str, dataset: str, max_rejections: int = 100):
-    """Load the whole dataset, quarantining each file a cross-file check rejects (duplicate ids across files, qrels
-    naming unknown ids), until the rest is valid. Returns (Dataset or None, rejections, why None)."""
+    """Load the whole dataset, quarantining each file a cross-file check rejects (duplicate ids across corpus files,
+    qrels naming unknown query ids), until the rest is valid. Returns (Dataset or None, rejections, why None).
+
+    What ``datasets.load_files`` accepts with a notice is not a rejection here: a qrels file naming documents the
+    corpus lacks stays (``Dataset.qrels_absent`` counts the rows; evaluation treats them the trec_eval way), so a
+    corpus file quarantined for a real error does not take the qrels that cite it along."""
     rejections: list[Rejection] = []
     for _ in range(max_rejections):
         try:

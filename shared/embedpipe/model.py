@@ -31,7 +31,13 @@ class ModelInfo:
     preprocessing_fingerprint: str = ""
     fingerprint: str = ""  # of weights + preprocessing: the identity the vector store checks
     version: str = ""
-    metrics: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # on the selection split (never test): see ``selection``
+    # False when the fine-tune did not beat the base model on the selection split and the base model ships instead
+    tuned: bool = True
+    shipped_reason: str = ""
+    selection: dict = field(default_factory=dict)  # split, sizes, base vs tuned scores per epoch, scores by mode
+    # how search answers by default: {"default_mode": dense|bm25|hybrid, "hybrid_weight": w, "rrf_k": k}
+    search: dict = field(default_factory=dict)
 
     @classmethod
     def read(cls, model_dir: Path) -> ModelInfo:

@@ -71,7 +71,7 @@ class Pipeline:
         ledger: Ledger | None = None,
         launcher: JobLauncher | None = None,
         publish: Callable[[str, Event], None] | None = None,
-        check_object: Callable[[str, str, int], intake.Rejection | None] | None = None,
+        check_object: Callable[[str, str, int], intake.Verdict] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.settings = settings
@@ -106,9 +106,9 @@ class Pipeline:
         if not change.name.startswith("datasets/"):
             return f"ignored {change.name}: not under datasets/"
         if intake.name_problem(change.name):  # belongs to no dataset we could name: quarantine, report, done
-            rejection = self.check_object(change.bucket, change.name, change.generation)
-            if rejection:
-                self._report_rejection(None, change.key, rejection)
+            verdict = self.check_object(change.bucket, change.name, change.generation)
+            if isinstance(verdict, intake.Rejection):
+                self._report_rejection(None, change.key, verdict)
             return f"rejected {change.name}: {intake.name_problem(change.name)}"
         found = datasets.dataset_of(change.name)
         if found is None:
@@ -119,12 +119,35 @@ class Pipeline:
         record = self.ledger.get_run(run_id) or {}
         if change.key in record.get("triggers", []) or change.key in record.get("file_errors", {}):
             return f"{change.name}#{change.generation} -> run {run_id}"  # a redelivery: already recorded
-        rejection = self.check_object(change.bucket, change.name, change.generation)
-        if rejection:
-            self._report_rejection(run_id, change.key, rejection)
-            return f"rejected {change.name}#{change.generation} (run {run_id}): {rejection.reason}"
+        verdict = self.check_object(change.bucket, change.name, change.generation)
+        if isinstance(verdict, intake.Rejection):
+            self._report_rejection(run_id, change.key, verdict)
+            return f"rejected {change.name}#{change.generation} (run {run_id}): {verdict.reason}"
+        if isinstance(verdict, intake.Accepted) and verdict.notices:  # before the trigger: a redelivery redoes it
+            self._record_notices(run_id, change.key, verdict)
         self.ledger.add_trigger(run_id, change.key, info)
         return f"{change.name}#{change.generation} -> run {run_id}"
+
+    def _record_notices(self, run_id: str, key: str, accepted: intake.Accepted) -> None:
+        """Record what a file was accepted with (documents skipped for having neither title nor text) in its run:
+        ``record["notices"][key] = {object, generation, count, items}``, the items capped at ``intake.MAX_NOTICES``.
+        Keyed by trigger key, so a redelivery writes nothing new."""
+        log.warning(
+            "run %s: %s accepted with %d notice(s): %s%s",
+            run_id,
+            accepted.object,
+            len(accepted.notices),
+            "; ".join(str(n) for n in accepted.notices[:5]),
+            " ..." if len(accepted.notices) > 5 else "",
+        )
+
+        def fn(record):
+            if key in record.setdefault("notices", {}):
+                return None
+            record["notices"][key] = accepted.to_dict()
+            return record
+
+        self.ledger.update_run(run_id, fn)
 
     def _report_rejection(self, run_id: str | None, key: str, rejection: intake.Rejection) -> None:
         """Record a bad file in its run (per-file errors; the run goes on with the valid files) and tell

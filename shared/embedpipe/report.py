@@ -125,6 +125,10 @@ def render(event_data: dict, loss_curve=None) -> str:
         "plot-recall",
         y_max=1.0,
     )
+    by_mode = d.get("metrics_by_mode") or {}
+    modes = [m for m in ("bm25", "base", "dense", "hybrid", "served") if by_mode.get(m)]
+    headline = ["recall@10", "ndcg@10", "mrr@10"]
+    baselines = bar_plot(headline, {m: [by_mode[m].get(k) for k in headline] for m in modes}, "plot-modes", y_max=1.0)
     stages = d.get("stage_seconds") or {}
     timings = bar_plot(list(stages), {"seconds": [float(v) for v in stages.values()]}, "plot-stages")
     loss = line_plot(_points(loss_curve), "plot-loss", "loss")
@@ -137,6 +141,12 @@ def render(event_data: dict, loss_curve=None) -> str:
         "collection": d.get("collection"),
         "previous collection": d.get("previous_collection"),
         "default search mode": d.get("default_search_mode"),
+        "search settings": d.get("search"),
+        "model tuned": (d.get("model") or {}).get("tuned"),
+        "why this model": (d.get("model") or {}).get("shipped_reason"),
+        "selection split": {
+            k: v for k, v in (d.get("selection") or {}).items() if k in ("split", "queries", "base", "tuned")
+        },
         "counts": d.get("counts"),
         "model": (d.get("model") or {}).get("uri"),
         "fingerprint": (d.get("model") or {}).get("fingerprint"),
@@ -156,6 +166,7 @@ th,td{{border:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}}
 <h1>{html.escape(title)}</h1>
 <table>{items}</table>
 <h2>Training loss</h2>{loss}
+<h2>Base model vs fine-tune vs BM25 (eval split)</h2>{baselines}
 <h2>Recall@k: new vs previous index</h2>{recall}
 <h2>Metrics by search mode</h2>{_metrics_table(d.get("metrics_by_mode") or {}, d.get("previous_metrics_by_mode"))}
 <h2>Stage timings (s)</h2>{timings}

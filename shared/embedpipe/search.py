@@ -7,6 +7,9 @@ thread while requests keep being answered with the old one; the swap is one assi
 by name (not the alias), so the old model is never used against the new collection in the moment between the alias
 swap and the end of the reload (retention keeps the replaced collection, ``Settings.keep_collections`` >= 1).
 The first request for a dataset loads synchronously: there is nothing older to serve.
+
+Without a ``mode`` a query is answered the way the promoted run chose on its selection split (``default_mode``:
+dense, bm25 or hybrid, with its hybrid weight), the mode its ``served`` metrics measured; a ``mode`` overrides it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from embedpipe import vectorstore
+from embedpipe import lexical, vectorstore
 from embedpipe.config import Settings
 from embedpipe.embedding import encode
 from embedpipe.model import load_model
@@ -134,18 +137,17 @@ class Searcher:
             return self.reload(data["dataset"])
         return None
 
-    def search(self, dataset: str, query: str, k: int = 10, mode: str = "dense") -> dict:
-        if mode not in ("dense", "hybrid"):
-            raise ValueError(f"mode must be dense or hybrid, not {mode!r}")
+    def search(self, dataset: str, query: str, k: int = 10, mode: str | None = None) -> dict:
+        if mode and mode not in vectorstore.MODES:
+            raise ValueError(f"mode must be one of {', '.join(vectorstore.MODES)}, not {mode!r}")
         if not 1 <= k <= 1000:
             raise ValueError(f"k must be within 1..1000, not {k}")
         cur = self.current(dataset)
-        vector = encode(cur.model, [cur.info.query_prefix + query])[0]
+        settings = cur.promoted.get("search") or getattr(cur.info, "search", None) or {}
+        mode = mode or settings.get("default_mode") or "dense"
+        vector = encode(cur.model, [cur.info.query_prefix + query])[0] if mode != "bm25" else None
         collection = cur.promoted["collection"]
-        if mode == "dense":
-            hits = vectorstore.search_dense(self.client, collection, [vector], k)[0]
-        else:
-            hits = vectorstore.search_hybrid(self.client, collection, [vector], [query], k)[0]
+        hits = vectorstore.search(self.client, collection, mode, [vector], lexical.analyzed([query]), k, settings)[0]
         titles = {}
         if hits:
             rows = self.client.get(collection_name=collection, ids=[h[0] for h in hits], output_fields=["id", "title"])
@@ -160,6 +162,6 @@ class Searcher:
         }
 
 
-def search(settings: Settings, dataset: str, query: str, k: int = 10, mode: str = "dense") -> dict:
+def search(settings: Settings, dataset: str, query: str, k: int = 10, mode: str | None = None) -> dict:
     """One-off search (no long-lived Searcher): reads the promoted index from the ledger now."""
     return Searcher(settings).search(dataset, query, k, mode)

@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainParams:
-    learning_rate: float = 5e-5
+    learning_rate: float = 2e-5
     batch_size: int = 32
-    max_steps: int = 40
+    max_steps: int = 1000  # a cap: training runs ``epochs`` over the pairs, at most this many steps (0 = no cap)
     epochs: int = 1
-    max_seq_length: int = 64
+    max_seq_length: int = 256
     warmup_ratio: float = 0.1
     seed: int = 42
     log_every: int = 10
@@ -34,6 +34,26 @@ class TrainParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SEQ_QUANTILE = 0.95  # of document token lengths: longer documents are truncated, the rest fit whole
+SEQ_MULTIPLE = 32
+
+
+def seq_length_for(model, texts: list[str], cap: int, seed: int = 0, sample: int = 2000) -> int:
+    """The sequence length a corpus needs: the 95th percentile of its documents' token lengths (a seeded sample),
+    rounded up to a multiple of 32, within [32, ``cap``] (the base model's own limit). Real abstracts truncated at
+    64 tokens lose a tenth of their recall; padding every batch to the model limit wastes time on short corpora."""
+    import numpy as np
+
+    texts = list(texts)
+    if len(texts) > sample:
+        texts = random.Random(seed).sample(texts, sample)
+    if not texts:
+        return cap
+    lengths = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    need = int(np.quantile(lengths, SEQ_QUANTILE))
+    return max(SEQ_MULTIPLE, min(cap, -(-need // SEQ_MULTIPLE) * SEQ_MULTIPLE))
 
 
 def seed_everything(seed: int) -> None:
@@ -91,6 +111,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class NonFiniteLoss(ArithmeticError):
+    """The loss went NaN or infinite: the run fails rather than ship (or select from) a broken model."""
+
+
 def make_loss(model, params: TrainParams):
     """In-batch negatives; the cached (GradCache) variant when ``mini_batch_size`` is smaller than the batch, so a
     large batch trains in the memory of a small one."""
@@ -101,6 +125,25 @@ def make_loss(model, params: TrainParams):
     return losses.MultipleNegativesRankingLoss(model)
 
 
+def _fp32_loss_module(loss_fn, device: str):
+    """In-batch negatives with the encoder under bf16 autocast but similarities, softmax and loss in fp32: bf16
+    logits (scale 20, ~3 significant digits) round the small differences between candidates away and the loss reads
+    0.0 long before the model has learnt anything."""
+    import torch
+
+    class FP32Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loss = loss_fn
+
+        def forward(self, features, labels=None):
+            with autocast(device):
+                embeddings = [self.loss.model(f)["sentence_embedding"] for f in features]
+            return self.loss.compute_loss_from_embeddings([e.float() for e in embeddings], labels)
+
+    return FP32Loss()
+
+
 def train(
     model,
     pairs: list[tuple[str, str, str | None]],
@@ -109,6 +152,8 @@ def train(
     dist_info: DistInfo | None = None,
     checkpoints: Checkpoints | None = None,
     scalars: ScalarLog | None = None,
+    select=None,
+    patience: int = 1,
 ) -> dict:
     """Fine-tune ``model`` in place; returns the loss curve and throughput.
 
@@ -118,6 +163,11 @@ def train(
     steps, each of which consumes ``world_size`` batches. With ``checkpoints``, the primary rank saves model,
     optimizer, scheduler, RNG states and step every ``checkpoint_every`` steps, and a restart resumes from the
     latest one (the data order is a function of seed and epoch, so the resumed run continues where it stopped).
+
+    With ``select`` (model -> score on the selection split, higher is better; never test data), the model is scored
+    at the end of every epoch; training stops early after ``patience`` epochs without improvement and the model ends
+    with the weights of its best-scoring epoch. A run resumed from a checkpoint keeps the scores of the epochs before
+    the crash but not their weights: it keeps the best of the epochs it ran itself.
     """
     import torch
     from transformers import get_linear_schedule_with_warmup
@@ -145,6 +195,8 @@ def train(
     device = str(model.device)
 
     curve, seen, step, resumed_from = [], 0, 0, None
+    selection: list[dict] = []
+    best: dict | None = None  # {"score", "step", "state"}: the best epoch's weights, on the CPU
     state = checkpoints.load_latest() if checkpoints else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -152,16 +204,17 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         step, seen, curve = state["step"], state["pairs_seen"], state["loss_curve"]
+        selection = state.get("selection", [])
         resumed_from = step
         log.info("resumed from checkpoint step %d/%d (%s)", step, total, checkpoints.uri)
 
-    forward = loss_fn
+    forward = loss_fn if cached else _fp32_loss_module(loss_fn, device)
     if world > 1 and not cached:
         from torch.nn.parallel import DistributedDataParallel
 
         # The BERT pooler is unused by mean pooling: its parameters get no gradient.
         forward = DistributedDataParallel(
-            loss_fn,
+            forward,
             device_ids=[dist_info.local_rank] if device.startswith("cuda") else None,
             find_unused_parameters=True,
         )
@@ -176,8 +229,13 @@ def train(
         if all(p[2] for p in batch):
             columns.append([p[2] for p in batch])  # hard negatives, when every pair has one
         features = [{k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in prep(c).items()} for c in columns]
-        with autocast(device):
+        if cached:
+            with autocast(device):
+                loss = forward(features, None)
+        else:
             loss = forward(features, None)
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLoss(f"loss is {float(loss.detach())} at step {step + 1}: training diverged")
         loss.backward()
         loss_value = loss.detach().float()
         if world > 1:
@@ -199,6 +257,11 @@ def train(
         seen += n
         seen_here += n
         curve.append({"step": step, "loss": round(float(loss_value), 5)})
+        if select is not None and (step % steps_per_epoch == 0 or step == total):
+            best, stop = _select_epoch(model, select, step, steps_per_epoch, selection, best, patience, scalars)
+            if stop:
+                log.info("early stop at step %d: no better selection score for %d epoch(s)", step, patience)
+                total = step
         if not primary:
             continue
         if scalars is not None:
@@ -221,6 +284,7 @@ def train(
                     "rng": _rng_state(),
                     "pairs_seen": seen,
                     "loss_curve": curve,
+                    "selection": selection,
                     "params": params.to_dict(),
                 },
             )
@@ -228,8 +292,13 @@ def train(
                 scalars.flush()
             log.info("checkpoint at step %d written to %s", step, checkpoints.uri)
     elapsed = time.perf_counter() - t0
+    if best is not None and best["step"] != step:
+        model.load_state_dict(best["state"])
+        log.info("kept the weights of step %d (selection score %.4f)", best["step"], best["score"])
     model.eval()
     return {
+        "selection": selection,
+        "best_step": best["step"] if best else step,
         "steps": step,
         "total_steps": total,
         "resumed_from_step": resumed_from,
@@ -243,6 +312,23 @@ def train(
     }
 
 
+def _select_epoch(model, select, step, steps_per_epoch, history, best, patience, scalars):
+    """Score the model on the selection split at an epoch end; keep the best weights. Returns (best, stop)."""
+    model.eval()
+    score = float(select(model))
+    model.train()
+    epoch = -(-step // steps_per_epoch)
+    history.append({"epoch": epoch, "step": step, "score": round(score, 6)})
+    log.info("selection after epoch %d (step %d): %.4f", epoch, step, score)
+    if scalars is not None:
+        scalars.add("selection/score", score, step)
+    if best is None or score > best["score"]:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return {"score": score, "step": step, "state": state}, False
+    since = step - best["step"]
+    return best, since >= patience * steps_per_epoch
+
+
 def _mnrl_class():
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
@@ -251,21 +337,15 @@ def _mnrl_class():
 
 def evaluate_exact(model, ds, query_prefix: str = "", document_prefix: str = "", k: int = 100) -> dict:
     """Retrieval metrics of ``model`` on the dataset's eval qrels (test, else dev) by exact cosine top-``k`` search
-    in memory: the same ``encode`` and ``evaluation.evaluate`` the indexer uses, without Milvus."""
-    import numpy as np
-
-    from embedpipe.embedding import encode
+    in memory, streamed in blocks (``evaluation.TopK``: no queries x corpus matrix). For benchmarks and tests; the
+    trainer itself never scores test qrels (``embedpipe.selection``)."""
     from embedpipe.evaluation import evaluate
+    from embedpipe.selection import Task, dense_rankings
 
     qrels = ds.eval_qrels()
     qids = [q for q in sorted(qrels) if q in ds.queries]
     if not qids:
         return {}
-    doc_ids = sorted(ds.corpus)
-    docs = encode(model, [ds.corpus[d].full_text for d in doc_ids], prefix=document_prefix)
-    queries = encode(model, [ds.queries[q] for q in qids], prefix=query_prefix)
-    scores = queries @ docs.T
-    k = min(k, len(doc_ids))
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    ranked = {q: [doc_ids[j] for j in row] for q, row in zip(qids, top)}
+    task = Task("eval", {q: ds.queries[q] for q in qids}, {d: doc.full_text for d, doc in ds.corpus.items()}, {})
+    ranked = dense_rankings(model, task, query_prefix, document_prefix, min(k, len(ds.corpus)))
     return evaluate(ranked, {q: qrels[q] for q in qids})

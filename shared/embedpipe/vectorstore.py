@@ -1,8 +1,13 @@
 """Milvus: one collection per full run (``<dataset>__<run_id>``), the alias ``<dataset>`` on the promoted one.
 
-Fields (DESIGN.md §3.7): ``id`` VARCHAR primary key (the document's stable id), ``dense`` (COSINE), ``text`` with an
-analyzer feeding a BM25 function into ``sparse`` (hybrid search), ``title``, ``content_hash``, ``metadata`` JSON.
-The collection's properties record the model fingerprint and dim; loading vectors of another model is refused.
+Fields (DESIGN.md §3.7): ``id`` VARCHAR primary key (the document's stable id), ``dense`` (COSINE), ``text`` (what
+was embedded), ``bm25_text`` (the text analyzed by ``embedpipe.lexical``: stop words out, Snowball stems) with an
+analyzer feeding a BM25 function into ``sparse``, ``title``, ``content_hash``, ``metadata`` JSON. The collection's
+properties record the model fingerprint, dim and BM25 analyzer; loading vectors of another model is refused.
+
+Search modes: ``dense``, ``bm25`` (sparse alone) and ``hybrid``: both searched ``DEPTH`` deep and fused here by
+weighted reciprocal rank (``evaluation.fuse``), the same function selection scored the weight with. Searches go in
+batches of at most ``MAX_NQ`` queries (Milvus caps one call at 16,384).
 """
 
 from __future__ import annotations
@@ -14,10 +19,16 @@ from dataclasses import dataclass
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from embedpipe import evaluation, lexical
+
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 16000  # VARCHAR max_length is in bytes (65535); 4 bytes per char worst case
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_permit_without_calls": False}
+SCHEMA_VERSION = 2  # 2: BM25 over the analyzed ``bm25_text`` field (1: over raw ``text``)
+MODES = ("dense", "bm25", "hybrid")
+DEPTH = 100  # candidates per side that hybrid fusion sees
+MAX_NQ = 1000
 PROP = "embedpipe."  # collection properties: the model fingerprint, dim and URI (descriptions are not kept by Lite)
 
 
@@ -100,14 +111,15 @@ def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
     schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
-    schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=True)
+    schema.add_field("text", DataType.VARCHAR, max_length=65535)
+    schema.add_field("bm25_text", DataType.VARCHAR, max_length=65535, enable_analyzer=True)
     schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
     schema.add_field("title", DataType.VARCHAR, max_length=2048)
     schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
     schema.add_field("metadata", DataType.JSON)
     schema.add_function(
         Function(
-            name="bm25", function_type=FunctionType.BM25, input_field_names=["text"], output_field_names=["sparse"]
+            name="bm25", function_type=FunctionType.BM25, input_field_names=["bm25_text"], output_field_names=["sparse"]
         )
     )
     index = client.prepare_index_params()
@@ -117,7 +129,12 @@ def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: 
         collection_name=name,
         schema=schema,
         index_params=index,
-        properties={PROP + "fingerprint": fingerprint, PROP + "dim": str(dim), PROP + "model_uri": model_uri},
+        properties={
+            PROP + "fingerprint": fingerprint,
+            PROP + "dim": str(dim),
+            PROP + "model_uri": model_uri,
+            PROP + "analyzer": lexical.ANALYZER,
+        },
     )
     log.info("created collection %s (dim=%d, model fingerprint %s)", name, dim, fingerprint)
 
@@ -138,17 +155,18 @@ def check_fingerprint(client, name: str, fingerprint: str, dim: int) -> None:
         )
 
 
-def rows_from(ids, vectors, texts, titles, hashes, metadatas) -> list[dict]:
+def rows_from(ids, vectors, texts, bm25_texts, titles, hashes, metadatas) -> list[dict]:
     return [
         {
             "id": i,
             "dense": v,
             "text": (t or " ")[:MAX_TEXT_CHARS],
+            "bm25_text": (b or " ")[:MAX_TEXT_CHARS],
             "title": (ti or "")[:500],
             "content_hash": h,
             "metadata": m,
         }
-        for i, v, t, ti, h, m in zip(ids, vectors, texts, titles, hashes, metadatas)
+        for i, v, t, b, ti, h, m in zip(ids, vectors, texts, bm25_texts, titles, hashes, metadatas)
     ]
 
 
@@ -187,35 +205,81 @@ def ids_and_hashes(client, name: str) -> dict[str, str]:
     return out
 
 
+def _batches(items, size: int = MAX_NQ):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 @milvus_retry
 @loaded
 def search_dense(client, name: str, vectors, k: int) -> list[list[tuple[str, float]]]:
-    res = client.search(
-        collection_name=name,
-        data=[list(map(float, v)) for v in vectors],
-        anns_field="dense",
-        limit=k,
-        output_fields=["id"],
-        search_params={"metric_type": "COSINE"},
-    )
-    return [[(h["id"], float(h["distance"])) for h in hits] for hits in res]
+    out = []
+    for part in _batches([list(map(float, v)) for v in vectors]):
+        res = client.search(
+            collection_name=name,
+            data=part,
+            anns_field="dense",
+            limit=k,
+            output_fields=["id"],
+            search_params={"metric_type": "COSINE"},
+        )
+        out += [[(h["id"], float(h["distance"])) for h in hits] for hits in res]
+    return out
 
 
 @milvus_retry
 @loaded
-def search_hybrid(client, name: str, vectors, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
-    """Dense + BM25, fused by reciprocal rank (RRF, k=60)."""
-    from pymilvus import AnnSearchRequest, RRFRanker
-
-    out = []
-    for v, text in zip(vectors, texts):
-        reqs = [
-            AnnSearchRequest(data=[list(map(float, v))], anns_field="dense", param={"metric_type": "COSINE"}, limit=k),
-            AnnSearchRequest(data=[text], anns_field="sparse", param={"metric_type": "BM25"}, limit=k),
-        ]
-        res = client.hybrid_search(collection_name=name, reqs=reqs, ranker=RRFRanker(60), limit=k, output_fields=["id"])
-        out.append([(h["id"], float(h["distance"])) for h in res[0]])
+def search_sparse(client, name: str, bm25_texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """BM25 over ``bm25_text``; queries already analyzed (``lexical.analyzed``). A query with no terms left (only
+    stop words) matches nothing."""
+    out: list[list[tuple[str, float]]] = [[] for _ in bm25_texts]
+    asked = [i for i, t in enumerate(bm25_texts) if t.strip()]
+    for part in _batches(asked):
+        res = client.search(
+            collection_name=name,
+            data=[bm25_texts[i] for i in part],
+            anns_field="sparse",
+            limit=k,
+            output_fields=["id"],
+            search_params={"metric_type": "BM25"},
+        )
+        for i, hits in zip(part, res):
+            out[i] = [(h["id"], float(h["distance"])) for h in hits]
     return out
+
+
+def search(client, name: str, mode: str, vectors, bm25_texts, k: int, search: dict | None = None):
+    """Rankings of ``mode`` (dense | bm25 | hybrid) for a batch of queries, as ``[(id, score), ...]`` per query.
+    ``search`` is the model's search settings (``ModelInfo.search``: hybrid weight, RRF constant)."""
+    if mode not in MODES:
+        raise ValueError(f"search mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "dense":
+        return search_dense(client, name, vectors, k)
+    if mode == "bm25":
+        return search_sparse(client, name, bm25_texts, k)
+    depth = max(k, DEPTH)
+    dense = search_dense(client, name, vectors, depth)
+    sparse = search_sparse(client, name, bm25_texts, depth)
+    return [fused(d, sp, k, search) for d, sp in zip(dense, sparse)]
+
+
+def fused(dense: list[tuple[str, float]], sparse: list[tuple[str, float]], k: int, search: dict | None = None):
+    """One query's hybrid ranking from its dense and BM25 hits, with the fused score."""
+    search = search or {}
+    weight, rrf_k = float(search.get("hybrid_weight", 0.5)), int(search.get("rrf_k", evaluation.RRF_K))
+    ranks_d = {i: r for r, (i, _) in enumerate(dense, 1)}
+    ranks_s = {i: r for r, (i, _) in enumerate(sparse, 1)}
+    order = evaluation.fuse(list(ranks_d), list(ranks_s), weight, rrf_k, limit=k)
+
+    def score(i):
+        rd, rs = ranks_d.get(i), ranks_s.get(i)
+        return (weight / (rrf_k + rd) if rd else 0.0) + ((1 - weight) / (rrf_k + rs) if rs else 0.0)
+
+    return [(i, score(i)) for i in order]
+
+
+def has_field(client, name: str, field_name: str) -> bool:
+    return any(f.get("name") == field_name for f in client.describe_collection(name).get("fields", []))
 
 
 def alias_target(client, alias: str) -> str | None:

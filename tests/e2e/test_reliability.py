@@ -298,8 +298,8 @@ def test_bad_input_is_quarantined_and_nothing_indexed_is_lost(env_stack):
         "corpus/bad-utf8.jsonl": (b'{"_id": "u1", "text": "ok"}\n{"_id": "u2", "text": "\xff\xfe"}\n', 2, "UTF-8"),
         "corpus/bad-json.jsonl": (
             b'{"_id": "j1", "text": "ok"}\n{"_id": "j2"}\n{"_id": "j3", "text": }\n',
-            2,
-            "missing required field 'text'",
+            3,  # line 2 (neither title nor text) is a skipped document, not an error
+            "invalid JSON",
         ),
         "corpus/dup.jsonl": (b'{"_id": "d1", "text": "a"}\n{"_id": "d1", "text": "b"}\n', 2, "duplicate _id"),
         "corpus/empty.jsonl": (b"", None, "empty"),
@@ -307,7 +307,7 @@ def test_bad_input_is_quarantined_and_nothing_indexed_is_lost(env_stack):
         "corpus/wrongtype.jsonl": (b'{"_id": "w1", "text": 42}\n', 1, "must be a string"),
         "corpus/longline.jsonl": (long_line, 1, "over the"),
         "corpus/zz-cross.jsonl": (b'{"_id": "g01", "text": "a second g01"}\n', 1, "duplicate _id 'g01'"),
-        "qrels/dev.tsv": (b"query-id\tcorpus-id\tscore\nq01\tnope\t1\n", 2, "not in the corpus"),
+        "qrels/dev.tsv": (b"query-id\tcorpus-id\tscore\nq99\tg01\t1\n", 2, "query-id 'q99' is not in queries"),
     }
     good = b'{"_id": "new-1", "text": "Seed trays are washed weekly."}\n{"_id": "new-2", "text": "Hoses coil."}\n'
     badly_named = [

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from embedpipe import datasets, storage
+from embedpipe import datasets, lexical, storage
 from embedpipe.embedding import encode
 from embedpipe.jobs import JobSpec, LocalJobLauncher
 from embedpipe.model import ModelInfo, load_model, save_model
@@ -63,3 +63,15 @@ def test_three_replicas_embed_every_document_once(services, tiny_model, tmp_path
         want = encode(reference, [corpus[i].full_text for i in ids])
         cos = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
         assert cos.min() > 0.999, "each row's vector is its own document's embedding"
+    # a fine-tune's full run also carries the base model's vectors (for the base-model baseline) and BM25 stems
+    base_model, _ = load_model(tiny_model)
+    base_model.max_seq_length = 32
+    for table in tables:
+        ids = table.column("id").to_pylist()
+        assert table.column("bm25_text").to_pylist() == lexical.analyzed([corpus[i].full_text for i in ids])
+        got = np.array(table.column("base_vector").to_pylist(), dtype=np.float32)
+        want = encode(base_model, [corpus[i].full_text for i in ids])
+        assert ((got * want).sum(axis=1)).min() > 0.999
+    assert all(m["has_base"] and m["skipped"] == 0 for m in manifests)
+    queries = pq.read_table(io.BytesIO(storage.read_bytes(f"{run_dir}/embeddings/queries.parquet")))
+    assert {"id", "text", "bm25_text", "vector", "base_vector"} <= set(queries.column_names)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe import runs, storage, vectorstore
+from embedpipe import lexical, runs, storage, vectorstore
 from embedpipe.events import Event
 from embedpipe.indexing import index_run
 from embedpipe.pipeline import Pipeline
@@ -47,14 +47,25 @@ def query_vectors(good: int) -> list:
     return [DOC_VECTORS[i] if i < good else noise[i] for i in range(N_QUERIES)]
 
 
-def prepared_run(pipe: Pipeline, good: int, previous_good: int | None, fingerprint: str = "fp-a") -> str:
-    """A run in INDEXING with embedding shards whose query vectors find ``good`` of 20 relevant documents."""
+def prepared_run(
+    pipe: Pipeline,
+    good: int,
+    previous_good: int | None,
+    fingerprint: str = "fp-a",
+    mode: str = "dense",
+    base_good: int | None = None,
+    dataset: str = DATASET,
+) -> str:
+    """A run in INDEXING with embedding shards whose query vectors find ``good`` of 20 relevant documents; the
+    trainer chose ``mode``; with ``base_good`` the shards also hold base-model vectors that find that many."""
     ledger = pipe.ledger
-    run_id = runs.new_run_id(DATASET)
-    ledger.create_run(run_id, DATASET, {"type": "test"}, kind="full", model={"uri": f"gs://m/{run_id}/model/"})
+    run_id = runs.new_run_id(dataset)
+    ledger.create_run(run_id, dataset, {"type": "test"}, kind="full", model={"uri": f"gs://m/{run_id}/model/"})
     ledger.advance(run_id, runs.PENDING, runs.INDEXING)
     out = f"{ledger.run_dir(run_id)}/embeddings"
     ids = [f"d{i:03d}" for i in range(N_DOCS)]
+    texts = [f"text of {i}" for i in ids]
+    base = {"base_vector": [v.tolist() for v in DOC_VECTORS]} if base_good is not None else {}
     parquet(
         f"{out}/corpus-00000-of-00001.parquet",
         {
@@ -62,18 +73,25 @@ def prepared_run(pipe: Pipeline, good: int, previous_good: int | None, fingerpri
             "vector": [v.tolist() for v in DOC_VECTORS],
             "content_hash": [f"h{i}" for i in ids],
             "title": [f"title {i}" for i in ids],
-            "text": [f"text of {i}" for i in ids],
+            "text": texts,
+            "bm25_text": lexical.analyzed(texts),
             "metadata": ["{}"] * N_DOCS,
+            **base,
         },
     )
     storage.write_json(f"{out}/qrels.json", QRELS)
     qids, texts = list(QRELS), [f"query {q}" for q in QRELS]
-    parquet(f"{out}/queries.parquet", {"id": qids, "text": texts, "vector": [v.tolist() for v in query_vectors(good)]})
+    analyzed = lexical.analyzed(texts)
+    qbase = {"base_vector": [v.tolist() for v in query_vectors(base_good)]} if base_good is not None else {}
+    vecs = [v.tolist() for v in query_vectors(good)]
+    parquet(f"{out}/queries.parquet", {"id": qids, "text": texts, "bm25_text": analyzed, "vector": vecs, **qbase})
     if previous_good is not None:
         vecs = [v.tolist() for v in query_vectors(previous_good)]
-        parquet(f"{out}/queries-previous.parquet", {"id": qids, "text": texts, "vector": vecs})
+        parquet(f"{out}/queries-previous.parquet", {"id": qids, "text": texts, "bm25_text": analyzed, "vector": vecs})
     manifest = {"file": "corpus-00000-of-00001.parquet", "replica": 0, "replicas": 1, "count": N_DOCS}
-    storage.write_json(f"{out}/manifest-00000.json", {**manifest, "dim": DIM, "fingerprint": fingerprint})
+    search = {"default_mode": mode, "hybrid_weight": 0.7, "rrf_k": 60}
+    manifest.update(dim=DIM, fingerprint=fingerprint, search=search, has_base=base_good is not None, tuned=True)
+    storage.write_json(f"{out}/manifest-00000.json", manifest)
     storage.write_json(f"{ledger.run_dir(run_id)}/metrics.json", {"loss_curve": [{"step": 1, "loss": 1.0}]})
     return run_id
 
@@ -92,9 +110,14 @@ def test_gate_both_directions_alias_swap_retention_and_report(pipe):
     first = prepared_run(pipe, good=10, previous_good=None)
     index_run(pipe, first)
     event = pipe.published[-1].data
-    assert event["promoted"] is True and event["gate"]["reason"] == "first index for this dataset"
+    assert event["promoted"] is True and event["gate"]["reason"].startswith("first index for this dataset; promoted")
     assert vectorstore.alias_target(client, DATASET) == event["collection"]
     assert event["metrics"]["recall@1"] == pytest.approx(0.5)  # 10 of 20 queries point straight at their doc
+    # every mode is scored; served is the trainer's choice (dense here); the base model is the shipped one
+    assert set(event["metrics_by_mode"]) == {"bm25", "base", "dense", "hybrid", "served"}
+    assert event["metrics_by_mode"]["served"] == event["metrics_by_mode"]["dense"] == event["metrics"]
+    assert event["metrics_by_mode"]["base"] == event["metrics_by_mode"]["dense"]
+    assert event["metrics_by_mode"]["bm25"]["recall@100"] == 0.0  # "queri q0" shares no stem with "text of d000"
 
     # Better than the live index: promoted, alias swapped, previous metrics measured in the same run.
     better = prepared_run(pipe, good=16, previous_good=10)
@@ -126,8 +149,23 @@ def test_gate_both_directions_alias_swap_retention_and_report(pipe):
 
     page = storage.read_bytes(event["report_uri"]).decode()
     assert event["report_uri"] == f"{pipe.ledger.run_dir(worse)}/report.html"
-    for plot in ("plot-loss", "plot-recall", "plot-stages"):
+    for plot in ("plot-loss", "plot-recall", "plot-stages", "plot-modes"):
         assert f'<svg id="{plot}"' in page
+
+
+def test_first_runs_are_gated_against_the_base_model_and_served_follows_the_chosen_mode(pipe):
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    # The fine-tune finds 10 of 20; the untuned base model's own vectors find all 20: never promoted.
+    run_id = prepared_run(pipe, good=10, previous_good=None, mode="hybrid", base_good=20, dataset="firstgate")
+    index_run(pipe, run_id)
+    event = pipe.published[-1].data
+    assert event["promoted"] is False and "vs base 1.0000" in event["gate"]["reason"]
+    assert event["gate"]["reason"].startswith("first index for this dataset; rejected")
+    assert event["metrics_by_mode"]["base"]["recall@1"] == pytest.approx(1.0)  # exact search over base vectors
+    assert event["default_search_mode"] == "hybrid" and event["search"]["hybrid_weight"] == 0.7
+    assert event["metrics"] == event["metrics_by_mode"]["served"] == event["metrics_by_mode"]["hybrid"]
+    assert vectorstore.alias_target(client, "firstgate") is None
+    assert not pipe.ledger.get_dataset("firstgate").get("promoted")
 
 
 def test_vectors_of_another_model_are_refused(pipe):
@@ -186,8 +224,17 @@ def test_search_service_reloads_in_the_background(services, tiny_model, pipe):
     r = client.post(f"/projects/{services.project}/topics/index-updated", json={"message": message})
     assert r.status_code == 200 and r.get_json() == {"reloading": True}
     during = client.get(f"/search?dataset={DATASET}&q=text&k=3").get_json()
+    assert during["mode"] == "dense"  # no mode asked: the promoted run's default_search_mode
     assert during["collection"] == first["collection"], "old model + its own collection while the new one loads"
     gate.set()
     searcher._reloading[DATASET].join(30)
     after = client.get(f"/search?dataset={DATASET}&q=text&k=3").get_json()
     assert after["collection"] == vectorstore.collection_name(DATASET, newer)
+    # A promoted run that chose hybrid is answered with hybrid by default, and ?mode= still overrides.
+    pipe.ledger.update_dataset(
+        DATASET, lambda st: {**st, "promoted": {**st["promoted"], "search": {"default_mode": "hybrid"}}}
+    )
+    searcher._serving.pop(DATASET)
+    assert client.get(f"/search?dataset={DATASET}&q=text&k=3").get_json()["mode"] == "hybrid"
+    assert client.get(f"/search?dataset={DATASET}&q=text&k=3&mode=bm25").get_json()["mode"] == "bm25"
+    assert client.get(f"/search?dataset={DATASET}&q=text&k=3&mode=nope").status_code == 400

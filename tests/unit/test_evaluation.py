@@ -1,12 +1,13 @@
-"""embedpipe.evaluation: recall@k, MRR@10 and nDCG@10 against hand-computed values."""
+"""embedpipe.evaluation: recall@k, MRR@10 and nDCG@10 against hand-computed values, rank fusion, exact top-k."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
-from embedpipe.evaluation import METRIC_KEYS, evaluate
+from embedpipe.evaluation import METRIC_KEYS, TopK, evaluate, fuse, per_query
 
 
 def approx(value: float) -> object:
@@ -69,3 +70,84 @@ def test_ranked_queries_without_qrels_are_ignored():
 @pytest.mark.parametrize("qrels", [{}, {"q1": {"d1": 0}}, {"q1": {}}], ids=["empty", "zero-scores", "no-docs"])
 def test_no_judged_queries_gives_an_empty_dict(qrels):
     assert evaluate({"q1": ["d1"]}, qrels) == {}
+
+
+def test_relevant_document_no_ranking_holds_counts_the_trec_eval_way():
+    # "ghost" is relevant but no ranking holds it (e.g. a qrels row naming a document the corpus lacks)
+    m = evaluate({"q1": ["d1", "x"]}, {"q1": {"d1": 1, "ghost": 1}})
+    assert m["recall@1"] == m["recall@100"] == approx(0.5)  # 1 of 2 relevant documents
+    assert m["mrr@10"] == approx(1.0)
+    # DCG 1 (d1 at rank 1); ideal DCG 1 + 1/log2(3) (both relevant documents at the top)
+    assert m["ndcg@10"] == approx(1 / (1 + 1 / math.log2(3)))
+    assert m["ndcg@10"] == approx(0.613147)
+
+
+def test_missing_and_empty_rankings_score_zero_and_are_averaged_in():
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}, "q3": {"d3": 1}}
+    m = evaluate({"q1": ["d1"], "q2": []}, qrels)  # q2 ranked nothing, q3 has no ranking at all
+    assert m == {k: approx(1 / 3) for k in METRIC_KEYS}
+    rows = per_query({"q1": ["d1"], "q2": []}, qrels)
+    assert set(rows) == {"q1", "q2", "q3"}
+    assert rows["q2"] == rows["q3"] == {k: 0.0 for k in METRIC_KEYS}
+
+
+@pytest.mark.parametrize("ranking,relevant", [(["b", "a"], "a"), (["a", "b"], "b")])
+def test_rank_order_counts_not_document_ids(ranking, relevant):
+    # trec_eval breaks score ties by document id; the ranking given must be scored as given, in both directions
+    m = evaluate({"q1": ranking}, {"q1": {relevant: 1}})
+    assert m["recall@1"] == approx(0.0)
+    assert m["mrr@10"] == approx(0.5)
+    assert m["ndcg@10"] == approx(1 / math.log2(3))
+
+
+def test_longer_rankings_keep_their_order():
+    ids = ["z", "m", "a", "q", "b"]
+    for i, doc in enumerate(ids, start=1):
+        assert evaluate({"q1": ids}, {"q1": {doc: 1}})["mrr@10"] == approx(1 / i)
+
+
+def test_fuse_weight_one_is_dense_zero_is_sparse():
+    dense, sparse = ["a", "b", "c"], ["c", "d", "a"]
+    assert fuse(dense, sparse, 1.0) == dense
+    assert fuse(dense, sparse, 0.0) == sparse
+
+
+def test_fuse_half_merges_and_agreement_wins():
+    dense, sparse = ["a", "b", "c", "d"], ["d", "b", "c", "a"]
+    fused = fuse(dense, sparse, 0.5)
+    assert fused[0] == "b"  # second in both beats first in one and last in the other
+    assert sorted(fused) == ["a", "b", "c", "d"]
+    # a document only one side found still appears, after those both sides ranked as high
+    fused = fuse(["x", "shared"], ["shared", "y"], 0.5)
+    assert fused[0] == "shared" and set(fused) == {"x", "shared", "y"}
+
+
+def test_fuse_weight_tilts_towards_one_side():
+    dense, sparse = ["a", "b"], ["b", "a"]
+    assert fuse(dense, sparse, 0.8)[0] == "a"
+    assert fuse(dense, sparse, 0.2)[0] == "b"
+
+
+def test_fuse_limit_cuts():
+    dense, sparse = ["a", "b", "c"], ["d", "e", "f"]
+    assert len(fuse(dense, sparse, 0.5)) == 6
+    assert fuse(dense, sparse, 0.5, limit=2) == fuse(dense, sparse, 0.5)[:2]
+    assert len(fuse(dense, sparse, 0.5, limit=2)) == 2
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_topk_streamed_in_blocks_equals_a_full_argsort(k):
+    rng = np.random.default_rng(0)
+    queries = _unit(rng.standard_normal((5, 16)).astype(np.float32))
+    docs = _unit(rng.standard_normal((40, 16)).astype(np.float32))
+    ids = [f"d{i:02d}" for i in range(len(docs))]
+    top = TopK(queries, k)
+    for start, stop in ((0, 3), (3, 3), (3, 20), (20, 21), (21, 40)):  # uneven blocks, one empty, one below k
+        top.add(ids[start:stop], docs[start:stop])
+    ranked = top.ranked(["q0", "q1", "q2", "q3", "q4"])
+    full = np.argsort(-(queries @ docs.T), axis=1)[:, : min(k, len(docs))]
+    assert ranked == {f"q{i}": [ids[j] for j in full[i]] for i in range(len(queries))}

@@ -8,7 +8,7 @@ import pytest
 
 from embedpipe.incremental import FULL, INCREMENTAL, diff, kind_for
 
-PROMOTED = {"collection": "demo__20260101t000000_abcdef", "model_uri": "gs://a/runs/r/model/"}
+PROMOTED = {"collection": "demo__20260101t000000_abcdef", "model_uri": "gs://a/runs/r/model/", "schema": 2}
 
 
 def obj(rel: str, part: str | None) -> dict:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
+import types
+from pathlib import Path
 
 import pytest
+import typer
+from google.api_core import exceptions as gexc
+from typer.testing import CliRunner
 
-from embedpipe import events, topology
+from embedpipe import cli, datasets, events, intake, storage, topology
 from embedpipe.config import Settings
+from embedpipe.datasets import Notice
 from embedpipe.events import INDEX_REQUESTED, RUN_FAILED, RUN_STAGE, Event, JobStateHint, ObjectChange
 from embedpipe.jobs import JobSpec
 from embedpipe.pipeline import Pipeline
@@ -170,6 +178,347 @@ def test_redelivery_finishes_a_trigger_whose_first_delivery_died_after_claiming(
     h.upload(generation=1)
     assert h.run(run_id)["triggers"] == [key]
     assert len(h.runs()) == 1
+
+
+# ---------------------------------------------------------------- intake: verdicts, notices, quarantine
+
+QUIRKS = Path(__file__).resolve().parents[1] / "fixtures" / "beir_quirks"
+HEADER = b"query-id\tcorpus-id\tscore\n"
+SKIPPED_Q04 = Notice("corpus.jsonl", 4, "q-04", "document 'q-04' has neither title nor text: skipped")
+
+
+class FakeGCS:
+    """Enough of ``google.cloud.storage.Client`` for intake and ``datasets.load_gcs``: objects with generations,
+    generation-pinned reads, ``if_generation_match`` deletes, copies, listing."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], tuple[bytes, int]] = {}
+        self._generation = 100
+
+    def put(self, bucket: str, name: str, data: bytes) -> int:
+        self._generation += 1
+        self.objects[(bucket, name)] = (data, self._generation)
+        return self._generation
+
+    def names(self, bucket: str = DATA) -> list[str]:
+        return sorted(n for b, n in self.objects if b == bucket)
+
+    def bucket(self, name: str) -> _FakeBucket:
+        return _FakeBucket(self, name)
+
+    def list_blobs(self, bucket: str, prefix: str = ""):
+        for name in self.names(bucket):
+            if name.startswith(prefix):
+                yield types.SimpleNamespace(name=name, generation=self.objects[(bucket, name)][1])
+
+
+@dataclasses.dataclass
+class _FakeBucket:
+    gcs: FakeGCS
+    name: str
+
+    def blob(self, name: str, generation: int | None = None) -> _FakeBlob:
+        return _FakeBlob(self.gcs, self.name, name, generation)
+
+    def get_blob(self, name: str):
+        found = self.gcs.objects.get((self.name, name))
+        return types.SimpleNamespace(name=name, generation=found[1]) if found else None
+
+    def copy_blob(self, src: _FakeBlob, dest: _FakeBucket, name: str, source_generation: int | None = None):
+        self.gcs.put(dest.name, name, _FakeBlob(self.gcs, src.bucket, src.name, source_generation).download_as_bytes())
+
+
+@dataclasses.dataclass
+class _FakeBlob:
+    gcs: FakeGCS
+    bucket: str
+    name: str
+    pinned: int | None = None
+
+    def download_as_bytes(self) -> bytes:
+        found = self.gcs.objects.get((self.bucket, self.name))
+        if found is None or (self.pinned is not None and found[1] != self.pinned):
+            raise gexc.NotFound(f"{self.bucket}/{self.name}#{self.pinned}")
+        return found[0]
+
+    @property
+    def generation(self) -> int:
+        return self.gcs.objects[(self.bucket, self.name)][1]
+
+    def delete(self, if_generation_match: int | None = None) -> None:
+        found = self.gcs.objects.get((self.bucket, self.name))
+        if found is None:
+            raise gexc.NotFound(self.name)
+        if if_generation_match is not None and found[1] != if_generation_match:
+            raise gexc.PreconditionFailed(self.name)
+        del self.gcs.objects[(self.bucket, self.name)]
+
+
+@pytest.fixture
+def gcs(monkeypatch) -> FakeGCS:
+    fake = FakeGCS()
+    monkeypatch.setattr(storage, "client", lambda: fake)
+    return fake
+
+
+@pytest.fixture
+def intake_h(make, gcs) -> Harness:
+    """The harness with the real intake (``intake.check_object``) reading uploads from the fake bucket."""
+    h = make(debounce_s=30)
+    h.pipe.check_object = intake.check_object
+    return h
+
+
+def jl(*objs) -> bytes:
+    return b"".join(json.dumps(o).encode() + b"\n" for o in objs)
+
+
+def quirk_bytes(rel: str) -> bytes:
+    return (QUIRKS / rel).read_bytes()
+
+
+def test_check_file_returns_the_notices_of_a_published_beir_folder():
+    assert intake.check_file("corpus.jsonl", quirk_bytes("corpus.jsonl")) == [SKIPPED_Q04]
+    assert intake.check_file("queries.jsonl", quirk_bytes("queries.jsonl")) == []
+    # one qrels file alone cannot know the corpus: the absent document is counted at launch, not here
+    assert intake.check_file("qrels/test.tsv", quirk_bytes("qrels/test.tsv")) == []
+    assert intake.check_file("qrels/dev.tsv", quirk_bytes("qrels/dev.tsv")) == []
+
+
+BROKEN = {  # case -> (rel, bytes, line, reason words): truly broken files are still rejected, with file:line
+    "bad-utf8": ("corpus.jsonl", b'{"_id": "a", "text": "ok"}\n{"_id": "b", "text": "caf\xe9"}\n', 2, "invalid UTF-8"),
+    "bad-json": ("corpus/part.jsonl", b'{"_id": "a", "text": ""}\n{"_id": "b", "text": }\n', 2, "invalid JSON"),
+    "dup-of-skipped": (
+        "corpus.jsonl",
+        b'{"_id": "a", "title": "", "text": ""}\n{"_id": "a", "text": "now"}\n',
+        2,
+        "duplicate _id 'a' (first seen in corpus.jsonl:1)",
+    ),
+    "long-id": ("corpus.jsonl", b'{"_id": "' + b"x" * 513 + b'", "text": "t"}\n', 1, "over the 512-byte limit"),
+    "wrong-type": ("corpus.jsonl", b'{"_id": "a", "title": 3, "text": "t"}\n', 1, "must be a string, got int"),
+    "qrels-header": ("qrels/test.tsv", b"qid\tdocid\tscore\nk1\tq-01\t1\n", 1, "header must be"),
+    "queries-blank": ("queries.jsonl", b'{"_id": "k1", "text": " "}\n', 1, "field 'text' is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_upload_precheck_and_intake_give_the_same_verdict_on_broken_files(case, tmp_path):
+    rel, data, line, words = BROKEN[case]
+    with pytest.raises(datasets.DatasetError) as err:
+        intake.check_file(rel, data)
+    assert (err.value.file, err.value.line) == (rel, line) and words in err.value.reason
+    folder = tmp_path / "ds"
+    shutil.copytree(QUIRKS, folder)
+    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+    (folder / rel).write_bytes(data)
+    lines: list[str] = []
+    with pytest.raises(typer.Exit) as exit_:
+        cli.precheck(folder, "quirks", echo=lines.append)
+    assert exit_.value.exit_code == 2
+    assert lines == [f"error: {err.value}"]
+
+
+def test_upload_precheck_and_intake_give_the_same_notices(tmp_path):
+    folder = tmp_path / "ds"
+    shutil.copytree(QUIRKS, folder)
+    part = jl({"_id": "p-1", "text": ""}, {"_id": "p-2", "text": "Pots are stacked by size."})
+    (folder / "corpus").mkdir()
+    (folder / "corpus" / "part-2.jsonl").write_bytes(part)
+    ds = cli.precheck(folder, "quirks", echo=lambda _: None)
+    from_intake = [
+        n
+        for rel in ("corpus.jsonl", "corpus/part-2.jsonl")
+        for n in intake.check_file(rel, (folder / rel).read_bytes())
+    ]
+    part_2 = Notice("corpus/part-2.jsonl", 1, "p-1", "document 'p-1' has neither title nor text: skipped")
+    assert ds.skipped == from_intake == [SKIPPED_Q04, part_2]
+
+
+def test_upload_with_skipped_documents_records_its_notices_once(intake_h, gcs):
+    h = intake_h
+    name = "datasets/quirks/corpus.jsonl"
+    gen = gcs.put(DATA, name, quirk_bytes("corpus.jsonl"))
+    change = ObjectChange(DATA, name, gen, "OBJECT_FINALIZE")
+    outcomes = [h.pipe.on_object_change(change) for _ in range(2)]  # at-least-once delivery
+    (run,) = h.runs()
+    assert outcomes[0] == outcomes[1] == f"{name}#{gen} -> run {run['run_id']}"
+    assert run["triggers"] == [change.key] and "file_errors" not in run
+    assert run["notices"] == {
+        change.key: {"object": f"gs://{DATA}/{name}", "generation": gen, "count": 1, "items": [SKIPPED_Q04.to_dict()]}
+    }
+    assert gcs.names() == [name]  # accepted: nothing quarantined
+    assert h.published == []
+
+
+def test_redelivery_after_a_crash_between_notices_and_trigger_records_them_once(intake_h, gcs, monkeypatch):
+    h = intake_h
+    name = "datasets/quirks/corpus.jsonl"
+    change = ObjectChange(DATA, name, gcs.put(DATA, name, quirk_bytes("corpus.jsonl")), "OBJECT_FINALIZE")
+    add_trigger = h.ledger.add_trigger
+
+    def died(*a, **kw):
+        monkeypatch.setattr(h.ledger, "add_trigger", add_trigger)
+        raise RuntimeError("instance died")
+
+    monkeypatch.setattr(h.ledger, "add_trigger", died)
+    with pytest.raises(RuntimeError):
+        h.pipe.on_object_change(change)
+    h.pipe.on_object_change(change)
+    (run,) = h.runs()
+    assert run["triggers"] == [change.key]
+    assert list(run["notices"]) == [change.key] and run["notices"][change.key]["count"] == 1
+
+
+def test_notices_in_the_run_record_are_capped(intake_h, gcs):
+    h = intake_h
+    name = "datasets/big/corpus.jsonl"
+    data = jl(*({"_id": f"e{i:04d}", "text": ""} for i in range(250)), {"_id": "ok", "text": "kept"})
+    change = ObjectChange(DATA, name, gcs.put(DATA, name, data), "OBJECT_FINALIZE")
+    h.pipe.on_object_change(change)
+    entry = h.runs()[0]["notices"][change.key]
+    assert entry["count"] == 250 and len(entry["items"]) == intake.MAX_NOTICES
+    reason = "document 'e0000' has neither title nor text: skipped"
+    assert entry["items"][0] == {"file": "corpus.jsonl", "line": 1, "id": "e0000", "reason": reason}
+
+
+def test_a_clean_upload_records_no_notices(intake_h, gcs):
+    name = "datasets/quirks/qrels/test.tsv"  # names an absent document: not knowable from this file alone
+    change = ObjectChange(DATA, name, gcs.put(DATA, name, quirk_bytes("qrels/test.tsv")), "OBJECT_FINALIZE")
+    intake_h.pipe.on_object_change(change)
+    (run,) = intake_h.runs()
+    assert run["triggers"] == [change.key] and "notices" not in run and "file_errors" not in run
+
+
+def test_a_broken_upload_is_still_rejected_and_quarantined(intake_h, gcs):
+    h = intake_h
+    name = "datasets/quirks/corpus/bad.jsonl"
+    rel, data, line, words = BROKEN["dup-of-skipped"]
+    gen = gcs.put(DATA, name, data)
+    outcome = h.pipe.on_object_change(ObjectChange(DATA, name, gen, "OBJECT_FINALIZE"))
+    assert outcome.startswith(f"rejected {name}#{gen}")
+    (run,) = h.runs()
+    key = f"gcs/{DATA}/{name}#{gen}"
+    assert run["triggers"] == [] and "notices" not in run
+    error = run["file_errors"][key]
+    assert (error["line"], error["quarantined_to"]) == (line, f"gs://{DATA}/quarantine/quirks/corpus/bad.jsonl")
+    assert "duplicate _id 'a'" in error["reason"]
+    assert gcs.names() == ["quarantine/quirks/corpus/bad.jsonl"]
+    (event,) = h.events(intake.FILE_REJECTED, topology.RUN_EVENTS)
+    assert event.data["line"] == line and event.data["run_id"] == run["run_id"]
+
+
+def test_a_badly_named_upload_is_quarantined_by_the_real_intake(intake_h, gcs):
+    name = "datasets/quirks/corpus/ctl\x07.jsonl"
+    gen = gcs.put(DATA, name, quirk_bytes("corpus.jsonl"))
+    assert intake_h.pipe.on_object_change(ObjectChange(DATA, name, gen, "OBJECT_FINALIZE")).startswith("rejected")
+    assert intake_h.runs() == [] and gcs.names() == ["quarantine/quirks/corpus/ctl_.jsonl"]
+    (event,) = intake_h.events(intake.FILE_REJECTED, topology.RUN_EVENTS)
+    assert event.data["run_id"] is None and "control characters" in event.data["reason"]
+
+
+def test_launch_time_load_keeps_qrels_naming_absent_documents(gcs):
+    """Cross-file errors are still quarantined (a duplicate id across corpus files, qrels naming an unknown query);
+    qrels naming documents the corpus lacks, including those of a quarantined corpus file, stay and are counted."""
+    root = "datasets/quirks/"
+    for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/dev.tsv"):
+        gcs.put(DATA, root + rel, quirk_bytes(rel))
+    dup_gen = gcs.put(DATA, root + "corpus/zz-dup.jsonl", jl({"_id": "new", "text": "n"}, {"_id": "q-01", "text": "x"}))
+    gcs.put(DATA, root + "qrels/train.tsv", HEADER + b"k1\tq-01\t1\nk9\tq-05\t1\n")
+    ds, rejections, problem = intake.load_valid(DATA, "quirks")
+    assert problem is None
+    assert [(r.object, r.generation, r.line) for r in rejections] == [
+        (f"gs://{DATA}/{root}corpus/zz-dup.jsonl", dup_gen, 2),
+        (f"gs://{DATA}/{root}qrels/train.tsv", rejections[1].generation, 3),
+    ]
+    assert "duplicate _id 'q-01'" in rejections[0].reason and "query-id 'k9'" in rejections[1].reason
+    assert "new" not in ds.corpus and [n.id for n in ds.skipped] == ["q-04"]
+    assert ds.qrels_absent == {"test": 1} and set(ds.qrels) == {"test", "dev"}
+    assert gcs.names() == sorted(
+        [root + r for r in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/dev.tsv")]
+        + ["quarantine/quirks/corpus/zz-dup.jsonl", "quarantine/quirks/qrels/train.tsv"]
+    )
+
+
+# ---------------------------------------------------------------- embedpipe upload (pre-check, no stack)
+
+
+@pytest.fixture
+def cli_upload(monkeypatch):
+    """``embedpipe upload`` through typer with default settings, no logging setup, uploads recorded."""
+    uploaded: list[str] = []
+    monkeypatch.setattr(cli, "settings", lambda: Settings.from_env({}))
+    monkeypatch.setattr(cli.logs, "setup", lambda *a, **k: None)
+    monkeypatch.setattr(storage, "upload_file", lambda path, uri: uploaded.append(uri) or 7)
+
+    def run(folder: Path, dataset: str = "quirks"):
+        return CliRunner().invoke(cli.app, ["upload", str(folder), "--dataset", dataset]), uploaded
+
+    return run
+
+
+def test_cli_upload_warns_about_skipped_documents_and_absent_qrels(cli_upload):
+    result, uploaded = cli_upload(QUIRKS)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: corpus.jsonl:4: document 'q-04' has neither title nor text: skipped",
+        "warning: 1 document skipped (neither title nor text); 6 kept",
+        "warning: qrels/test.tsv: 1 row names a document not in the corpus "
+        "(kept for evaluation as relevant and unretrievable, left out of training)",
+    ]
+    assert result.stdout == ""
+    assert [u.rsplit("/quirks/", 1)[1] for u in uploaded] == [
+        "corpus.jsonl",
+        "qrels/dev.tsv",
+        "qrels/test.tsv",
+        "queries.jsonl",
+    ]
+
+
+def test_cli_upload_caps_warning_lines(cli_upload, tmp_path):
+    skipped = ({"_id": f"e{i}", "text": ""} for i in range(25))
+    (tmp_path / "corpus.jsonl").write_bytes(jl(*skipped, {"_id": "k", "text": "t"}))
+    result, _ = cli_upload(tmp_path)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == cli.MAX_WARNINGS + 2
+    last = warnings[cli.MAX_WARNINGS - 1]
+    assert last == f"warning: corpus.jsonl:{cli.MAX_WARNINGS}: document 'e19' has neither title nor text: skipped"
+    assert warnings[-2:] == [
+        "warning: ... and 5 more",
+        "warning: 25 documents skipped (neither title nor text); 1 kept",
+    ]
+
+
+def test_cli_upload_of_a_broken_folder_uploads_nothing(cli_upload, tmp_path):
+    shutil.copytree(QUIRKS, tmp_path / "ds")
+    (tmp_path / "ds" / "corpus.jsonl").write_bytes(BROKEN["bad-utf8"][1])
+    result, uploaded = cli_upload(tmp_path / "ds")
+    assert result.exit_code == 2
+    assert "error: corpus.jsonl:2: invalid UTF-8 at byte 25" in result.stderr
+    assert uploaded == []
+
+
+def test_summary_shows_skipped_documents_and_absent_qrels():
+    record = {
+        "run_id": "r1",
+        "dataset": "quirks",
+        "state": SUCCEEDED,
+        "final_event": {
+            "data": {
+                "counts": {"total": 6, "upserted": 6, "deleted": 0, "unchanged": 0, "skipped": 1},
+                "collection": "quirks__r1",
+                "eval": {"split": "test", "queries": 3, "qrels_absent": {"test": 1}},
+                "metrics": {"recall@10": 0.5},
+            }
+        },
+    }
+    text = cli.summary(record)
+    counts = "documents: 6 total, 6 upserted, 0 deleted, 0 unchanged, 1 skipped (neither title nor text) -> quirks__r1"
+    assert counts in text
+    assert "qrels rows naming documents not in the corpus: test=1" in text
+    del record["final_event"]["data"]["counts"]["skipped"], record["final_event"]["data"]["eval"]
+    assert "skipped" not in cli.summary(record) and "qrels rows" not in cli.summary(record)
 
 
 # ---------------------------------------------------------------- launching

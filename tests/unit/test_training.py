@@ -1,15 +1,25 @@
 """The training loop on the tiny model: seeded runs repeat exactly, a resumed run continues where it stopped,
-length grouping, and the in-process exact evaluation."""
+length grouping, the in-process exact evaluation, the corpus' sequence length, divergence, and keeping the best
+epoch (early stopping on a selection score)."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
+
 from embedpipe import datasets
 from embedpipe.checkpoints import Checkpoints
 from embedpipe.model import load_model
 from embedpipe.scalars import ScalarLog
-from embedpipe.training import TrainParams, evaluate_exact, length_grouped_batches, train
+from embedpipe.training import (
+    NonFiniteLoss,
+    TrainParams,
+    evaluate_exact,
+    length_grouped_batches,
+    seq_length_for,
+    train,
+)
 from tests.helpers import FIXTURES
 
 
@@ -71,3 +81,86 @@ def test_evaluate_exact_returns_the_metric_keys(tiny_model):
     metrics = evaluate_exact(model, datasets.load_dir(FIXTURES / "tiny_beir"))
     assert set(metrics) == {"recall@1", "recall@5", "recall@10", "recall@100", "mrr@10", "ndcg@10"}
     assert metrics["recall@100"] == 1.0  # 24 documents: top 100 holds them all
+
+
+def words(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(["garden", "tomato", "compost", "watering", "seedling", "greenhouse"]) for _ in range(n))
+
+
+def test_seq_length_for_grows_with_the_documents_within_bounds(tiny_model):
+    model, _ = load_model(tiny_model)
+    lengths = {}
+    for n in (1, 40, 90, 400):
+        seq = seq_length_for(model, [words(n, i) for i in range(20)], cap=128)
+        assert seq % 32 == 0 and 32 <= seq <= 128, (n, seq)
+        lengths[n] = seq
+    assert lengths[1] == 32  # a word and the special tokens: the floor
+    assert lengths[1] < lengths[40] < lengths[90] <= lengths[400] == 128  # capped at the model's limit
+    # the 95th percentile: a few long outliers do not set the length
+    assert seq_length_for(model, [words(1, i) for i in range(99)] + [words(400, 0)], cap=128) == 32
+    assert seq_length_for(model, [words(400, 0)] * 5, cap=64) == 64
+
+
+def toy_pairs(n: int = 8) -> list[tuple[str, str, None]]:
+    return [(f"question {i} about {words(3, i)}", f"answer {i}: {words(12, 100 + i)}", None) for i in range(n)]
+
+
+def test_diverging_training_raises_non_finite_loss(tiny_model):
+    model, _ = load_model(tiny_model)
+    # verified: the tiny model's loss is NaN by step 2 at this rate (by step 6 at 1e3)
+    p = params(learning_rate=1e6, warmup_ratio=0.0, max_steps=10)
+    with pytest.raises(NonFiniteLoss, match="training diverged"):
+        train(model, toy_pairs(), p)
+
+
+def scripted(scores: list[float], snapshots: list[dict]):
+    """A ``select`` that returns the scripted scores in turn and snapshots the weights it was shown."""
+    it = iter(scores)
+
+    def select(model) -> float:
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(it)
+
+    return select
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_select_keeps_the_best_epoch_and_stops_after_patience(tiny_model):
+    model, _ = load_model(tiny_model)
+    snapshots: list[dict] = []
+    p = params(max_steps=0, epochs=10)  # 8 pairs in batches of 4: 2 steps an epoch
+    out = train(model, toy_pairs(), p, select=scripted([0.5, 0.1, 0.9], snapshots), patience=1)
+    assert [e["score"] for e in out["selection"]] == [0.5, 0.1]  # epoch 2 was worse: stopped there
+    assert [e["epoch"] for e in out["selection"]] == [1, 2]
+    assert out["steps"] == 4 and len(out["loss_curve"]) == 4
+    assert out["best_step"] == 2
+    assert len(snapshots) == 2 and not same_weights(snapshots[0], snapshots[1])
+    assert same_weights({k: v.cpu() for k, v in model.state_dict().items()}, snapshots[0])
+
+
+def test_select_patience_waits_for_a_later_improvement(tiny_model):
+    model, _ = load_model(tiny_model)
+    snapshots: list[dict] = []
+    p = params(max_steps=0, epochs=10)  # 4 pairs in batches of 4: 1 step an epoch
+    scores = [0.5, 0.1, 0.9, 0.2, 0.3, 0.95]
+    out = train(model, toy_pairs(4), p, select=scripted(scores, snapshots), patience=2)
+    # 0.1 is one bad epoch (patience 2 waits), 0.9 improves, 0.2 and 0.3 are two bad epochs: stop after epoch 5
+    assert [e["score"] for e in out["selection"]] == scores[:5]
+    assert out["steps"] == 5 and out["best_step"] == 3
+    final = {k: v.cpu() for k, v in model.state_dict().items()}
+    assert same_weights(final, snapshots[2])
+    assert not same_weights(final, snapshots[4])
+
+
+def test_select_on_the_last_epoch_keeps_the_last_weights(tiny_model):
+    model, _ = load_model(tiny_model)
+    snapshots: list[dict] = []
+    out = train(model, toy_pairs(4), params(max_steps=0, epochs=2), select=scripted([0.1, 0.2], snapshots))
+    assert out["steps"] == 2 and out["best_step"] == 2 and len(out["selection"]) == 2
+    assert same_weights({k: v.cpu() for k, v in model.state_dict().items()}, snapshots[1])

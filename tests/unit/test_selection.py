@@ -1,0 +1,165 @@
+"""embedpipe.selection: the selection split (dev qrels, else held-out training pairs) and the choice of the default
+search mode and hybrid weight."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedpipe import selection
+from embedpipe.datasets import Dataset, Doc
+from embedpipe.selection import HELDOUT_MIN, HELDOUT_SHARE, Task, choose_search, split_pairs, task_for
+
+
+def make_pairs(anchors: int, multi_every: int = 3) -> list[tuple[str, str, str | None]]:
+    """``anchors`` distinct anchors; every ``multi_every``-th one has a second positive."""
+    out = []
+    for i in range(anchors):
+        out.append((f"anchor {i}", f"positive {i}", None))
+        if i % multi_every == 0:
+            out.append((f"anchor {i}", f"second positive {i}", f"negative {i}"))
+    return out
+
+
+ENOUGH = int(HELDOUT_MIN / HELDOUT_SHARE)  # the fewest anchors that hold any out
+
+
+def test_split_pairs_holds_out_whole_anchors():
+    pairs = make_pairs(ENOUGH + 50)
+    train, held = split_pairs(pairs, seed=7)
+    assert sorted(train + held) == sorted(pairs)
+    train_anchors, held_anchors = {p[0] for p in train}, {p[0] for p in held}
+    assert not train_anchors & held_anchors
+    assert len(held_anchors) == int((ENOUGH + 50) * HELDOUT_SHARE)
+    # an anchor with two positives went out with both of them
+    for a in held_anchors:
+        assert len([p for p in held if p[0] == a]) == len([p for p in pairs if p[0] == a])
+
+
+def test_split_pairs_is_deterministic_for_a_seed():
+    pairs = make_pairs(ENOUGH)
+    assert split_pairs(pairs, seed=1) == split_pairs(list(pairs), seed=1)
+    assert {p[0] for p in split_pairs(pairs, 1)[1]} != {p[0] for p in split_pairs(pairs, 2)[1]}
+
+
+def test_split_pairs_holds_none_out_below_the_minimum():
+    pairs = make_pairs(ENOUGH - 1)
+    train, held = split_pairs(pairs, seed=0)
+    assert held == [] and train == pairs
+    assert len(split_pairs(make_pairs(ENOUGH), seed=0)[1]) > 0
+
+
+def doc(i: int) -> Doc:
+    return Doc(id=f"d{i}", title=f"Title {i}", text=f"Body of document {i}.")
+
+
+def dataset(qrels: dict, pairs: list | None = None) -> Dataset:
+    return Dataset(
+        name="t",
+        corpus={f"d{i}": doc(i) for i in range(6)},
+        queries={"q1": "first question", "q2": "second question", "q3": "third question"},
+        qrels=qrels,
+        pairs=pairs or [],
+    )
+
+
+def test_task_for_uses_dev_qrels_when_present():
+    ds = dataset(
+        {
+            "dev": {"q1": {"d1": 1, "d2": 0}, "q2": {"d3": 0}, "qX": {"d4": 1}},  # q2 no positive, qX unknown
+            "train": {"q3": {"d5": 1}},
+            "test": {"q3": {"d0": 1}},
+        }
+    )
+    pairs = make_pairs(ENOUGH)  # enough to hold out: dev still wins, nothing is held out
+    train, task = task_for(ds, pairs)
+    assert train == pairs
+    assert task.split == "dev"
+    assert task.queries == {"q1": "first question"}
+    assert task.qrels == {"q1": {"d1": 1, "d2": 0}}
+    assert task.corpus == {d.id: d.full_text for d in ds.corpus.values()}
+    assert task.corpus["d1"] == "Title 1. Body of document 1."
+    assert task.describe() == {"split": "dev", "queries": 1, "documents": 6, "metric": selection.METRIC}
+
+
+def test_task_for_holds_out_training_pairs_without_dev():
+    ds = dataset({"test": {"q1": {"d1": 1}}})
+    pairs = make_pairs(ENOUGH + 20)
+    train, task = task_for(ds, pairs, seed=3)
+    assert task.split == "heldout"
+    held_anchors = set(task.queries.values())
+    assert len(held_anchors) == len(task.queries) == int((ENOUGH + 20) * HELDOUT_SHARE)
+    assert not held_anchors & {p[0] for p in train}
+    assert len(train) + sum(1 for p in pairs if p[0] in held_anchors) == len(pairs)
+    # each held-out anchor's relevant documents are exactly its positives, among the positives of all pairs
+    assert set(task.corpus.values()) == {p[1] for p in pairs}
+    for qid, anchor in task.queries.items():
+        assert {task.corpus[d] for d in task.qrels[qid]} == {p[1] for p in pairs if p[0] == anchor}
+        assert set(task.qrels[qid].values()) == {1}
+    # the test split never becomes the selection split
+    assert "first question" not in task.queries.values()
+    assert doc(1).full_text not in task.corpus.values()
+
+
+def test_task_for_without_enough_pairs_has_no_selection():
+    pairs = make_pairs(ENOUGH - 1)
+    train, task = task_for(dataset({}), pairs)
+    assert task is None and train == pairs
+
+
+# choose_search on synthetic rankings: 10 queries, filler documents behind the hits on both sides.
+
+QIDS = [f"q{i}" for i in range(10)]
+
+
+def filler(prefix: str, qid: str, n: int = 15) -> list[str]:
+    return [f"{prefix}-{qid}-{j}" for j in range(n)]
+
+
+def synthetic(qrels: dict) -> Task:
+    return Task("heldout", {q: f"query {q}" for q in QIDS}, {}, qrels)
+
+
+def test_choose_search_picks_bm25_when_bm25_is_perfect_and_dense_useless():
+    qrels = {q: {f"rel-{q}": 1} for q in QIDS}
+    # BM25: the relevant document first, then a near miss; dense: the near miss first, never the relevant one.
+    bm25 = {q: [f"rel-{q}", f"miss-{q}", *filler("s", q)] for q in QIDS}
+    dense = {q: [f"miss-{q}", *filler("d", q)] for q in QIDS}
+    out = choose_search(synthetic(qrels), dense, bm25)
+    assert out["default_mode"] == "bm25"
+    assert out["scores"]["bm25"] == pytest.approx(1.0) and out["scores"]["dense"] == 0.0
+    assert out["scores"]["hybrid"] < 1.0
+    assert out["by_weight"]["0.0"] == pytest.approx(1.0) and out["by_weight"]["1.0"] == 0.0
+
+
+def test_choose_search_picks_dense_when_dense_is_perfect_and_bm25_useless():
+    qrels = {q: {f"rel-{q}": 1} for q in QIDS}
+    dense = {q: [f"rel-{q}", f"miss-{q}", *filler("d", q)] for q in QIDS}
+    bm25 = {q: [f"miss-{q}", *filler("s", q)] for q in QIDS}
+    out = choose_search(synthetic(qrels), dense, bm25)
+    assert out["default_mode"] == "dense"
+    assert out["scores"]["dense"] == pytest.approx(1.0) and out["scores"]["bm25"] == 0.0
+    assert out["scores"]["hybrid"] < 1.0
+
+
+def test_choose_search_picks_hybrid_when_each_side_finds_half():
+    qrels = {q: {f"a-{q}": 1, f"b-{q}": 1} for q in QIDS}
+    dense = {q: [f"a-{q}", *filler("d", q)] for q in QIDS}  # finds a, never b
+    bm25 = {q: [f"b-{q}", *filler("s", q)] for q in QIDS}  # finds b, never a
+    out = choose_search(synthetic(qrels), dense, bm25)
+    assert out["default_mode"] == "hybrid"
+    assert 0.0 < out["hybrid_weight"] < 1.0
+    assert out["scores"]["hybrid"] == pytest.approx(1.0)
+    assert out["scores"]["hybrid"] > max(out["scores"]["dense"], out["scores"]["bm25"])
+    assert out["rrf_k"] == selection.evaluation.RRF_K
+    assert set(out["by_weight"]) == {str(w) for w in selection.WEIGHTS}
+
+
+def test_bm25_rankings_on_a_task():
+    task = Task(
+        "dev",
+        {"q1": "pruning tomato plants", "q2": "the of"},
+        {"g": "Tomato pruning: pinch out side shoots", "c": "Compost bins rotate monthly", "w": "Water the beds"},
+        {"q1": {"g": 1}},
+    )
+    ranked = selection.bm25_rankings(task)
+    assert ranked["q1"][0] == "g" and ranked["q2"] == []

@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup demo test test-unit test-integration test-e2e bench lint up down clean
+.PHONY: help setup demo test test-unit test-integration test-e2e bench quality lint up down clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ test-e2e: setup ## end-to-end tests (start and stop their own local stack)
 
 bench: setup ## benchmarks vs named baselines (same run); table + bench-results.json
 	$(PY) -m bench.run $(SECTIONS)
+
+quality: setup ## retrieval quality on a real BEIR set (EMBEDPIPE_QUALITY_DATA, default ../shared/data/cisi); table + quality-results.json
+	$(PY) -m quality.run
 
 lint: setup ## ruff lint + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -49,7 +49,7 @@ def baseline_fit(model_path: str, pairs: list, steps: int, batch: int, seq: int,
             per_device_train_batch_size=batch,
             max_steps=steps,
             learning_rate=lr,
-            warmup_ratio=warmup,
+            warmup_steps=warmup,  # a float < 1 is a ratio (transformers 5; warmup_ratio is deprecated)
             max_grad_norm=1.0,
             seed=42,
             save_strategy="no",

@@ -53,6 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("log_every", int),
         ("checkpoint_every", int),
         ("mini_batch_size", int),
+        ("patience", int),
     ):
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         p.add_argument(*flags, dest=name, type=kind, default=getattr(TrainParams, name))
@@ -187,6 +188,7 @@ def main(argv: list[str]) -> int:
         info = save_model(model, Path(tmp), info)
         storage.upload_dir(Path(tmp), model_dir)
     metrics = {
+        **stats,  # its per-epoch "selection" list lives on in selection["epochs"]
         "model_version": info.version,
         "fingerprint": info.fingerprint,
         "pairs": len(pairs),
@@ -204,8 +206,8 @@ def main(argv: list[str]) -> int:
         "search": info.search,
         "eval_split": task.split if task else None,
         "eval": eval_metrics,
-        "seconds": round(time.time() - t0, 3),
-        **stats,
+        "train_seconds": stats["seconds"],
+        "seconds": round(time.time() - t0, 3),  # the whole job: loading, selection, training, saving
     }
     storage.write_json(f"{run_dir}/metrics.json", metrics)
     if scalars is not None:

@@ -31,6 +31,7 @@ class TrainParams:
     log_every: int = 10
     checkpoint_every: int = 50  # steps; 0 = no checkpoints
     mini_batch_size: int = 0  # > 0 and < batch_size: cached (GradCache) loss with this mini-batch
+    patience: int = 1  # epochs without a better selection score before training stops (0: never stop early)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,7 +154,6 @@ def train(
     checkpoints: Checkpoints | None = None,
     scalars: ScalarLog | None = None,
     select=None,
-    patience: int = 1,
 ) -> dict:
     """Fine-tune ``model`` in place; returns the loss curve and throughput.
 
@@ -165,7 +165,8 @@ def train(
     latest one (the data order is a function of seed and epoch, so the resumed run continues where it stopped).
 
     With ``select`` (model -> score on the selection split, higher is better; never test data), the model is scored
-    at the end of every epoch; training stops early after ``patience`` epochs without improvement and the model ends
+    at the end of every epoch; training stops early after ``params.patience`` epochs without improvement (0: never)
+    and the model ends
     with the weights of its best-scoring epoch. A run resumed from a checkpoint keeps the scores of the epochs before
     the crash but not their weights: it keeps the best of the epochs it ran itself.
     """
@@ -258,9 +259,9 @@ def train(
         seen_here += n
         curve.append({"step": step, "loss": round(float(loss_value), 5)})
         if select is not None and (step % steps_per_epoch == 0 or step == total):
-            best, stop = _select_epoch(model, select, step, steps_per_epoch, selection, best, patience, scalars)
+            best, stop = _select_epoch(model, select, step, steps_per_epoch, selection, best, params.patience, scalars)
             if stop:
-                log.info("early stop at step %d: no better selection score for %d epoch(s)", step, patience)
+                log.info("early stop at step %d: no better selection score for %d epoch(s)", step, params.patience)
                 total = step
         if not primary:
             continue
@@ -326,7 +327,7 @@ def _select_epoch(model, select, step, steps_per_epoch, history, best, patience,
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return {"score": score, "step": step, "state": state}, False
     since = step - best["step"]
-    return best, since >= patience * steps_per_epoch
+    return best, patience > 0 and since >= patience * steps_per_epoch
 
 
 def _mnrl_class():

@@ -68,7 +68,8 @@ def test_a_killed_training_process_resumes_from_its_checkpoint(services, dataset
     cmd = [
         sys.executable,
         str(ROOT / "containers/trainer/task.py"),
-        *train_args(services, "resume", **{"max-steps": 60, "checkpoint-every": 10, "log-every": 10}),
+        # patience 0: no early stop, so the run has 60 steps to be interrupted in and resumed from
+        *train_args(services, "resume", **{"max-steps": 60, "checkpoint-every": 10, "log-every": 10, "patience": 0}),
     ]
     log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
     with open(log1, "wb") as out:

@@ -135,7 +135,7 @@ def test_select_keeps_the_best_epoch_and_stops_after_patience(tiny_model):
     model, _ = load_model(tiny_model)
     snapshots: list[dict] = []
     p = params(max_steps=0, epochs=10)  # 8 pairs in batches of 4: 2 steps an epoch
-    out = train(model, toy_pairs(), p, select=scripted([0.5, 0.1, 0.9], snapshots), patience=1)
+    out = train(model, toy_pairs(), p, select=scripted([0.5, 0.1, 0.9], snapshots))
     assert [e["score"] for e in out["selection"]] == [0.5, 0.1]  # epoch 2 was worse: stopped there
     assert [e["epoch"] for e in out["selection"]] == [1, 2]
     assert out["steps"] == 4 and len(out["loss_curve"]) == 4
@@ -147,9 +147,9 @@ def test_select_keeps_the_best_epoch_and_stops_after_patience(tiny_model):
 def test_select_patience_waits_for_a_later_improvement(tiny_model):
     model, _ = load_model(tiny_model)
     snapshots: list[dict] = []
-    p = params(max_steps=0, epochs=10)  # 4 pairs in batches of 4: 1 step an epoch
+    p = params(max_steps=0, epochs=10, patience=2)  # 4 pairs in batches of 4: 1 step an epoch
     scores = [0.5, 0.1, 0.9, 0.2, 0.3, 0.95]
-    out = train(model, toy_pairs(4), p, select=scripted(scores, snapshots), patience=2)
+    out = train(model, toy_pairs(4), p, select=scripted(scores, snapshots))
     # 0.1 is one bad epoch (patience 2 waits), 0.9 improves, 0.2 and 0.3 are two bad epochs: stop after epoch 5
     assert [e["score"] for e in out["selection"]] == scores[:5]
     assert out["steps"] == 5 and out["best_step"] == 3
@@ -164,3 +164,13 @@ def test_select_on_the_last_epoch_keeps_the_last_weights(tiny_model):
     out = train(model, toy_pairs(4), params(max_steps=0, epochs=2), select=scripted([0.1, 0.2], snapshots))
     assert out["steps"] == 2 and out["best_step"] == 2 and len(out["selection"]) == 2
     assert same_weights({k: v.cpu() for k, v in model.state_dict().items()}, snapshots[1])
+
+
+def test_patience_zero_never_stops_early_but_keeps_the_best_epoch(tiny_model):
+    model, _ = load_model(tiny_model)
+    snapshots: list[dict] = []
+    out = train(
+        model, toy_pairs(4), params(max_steps=0, epochs=4, patience=0), select=scripted([0.9, 0.1, 0.2, 0.3], snapshots)
+    )
+    assert out["steps"] == 4 and out["best_step"] == 1
+    assert same_weights({k: v.cpu() for k, v in model.state_dict().items()}, snapshots[0])

@@ -75,7 +75,10 @@ def isolated_settings(state_dir: Path, tiny_model: str, **overrides) -> Settings
         max_seq_length=32,
         debounce_s=0.5,
         tick_s=0.5,
-        **overrides,
+        # These stacks test the loop's mechanics with a tiny random model, which never beats BM25 or its own base
+        # on test: a strict gate would leave every dataset unserved. The gate itself is tested on its own
+        # (tests/unit/test_indexing.py, tests/integration/test_indexing.py).
+        **{"gate_tolerance": 1.0, **overrides},
     )
 
 

@@ -299,7 +299,12 @@ def _index(pipe: Pipeline, record: dict) -> str:
         "dataset": dataset,
         "kind": kind,
         "promoted": promoted,
-        "gate": {"metric": s.gate_metric, "tolerance": s.gate_tolerance, "reason": reason},
+        "gate": {
+            "metric": s.gate_metric,
+            "metrics": list(s.gate_metrics),
+            "tolerance": s.gate_tolerance,
+            "reason": reason,
+        },
         "search": {**search, "default_mode": new["default_mode"]},
         "alias": alias,
         "collection": collection,

@@ -105,7 +105,7 @@ def test_unchanged_corpus_reupload_embeds_nothing(pipe):
     assert "TRAINING" not in record["stage_times"]
     event = pipe.published[-1].data
     assert event["kind"] == "incremental" and event["collection"] == before["collection"]
-    assert event["counts"] == {"upserted": 0, "deleted": 0, "unchanged": N, "total": N}
+    assert event["counts"] == {"upserted": 0, "deleted": 0, "unchanged": N, "total": N, "skipped": 0}
     assert embedded_ids(pipe, run_id) == []
     assert event["model"]["uri"] == before["model_uri"]
 
@@ -118,7 +118,7 @@ def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe):
     run_until_indexed(pipe, run_id)
     event = pipe.published[-1].data
     assert event["kind"] == "incremental" and event["promoted"] is True
-    assert event["counts"] == {"upserted": 2, "deleted": 1, "unchanged": N - 3, "total": N - 1}
+    assert event["counts"] == {"upserted": 2, "deleted": 1, "unchanged": N - 3, "total": N - 1, "skipped": 0}
     assert embedded_ids(pipe, run_id) == ["doc007", "doc150"]
     assert set(event["metrics"]) >= {"recall@10", "ndcg@10"} and event["previous_metrics"] is not None
     client = vectorstore.connect(pipe.settings.milvus_uri)

@@ -99,7 +99,7 @@ def prepared_run(
 @pytest.fixture(scope="module")
 def pipe(services):
     published: list[Event] = []
-    settings = dataclasses.replace(services, keep_collections=1)
+    settings = dataclasses.replace(services, keep_collections=1, gate_tolerance=0.0)  # the real gate here
     p = Pipeline(settings, Ledger(settings.artifacts_bucket), publish=lambda topic, e: published.append(e))
     p.published = published
     return p

@@ -259,7 +259,8 @@ def train(
         seen_here += n
         curve.append({"step": step, "loss": round(float(loss_value), 5)})
         if select is not None and (step % steps_per_epoch == 0 or step == total):
-            best, stop = _select_epoch(model, select, step, steps_per_epoch, selection, best, params.patience, scalars)
+            score = _agreed(_score(model, select) if primary else 0.0, world, model.device)
+            best, stop = _select_epoch(model, score, step, steps_per_epoch, selection, best, params.patience, scalars)
             if stop:
                 log.info("early stop at step %d: no better selection score for %d epoch(s)", step, params.patience)
                 total = step
@@ -313,11 +314,29 @@ def train(
     }
 
 
-def _select_epoch(model, select, step, steps_per_epoch, history, best, patience, scalars):
-    """Score the model on the selection split at an epoch end; keep the best weights. Returns (best, stop)."""
-    model.eval()
-    score = float(select(model))
-    model.train()
+def _score(model, select) -> float:
+    model.eval()  # no dropout while scoring
+    try:
+        return float(select(model))
+    finally:
+        model.train()
+
+
+def _agreed(score: float, world: int, device) -> float:
+    """Rank 0's selection score on every rank: all ranks must stop at the same step and keep the same epoch (scores
+    computed on each rank could differ in the last bits on GPUs and leave one rank waiting in a collective)."""
+    if world <= 1:
+        return float(score)
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([float(score)], dtype=torch.float64, device=device)
+    dist.broadcast(value, src=0)
+    return float(value.item())
+
+
+def _select_epoch(model, score, step, steps_per_epoch, history, best, patience, scalars):
+    """Record an epoch's selection score; keep the best weights. Returns (best, stop)."""
     epoch = -(-step // steps_per_epoch)
     history.append({"epoch": epoch, "step": step, "score": round(score, 6)})
     log.info("selection after epoch %d (step %d): %.4f", epoch, step, score)

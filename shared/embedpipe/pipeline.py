@@ -141,10 +141,15 @@ class Pipeline:
             " ..." if len(accepted.notices) > 5 else "",
         )
 
+        self._record_once(run_id, "notices", key, accepted.to_dict())
+
+    def _record_once(self, run_id: str, field: str, key: str, value: dict) -> None:
+        """``record[field][key] = value`` unless a delivery before this one recorded it (redeliveries are no-ops)."""
+
         def fn(record):
-            if key in record.setdefault("notices", {}):
+            if key in record.setdefault(field, {}):
                 return None
-            record["notices"][key] = accepted.to_dict()
+            record[field][key] = value
             return record
 
         self.ledger.update_run(run_id, fn)
@@ -153,14 +158,7 @@ class Pipeline:
         """Record a bad file in its run (per-file errors; the run goes on with the valid files) and tell
         run-events subscribers which object, line and reason."""
         if run_id:
-
-            def fn(record):
-                if key in record.setdefault("file_errors", {}):
-                    return None
-                record["file_errors"][key] = rejection.to_dict()
-                return record
-
-            self.ledger.update_run(run_id, fn)
+            self._record_once(run_id, "file_errors", key, rejection.to_dict())
         self.publish(
             topology.RUN_EVENTS,
             Event(

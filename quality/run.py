@@ -62,7 +62,7 @@ def load_judged(path: Path) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
     qrels: dict[str, dict[str, int]] = {}
     with open(path / "qrels" / "test.tsv", newline="") as fh:
         for row in csv.DictReader(fh, delimiter="\t"):
-            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(float(row["score"]))
     judged = {q: rels for q, rels in qrels.items() if any(s > 0 for s in rels.values())}
     with open(path / "queries.jsonl") as fh:
         texts = {str(d["_id"]): d["text"] for d in map(json.loads, filter(str.strip, fh))}

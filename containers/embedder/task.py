@@ -149,7 +149,8 @@ def main(argv: list[str]) -> int:
             qv = checked(encode(model, [info.query_prefix + t for t in texts], args.batch_tokens), "query")
             qcols = {"id": qids, "text": texts, "bm25_text": lexical.analyzed(texts), "vector": list(qv)}
             if base is not None:
-                qcols["base_vector"] = list(encode(base, [info.query_prefix + t for t in texts], args.batch_tokens))
+                qb = encode(base, [info.query_prefix + t for t in texts], args.batch_tokens)
+                qcols["base_vector"] = list(checked(qb, "base query"))
             pending.append(writes.submit(write_parquet, f"{out}/queries.parquet", qcols))
             if args.previous_model_uri:
                 prev, prev_info = load_model(args.previous_model_uri, inference=True)

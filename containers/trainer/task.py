@@ -111,6 +111,10 @@ def main(argv: list[str]) -> int:
         len(train_pairs),
         task.describe() if task else "none",
     )
+    tuning = bool(os.environ.get("CLOUD_ML_TRIAL_ID") or os.environ.get("CLOUD_ML_HP_METRIC_FILE"))
+    if tuning and task is None:
+        log.error("hyperparameter tuning needs a selection split: add qrels/dev.tsv or more training pairs")
+        return 2  # trials could only be compared on test labels, which never reach training
     model, base = load_model(args.base_model, device=device)
     seq = args.max_seq_length or seq_length_for(
         model, [d.full_text for d in ds.corpus.values()], base.max_seq_length, args.seed
@@ -142,19 +146,19 @@ def main(argv: list[str]) -> int:
     if not dist.is_primary:
         log.info("rank %d: done; rank 0 writes the model and metrics", dist.rank)
         return 0
-    tuned_score = max((e["score"] for e in stats["selection"]), default=None)
+    tuned_score = stats["best_score"]
     tuned, reason = choose_model(base_score, tuned_score)
     log.info("%s", reason)
     if not tuned:
         model, _ = load_model(args.base_model, device=device)
         model.max_seq_length = seq
-    chosen: dict = {"default_mode": "dense", "hybrid_weight": 0.5, "rrf_k": selection.evaluation.RRF_K}
+    chosen: dict = {"default_mode": "dense", **selection.UNCHOSEN}
     by_mode: dict = {}
     if task:
-        dense = selection.dense_rankings(model, task, base.query_prefix, base.document_prefix)
-        bm25 = selection.bm25_rankings(task)
+        dense = selection.dense_hits(model, task, base.query_prefix, base.document_prefix)
+        bm25 = selection.bm25_hits(task)
         chosen = selection.choose_search(task, dense, bm25)
-        by_mode = selection.by_mode(task, dense, bm25, chosen["hybrid_weight"])
+        by_mode = selection.by_mode(task, dense, bm25, chosen)
         log.info(
             "selection: search mode %s (hybrid weight %s): %s",
             chosen["default_mode"],
@@ -182,7 +186,7 @@ def main(argv: list[str]) -> int:
             "by_mode": by_mode,
             "by_weight": chosen.get("by_weight", {}),
         },
-        search={k: chosen[k] for k in ("default_mode", "hybrid_weight", "rrf_k")},
+        search={k: chosen[k] for k in ("default_mode", "fusion", "hybrid_weight", "rrf_k")},
     )
     with tempfile.TemporaryDirectory() as tmp:
         info = save_model(model, Path(tmp), info)
@@ -214,7 +218,7 @@ def main(argv: list[str]) -> int:
         for key, value in eval_metrics.items():
             scalars.add(f"selection/{key}", value, stats["steps"])
         scalars.close()
-    if os.environ.get("CLOUD_ML_TRIAL_ID") or os.environ.get("CLOUD_ML_HP_METRIC_FILE"):
+    if tuning:
         for key, value in eval_metrics.items():
             hypertune.report(key, value, stats["steps"])
         log.info("hypertune: %d selection metrics reported to %s", len(eval_metrics), hypertune.metric_file())

@@ -78,6 +78,7 @@ class Settings:
     train_batch_size: int = 32
     train_max_steps: int = 1000  # a cap on optimizer steps (0: none); training length is train_epochs over the pairs
     train_epochs: int = 2  # at most: the best epoch on the selection split is kept, a worse one stops training
+    train_patience: int = 1  # epochs without a better selection score before training stops (0: never early)
     learning_rate: float = 2e-5
     warmup_ratio: float = 0.1
     seed: int = 42

@@ -1,4 +1,4 @@
-"""Retrieval metrics from ranked ids and BEIR qrels (a flat dict with stable keys), fusion, and exact top-k.
+"""Retrieval metrics from ranked ids and BEIR qrels (a flat dict with stable keys), hybrid fusion, and exact top-k.
 
 The same dict feeds selection, the gate, the index-updated event and the report. Metrics come from trec_eval
 (``pytrec_eval``), averaged over the queries that have at least one relevant document:
@@ -14,11 +14,13 @@ handed to trec_eval are derived from rank, so its tie-breaking by document id ne
 
 from __future__ import annotations
 
-import numpy as np
-
 KS = (1, 5, 10, 100)
 METRIC_KEYS = tuple(f"recall@{k}" for k in KS) + ("mrr@10", "ndcg@10")
 RRF_K = 60  # the usual reciprocal-rank constant (Cormack et al.); the dense/BM25 weight is chosen per dataset
+# How dense and BM25 hits are combined; the family and its weight are chosen per dataset on the selection split.
+# convex: weight x min-max-normalised dense score + (1 - weight) x normalised BM25 score, over each side's
+# candidates (a side that did not return a document adds 0); rrf: weighted reciprocal rank.
+FUSIONS = ("convex", "rrf")
 
 
 def _run(ranked: dict[str, list[str]], qids, cut: int | None = None) -> dict[str, dict[str, float]]:
@@ -53,33 +55,60 @@ def evaluate(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> 
     rows = per_query(ranked, qrels)
     if not rows:
         return {}
-    return {k: round(float(np.mean([r[k] for r in rows.values()])), 6) for k in METRIC_KEYS}
+    return {k: round(sum(r[k] for r in rows.values()) / len(rows), 6) for k in METRIC_KEYS}
 
 
-def fuse(dense: list[str], sparse: list[str], weight: float, k: int = RRF_K, limit: int | None = None) -> list[str]:
-    """Weighted reciprocal-rank fusion of two rankings: ``weight`` on dense, ``1 - weight`` on BM25. Weight 1 is the
-    dense ranking itself, 0 the BM25 one."""
+Hits = list[tuple[str, float]]  # (id, score), best first
+
+
+def _normalised(hits: Hits) -> dict[str, float]:
+    if not hits:
+        return {}
+    scores = [s for _, s in hits]
+    lo, hi = min(scores), max(scores)
+    return {d: (s - lo) / (hi - lo) if hi > lo else 1.0 for d, s in hits}
+
+
+def fuse(
+    dense: Hits, sparse: Hits, weight: float, method: str = "rrf", k: int = RRF_K, limit: int | None = None
+) -> Hits:
+    """One query's hybrid ranking from its dense and BM25 hits: ``weight`` on dense, ``1 - weight`` on BM25 (weight
+    1 is the dense ranking, 0 the BM25 one), combined by ``method`` (``FUSIONS``). Returns (id, fused score)."""
+    if method not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {method!r}")
     scores: dict[str, float] = {}
-    for w, ranking in ((weight, dense), (1.0 - weight, sparse)):
+    for w, hits in ((weight, dense), (1.0 - weight, sparse)):
         if w <= 0:
             continue
-        for rank, doc in enumerate(ranking, start=1):
-            scores[doc] = scores.get(doc, 0.0) + w / (k + rank)
+        if method == "rrf":
+            parts = {d: 1.0 / (k + rank) for rank, (d, _) in enumerate(hits, start=1)}
+        else:
+            parts = _normalised(hits)
+        for d, v in parts.items():
+            scores[d] = scores.get(d, 0.0) + w * v
     order = sorted(scores, key=lambda d: -scores[d])
-    return order[:limit] if limit else order
+    return [(d, scores[d]) for d in (order[:limit] if limit else order)]
+
+
+def ids(hits: dict[str, Hits]) -> dict[str, list[str]]:
+    return {q: [d for d, _ in h] for q, h in hits.items()}
 
 
 class TopK:
     """Exact cosine top-k for a fixed set of query vectors over documents streamed in blocks: memory is
     O(queries x (k + block)), never queries x corpus."""
 
-    def __init__(self, queries: np.ndarray, k: int):
+    def __init__(self, queries, k: int):
+        import numpy as np
+
         self.queries = np.asarray(queries, dtype=np.float32)
         self.k = k
         self.scores = np.full((len(self.queries), 0), -np.inf, dtype=np.float32)
         self.ids = np.empty((len(self.queries), 0), dtype=object)
 
-    def add(self, ids: list[str], vectors: np.ndarray) -> None:
+    def add(self, ids: list[str], vectors) -> None:
+        import numpy as np
+
         if not len(ids):
             return
         block = self.queries @ np.asarray(vectors, dtype=np.float32).T
@@ -90,6 +119,14 @@ class TopK:
         self.scores = np.take_along_axis(scores, part, axis=1)
         self.ids = np.take_along_axis(ids, part, axis=1)
 
-    def ranked(self, qids: list[str]) -> dict[str, list[str]]:
+    def hits(self, qids: list[str]) -> dict[str, Hits]:
+        import numpy as np
+
         order = np.argsort(-self.scores, axis=1, kind="stable")
-        return {q: list(self.ids[i, order[i]]) for i, q in enumerate(qids)}
+        return {
+            q: [(str(self.ids[i, j]), float(self.scores[i, j])) for j in order[i] if np.isfinite(self.scores[i, j])]
+            for i, q in enumerate(qids)
+        }
+
+    def ranked(self, qids: list[str]) -> dict[str, list[str]]:
+        return ids(self.hits(qids))

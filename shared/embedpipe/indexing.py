@@ -77,7 +77,9 @@ def rank_base(embed_uri: str, manifests: list[dict], queries, k: int = 100) -> d
 def score(ranked: dict, qrels: dict, served_mode: str) -> dict:
     """Metrics of every mode on the eval qrels; ``served`` is the mode search answers with by default (chosen at
     training time on the selection split, never here on test)."""
-    by_mode = {mode: evaluation.evaluate(r, qrels) for mode, r in ranked.items()}
+    by_mode = {mode: m for mode, r in ranked.items() if (m := evaluation.evaluate(r, qrels))}
+    if not by_mode:  # no query with a relevant document: nothing measured
+        return {"by_mode": {}, "default_mode": served_mode, "metrics": {}}
     mode = served_mode if served_mode in by_mode else "dense"
     by_mode["served"] = by_mode[mode]
     return {"by_mode": by_mode, "default_mode": mode, "metrics": by_mode[mode]}

@@ -47,13 +47,16 @@ class BM25Index:
 
         self.ids = list(ids)
         self.model = bm25s.BM25(k1=K1, b=B)
-        self.model.index(tokens(texts), show_progress=False)
+        corpus = tokens(texts)
+        self.empty = not any(corpus)  # every text was stop words only: nothing can match (bm25s cannot index it)
+        if not self.empty:
+            self.model.index(corpus, show_progress=False)
 
     def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
         k = min(k, len(self.ids))
         out = []
         for toks in tokens(queries):
-            if not toks:
+            if not toks or self.empty:
                 out.append([])
                 continue
             docs, scores = self.model.retrieve([toks], k=k, show_progress=False, n_threads=1)

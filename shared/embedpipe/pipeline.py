@@ -40,6 +40,7 @@ TRAIN_OVERRIDES = {
     "max_seq_length": int,
     "warmup_ratio": float,
     "seed": int,
+    "patience": int,
     "base_model": str,
 }
 
@@ -224,7 +225,7 @@ class Pipeline:
         s, o = self.settings, record.get("overrides") or {}
         run_id = record["run_id"]
         params = {
-            k: o.get(k, getattr(s, k if k not in ("batch_size", "max_steps", "epochs") else f"train_{k}"))
+            k: o.get(k, getattr(s, k if k not in ("batch_size", "max_steps", "epochs", "patience") else f"train_{k}"))
             for k in TRAIN_OVERRIDES
         }
         args = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]

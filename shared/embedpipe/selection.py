@@ -4,8 +4,9 @@ The selection split is ``qrels/dev.tsv`` when the dataset has one (its queries a
 held-out slice of the training pairs posed as a small retrieval task: each held-out anchor is a query whose relevant
 documents are its positives, searched among the positives of all pairs. Held-out pairs are never trained on. On it
 the trainer picks the epoch to keep, whether the fine-tune beats the base model at all, and how search answers by
-default: dense, BM25, or the two fused by weighted reciprocal rank with the weight that scores best. Test queries and
-test qrels never reach this module (the trainer does not even open ``qrels/test.tsv``).
+default: dense, BM25, or the two fused (``evaluation.FUSIONS``: a convex combination of normalised scores, or
+weighted reciprocal rank) with the family and weight that score best. Test queries and test qrels never reach this
+module (the trainer does not even open ``qrels/test.tsv``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ MAX_DOCS = 20_000  # selection corpus cap: the relevant documents plus a seeded 
 DEPTH = 100  # candidates per side that fusion sees
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # dense weight; 0 = BM25 alone, 1 = dense alone
 MODES = ("dense", "bm25", "hybrid")
+# hybrid settings where nothing could be chosen (no selection split): an even RRF, the common default
+UNCHOSEN = {"fusion": "rrf", "hybrid_weight": 0.5, "rrf_k": evaluation.RRF_K}
 
 
 @dataclass
@@ -68,7 +71,7 @@ def task_for(ds, pairs: list, seed: int = 42) -> tuple[list, Task | None]:
     """(training pairs, selection task or None). Uses ``qrels/dev.tsv`` when present, else holds pairs out."""
     dev = {q: r for q, r in (ds.qrels.get("dev") or {}).items() if q in ds.queries and any(s > 0 for s in r.values())}
     if dev:
-        keep = {d for r in dev.values() for d in r}
+        keep = {d for r in dev.values() for d in r} & ds.corpus.keys()  # rows naming absent documents stay in qrels
         corpus = _capped({i: doc.full_text for i, doc in ds.corpus.items()}, keep, seed)
         return pairs, Task("dev", {q: ds.queries[q] for q in dev}, corpus, dev)
     train, held = split_pairs(pairs, seed)
@@ -88,7 +91,8 @@ def task_for(ds, pairs: list, seed: int = 42) -> tuple[list, Task | None]:
     return train, Task("heldout", {i: a for a, i in queries.items()}, corpus, qrels)
 
 
-def dense_rankings(model, task: Task, query_prefix: str = "", document_prefix: str = "", k: int = DEPTH) -> dict:
+def dense_hits(model, task: Task, query_prefix: str = "", document_prefix: str = "", k: int = DEPTH) -> dict:
+    """Exact cosine top-``k`` (id, score) per query, the corpus embedded and searched block by block."""
     from embedpipe.embedding import encode
 
     doc_ids = list(task.corpus)
@@ -97,50 +101,63 @@ def dense_rankings(model, task: Task, query_prefix: str = "", document_prefix: s
     for start in range(0, len(doc_ids), 4096):
         block = doc_ids[start : start + 4096]
         top.add(block, encode(model, [task.corpus[d] for d in block], prefix=document_prefix))
-    return top.ranked(qids)
+    return top.hits(qids)
 
 
 def dense_score(model, task: Task, query_prefix: str = "", document_prefix: str = "") -> float:
-    return evaluation.evaluate(dense_rankings(model, task, query_prefix, document_prefix), task.qrels).get(METRIC, 0.0)
+    hits = dense_hits(model, task, query_prefix, document_prefix)
+    return evaluation.evaluate(evaluation.ids(hits), task.qrels).get(METRIC, 0.0)
 
 
-def bm25_rankings(task: Task, k: int = DEPTH) -> dict:
+def bm25_hits(task: Task, k: int = DEPTH) -> dict:
     qids = list(task.queries)
     index = BM25Index(list(task.corpus), list(task.corpus.values()))
-    hits = index.search([task.queries[q] for q in qids], k)
-    return {q: [d for d, _ in h] for q, h in zip(qids, hits)}
+    return dict(zip(qids, index.search([task.queries[q] for q in qids], k)))
 
 
-def choose_search(task: Task, dense: dict, bm25: dict) -> dict:
-    """The default search mode and the hybrid weight, from the selection split. Each weight is scored by the mean of
-    its score and its neighbours' (a single lucky weight on a small split does not win); the hybrid weight is the
-    best strictly between 0 and 1, the mode the best of dense (1), BM25 (0) and that hybrid."""
-    raw = {}
-    for w in WEIGHTS:
-        ranked = {q: evaluation.fuse(dense.get(q, []), bm25.get(q, []), w, limit=DEPTH) for q in task.queries}
-        raw[w] = evaluation.evaluate(ranked, task.qrels).get(METRIC, 0.0)
-    smooth = {}
-    for i, w in enumerate(WEIGHTS):
-        near = [raw[WEIGHTS[j]] for j in (i - 1, i, i + 1) if 0 <= j < len(WEIGHTS)]
-        smooth[w] = sum(near) / len(near)
-    inner = [w for w in WEIGHTS if 0 < w < 1]
-    weight = max(inner, key=lambda w: (smooth[w], -abs(w - 0.5)))
-    candidates = {"dense": raw[1.0], "bm25": raw[0.0], "hybrid": raw[weight]}
-    mode = max(MODES, key=lambda m: (candidates[m], m == "hybrid"))
+def _fused(task: Task, dense: dict, bm25: dict, weight: float, method: str) -> dict[str, list[str]]:
     return {
-        "default_mode": mode,
-        "hybrid_weight": weight,
-        "rrf_k": evaluation.RRF_K,
-        "scores": {m: round(v, 6) for m, v in candidates.items()},
-        "by_weight": {str(w): round(v, 6) for w, v in raw.items()},
+        q: [d for d, _ in evaluation.fuse(dense.get(q, []), bm25.get(q, []), weight, method, limit=DEPTH)]
+        for q in task.queries
     }
 
 
-def by_mode(task: Task, dense: dict, bm25: dict, weight: float) -> dict:
-    """Full metric dicts of dense, BM25 and hybrid (at ``weight``) on the selection split."""
-    hybrid = {q: evaluation.fuse(dense.get(q, []), bm25.get(q, []), weight, limit=DEPTH) for q in task.queries}
+def choose_search(task: Task, dense: dict, bm25: dict) -> dict:
+    """The default search mode, fusion family and hybrid weight, from the selection split (dense and BM25 hits with
+    scores). Each (family, weight) is judged by the mean of its score and its neighbours' (a single lucky weight on
+    a small split does not win); the hybrid is the best of those strictly between 0 and 1, and the mode the best of
+    dense (weight 1), BM25 (weight 0) and that hybrid (a tie goes to hybrid, then to the simpler mode)."""
+    raw: dict[str, dict[float, float]] = {}
+    for method in evaluation.FUSIONS:
+        raw[method] = {}
+        for w in WEIGHTS:
+            raw[method][w] = evaluation.evaluate(_fused(task, dense, bm25, w, method), task.qrels).get(METRIC, 0.0)
+
+    def smooth(method: str, i: int) -> float:
+        near = [raw[method][WEIGHTS[j]] for j in (i - 1, i, i + 1) if 0 <= j < len(WEIGHTS)]
+        return sum(near) / len(near)
+
+    inner = [(m, i) for m in evaluation.FUSIONS for i, w in enumerate(WEIGHTS) if 0 < w < 1]
+    method, i = max(inner, key=lambda mi: (smooth(*mi), -abs(WEIGHTS[mi[1]] - 0.5)))
+    weight = WEIGHTS[i]
+    first = evaluation.FUSIONS[0]
+    candidates = {"dense": raw[first][1.0], "bm25": raw[first][0.0], "hybrid": raw[method][weight]}
+    mode = max(MODES, key=lambda m: (candidates[m], m == "hybrid", m == "dense"))
     return {
-        "dense": evaluation.evaluate(dense, task.qrels),
-        "bm25": evaluation.evaluate(bm25, task.qrels),
+        "default_mode": mode,
+        "fusion": method,
+        "hybrid_weight": weight,
+        "rrf_k": evaluation.RRF_K,
+        "scores": {m: round(v, 6) for m, v in candidates.items()},
+        "by_weight": {m: {str(w): round(v, 6) for w, v in raw[m].items()} for m in raw},
+    }
+
+
+def by_mode(task: Task, dense: dict, bm25: dict, search: dict) -> dict:
+    """Full metric dicts of dense, BM25 and hybrid (with ``search``'s family and weight) on the selection split."""
+    hybrid = _fused(task, dense, bm25, search["hybrid_weight"], search["fusion"])
+    return {
+        "dense": evaluation.evaluate(evaluation.ids(dense), task.qrels),
+        "bm25": evaluation.evaluate(evaluation.ids(bm25), task.qrels),
         "hybrid": evaluation.evaluate(hybrid, task.qrels),
     }

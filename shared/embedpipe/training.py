@@ -235,8 +235,6 @@ def train(
                 loss = forward(features, None)
         else:
             loss = forward(features, None)
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLoss(f"loss is {float(loss.detach())} at step {step + 1}: training diverged")
         loss.backward()
         loss_value = loss.detach().float()
         if world > 1:
@@ -249,6 +247,9 @@ def train(
                         p.grad /= world
             dist.all_reduce(loss_value)
             loss_value /= world
+        # after the all-reduce: one rank's NaN reaches every rank, so all stop together (none waits in a collective)
+        if not torch.isfinite(loss_value).all():
+            raise NonFiniteLoss(f"loss is {float(loss_value)} at step {step + 1}: training diverged")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -301,6 +302,9 @@ def train(
     return {
         "selection": selection,
         "best_step": best["step"] if best else step,
+        # the score of the weights the model ends with (history may hold epochs from before a resume whose weights
+        # are gone: they never count)
+        "best_score": best["score"] if best else None,
         "steps": step,
         "total_steps": total,
         "resumed_from_step": resumed_from,
@@ -359,13 +363,13 @@ def evaluate_exact(model, ds, query_prefix: str = "", document_prefix: str = "",
     """Retrieval metrics of ``model`` on the dataset's eval qrels (test, else dev) by exact cosine top-``k`` search
     in memory, streamed in blocks (``evaluation.TopK``: no queries x corpus matrix). For benchmarks and tests; the
     trainer itself never scores test qrels (``embedpipe.selection``)."""
-    from embedpipe.evaluation import evaluate
-    from embedpipe.selection import Task, dense_rankings
+    from embedpipe.evaluation import evaluate, ids
+    from embedpipe.selection import Task, dense_hits
 
     qrels = ds.eval_qrels()
     qids = [q for q in sorted(qrels) if q in ds.queries]
     if not qids:
         return {}
     task = Task("eval", {q: ds.queries[q] for q in qids}, {d: doc.full_text for d, doc in ds.corpus.items()}, {})
-    ranked = dense_rankings(model, task, query_prefix, document_prefix, min(k, len(ds.corpus)))
+    ranked = ids(dense_hits(model, task, query_prefix, document_prefix, min(k, len(ds.corpus))))
     return evaluate(ranked, {q: qrels[q] for q in qids})

@@ -5,9 +5,9 @@ was embedded), ``bm25_text`` (the text analyzed by ``embedpipe.lexical``: stop w
 analyzer feeding a BM25 function into ``sparse``, ``title``, ``content_hash``, ``metadata`` JSON. The collection's
 properties record the model fingerprint, dim and BM25 analyzer; loading vectors of another model is refused.
 
-Search modes: ``dense``, ``bm25`` (sparse alone) and ``hybrid``: both searched ``DEPTH`` deep and fused here by
-weighted reciprocal rank (``evaluation.fuse``), the same function selection scored the weight with. Searches go in
-batches of at most ``MAX_NQ`` queries (Milvus caps one call at 16,384).
+Search modes: ``dense``, ``bm25`` (sparse alone) and ``hybrid``: both searched ``DEPTH`` deep and fused here
+(``evaluation.fuse``: the family and weight the model's selection chose), the same function selection scored them
+with. Searches go in batches of at most ``MAX_NQ`` queries (Milvus caps one call at 16,384).
 """
 
 from __future__ import annotations
@@ -264,18 +264,17 @@ def search(client, name: str, mode: str, vectors, bm25_texts, k: int, search: di
 
 
 def fused(dense: list[tuple[str, float]], sparse: list[tuple[str, float]], k: int, search: dict | None = None):
-    """One query's hybrid ranking from its dense and BM25 hits, with the fused score."""
+    """One query's hybrid ranking from its dense and BM25 hits, with the fused score, as the model's search settings
+    (``ModelInfo.search``: fusion family, dense weight, RRF constant) say; the function selection scored them with."""
     search = search or {}
-    weight, rrf_k = float(search.get("hybrid_weight", 0.5)), int(search.get("rrf_k", evaluation.RRF_K))
-    ranks_d = {i: r for r, (i, _) in enumerate(dense, 1)}
-    ranks_s = {i: r for r, (i, _) in enumerate(sparse, 1)}
-    order = evaluation.fuse(list(ranks_d), list(ranks_s), weight, rrf_k, limit=k)
-
-    def score(i):
-        rd, rs = ranks_d.get(i), ranks_s.get(i)
-        return (weight / (rrf_k + rd) if rd else 0.0) + ((1 - weight) / (rrf_k + rs) if rs else 0.0)
-
-    return [(i, score(i)) for i in order]
+    return evaluation.fuse(
+        dense,
+        sparse,
+        float(search.get("hybrid_weight", 0.5)),
+        search.get("fusion", "rrf"),
+        int(search.get("rrf_k", evaluation.RRF_K)),
+        limit=k,
+    )
 
 
 def has_field(client, name: str, field_name: str) -> bool:

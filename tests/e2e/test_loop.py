@@ -48,7 +48,13 @@ def test_upload_wait_prints_index_updated(local_stack):
     assert data["trigger"]["type"] == "upload"
     assert {"training", "embedding", "index"} <= set(data["stage_seconds"])
     corpus_ids = set(datasets.load_dir(FIXTURES / "tiny_beir").corpus)
-    assert data["counts"] == {"upserted": len(corpus_ids), "deleted": 0, "unchanged": 0, "total": len(corpus_ids), "skipped": 0}
+    assert data["counts"] == {
+        "upserted": len(corpus_ids),
+        "deleted": 0,
+        "unchanged": 0,
+        "total": len(corpus_ids),
+        "skipped": 0,
+    }
 
     client = vectorstore.connect(settings.milvus_uri)
     assert vectorstore.alias_target(client, "tiny") == data["collection"]

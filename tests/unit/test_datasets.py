@@ -382,9 +382,10 @@ def test_load_dir_ignores_files_outside_the_layout(tmp_path):
     assert list(ds.corpus) == ["a"] and ds.qrels == {} and ds.eval_split() is None and ds.eval_qrels() == {}
 
 
-def test_eval_split_falls_back_to_dev():
+def test_eval_split_is_test_only():
+    # dev is the selection split: every choice is made on it, so it never stands in for test in reports or the gate
     ds = load_files("demo", beir_files(**{"qrels/dev.tsv": HEADER + b"q1\td1\t1\n"}))
-    assert ds.eval_split() == "dev"
+    assert ds.qrels.get("test") is None and ds.eval_split() is None and ds.eval_qrels() == {}
 
 
 # ---------------------------------------------------------------- training pairs

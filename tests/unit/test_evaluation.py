@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from embedpipe.evaluation import METRIC_KEYS, TopK, evaluate, fuse, per_query
+from embedpipe.evaluation import FUSIONS, METRIC_KEYS, TopK, evaluate, fuse, per_query
 
 
 def approx(value: float) -> object:
@@ -106,30 +106,54 @@ def test_longer_rankings_keep_their_order():
         assert evaluate({"q1": ids}, {"q1": {doc: 1}})["mrr@10"] == approx(1 / i)
 
 
-def test_fuse_weight_one_is_dense_zero_is_sparse():
-    dense, sparse = ["a", "b", "c"], ["c", "d", "a"]
-    assert fuse(dense, sparse, 1.0) == dense
-    assert fuse(dense, sparse, 0.0) == sparse
+def hits(ids: list[str], top: float = 1.0, step: float = 0.1) -> list[tuple[str, float]]:
+    return [(d, top - i * step) for i, d in enumerate(ids)]
 
 
-def test_fuse_half_merges_and_agreement_wins():
-    dense, sparse = ["a", "b", "c", "d"], ["d", "b", "c", "a"]
-    fused = fuse(dense, sparse, 0.5)
+def order(fused) -> list[str]:
+    return [d for d, _ in fused]
+
+
+@pytest.mark.parametrize("method", FUSIONS)
+def test_fuse_weight_one_is_dense_zero_is_sparse(method):
+    dense, sparse = hits(["a", "b", "c"]), hits(["c", "d", "a"], 12.0, 3.0)
+    assert order(fuse(dense, sparse, 1.0, method)) == ["a", "b", "c"]
+    assert order(fuse(dense, sparse, 0.0, method)) == ["c", "d", "a"]
+
+
+@pytest.mark.parametrize("method", FUSIONS)
+def test_fuse_half_merges_and_agreement_wins(method):
+    dense, sparse = hits(["a", "b", "c", "d"]), hits(["d", "b", "c", "a"], 20.0, 2.0)
+    fused = order(fuse(dense, sparse, 0.5, method))
     assert fused[0] == "b"  # second in both beats first in one and last in the other
     assert sorted(fused) == ["a", "b", "c", "d"]
     # a document only one side found still appears, after those both sides ranked as high
-    fused = fuse(["x", "shared"], ["shared", "y"], 0.5)
-    assert fused[0] == "shared" and set(fused) == {"x", "shared", "y"}
+    fused = order(fuse(hits(["x", "shared", "u"]), hits(["shared", "y", "v"]), 0.5, method))
+    assert fused[0] == "shared" and set(fused) == {"x", "shared", "y", "u", "v"}
 
 
-def test_fuse_weight_tilts_towards_one_side():
-    dense, sparse = ["a", "b"], ["b", "a"]
-    assert fuse(dense, sparse, 0.8)[0] == "a"
-    assert fuse(dense, sparse, 0.2)[0] == "b"
+@pytest.mark.parametrize("method", FUSIONS)
+def test_fuse_weight_tilts_towards_one_side(method):
+    dense, sparse = hits(["a", "b"]), hits(["b", "a"], 9.0, 4.0)
+    assert fuse(dense, sparse, 0.8, method)[0][0] == "a"
+    assert fuse(dense, sparse, 0.2, method)[0][0] == "b"
+
+
+def test_convex_fusion_uses_score_gaps_not_just_ranks():
+    # dense barely prefers a over b and drops c far behind; BM25 has b, then c close behind, a far behind
+    dense = [("a", 0.90), ("b", 0.89), ("c", 0.10)]
+    sparse = [("b", 30.0), ("c", 29.0), ("a", 1.0)]
+    fused = fuse(dense, sparse, 0.5, "convex")
+    assert order(fused) == ["b", "a", "c"]  # c: 0 + 0.5 * 28/29 = 0.483 < a: 0.5 * 1 + 0
+    assert order(fuse(dense, sparse, 0.4, "convex")) == ["b", "c", "a"]  # less dense weight: c overtakes a
+    # scores: min-max normalised per side, weighted: b = 0.5 * 0.9875 + 0.5 * 1.0
+    assert dict(fused)["b"] == approx(0.5 * (0.89 - 0.10) / 0.80 + 0.5)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        fuse(dense, sparse, 0.5, "max")
 
 
 def test_fuse_limit_cuts():
-    dense, sparse = ["a", "b", "c"], ["d", "e", "f"]
+    dense, sparse = hits(["a", "b", "c"]), hits(["d", "e", "f"])
     assert len(fuse(dense, sparse, 0.5)) == 6
     assert fuse(dense, sparse, 0.5, limit=2) == fuse(dense, sparse, 0.5)[:2]
     assert len(fuse(dense, sparse, 0.5, limit=2)) == 2

@@ -115,6 +115,11 @@ def filler(prefix: str, qid: str, n: int = 15) -> list[str]:
     return [f"{prefix}-{qid}-{j}" for j in range(n)]
 
 
+def scored(ranking: dict[str, list[str]]) -> dict[str, list[tuple[str, float]]]:
+    """Rankings as hits with descending scores (what dense and BM25 search return)."""
+    return {q: [(d, 1.0 - 0.01 * i) for i, d in enumerate(ids)] for q, ids in ranking.items()}
+
+
 def synthetic(qrels: dict) -> Task:
     return Task("heldout", {q: f"query {q}" for q in QIDS}, {}, qrels)
 
@@ -122,19 +127,21 @@ def synthetic(qrels: dict) -> Task:
 def test_choose_search_picks_bm25_when_bm25_is_perfect_and_dense_useless():
     qrels = {q: {f"rel-{q}": 1} for q in QIDS}
     # BM25: the relevant document first, then a near miss; dense: the near miss first, never the relevant one.
-    bm25 = {q: [f"rel-{q}", f"miss-{q}", *filler("s", q)] for q in QIDS}
-    dense = {q: [f"miss-{q}", *filler("d", q)] for q in QIDS}
+    bm25 = scored({q: [f"rel-{q}", f"miss-{q}", *filler("s", q)] for q in QIDS})
+    dense = scored({q: [f"miss-{q}", *filler("d", q)] for q in QIDS})
     out = choose_search(synthetic(qrels), dense, bm25)
     assert out["default_mode"] == "bm25"
     assert out["scores"]["bm25"] == pytest.approx(1.0) and out["scores"]["dense"] == 0.0
     assert out["scores"]["hybrid"] < 1.0
-    assert out["by_weight"]["0.0"] == pytest.approx(1.0) and out["by_weight"]["1.0"] == 0.0
+    for method in selection.evaluation.FUSIONS:
+        weights = out["by_weight"][method]
+        assert weights["0.0"] == pytest.approx(1.0) and weights["1.0"] == 0.0
 
 
 def test_choose_search_picks_dense_when_dense_is_perfect_and_bm25_useless():
     qrels = {q: {f"rel-{q}": 1} for q in QIDS}
-    dense = {q: [f"rel-{q}", f"miss-{q}", *filler("d", q)] for q in QIDS}
-    bm25 = {q: [f"miss-{q}", *filler("s", q)] for q in QIDS}
+    dense = scored({q: [f"rel-{q}", f"miss-{q}", *filler("d", q)] for q in QIDS})
+    bm25 = scored({q: [f"miss-{q}", *filler("s", q)] for q in QIDS})
     out = choose_search(synthetic(qrels), dense, bm25)
     assert out["default_mode"] == "dense"
     assert out["scores"]["dense"] == pytest.approx(1.0) and out["scores"]["bm25"] == 0.0
@@ -143,23 +150,25 @@ def test_choose_search_picks_dense_when_dense_is_perfect_and_bm25_useless():
 
 def test_choose_search_picks_hybrid_when_each_side_finds_half():
     qrels = {q: {f"a-{q}": 1, f"b-{q}": 1} for q in QIDS}
-    dense = {q: [f"a-{q}", *filler("d", q)] for q in QIDS}  # finds a, never b
-    bm25 = {q: [f"b-{q}", *filler("s", q)] for q in QIDS}  # finds b, never a
+    dense = scored({q: [f"a-{q}", *filler("d", q)] for q in QIDS})  # finds a, never b
+    bm25 = scored({q: [f"b-{q}", *filler("s", q)] for q in QIDS})  # finds b, never a
     out = choose_search(synthetic(qrels), dense, bm25)
     assert out["default_mode"] == "hybrid"
     assert 0.0 < out["hybrid_weight"] < 1.0
     assert out["scores"]["hybrid"] == pytest.approx(1.0)
     assert out["scores"]["hybrid"] > max(out["scores"]["dense"], out["scores"]["bm25"])
     assert out["rrf_k"] == selection.evaluation.RRF_K
-    assert set(out["by_weight"]) == {str(w) for w in selection.WEIGHTS}
+    assert out["fusion"] in selection.evaluation.FUSIONS
+    assert set(out["by_weight"]) == set(selection.evaluation.FUSIONS)
+    assert all(set(v) == {str(w) for w in selection.WEIGHTS} for v in out["by_weight"].values())
 
 
-def test_bm25_rankings_on_a_task():
+def test_bm25_hits_on_a_task():
     task = Task(
         "dev",
         {"q1": "pruning tomato plants", "q2": "the of"},
         {"g": "Tomato pruning: pinch out side shoots", "c": "Compost bins rotate monthly", "w": "Water the beds"},
         {"q1": {"g": 1}},
     )
-    ranked = selection.bm25_rankings(task)
-    assert ranked["q1"][0] == "g" and ranked["q2"] == []
+    found = selection.bm25_hits(task)
+    assert found["q1"][0][0] == "g" and found["q1"][0][1] > 0 and found["q2"] == []

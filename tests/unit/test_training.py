@@ -139,7 +139,7 @@ def test_select_keeps_the_best_epoch_and_stops_after_patience(tiny_model):
     assert [e["score"] for e in out["selection"]] == [0.5, 0.1]  # epoch 2 was worse: stopped there
     assert [e["epoch"] for e in out["selection"]] == [1, 2]
     assert out["steps"] == 4 and len(out["loss_curve"]) == 4
-    assert out["best_step"] == 2
+    assert out["best_step"] == 2 and out["best_score"] == 0.5  # the score of the weights it ends with
     assert len(snapshots) == 2 and not same_weights(snapshots[0], snapshots[1])
     assert same_weights({k: v.cpu() for k, v in model.state_dict().items()}, snapshots[0])
 

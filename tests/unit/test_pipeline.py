@@ -848,3 +848,31 @@ def test_retrain_with_a_mistyped_override_is_rejected(h):
     with pytest.raises(ValueError):
         h.pipe.on_retrain(req)
     assert h.launcher.submits == []
+
+
+def test_launch_time_load_goes_on_when_a_concurrent_delivery_moved_the_bad_file(gcs, monkeypatch):
+    """The race CI met: launch validation read a bad file that another delivery quarantined before this one could;
+    the run goes on without it instead of failing in intake."""
+    root = "datasets/quirks/"
+    for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        gcs.put(DATA, root + rel, quirk_bytes(rel))
+    gcs.put(DATA, root + "qrels/dev.tsv", HEADER + b"k9\tq-01\t1\n")  # a query-id queries.jsonl lacks
+    real, calls = intake.datasets.load_gcs, []
+
+    def racing(bucket, dataset, test=True):
+        calls.append(dataset)
+        try:
+            return real(bucket, dataset, test)
+        except intake.datasets.DatasetError:
+            gcs.objects.pop((DATA, root + "qrels/dev.tsv"), None)  # the other delivery moves it meanwhile
+            raise
+
+    monkeypatch.setattr(intake.datasets, "load_gcs", racing)
+    ds, rejections, problem = intake.load_valid(DATA, "quirks")
+    assert problem is None and rejections == [] and "dev" not in ds.qrels and len(calls) == 2
+
+
+def test_launch_time_load_fails_when_the_error_is_no_file(gcs):
+    gcs.put(DATA, "datasets/quirks/queries.jsonl", quirk_bytes("queries.jsonl"))
+    ds, rejections, problem = intake.load_valid(DATA, "quirks")
+    assert ds is None and rejections == [] and "dataset has no corpus" in problem

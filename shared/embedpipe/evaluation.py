@@ -62,11 +62,14 @@ Hits = list[tuple[str, float]]  # (id, score), best first
 
 
 def _normalised(hits: Hits) -> dict[str, float]:
+    """Scores mapped to [0, 1], 1 for the best hit. Hits come best first; the scale is oriented by that order, so a
+    backend that reports "distances" (lower is better, e.g. negated BM25 scores) normalises the same way."""
     if not hits:
         return {}
-    scores = [s for _, s in hits]
+    sign = 1.0 if hits[0][1] >= hits[-1][1] else -1.0
+    scores = [sign * s for _, s in hits]
     lo, hi = min(scores), max(scores)
-    return {d: (s - lo) / (hi - lo) if hi > lo else 1.0 for d, s in hits}
+    return {d: (sign * s - lo) / (hi - lo) if hi > lo else 1.0 for d, s in hits}
 
 
 def fuse(

@@ -244,7 +244,9 @@ def search_sparse(client, name: str, bm25_texts: list[str], k: int) -> list[list
             search_params={"metric_type": "BM25"},
         )
         for i, hits in zip(part, res):
-            out[i] = [(h["id"], float(h["distance"])) for h in hits]
+            # Milvus Lite reports BM25 as negative distances (best first, most negative), a server as scores:
+            # BM25 scores are never negative, so the magnitude is the score either way
+            out[i] = [(h["id"], abs(float(h["distance"]))) for h in hits]
     return out
 
 

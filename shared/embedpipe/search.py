@@ -147,7 +147,8 @@ class Searcher:
         mode = mode or settings.get("default_mode") or "dense"
         vector = encode(cur.model, [cur.info.query_prefix + query])[0] if mode != "bm25" else None
         collection = cur.promoted["collection"]
-        hits = vectorstore.search(self.client, collection, mode, [vector], lexical.analyzed([query]), k, settings)[0]
+        terms = lexical.analyzed([query]) if mode != "dense" else [""]
+        hits = vectorstore.search(self.client, collection, mode, [vector], terms, k, settings)[0]
         titles = {}
         if hits:
             rows = self.client.get(collection_name=collection, ids=[h[0] for h in hits], output_fields=["id", "title"])

@@ -39,6 +39,7 @@ STATE = ROOT / ".embedpipe" / "quality"
 MODES = ("bm25", "base", "dense", "hybrid", "served")
 COLUMNS = ("recall@10", "ndcg@10", "mrr@10", "recall@100")
 UPLOAD_TIMEOUT_S = 3600
+UP_ATTEMPTS = 3
 
 
 class QualityError(RuntimeError):
@@ -141,8 +142,15 @@ def measure(data_dir: Path, dataset: str, env: dict[str, str], result: dict) -> 
     cli("down", timeout=120)  # a stack left in our state dir by an interrupted run
     shutil.rmtree(STATE, ignore_errors=True)
     try:
-        if cli("up", timeout=600).returncode:
-            raise QualityError("embedpipe up failed (see above)")
+        for attempt in range(UP_ATTEMPTS):
+            if cli("up", timeout=600).returncode == 0:
+                break
+            # free ports come from the ephemeral range, where another process may take one of the consecutive
+            # function ports before our processes bind it: stop what started and try fresh ports
+            cli("down", timeout=120)
+            if attempt == UP_ATTEMPTS - 1:
+                raise QualityError(f"embedpipe up failed {UP_ATTEMPTS} times (see above)")
+            env.update(stack_env())
         t0 = time.time()
         res = cli(
             "upload", str(data_dir), "--dataset", dataset, "--wait", "--timeout", str(UPLOAD_TIMEOUT_S),

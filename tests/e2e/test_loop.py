@@ -114,6 +114,30 @@ def test_any_beir_folder_and_search(local_stack):
     assert types.count("io.embedpipe.index.updated.v1") == 3
 
 
+def test_a_beir_folder_as_published_uploads_and_indexes(local_stack):
+    """Title-only documents, a document with neither title nor text, a text repeating its title, a numeric id, a qrels
+    row naming an absent document: accepted with warnings, indexed, counted, and served in the promoted mode."""
+    settings, env = local_stack
+    folder = FIXTURES / "beir_quirks"
+    result = cli(env, "upload", str(folder), "--dataset", "quirks", "--wait", "--timeout", "400")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: corpus.jsonl:4: document 'q-04' has neither title nor text: skipped" in result.stderr
+    data = json.loads(result.stdout)["data"]
+    assert data["counts"]["skipped"] == 1 and data["counts"]["total"] == 6
+    assert data["eval"] == {"split": "test", "queries": 3, "qrels_absent": 1}
+    assert set(data["metrics_by_mode"]) == {"bm25", "base", "dense", "hybrid", "served"}
+    assert data["metrics_by_mode"]["served"] == data["metrics_by_mode"][data["default_search_mode"]]
+    client = vectorstore.connect(settings.milvus_uri)
+    rows = {r["id"]: r for r in client.query(data["collection"], filter="", output_fields=["id", "text"], limit=100)}
+    assert set(rows) == {"q-01", "q-02", "q-03", "q-05", "q-06", "7"}
+    assert rows["q-02"]["text"] == "Seed library opening hours"  # title-only: embedded and indexed from its title
+    assert rows["q-01"]["text"].count("Rain barrels") == 1  # the text repeated its title: used once
+    found = cli(env, "search", "seed library hours", "--dataset", "quirks", "-k", "2", "--json")
+    assert found.returncode == 0, found.stderr
+    answer = json.loads(found.stdout)
+    assert answer["mode"] == data["default_search_mode"] and answer["hits"]
+
+
 def test_bad_folder_is_refused_before_upload(local_stack, tmp_path):
     _, env = local_stack
     (tmp_path / "corpus.jsonl").write_text('{"_id": "a", "text": "fine"}\n{"_id": "b", "text": }\n')

@@ -35,6 +35,10 @@ class DatasetError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+class NoCorpus(DatasetError):
+    """The dataset as a whole has no document: no single file to leave out."""
+
+
 TITLE_COPY_END = re.compile(r"\s*(?:$|\n|[.:;!?](?:\s|$)|[-\u2013\u2014]\s)\s*")
 SENTENCE_END = ".:;!?"
 
@@ -333,7 +337,7 @@ def load_files(name: str, files: dict[str, bytes]) -> Dataset:
             if notices:
                 absent[split] = len(notices)
     if not corpus:
-        raise DatasetError(f"datasets/{name}/corpus.jsonl", None, "dataset has no corpus")
+        raise NoCorpus(f"datasets/{name}/corpus.jsonl", None, "dataset has no corpus")
     return Dataset(name, corpus, queries, qrels, pairs, skipped, absent)
 
 

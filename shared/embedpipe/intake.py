@@ -149,21 +149,18 @@ def load_valid(bucket: str, dataset: str, max_rejections: int = 100):
     corpus lacks stays (``Dataset.qrels_absent`` counts the rows; evaluation treats them the trec_eval way), so a
     corpus file quarantined for a real error does not take the qrels that cite it along."""
     rejections: list[Rejection] = []
-    gone: set[str] = set()
     for _ in range(max_rejections):
         try:
             return datasets.load_gcs(bucket, dataset), rejections, None
+        except datasets.NoCorpus as exc:
+            return None, rejections, str(exc)
+        except gexc.NotFound:
+            continue  # listed, then gone before it was read: a concurrent delivery moved it; load again without it
         except datasets.DatasetError as exc:
             name = f"datasets/{dataset}/{exc.file}"
             blob = storage.client().bucket(bucket).get_blob(name)
             if blob is None:
-                # Gone since it was read: a concurrent delivery (the upload handler, another launch) quarantined or
-                # replaced it, so load again without it. Still no such file the second time: the error is not a
-                # file's (e.g. "dataset has no corpus") and nothing can be left out.
-                if name in gone:
-                    return None, rejections, str(exc)
-                gone.add(name)
-                continue
+                continue  # gone since it was read (another delivery quarantined it): load again without it
             log.warning("rejected gs://%s/%s:%s: %s", bucket, name, exc.line or "", exc.reason)
             rejections.append(
                 Rejection(

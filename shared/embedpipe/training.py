@@ -360,9 +360,9 @@ def _mnrl_class():
 
 
 def evaluate_exact(model, ds, query_prefix: str = "", document_prefix: str = "", k: int = 100) -> dict:
-    """Retrieval metrics of ``model`` on the dataset's eval qrels (test, else dev) by exact cosine top-``k`` search
-    in memory, streamed in blocks (``evaluation.TopK``: no queries x corpus matrix). For benchmarks and tests; the
-    trainer itself never scores test qrels (``embedpipe.selection``)."""
+    """Retrieval metrics of ``model`` on the dataset's test qrels (``Dataset.eval_split``) by exact cosine top-``k``
+    search in memory, streamed in blocks (``evaluation.TopK``: no queries x corpus matrix). For benchmarks and tests;
+    the trainer itself never scores test qrels (``embedpipe.selection``)."""
     from embedpipe.evaluation import evaluate, ids
     from embedpipe.selection import Task, dense_hits
 

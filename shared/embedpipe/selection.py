@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from embedpipe import evaluation
 from embedpipe.lexical import BM25Index
+from embedpipe.vectorstore import DEPTH, MODES  # the same candidate depth and modes as serving
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,7 @@ METRIC = "ndcg@10"  # what every choice maximises: BEIR's headline metric
 HELDOUT_SHARE = 0.1
 HELDOUT_MIN, HELDOUT_MAX = 20, 1000  # queries; fewer pairs than 5x the minimum: no hold-out, no selection
 MAX_DOCS = 20_000  # selection corpus cap: the relevant documents plus a seeded sample of the others
-DEPTH = 100  # candidates per side that fusion sees
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # dense weight; 0 = BM25 alone, 1 = dense alone
-MODES = ("dense", "bm25", "hybrid")
 # hybrid settings where nothing could be chosen (no selection split): an even RRF, the common default
 UNCHOSEN = {"fusion": "rrf", "hybrid_weight": 0.5, "rrf_k": evaluation.RRF_K}
 

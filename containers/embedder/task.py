@@ -147,7 +147,8 @@ def main(argv: list[str]) -> int:
             texts = [ds.queries[q] for q in qids]
             pending.append(writes.submit(storage.write_json, f"{out}/qrels.json", {q: qrels[q] for q in qids}))
             qv = checked(encode(model, [info.query_prefix + t for t in texts], args.batch_tokens), "query")
-            qcols = {"id": qids, "text": texts, "bm25_text": lexical.analyzed(texts), "vector": list(qv)}
+            terms = lexical.analyzed(texts)  # the same analysis for both query tables
+            qcols = {"id": qids, "text": texts, "bm25_text": terms, "vector": list(qv)}
             if base is not None:
                 qb = encode(base, [info.query_prefix + t for t in texts], args.batch_tokens)
                 qcols["base_vector"] = list(checked(qb, "base query"))
@@ -159,7 +160,7 @@ def main(argv: list[str]) -> int:
                     writes.submit(
                         write_parquet,
                         f"{out}/queries-previous.parquet",
-                        {"id": qids, "text": texts, "bm25_text": lexical.analyzed(texts), "vector": list(pv)},
+                        {"id": qids, "text": texts, "bm25_text": terms, "vector": list(pv)},
                     )
                 )
         for f in pending:

@@ -160,8 +160,9 @@ def main(argv: list[str]) -> int:
         chosen = selection.choose_search(task, dense, bm25)
         by_mode = selection.by_mode(task, dense, bm25, chosen)
         log.info(
-            "selection: search mode %s (hybrid weight %s): %s",
+            "selection: search mode %s (hybrid: %s fusion, dense weight %s): %s",
             chosen["default_mode"],
+            chosen["fusion"],
             chosen["hybrid_weight"],
             chosen["scores"],
         )

@@ -112,9 +112,8 @@ def summary(record: dict) -> str:
         f"{c.get('unchanged')} unchanged{skipped} -> {data.get('collection')}"
     )
     absent = (data.get("eval") or {}).get("qrels_absent")
-    if absent:  # per split, or one number for the evaluated split
-        shown = ", ".join(f"{k}={v}" for k, v in absent.items()) if isinstance(absent, dict) else absent
-        lines.append(f"  qrels rows naming documents not in the corpus: {shown} (scored as relevant, unretrievable)")
+    if absent:
+        lines.append(f"  qrels rows naming documents not in the corpus: {absent} (scored as relevant, unretrievable)")
     for label, m in (("new", data.get("metrics")), ("previous", data.get("previous_metrics"))):
         if m:
             lines.append(f"  {label:<8} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))

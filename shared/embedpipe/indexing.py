@@ -105,15 +105,15 @@ def index_run(pipe: Pipeline, run_id: str) -> str:
 
 
 def decide(
-    new: dict, old: dict | None, metrics: tuple[str, ...], tolerance: float, had_previous: bool, baselines: bool = True
+    new: dict, old: dict | None, metrics: tuple[str, ...], tolerance: float, had_previous: bool
 ) -> tuple[bool, str]:
     """The gate for a full run (test qrels; the only use of test labels besides reporting): the served mode must be
-    at least as good as BM25 alone and the untuned base model (``baselines``), and as the live index it would
+    at least as good as BM25 alone and the untuned base model (those ``new`` has), and as the live index it would
     replace, on every gate metric, within ``tolerance``. First runs are gated against the baselines too."""
     served = new.get("served") or {}
     if not served:
         return True, "no eval qrels: promoted unmeasured" if not had_previous else "no eval qrels"
-    rivals = {m: new[m] for m in ("bm25", "base") if baselines and new.get(m)}
+    rivals = {m: new[m] for m in ("bm25", "base") if new.get(m)}
     if old:
         rivals["live index"] = old
     failed, passed = [], []
@@ -242,6 +242,7 @@ def _index(pipe: Pipeline, record: dict) -> str:
                 rank_base(embed_uri, manifests, queries) if manifests[0].get("has_base") else ranked["dense"]
             )
         new = score(ranked, qrels, new["default_mode"])
+    served_search = {**search, "default_mode": new["default_mode"]}  # what search answers with, as measured
     previous_collection = watch(vectorstore.alias_target, client, alias)
     old = None
     if kind == "incremental":
@@ -279,7 +280,7 @@ def _index(pipe: Pipeline, record: dict) -> str:
             "dim": dim,
             "metrics": new["metrics"],
             "metrics_by_mode": new["by_mode"],
-            "search": {**search, "default_mode": new["default_mode"]},
+            "search": served_search,
             "schema": vectorstore.SCHEMA_VERSION,
             "updated_by": run_id,
         }
@@ -307,7 +308,7 @@ def _index(pipe: Pipeline, record: dict) -> str:
             "tolerance": s.gate_tolerance,
             "reason": reason,
         },
-        "search": {**search, "default_mode": new["default_mode"]},
+        "search": served_search,
         "alias": alias,
         "collection": collection,
         "model": {

@@ -508,7 +508,7 @@ def test_summary_shows_skipped_documents_and_absent_qrels():
             "data": {
                 "counts": {"total": 6, "upserted": 6, "deleted": 0, "unchanged": 0, "skipped": 1},
                 "collection": "quirks__r1",
-                "eval": {"split": "test", "queries": 3, "qrels_absent": {"test": 1}},
+                "eval": {"split": "test", "queries": 3, "qrels_absent": 1},  # as index-updated carries it
                 "metrics": {"recall@10": 0.5},
             }
         },
@@ -516,7 +516,7 @@ def test_summary_shows_skipped_documents_and_absent_qrels():
     text = cli.summary(record)
     counts = "documents: 6 total, 6 upserted, 0 deleted, 0 unchanged, 1 skipped (neither title nor text) -> quirks__r1"
     assert counts in text
-    assert "qrels rows naming documents not in the corpus: test=1" in text
+    assert "qrels rows naming documents not in the corpus: 1 (scored as relevant, unretrievable)" in text
     del record["final_event"]["data"]["counts"]["skipped"], record["final_event"]["data"]["eval"]
     assert "skipped" not in cli.summary(record) and "qrels rows" not in cli.summary(record)
 

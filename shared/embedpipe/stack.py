@@ -14,6 +14,7 @@ Each process gets its own session so ``down`` can stop it with everything it sta
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -201,7 +202,9 @@ def healthy(part: Part) -> bool:
             return True
         except urllib.error.HTTPError:
             return True  # it answered
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
+            # not up yet, or not speaking HTTP/1 yet: the Pub/Sub emulator's gRPC server can answer a GET during
+            # start-up with an HTTP/2 error frame (BadStatusLine); the next poll asks again
             return False
     return True
 

@@ -94,6 +94,13 @@ def main(argv: list[str]) -> int:
         default="",
         help="incremental mode: Parquet (id, content_hash) of the live index; embed only new/changed documents",
     )
+    p.add_argument("--job-key", default="", help="written into each manifest: the indexer takes only this job's shards")
+    p.add_argument(
+        "--max-inplace-share",
+        type=float,
+        default=1.0,
+        help="incremental mode: a diff touching more of the live rows than this embeds every document (rebuild)",
+    )
     args = p.parse_args(argv)
     out = args.output_dir or args.model_uri.rstrip("/").rsplit("/", 1)[0] + "/embeddings"
     index, count = replica()
@@ -106,9 +113,13 @@ def main(argv: list[str]) -> int:
         ds = reading.result()
         mode = "incremental" if live else "full"
         if live:
-            d = incremental.diff({i: doc.content_hash for i, doc in ds.corpus.items()}, live.result())
+            live_hashes = live.result()
+            d = incremental.diff({i: doc.content_hash for i, doc in ds.corpus.items()}, live_hashes)
             ids, deleted = shard(d.changed, index, count), shard(d.deleted, index, count)
             unchanged = d.unchanged if index == 0 else 0  # counted once, by replica 0
+            # Every replica sees the same diff, so all of them take the same decision.
+            if len(d.changed) + len(d.deleted) > args.max_inplace_share * len(live_hashes):
+                mode, ids, unchanged = "rebuild", shard(list(ds.corpus), index, count), 0
         else:
             ids, deleted, unchanged = shard(list(ds.corpus), index, count), [], 0
         docs = [ds.corpus[i] for i in ids]
@@ -172,6 +183,7 @@ def main(argv: list[str]) -> int:
             "file": name,
             "deleted_file": deleted_name,
             "mode": mode,
+            "job_key": args.job_key,
             "replica": index,
             "replicas": count,
             "count": len(ids),

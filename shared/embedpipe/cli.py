@@ -82,10 +82,10 @@ def _wait_for_runs(s: Settings, keys: list[str], timeout: float) -> dict:
     run_ids: list[str] = []
     last_state = None
     while time.time() < deadline:
-        if not run_ids:
-            claims = [ledger.get_claim(k) for k in keys]
-            run_ids = sorted({c["run_id"] for c in claims}) if all(claims) else []
-        if run_ids:  # a claim never moves to another run: from here on only the run records are read
+        # Claims are read every time: an upload that arrived as its run launched moves to the next run.
+        claims = [ledger.get_claim(k) for k in keys]
+        run_ids = sorted({c["run_id"] for c in claims}) if all(claims) else []
+        if run_ids:
             records = [ledger.get_run(r) for r in run_ids]
             records = [r for r in records if r]
             states = ", ".join(f"{r['run_id']}={r['state']}" for r in records)

@@ -72,6 +72,15 @@ class Settings:
     launch_wait_s: float = 10.0
     tick_s: float = 0.5
     max_job_attempts: int = 2
+    # our own deadlines per stage (reconcile cancels the job and fails the run past them): a run's launch, training,
+    # embedding and indexing (the index request is re-published every index_retry_s until then)
+    launch_max_attempts: int = 3
+    train_deadline_s: float = 12 * 3600.0
+    embed_deadline_s: float = 6 * 3600.0
+    index_deadline_s: float = 3600.0
+    index_retry_s: float = 600.0  # Pub/Sub's longest ack deadline: a slow delivery is not raced
+    # uploads larger than this are rejected before they are read (files are parsed line by line inside the cap)
+    max_object_bytes: int = 2 * 1024**3
     # model and training defaults (a retrain message may override per run)
     base_model: str = field(default_factory=_default_base_model)
     max_seq_length: int = 0  # 0: from the corpus' token lengths (95th percentile, up to the base model's limit)
@@ -88,12 +97,20 @@ class Settings:
     # live index on each of them
     gate_metric: str = "ndcg@10,recall@10"
     gate_tolerance: float = 0.0
-    keep_collections: int = 2  # per dataset, besides the live one: newest rejected/replaced collections kept
+    keep_collections: int = 2  # per dataset, besides the live one: newest rejected/replaced collections kept (>= 1)
+    # retention never drops a collection younger than this (a search may still hold it by name)
+    retention_grace_s: float = 600.0
+    # an incremental run may delete at most this share of the live rows (more: refused unless a retrain forces it)
+    max_delete_share: float = 0.05
+    # incremental runs that change more than this share of the live rows build a new collection and pass the gate
+    max_inplace_share: float = 0.2
     # Milvus bulk import (scale path) for full loads of at least this many rows; needs the bucket Milvus reads from
     bulk_import_min_rows: int = 1_000_000
     bulk_import_bucket: str = ""
     # search service: how often it re-reads the ledger for a promotion it may have missed (index-updated is the push)
     search_refresh_s: float = 30.0
+    search_max_query_chars: int = 2048  # longer queries are refused (400)
+    search_max_datasets: int = 16  # datasets (and models) a search instance keeps loaded; least recently used go
     # jobs on Vertex AI (mode=gcp)
     trainer_image: str = ""
     embedder_image: str = ""
@@ -151,8 +168,11 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}GATE_METRIC must be comma-separated names from {', '.join(METRIC_KEYS)}, not {bad}"
             )
-        if self.keep_collections < 0:
-            raise SettingsError(f"{PREFIX}KEEP_COLLECTIONS must be >= 0, not {self.keep_collections}")
+        if self.keep_collections < 1:
+            # the replaced collection must survive its swap: searches in flight and a rollback use it
+            raise SettingsError(f"{PREFIX}KEEP_COLLECTIONS must be >= 1, not {self.keep_collections}")
+        if not 0 <= self.max_delete_share <= 1 or not 0 <= self.max_inplace_share <= 1:
+            raise SettingsError(f"{PREFIX}MAX_DELETE_SHARE and {PREFIX}MAX_INPLACE_SHARE must be within [0, 1]")
         if not 0 <= self.gate_tolerance <= 1:
             raise SettingsError(f"{PREFIX}GATE_TOLERANCE must be within [0, 1], not {self.gate_tolerance}")
         if not 0 <= self.launch_wait_s <= MAX_LAUNCH_WAIT_S:

@@ -16,7 +16,7 @@ import numpy as np
 
 from embedpipe import bulkload, evaluation, report, runs, storage, topology, vectorstore
 from embedpipe.events import INDEX_UPDATED, Event, validate
-from embedpipe.pipeline import Pipeline
+from embedpipe.pipeline import Pipeline, embeddings_uri
 from embedpipe.runs import INDEXING, PUBLISHING, SUCCEEDED
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,23 @@ log = logging.getLogger(__name__)
 UPSERT_BATCH = 1000
 # A run left in PUBLISHING this long lost the delivery that was publishing it: redeliveries and reconcile finish it.
 STALLED_PUBLISH_S = 60.0
+# A delivery polls a bulk import at most this long (inside Pub/Sub's 600 s ack deadline); reconcile's re-request
+# resumes the same import job later.
+IMPORT_POLL_S = 420.0
+
+
+def embed_dir(ledger, record: dict) -> str:
+    return embeddings_uri(ledger.run_dir(record["run_id"]), (record["jobs"].get("embed") or {}).get("attempt", 1))
+
+
+def permanent_milvus_error(exc: BaseException) -> bool:
+    """A Milvus refusal that a retry of the same shards cannot change (an over-long id, too many queries, a schema
+    mismatch), as opposed to the server being unreachable or busy (retried by ``vectorstore.milvus_retry``)."""
+    from pymilvus.exceptions import MilvusException
+
+    text = str(exc).lower()
+    transient = ("unavailable", "deadline", "connect", "timeout", "temporarily", "rate limit", "too many requests")
+    return isinstance(exc, MilvusException) and not any(t in text for t in transient)
 
 
 def read_parquet(uri: str):
@@ -32,7 +49,7 @@ def read_parquet(uri: str):
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
-def load_manifests(embed_uri: str) -> list[dict]:
+def load_manifests(embed_uri: str, job_key: str | None = None) -> list[dict]:
     manifests = [
         storage.read_json(u)
         for u, _ in storage.list_uris(f"{embed_uri}/")
@@ -43,6 +60,9 @@ def load_manifests(embed_uri: str) -> list[dict]:
     n = manifests[0]["replicas"]
     if len(manifests) != n:
         raise ValueError(f"{embed_uri}: {len(manifests)} shard manifests, expected {n}")
+    stale = [m["replica"] for m in manifests if job_key and m.get("job_key") != job_key]
+    if stale:
+        raise ValueError(f"{embed_uri}: shard manifests of replica(s) {stale} were not written by job {job_key}")
     if len({(m["fingerprint"], m["dim"]) for m in manifests}) != 1:
         raise vectorstore.FingerprintMismatch(f"{embed_uri}: shards disagree on model fingerprint or dim")
     return sorted(manifests, key=lambda m: m["replica"])
@@ -99,9 +119,22 @@ def index_run(pipe: Pipeline, run_id: str) -> str:
         return f"run {run_id} is {record['state']}, not ready to index: ignored"
     try:
         return _index(pipe, record)
-    except (vectorstore.FingerprintMismatch, FileNotFoundError, ValueError) as exc:
+    except bulkload.ImportPending as exc:  # acked: reconcile re-requests the index and this job is polled again
+        return f"run {run_id}: bulk import {exc.job_id} still running; resumed by the next index request"
+    except (
+        vectorstore.FingerprintMismatch,
+        FileNotFoundError,
+        ValueError,
+        bulkload.ImportFailed,
+        bulkload.ImportConflict,
+    ) as exc:
         pipe.fail(run_id, "index", str(exc))  # permanent: retrying the same shards cannot help
         return f"run {run_id}: FAILED in index: {exc}"
+    except Exception as exc:
+        if not permanent_milvus_error(exc):
+            raise  # transient: the delivery is retried
+        pipe.fail(run_id, "index", f"Milvus refused the load: {exc}")
+        return f"run {run_id}: FAILED in index (Milvus): {exc}"
 
 
 def decide(
@@ -142,9 +175,10 @@ class Stopwatch:
 
 
 def load_shards(
-    s, client, collection: str, embed_uri: str, manifests: list[dict], watch: Stopwatch, fresh: bool
+    s, client, collection: str, embed_uri: str, manifests: list[dict], watch: Stopwatch, fresh: bool, bulk=None
 ) -> int:
-    """Upsert every shard (or bulk import, for a large fresh collection on a server that can); returns rows."""
+    """Upsert every shard (or bulk import, for a large fresh collection on a server that can); returns rows.
+    ``bulk`` is (recorded import job id or None, a callable that records a new one before it is polled)."""
     tables = []
     for m in manifests:
         table = read_parquet(f"{embed_uri}/{m['file']}")
@@ -153,9 +187,20 @@ def load_shards(
         tables.append(table)
     total = sum(t.num_rows for t in tables)
     if fresh and bulkload.wanted(s, total):
-        try:
-            files = bulkload.stage_files(tables, s.bulk_import_bucket, f"embedpipe-import/{collection}")
-            return watch(bulkload.run_import, s, collection, files)
+        job_id, on_started = bulk or (None, None)
+        try:  # a recorded job is only polled again: importing twice would duplicate rows (import does not upsert)
+            files = (
+                [] if job_id else bulkload.stage_files(tables, s.bulk_import_bucket, f"embedpipe-import/{collection}")
+            )
+            return watch(
+                bulkload.run_import,
+                s,
+                collection,
+                files,
+                job_id=job_id,
+                on_started=on_started,
+                deadline_s=IMPORT_POLL_S,
+            )
         except bulkload.ImportUnsupported as exc:
             log.warning("bulk import unavailable (%s): loading %s with upserts", exc, collection)
     return upsert_tables(client, collection, tables, watch)
@@ -202,30 +247,81 @@ def delete_removed(client, collection: str, embed_uri: str, manifests: list[dict
     return deleted
 
 
+def check_deletes(s, record: dict, manifests: list[dict]) -> int:
+    """An incremental run deletes the live documents its corpus snapshot lacks. A corpus re-uploaded part by part
+    would delete the rest, so more than ``max_delete_share`` of the live rows is refused (ValueError: the run fails,
+    nothing indexed changes); a retrain rebuilds from the corpus instead, behind the gate."""
+    removed = sum(m.get("deleted", 0) for m in manifests)
+    live = (record.get("live") or {}).get("rows") or 0
+    if removed and removed > s.max_delete_share * live:
+        raise ValueError(
+            f"refusing to delete {removed} of the {live} live documents ({removed / max(live, 1):.1%} > "
+            f"EMBEDPIPE_MAX_DELETE_SHARE={s.max_delete_share:.0%}): the corpus in the bucket is the full snapshot, so "
+            f"documents missing from it would leave the index. Upload the whole corpus, or request a retrain "
+            f"(embedpipe retrain --dataset {record['dataset']}), which rebuilds the index from the corpus and gates it"
+        )
+    return removed
+
+
+def _record_fields(ledger, run_id: str, **fields) -> None:
+    ledger.update_run(run_id, lambda r: {**r, **fields} if r["state"] == INDEXING else None)
+
+
+def _bulk(ledger, record: dict):
+    """(recorded bulk-import job id, recorder) for this run: the id is stored before the job is polled."""
+
+    def on_started(job_id: str) -> None:
+        _record_fields(ledger, record["run_id"], bulk_import={"job_id": job_id, "at": runs.iso(time.time())})
+
+    return (record.get("bulk_import") or {}).get("job_id"), on_started
+
+
 def _index(pipe: Pipeline, record: dict) -> str:
     s, ledger, run_id, dataset = pipe.settings, pipe.ledger, record["run_id"], record["dataset"]
     t0 = time.time()
-    embed_uri = f"{ledger.run_dir(run_id)}/embeddings"
-    manifests = load_manifests(embed_uri)
+    embed_uri = embed_dir(ledger, record)
+    job = record["jobs"].get("embed") or {}
+    manifests = load_manifests(embed_uri, f"{run_id}/embed/{job.get('attempt', 1)}" if job else None)
     fingerprint, dim = manifests[0]["fingerprint"], manifests[0]["dim"]
     kind = record.get("kind") or "full"
+    # An incremental diff too large to apply in place is rebuilt (the embedder embedded every document with the
+    # promoted model) into a new collection that must pass the gate against the live one, like a full run.
+    rebuild = kind == "incremental" and manifests[0].get("mode") == "rebuild"
+    inplace = kind == "incremental" and not rebuild
     client = vectorstore.connect(s.milvus_uri, s.milvus_token)
     alias = vectorstore.alias_name(dataset)
     watch = Stopwatch()
     promoted_before = ledger.get_dataset(dataset).get("promoted") or {}
-    if kind == "incremental":  # into the live collection, which must hold vectors of this very model
+    removed = check_deletes(s, record, manifests) if kind == "incremental" else 0
+    if inplace:  # into the live collection, which must hold vectors of this very model
         collection = record["live"]["collection"]
         watch(vectorstore.check_fingerprint, client, collection, fingerprint, dim)
+        # Recorded before the live collection changes: a crash part-way is finished by the next delivery (upserts
+        # and deletes are idempotent), which reconcile re-requests; `embedpipe status` shows what was under way.
+        _record_fields(
+            ledger,
+            run_id,
+            inplace={
+                "collection": collection,
+                "upserts": sum(m["count"] for m in manifests),
+                "deletes": removed,
+                "started_at": runs.iso(time.time()),
+            },
+        )
     else:
         collection = vectorstore.collection_name(dataset, run_id)
         watch(vectorstore.create_collection, client, collection, dim, fingerprint, record["model"]["uri"])
-    upserted = load_shards(s, client, collection, embed_uri, manifests, watch, fresh=kind == "full")
+    upserted = load_shards(
+        s, client, collection, embed_uri, manifests, watch, fresh=not inplace, bulk=_bulk(ledger, record)
+    )
     # A run that rejected a corpus file must not delete what that file's documents had put in the index.
-    deleted = 0 if record.get("skip_deletes") else delete_removed(client, collection, embed_uri, manifests, watch)
+    deleted = 0
+    if inplace and not record.get("skip_deletes"):
+        deleted = delete_removed(client, collection, embed_uri, manifests, watch)
     watch(vectorstore.finish_load, client, collection)
     counts = {
         "upserted": upserted,
-        "deleted": deleted,
+        "deleted": deleted if inplace else removed,
         "unchanged": sum(m.get("unchanged", 0) for m in manifests),
         "total": manifests[0].get("corpus_total", sum(m["count"] for m in manifests)),
         "skipped": manifests[0].get("skipped", 0),
@@ -234,10 +330,11 @@ def _index(pipe: Pipeline, record: dict) -> str:
     qrels = storage.read_json(f"{embed_uri}/qrels.json") or {}
     search = manifests[0].get("search") or {}
     new = {"by_mode": {}, "default_mode": search.get("default_mode", "dense"), "metrics": {}}
+    queries = None
     if qrels:
         queries = read_parquet(f"{embed_uri}/queries.parquet")
         ranked = watch(rank, client, collection, queries, search)
-        if kind == "full":  # the baselines: BM25 alone is ranked above; the untuned base model here
+        if not inplace:  # the baselines: BM25 alone is ranked above; the untuned base model here
             ranked["base"] = (
                 rank_base(embed_uri, manifests, queries) if manifests[0].get("has_base") else ranked["dense"]
             )
@@ -245,22 +342,20 @@ def _index(pipe: Pipeline, record: dict) -> str:
     served_search = {**search, "default_mode": new["default_mode"]}  # what search answers with, as measured
     previous_collection = watch(vectorstore.alias_target, client, alias)
     old = None
-    if kind == "incremental":
+    if inplace:
         # The index it replaces is the live collection before this update: its metrics as last measured.
         if promoted_before.get("metrics"):
             old = {"by_mode": promoted_before.get("metrics_by_mode") or {}, "metrics": promoted_before["metrics"]}
-        promoted, reason = True, "incremental update of the live collection (not gated)"
+        promoted, reason = True, f"incremental update of the live collection in place (not gated: {removed} deletes)"
     else:
-        if (
-            previous_collection
-            and previous_collection != collection
-            and qrels
-            and storage.exists(f"{embed_uri}/queries-previous.parquet")
-        ):
-            queries_prev = read_parquet(f"{embed_uri}/queries-previous.parquet")
-            prev_search = promoted_before.get("search") or {}
-            ranked_prev = watch(rank, client, previous_collection, queries_prev, prev_search)
-            old = score(ranked_prev, qrels, prev_search.get("default_mode", "dense"))
+        # The live index, ranked with its own model's query vectors (a rebuild shares the model: the same ones).
+        prev_queries = f"{embed_uri}/queries-previous.parquet"
+        if previous_collection and previous_collection != collection and qrels:
+            queries_prev = read_parquet(prev_queries) if storage.exists(prev_queries) else queries if rebuild else None
+            if queries_prev is not None:
+                prev_search = promoted_before.get("search") or {}
+                ranked_prev = watch(rank, client, previous_collection, queries_prev, prev_search)
+                old = score(ranked_prev, qrels, prev_search.get("default_mode", "dense"))
         promoted, reason = decide(
             new["by_mode"],
             old["metrics"] if old else None,
@@ -268,12 +363,17 @@ def _index(pipe: Pipeline, record: dict) -> str:
             s.gate_tolerance,
             bool(previous_collection),
         )
+        if rebuild:
+            reason = f"incremental change too large to apply in place, rebuilt: {reason}"
+    current = ledger.get_run(run_id) or {}
+    if current.get("state") != INDEXING:  # failed meanwhile (past its deadline): change nothing users see
+        return f"run {run_id} is {current.get('state')} now: not promoting"
     if promoted:
-        if kind == "full":
+        if not inplace:
             watch(vectorstore.point_alias, client, alias, collection)
         model_uri = record["model"]["uri"]
         entry = {
-            "run_id": run_id if kind == "full" else promoted_before.get("run_id", run_id),
+            "run_id": promoted_before.get("run_id", run_id) if kind == "incremental" else run_id,
             "collection": collection,
             "model_uri": model_uri,
             "fingerprint": fingerprint,
@@ -284,10 +384,33 @@ def _index(pipe: Pipeline, record: dict) -> str:
             "schema": vectorstore.SCHEMA_VERSION,
             "updated_by": run_id,
         }
-        ledger.update_dataset(dataset, lambda st: {**st, "promoted": entry})
+
+        def promote(st):
+            history = [collection] + [c for c in st.get("promoted_history", []) if c != collection]
+            return {**st, "promoted": entry, "promoted_history": history[: s.keep_collections + 1]}
+
+        ledger.update_dataset(dataset, promote)
+    # Retention never drops what search may still be serving (the pre-swap live collection), the recently promoted
+    # ones (rollback targets), or anything younger than the grace period.
+    protect = {c for c in [previous_collection, *ledger.get_dataset(dataset).get("promoted_history", [])] if c}
     dropped = (
-        [] if kind == "incremental" else watch(vectorstore.drop_old_collections, client, dataset, s.keep_collections)
+        []
+        if inplace
+        else watch(
+            vectorstore.drop_old_collections,
+            client,
+            dataset,
+            s.keep_collections,
+            protect=protect,
+            grace_s=s.retention_grace_s,
+        )
     )
+    if inplace:
+        _record_fields(
+            ledger,
+            run_id,
+            inplace={**(ledger.get_run(run_id) or {}).get("inplace", {}), "done_at": runs.iso(time.time())},
+        )
     log.info("run %s (%s): %s into %s; %s; dropped %s", run_id, kind, counts, collection, reason, dropped or "none")
 
     times = record.get("stage_times", {})

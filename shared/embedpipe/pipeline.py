@@ -52,6 +52,13 @@ def checked_overrides(req: RetrainRequest) -> dict:
         datasets.check_name(req.dataset)
     except ValueError as exc:
         raise EventError(f"retrain {req.key}: {exc}") from None
+    if req.hp_tuning is not None:
+        from embedpipe import hypertune
+
+        try:
+            hypertune.check_spec(req.hp_tuning)
+        except ValueError as exc:
+            raise EventError(f"retrain {req.key}: hp_tuning: {exc}") from None
     unknown = sorted(set(req.overrides) - set(TRAIN_OVERRIDES))
     if unknown:
         raise EventError(f"retrain {req.key}: unknown override(s) {unknown}; allowed: {sorted(TRAIN_OVERRIDES)}")
@@ -63,6 +70,11 @@ def checked_overrides(req: RetrainRequest) -> dict:
         except (TypeError, ValueError):
             raise EventError(f"retrain {req.key}: override {key}={value!r} is not a valid {kind.__name__}") from None
     return out
+
+
+def embeddings_uri(run_dir: str, attempt: int) -> str:
+    """Each embed attempt writes its own folder: shards an earlier attempt left can never be mixed in."""
+    return f"{run_dir}/embeddings/{attempt}"
 
 
 class Pipeline:
@@ -115,19 +127,50 @@ class Pipeline:
         if found is None:
             return f"ignored {change.name}: not a BEIR file (corpus, queries, qrels, pairs)"
         dataset, rel = found
+        clash = self._name_clash(dataset)
+        if clash:  # not quarantined: the file is fine, its folder name is not; renaming the folder fixes it
+            uri = f"gs://{change.bucket}/{change.name}"
+            self._report_rejection(None, change.key, intake.Rejection(uri, change.generation, None, clash))
+            return f"rejected {change.name}: {clash}"
         info = {"object": change.name, "generation": change.generation, "part": datasets.classify(rel)}
-        run_id = self._claim(change.key, dataset, {"type": "upload", "dataset": dataset}, self.settings.debounce_s)
-        record = self.ledger.get_run(run_id) or {}
-        if change.key in record.get("triggers", []) or change.key in record.get("file_errors", {}):
+        trigger = {"type": "upload", "dataset": dataset}
+        run_id = self._claim(change.key, dataset, trigger, self.settings.debounce_s)
+        if self.ledger.has_item(run_id, "triggers", change.key) or self.ledger.has_item(
+            run_id, "file_errors", change.key
+        ):
             return f"{change.name}#{change.generation} -> run {run_id}"  # a redelivery: already recorded
         verdict = self.check_object(change.bucket, change.name, change.generation)
         if isinstance(verdict, intake.Rejection):
             self._report_rejection(run_id, change.key, verdict)
             return f"rejected {change.name}#{change.generation} (run {run_id}): {verdict.reason}"
-        if isinstance(verdict, intake.Accepted) and verdict.notices:  # before the trigger: a redelivery redoes it
-            self._record_notices(run_id, change.key, verdict)
-        self.ledger.add_trigger(run_id, change.key, info)
-        return f"{change.name}#{change.generation} -> run {run_id}"
+        for _ in range(10):
+            if isinstance(verdict, intake.Accepted) and verdict.notices:  # before the trigger: a redelivery redoes it
+                self._record_notices(run_id, change.key, verdict)
+            if self.ledger.add_trigger(run_id, change.key, info):
+                return f"{change.name}#{change.generation} -> run {run_id}"
+            run_id = self._move_late(change.key, run_id, dataset, trigger, self.settings.debounce_s)
+        raise RuntimeError(f"{change.key}: every run it was given launched before it could join")
+
+    def _name_clash(self, dataset: str) -> str | None:
+        """Datasets whose names differ only where Milvus names cannot (``a-b``, ``a_b``) would share an alias and
+        collections: a new one that clashes with a known one is refused. Checked only for a dataset the ledger does
+        not know yet (one read per upload)."""
+        if self.ledger.has_dataset(dataset):
+            return None
+        from embedpipe.vectorstore import collides  # names only: no Milvus client is created
+
+        other = collides(dataset, self.ledger.list_datasets())
+        return (
+            f"dataset {dataset!r} would share its Milvus alias and collections with dataset {other!r}; use another name"
+            if other
+            else None
+        )
+
+    def _move_late(self, key: str, run_id: str, dataset: str, trigger: dict, due_in_s: float) -> str:
+        """A trigger that arrived as its run launched (sealed) belongs to the next run: never to none."""
+        new = self.ledger.move_claim(key, run_id, self.ledger.pending_run(dataset, trigger, due_in_s))
+        log.info("%s arrived after run %s was launched: it joins run %s", key, run_id, new)
+        return new
 
     def _record_notices(self, run_id: str, key: str, accepted: intake.Accepted) -> None:
         """Record what a file was accepted with (documents skipped for having neither title nor text) in its run:
@@ -142,24 +185,13 @@ class Pipeline:
             " ..." if len(accepted.notices) > 5 else "",
         )
 
-        self._record_once(run_id, "notices", key, accepted.to_dict())
-
-    def _record_once(self, run_id: str, field: str, key: str, value: dict) -> None:
-        """``record[field][key] = value`` unless a delivery before this one recorded it (redeliveries are no-ops)."""
-
-        def fn(record):
-            if key in record.setdefault(field, {}):
-                return None
-            record[field][key] = value
-            return record
-
-        self.ledger.update_run(run_id, fn)
+        self.ledger.put_item(run_id, "notices", key, accepted.to_dict())
 
     def _report_rejection(self, run_id: str | None, key: str, rejection: intake.Rejection) -> None:
         """Record a bad file in its run (per-file errors; the run goes on with the valid files) and tell
         run-events subscribers which object, line and reason."""
         if run_id:
-            self._record_once(run_id, "file_errors", key, rejection.to_dict())
+            self.ledger.put_item(run_id, "file_errors", key, rejection.to_dict())
         self.publish(
             topology.RUN_EVENTS,
             Event(
@@ -169,21 +201,32 @@ class Pipeline:
 
     def on_retrain(self, req: RetrainRequest) -> str:
         overrides = checked_overrides(req)
+        clash = self._name_clash(req.dataset)
+        if clash:
+            raise EventError(f"retrain {req.key}: {clash}")
         trigger = {"type": "retrain", "dataset": req.dataset, "reason": req.reason}
         run_id = self._claim(req.key, req.dataset, trigger, 0.0)
 
-        def fn(record):
-            if req.key in record["triggers"]:
-                return None
-            record["triggers"].append(req.key)
-            record["overrides"].update(overrides)
-            record["force_full"] = True
-            record["trigger"] = trigger
-            if req.hp_tuning:  # a tuning job: on Vertex, or the local job runner's trials
-                record["hp_tuning"] = req.hp_tuning
-            return record
+        for _ in range(10):
+            taken = True
 
-        self.ledger.update_run(run_id, fn)
+            def fn(record):
+                nonlocal taken
+                taken = record["state"] == PENDING and not record.get("sealed")
+                if req.key in record["triggers"] or not taken:
+                    return None
+                record["triggers"].append(req.key)
+                record["overrides"].update(overrides)
+                record["force_full"] = True
+                record["trigger"] = trigger
+                if req.hp_tuning:  # a tuning job: on Vertex, or the local job runner's trials
+                    record["hp_tuning"] = req.hp_tuning
+                return record
+
+            record = self.ledger.update_run(run_id, fn)
+            if taken or req.key in record["triggers"]:
+                break
+            run_id = self._move_late(req.key, run_id, req.dataset, trigger, 0.0)  # its run launched without it
         self.launch_due(req.dataset)
         return f"retrain {req.key} -> run {run_id}"
 
@@ -197,23 +240,48 @@ class Pipeline:
 
     # ------------------------------------------------------------------ launching
     def launch_due(self, dataset: str | None = None) -> list[str]:
-        """Promote due pending runs to active (one active run per dataset) and start them."""
+        """Promote due pending runs to active (one active run per dataset) and start them. Datasets are independent:
+        one that cannot launch is logged (and its run failed after ``launch_max_attempts``), the others go on."""
         started = []
         for ds in [dataset] if dataset else self.ledger.list_datasets():
-
-            def fn(st):
-                if st["pending"] and st["active"] is None and st["due_at"] <= time.time():
-                    st["active"], st["pending"], st["pending_since"] = st["pending"], None, None
-                    return st
-                return None
-
-            state = self.ledger.update_dataset(ds, fn)
-            if state["active"]:
-                record = self.ledger.get_run(state["active"])
-                if record and record["state"] == PENDING:  # also finishes a launch that died half-way
-                    self.start_training(record)
-                    started.append(record["run_id"])
+            try:
+                started += self._launch_dataset(ds)
+            except Exception:  # noqa: BLE001 - isolate datasets; the next tick retries
+                log.exception("dataset %s: launching failed; the next tick retries", ds)
         return started
+
+    def _launch_dataset(self, ds: str) -> list[str]:
+        def fn(st):
+            if st["pending"] and st["active"] is None and st["due_at"] <= time.time():
+                st["active"], st["pending"], st["pending_since"] = st["pending"], None, None
+                return st
+            return None
+
+        state = self.ledger.update_dataset(ds, fn)
+        record = self.ledger.get_run(state["active"]) if state["active"] else None
+        if not record or record["state"] != PENDING:
+            return []
+        try:  # also finishes a launch that died half-way
+            self.start_training(record)
+        except Exception as exc:  # noqa: BLE001 - counted; a run that can never launch must not hold the dataset
+            self._launch_failed(record["run_id"], exc)
+            return []
+        return [record["run_id"]]
+
+    def _launch_failed(self, run_id: str, exc: Exception) -> None:
+        cause = f"{type(exc).__name__}: {exc}"[-1000:]
+        record = self.ledger.update_run(
+            run_id,
+            lambda r: (
+                {**r, "launch_errors": [*r.get("launch_errors", []), {"at": runs.iso(time.time()), "error": cause}]}
+                if r["state"] == PENDING
+                else None
+            ),
+        )
+        tries = len(record.get("launch_errors", []))
+        log.error("run %s: launch attempt %d failed: %s", run_id, tries, cause, exc_info=exc)
+        if tries >= self.settings.launch_max_attempts:
+            self.fail(run_id, "launch", f"could not launch after {tries} attempts; last: {cause}")
 
     def _job_env(self) -> dict[str, str]:
         return {
@@ -251,7 +319,9 @@ class Pipeline:
             f"--run-id={run_id}",
             f"--model-uri={record['model']['uri']}",
             f"--batch-tokens={s.embed_batch_tokens}",
-            f"--output-dir={self.ledger.run_dir(run_id)}/embeddings",
+            f"--output-dir={embeddings_uri(self.ledger.run_dir(run_id), attempt)}",
+            f"--job-key={run_id}/embed/{attempt}",
+            f"--max-inplace-share={s.max_inplace_share}",
         ]
         if record.get("kind") == incremental.INCREMENTAL:  # the promoted model, only new/changed documents
             args.append(f"--live-hashes={incremental.snapshot_uri(self.ledger.run_dir(run_id))}")
@@ -292,7 +362,9 @@ class Pipeline:
 
     def start_training(self, record: dict) -> None:
         """Launch a PENDING run. The kind is decided here once (``incremental.kind_for``) and stored: a full run
-        trains first; an incremental one skips TRAINING and embeds with the promoted model (DESIGN.md §3.2)."""
+        trains first; an incremental one skips TRAINING and embeds with the promoted model (DESIGN.md §3.2). The run
+        is sealed first: the kind is decided on exactly the triggers it holds; later ones join the next run."""
+        record = self.ledger.seal(record["run_id"])
         problem = self.validate(record)
         if problem:
             self.fail(record["run_id"], "intake", problem)
@@ -331,7 +403,7 @@ class Pipeline:
         _, rejections, problem = intake.load_valid(self.settings.data_bucket, record["dataset"])
         for r in rejections:
             self._report_rejection(record["run_id"], f"gcs/{r.object[5:]}#{r.generation}", r)
-        errors = (self.ledger.get_run(record["run_id"]) or {}).get("file_errors") or {}
+        errors = (self.ledger.view(record["run_id"]) or {}).get("file_errors") or {}
         if any("/corpus" in e["object"] for e in errors.values()):
             self.ledger.update_run(record["run_id"], lambda r: {**r, "skip_deletes": True})
         if problem:
@@ -362,6 +434,14 @@ class Pipeline:
         if record is None or stage not in STAGE_STATE:
             return f"job {status.name} has no run (labels {status.labels}): ignored"
         job = record["jobs"].get(stage) or {}
+        if (
+            stage == "embed"
+            and record["state"] == INDEXING
+            and job.get("name") == status.name
+            and not record.get("index_requested_at")
+        ):  # the first delivery moved the run on and died before the request was out
+            self.request_index(record)
+            return f"run {run_id}: index requested again (the first request was never published)"
         if record["state"] != STAGE_STATE[stage] or job.get("name") != status.name:
             return f"late or duplicate event for {stage} job {status.name} of run {run_id} ({record['state']})"
         if status.state == SUCCEEDED:
@@ -399,6 +479,10 @@ class Pipeline:
             subject=record["run_id"],
         )
         self.publish(topology.INDEX_REQUESTS, event)
+        now = runs.iso(time.time())
+        self.ledger.update_run(
+            record["run_id"], lambda r: {**r, "index_requested_at": now} if r["state"] == INDEXING else None
+        )
         self._stage_event(record, INDEXING)
 
     # ------------------------------------------------------------------ endings
@@ -468,28 +552,69 @@ class Pipeline:
             started += launched
 
     def reconcile(self) -> list[str]:
-        """The scheduled safety net: launch due runs (on time, see ``launch_soon``), and advance runs whose job ended
-        without an event."""
+        """The scheduled safety net: launch due runs (on time, see ``launch_soon``), advance runs whose job ended
+        without an event, re-request an index whose request was lost, and fail stages past their deadline. Each
+        dataset is handled on its own: one that errors is logged and retried at the next tick."""
         notes = [f"launched {r}" for r in self.launch_soon()]
         for ds in self.ledger.list_datasets():
-            active = self.ledger.get_dataset(ds)["active"]
-            record = self.ledger.get_run(active) if active else None
-            if record is None:
-                continue
-            if record["state"] in runs.TERMINAL:
-                self.release(record)
-                notes.append(f"released {active}")
-                continue
-            if record["state"] == runs.PUBLISHING:
-                from embedpipe import indexing  # indexing builds on this module
-
-                if indexing.publish_stalled(record):
-                    notes.append(indexing.finish(self, record))
-                continue
-            stage = {TRAINING: "train", EMBEDDING: "embed"}.get(record["state"])
-            job = record["jobs"].get(stage) if stage else None
-            if job:
-                status = transient(self.launcher.get)(job["name"])
-                if status.done:
-                    notes.append(self.on_job_status(status))
+            try:
+                notes += self._reconcile_dataset(ds)
+            except Exception as exc:  # noqa: BLE001 - isolate datasets
+                log.exception("reconcile %s failed; the next tick retries", ds)
+                notes.append(f"error in {ds}: {type(exc).__name__}: {exc}")
         return notes
+
+    def _reconcile_dataset(self, ds: str) -> list[str]:
+        active = self.ledger.get_dataset(ds)["active"]
+        record = self.ledger.get_run(active) if active else None
+        if record is None:
+            return []
+        run_id, state = record["run_id"], record["state"]
+        if state in runs.TERMINAL:
+            self.release(record)
+            return [f"released {run_id}"]
+        if state == runs.PUBLISHING:
+            from embedpipe import indexing  # indexing builds on this module
+
+            return [indexing.finish(self, record)] if indexing.publish_stalled(record) else []
+        in_stage = time.time() - ((record.get("stage_times") or {}).get(state, {}).get("start") or time.time())
+        if state == INDEXING:
+            return self._reconcile_indexing(record, in_stage)
+        stage = {TRAINING: "train", EMBEDDING: "embed"}.get(state)
+        job = record["jobs"].get(stage) if stage else None
+        if not job:
+            return []
+        status = transient(self.launcher.get)(job["name"])
+        if status.done:
+            return [self.on_job_status(status)]
+        deadline = self.settings.train_deadline_s if stage == "train" else self.settings.embed_deadline_s
+        if in_stage > deadline:
+            transient(self.launcher.cancel)(job["name"])
+            self.fail(
+                run_id,
+                stage,
+                f"{stage} job {job['name']} still {status.state} after {in_stage:.0f}s "
+                f"(deadline {deadline:.0f}s, EMBEDPIPE_{stage.upper()}_DEADLINE_S): cancelled",
+            )
+            return [f"run {run_id}: {stage} past its deadline, cancelled and failed"]
+        return []
+
+    def _reconcile_indexing(self, record: dict, in_stage: float) -> list[str]:
+        """An index request can be lost (publish failed after the run moved on) or dead-lettered (the indexer failed
+        5 times): re-request it every ``index_retry_s``, and fail the run past ``index_deadline_s``."""
+        s, run_id = self.settings, record["run_id"]
+        if in_stage > s.index_deadline_s:
+            self.fail(
+                run_id,
+                "index",
+                f"no index result {in_stage:.0f}s after the request (deadline "
+                f"{s.index_deadline_s:.0f}s, EMBEDPIPE_INDEX_DEADLINE_S); see the index-requests dead letters",
+            )
+            return [f"run {run_id}: indexing past its deadline, failed"]
+        requested = record.get("index_requested_at")
+        age = time.time() - runs.parse_iso(requested) if requested else in_stage
+        # never published: the run moved to INDEXING and the publish after it failed (a minute covers a slow one)
+        if age > s.index_retry_s or (not requested and in_stage > min(60.0, s.index_retry_s)):
+            self.request_index(record)
+            return [f"run {run_id}: index requested again ({'last ' + requested if requested else 'never published'})"]
+        return []

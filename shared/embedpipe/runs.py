@@ -7,6 +7,10 @@ Objects (all JSON):
 - ``ledger/datasets/<dataset>.json``: per-dataset state: the ``pending`` run collecting uploads (launched when
   ``due_at`` passes, which is how bursts coalesce), the ``active`` run, and the ``promoted`` index.
 - ``runs/<run_id>/run.json``: the run record. Changed only by compare-and-set on the object generation.
+- ``runs/<run_id>/{triggers,notices,file_errors}/<sha256(key)>.json``: one create-only object per trigger (an
+  upload) and per file verdict, so a burst of uploads never contends for the run record. ``view`` merges them into
+  the record; the launch seals the run (``seal``: no trigger joins it after) and copies them into the record, so
+  everything after the launch reads the record alone. A trigger recorded after the seal moves to the next run.
 
 Stages only move forward (``STAGES`` order); a duplicate or late event for a stage already passed is a no-op.
 """
@@ -58,6 +62,10 @@ def iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def parse_iso(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def new_run_id(dataset: str) -> str:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dt%H%M%S")
     return f"{stamp}-{uuid.uuid4().hex[:6]}"
@@ -76,7 +84,10 @@ class Ledger:
         return f"gs://{self.bucket}/runs/{run_id}"
 
     def _claim_uri(self, key: str) -> str:
-        return f"gs://{self.bucket}/ledger/claims/{hashlib.sha256(key.encode()).hexdigest()}.json"
+        return f"gs://{self.bucket}/ledger/claims/{_digest(key)}.json"
+
+    def _item_uri(self, run_id: str, field: str, key: str) -> str:
+        return f"{self.run_dir(run_id)}/{field}/{_digest(key)}.json"
 
     def _dataset_uri(self, dataset: str) -> str:
         return f"gs://{self.bucket}/ledger/datasets/{dataset}.json"
@@ -103,6 +114,14 @@ class Ledger:
     # ------------------------------------------------------------ claims
     def get_claim(self, key: str) -> dict | None:
         return self.store.read_json_gen(self._claim_uri(key))[0]
+
+    def move_claim(self, key: str, from_run: str, to_run: str) -> str:
+        """Point a claim at another run (its trigger arrived after ``from_run`` was sealed); the run it names now."""
+        moved = self._update(
+            self._claim_uri(key),
+            lambda c: {**c, "run_id": to_run, "moved_from": from_run} if c["run_id"] == from_run else None,
+        )
+        return moved["run_id"]
 
     def claim(self, key: str, run_id: str) -> tuple[str, bool]:
         """Claim ``key`` for ``run_id``; returns (the run that owns the claim, whether we created it)."""
@@ -174,13 +193,17 @@ class Ledger:
         return self.update_run(run_id, fn), moved
 
     def list_runs(self) -> list[dict]:
-        out = []
+        """Every run's ``view``, oldest first (one listing: the items sit beside each run record)."""
+        records, items = [], {}
         for uri, _ in self.store.list_uris(f"gs://{self.bucket}/runs/"):
+            parts = uri.rsplit("/", 3)
             if uri.endswith("/run.json"):
-                rec = self.store.read_json_gen(uri)[0]
-                if rec:
-                    out.append(rec)
-        return sorted(out, key=lambda r: r["created_at"])
+                if rec := self.store.read_json_gen(uri)[0]:
+                    records.append(rec)
+            elif parts[-2] in ITEM_FIELDS and (doc := self.store.read_json_gen(uri)[0]):
+                items.setdefault(parts[-3], {}).setdefault(parts[-2], []).append(doc)
+        views = [_merged(r, items.get(r["run_id"], {})) or r for r in records]
+        return sorted(views, key=lambda r: r["created_at"])
 
     # ------------------------------------------------------------ datasets
     def get_dataset(self, dataset: str) -> dict:
@@ -188,6 +211,9 @@ class Ledger:
 
     def update_dataset(self, dataset: str, fn: Callable[[dict], dict | None]) -> dict:
         return self._update(self._dataset_uri(dataset), fn, create=lambda: empty_dataset_state(dataset))
+
+    def has_dataset(self, dataset: str) -> bool:
+        return self.store.read_json_gen(self._dataset_uri(dataset))[0] is not None
 
     def list_datasets(self) -> list[str]:
         prefix = f"gs://{self.bucket}/ledger/datasets/"
@@ -223,16 +249,74 @@ class Ledger:
                 self.store.delete(self.run_uri(run_id))  # lost the race; nobody refers to this record
         raise RuntimeError(f"could not find or create a pending run for {dataset}")
 
-    def add_trigger(self, run_id: str, key: str, info: dict | None = None) -> dict:
-        def fn(record):
-            if key in record["triggers"]:
-                return None
-            record["triggers"].append(key)
-            if info:
-                record.setdefault("trigger_objects", []).append(info)
-            return record
+    # ------------------------------------------------------------ per-key items of a run
+    def put_item(self, run_id: str, field: str, key: str, value: dict) -> bool:
+        """``view[field][key] = value`` once (create-only: a redelivery writes nothing); whether this call wrote it."""
+        try:
+            self.store.write_json(
+                self._item_uri(run_id, field, key), {"key": key, "at": utcnow(), "value": value}, if_generation_match=0
+            )
+            return True
+        except PreconditionFailed:
+            return False
 
-        return self.update_run(run_id, fn)
+    def has_item(self, run_id: str, field: str, key: str) -> bool:
+        return self.store.read_json_gen(self._item_uri(run_id, field, key))[0] is not None
+
+    def _items(self, run_id: str) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {f: [] for f in ITEM_FIELDS}
+        for uri, _ in self.store.list_uris(f"{self.run_dir(run_id)}/"):
+            field = uri.rsplit("/", 2)[-2]
+            if field in ITEM_FIELDS and (doc := self.store.read_json_gen(uri)[0]):
+                out[field].append(doc)
+        return out
+
+    def add_trigger(self, run_id: str, key: str, info: dict | None = None) -> bool:
+        """Record an upload's trigger in ``run_id``; False when the run was sealed (launched) before it could count:
+        the caller moves the trigger to the next run. (Written first, read after: a seal that missed the item is
+        always seen here, see ``seal``.)"""
+        self.put_item(run_id, "triggers", key, info or {})
+        record = self.get_run(run_id)
+        return record is not None and record["state"] == PENDING and not record.get("sealed")
+
+    def seal(self, run_id: str) -> dict:
+        """Close a PENDING run to new triggers and copy its items into the record (idempotent). A trigger written
+        before the seal is in the listing that follows it; one written after sees the seal (``add_trigger``)."""
+        self.update_run(
+            run_id, lambda r: {**r, "sealed": True} if r["state"] == PENDING and not r.get("sealed") else None
+        )
+        items = self._items(run_id)
+        return self.update_run(run_id, lambda r: _merged(r, items) if r["state"] == PENDING else None)
+
+    def view(self, run_id: str) -> dict | None:
+        """The run record with the per-key items not yet copied into it (what ``embedpipe status`` shows)."""
+        record = self.get_run(run_id)
+        return (_merged(record, self._items(run_id)) or record) if record else None
+
+
+ITEM_FIELDS = ("triggers", "notices", "file_errors")
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _merged(record: dict, items: dict[str, list[dict]]) -> dict:
+    """``record`` with ``items`` (per-key objects, in the order they were written) merged in; None if nothing new."""
+    record = copy.deepcopy(record)
+    changed = False
+    for doc in sorted(items.get("triggers", []), key=lambda d: (d["at"], d["key"])):
+        if doc["key"] not in record["triggers"]:
+            record["triggers"].append(doc["key"])
+            if doc["value"]:
+                record.setdefault("trigger_objects", []).append(doc["value"])
+            changed = True
+    for field in ("notices", "file_errors"):
+        for doc in sorted(items.get(field, []), key=lambda d: (d["at"], d["key"])):
+            if doc["key"] not in record.get(field, {}):
+                record.setdefault(field, {})[doc["key"]] = doc["value"]
+                changed = True
+    return record if changed else None
 
 
 def empty_dataset_state(dataset: str) -> dict:

@@ -64,7 +64,7 @@ def test_whole_loop_through_each_function(services, subs):
     run_ids = {ledger.get_claim(k)["run_id"] for k in keys}
     assert len(run_ids) == 1, "uploads that arrive together coalesce into one run"
     run_id = run_ids.pop()
-    record = ledger.get_run(run_id)
+    record = ledger.view(run_id)
     assert sorted(record["triggers"]) == sorted(keys)  # each trigger once despite 3 deliveries
     assert ledger.get_dataset("tiny")["pending"] == run_id
 

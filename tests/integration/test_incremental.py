@@ -91,7 +91,7 @@ def pipe(services):
 
 
 def embedded_ids(pipe: Pipeline, run_id: str) -> list[str]:
-    uri = f"{pipe.ledger.run_dir(run_id)}/embeddings/corpus-00000-of-00001.parquet"
+    uri = f"{pipe.ledger.run_dir(run_id)}/embeddings/1/corpus-00000-of-00001.parquet"
     return pq.read_table(storage.blob(uri).open("rb")).column("id").to_pylist()
 
 
@@ -125,6 +125,41 @@ def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe):
     table = vectorstore.ids_and_hashes(client, live)
     assert len(table) == N - 1 and "doc043" not in table
     assert vectorstore.alias_target(client, DATASET) == live
+
+
+def test_a_partial_corpus_reupload_deletes_nothing_and_fails_the_run(pipe):
+    """Only a quarter of the corpus uploaded again: an incremental run would delete the other 75% of the live index.
+    Refused above EMBEDPIPE_MAX_DELETE_SHARE (5%): the run fails, the live collection keeps every row."""
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    live = pipe.ledger.get_dataset(DATASET)["promoted"]["collection"]
+    before = vectorstore.ids_and_hashes(client, live)
+    gen = upload(pipe.settings, "corpus.jsonl", corpus_lines(removed=set(range(50, N))))
+    run_id = new_run(pipe, "corpus.jsonl", gen)
+    record = run_until_indexed(pipe, run_id)
+    assert record["state"] == runs.FAILED and record["error"]["stage"] == "index"
+    assert "refusing to delete" in record["error"]["cause"] and "EMBEDPIPE_MAX_DELETE_SHARE" in record["error"]["cause"]
+    assert vectorstore.ids_and_hashes(client, live) == before
+    assert vectorstore.alias_target(client, DATASET) == live
+
+
+def test_a_large_change_is_rebuilt_into_a_new_collection_behind_the_gate(pipe):
+    """A third of the documents changed (over EMBEDPIPE_MAX_INPLACE_SHARE): the live collection is not edited in
+    place; the promoted model embeds the whole corpus into a new collection, gated against the live one."""
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    live = pipe.ledger.get_dataset(DATASET)["promoted"]["collection"]
+    before = vectorstore.ids_and_hashes(client, live)
+    changed = {i: f"Document {i}, rewritten about topic {i % 17} and more." for i in range(0, N, 3)}
+    gen = upload(pipe.settings, "corpus.jsonl", corpus_lines(changed))
+    run_id = new_run(pipe, "corpus.jsonl", gen)
+    record = run_until_indexed(pipe, run_id)
+    event = pipe.published[-1].data
+    assert record["state"] == runs.SUCCEEDED and event["kind"] == "incremental"
+    assert "rebuilt" in event["gate"]["reason"] and event["collection"] != live
+    assert len(embedded_ids(pipe, run_id)) == N  # every document, with the promoted model
+    assert vectorstore.ids_and_hashes(client, live) == before  # the old collection was never edited
+    if event["promoted"]:
+        assert vectorstore.alias_target(client, DATASET) == event["collection"]
+        assert len(vectorstore.ids_and_hashes(client, event["collection"])) == N
 
 
 def test_training_data_change_is_a_full_run(pipe):

@@ -62,7 +62,7 @@ def prepared_run(
     run_id = runs.new_run_id(dataset)
     ledger.create_run(run_id, dataset, {"type": "test"}, kind="full", model={"uri": f"gs://m/{run_id}/model/"})
     ledger.advance(run_id, runs.PENDING, runs.INDEXING)
-    out = f"{ledger.run_dir(run_id)}/embeddings"
+    out = f"{ledger.run_dir(run_id)}/embeddings/1"
     ids = [f"d{i:03d}" for i in range(N_DOCS)]
     texts = [f"text of {i}" for i in ids]
     base = {"base_vector": [v.tolist() for v in DOC_VECTORS]} if base_good is not None else {}
@@ -99,7 +99,8 @@ def prepared_run(
 @pytest.fixture(scope="module")
 def pipe(services):
     published: list[Event] = []
-    settings = dataclasses.replace(services, keep_collections=1, gate_tolerance=0.0)  # the real gate here
+    # the real gate here; no grace period, so retention acts on collections made seconds ago
+    settings = dataclasses.replace(services, keep_collections=1, gate_tolerance=0.0, retention_grace_s=0.0)
     p = Pipeline(settings, Ledger(settings.artifacts_bucket), publish=lambda topic, e: published.append(e))
     p.published = published
     return p
@@ -136,16 +137,21 @@ def test_gate_both_directions_alias_swap_retention_and_report(pipe):
     assert vectorstore.alias_target(client, DATASET) == vectorstore.collection_name(DATASET, better)
     assert pipe.ledger.get_run(worse)["state"] == runs.SUCCEEDED
     names = vectorstore.dataset_collections(client, DATASET)
-    # keep_collections=1: the live one + the newest other (the rejected run); the first one was dropped.
-    assert names == [vectorstore.collection_name(DATASET, r) for r in (better, worse)]
-    assert event["dropped_collections"] == [vectorstore.collection_name(DATASET, first)]
+    # keep_collections=1 would keep the live one + the newest other (the rejected run), but the first one is the
+    # previously promoted index (what a rollback needs): retention never drops it.
+    assert names == [vectorstore.collection_name(DATASET, r) for r in (first, better, worse)]
+    assert event["dropped_collections"] == []
 
     # Within tolerance: a slightly worse run passes when the tolerance allows it.
     pipe.settings = dataclasses.replace(pipe.settings, gate_tolerance=0.5)
     tolerated = prepared_run(pipe, good=12, previous_good=16)
     index_run(pipe, tolerated)
-    assert pipe.published[-1].data["promoted"] is True
+    tolerated_event = pipe.published[-1].data
+    assert tolerated_event["promoted"] is True
     pipe.settings = dataclasses.replace(pipe.settings, gate_tolerance=0.0)
+    # The collection it replaced (search may still be serving it) stays; the oldest one, promoted two swaps ago, goes.
+    assert tolerated_event["dropped_collections"] == [vectorstore.collection_name(DATASET, first)]
+    assert vectorstore.collection_name(DATASET, better) in vectorstore.dataset_collections(client, DATASET)
 
     page = storage.read_bytes(event["report_uri"]).decode()
     assert event["report_uri"] == f"{pipe.ledger.run_dir(worse)}/report.html"

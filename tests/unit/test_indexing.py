@@ -3,7 +3,13 @@ the untuned base model), in both directions, with tolerance; served = the mode c
 
 from __future__ import annotations
 
-from embedpipe.indexing import decide, score
+import dataclasses
+
+import pytest
+from pymilvus.exceptions import MilvusException, ParamError
+
+from embedpipe.config import Settings
+from embedpipe.indexing import check_deletes, decide, load_manifests, permanent_milvus_error, score
 
 METRICS = ("ndcg@10", "recall@10")
 
@@ -55,3 +61,37 @@ def test_served_is_the_mode_chosen_at_training_not_the_best_on_test():
     assert out["metrics"]["recall@10"] == 0.5 and out["by_mode"]["hybrid"]["recall@10"] == 1.0
     # a mode the collection cannot answer (an old collection without BM25) falls back to dense
     assert score({"dense": ranked["dense"]}, qrels, "hybrid")["default_mode"] == "dense"
+
+
+def test_deletes_over_the_configured_share_of_the_live_rows_are_refused():
+    s = dataclasses.replace(Settings.from_env({}), max_delete_share=0.05)
+    record = {"dataset": "demo", "live": {"collection": "demo__x", "rows": 1000}}
+    assert check_deletes(s, record, [{"deleted": 30}, {"deleted": 20}]) == 50  # 5%: allowed
+    with pytest.raises(ValueError, match=r"refusing to delete 51 of the 1000 live documents \(5.1% > .*retrain"):
+        check_deletes(s, record, [{"deleted": 31}, {"deleted": 20}])
+    assert check_deletes(s, record, [{"deleted": 0}]) == 0
+
+
+def test_permanent_milvus_errors_are_told_from_transient_ones():
+    assert permanent_milvus_error(ParamError(message="length of varchar field id exceeds max length"))
+    assert permanent_milvus_error(MilvusException(message="nq (number of search vectors per search request) ..."))
+    assert not permanent_milvus_error(MilvusException(message="<_InactiveRpcError: StatusCode.UNAVAILABLE>"))
+    assert not permanent_milvus_error(MilvusException(message="deadline exceeded"))
+    assert not permanent_milvus_error(ConnectionError("refused"))
+
+
+def test_shards_of_another_embed_attempt_are_refused(monkeypatch):
+    from embedpipe import storage
+
+    manifests = {
+        "gs://a/runs/r/embeddings/2/manifest-00000.json": {"replica": 0, "replicas": 2, "job_key": "r/embed/2"},
+        "gs://a/runs/r/embeddings/2/manifest-00001.json": {"replica": 1, "replicas": 2, "job_key": "r/embed/1"},
+    }
+    for m in manifests.values():
+        m.update(fingerprint="fp", dim=4)
+    monkeypatch.setattr(storage, "list_uris", lambda prefix: [(u, 1) for u in manifests if u.startswith(prefix)])
+    monkeypatch.setattr(storage, "read_json", lambda uri: manifests[uri])
+    with pytest.raises(ValueError, match=r"replica\(s\) \[1\] were not written by job r/embed/2"):
+        load_manifests("gs://a/runs/r/embeddings/2", "r/embed/2")
+    manifests["gs://a/runs/r/embeddings/2/manifest-00001.json"]["job_key"] = "r/embed/2"
+    assert len(load_manifests("gs://a/runs/r/embeddings/2", "r/embed/2")) == 2

@@ -62,7 +62,7 @@ class Harness:
 
     # ------------------------------------------------------------ reading
     def run(self, run_id: str) -> dict:
-        return self.ledger.get_run(run_id)
+        return self.ledger.view(run_id)
 
     def runs(self) -> list[dict]:
         return self.ledger.list_runs()
@@ -876,3 +876,178 @@ def test_launch_time_load_fails_when_the_error_is_no_file(gcs):
     gcs.put(DATA, "datasets/quirks/queries.jsonl", quirk_bytes("queries.jsonl"))
     ds, rejections, problem = intake.load_valid(DATA, "quirks")
     assert ds is None and rejections == [] and "dataset has no corpus" in problem
+
+
+# ---------------------------------------------------------------- reliability II: stuck, late and lost
+
+
+def indexing_run(h) -> str:
+    run_id = h.started_run()
+    h.job_event(h.launcher.submits[0], "SUCCEEDED")
+    h.job_event(h.launcher.stage_submits("embed")[0], "SUCCEEDED")
+    return run_id
+
+
+def test_index_request_lost_after_the_move_to_indexing_is_sent_by_the_redelivery(h):
+    """The run moved EMBEDDING -> INDEXING and the publish of the index request failed: the job event's redelivery
+    must send it (it used to return early as 'late or duplicate' and the run stayed in INDEXING forever)."""
+    run_id = h.started_run()
+    h.job_event(h.launcher.submits[0], "SUCCEEDED")
+    embed = h.launcher.stage_submits("embed")[0]
+    sent = h.pipe._publish
+
+    def flaky(topic, event):
+        if topic == topology.INDEX_REQUESTS:
+            h.pipe._publish = sent
+            raise gexc.ServiceUnavailable("pubsub down")
+        sent(topic, event)
+
+    h.pipe._publish = flaky
+    with pytest.raises(gexc.ServiceUnavailable):
+        h.job_event(embed, "SUCCEEDED")
+    assert h.run(run_id)["state"] == INDEXING and not h.events(INDEX_REQUESTED)
+    assert "index requested again" in h.redeliver(embed, "SUCCEEDED")
+    assert len(h.events(INDEX_REQUESTED)) == 1
+    assert "late or duplicate" in h.redeliver(embed, "SUCCEEDED")  # once it is out, duplicates are no-ops
+    assert len(h.events(INDEX_REQUESTED)) == 1
+
+
+def test_reconcile_re_requests_a_lost_index_then_fails_it_past_the_deadline(make):
+    h = make(index_retry_s=600, index_deadline_s=3600)
+    run_id = indexing_run(h)
+    assert not any("index" in n for n in h.pipe.reconcile())  # just requested
+    h.clock.advance(601)  # the request was dead-lettered or lost: no result
+    assert any("index requested again" in n for n in h.pipe.reconcile())
+    assert len(h.events(INDEX_REQUESTED)) == 2
+    h.upload("datasets/demo/queries.jsonl")  # a follow-up waits behind the stuck run
+    h.clock.advance(3000)
+    notes = h.pipe.reconcile()
+    assert any("past its deadline" in n for n in notes)
+    record = h.run(run_id)
+    assert record["state"] == FAILED and record["error"]["stage"] == "index"
+    (failed,) = h.events(RUN_FAILED)
+    assert "EMBEDPIPE_INDEX_DEADLINE_S" in failed.data["cause"]
+    follow_up = h.ledger.get_dataset("demo")["active"]
+    assert follow_up != run_id and h.run(follow_up)["state"] == TRAINING  # the dataset runs again
+
+
+def test_reconcile_cancels_and_fails_a_job_past_its_stage_deadline(make):
+    h = make(train_deadline_s=3600)
+    run_id = h.started_run()
+    train = h.launcher.submits[0]
+    h.clock.advance(1800)
+    assert h.pipe.reconcile() == []  # QUEUED, within its deadline
+    h.clock.advance(1801)
+    assert any("past its deadline" in n for n in h.pipe.reconcile())
+    assert h.launcher.get(h.launcher.name_for(train.job_id)).state == "CANCELLED"
+    record = h.run(run_id)
+    assert record["state"] == FAILED and record["error"]["stage"] == "train"
+    assert "EMBEDPIPE_TRAIN_DEADLINE_S" in h.events(RUN_FAILED)[0].data["cause"]
+    assert h.ledger.get_dataset("demo")["active"] is None
+
+
+def test_one_dataset_that_cannot_launch_does_not_stop_the_others_and_fails_after_k_attempts(make):
+    h = make(launch_max_attempts=3)
+    submit = h.launcher.submit
+
+    def broken_for_bad(spec):
+        if "--dataset=bad" in spec.args:
+            raise RuntimeError("quota exceeded for bad's project")
+        return submit(spec)
+
+    h.launcher.submit = broken_for_bad
+    h.upload("datasets/bad/corpus.jsonl")
+    h.upload("datasets/good/corpus.jsonl")
+    h.clock.advance(1)
+    h.pipe.reconcile()
+    good = h.ledger.get_dataset("good")["active"]
+    assert h.run(good)["state"] == TRAINING  # launched although "bad" (listed first) raised
+    bad = h.ledger.get_dataset("bad")["active"]
+    assert h.run(bad)["state"] == PENDING and len(h.run(bad)["launch_errors"]) == 1
+    h.pipe.reconcile()
+    assert h.run(bad)["state"] == PENDING
+    h.pipe.reconcile()
+    record = h.run(bad)
+    assert record["state"] == FAILED and record["error"]["stage"] == "launch"
+    assert "quota exceeded" in h.events(RUN_FAILED)[0].data["cause"]
+    assert h.ledger.get_dataset("bad")["active"] is None
+
+
+def test_reconcile_isolates_a_dataset_whose_job_lookup_fails(make):
+    h = make()
+    a, b = h.started_run("a"), h.started_run("b")
+    for spec in h.launcher.submits:
+        h.launcher.finish(h.launcher.name_for(spec.job_id), "SUCCEEDED")
+    get, a_job = h.launcher.get, h.launcher.name_for(h.launcher.submits[0].job_id)
+    h.launcher.get = lambda name: (_ for _ in ()).throw(PermissionError("403")) if name == a_job else get(name)
+    notes = h.pipe.reconcile()
+    assert any(n.startswith("error in a") for n in notes)
+    assert h.run(b)["state"] == EMBEDDING and h.run(a)["state"] == TRAINING
+
+
+def test_an_upload_recorded_as_its_run_launches_joins_the_next_run(make):
+    """The run becomes due and launches between the upload's claim and the recording of its trigger: the trigger
+    (here training pairs, which decide the run's kind) must not be lost in a run that already decided without it."""
+    h = make(debounce_s=1)
+    h.upload("datasets/demo/corpus.jsonl")
+    first = h.ledger.get_dataset("demo")["pending"]
+
+    def launch_meanwhile(bucket, name, generation):
+        h.clock.advance(2)
+        assert h.pipe.launch_due("demo") == [first]
+
+    h.pipe.check_object = launch_meanwhile
+    outcome = h.upload("datasets/demo/pairs/p.jsonl")
+    second = h.ledger.get_dataset("demo")["pending"]
+    assert second and second != first and outcome.endswith(f"-> run {second}")
+    key = "gcs/embedpipe-data/datasets/demo/pairs/p.jsonl#1"
+    assert h.ledger.get_claim(key)["run_id"] == second
+    assert key in h.run(second)["triggers"]
+    assert [o["part"] for o in h.ledger.get_run(first)["trigger_objects"]] == ["corpus"]  # decided without it
+
+
+def test_a_retrain_arriving_as_its_run_launches_starts_the_next_run(make):
+    h = make(debounce_s=1)
+    h.upload("datasets/demo/corpus.jsonl")
+    first = h.ledger.get_dataset("demo")["pending"]
+
+    def launch_meanwhile():
+        h.clock.advance(2)
+        h.pipe.launch_due("demo")
+
+    h.store.interleave("read", f"/runs/{first}/run.json", launch_meanwhile)
+    req = events.RetrainRequest("demo", {"epochs": 1}, None, "new pairs", "pubsub/retrain/77")
+    outcome = h.pipe.on_retrain(req)
+    second = h.ledger.get_claim(req.key)["run_id"]
+    assert second != first and outcome.endswith(f"-> run {second}")
+    assert "force_full" not in h.ledger.get_run(first) and h.ledger.get_run(first)["overrides"] == {}
+    record = h.run(second)
+    assert record["force_full"] and record["overrides"] == {"epochs": 1}
+
+
+def test_each_embed_attempt_writes_its_own_folder_and_names_its_job(make):
+    """Attempt 2 must never pick up shards attempt 1 left behind: its own folder, its job key in every manifest."""
+    h = make(max_job_attempts=2)
+    run_id = h.started_run()
+    h.job_event(h.launcher.submits[0], "SUCCEEDED")
+    h.job_event(h.launcher.stage_submits("embed")[0], "FAILED", "preempted")
+    first, second = h.launcher.stage_submits("embed")
+    run_dir = h.ledger.run_dir(run_id)
+    assert f"--output-dir={run_dir}/embeddings/1" in first.args and f"--job-key={run_id}/embed/1" in first.args
+    assert f"--output-dir={run_dir}/embeddings/2" in second.args and f"--job-key={run_id}/embed/2" in second.args
+
+
+def test_a_dataset_whose_milvus_name_clashes_with_another_is_refused(make):
+    """``a-b`` and ``a_b`` would share one alias and one set of collections: the second one is refused."""
+    h = make(debounce_s=30)
+    h.upload("datasets/a-b/corpus.jsonl")
+    outcome = h.upload("datasets/a_b/corpus.jsonl")
+    assert outcome.startswith("rejected") and "'a-b'" in outcome
+    (rejected,) = h.events(intake.FILE_REJECTED)
+    assert rejected.data["object"] == "gs://embedpipe-data/datasets/a_b/corpus.jsonl"
+    assert "share its Milvus alias" in rejected.data["reason"]
+    assert h.ledger.list_datasets() == ["a-b"] and len(h.runs()) == 1
+    with pytest.raises(events.EventError, match="share its Milvus alias"):
+        h.pipe.on_retrain(events.RetrainRequest("a_b", {}, None, "r", "pubsub/retrain/9"))
+    h.upload("datasets/a-b/queries.jsonl")  # the first one goes on as before
+    assert len(h.runs()[0]["triggers"]) == 2

@@ -73,9 +73,35 @@ def test_add_trigger_is_idempotent(ledger):
     ledger.add_trigger("r1", "k1", {"object": "datasets/demo/corpus.jsonl"})
     ledger.add_trigger("r1", "k1", {"object": "datasets/demo/corpus.jsonl"})
     ledger.add_trigger("r1", "k2")
-    record = ledger.get_run("r1")
+    record = ledger.view("r1")
     assert record["triggers"] == ["k1", "k2"]
     assert record["trigger_objects"] == [{"object": "datasets/demo/corpus.jsonl"}]
+    assert ledger.get_run("r1")["triggers"] == []  # the record itself is not contended: one object per trigger
+
+
+def test_triggers_never_write_the_run_record(ledger, store):
+    """Concurrent uploads each create their own object: none of them compare-and-sets the run record."""
+    ledger.create_run("r1", "demo", {})
+    before = store.objects[ledger.run_uri("r1")]
+    for i in range(200):
+        assert ledger.add_trigger("r1", f"k{i}", {"object": f"datasets/demo/corpus/p{i}.jsonl"})
+    assert store.objects[ledger.run_uri("r1")] == before and store.conflicts == 0
+    assert len(ledger.view("r1")["triggers"]) == 200
+
+
+def test_seal_copies_the_triggers_into_the_record_and_refuses_later_ones(ledger, clock):
+    ledger.create_run("r1", "demo", {})
+    assert ledger.add_trigger("r1", "k1", {"object": "a"})
+    clock.advance(1)
+    ledger.put_item("r1", "file_errors", "k0", {"object": "bad", "line": 3, "reason": "x"})
+    sealed = ledger.seal("r1")
+    assert (
+        sealed["sealed"]
+        and sealed["triggers"] == ["k1"]
+        and sealed["file_errors"] == {"k0": {"object": "bad", "line": 3, "reason": "x"}}
+    )
+    assert ledger.add_trigger("r1", "k2", {"object": "b"}) is False  # too late: the caller moves it to the next run
+    assert ledger.seal("r1")["triggers"] == ["k1", "k2"]  # a second seal (a relaunch) may add it: seen twice, not lost
 
 
 def test_list_runs_and_datasets(ledger, clock):

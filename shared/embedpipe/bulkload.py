@@ -6,6 +6,12 @@ names, JSON as strings: the layout pymilvus' BulkWriter writes) into that bucket
 Milvus' REST API (``/v2/vectordb/jobs/import/create``), then polls ``get_progress``. Any refusal (Milvus Lite, an
 older server) falls back to row upserts, which is also what smaller loads use. The import runs on a fresh collection
 only (a full run): import does not upsert, so incremental updates always use upserts.
+
+Exactly once across Pub/Sub redeliveries: ``run_import`` hands the new job id to ``on_started`` before polling (the
+caller records it), a delivery that has a recorded id only polls that job again, polling stops with ImportPending at
+its deadline (inside the ack deadline), and a new job is refused (ImportConflict) when the collection already holds
+rows or a live import job. Staged file paths depend only on the collection and shard order, so staging again
+overwrites the same files.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from embedpipe import storage
@@ -24,8 +31,41 @@ from embedpipe.config import Settings
 log = logging.getLogger(__name__)
 
 
+# Default bound on one wait_import call (a push handler passes less: what its ack deadline leaves).
+DEFAULT_DEADLINE_S = 3000.0
+
+
 class ImportUnsupported(RuntimeError):
     """The server cannot bulk import (e.g. Milvus Lite): load with upserts instead."""
+
+
+class ImportPending(TimeoutError):
+    """The job is still running at the polling deadline: resume later with ``run_import(..., job_id=job_id)``."""
+
+    def __init__(self, job_id: str, state: str = "", progress: object = None) -> None:
+        super().__init__(f"bulk import {job_id} still {state or 'running'} ({progress}%): resume it by job id")
+        self.job_id, self.state, self.progress = job_id, state, progress
+
+
+class ImportFailed(RuntimeError):
+    """The import job ended Failed (it committed no rows: a fresh job may be started once its id is cleared)."""
+
+    def __init__(self, job_id: str, reason: str = "") -> None:
+        super().__init__(f"bulk import {job_id} failed: {reason or 'no reason given'}")
+        self.job_id, self.reason = job_id, reason
+
+
+class ImportConflict(RuntimeError):
+    """A new import was refused: the collection already has rows or a live import job (a previous delivery's, whose
+    job id was not recorded). Importing again would duplicate rows; resume one of ``job_ids`` or rebuild the
+    collection. Not an ImportUnsupported: falling back to upserts would race that job."""
+
+    def __init__(self, collection: str, job_ids: list[str], rows: int) -> None:
+        super().__init__(
+            f"refusing a new bulk import into {collection}: it already has {rows} row(s)"
+            + (f" and import job(s) {', '.join(job_ids)} not failed" if job_ids else "")
+        )
+        self.collection, self.job_ids, self.rows = collection, job_ids, rows
 
 
 def wanted(settings: Settings, rows: int) -> bool:
@@ -57,7 +97,8 @@ def import_table(table):
 
 def stage_files(tables, bucket: str, prefix: str) -> list[list[str]]:
     """Write import Parquet files to ``gs://bucket/prefix/``; returns Milvus' ``files`` argument (one file per
-    group, paths relative to the bucket)."""
+    group, paths relative to the bucket). Paths depend only on ``prefix`` and the table order, so staging the same
+    tables again (a redelivery) overwrites the same objects with the same bytes and returns the same list."""
     import pyarrow.parquet as pq
 
     files = []
@@ -113,21 +154,98 @@ def progress_request(milvus_uri: str, token: str, job_id: str) -> Request:
     return Request(f"{base}/v2/vectordb/jobs/import/get_progress", headers, {"jobId": job_id})
 
 
-def run_import(
-    settings: Settings, collection: str, files: list[list[str]], poll_s: float = 5.0, timeout_s: float = 3000
-) -> int:
-    """Start the import job and poll it to the end; returns the imported row count."""
+def list_request(milvus_uri: str, token: str, collection: str) -> Request:
+    base, headers = _base(milvus_uri, token)
+    return Request(f"{base}/v2/vectordb/jobs/import/list", headers, {"collectionName": collection})
+
+
+def stats_request(milvus_uri: str, token: str, collection: str) -> Request:
+    base, headers = _base(milvus_uri, token)
+    return Request(f"{base}/v2/vectordb/collections/get_stats", headers, {"collectionName": collection})
+
+
+# Polling clock and pause (module attributes, so tests replace them without touching the time module).
+_now = time.monotonic
+_sleep = time.sleep
+
+
+def ensure_unimported(settings: Settings, collection: str, row_count: Callable[[str], int] | None = None) -> None:
+    """Raise ImportConflict when ``collection`` already holds rows or has an import job that has not failed (a
+    previous delivery's import whose job id was lost): importing again would duplicate every row. ``row_count``
+    (collection -> rows, e.g. from the pymilvus client) replaces the REST ``get_stats`` call."""
+    records = list_request(settings.milvus_uri, settings.milvus_token, collection).send().get("records") or []
+    jobs = [
+        str(r.get("jobId"))
+        for r in records
+        if r.get("collectionName", collection) == collection and r.get("state") != "Failed"
+    ]
+    if row_count is not None:
+        rows = int(row_count(collection))
+    else:
+        stats = stats_request(settings.milvus_uri, settings.milvus_token, collection).send()
+        rows = int(stats.get("rowCount") or 0)
+    if jobs or rows:
+        raise ImportConflict(collection, jobs, rows)
+
+
+def start_import(
+    settings: Settings, collection: str, files: list[list[str]], row_count: Callable[[str], int] | None = None
+) -> str:
+    """Create the import job (after ``ensure_unimported``); returns its job id. Never polls."""
+    ensure_unimported(settings, collection, row_count)
     job = create_request(settings.milvus_uri, settings.milvus_token, collection, files).send()
     job_id = str(job["jobId"])
-    log.info("bulk import %s into %s: %d file group(s)", job_id, collection, len(files))
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        p = progress_request(settings.milvus_uri, settings.milvus_token, job_id).send()
+    log.info("bulk import %s into %s started: %d file group(s)", job_id, collection, len(files))
+    return job_id
+
+
+def wait_import(
+    settings: Settings, job_id: str, deadline_s: float | None = DEFAULT_DEADLINE_S, poll_s: float = 5.0
+) -> int:
+    """Poll an import job; returns its imported row count once Completed. Raises ImportFailed when it failed, and
+    ImportPending once ``deadline_s`` (from now; None: no bound) has passed with the job still running, so a push
+    handler can return inside its ack deadline and let a later delivery resume with the same job id. The job is
+    polled at least once (``deadline_s=0``: a single look)."""
+    end = None if deadline_s is None else _now() + deadline_s
+    while True:
+        left = None if end is None else max(0.0, end - _now())
+        timeout = 60.0 if left is None else max(1.0, min(60.0, left))
+        p = progress_request(settings.milvus_uri, settings.milvus_token, job_id).send(timeout=timeout)
         state = p.get("state", "")
         if state == "Completed":
-            return int(p.get("importedRows") or p.get("totalRows") or 0)
+            rows = int(p.get("importedRows") or p.get("totalRows") or 0)
+            log.info("bulk import %s completed: %d rows", job_id, rows)
+            return rows
         if state == "Failed":
-            raise RuntimeError(f"bulk import {job_id} into {collection} failed: {p.get('reason')}")
+            raise ImportFailed(job_id, str(p.get("reason") or ""))
+        left = None if end is None else end - _now()
+        if left is not None and left <= 0:
+            raise ImportPending(job_id, state, p.get("progress"))
         log.info("bulk import %s: %s %s%%", job_id, state, p.get("progress"))
-        time.sleep(poll_s)
-    raise TimeoutError(f"bulk import {job_id} into {collection} still running after {timeout_s}s")
+        _sleep(poll_s if left is None else min(poll_s, left))
+
+
+def run_import(
+    settings: Settings,
+    collection: str,
+    files: list[list[str]],
+    job_id: str | None = None,
+    on_started: Callable[[str], object] | None = None,
+    deadline_s: float | None = DEFAULT_DEADLINE_S,
+    poll_s: float = 5.0,
+    row_count: Callable[[str], int] | None = None,
+) -> int:
+    """Import ``files`` into ``collection`` exactly once; returns the imported row count.
+
+    With ``job_id`` (recorded by an earlier delivery) no job is created: that job is only polled again (rows when it
+    completed, ImportFailed when it failed). Without one, the job is created (refused with ImportConflict when the
+    collection already has rows or a live import) and ``on_started(job_id)`` runs before the first poll, so the
+    caller records the id first; if it raises, nothing is polled and the exception propagates. Polling stops with
+    ImportPending after ``deadline_s``."""
+    if job_id:
+        log.info("bulk import %s into %s: resuming (no new job)", job_id, collection)
+    else:
+        job_id = start_import(settings, collection, files, row_count)
+        if on_started is not None:
+            on_started(job_id)
+    return wait_import(settings, job_id, deadline_s, poll_s)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pyarrow as pa
+import pytest
 
 from embedpipe import bulkload
 from embedpipe.config import Settings
@@ -63,3 +64,164 @@ def test_unsupported_server_is_reported_as_such(monkeypatch):
         pass
     else:
         raise AssertionError("a 404 means: this server has no import API, fall back to upserts")
+
+
+class FakeMilvus:
+    """Milvus' import REST API behind ``urllib.request.urlopen``: records each call; each job answers the states in
+    its script one poll at a time (the last one repeats)."""
+
+    def __init__(self, states=("Importing", "Completed"), rows: int = 0, reason: str = "disk full") -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.jobs: dict[str, list[str]] = {}
+        self.polls: dict[str, int] = {}
+        self.script, self.rows, self.reason = list(states), rows, reason
+        self.collections: dict[str, str] = {}
+
+    def urlopen(self, req, timeout=None):
+        import io
+
+        path, body = req.full_url.split("19530", 1)[1], json.loads(req.data)
+        self.calls.append((path, body))
+        if path.endswith("/jobs/import/create"):
+            job_id = f"45{len(self.jobs)}"
+            self.jobs[job_id], self.polls[job_id] = list(self.script), 0
+            self.collections[job_id] = body["collectionName"]
+            data = {"jobId": job_id}
+        elif path.endswith("/jobs/import/get_progress"):
+            job_id = body["jobId"]
+            script = self.jobs[job_id]
+            state = script[min(self.polls[job_id], len(script) - 1)]
+            self.polls[job_id] += 1
+            data = {"jobId": job_id, "state": state, "progress": 100 if state == "Completed" else 40}
+            if state == "Completed":
+                data["importedRows"] = 1234
+            if state == "Failed":
+                data["reason"] = self.reason
+        elif path.endswith("/jobs/import/list"):
+            data = {
+                "records": [
+                    {"collectionName": c, "jobId": j, "state": self.jobs[j][min(self.polls[j], len(self.jobs[j]) - 1)]}
+                    for j, c in self.collections.items()
+                    if c == body["collectionName"]
+                ]
+            }
+        elif path.endswith("/collections/get_stats"):
+            data = {"rowCount": self.rows}
+        else:
+            raise AssertionError(path)
+        return io.BytesIO(json.dumps({"code": 0, "data": data}).encode())
+
+    def created(self) -> int:
+        return sum(p.endswith("/create") for p, _ in self.calls)
+
+
+@pytest.fixture
+def milvus(monkeypatch):
+    fake = FakeMilvus()
+    monkeypatch.setattr(bulkload.urllib.request, "urlopen", fake.urlopen)
+    now = [1000.0]
+    monkeypatch.setattr(bulkload, "_now", lambda: now[0])
+    monkeypatch.setattr(bulkload, "_sleep", lambda s: now.__setitem__(0, now[0] + s))
+    return fake
+
+
+def settings() -> Settings:
+    return dataclasses.replace(Settings.from_env({}), milvus_uri="http://milvus.test:19530", milvus_token="")
+
+
+FILES = [["embedpipe-import/demo__r1/part-00000.parquet"]]
+
+
+def test_on_started_records_the_job_before_the_first_poll(milvus):
+    seen = []
+
+    def record(job_id):
+        seen.append((job_id, [p for p, _ in milvus.calls]))
+
+    assert bulkload.run_import(settings(), "demo__r1", FILES, on_started=record, poll_s=1) == 1234
+    ((job_id, calls_then),) = seen
+    assert job_id == "450" and calls_then[-1].endswith("/jobs/import/create")
+    assert not any(p.endswith("/get_progress") for p in calls_then), "recorded before any poll"
+    assert milvus.created() == 1
+
+
+def test_the_deadline_raises_import_pending_and_a_redelivery_resumes_the_same_job(milvus):
+    milvus.script = ["Pending", "Importing", "Importing", "Importing", "Completed"]
+    recorded = []
+    with pytest.raises(bulkload.ImportPending) as exc:
+        bulkload.run_import(settings(), "demo__r1", FILES, on_started=recorded.append, deadline_s=10, poll_s=4)
+    assert exc.value.job_id == recorded[0] == "450" and exc.value.state == "Importing"
+    assert isinstance(exc.value, TimeoutError)
+    assert milvus.polls["450"] == 4, "polls at 0, 4, 8 s and a last look at the 10 s deadline, then stops"
+    # the redelivery carries the recorded id: it polls that job and never creates (or checks for) another
+    started, before = [], len(milvus.calls)
+    assert bulkload.run_import(settings(), "demo__r1", FILES, job_id="450", on_started=started.append) == 1234
+    assert milvus.created() == 1 and started == []
+    assert {(p.rsplit("/", 1)[1], b["jobId"]) for p, b in milvus.calls[before:]} == {("get_progress", "450")}
+
+
+def test_resuming_a_completed_job_returns_its_rows_without_a_new_job(milvus):
+    milvus.script = ["Completed"]
+    job_id = bulkload.start_import(settings(), "demo__r1", FILES)
+    assert bulkload.run_import(settings(), "demo__r1", FILES, job_id=job_id, deadline_s=0) == 1234
+    assert bulkload.wait_import(settings(), job_id, deadline_s=0) == 1234
+    assert milvus.created() == 1
+
+
+def test_a_failed_job_raises_and_is_never_restarted(milvus):
+    milvus.script = ["Importing", "Failed"]
+    with pytest.raises(bulkload.ImportFailed, match="disk full") as exc:
+        bulkload.run_import(settings(), "demo__r1", FILES, poll_s=1)
+    assert exc.value.job_id == "450"
+    with pytest.raises(bulkload.ImportFailed):
+        bulkload.run_import(settings(), "demo__r1", FILES, job_id="450")
+    assert milvus.created() == 1
+
+
+def test_a_new_import_into_a_collection_with_a_live_job_or_rows_is_refused(milvus):
+    milvus.script = ["Importing"]
+    lost = bulkload.start_import(settings(), "demo__r1", FILES)  # its id never reached the run record
+    with pytest.raises(bulkload.ImportConflict, match=lost) as exc:
+        bulkload.run_import(settings(), "demo__r1", FILES, on_started=lambda j: pytest.fail("no second job"))
+    assert exc.value.job_ids == [lost] and not isinstance(exc.value, bulkload.ImportUnsupported)
+    assert milvus.created() == 1
+    # rows already there (REST get_stats, or the caller's own count), no job listed: refused as well
+    milvus.rows = 5
+    with pytest.raises(bulkload.ImportConflict, match="5 row"):
+        bulkload.run_import(settings(), "other__r1", FILES)
+    with pytest.raises(bulkload.ImportConflict, match="7 row"):
+        bulkload.run_import(settings(), "other__r1", FILES, row_count=lambda c: 7)
+    assert milvus.created() == 1
+
+
+def test_a_failed_job_does_not_block_a_fresh_import(milvus):
+    milvus.script = ["Failed"]
+    with pytest.raises(bulkload.ImportFailed):
+        bulkload.run_import(settings(), "demo__r1", FILES)
+    milvus.script = ["Completed"]
+    assert bulkload.run_import(settings(), "demo__r1", FILES, row_count=lambda c: 0) == 1234
+    assert milvus.created() == 2
+
+
+def test_staging_again_rewrites_the_same_paths(monkeypatch):
+    written = {}
+    monkeypatch.setattr(bulkload.storage, "write_bytes", lambda uri, data: written.__setitem__(uri, data) or 1)
+    shard = pa.table(
+        {
+            "id": ["a"],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array([0.1, 0.2], pa.float32()), 2),
+            "content_hash": ["h"],
+            "title": ["t"],
+            "text": ["x"],
+            "metadata": ["{}"],
+        }
+    )
+    first = bulkload.stage_files([shard, shard], "bkt", "embedpipe-import/demo__r1/")
+    before = dict(written)
+    again = bulkload.stage_files([shard, shard], "bkt", "embedpipe-import/demo__r1")
+    assert (
+        first
+        == again
+        == [["embedpipe-import/demo__r1/part-00000.parquet"], ["embedpipe-import/demo__r1/part-00001.parquet"]]
+    )
+    assert written == before, "same objects, same bytes: a redelivery's staging is harmless"

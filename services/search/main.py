@@ -57,7 +57,7 @@ def search(request):
     if request.path.rstrip("/") == "/healthz":
         return {
             "status": "ok",
-            "serving": {ds: s.promoted.get("collection") for ds, s in list(searcher._serving.items())},
+            "serving": {ds: s.promoted.get("collection") for ds, s in searcher.snapshot().items()},
         }
     args = request.args
     if not args.get("dataset") or not args.get("q"):
@@ -67,5 +67,5 @@ def search(request):
         return searcher.search(args["dataset"], args["q"], k, args.get("mode") or None)
     except NotIndexed as exc:
         return {"error": str(exc)}, 404
-    except ValueError as exc:
+    except ValueError as exc:  # a bad k, mode, dataset name, or a query too long or empty
         return {"error": str(exc)}, 400

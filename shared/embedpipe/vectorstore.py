@@ -12,9 +12,12 @@ with. Searches go in batches of at most ``MAX_NQ`` queries (Milvus caps one call
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -134,6 +137,7 @@ def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: 
             PROP + "dim": str(dim),
             PROP + "model_uri": model_uri,
             PROP + "analyzer": lexical.ANALYZER,
+            PROP + "created_at": str(time.time()),  # retention's grace period (Lite reports no creation time)
         },
     )
     log.info("created collection %s (dim=%d, model fingerprint %s)", name, dim, fingerprint)
@@ -177,10 +181,35 @@ def upsert_batch(client, name: str, rows: list[dict]) -> int:
     return len(rows)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def id_filter(ids: list[str]) -> str:
+    """``id in [...]`` with each id an escaped string literal. pymilvus' ``ids=`` quotes ids without escaping (the id
+    ``x'] or id not in ['`` matches every row) and Milvus Lite 3.2 rejects filter templates (``filter_params``), so
+    quote here: backslash and double quote escaped, which Lite's tokenizer and Milvus' grammar both read back.
+    Control characters (barred at intake, ``datasets.check_id``) are refused rather than escaped."""
+    bad = [i for i in ids if _CONTROL.search(i)]
+    if bad:
+        raise ValueError(f"document id {bad[0]!r} contains control characters")
+    quoted = ('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in ids)
+    return f"id in [{', '.join(quoted)}]"
+
+
 @milvus_retry
 def delete_ids(client, name: str, ids: list[str]) -> None:
     if ids:
-        client.delete(collection_name=name, ids=ids)
+        client.delete(collection_name=name, filter=id_filter(ids))
+
+
+@milvus_retry
+@loaded
+def get_titles(client, name: str, ids: list[str]) -> dict[str, str]:
+    """id -> title for those of ``ids`` the collection holds."""
+    if not ids:
+        return {}
+    rows = client.query(collection_name=name, filter=id_filter(ids), output_fields=["id", "title"])
+    return {r["id"]: r.get("title", "") for r in rows}
 
 
 @milvus_retry
@@ -302,6 +331,14 @@ def point_alias(client, alias: str, collection: str) -> None:
 RUN_SUFFIX = re.compile(r"__\d{8}t\d{6}_[0-9a-f]{6}$")  # collection_name(): "<dataset>__<run_id>", run ids sort by time
 
 
+def collides(dataset: str, others: Iterable[str]) -> str | None:
+    """The dataset among ``others`` that would share this one's alias and collection prefix (``a-b`` and ``a_b``
+    both map to ``a_b``), or None. A colliding dataset must be refused: its runs would swap the other's alias and
+    its retention would drop the other's collections."""
+    alias = alias_name(dataset)
+    return next((o for o in others if o != dataset and alias_name(o) == alias), None)
+
+
 def dataset_collections(client, dataset: str) -> list[str]:
     """The dataset's per-run collections, oldest first."""
     prefix = alias_name(dataset)
@@ -310,13 +347,32 @@ def dataset_collections(client, dataset: str) -> list[str]:
     )
 
 
-def drop_old_collections(client, dataset: str, keep: int) -> list[str]:
+def created_at(client, name: str) -> float:
+    """When the collection was created: its ``created_at`` property; for collections made before that property
+    existed, the time in its run id (the run's start, so earlier than the creation)."""
+    props = client.describe_collection(name).get("properties") or {}
+    if props.get(PROP + "created_at"):
+        return float(props[PROP + "created_at"])
+    stamp = RUN_SUFFIX.search(name).group()[2:17]
+    return dt.datetime.strptime(stamp, "%Y%m%dt%H%M%S").replace(tzinfo=dt.UTC).timestamp()
+
+
+def drop_old_collections(
+    client, dataset: str, keep: int, protect: Iterable[str] = (), grace_s: float = 600.0
+) -> list[str]:
     """Retention: keep the live (aliased) collection and the newest ``keep`` others (rejected runs, replaced
-    indexes: for inspection and rollback); drop the rest. Returns the dropped names."""
+    indexes: for inspection and rollback); drop the older ones, except any named in ``protect`` (the collection the
+    alias pointed to before this run's swap, which a search may still be serving by name; the ledger's promoted
+    ones) and any created less than ``grace_s`` ago (by a concurrent run, or a search that resolved it just before
+    a swap). Those are left to a later run's retention. Returns the dropped names."""
     live = alias_target(client, alias_name(dataset))
     others = [n for n in dataset_collections(client, dataset) if n != live]
-    dropped = others[: max(0, len(others) - keep)]
-    for name in dropped:
+    spared = set(protect)
+    dropped = []
+    for name in others[: max(0, len(others) - keep)]:
+        if name in spared or time.time() - created_at(client, name) < grace_s:
+            continue
         client.drop_collection(name)
+        dropped.append(name)
         log.info("retention: dropped collection %s (keeping %d besides the live %s)", name, keep, live)
     return dropped

@@ -78,3 +78,48 @@ def test_alias_swap_and_fingerprint_refusal(client):
         vectorstore.create_collection(client, a, 8, "fp-other", "gs://x/")
     with pytest.raises(vectorstore.FingerprintMismatch):
         vectorstore.check_fingerprint(client, a, "fp-a", 16)
+
+
+HOSTILE = ["x'] or id not in ['", "a'b", "back\\slash", '"dq"', 'x" or "1', "ünï €😀", "tail\\"]
+
+
+def test_hostile_ids_delete_exactly_their_row_and_find_their_titles(client):
+    """pymilvus' ``ids=`` quotes without escaping: ``x'] or id not in ['`` used to delete every row."""
+    name = vectorstore.collection_name("vs-hostile", "run-1")
+    vectorstore.create_collection(client, name, 16, "fp-a", "gs://x/")
+    data, vecs = rows(10 + len(HOSTILE), 16)
+    for row, doc_id in zip(data[10:], HOSTILE):
+        row["id"], row["title"] = doc_id, f"title of {doc_id}"
+    vectorstore.upsert_batch(client, name, data)
+    vectorstore.finish_load(client, name)
+    every = {r["id"] for r in data}
+
+    vectorstore.delete_ids(client, name, [HOSTILE[0]])
+    assert set(vectorstore.ids_and_hashes(client, name)) == every - {HOSTILE[0]}
+    left = HOSTILE[1:]
+    assert vectorstore.get_titles(client, name, [*left, "doc-1", HOSTILE[0]]) == {
+        **{i: f"title of {i}" for i in left},
+        "doc-1": "title 1",
+    }
+    hits = vectorstore.search_dense(client, name, vecs[11:], 1)
+    assert [h[0][0] for h in hits] == left
+    vectorstore.delete_ids(client, name, left[:3])
+    assert set(vectorstore.ids_and_hashes(client, name)) == every - set(HOSTILE[:4])
+
+
+def test_retention_spares_the_live_protected_and_young_collections(client):
+    def made(run_id: str) -> str:
+        name = vectorstore.collection_name("vs-retain", run_id)
+        vectorstore.create_collection(client, name, 8, "fp", "gs://x/")
+        return name
+
+    replaced, rejected, live = (
+        made("20200101t000000-aaaaaa"),
+        made("20200102t000000-bbbbbb"),
+        made("20200103t000000-cccccc"),
+    )
+    vectorstore.point_alias(client, vectorstore.alias_name("vs-retain"), live)
+    assert vectorstore.drop_old_collections(client, "vs-retain", 1, protect={replaced}, grace_s=0) == []
+    assert vectorstore.drop_old_collections(client, "vs-retain", 1, grace_s=600) == [], "created just now"
+    assert vectorstore.drop_old_collections(client, "vs-retain", 1, grace_s=0) == [replaced]
+    assert set(vectorstore.dataset_collections(client, "vs-retain")) == {rejected, live}

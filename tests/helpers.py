@@ -164,7 +164,7 @@ def wait_runs_done(ledger, keys: list[str], timeout: float = 240) -> list[dict]:
         claims = [ledger.get_claim(k) for k in keys]
         if not all(claims):
             return None
-        records = [ledger.get_run(r) for r in sorted({c["run_id"] for c in claims})]
+        records = [ledger.view(r) for r in sorted({c["run_id"] for c in claims})]
         if records and all(r and r["state"] in ("SUCCEEDED", "FAILED") for r in records):
             return sorted(records, key=lambda r: r["created_at"])
         return None

@@ -7,6 +7,10 @@ Layout::
 
 ``latest.json`` is written last, so a process killed while writing a checkpoint leaves the previous one in force.
 The last ``keep`` checkpoints are kept. Only the primary rank saves; every rank loads.
+
+Loading is weights-only: whoever can write the checkpoint folder must not be able to run code in the trainer through
+a pickle. Besides tensors and plain Python values, only numpy arrays of numeric dtypes (numpy's RNG state) are let
+through.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,23 @@ def _delete(uri: str) -> None:
         Path(uri).unlink(missing_ok=True)
 
 
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """The checkpoint holds objects a weights-only load refuses (it could run code): it is not loaded."""
+
+
+def _numpy_globals() -> list:
+    """What unpickling a numeric numpy array needs: the array, its dtype and dtype class, the reconstructor. None of
+    them runs code; an object array's items still go through the weights-only unpickler."""
+    import numpy as np
+
+    return [
+        np.ndarray,
+        np.dtype,
+        np.ndarray.__reduce__(np.zeros(1))[0],  # numpy.(_)core.multiarray._reconstruct, wherever this numpy has it
+        *(type(np.dtype(c)) for c in "?bBhHiIlLqQefd"),
+    ]
+
+
 def _join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
 
@@ -96,9 +119,19 @@ class Checkpoints:
         if not raw:
             return None
         name = json.loads(raw)["file"]
+        if not isinstance(name, str) or not re.fullmatch(r"step-\d{8}\.pt", name):
+            # it is read and later deleted under this folder: a "../" name would reach outside it
+            raise UnsafeCheckpoint(f"{_join(self.uri, LATEST)} names {name!r}, not a step-NNNNNNNN.pt checkpoint")
         data = _read(_join(self.uri, name))
         if data is None:
             log.warning("checkpoint %s named by %s is missing: starting from scratch", name, LATEST)
             return None
         self._saved = [name]
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        # scoped, not add_safe_globals: the allowlist should not widen every other torch.load in the process
+        with torch.serialization.safe_globals(_numpy_globals()):
+            try:
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                # torch's message is a page of advice to load it unsafely; keep only the line naming the culprit
+                why = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler" in ln), str(exc)[:300])
+                raise UnsafeCheckpoint(f"refusing checkpoint {_join(self.uri, name)}: {why}") from exc

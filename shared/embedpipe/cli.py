@@ -93,7 +93,7 @@ def _wait_for_runs(s: Settings, keys: list[str], timeout: float) -> dict:
                 err(f"  {time.strftime('%H:%M:%S')} {states}")
                 last_state = states
             if records and all(r["state"] in runs.TERMINAL for r in records):
-                return max(records, key=lambda r: r["created_at"])
+                return ledger.view(max(records, key=lambda r: r["created_at"])["run_id"])  # with late file verdicts
         time.sleep(0.1)
     err(f"error: timed out after {timeout:.0f}s waiting for run(s) {run_ids or '(not claimed yet)'}")
     raise typer.Exit(3)

@@ -21,6 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 MAX_LINE_BYTES = 1 << 20
 DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -175,28 +176,73 @@ def check_name(name: str) -> str:
     return name
 
 
-def _lines(data: bytes, file: str):
-    if not data.strip():
+Source = bytes | BinaryIO  # a file's bytes, or a binary stream of them (read line by line, memory ~ one line)
+READ_CHUNK = 8 << 20
+NUL_SNIFF = 8192
+MAX_JSON_DEPTH = 64  # nesting kept in a document's metadata (serialised again for its hash and the index)
+
+
+def _chunks(data: Source):
+    if isinstance(data, (bytes, bytearray)):
+        yield bytes(data)
+        return
+    while chunk := data.read(READ_CHUNK):
+        yield chunk
+
+
+def _lines(data: Source, file: str):
+    """(line number, decoded line) for each non-blank line; ``data`` is bytes or a stream, parsed the same way."""
+    number, rest, sniffed, any_text = 0, b"", 0, False
+    for chunk in _chunks(data):
+        if sniffed < NUL_SNIFF:
+            if b"\0" in chunk[: NUL_SNIFF - sniffed]:
+                raise DatasetError(file, None, "binary file (NUL bytes), expected UTF-8 text")
+            sniffed += len(chunk)
+        *complete, rest = (rest + chunk).split(b"\n")
+        for raw in complete:
+            number += 1
+            if (line := _decode(raw, file, number)).strip():
+                any_text = True
+                yield number, line
+        if len(rest) > MAX_LINE_BYTES and not isinstance(data, (bytes, bytearray)):
+            # a stream's unfinished line: stop before it grows further (its full length is unknown)
+            raise DatasetError(file, number + 1, f"line is over the {MAX_LINE_BYTES}-byte limit")
+    if (line := _decode(rest, file, number + 1)).strip():
+        any_text = True
+        yield number + 1, line
+    if not any_text:
         raise DatasetError(file, None, "file is empty")
-    if b"\0" in data[:8192]:
-        raise DatasetError(file, None, "binary file (NUL bytes), expected UTF-8 text")
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if len(raw) > MAX_LINE_BYTES:
-            raise DatasetError(file, number, f"line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
-        try:
-            line = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as exc:
-            raise DatasetError(file, number, f"invalid UTF-8 at byte {exc.start}") from None
-        if line.strip():
-            yield number, line
 
 
-def _json_lines(data: bytes, file: str):
+def _decode(raw: bytes, file: str, number: int) -> str:
+    if len(raw) > MAX_LINE_BYTES:
+        raise DatasetError(file, number, f"line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
+    try:
+        return raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(file, number, f"invalid UTF-8 at byte {exc.start}") from None
+
+
+def _too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` nests lists/objects deeper than ``limit`` (iterative: the check must not recurse itself)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _json_lines(data: Source, file: str):
     for number, line in _lines(data, file):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DatasetError(file, number, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+        except RecursionError:  # json's C parser recurses per nesting level: [[[[...]]]] exhausts the stack
+            raise DatasetError(file, number, "invalid JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise DatasetError(file, number, f"expected a JSON object, got {type(obj).__name__}")
         yield number, obj
@@ -218,7 +264,7 @@ def _str_field(obj: dict, key: str, file: str, number: int, required: bool = Tru
 
 
 def parse_corpus(
-    data: bytes,
+    data: Source,
     file: str,
     into: dict[str, Doc] | None = None,
     seen_in: dict[str, str] | None = None,
@@ -237,6 +283,8 @@ def parse_corpus(
         metadata = obj.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise DatasetError(file, number, f"field 'metadata' must be an object, got {type(metadata).__name__}")
+        if _too_deep(metadata):
+            raise DatasetError(file, number, f"field 'metadata' nests deeper than {MAX_JSON_DEPTH} levels")
         if doc_id in docs or doc_id in seen_in:
             raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {seen_in.get(doc_id, file)})")
         seen_in[doc_id] = f"{file}:{number}"
@@ -247,7 +295,7 @@ def parse_corpus(
     return docs
 
 
-def parse_queries(data: bytes, file: str) -> dict[str, str]:
+def parse_queries(data: Source, file: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for number, obj in _json_lines(data, file):
         qid = _str_field(obj, "_id", file, number)
@@ -258,7 +306,7 @@ def parse_queries(data: bytes, file: str) -> dict[str, str]:
 
 
 def parse_qrels(
-    data: bytes, file: str, known_queries=None, known_docs=None, notices: list[Notice] | None = None
+    data: Source, file: str, known_queries=None, known_docs=None, notices: list[Notice] | None = None
 ) -> dict[str, dict[str, int]]:
     """Parse one qrels file; with ``known_queries`` each row's query must exist (errors name the line); with
     ``known_docs`` a row naming an absent document is kept (trec_eval counts it as relevant and unretrievable) with
@@ -285,7 +333,7 @@ def parse_qrels(
     return out
 
 
-def parse_pairs(data: bytes, file: str) -> list[tuple[str, str, str | None]]:
+def parse_pairs(data: Source, file: str) -> list[tuple[str, str, str | None]]:
     out = []
     for number, obj in _json_lines(data, file):
         anchor = _str_field(obj, "anchor", file, number)
@@ -351,17 +399,30 @@ def prefix(data_bucket: str, dataset: str) -> str:
     return f"gs://{data_bucket}/datasets/{dataset}/"
 
 
-def load_gcs(data_bucket: str, dataset: str, test: bool = True) -> Dataset:
+def size_problem(size: int, cap: int) -> str | None:
+    """Why an object of ``size`` bytes is not read at all (None when it is within the cap)."""
+    if size <= cap:
+        return None
+    return f"object is {size} bytes, over the {cap}-byte cap (EMBEDPIPE_MAX_OBJECT_BYTES)"
+
+
+def load_gcs(data_bucket: str, dataset: str, test: bool = True, max_bytes: int | None = None) -> Dataset:
     """The dataset as stored. ``test=False`` (the trainer) never opens ``qrels/test.tsv``: test labels cannot
-    reach training or any choice made from them."""
+    reach training or any choice made from them. With ``max_bytes``, a file over it raises DatasetError unread."""
     from embedpipe import storage
 
     root = prefix(data_bucket, dataset)
     files = {}
-    for uri, _ in storage.list_uris(root):
+    for uri, generation, size in storage.list_objects(root):
         rel = uri[len(root) :]
         if classify(rel) and (test or rel != TEST_QRELS):
-            files[rel] = storage.read_bytes(uri)
+            if max_bytes is None:
+                files[rel] = storage.read_bytes(uri)
+                continue
+            if problem := size_problem(size, max_bytes):
+                raise DatasetError(rel, None, problem)
+            # the version whose size was checked (NotFound if replaced since: intake.load_valid loads again)
+            files[rel] = storage.read_bytes(uri, generation)
     return load_files(dataset, files)
 
 

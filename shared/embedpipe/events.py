@@ -99,9 +99,13 @@ class Event:
     def from_pubsub(cls, data: bytes, attrs: dict[str, str]) -> Event:
         if "ce-type" not in attrs:
             raise EventError(f"message has no ce-type attribute: {sorted(attrs)}")
+        try:
+            body = json.loads(data or b"{}")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nested past the parser's stack
+            raise EventError(f"{attrs['ce-type']} message body is not usable JSON: {str(exc)[:200]}") from None
         return cls(
             type=attrs["ce-type"],
-            data=json.loads(data or b"{}"),
+            data=body,
             source=attrs.get("ce-source", ""),
             id=attrs.get("ce-id", ""),
             time=attrs.get("ce-time", ""),
@@ -139,7 +143,7 @@ class PushMessage:
     def json(self) -> Any:
         try:
             return json.loads(self.data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nested past the parser's stack
             raise EventError(f"message {self.message_id}: body is not JSON: {exc}") from None
 
 
@@ -207,7 +211,7 @@ def parse_object_change(cloud_event) -> ObjectChange:
         try:
             body = json.loads(msg.data)
             size = _int(body["size"], "size") if body.get("size") is not None else None
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             size = None
     return ObjectChange(
         bucket=a["bucketId"],

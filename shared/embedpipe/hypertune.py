@@ -99,6 +99,137 @@ def validate(spec: dict) -> dict:
     return out
 
 
+# What a retrain message's ``hp_tuning`` may hold (``check_spec``). Parameters are the trainer's flags
+# (containers/trainer/task.py) with their types: a name or value it cannot parse would fail every trial, after the
+# trials were paid for.
+TUNABLE = {
+    "learning_rate": float,
+    "batch_size": int,
+    "max_steps": int,
+    "epochs": int,
+    "max_seq_length": int,
+    "warmup_ratio": float,
+    "seed": int,
+    "log_every": int,
+    "checkpoint_every": int,
+    "mini_batch_size": int,
+    "patience": int,
+    "base_model": str,
+}
+SPEC_KEYS = ("metric", "goal", "parameters", "max_trials", "parallel_trials", "max_failed_trials", "algorithm", "seed")
+PARAMETER_KEYS = ("type", "min", "max", "scale", "values")
+TYPES = ("double", "integer", "discrete", "categorical")
+SCALES = ("linear", "log", "reverse_log")  # embedpipe.vertex maps them to Vertex scale types
+ALGORITHMS = ("", "grid", "random")  # "": Vertex's default (Bayesian) search
+MAX_TRIALS = 100  # a message must not be able to order an unbounded number of training jobs
+MAX_PARALLEL_TRIALS = 10
+MAX_VALUES = 100
+
+
+def _count(spec: dict, key: str, lo: int, hi: int) -> int | None:
+    if key not in spec:
+        return None
+    value = spec[key]
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _number(value, what: str, integer: bool = False) -> float:
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if not ok or isinstance(value, bool) or not -1e300 < value < 1e300:  # also NaN, inf and JSON's huge ints
+        raise ValueError(f"{what} must be a finite {'integer' if integer else 'number'}, got {value!r}")
+    return value
+
+
+def _check_parameter(name: str, p) -> None:
+    where = f"parameter {name!r}"
+    if not isinstance(p, dict):
+        raise ValueError(f"{where} must be an object with min/max or values, got {type(p).__name__}")
+    unknown = sorted(set(p) - set(PARAMETER_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {list(PARAMETER_KEYS)}")
+    kind = p.get("type")
+    if kind is not None and kind not in TYPES:
+        raise ValueError(f"{where}: unknown type {kind!r}; one of {list(TYPES)}")
+    flag_kind = TUNABLE[name]
+    if "values" in p:
+        values = p["values"]
+        if "min" in p or "max" in p or kind in ("double", "integer"):
+            raise ValueError(f"{where}: give either values (discrete, categorical) or min and max (double, integer)")
+        if not isinstance(values, list) or not 1 <= len(values) <= MAX_VALUES:
+            raise ValueError(f"{where}: values must be a list of 1 to {MAX_VALUES} items, got {values!r}")
+        if flag_kind is str:
+            if kind == "discrete" or not all(isinstance(v, str) and v for v in values):
+                raise ValueError(f"{where}: values must be non-empty strings (categorical)")
+        else:
+            if kind == "categorical":
+                raise ValueError(f"{where}: takes numbers, so it is discrete, not categorical")
+            for v in values:
+                _number(v, f"{where}: each value", integer=flag_kind is int)
+        if len(set(values)) != len(values):
+            raise ValueError(f"{where}: values repeat")
+    else:
+        if "min" not in p or "max" not in p or kind in ("discrete", "categorical"):
+            raise ValueError(f"{where}: needs min and max (double, integer) or values (discrete, categorical)")
+        if flag_kind is str:
+            raise ValueError(f"{where}: is a string: give its values (categorical)")
+        integer = flag_kind is int or kind == "integer"
+        if flag_kind is int and kind == "double":
+            raise ValueError(f"{where}: takes integers, so its type is integer, not double")
+        lo, hi = (_number(p[k], f"{where}: {k}", integer=integer) for k in ("min", "max"))
+        if lo > hi:
+            raise ValueError(f"{where}: min {lo} > max {hi}")
+    scale = p.get("scale", "linear")
+    if scale not in SCALES:
+        raise ValueError(f"{where}: scale must be one of {list(SCALES)}, got {scale!r}")
+    if scale != "linear":
+        if flag_kind is str or kind == "categorical":
+            raise ValueError(f"{where}: a categorical parameter has no scale")
+        if min(p["values"] if "values" in p else [p["min"]]) <= 0:
+            raise ValueError(f"{where}: {scale} scale needs values > 0")
+
+
+def check_spec(spec) -> dict:
+    """Check a retrain message's ``hp_tuning`` against the format above (what ``embedpipe.vertex`` and the local
+    job runner consume); returns it unchanged. Raises ValueError naming the problem: unknown keys, a metric the
+    trainer does not report, a bad goal, no parameters, a parameter the trainer has no flag for or whose range,
+    values, type or scale it cannot take, trial counts that are not positive integers, over their bounds, or more
+    parallel trials than trials."""
+    from embedpipe.evaluation import METRIC_KEYS
+
+    if not isinstance(spec, dict):
+        raise ValueError(f"must be a JSON object, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; allowed: {list(SPEC_KEYS)}")
+    if spec.get("metric") not in METRIC_KEYS:
+        raise ValueError(
+            f"metric must be one the trainer reports, one of {list(METRIC_KEYS)}; got {spec.get('metric')!r}"
+        )
+    goal = spec.get("goal", "maximize")
+    if not isinstance(goal, str) or goal.upper() not in GOALS:
+        raise ValueError(f"goal must be 'maximize' or 'minimize', got {goal!r}")
+    algorithm = spec.get("algorithm", "")
+    if not isinstance(algorithm, str) or algorithm.lower() not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {[a for a in ALGORITHMS if a]} (or absent), got {algorithm!r}")
+    trials = _count(spec, "max_trials", 1, MAX_TRIALS)
+    parallel = _count(spec, "parallel_trials", 1, MAX_PARALLEL_TRIALS)
+    if trials is not None and parallel is not None and parallel > trials:
+        raise ValueError(f"parallel_trials ({parallel}) must not exceed max_trials ({trials})")
+    _count(spec, "max_failed_trials", 0, trials or MAX_TRIALS)
+    _count(spec, "seed", 0, 2**32 - 1)
+    params = spec.get("parameters")
+    if not isinstance(params, dict) or not params:
+        raise ValueError("parameters must map at least one parameter name to its range or values")
+    unknown = sorted(set(params) - set(TUNABLE))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}: the trainer takes {sorted(TUNABLE)}")
+    for name, p in params.items():
+        _check_parameter(name, p)
+    return spec
+
+
 def _draw(p: dict, rng: random.Random, first: bool):
     if "values" in p:
         return p["values"][0] if first else rng.choice(p["values"])

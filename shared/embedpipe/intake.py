@@ -84,14 +84,22 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def check_file(rel: str, data: bytes) -> list[datasets.Notice]:
-    """Parse one BEIR file on its own: raises DatasetError (file, line, reason) for a broken file, else returns its
-    notices (corpus documents skipped for having neither title nor text). Cross-file checks (duplicate ids across
-    corpus files, qrels naming unknown queries; qrels naming absent documents are counted) happen at launch."""
+class _IdsOnly(dict):
+    """The duplicate-id check needs the ids seen so far, not the documents: checking a corpus file keeps only ids."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, None)
+
+
+def check_file(rel: str, data: datasets.Source) -> list[datasets.Notice]:
+    """Parse one BEIR file (bytes, or a binary stream read line by line) on its own: raises DatasetError (file, line,
+    reason) for a broken file, else returns its notices (corpus documents skipped for having neither title nor
+    text). Cross-file checks (duplicate ids across corpus files, qrels naming unknown queries; qrels naming absent
+    documents are counted) happen at launch."""
     notices: list[datasets.Notice] = []
     kind = datasets.classify(rel)
     if kind == "corpus":
-        datasets.parse_corpus(data, rel, notices=notices)
+        datasets.parse_corpus(data, rel, into=_IdsOnly(), notices=notices)
     elif kind == "queries":
         datasets.parse_queries(data, rel)
     elif kind == "qrels":
@@ -118,40 +126,53 @@ def quarantine(bucket: str, name: str, generation: int) -> str:
     return f"gs://{bucket}/{target}"
 
 
-def check_object(bucket: str, name: str, generation: int) -> Verdict:
+def _max_bytes(max_bytes: int | None) -> int:
+    from embedpipe.config import Settings
+
+    return Settings.from_env().max_object_bytes if max_bytes is None else max_bytes
+
+
+def check_object(bucket: str, name: str, generation: int, max_bytes: int | None = None) -> Verdict:
     """``Accepted`` (with its notices) when the object is a usable dataset file; a ``Rejection`` (and the object is
-    quarantined) when it is not; None when that generation is gone."""
+    quarantined) when it is not; None when that generation is gone.
+
+    An object over ``max_bytes`` (default: ``Settings.max_object_bytes``) is rejected from its metadata, unread;
+    the rest is parsed from a stream, so memory follows the longest line and the ids, not the file."""
     uri = f"gs://{bucket}/{name}"
     problem = name_problem(name)
     line = None
     if problem is None:
         rel = name.split("/", 2)[2]
+        blob = storage.client().bucket(bucket).blob(name, generation=generation)
         try:
-            data = storage.client().bucket(bucket).blob(name, generation=generation).download_as_bytes()
+            blob.reload()  # that generation's metadata: its size
+            problem = datasets.size_problem(int(blob.size), _max_bytes(max_bytes))
+            if problem is None:
+                with blob.open("rb", chunk_size=datasets.READ_CHUNK) as stream:
+                    # the pipeline records and logs the notices
+                    return Accepted(uri, generation, tuple(check_file(rel, stream)))
         except gexc.NotFound:
             return None  # replaced or deleted since: the newer generation has its own event
-        try:
-            notices = check_file(rel, data)
         except datasets.DatasetError as exc:
             problem, line = exc.reason, exc.line
-        else:
-            return Accepted(uri, generation, tuple(notices))  # the pipeline records and logs the notices
     where = f"{uri}:{line}" if line else uri
     log.warning("rejected %s: %s", where, problem)
     return Rejection(uri, generation, line, problem, quarantine(bucket, name, generation))
 
 
-def load_valid(bucket: str, dataset: str, max_rejections: int = 100):
+def load_valid(bucket: str, dataset: str, max_rejections: int = 100, max_bytes: int | None = None):
     """Load the whole dataset, quarantining each file a cross-file check rejects (duplicate ids across corpus files,
-    qrels naming unknown query ids), until the rest is valid. Returns (Dataset or None, rejections, why None).
+    qrels naming unknown query ids) or that is over ``max_bytes`` (default: ``Settings.max_object_bytes``), until the
+    rest is valid. Returns (Dataset or None, rejections, why None).
 
     What ``datasets.load_files`` accepts with a notice is not a rejection here: a qrels file naming documents the
     corpus lacks stays (``Dataset.qrels_absent`` counts the rows; evaluation treats them the trec_eval way), so a
     corpus file quarantined for a real error does not take the qrels that cite it along."""
     rejections: list[Rejection] = []
+    cap = _max_bytes(max_bytes)
     for _ in range(max_rejections):
         try:
-            return datasets.load_gcs(bucket, dataset), rejections, None
+            return datasets.load_gcs(bucket, dataset, max_bytes=cap), rejections, None
         except datasets.NoCorpus as exc:
             return None, rejections, str(exc)
         except gexc.NotFound:

@@ -62,8 +62,10 @@ def ensure_bucket(name: str) -> None:
 
 
 @transient
-def read_bytes(uri: str) -> bytes:
-    return blob(uri).download_as_bytes()
+def read_bytes(uri: str, generation: int | None = None) -> bytes:
+    """The object's bytes; with ``generation``, that version's (NotFound once it is replaced or deleted)."""
+    bucket, name = split_uri(uri)
+    return client().bucket(bucket).blob(name, generation=generation).download_as_bytes()
 
 
 @transient
@@ -119,6 +121,13 @@ def list_uris(prefix_uri: str) -> Iterator[tuple[str, int]]:
         yield f"gs://{bucket}/{b.name}", int(b.generation)
 
 
+def list_objects(prefix_uri: str) -> Iterator[tuple[str, int, int]]:
+    """(uri, generation, size in bytes) for every object under a prefix."""
+    bucket, prefix = split_uri(prefix_uri)
+    for b in client().list_blobs(bucket, prefix=prefix):
+        yield f"gs://{bucket}/{b.name}", int(b.generation), int(b.size)
+
+
 @transient
 def upload_file(path: Path, uri: str) -> int:
     b = blob(uri)
@@ -136,18 +145,33 @@ def upload_dir(local: Path, uri: str) -> list[str]:
     return out
 
 
+def _local_path(local: Path, rel: str, obj: str) -> Path:
+    """Where object ``obj`` (``rel`` under the prefix) lands in ``local``; ValueError when it would land elsewhere.
+
+    Object names are whatever the bucket's writer chose (a ``base_model=gs://...`` override can name any bucket):
+    ``../``, ``/abs`` or ``a//b`` must not write outside ``local`` or alias another file."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"refusing to download {obj}: its name {rel!r} is not a plain relative path")
+    root = local.resolve()
+    dest = (root / rel).resolve()
+    if not dest.is_relative_to(root):  # e.g. through a symlink already in local
+        raise ValueError(f"refusing to download {obj}: it would be written outside {local}")
+    return dest
+
+
 def download_dir(uri: str, local: Path) -> Path:
     local = Path(local)
     prefix = uri.rstrip("/") + "/"
-    found = False
-    for obj, _ in list_uris(prefix):
-        rel = obj[len(prefix) :]
-        if not rel or rel.endswith("/"):
-            continue
-        dest = local / rel
+    # every name is checked before anything is written: a hostile prefix leaves no partial download behind
+    todo = [
+        (obj, _local_path(local, obj[len(prefix) :], obj))
+        for obj, _ in list_uris(prefix)
+        if obj[len(prefix) :] and not obj.endswith("/")  # "folder/" placeholder objects hold nothing
+    ]
+    if not todo:
+        raise FileNotFoundError(f"nothing under {uri}")
+    for obj, dest in todo:
         dest.parent.mkdir(parents=True, exist_ok=True)
         blob(obj).download_to_filename(str(dest))
-        found = True
-    if not found:
-        raise FileNotFoundError(f"nothing under {uri}")
     return local

@@ -121,6 +121,29 @@ def test_metadata_must_be_an_object():
     assert_error(err, "corpus.jsonl", 1, "field 'metadata' must be an object, got list")
 
 
+def nested(depth: int):
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_metadata_nesting_is_capped():
+    ok = {"_id": "a", "text": "t", "metadata": {"m": nested(datasets.MAX_JSON_DEPTH - 1)}}
+    assert parse_corpus(jl(ok), "corpus.jsonl")["a"].metadata == ok["metadata"]
+    deep = {"_id": "b", "text": "t", "metadata": {"m": nested(datasets.MAX_JSON_DEPTH)}}
+    err = corpus_error(jl(ok, deep))
+    assert_error(err, "corpus.jsonl", 2, f"field 'metadata' nests deeper than {datasets.MAX_JSON_DEPTH} levels")
+
+
+@pytest.mark.parametrize("parse", [parse_corpus, parse_queries, parse_pairs])
+def test_json_nested_past_the_parser_stack_is_a_dataset_error(parse):
+    data = b"\n" + b"[" * 100_000 + b"]" * 100_000 + b"\n"  # json recurses per level: RecursionError
+    with pytest.raises(DatasetError) as err:
+        parse(data, "f.jsonl")
+    assert_error(err.value, "f.jsonl", 2, "invalid JSON: nested too deeply")
+
+
 def test_boolean_id_is_rejected():
     assert_error(corpus_error(jl({"_id": True, "text": "t"})), "corpus.jsonl", 1, "field '_id' must be a string")
 

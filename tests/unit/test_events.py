@@ -360,3 +360,14 @@ def test_fixture_payloads_are_base64_of_json():
         ce = load_event(name)
         if ce["type"] == events.PUBSUB_PUBLISHED:
             json.loads(base64.b64decode(ce.data["message"]["data"], validate=True))
+
+
+@pytest.mark.parametrize(
+    "body", [b"[" * 200_000 + b"]" * 200_000, b'{"dataset": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"]
+)
+def test_a_message_nested_past_the_parser_stack_is_a_malformed_event_not_a_crash(body):
+    """A RecursionError escaping the handler is a 500 (redelivered until dead-lettered); it is a bad message."""
+    with pytest.raises(events.EventError, match="not JSON"):
+        events.parse_retrain(events.parse_push(push_event(body, topic="retrain-requests")))
+    with pytest.raises(events.EventError, match="not usable JSON"):
+        events.Event.from_pubsub(body, {"ce-type": "io.embedpipe.index.updated.v1"})

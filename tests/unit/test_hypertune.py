@@ -89,3 +89,105 @@ def test_best_by_goal():
     assert hypertune.best(trials, "MAXIMIZE")["id"] == "2"
     assert hypertune.best(trials, "minimize")["id"] == "1"
     assert hypertune.best([{"id": "1", "metric": None}], "MAXIMIZE") is None
+
+
+# ---------------------------------------------------------------- check_spec: a retrain message's hp_tuning
+
+GOOD = {  # every key and parameter form the format has (vertex.py's docstring example)
+    "metric": "recall@10",
+    "goal": "maximize",
+    "max_trials": 8,
+    "parallel_trials": 2,
+    "max_failed_trials": 1,
+    "algorithm": "random",
+    "seed": 3,
+    "parameters": {
+        "learning_rate": {"min": 1e-5, "max": 1e-4, "scale": "log"},
+        "max_steps": {"type": "integer", "min": 20, "max": 200},
+        "warmup_ratio": {"type": "double", "min": 0.0, "max": 0.2},
+        "batch_size": {"values": [16, 32, 64]},
+        "base_model": {"values": ["a", "b"]},
+    },
+}
+
+
+def with_(**changes) -> dict:
+    return {**GOOD, **changes}
+
+
+def param(**p) -> dict:
+    return with_(parameters={**GOOD["parameters"], **p})
+
+
+def test_check_spec_accepts_the_documented_format():
+    assert hypertune.check_spec(GOOD) == GOOD
+    minimal = {"metric": "ndcg@10", "parameters": {"learning_rate": {"min": 1e-5, "max": 1e-3}}}
+    assert hypertune.check_spec(minimal) == minimal
+    assert hypertune.suggest(GOOD)  # and what it accepts, the local runner can run
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (["metric"], "must be a JSON object, got list"),
+        (with_(max_trial=3), r"unknown key\(s\) \['max_trial'\]"),
+        ({k: v for k, v in GOOD.items() if k != "metric"}, "metric must be one the trainer reports"),
+        (with_(metric="accuracy"), "metric must be one the trainer reports.*'accuracy'"),
+        (with_(goal="up"), "goal must be 'maximize' or 'minimize'"),
+        (with_(goal=1), "goal must be"),
+        (with_(algorithm="bayes"), "algorithm must be one of"),
+        ({k: v for k, v in GOOD.items() if k != "parameters"}, "parameters must map"),
+        (with_(parameters={}), "parameters must map"),
+        (with_(parameters=[{"learning_rate": {}}]), "parameters must map"),
+        (param(dropout={"min": 0.0, "max": 0.5}), r"unknown parameter\(s\) \['dropout'\]"),
+        (param(learning_rate=0.001), "parameter 'learning_rate' must be an object"),
+        (param(learning_rate={"min": 1e-5, "max": 1e-3, "step": 2}), r"unknown key\(s\) \['step'\]"),
+        (param(learning_rate={"type": "float", "min": 1e-5, "max": 1e-3}), "unknown type 'float'"),
+        (param(learning_rate={"min": 1e-3, "max": 1e-5}), "min 0.001 > max 1e-05"),
+        (param(learning_rate={"min": 1e-3}), "needs min and max"),
+        (param(learning_rate={"min": "0.1", "max": 1.0}), "min must be a finite number"),
+        (param(learning_rate={"min": 0.0, "max": float("inf")}), "max must be a finite number"),
+        (param(learning_rate={"min": 0.0, "max": 1e-3, "scale": "log"}), "log scale needs values > 0"),
+        (param(learning_rate={"min": 1e-5, "max": 1e-3, "scale": "exp"}), "scale must be one of"),
+        (param(learning_rate={"min": 1e-5, "max": 1e-3, "values": [1e-4]}), "either values"),
+        (param(batch_size={"values": []}), "values must be a list of 1 to 100 items"),
+        (param(batch_size={"values": list(range(1, 102))}), "values must be a list of 1 to 100 items"),
+        (param(batch_size={"values": ["16", "32"]}), "each value must be a finite integer"),
+        (param(batch_size={"values": [16, 16.5]}), "each value must be a finite integer"),
+        (param(batch_size={"values": [16, 16]}), "values repeat"),
+        (param(batch_size={"min": 8.0, "max": 64.5}), "min must be a finite integer"),
+        (param(batch_size={"type": "double", "min": 8, "max": 64}), "type is integer, not double"),
+        (param(batch_size={"type": "categorical", "values": [8, 16]}), "discrete, not categorical"),
+        (param(base_model={"values": [1, 2]}), "non-empty strings"),
+        (param(base_model={"min": 1, "max": 2}), "give its values"),
+        (param(base_model={"values": ["a"], "scale": "log"}), "no scale"),
+        (with_(max_trials=0), r"max_trials must be an integer in \[1, 100\], got 0"),
+        (with_(max_trials=1000), r"max_trials must be an integer in \[1, 100\]"),
+        (with_(max_trials="8"), "max_trials must be an integer"),
+        (with_(max_trials=True), "max_trials must be an integer"),
+        (with_(parallel_trials=None), "parallel_trials must be an integer"),
+        (with_(parallel_trials=-1), r"parallel_trials must be an integer in \[1, 10\]"),
+        (with_(parallel_trials=50), r"parallel_trials must be an integer in \[1, 10\]"),
+        (with_(max_trials=2, parallel_trials=3), r"parallel_trials \(3\) must not exceed max_trials \(2\)"),
+        (with_(max_failed_trials=9), r"max_failed_trials must be an integer in \[0, 8\]"),
+        (with_(seed=-1), "seed must be an integer"),
+    ],
+)
+def test_check_spec_names_the_problem(bad, match):
+    with pytest.raises(ValueError, match=match):
+        hypertune.check_spec(bad)
+
+
+def test_every_tunable_parameter_is_a_trainer_flag_of_its_type():
+    """check_spec's parameter list is the trainer's: each name parses as the flag a trial passes, to its type."""
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("trainer_task_for_hypertune", ROOT / "containers/trainer/task.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    sample = {int: 7, float: 0.5, str: "some/model"}
+    base = ["--dataset=d", "--run-id=r", "--base-model=m"]
+    args = task.parse_args(base + [f"{hypertune.flag(n)}={sample[k]}" for n, k in hypertune.TUNABLE.items()])
+    assert {n: getattr(args, n) for n in hypertune.TUNABLE} == {n: sample[k] for n, k in hypertune.TUNABLE.items()}

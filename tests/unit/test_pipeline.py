@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 import types
@@ -209,7 +210,8 @@ class FakeGCS:
     def list_blobs(self, bucket: str, prefix: str = ""):
         for name in self.names(bucket):
             if name.startswith(prefix):
-                yield types.SimpleNamespace(name=name, generation=self.objects[(bucket, name)][1])
+                data, generation = self.objects[(bucket, name)]
+                yield types.SimpleNamespace(name=name, generation=generation, size=len(data))
 
 
 @dataclasses.dataclass
@@ -222,7 +224,7 @@ class _FakeBucket:
 
     def get_blob(self, name: str):
         found = self.gcs.objects.get((self.name, name))
-        return types.SimpleNamespace(name=name, generation=found[1]) if found else None
+        return types.SimpleNamespace(name=name, generation=found[1], size=len(found[0])) if found else None
 
     def copy_blob(self, src: _FakeBlob, dest: _FakeBucket, name: str, source_generation: int | None = None):
         self.gcs.put(dest.name, name, _FakeBlob(self.gcs, src.bucket, src.name, source_generation).download_as_bytes())
@@ -240,6 +242,17 @@ class _FakeBlob:
         if found is None or (self.pinned is not None and found[1] != self.pinned):
             raise gexc.NotFound(f"{self.bucket}/{self.name}#{self.pinned}")
         return found[0]
+
+    def reload(self) -> None:
+        self.download_as_bytes()  # NotFound when that generation is gone
+
+    @property
+    def size(self) -> int:
+        return len(self.download_as_bytes())
+
+    def open(self, mode: str = "rb", chunk_size: int | None = None) -> io.BytesIO:
+        assert mode == "rb"
+        return io.BytesIO(self.download_as_bytes())
 
     @property
     def generation(self) -> int:
@@ -859,10 +872,10 @@ def test_launch_time_load_goes_on_when_a_concurrent_delivery_moved_the_bad_file(
     gcs.put(DATA, root + "qrels/dev.tsv", HEADER + b"k9\tq-01\t1\n")  # a query-id queries.jsonl lacks
     real, calls = intake.datasets.load_gcs, []
 
-    def racing(bucket, dataset, test=True):
+    def racing(bucket, dataset, test=True, **kw):
         calls.append(dataset)
         try:
-            return real(bucket, dataset, test)
+            return real(bucket, dataset, test, **kw)
         except intake.datasets.DatasetError:
             gcs.objects.pop((DATA, root + "qrels/dev.tsv"), None)  # the other delivery moves it meanwhile
             raise
@@ -1051,3 +1064,14 @@ def test_a_dataset_whose_milvus_name_clashes_with_another_is_refused(make):
         h.pipe.on_retrain(events.RetrainRequest("a_b", {}, None, "r", "pubsub/retrain/9"))
     h.upload("datasets/a-b/queries.jsonl")  # the first one goes on as before
     assert len(h.runs()[0]["triggers"]) == 2
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["all of them", {"metric": "ndcg@10", "goal": "MAXIMIZE", "parameters": []}, {"max_trials": -1}],
+)
+def test_retrain_with_a_bad_hp_tuning_spec_is_rejected_before_anything_is_stored(h, spec):
+    req = events.RetrainRequest("demo", {}, spec, "tune", "pubsub/retrain/5")
+    with pytest.raises(events.EventError, match="hp_tuning"):
+        h.pipe.on_retrain(req)
+    assert h.runs() == [] and h.launcher.submits == []

@@ -1,0 +1,199 @@
+"""Intake's limits: an object over the size cap is rejected from its metadata, unread (on upload and at launch); the
+rest is parsed from a stream, the same way as bytes; a JSON line nested too deeply rejects its file."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from google.api_core import exceptions as gexc
+
+from embedpipe import datasets, intake, storage
+
+DATA = "data"
+NESTED = b'{"_id": "a", "text": "x", "metadata": {"m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}\n"
+
+
+class FakeGCS:
+    """Enough of the storage client for intake: generations, pinned reads, metadata, streams, copies, deletes.
+    A read of an object named in ``unreadable`` fails the test: it must be judged from its metadata alone."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[bytes, int]] = {}
+        self.unreadable: set[str] = set()
+        self.downloaded: list[str] = []  # whole-object reads
+        self._generation = 0
+
+    def put(self, name: str, data: bytes) -> int:
+        self._generation += 1
+        self.objects[name] = (data, self._generation)
+        return self._generation
+
+    def bucket(self, name: str):
+        return self
+
+    def blob(self, name: str, generation: int | None = None):
+        return _Blob(self, name, generation)
+
+    def get_blob(self, name: str):
+        return self.blob(name, self.objects[name][1]) if name in self.objects else None
+
+    def list_blobs(self, bucket: str, prefix: str = ""):
+        for name in sorted(self.objects):
+            if name.startswith(prefix):
+                yield self.blob(name, self.objects[name][1])
+
+    def copy_blob(self, src, dest, name: str, source_generation: int | None = None):
+        self.put(name, self.objects[src.name][0])
+
+
+class _Blob:
+    def __init__(self, gcs: FakeGCS, name: str, pinned: int | None):
+        self.gcs, self.name, self.pinned = gcs, name, pinned
+
+    def _found(self) -> tuple[bytes, int]:
+        found = self.gcs.objects.get(self.name)
+        if found is None or (self.pinned is not None and found[1] != self.pinned):
+            raise gexc.NotFound(self.name)
+        return found
+
+    def reload(self) -> None:
+        self._found()
+
+    @property
+    def size(self) -> int:
+        return len(self._found()[0])
+
+    @property
+    def generation(self) -> int:
+        return self._found()[1]
+
+    def download_as_bytes(self) -> bytes:
+        assert self.name not in self.gcs.unreadable, f"{self.name} was read"
+        self.gcs.downloaded.append(self.name)
+        return self._found()[0]
+
+    def open(self, mode: str = "rb", chunk_size: int | None = None):
+        assert self.name not in self.gcs.unreadable, f"{self.name} was read"
+        return io.BytesIO(self._found()[0])
+
+    def delete(self, if_generation_match: int | None = None) -> None:
+        if if_generation_match is not None and self._found()[1] != if_generation_match:
+            raise gexc.PreconditionFailed(self.name)
+        del self.gcs.objects[self.name]
+
+
+@pytest.fixture
+def gcs(monkeypatch) -> FakeGCS:
+    fake = FakeGCS()
+    monkeypatch.setattr(storage, "client", lambda: fake)
+    return fake
+
+
+def jl(*objs) -> bytes:
+    return b"".join(json.dumps(o).encode() + b"\n" for o in objs)
+
+
+def test_an_object_over_the_cap_is_rejected_unread(gcs):
+    name = "datasets/demo/corpus.jsonl"
+    gen = gcs.put(name, jl({"_id": "a", "text": "x" * 100}))
+    gcs.unreadable.add(name)
+    verdict = intake.check_object(DATA, name, gen, max_bytes=50)
+    assert isinstance(verdict, intake.Rejection) and verdict.line is None
+    assert (
+        verdict.reason == f"object is {len(gcs.objects['quarantine/demo/corpus.jsonl'][0])} bytes, over the "
+        "50-byte cap (EMBEDPIPE_MAX_OBJECT_BYTES)"
+    )
+    assert verdict.quarantined_to == f"gs://{DATA}/quarantine/demo/corpus.jsonl" and name not in gcs.objects
+
+
+def test_the_cap_defaults_to_the_setting(gcs, monkeypatch):
+    name = "datasets/demo/queries.jsonl"
+    gen = gcs.put(name, jl({"_id": "q", "text": "question"}))
+    monkeypatch.setenv("EMBEDPIPE_MAX_OBJECT_BYTES", "10")
+    gcs.unreadable.add(name)
+    assert "over the 10-byte cap" in intake.check_object(DATA, name, gen).reason
+    monkeypatch.delenv("EMBEDPIPE_MAX_OBJECT_BYTES")
+    gcs.unreadable.clear()
+    gen = gcs.put(name, jl({"_id": "q", "text": "question"}))  # the first was quarantined
+    assert intake.check_object(DATA, name, gen) == intake.Accepted(f"gs://{DATA}/{name}", gen)
+
+
+def test_an_object_within_the_cap_is_parsed_from_a_stream(gcs):
+    name = "datasets/demo/corpus.jsonl"
+    data = jl({"_id": "a", "text": "x"}, {"_id": "b", "text": ""})
+    gen = gcs.put(name, data)
+    verdict = intake.check_object(DATA, name, gen, max_bytes=len(data))
+    assert isinstance(verdict, intake.Accepted) and [n.id for n in verdict.notices] == ["b"]
+    assert gcs.downloaded == []  # read through open(), never whole
+
+
+def test_an_object_gone_before_its_size_is_read_has_no_verdict(gcs):
+    gen = gcs.put("datasets/demo/corpus.jsonl", jl({"_id": "a", "text": "x"}))
+    gcs.put("datasets/demo/corpus.jsonl", jl({"_id": "a", "text": "y"}))
+    assert intake.check_object(DATA, "datasets/demo/corpus.jsonl", gen) is None
+
+
+@pytest.mark.parametrize(
+    "rel,data",
+    [
+        ("corpus.jsonl", jl({"_id": "a", "text": "x"}) + NESTED),
+        ("queries.jsonl", jl({"_id": "q", "text": "x"}) + b"[" * 100_000 + b"]" * 100_000 + b"\n"),
+        ("pairs/p.jsonl", jl({"anchor": "a", "positive": "p"}) + b'{"anchor": ' + b"[" * 100_000 + b"\n"),
+    ],
+    ids=["corpus-metadata", "queries-array", "pairs-unclosed"],
+)
+def test_a_deeply_nested_json_line_rejects_its_file(gcs, rel, data):
+    name = f"datasets/demo/{rel}"
+    verdict = intake.check_object(DATA, name, gcs.put(name, data))
+    assert isinstance(verdict, intake.Rejection)
+    assert (verdict.line, verdict.reason) == (2, "invalid JSON: nested too deeply")
+
+
+def test_an_endless_line_stops_the_stream_near_the_line_limit():
+    class Endless(io.RawIOBase):
+        read_total = 0
+
+        def read(self, n: int = -1) -> bytes:
+            self.read_total += n
+            return b"x" * n
+
+    stream = Endless()
+    with pytest.raises(datasets.DatasetError) as err:
+        intake.check_file("corpus.jsonl", stream)
+    assert (err.value.line, err.value.reason) == (1, f"line is over the {datasets.MAX_LINE_BYTES}-byte limit")
+    assert stream.read_total <= datasets.MAX_LINE_BYTES + datasets.READ_CHUNK
+
+
+def test_launch_time_load_quarantines_a_file_over_the_cap(gcs):
+    root = "datasets/demo/"
+    gcs.put(root + "corpus.jsonl", jl({"_id": "a", "text": "alpha"}, {"_id": "b", "text": "beta"}))
+    gcs.put(root + "queries.jsonl", jl({"_id": "q", "text": "alpha?"}))
+    big = gcs.put(root + "corpus/big.jsonl", jl(*({"_id": f"x{i}", "text": "filler"} for i in range(20))))
+    gcs.unreadable.add(root + "corpus/big.jsonl")
+    ds, rejections, problem = intake.load_valid(DATA, "demo", max_bytes=200)
+    assert problem is None and sorted(ds.corpus) == ["a", "b"]
+    [r] = rejections
+    assert (r.object, r.generation, r.line) == (f"gs://{DATA}/{root}corpus/big.jsonl", big, None)
+    assert "over the 200-byte cap (EMBEDPIPE_MAX_OBJECT_BYTES)" in r.reason
+    assert "quarantine/demo/corpus/big.jsonl" in gcs.objects
+
+
+def test_streamed_and_whole_files_parse_alike(monkeypatch):
+    """Chunk boundaries fall anywhere (mid-line, mid-CRLF, mid-UTF-8): a stream gives what the bytes give."""
+    data = jl({"_id": "a", "text": "caf\u00e9"}, {"_id": "b", "text": ""}).replace(b"\n", b"\r\n") + b"\n\n"
+    data += b'{"_id": "c", "text": "no newline at the end"}'
+    monkeypatch.setattr(datasets, "READ_CHUNK", 3)
+    notices: list = []
+    assert datasets.parse_corpus(io.BytesIO(data), "c.jsonl", notices=notices) == datasets.parse_corpus(data, "c.jsonl")
+    assert [(n.line, n.id) for n in notices] == [(2, "b")]
+    bad = data + b'\n{"_id": "d", "text": "caf\xe9"}\n'
+    for source in (bad, io.BytesIO(bad)):
+        with pytest.raises(datasets.DatasetError, match=r"c.jsonl:6: invalid UTF-8 at byte 25"):
+            datasets.parse_corpus(source, "c.jsonl")
+    for empty in (b"", b" \n\r\n"):
+        with pytest.raises(datasets.DatasetError, match="file is empty"):
+            datasets.parse_queries(io.BytesIO(empty), "queries.jsonl")
+    with pytest.raises(datasets.DatasetError, match="binary file"):
+        datasets.parse_queries(io.BytesIO(b'{"_id": "q"}\n\0\0'), "queries.jsonl")

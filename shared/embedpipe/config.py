@@ -45,6 +45,20 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true/false, 1/0, yes/no or on/off")
 
 
+# Run overrides a retrain message may set (``embedpipe retrain --set key=value``), with their types; the trainer flags
+# of the same names (``--learning-rate`` ...) take them.
+TRAIN_OVERRIDES = {
+    "learning_rate": float,
+    "batch_size": int,
+    "max_steps": int,
+    "epochs": int,
+    "max_seq_length": int,
+    "warmup_ratio": float,
+    "seed": int,
+    "patience": int,
+    "base_model": str,
+}
+
 # The reconcile handler waits at most this long, well inside its push subscription's 60 s ack deadline.
 MAX_LAUNCH_WAIT_S = 30.0
 

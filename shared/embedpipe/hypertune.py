@@ -30,6 +30,8 @@ import re
 import time
 from pathlib import Path
 
+from embedpipe.config import TRAIN_OVERRIDES
+
 DEFAULT_METRIC_FILE = "/tmp/hypertune/output.metrics"
 GOALS = ("MAXIMIZE", "MINIMIZE")
 
@@ -102,20 +104,7 @@ def validate(spec: dict) -> dict:
 # What a retrain message's ``hp_tuning`` may hold (``check_spec``). Parameters are the trainer's flags
 # (containers/trainer/task.py) with their types: a name or value it cannot parse would fail every trial, after the
 # trials were paid for.
-TUNABLE = {
-    "learning_rate": float,
-    "batch_size": int,
-    "max_steps": int,
-    "epochs": int,
-    "max_seq_length": int,
-    "warmup_ratio": float,
-    "seed": int,
-    "log_every": int,
-    "checkpoint_every": int,
-    "mini_batch_size": int,
-    "patience": int,
-    "base_model": str,
-}
+TUNABLE = {**TRAIN_OVERRIDES, "log_every": int, "checkpoint_every": int, "mini_batch_size": int}
 SPEC_KEYS = ("metric", "goal", "parameters", "max_trials", "parallel_trials", "max_failed_trials", "algorithm", "seed")
 PARAMETER_KEYS = ("type", "min", "max", "scale", "values")
 TYPES = ("double", "integer", "discrete", "categorical")

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from embedpipe import bus, datasets, incremental, intake, runs, storage, topology
-from embedpipe.config import Settings
+from embedpipe.config import TRAIN_OVERRIDES, Settings
 from embedpipe.events import (
     INDEX_REQUESTED,
     RUN_FAILED,
@@ -31,18 +31,6 @@ from embedpipe.runs import EMBEDDING, INDEXING, PENDING, TRAINING, Ledger
 log = logging.getLogger(__name__)
 
 STAGE_STATE = {"train": TRAINING, "embed": EMBEDDING}
-# Run overrides a retrain message may set (``embedpipe retrain --set key=value``), with their types.
-TRAIN_OVERRIDES = {
-    "learning_rate": float,
-    "batch_size": int,
-    "max_steps": int,
-    "epochs": int,
-    "max_seq_length": int,
-    "warmup_ratio": float,
-    "seed": int,
-    "patience": int,
-    "base_model": str,
-}
 
 
 def checked_overrides(req: RetrainRequest) -> dict:

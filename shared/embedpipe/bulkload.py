@@ -210,7 +210,10 @@ def wait_import(
     while True:
         left = None if end is None else max(0.0, end - _now())
         timeout = 60.0 if left is None else max(1.0, min(60.0, left))
-        p = progress_request(settings.milvus_uri, settings.milvus_token, job_id).send(timeout=timeout)
+        try:
+            p = progress_request(settings.milvus_uri, settings.milvus_token, job_id).send(timeout=timeout)
+        except ImportUnsupported as exc:  # the job exists: an unreachable server is a later look, never upserts
+            raise ImportPending(job_id, f"unreachable ({exc})", None) from None
         state = p.get("state", "")
         if state == "Completed":
             rows = int(p.get("importedRows") or p.get("totalRows") or 0)

@@ -60,6 +60,9 @@ def load_manifests(embed_uri: str, job_key: str | None = None) -> list[dict]:
     n = manifests[0]["replicas"]
     if len(manifests) != n:
         raise ValueError(f"{embed_uri}: {len(manifests)} shard manifests, expected {n}")
+    # Replicas read the corpus at their own moments: an upload between them could split the rebuild decision.
+    if len({(m.get("mode"), m.get("corpus_total")) for m in manifests}) != 1:
+        raise ValueError(f"{embed_uri}: shards disagree on mode or corpus size (the corpus changed while embedding)")
     stale = [m["replica"] for m in manifests if job_key and m.get("job_key") != job_key]
     if stale:
         raise ValueError(f"{embed_uri}: shard manifests of replica(s) {stale} were not written by job {job_key}")
@@ -253,6 +256,8 @@ def check_deletes(s, record: dict, manifests: list[dict]) -> int:
     nothing indexed changes); a retrain rebuilds from the corpus instead, behind the gate."""
     removed = sum(m.get("deleted", 0) for m in manifests)
     live = (record.get("live") or {}).get("rows") or 0
+    if record.get("skip_deletes"):  # a corpus file was rejected: its documents are absent, not deleted
+        return 0
     if removed and removed > s.max_delete_share * live:
         raise ValueError(
             f"refusing to delete {removed} of the {live} live documents ({removed / max(live, 1):.1%} > "

@@ -31,6 +31,7 @@ from embedpipe.runs import EMBEDDING, INDEXING, PENDING, TRAINING, Ledger
 log = logging.getLogger(__name__)
 
 STAGE_STATE = {"train": TRAINING, "embed": EMBEDDING}
+LAUNCH_RETRY_WINDOW_S = 300.0  # a launch keeps being retried at least this long before its run fails
 
 
 def checked_overrides(req: RetrainRequest) -> dict:
@@ -123,10 +124,14 @@ class Pipeline:
         info = {"object": change.name, "generation": change.generation, "part": datasets.classify(rel)}
         trigger = {"type": "upload", "dataset": dataset}
         run_id = self._claim(change.key, dataset, trigger, self.settings.debounce_s)
-        if self.ledger.has_item(run_id, "triggers", change.key) or self.ledger.has_item(
-            run_id, "file_errors", change.key
-        ):
-            return f"{change.name}#{change.generation} -> run {run_id}"  # a redelivery: already recorded
+        record = self.ledger.get_run(run_id) or {}
+        open_run = record.get("state") == PENDING and not record.get("sealed")
+        if (
+            change.key in record.get("triggers", [])
+            or (open_run and self.ledger.has_item(run_id, "triggers", change.key))
+            or self.ledger.has_item(run_id, "file_errors", change.key)
+        ):  # a redelivery of a trigger already counted (a sealed run without it: the move below was cut short)
+            return f"{change.name}#{change.generation} -> run {run_id}"
         verdict = self.check_object(change.bucket, change.name, change.generation)
         if isinstance(verdict, intake.Rejection):
             self._report_rejection(run_id, change.key, verdict)
@@ -266,9 +271,12 @@ class Pipeline:
                 else None
             ),
         )
-        tries = len(record.get("launch_errors", []))
+        errors = record.get("launch_errors", [])
+        tries = len(errors)
         log.error("run %s: launch attempt %d failed: %s", run_id, tries, cause, exc_info=exc)
-        if tries >= self.settings.launch_max_attempts:
+        # Attempts at local ticks come every half second: a blip must also have lasted LAUNCH_RETRY_WINDOW_S.
+        lasted = time.time() - runs.parse_iso(errors[0]["at"]) if errors else 0.0
+        if tries >= self.settings.launch_max_attempts and lasted >= LAUNCH_RETRY_WINDOW_S:
             self.fail(run_id, "launch", f"could not launch after {tries} attempts; last: {cause}")
 
     def _job_env(self) -> dict[str, str]:
@@ -309,7 +317,8 @@ class Pipeline:
             f"--batch-tokens={s.embed_batch_tokens}",
             f"--output-dir={embeddings_uri(self.ledger.run_dir(run_id), attempt)}",
             f"--job-key={run_id}/embed/{attempt}",
-            f"--max-inplace-share={s.max_inplace_share}",
+            # a run that rejected a corpus file never rebuilds: a rebuild would drop that file's documents
+            f"--max-inplace-share={1.0 if record.get('skip_deletes') else s.max_inplace_share}",
         ]
         if record.get("kind") == incremental.INCREMENTAL:  # the promoted model, only new/changed documents
             args.append(f"--live-hashes={incremental.snapshot_uri(self.ledger.run_dir(run_id))}")
@@ -391,7 +400,7 @@ class Pipeline:
         _, rejections, problem = intake.load_valid(self.settings.data_bucket, record["dataset"])
         for r in rejections:
             self._report_rejection(record["run_id"], f"gcs/{r.object[5:]}#{r.generation}", r)
-        errors = (self.ledger.view(record["run_id"]) or {}).get("file_errors") or {}
+        errors = self.ledger.merge_items(record["run_id"]).get("file_errors") or {}
         if any("/corpus" in e["object"] for e in errors.values()):
             self.ledger.update_run(record["run_id"], lambda r: {**r, "skip_deletes": True})
         if problem:
@@ -490,17 +499,22 @@ class Pipeline:
             id=f"{run_id}/failed",
             subject=run_id,
         )
-        rec, moved = self.ledger.advance(
-            run_id,
-            record["state"],
-            runs.FAILED,
-            error={"stage": stage, "cause": cause},
-            final_event=event.to_structured(),
-        )
+        for _ in range(5):  # the run may move on between our read and our write: fail it from where it is now
+            rec, moved = self.ledger.advance(
+                run_id,
+                record["state"],
+                runs.FAILED,
+                error={"stage": stage, "cause": cause},
+                final_event=event.to_structured(),
+            )
+            if moved or rec["state"] in runs.TERMINAL:
+                break
+            record = rec
         if moved:
             self.publish(topology.RUN_EVENTS, event)
             log.error("run %s failed in %s: %s", run_id, stage, cause)
-        self.release(rec)
+        if rec["state"] in runs.TERMINAL:  # never free the dataset of a run that is still active
+            self.release(rec)
 
     def release(self, record: dict) -> None:
         """The run ended: free the dataset for its follow-up run (uploads that arrived meanwhile), and start it."""
@@ -576,12 +590,13 @@ class Pipeline:
         if status.done:
             return [self.on_job_status(status)]
         deadline = self.settings.train_deadline_s if stage == "train" else self.settings.embed_deadline_s
-        if in_stage > deadline:
+        in_attempt = time.time() - runs.parse_iso(job["submitted_at"]) if job.get("submitted_at") else in_stage
+        if in_attempt > deadline:  # per attempt: a retry started late in the stage gets its full time
             transient(self.launcher.cancel)(job["name"])
             self.fail(
                 run_id,
                 stage,
-                f"{stage} job {job['name']} still {status.state} after {in_stage:.0f}s "
+                f"{stage} job {job['name']} still {status.state} after {in_attempt:.0f}s "
                 f"(deadline {deadline:.0f}s, EMBEDPIPE_{stage.upper()}_DEADLINE_S): cancelled",
             )
             return [f"run {run_id}: {stage} past its deadline, cancelled and failed"]
@@ -591,7 +606,8 @@ class Pipeline:
         """An index request can be lost (publish failed after the run moved on) or dead-lettered (the indexer failed
         5 times): re-request it every ``index_retry_s``, and fail the run past ``index_deadline_s``."""
         s, run_id = self.settings, record["run_id"]
-        if in_stage > s.index_deadline_s:
+        # A recorded bulk import is bounded by its own job (it fails the run when the job fails), not by this.
+        if in_stage > s.index_deadline_s and not record.get("bulk_import"):
             self.fail(
                 run_id,
                 "index",

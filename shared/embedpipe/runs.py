@@ -202,7 +202,7 @@ class Ledger:
                     records.append(rec)
             elif parts[-2] in ITEM_FIELDS and (doc := self.store.read_json_gen(uri)[0]):
                 items.setdefault(parts[-3], {}).setdefault(parts[-2], []).append(doc)
-        views = [_merged(r, items.get(r["run_id"], {})) or r for r in records]
+        views = [_merged(r, items.get(r["run_id"], {}), _view_fields(r)) or r for r in records]
         return sorted(views, key=lambda r: r["created_at"])
 
     # ------------------------------------------------------------ datasets
@@ -271,27 +271,50 @@ class Ledger:
                 out[field].append(doc)
         return out
 
-    def add_trigger(self, run_id: str, key: str, info: dict | None = None) -> bool:
-        """Record an upload's trigger in ``run_id``; False when the run was sealed (launched) before it could count:
-        the caller moves the trigger to the next run. (Written first, read after: a seal that missed the item is
-        always seen here, see ``seal``.)"""
+    def add_trigger(self, run_id: str, key: str, info: dict | None = None, wait_s: float = 10.0) -> bool:
+        """Record an upload's trigger in ``run_id``; whether the run counts it. Written first, read after: while the
+        run is unsealed the seal's listing will see the item; once sealed, the merged record says whether it did
+        (False: the caller moves the trigger to the next run). A seal whose merge is not written yet is waited for."""
         self.put_item(run_id, "triggers", key, info or {})
-        record = self.get_run(run_id)
-        return record is not None and record["state"] == PENDING and not record.get("sealed")
+        deadline = time.time() + wait_s
+        while True:
+            record = self.get_run(run_id)
+            if record is None:
+                return False
+            if record["state"] == PENDING and not record.get("sealed"):
+                return True
+            if record.get("merged") or not record.get("sealed"):
+                return key in record["triggers"]
+            if time.time() > deadline:  # the sealing launch died before its merge: a redelivery retries
+                raise RuntimeError(f"run {run_id} is sealed but its triggers are not merged yet")
+            time.sleep(0.2)
 
     def seal(self, run_id: str) -> dict:
-        """Close a PENDING run to new triggers and copy its items into the record (idempotent). A trigger written
-        before the seal is in the listing that follows it; one written after sees the seal (``add_trigger``)."""
+        """Close a PENDING run to new triggers, then copy its items into the record once (``merged``): the triggers
+        a run holds never change after that. A trigger written before the seal is in the listing that follows it;
+        one written after finds the run sealed and merged without it (``add_trigger``) and moves on."""
         self.update_run(
             run_id, lambda r: {**r, "sealed": True} if r["state"] == PENDING and not r.get("sealed") else None
         )
         items = self._items(run_id)
-        return self.update_run(run_id, lambda r: _merged(r, items) if r["state"] == PENDING else None)
+
+        def merge(r):
+            if r.get("merged") or r["state"] != PENDING:
+                return None
+            return {**(_merged(r, items) or r), "merged": True}
+
+        return self.update_run(run_id, merge)
+
+    def merge_items(self, run_id: str, fields: tuple[str, ...] = ("notices", "file_errors")) -> dict:
+        """Copy file verdicts recorded after the seal (launch-time validation) into the record."""
+        items = self._items(run_id)
+        return self.update_run(run_id, lambda r: _merged(r, items, fields))
 
     def view(self, run_id: str) -> dict | None:
-        """The run record with the per-key items not yet copied into it (what ``embedpipe status`` shows)."""
+        """The run record with the per-key items not yet copied into it (what ``embedpipe status`` shows). Triggers
+        are merged only into an unsealed run: a sealed one holds exactly the triggers it decided on."""
         record = self.get_run(run_id)
-        return (_merged(record, self._items(run_id)) or record) if record else None
+        return (_merged(record, self._items(run_id), _view_fields(record)) or record) if record else None
 
 
 ITEM_FIELDS = ("triggers", "notices", "file_errors")
@@ -301,17 +324,21 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _merged(record: dict, items: dict[str, list[dict]]) -> dict:
+def _view_fields(record: dict) -> tuple[str, ...]:
+    return ITEM_FIELDS if not record.get("sealed") else ("notices", "file_errors")
+
+
+def _merged(record: dict, items: dict[str, list[dict]], fields: tuple[str, ...] = ITEM_FIELDS) -> dict | None:
     """``record`` with ``items`` (per-key objects, in the order they were written) merged in; None if nothing new."""
     record = copy.deepcopy(record)
     changed = False
-    for doc in sorted(items.get("triggers", []), key=lambda d: (d["at"], d["key"])):
+    for doc in sorted(items.get("triggers", []) if "triggers" in fields else [], key=lambda d: (d["at"], d["key"])):
         if doc["key"] not in record["triggers"]:
             record["triggers"].append(doc["key"])
             if doc["value"]:
                 record.setdefault("trigger_objects", []).append(doc["value"])
             changed = True
-    for field in ("notices", "file_errors"):
+    for field in [f for f in ("notices", "file_errors") if f in fields]:
         for doc in sorted(items.get(field, []), key=lambda d: (d["at"], d["key"])):
             if doc["key"] not in record.get(field, {}):
                 record.setdefault(field, {})[doc["key"]] = doc["value"]

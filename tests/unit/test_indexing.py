@@ -70,6 +70,8 @@ def test_deletes_over_the_configured_share_of_the_live_rows_are_refused():
     with pytest.raises(ValueError, match=r"refusing to delete 51 of the 1000 live documents \(5.1% > .*retrain"):
         check_deletes(s, record, [{"deleted": 31}, {"deleted": 20}])
     assert check_deletes(s, record, [{"deleted": 0}]) == 0
+    # a run that rejected a corpus file deletes nothing (its documents are absent, not gone): no refusal either
+    assert check_deletes(s, {**record, "skip_deletes": True}, [{"deleted": 500}]) == 0
 
 
 def test_permanent_milvus_errors_are_told_from_transient_ones():
@@ -95,3 +97,6 @@ def test_shards_of_another_embed_attempt_are_refused(monkeypatch):
         load_manifests("gs://a/runs/r/embeddings/2", "r/embed/2")
     manifests["gs://a/runs/r/embeddings/2/manifest-00001.json"]["job_key"] = "r/embed/2"
     assert len(load_manifests("gs://a/runs/r/embeddings/2", "r/embed/2")) == 2
+    manifests["gs://a/runs/r/embeddings/2/manifest-00001.json"]["mode"] = "rebuild"  # read a newer corpus
+    with pytest.raises(ValueError, match="disagree on mode"):
+        load_manifests("gs://a/runs/r/embeddings/2", "r/embed/2")

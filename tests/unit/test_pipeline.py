@@ -978,7 +978,9 @@ def test_one_dataset_that_cannot_launch_does_not_stop_the_others_and_fails_after
     bad = h.ledger.get_dataset("bad")["active"]
     assert h.run(bad)["state"] == PENDING and len(h.run(bad)["launch_errors"]) == 1
     h.pipe.reconcile()
-    assert h.run(bad)["state"] == PENDING
+    h.pipe.reconcile()
+    assert h.run(bad)["state"] == PENDING  # three quick failures are a blip, not yet a verdict
+    h.clock.advance(300)
     h.pipe.reconcile()
     record = h.run(bad)
     assert record["state"] == FAILED and record["error"]["stage"] == "launch"
@@ -1075,3 +1077,28 @@ def test_retrain_with_a_bad_hp_tuning_spec_is_rejected_before_anything_is_stored
     with pytest.raises(events.EventError, match="hp_tuning"):
         h.pipe.on_retrain(req)
     assert h.runs() == [] and h.launcher.submits == []
+
+
+def test_a_redelivered_upload_whose_move_was_cut_short_still_reaches_a_run(make):
+    """The trigger was written into a run that launched meanwhile, and the handler died before moving it: the
+    redelivery must move it (the run's record does not hold it), not return early because its item exists."""
+    h = make(debounce_s=1)
+    h.upload("datasets/demo/corpus.jsonl")
+    first = h.ledger.get_dataset("demo")["pending"]
+    move = h.pipe._move_late
+
+    def launch_meanwhile(bucket, name, generation):
+        h.clock.advance(2)
+        h.pipe.launch_due("demo")
+
+    def dies(*args):
+        raise TimeoutError("instance killed")
+
+    h.pipe.check_object, h.pipe._move_late = launch_meanwhile, dies
+    with pytest.raises(TimeoutError):
+        h.upload("datasets/demo/pairs/p.jsonl")
+    h.pipe.check_object, h.pipe._move_late = (lambda *a: None), move
+    outcome = h.upload("datasets/demo/pairs/p.jsonl")  # the redelivery
+    second = h.ledger.get_dataset("demo")["pending"]
+    assert second and second != first and outcome.endswith(f"-> run {second}")
+    assert "gcs/embedpipe-data/datasets/demo/pairs/p.jsonl#1" in h.run(second)["triggers"]

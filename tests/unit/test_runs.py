@@ -101,7 +101,26 @@ def test_seal_copies_the_triggers_into_the_record_and_refuses_later_ones(ledger,
         and sealed["file_errors"] == {"k0": {"object": "bad", "line": 3, "reason": "x"}}
     )
     assert ledger.add_trigger("r1", "k2", {"object": "b"}) is False  # too late: the caller moves it to the next run
-    assert ledger.seal("r1")["triggers"] == ["k1", "k2"]  # a second seal (a relaunch) may add it: seen twice, not lost
+    assert ledger.seal("r1")["triggers"] == ["k1"]  # a second seal (a relaunch) decides on the same set
+    assert ledger.view("r1")["triggers"] == ["k1"]
+
+
+def test_a_trigger_written_before_the_seal_but_read_after_it_counts_once(ledger, store):
+    """The item lands, the run is sealed and merged (its listing saw the item), then the writer reads the record:
+    the trigger belongs to this run only, it is not moved to the next one as well."""
+    ledger.create_run("r1", "demo", {})
+    store.interleave("read", "/runs/r1/run.json", lambda: ledger.seal("r1"))
+    assert ledger.add_trigger("r1", "k1", {"object": "a"}) is True
+    assert ledger.get_run("r1")["triggers"] == ["k1"]
+
+
+def test_a_sealed_run_whose_merge_never_came_is_not_guessed(ledger):
+    ledger.create_run("r1", "demo", {})
+    ledger.update_run("r1", lambda r: {**r, "sealed": True})  # the launch died between its two writes
+    with pytest.raises(RuntimeError, match="not merged yet"):
+        ledger.add_trigger("r1", "k1", wait_s=0)
+    ledger.seal("r1")  # the next tick's launch finishes the seal: the item was written before, so it counts
+    assert ledger.add_trigger("r1", "k1") is True and ledger.get_run("r1")["triggers"] == ["k1"]
 
 
 def test_list_runs_and_datasets(ledger, clock):

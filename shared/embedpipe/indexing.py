@@ -34,13 +34,17 @@ def embed_dir(ledger, record: dict) -> str:
 
 
 def permanent_milvus_error(exc: BaseException) -> bool:
-    """A Milvus refusal that a retry of the same shards cannot change (an over-long id, too many queries, a schema
-    mismatch), as opposed to the server being unreachable or busy (retried by ``vectorstore.milvus_retry``)."""
-    from pymilvus.exceptions import MilvusException
+    """A Milvus refusal that a retry of the same shards cannot change: bad parameters or data (an over-long id, too
+    many queries, a wrong dimension). Only these fail the run at once; anything else (unreachable, busy, a race
+    between two deliveries creating one collection) is raised, so the delivery is retried and, past the retries,
+    reconcile's re-request and deadline decide."""
+    from pymilvus.exceptions import DataNotMatchException, MilvusException, ParamError
 
+    if isinstance(exc, (ParamError, DataNotMatchException)):
+        return True
     text = str(exc).lower()
-    transient = ("unavailable", "deadline", "connect", "timeout", "temporarily", "rate limit", "too many requests")
-    return isinstance(exc, MilvusException) and not any(t in text for t in transient)
+    refusals = ("exceeds max length", "exceed max length", "number of search vectors", "out of range", "dimension")
+    return isinstance(exc, MilvusException) and any(r in text for r in refusals)
 
 
 def read_parquet(uri: str):

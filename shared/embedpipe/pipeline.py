@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STAGE_STATE = {"train": TRAINING, "embed": EMBEDDING}
 LAUNCH_RETRY_WINDOW_S = 300.0  # a launch keeps being retried at least this long before its run fails
+REPUBLISH_AFTER_S = 30.0  # an index request not recorded as sent this long after the move to INDEXING was lost
 
 
 def checked_overrides(req: RetrainRequest) -> dict:
@@ -436,7 +437,8 @@ class Pipeline:
             and record["state"] == INDEXING
             and job.get("name") == status.name
             and not record.get("index_requested_at")
-        ):  # the first delivery moved the run on and died before the request was out
+            and time.time() - (record["stage_times"].get(INDEXING, {}).get("start") or 0) > REPUBLISH_AFTER_S
+        ):  # the first delivery moved the run on and died before the request was out (not: it is publishing now)
             self.request_index(record)
             return f"run {run_id}: index requested again (the first request was never published)"
         if record["state"] != STAGE_STATE[stage] or job.get("name") != status.name:
@@ -618,7 +620,7 @@ class Pipeline:
         requested = record.get("index_requested_at")
         age = time.time() - runs.parse_iso(requested) if requested else in_stage
         # never published: the run moved to INDEXING and the publish after it failed (a minute covers a slow one)
-        if age > s.index_retry_s or (not requested and in_stage > min(60.0, s.index_retry_s)):
+        if age > s.index_retry_s or (not requested and in_stage > max(REPUBLISH_AFTER_S, min(60.0, s.index_retry_s))):
             self.request_index(record)
             return [f"run {run_id}: index requested again ({'last ' + requested if requested else 'never published'})"]
         return []

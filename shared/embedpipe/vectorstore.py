@@ -128,18 +128,26 @@ def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: 
     index = client.prepare_index_params()
     index.add_index(field_name="dense", index_type="AUTOINDEX", metric_type="COSINE")
     index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-    client.create_collection(
-        collection_name=name,
-        schema=schema,
-        index_params=index,
-        properties={
-            PROP + "fingerprint": fingerprint,
-            PROP + "dim": str(dim),
-            PROP + "model_uri": model_uri,
-            PROP + "analyzer": lexical.ANALYZER,
-            PROP + "created_at": str(time.time()),  # retention's grace period (Lite reports no creation time)
-        },
-    )
+    try:
+        client.create_collection(
+            collection_name=name,
+            schema=schema,
+            index_params=index,
+            properties={
+                PROP + "fingerprint": fingerprint,
+                PROP + "dim": str(dim),
+                PROP + "model_uri": model_uri,
+                PROP + "analyzer": lexical.ANALYZER,
+                PROP + "created_at": str(time.time()),  # retention's grace period (Lite reports no creation time)
+            },
+        )
+    except Exception:
+        # Two deliveries of one index request can create it at once (Milvus Lite: "File exists"): the loser
+        # checks that the winner's collection is the one it wanted.
+        if not client.has_collection(name):
+            raise
+        check_fingerprint(client, name, fingerprint, dim)
+        return
     log.info("created collection %s (dim=%d, model fingerprint %s)", name, dim, fingerprint)
 
 

@@ -77,6 +77,9 @@ def test_deletes_over_the_configured_share_of_the_live_rows_are_refused():
 def test_permanent_milvus_errors_are_told_from_transient_ones():
     assert permanent_milvus_error(ParamError(message="length of varchar field id exceeds max length"))
     assert permanent_milvus_error(MilvusException(message="nq (number of search vectors per search request) ..."))
+    assert permanent_milvus_error(MilvusException(message="the length (600) of varchar field exceeds max length"))
+    # two deliveries creating one collection at once (Milvus Lite): the retry finds it created
+    assert not permanent_milvus_error(MilvusException(message="[Errno 17] File exists: '/m/collections/a__r'"))
     assert not permanent_milvus_error(MilvusException(message="<_InactiveRpcError: StatusCode.UNAVAILABLE>"))
     assert not permanent_milvus_error(MilvusException(message="deadline exceeded"))
     assert not permanent_milvus_error(ConnectionError("refused"))

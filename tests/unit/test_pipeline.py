@@ -919,6 +919,9 @@ def test_index_request_lost_after_the_move_to_indexing_is_sent_by_the_redelivery
     with pytest.raises(gexc.ServiceUnavailable):
         h.job_event(embed, "SUCCEEDED")
     assert h.run(run_id)["state"] == INDEXING and not h.events(INDEX_REQUESTED)
+    # within 30 s it may be the first delivery still publishing: a duplicate must not send a second request
+    assert "late or duplicate" in h.redeliver(embed, "SUCCEEDED") and not h.events(INDEX_REQUESTED)
+    h.clock.advance(31)
     assert "index requested again" in h.redeliver(embed, "SUCCEEDED")
     assert len(h.events(INDEX_REQUESTED)) == 1
     assert "late or duplicate" in h.redeliver(embed, "SUCCEEDED")  # once it is out, duplicates are no-ops

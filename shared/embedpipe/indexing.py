@@ -29,8 +29,12 @@ STALLED_PUBLISH_S = 60.0
 IMPORT_POLL_S = 420.0
 
 
-def embed_dir(ledger, record: dict) -> str:
-    return embeddings_uri(ledger.run_dir(record["run_id"]), (record["jobs"].get("embed") or {}).get("attempt", 1))
+def embed_output(ledger, record: dict) -> tuple[str, str | None]:
+    """(the embed attempt's folder, the job key its manifests must carry; None for a record without an embed job)."""
+    job = record["jobs"].get("embed")
+    attempt = (job or {}).get("attempt", 1)
+    key = f"{record['run_id']}/embed/{attempt}" if job else None
+    return embeddings_uri(ledger.run_dir(record["run_id"]), attempt), key
 
 
 def permanent_milvus_error(exc: BaseException) -> bool:
@@ -288,9 +292,8 @@ def _bulk(ledger, record: dict):
 def _index(pipe: Pipeline, record: dict) -> str:
     s, ledger, run_id, dataset = pipe.settings, pipe.ledger, record["run_id"], record["dataset"]
     t0 = time.time()
-    embed_uri = embed_dir(ledger, record)
-    job = record["jobs"].get("embed") or {}
-    manifests = load_manifests(embed_uri, f"{run_id}/embed/{job.get('attempt', 1)}" if job else None)
+    embed_uri, job_key = embed_output(ledger, record)
+    manifests = load_manifests(embed_uri, job_key)
     fingerprint, dim = manifests[0]["fingerprint"], manifests[0]["dim"]
     kind = record.get("kind") or "full"
     # An incremental diff too large to apply in place is rebuilt (the embedder embedded every document with the
@@ -323,10 +326,9 @@ def _index(pipe: Pipeline, record: dict) -> str:
     upserted = load_shards(
         s, client, collection, embed_uri, manifests, watch, fresh=not inplace, bulk=_bulk(ledger, record)
     )
-    # A run that rejected a corpus file must not delete what that file's documents had put in the index.
-    deleted = 0
-    if inplace and not record.get("skip_deletes"):
-        deleted = delete_removed(client, collection, embed_uri, manifests, watch)
+    # A run that rejected a corpus file must not delete what that file's documents had put in the index: its
+    # ``removed`` is 0 (check_deletes).
+    deleted = delete_removed(client, collection, embed_uri, manifests, watch) if inplace and removed else 0
     watch(vectorstore.finish_load, client, collection)
     counts = {
         "upserted": upserted,
@@ -398,10 +400,12 @@ def _index(pipe: Pipeline, record: dict) -> str:
             history = [collection] + [c for c in st.get("promoted_history", []) if c != collection]
             return {**st, "promoted": entry, "promoted_history": history[: s.keep_collections + 1]}
 
-        ledger.update_dataset(dataset, promote)
+        state = ledger.update_dataset(dataset, promote)
+    else:
+        state = ledger.get_dataset(dataset)
     # Retention never drops what search may still be serving (the pre-swap live collection), the recently promoted
     # ones (rollback targets), or anything younger than the grace period.
-    protect = {c for c in [previous_collection, *ledger.get_dataset(dataset).get("promoted_history", [])] if c}
+    protect = {c for c in [previous_collection, *state.get("promoted_history", [])] if c}
     dropped = (
         []
         if inplace

@@ -196,12 +196,11 @@ class Ledger:
         """Every run's ``view``, oldest first (one listing: the items sit beside each run record)."""
         records, items = [], {}
         for uri, _ in self.store.list_uris(f"gs://{self.bucket}/runs/"):
-            parts = uri.rsplit("/", 3)
             if uri.endswith("/run.json"):
                 if rec := self.store.read_json_gen(uri)[0]:
                     records.append(rec)
-            elif parts[-2] in ITEM_FIELDS and (doc := self.store.read_json_gen(uri)[0]):
-                items.setdefault(parts[-3], {}).setdefault(parts[-2], []).append(doc)
+            elif (where := _item_of(uri)) and (doc := self.store.read_json_gen(uri)[0]):
+                items.setdefault(where[0], {}).setdefault(where[1], []).append(doc)
         views = [_merged(r, items.get(r["run_id"], {}), _view_fields(r)) or r for r in records]
         return sorted(views, key=lambda r: r["created_at"])
 
@@ -266,9 +265,8 @@ class Ledger:
     def _items(self, run_id: str) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {f: [] for f in ITEM_FIELDS}
         for uri, _ in self.store.list_uris(f"{self.run_dir(run_id)}/"):
-            field = uri.rsplit("/", 2)[-2]
-            if field in ITEM_FIELDS and (doc := self.store.read_json_gen(uri)[0]):
-                out[field].append(doc)
+            if (where := _item_of(uri)) and (doc := self.store.read_json_gen(uri)[0]):
+                out[where[1]].append(doc)
         return out
 
     def add_trigger(self, run_id: str, key: str, info: dict | None = None, wait_s: float = 10.0) -> bool:
@@ -318,6 +316,12 @@ class Ledger:
 
 
 ITEM_FIELDS = ("triggers", "notices", "file_errors")
+
+
+def _item_of(uri: str) -> tuple[str, str] | None:
+    """(run id, field) of a per-key item's URI (``.../runs/<run_id>/<field>/<digest>.json``), else None."""
+    run_id, field = uri.rsplit("/", 3)[-3:-1]
+    return (run_id, field) if field in ITEM_FIELDS else None
 
 
 def _digest(key: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,21 +14,12 @@ import time
 from pathlib import Path
 
 from bench.run import ROOT
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from embedpipe.stack import isolated_ports
 
 
 def run() -> dict:
     state = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    pubsub, gcs, milvus, functions = free_ports(4)
+    pubsub, gcs, milvus, functions = isolated_ports()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
     env.update(
         {

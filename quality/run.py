@@ -30,8 +30,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from bench.e2e import free_ports
 from embedpipe.evaluation import evaluate  # trec_eval through pytrec_eval, the pipeline's own definitions
+from embedpipe.stack import isolated_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "quality-results.json"
@@ -84,7 +84,7 @@ def cpu_info() -> dict:
 
 
 def stack_env() -> dict[str, str]:
-    pubsub, gcs, milvus, functions = free_ports(4)
+    pubsub, gcs, milvus, functions = isolated_ports()
     env = {k: v for k, v in os.environ.items() if "EMULATOR_HOST" not in k}
     env.update(
         {

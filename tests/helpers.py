@@ -6,27 +6,15 @@ import base64
 import dataclasses
 import json
 import os
-import socket
 import time
 import uuid
 from pathlib import Path
 
+from embedpipe import stack
 from embedpipe.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def build_tiny_model(out: Path) -> Path:
@@ -58,7 +46,7 @@ def build_tiny_model(out: Path) -> Path:
 
 def isolated_settings(state_dir: Path, tiny_model: str, **overrides) -> Settings:
     """Settings for an isolated stack: free ports, own state dir, the tiny model, tiny training."""
-    pubsub, gcs, milvus, functions = free_ports(4)
+    pubsub, gcs, milvus, functions = stack.isolated_ports()
     base = Settings.from_env({})
     return dataclasses.replace(
         base,

@@ -92,6 +92,35 @@ def component_ports(settings: Settings) -> dict[str, int]:
     return ports
 
 
+# Ports for an isolated stack (tests, bench, quality) come from below Linux's ephemeral range (32768-60999): a port
+# the kernel handed out as the local end of some outgoing connection cannot be bound by a listener, and the functions
+# take a run of consecutive ports that a single "free" ephemeral port says nothing about.
+ISOLATED_PORTS = (20000, 32000)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def isolated_ports(rng=None) -> tuple[int, int, int, int]:
+    """(pubsub, gcs, milvus, functions) ports for a stack beside others: a random block of 4 + one per component,
+    every port bindable now (a check, not a reservation: the block is random, so two stacks rarely meet)."""
+    import random
+
+    rng = rng or random.SystemRandom()
+    size = 3 + len(topology.COMPONENTS) + 1
+    for _ in range(200):
+        start = rng.randrange(*ISOLATED_PORTS)
+        if all(_bindable(p) for p in range(start, start + size)):
+            return start, start + 1, start + 2, start + 3
+    raise StackError(f"no block of {size} free ports in {ISOLATED_PORTS}")
+
+
 def parts(settings: Settings) -> list[Part]:
     state = settings.state_path
     ff = str(Path(sys.executable).parent / "functions-framework")
@@ -274,15 +303,25 @@ def up(settings: Settings, echo=print, components: bool = True) -> None:
     storage._client.cache_clear()
     bus._publisher.cache_clear()
     by_name = {p.name: p for p in parts(settings)}
+    mine: dict[str, int] = {}  # what this call started: stopped again if start-up fails part-way
 
     def ensure(names: list[str]) -> None:
         started = [by_name[n] for n in names if not _pid(settings, n)]
         for p in started:
-            start_part(settings, p)
+            mine[p.name] = start_part(settings, p)
         for p in started:
             wait_healthy(settings, p)
             echo(f"  {p.name:<22} up   {p.port or '-'}")
 
+    try:
+        _provision(settings, ensure, components)
+    except BaseException:
+        _stop(settings, mine, echo=lambda *_: None)
+        raise
+
+
+def _provision(settings: Settings, ensure, components: bool) -> None:
+    """``up``'s steps in dependency order; ``ensure(names)`` starts those parts not running and waits for them."""
     ensure(["pubsub", "milvus", *([c.name for c in topology.COMPONENTS] if components else [])])
     # Topics must exist before fake-gcs-server publishes (it silently drops events for a missing topic).
     ports = component_ports(settings)
@@ -312,13 +351,14 @@ def _kill_group(pid: int, sig: int) -> None:
 
 def down(settings: Settings, echo=print, timeout: float = 15.0) -> None:
     """Stop every part and every local job, and wait until no process is left."""
-    pids = {}
-    for p in reversed(parts(settings)):
-        pid = _pid(settings, p.name)
-        if pid:
-            pids[p.name] = pid
+    pids = {p.name: pid for p in reversed(parts(settings)) if (pid := _pid(settings, p.name))}
     for i, pid in enumerate(LocalJobLauncher(settings).running_pids()):
         pids[f"job-{i}"] = pid
+    _stop(settings, pids, echo, timeout)
+
+
+def _stop(settings: Settings, pids: dict[str, int], echo=print, timeout: float = 15.0) -> None:
+    """SIGTERM each process group, SIGKILL what is left after ``timeout``, wait until none is alive."""
     for pid in pids.values():
         _kill_group(pid, signal.SIGTERM)
     deadline = time.time() + timeout

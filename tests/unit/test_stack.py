@@ -27,3 +27,53 @@ def test_a_health_check_answered_by_a_non_http_server_is_not_healthy_yet():
         assert stack.healthy(part) is False
     finally:
         server.close()
+
+
+class _Starts:
+    """rng stub: yields the given block starts in turn."""
+
+    def __init__(self, *starts):
+        self.starts = list(starts)
+
+    def randrange(self, lo, hi):
+        return self.starts.pop(0)
+
+
+def test_isolated_ports_skip_a_block_with_a_taken_port_and_stay_below_the_ephemeral_range():
+    """A CI run failed with 'Address already in use' on functions_port + 1: one free port says nothing about the
+    consecutive ones after it. Every port of the block must be bindable."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    taken.listen(1)
+    try:
+        first = stack.isolated_ports(_Starts(port - 4, 21000))
+    finally:
+        taken.close()
+    assert first == (21000, 21001, 21002, 21003)
+    lo, hi = stack.ISOLATED_PORTS
+    assert hi <= 32768  # Linux hands out 32768-60999 for outgoing connections
+
+
+def test_up_that_fails_part_way_stops_what_it_started(tmp_path, monkeypatch):
+    from embedpipe.config import Settings
+
+    settings = Settings.from_env({"EMBEDPIPE_STATE_DIR": str(tmp_path)})
+    monkeypatch.setattr(stack.os, "environ", dict(stack.os.environ))  # up points clients at emulators: not ours
+    started, stopped = [], {}
+    monkeypatch.setattr(stack, "_pid", lambda s, name: None)
+    monkeypatch.setattr(stack, "start_part", lambda s, p: started.append(p.name) or 1000 + len(started))
+
+    def health(s, p, timeout=90.0):
+        if p.name == "milvus":
+            raise stack.StackError("milvus exited during start-up")
+
+    monkeypatch.setattr(stack, "wait_healthy", health)
+    monkeypatch.setattr(stack, "_stop", lambda s, pids, echo=None, timeout=15.0: stopped.update(pids))
+    try:
+        stack.up(settings, echo=lambda *_: None, components=False)
+    except stack.StackError:
+        pass
+    else:
+        raise AssertionError("up should have failed")
+    assert started == ["pubsub", "milvus"] and stopped == {"pubsub": 1001, "milvus": 1002}

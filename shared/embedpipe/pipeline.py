@@ -133,6 +133,7 @@ class Pipeline:
             or self.ledger.has_item(run_id, "file_errors", change.key)
         ):  # a redelivery of a trigger already counted (a sealed run without it: the move below was cut short)
             return f"{change.name}#{change.generation} -> run {run_id}"
+        self.ledger.put_item(run_id, "arriving", change.key, info)  # the launch waits for this intake to end
         verdict = self.check_object(change.bucket, change.name, change.generation)
         if isinstance(verdict, intake.Rejection):
             self._report_rejection(run_id, change.key, verdict)
@@ -245,6 +246,10 @@ class Pipeline:
         return started
 
     def _launch_dataset(self, ds: str) -> list[str]:
+        pending = self.ledger.get_dataset(ds)["pending"]
+        if pending and self.ledger.arriving(pending):  # an upload's intake is still running: launch at a later tick
+            return []
+
         def fn(st):
             if st["pending"] and st["active"] is None and st["due_at"] <= time.time():
                 st["active"], st["pending"], st["pending_since"] = st["pending"], None, None

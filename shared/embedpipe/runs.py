@@ -7,8 +7,9 @@ Objects (all JSON):
 - ``ledger/datasets/<dataset>.json``: per-dataset state: the ``pending`` run collecting uploads (launched when
   ``due_at`` passes, which is how bursts coalesce), the ``active`` run, and the ``promoted`` index.
 - ``runs/<run_id>/run.json``: the run record. Changed only by compare-and-set on the object generation.
-- ``runs/<run_id>/{triggers,notices,file_errors}/<sha256(key)>.json``: one create-only object per trigger (an
-  upload) and per file verdict, so a burst of uploads never contends for the run record. ``view`` merges them into
+- ``runs/<run_id>/{arriving,triggers,notices,file_errors}/<sha256(key)>.json``: one create-only object per upload
+  claimed (``arriving``: its intake is under way; the launch waits for it), per trigger and per file verdict, so a
+  burst of uploads never contends for the run record. ``view`` merges them into
   the record; the launch seals the run (``seal``: no trigger joins it after) and copies them into the record, so
   everything after the launch reads the record alone. A trigger recorded after the seal moves to the next run.
 
@@ -269,6 +270,13 @@ class Ledger:
                 out[where[1]].append(doc)
         return out
 
+    def arriving(self, run_id: str) -> list[str]:
+        """Uploads claimed for this run whose intake has not ended yet (no trigger, no file error), younger than
+        ``ARRIVING_MAX_S``: the launch waits for them, so a slow intake does not push its file into the next run."""
+        items = self._items(run_id)
+        done = {d["key"] for f in ("triggers", "file_errors") for d in items[f]}
+        return [d["key"] for d in items["arriving"] if d["key"] not in done and utcnow() - d["at"] < ARRIVING_MAX_S]
+
     def add_trigger(self, run_id: str, key: str, info: dict | None = None, wait_s: float = 10.0) -> bool:
         """Record an upload's trigger in ``run_id``; whether the run counts it. Written first, read after: while the
         run is unsealed the seal's listing will see the item; once sealed, the merged record says whether it did
@@ -315,7 +323,9 @@ class Ledger:
         return (_merged(record, self._items(run_id), _view_fields(record)) or record) if record else None
 
 
-ITEM_FIELDS = ("triggers", "notices", "file_errors")
+ITEM_FIELDS = ("triggers", "notices", "file_errors", "arriving")
+# An upload whose intake is still running holds back its run's launch this long at most (its handler may have died).
+ARRIVING_MAX_S = 120.0
 
 
 def _item_of(uri: str) -> tuple[str, str] | None:

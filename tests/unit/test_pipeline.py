@@ -14,7 +14,7 @@ import typer
 from google.api_core import exceptions as gexc
 from typer.testing import CliRunner
 
-from embedpipe import cli, datasets, events, intake, storage, topology
+from embedpipe import cli, datasets, events, intake, runs, storage, topology
 from embedpipe.config import Settings
 from embedpipe.datasets import Notice
 from embedpipe.events import INDEX_REQUESTED, RUN_FAILED, RUN_STAGE, Event, JobStateHint, ObjectChange
@@ -1004,17 +1004,18 @@ def test_reconcile_isolates_a_dataset_whose_job_lookup_fails(make):
 
 
 def test_an_upload_recorded_as_its_run_launches_joins_the_next_run(make):
-    """The run becomes due and launches between the upload's claim and the recording of its trigger: the trigger
-    (here training pairs, which decide the run's kind) must not be lost in a run that already decided without it."""
+    """The run becomes due and launches between the upload's claim and the recording of its intake (so the launch
+    could not wait for it): the trigger (here training pairs, which decide the run's kind) must not be lost in a run
+    that already decided without it."""
     h = make(debounce_s=1)
     h.upload("datasets/demo/corpus.jsonl")
     first = h.ledger.get_dataset("demo")["pending"]
 
-    def launch_meanwhile(bucket, name, generation):
+    def launch_meanwhile():
         h.clock.advance(2)
         assert h.pipe.launch_due("demo") == [first]
 
-    h.pipe.check_object = launch_meanwhile
+    h.store.interleave("write", "/arriving/", launch_meanwhile)
     outcome = h.upload("datasets/demo/pairs/p.jsonl")
     second = h.ledger.get_dataset("demo")["pending"]
     assert second and second != first and outcome.endswith(f"-> run {second}")
@@ -1090,18 +1091,51 @@ def test_a_redelivered_upload_whose_move_was_cut_short_still_reaches_a_run(make)
     first = h.ledger.get_dataset("demo")["pending"]
     move = h.pipe._move_late
 
-    def launch_meanwhile(bucket, name, generation):
+    def launch_meanwhile():
         h.clock.advance(2)
         h.pipe.launch_due("demo")
 
     def dies(*args):
         raise TimeoutError("instance killed")
 
-    h.pipe.check_object, h.pipe._move_late = launch_meanwhile, dies
+    h.store.interleave("write", "/arriving/", launch_meanwhile)
+    h.pipe._move_late = dies
     with pytest.raises(TimeoutError):
         h.upload("datasets/demo/pairs/p.jsonl")
-    h.pipe.check_object, h.pipe._move_late = (lambda *a: None), move
+    h.pipe._move_late = move
     outcome = h.upload("datasets/demo/pairs/p.jsonl")  # the redelivery
     second = h.ledger.get_dataset("demo")["pending"]
     assert second and second != first and outcome.endswith(f"-> run {second}")
     assert "gcs/embedpipe-data/datasets/demo/pairs/p.jsonl#1" in h.run(second)["triggers"]
+
+
+def test_a_run_waits_for_an_upload_whose_intake_is_still_running(make):
+    """A slow intake (a large file, a busy CPU) outlasts the quiet period: the run does not launch without it (it
+    would push the file into a second run); it launches once the intake ended, with that file's trigger."""
+    h = make(debounce_s=1)
+    h.upload("datasets/demo/corpus.jsonl")
+    first = h.ledger.get_dataset("demo")["pending"]
+    tried = []
+
+    def slow_intake(bucket, name, generation):
+        h.clock.advance(2)
+        tried.append(h.pipe.launch_due("demo"))
+
+    h.pipe.check_object = slow_intake
+    h.upload("datasets/demo/queries.jsonl")
+    assert tried == [[]]  # held back while the intake ran
+    assert h.pipe.launch_due("demo") == [first]
+    assert len(h.ledger.get_run(first)["triggers"]) == 2 and h.ledger.get_dataset("demo")["pending"] is None
+
+
+def test_an_intake_that_died_holds_back_its_run_for_a_bounded_time(make):
+    h = make(debounce_s=1)
+    h.upload("datasets/demo/corpus.jsonl")
+    first = h.ledger.get_dataset("demo")["pending"]
+    h.pipe.check_object = lambda *a: (_ for _ in ()).throw(TimeoutError("instance killed"))
+    with pytest.raises(TimeoutError):
+        h.upload("datasets/demo/queries.jsonl")
+    h.clock.advance(2)
+    assert h.pipe.launch_due("demo") == []
+    h.clock.advance(runs.ARRIVING_MAX_S)
+    assert h.pipe.launch_due("demo") == [first]

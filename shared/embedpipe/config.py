@@ -123,7 +123,8 @@ class Settings:
     bulk_import_bucket: str = ""
     # search service: how often it re-reads the ledger for a promotion it may have missed (index-updated is the push)
     search_refresh_s: float = 30.0
-    search_max_query_chars: int = 2048  # longer queries are refused (400)
+    # longer queries are refused (400); real collections have paragraph-long queries (CISI: 2083 chars)
+    search_max_query_chars: int = 16000
     search_max_datasets: int = 16  # datasets (and models) a search instance keeps loaded; least recently used go
     # jobs on Vertex AI (mode=gcp)
     trainer_image: str = ""

@@ -83,7 +83,7 @@ def sizes(s: search_mod.Searcher) -> tuple[int, int, int]:
         ("../etc", "pumps", "dataset name"),
         ("Upper", "pumps", "dataset name"),
         ("x" * 64, "pumps", "dataset name"),
-        ("ds0", "a" * 2049, "over the 2048 limit"),
+        ("ds0", "a" * 16001, "over the 16000 limit"),
         ("ds0", "  ", "empty"),
     ],
 )
@@ -183,7 +183,7 @@ def test_service_maps_bad_input_to_400_and_unknown_datasets_to_404(monkeypatch):
     store = CountingStore()
     module.searcher.ledger = Ledger("bucket", store)
     c = app.test_client()
-    r = c.get("/search", query_string={"dataset": "ds0", "q": "a" * 5000})
+    r = c.get("/search", query_string={"dataset": "ds0", "q": "a" * 20000})
     assert r.status_code == 400 and "limit" in r.get_json()["error"]
     assert c.get("/search", query_string={"dataset": "../x", "q": "pumps"}).status_code == 400
     assert c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "k": "many"}).status_code == 400

@@ -36,6 +36,15 @@ from embedpipe.training import TrainParams, seq_length_for, train
 log = logging.getLogger("trainer")
 
 
+def whole(raw: str) -> int:
+    """An integer flag as Vertex AI hyperparameter tuning sends it: trial values are doubles, so an INTEGER or
+    DISCRETE parameter arrives as ``--batch-size=32.0``; a fractional value is still an error."""
+    value = float(raw)
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}")
+    return int(value)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", required=True)
@@ -56,7 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("patience", int),
     ):
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, type=kind, default=getattr(TrainParams, name))
+        p.add_argument(*flags, dest=name, type=whole if kind is int else kind, default=getattr(TrainParams, name))
     return p.parse_args(argv)
 
 
@@ -89,7 +98,7 @@ def choose_model(base_score: float | None, tuned_score: float | None) -> tuple[b
 def main(argv: list[str]) -> int:
     logs.setup()
     args = parse_args(argv)
-    model_dir = os.environ["AIP_MODEL_DIR"]  # gs://.../runs/<run_id>/model/
+    model_dir = os.environ["AIP_MODEL_DIR"]  # gs://.../runs/<run_id>/train/<attempt>/[<trial>/]model/
     run_dir = model_dir.rstrip("/").rsplit("/", 1)[0]
     t0 = time.time()
     dist = distributed.from_env()

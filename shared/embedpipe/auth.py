@@ -2,9 +2,9 @@
 
 In gcp mode (``EMBEDPIPE_PUSH_AUTH=auto``, the default, or ``on``) every push-fed handler checks, before it does
 anything, that the token is signed by Google (``google.oauth2.id_token.verify_oauth2_token``: signature, expiry,
-issuer), that its audience is one we accept, and that it was minted for ``EMBEDPIPE_PUSH_SERVICE_ACCOUNT`` with a
-verified email. No token: 401; a bad or foreign token: 403. Locally (``auto`` with mode=local, or ``off``) nothing is
-checked: the Pub/Sub emulator sends no tokens.
+issuer; ``CLOCK_SKEW_S`` of clock skew allowed), that its audience is one we accept, and that it was minted for
+``EMBEDPIPE_PUSH_SERVICE_ACCOUNT`` with a verified email. No token: 401; a bad or foreign token: 403. Locally
+(``auto`` with mode=local, or ``off``) nothing is checked: the Pub/Sub emulator sends no tokens.
 
 Audience: ``EMBEDPIPE_PUSH_AUDIENCE`` (comma-separated) when set; else the URL the request came to (``https://`` +
 host, with or without the path). The deploy sets each push subscription's token audience to the function's or
@@ -24,6 +24,9 @@ from embedpipe.config import Settings
 log = logging.getLogger(__name__)
 
 CERTS_TTL_S = 3600
+# Clock skew allowed on iat/exp: google-auth allows none by default, so a token minted by a Pub/Sub host whose
+# clock runs a second ahead of ours is "used too early" (intermittent 403s and redeliveries).
+CLOCK_SKEW_S = 30
 
 
 class AuthError(Exception):
@@ -79,7 +82,7 @@ def verify(token: str, audiences: list[str], email: str) -> dict:
     if not email:
         raise AuthError(403, "EMBEDPIPE_PUSH_SERVICE_ACCOUNT is not set: refusing every push (fail closed)")
     try:
-        claims = id_token.verify_oauth2_token(token, _request, audience=audiences)
+        claims = id_token.verify_oauth2_token(token, _request, audience=audiences, clock_skew_in_seconds=CLOCK_SKEW_S)
     except Exception as exc:  # noqa: BLE001 - google-auth raises ValueError, GoogleAuthError, TransportError...
         raise AuthError(403, f"invalid token: {exc}") from None
     if claims.get("email") != email or not claims.get("email_verified"):

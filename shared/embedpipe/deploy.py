@@ -62,7 +62,6 @@ REPOSITORY = "embedpipe"
 MILVUS_SECRET = "embedpipe-milvus-token"
 FINGERPRINT_LABEL = "embedpipe-fingerprint"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-DEFAULT_HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Runtime sizing per component (functions: gen2; services: Cloud Run).
 SIZING = {
     "on-data-uploaded": {"memory": "512Mi", "max_instances": 10},
@@ -136,8 +135,12 @@ def config_from_settings(project: str, region: str, base: Settings, vpc_connecto
         changes["service_account"] = f"{sa_id('job')}@{project}.iam.gserviceaccount.com"
     if not base.push_service_account:
         changes["push_service_account"] = f"{sa_id('push')}@{project}.iam.gserviceaccount.com"
-    if Path(base.base_model).exists():  # a local path (the bundled offline weights) means nothing in the cloud
-        changes["base_model"] = DEFAULT_HUB_MODEL
+    if not base.base_model.startswith(("gs://", "bundled:")) and Path(base.base_model).exists():
+        # a path on this machine means nothing to a Vertex job: the images hold only the bundled weights
+        raise DeployError(
+            f"EMBEDPIPE_BASE_MODEL={base.base_model} is a local path; upload the model folder to gs:// and set "
+            "EMBEDPIPE_BASE_MODEL to that URI (or leave it unset for the bundled all-MiniLM-L6-v2)"
+        )
     return DeployConfig(project, region, dataclasses.replace(base, **changes), tag, vpc_connector)
 
 

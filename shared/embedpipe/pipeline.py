@@ -62,6 +62,12 @@ def checked_overrides(req: RetrainRequest) -> dict:
     return out
 
 
+def job_output_uri(run_dir: str, stage: str, attempt: int) -> str:
+    """A job's ``base_output_directory``, one per attempt: a retry (a new Vertex job, or a tuning job whose trial
+    ids restart at 1) must not resume the checkpoints or read the model another attempt left there."""
+    return f"{run_dir}/{stage}/{attempt}"
+
+
 def embeddings_uri(run_dir: str, attempt: int) -> str:
     """Each embed attempt writes its own folder: shards an earlier attempt left can never be mixed in."""
     return f"{run_dir}/embeddings/{attempt}"
@@ -304,7 +310,7 @@ class Pipeline:
             key=f"{run_id}/train/{attempt}",
             container="trainer",
             args=args,
-            base_output_dir=f"{self.ledger.run_dir(run_id)}",
+            base_output_dir=job_output_uri(self.ledger.run_dir(run_id), "train", attempt),
             env=self._job_env(),
             labels={"run_id": run_id, "stage": "train"},
             image=s.trainer_image,
@@ -336,7 +342,7 @@ class Pipeline:
             key=f"{run_id}/embed/{attempt}",
             container="embedder",
             args=args,
-            base_output_dir=f"{self.ledger.run_dir(run_id)}/embed",
+            base_output_dir=job_output_uri(self.ledger.run_dir(run_id), "embed", attempt),
             env={**self._job_env(), **ALLOCATOR_ENV},
             labels={"run_id": run_id, "stage": "embed"},
             image=s.embedder_image,
@@ -450,7 +456,9 @@ class Pipeline:
             return f"late or duplicate event for {stage} job {status.name} of run {run_id} ({record['state']})"
         if status.state == SUCCEEDED:
             if stage == "train":
-                model = {"uri": status.model_dir or f"{self.ledger.run_dir(run_id)}/model/"}  # best HP trial's
+                # the best HP trial's; a custom job's AIP_MODEL_DIR under its attempt's output directory
+                out = job_output_uri(self.ledger.run_dir(run_id), "train", job.get("attempt", 1))
+                model = {"uri": status.model_dir or f"{out}/model/"}
                 done = {"model": model, **({"tuning": status.tuning} if status.tuning else {})}  # every trial
                 record.update(done)
                 self.ledger.update_run(run_id, lambda r: {**r, **done} if r["state"] == TRAINING else None)

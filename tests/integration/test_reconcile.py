@@ -75,7 +75,7 @@ def test_a_lost_job_event_is_recovered_by_the_reconcile_tick(isolated):
     assert post(client_for("reconcile"), tick) == 200
     record = ledger.get_run(run_id)
     assert record["state"] == runs.EMBEDDING
-    assert record["model"]["uri"] == f"{ledger.run_dir(run_id)}/model/"
+    assert record["model"]["uri"] == f"{ledger.run_dir(run_id)}/train/1/model/"
     embed_job = record["jobs"]["embed"]["name"]
     assert LocalJobLauncher(s).get(embed_job).labels == {"run_id": run_id, "stage": "embed"}
 

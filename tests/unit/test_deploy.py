@@ -195,10 +195,18 @@ def test_deployed_settings_are_cloud_settings(cfg):
     assert s.mode == "gcp" and s.push_auth_enabled
     assert s.trainer_image == "us-central1-docker.pkg.dev/demo-project/embedpipe/trainer:0123456789ab"
     assert s.service_account == "ep-job@demo-project.iam.gserviceaccount.com"
-    assert s.base_model == deploy.DEFAULT_HUB_MODEL, "a local weights path means nothing in the cloud"
+    assert s.base_model == "bundled:all-MiniLM-L6-v2", "the images ship the bundled weights under the same name"
     env = deploy.runtime_env(cfg)
     assert "EMBEDPIPE_STATE_DIR" not in env and "EMBEDPIPE_PUBSUB_PORT" not in env
     assert "EMBEDPIPE_MILVUS_TOKEN" not in env, "the token travels as a Secret Manager secret, never as plain env"
+
+
+def test_a_local_base_model_path_is_refused_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "abc")
+    with pytest.raises(deploy.DeployError, match="local path; upload the model folder to gs://"):
+        deploy.config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": str(tmp_path)}))
+    gs = deploy.config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": "gs://b/models/mine"}))
+    assert gs.settings.base_model == "gs://b/models/mine"
 
 
 def test_function_requirements_are_pinned_and_lean():

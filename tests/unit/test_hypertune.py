@@ -191,3 +191,21 @@ def test_every_tunable_parameter_is_a_trainer_flag_of_its_type():
     base = ["--dataset=d", "--run-id=r", "--base-model=m"]
     args = task.parse_args(base + [f"{hypertune.flag(n)}={sample[k]}" for n, k in hypertune.TUNABLE.items()])
     assert {n: getattr(args, n) for n in hypertune.TUNABLE} == {n: sample[k] for n, k in hypertune.TUNABLE.items()}
+
+
+def test_the_trainer_parses_the_argv_vertex_sends_for_a_trial():
+    """Vertex AI appends ``--<parameter_id>=<value>`` per trial, and sends INTEGER and DISCRETE values as doubles
+    (``32.0``): an int-typed flag must take them (argparse's ``type=int`` exits with status 2 on every trial)."""
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("trainer_task_for_vertex_argv", ROOT / "containers/trainer/task.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    argv = ["--dataset=d", "--run-id=r", "--base-model=m", "--batch-size=32.0", "--max-steps=200.0"]
+    args = task.parse_args(argv + ["--learning-rate=3.0e-05", "--warmup-ratio=0.1"])
+    assert (args.batch_size, args.max_steps, args.learning_rate) == (32, 200, 3e-05)
+    assert isinstance(args.batch_size, int)
+    with pytest.raises(SystemExit):  # a fractional value for an integer parameter is still refused
+        task.parse_args(argv[:3] + ["--batch-size=32.5"])

@@ -554,7 +554,7 @@ def test_launch_due_waits_for_due_at_then_starts_exactly_once(make):
     assert spec.key == f"{run_id}/train/1"
     assert spec.labels == {"run_id": run_id, "stage": "train"}
     assert "--dataset=demo" in spec.args and f"--run-id={run_id}" in spec.args
-    assert spec.base_output_dir == f"gs://embedpipe-artifacts/runs/{run_id}"
+    assert spec.base_output_dir == f"gs://embedpipe-artifacts/runs/{run_id}/train/1"
     record = h.run(run_id)
     assert record["state"] == TRAINING
     assert record["jobs"]["train"]["name"] == h.launcher.name_for(spec.job_id)
@@ -668,12 +668,12 @@ def test_training_succeeded_launches_embedding(h):
 
     record = h.run(run_id)
     assert record["state"] == EMBEDDING
-    assert record["model"] == {"uri": f"gs://embedpipe-artifacts/runs/{run_id}/model/"}
+    assert record["model"] == {"uri": f"gs://embedpipe-artifacts/runs/{run_id}/train/1/model/"}
     (embed,) = h.launcher.stage_submits("embed")
     assert embed.container == "embedder"
     assert embed.key == f"{run_id}/embed/1"
     assert embed.labels == {"run_id": run_id, "stage": "embed"}
-    assert f"--model-uri=gs://embedpipe-artifacts/runs/{run_id}/model/" in embed.args
+    assert f"--model-uri=gs://embedpipe-artifacts/runs/{run_id}/train/1/model/" in embed.args
     assert embed.env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)  # the embedder's allocator settings travel with it
     assert record["jobs"]["train"]["name"] == h.launcher.name_for(train.job_id)
     assert record["jobs"]["embed"]["name"] == h.launcher.name_for(embed.job_id)
@@ -741,6 +741,9 @@ def test_failed_job_is_retried_then_the_run_fails(make):
     last = h.launcher.submits[-1]
     assert h.job_event(last, "FAILED", "CUDA error: out of memory") == f"run {run_id}: FAILED in train"
     assert [s.key for s in h.launcher.submits] == [f"{run_id}/train/{n}" for n in (1, 2, 3)]
+    # each attempt its own output directory: a retry never resumes another attempt's (or trial's) checkpoints
+    outputs = [s.base_output_dir for s in h.launcher.submits]
+    assert outputs == [f"gs://embedpipe-artifacts/runs/{run_id}/train/{n}" for n in (1, 2, 3)]
     record = h.run(run_id)
     assert record["state"] == FAILED
     assert record["error"]["stage"] == "train"

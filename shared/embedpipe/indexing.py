@@ -14,16 +14,14 @@ import time
 
 import numpy as np
 
-from embedpipe import bulkload, evaluation, report, runs, storage, topology, vectorstore
+from embedpipe import bulkload, evaluation, report, runs, storage, vectorstore
 from embedpipe.events import INDEX_UPDATED, Event, validate
-from embedpipe.pipeline import Pipeline, embeddings_uri
-from embedpipe.runs import INDEXING, PUBLISHING, SUCCEEDED
+from embedpipe.pipeline import Pipeline, embeddings_uri, publish_stalled
+from embedpipe.runs import INDEXING, PUBLISHING
 
 log = logging.getLogger(__name__)
 
 UPSERT_BATCH = 1000
-# A run left in PUBLISHING this long lost the delivery that was publishing it: redeliveries and reconcile finish it.
-STALLED_PUBLISH_S = 60.0
 # A delivery polls a bulk import at most this long (inside Pub/Sub's 600 s ack deadline); reconcile's re-request
 # resumes the same import job later.
 IMPORT_POLL_S = 420.0
@@ -125,7 +123,7 @@ def index_run(pipe: Pipeline, run_id: str) -> str:
     if record["state"] == PUBLISHING:
         if not publish_stalled(record):
             return f"run {run_id} is being published by another delivery: ignored"
-        return finish(pipe, record)  # the delivery that stored the event died before publishing it
+        return pipe.finish(record)  # the delivery that stored the event died before publishing it
     if record["state"] != INDEXING:
         return f"run {run_id} is {record['state']}, not ready to index: ignored"
     try:
@@ -496,17 +494,5 @@ def _index(pipe: Pipeline, record: dict) -> str:
     )
     if not moved:  # a concurrent delivery of the same request stored its event first; it publishes
         return f"run {run_id}: another delivery finished indexing first ({rec['state']})"
-    return finish(pipe, rec)
+    return pipe.finish(rec)
 
-
-def publish_stalled(record: dict, after_s: float = STALLED_PUBLISH_S) -> bool:
-    started = (record.get("stage_times") or {}).get(PUBLISHING, {}).get("start") or 0
-    return record["state"] == PUBLISHING and time.time() - started > after_s
-
-
-def finish(pipe: Pipeline, record: dict) -> str:
-    event = Event.from_structured(record["final_event"])
-    pipe.publish(topology.INDEX_UPDATED, event)
-    rec, _ = pipe.ledger.advance(record["run_id"], PUBLISHING, SUCCEEDED)
-    pipe.release(rec)
-    return f"run {record['run_id']}: index-updated published (promoted={event.data['promoted']})"

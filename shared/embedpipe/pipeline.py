@@ -26,12 +26,15 @@ from embedpipe.events import (
 from embedpipe.jobs import ALLOCATOR_ENV, SUCCEEDED, JobLauncher, JobSpec
 from embedpipe.jobs import launcher as make_launcher
 from embedpipe.retries import transient
-from embedpipe.runs import EMBEDDING, INDEXING, PENDING, TRAINING, Ledger
+from embedpipe.runs import EMBEDDING, INDEXING, PENDING, PUBLISHING, TRAINING, Ledger
 
 log = logging.getLogger(__name__)
 
 STAGE_STATE = {"train": TRAINING, "embed": EMBEDDING}
 LAUNCH_RETRY_WINDOW_S = 300.0  # a launch keeps being retried at least this long before its run fails
+# A run stuck in PUBLISHING this long (its indexer died between storing the event and publishing it) is finished by
+# reconcile: index-updated published from the stored event.
+STALLED_PUBLISH_S = 60.0
 REPUBLISH_AFTER_S = 30.0  # an index request not recorded as sent this long after the move to INDEXING was lost
 
 
@@ -60,6 +63,11 @@ def checked_overrides(req: RetrainRequest) -> dict:
         except (TypeError, ValueError):
             raise EventError(f"retrain {req.key}: override {key}={value!r} is not a valid {kind.__name__}") from None
     return out
+
+
+def publish_stalled(record: dict) -> bool:
+    started = (record.get("stage_times") or {}).get(PUBLISHING, {}).get("start") or 0
+    return record["state"] == PUBLISHING and time.time() - started > STALLED_PUBLISH_S
 
 
 def job_output_uri(run_dir: str, stage: str, attempt: int) -> str:
@@ -481,6 +489,7 @@ class Pipeline:
             self._submit(record, stage, attempt + 1, STAGE_STATE[stage])
             return f"run {run_id}: {stage} job {status.state}, retry {attempt + 1} launched"
         self.fail(run_id, stage, f"{stage} job {status.name} ended {status.state}: {status.error[-1000:]}")
+        self.launch_due(record["dataset"])  # the dataset is free: its follow-up run (we are a launching function)
         return f"run {run_id}: FAILED in {stage}"
 
     def request_index(self, record: dict) -> None:
@@ -531,8 +540,20 @@ class Pipeline:
         if rec["state"] in runs.TERMINAL:  # never free the dataset of a run that is still active
             self.release(rec)
 
+    def finish(self, record: dict) -> str:
+        """Publish a PUBLISHING run's stored index-updated event, then end it and free its dataset. The indexer calls
+        this after promoting; reconcile calls it again for a run whose publish stalled (the event id is the run's, so
+        a second publish is a duplicate subscribers drop)."""
+        event = Event.from_structured(record["final_event"])
+        self.publish(topology.INDEX_UPDATED, event)
+        rec, _ = self.ledger.advance(record["run_id"], PUBLISHING, runs.SUCCEEDED)
+        self.release(rec)
+        return f"run {record['run_id']}: index-updated published (promoted={event.data['promoted']})"
+
     def release(self, record: dict) -> None:
-        """The run ended: free the dataset for its follow-up run (uploads that arrived meanwhile), and start it."""
+        """The run ended: free the dataset for its follow-up run (uploads that arrived meanwhile). Launching it is
+        left to the launching functions (job events, retrain) and the reconcile tick: the indexer, which also ends
+        runs, has no right to submit Vertex jobs (no aiplatform.user, no actAs on the job account)."""
 
         def fn(st):
             if st["active"] != record["run_id"]:
@@ -541,7 +562,6 @@ class Pipeline:
             return st
 
         self.ledger.update_dataset(record["dataset"], fn)
-        self.launch_due(record["dataset"])
 
     # ------------------------------------------------------------------ reconcile
     def launch_soon(self) -> list[str]:
@@ -575,7 +595,10 @@ class Pipeline:
         notes = [f"launched {r}" for r in self.launch_soon()]
         for ds in self.ledger.list_datasets():
             try:
-                notes += self._reconcile_dataset(ds)
+                done = self._reconcile_dataset(ds)
+                if done:  # something ended or moved: the follow-up run may launch now rather than at the next tick
+                    done += [f"launched {r}" for r in self.launch_due(ds)]
+                notes += done
             except Exception as exc:  # noqa: BLE001 - isolate datasets
                 log.exception("reconcile %s failed; the next tick retries", ds)
                 notes.append(f"error in {ds}: {type(exc).__name__}: {exc}")
@@ -590,10 +613,8 @@ class Pipeline:
         if state in runs.TERMINAL:
             self.release(record)
             return [f"released {run_id}"]
-        if state == runs.PUBLISHING:
-            from embedpipe import indexing  # indexing builds on this module
-
-            return [indexing.finish(self, record)] if indexing.publish_stalled(record) else []
+        if state == PUBLISHING:
+            return [self.finish(record)] if publish_stalled(record) else []
         in_stage = time.time() - ((record.get("stage_times") or {}).get(state, {}).get("start") or time.time())
         if state == INDEXING:
             return self._reconcile_indexing(record, in_stage)

@@ -117,7 +117,12 @@ ACCESS: dict[str, tuple[tuple[str, str], ...]] = {
     "on-data-uploaded": (_LEDGER, _INTAKE, _RUN_EVENTS),
     "on-retrain-requested": _LAUNCHER,
     "on-job-event": (*_LAUNCHER, ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher")),
-    "reconcile": (*_LAUNCHER, ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher")),
+    # + index-updated: it publishes the stored event of a run whose indexer died between promoting and publishing
+    "reconcile": (
+        *_LAUNCHER,
+        ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher"),
+        ("topic:" + INDEX_UPDATED, "roles/pubsub.publisher"),
+    ),
     "indexer": (
         ("bucket:artifacts_bucket", "roles/storage.objectUser"),
         ("bucket:data_bucket", "roles/storage.objectViewer"),

@@ -14,7 +14,7 @@ import typer
 from google.api_core import exceptions as gexc
 from typer.testing import CliRunner
 
-from embedpipe import cli, datasets, events, intake, runs, storage, topology
+from embedpipe import cli, datasets, events, intake, pipeline, runs, storage, topology
 from embedpipe.config import Settings
 from embedpipe.datasets import Notice
 from embedpipe.events import INDEX_REQUESTED, RUN_FAILED, RUN_STAGE, Event, JobStateHint, ObjectChange
@@ -642,9 +642,10 @@ def test_one_active_run_per_dataset_and_one_follow_up(make):
     assert h.pipe.launch_due() == []
     assert h.run(second)["state"] == PENDING and len(h.launcher.submits) == 1
 
-    # the first run ends: the dataset is free and the follow-up starts
+    # the first run ends: the dataset is free and the follow-up starts at the next launch (tick or handler)
     record, _ = h.ledger.advance(first, TRAINING, SUCCEEDED)
     h.pipe.release(record)
+    assert h.pipe.launch_due() == [second]
     assert [s.labels["run_id"] for s in h.launcher.submits] == [first, second]
     state = h.ledger.get_dataset("demo")
     assert (state["active"], state["pending"]) == (second, None)
@@ -948,6 +949,55 @@ def test_reconcile_re_requests_a_lost_index_then_fails_it_past_the_deadline(make
     assert "EMBEDPIPE_INDEX_DEADLINE_S" in failed.data["cause"]
     follow_up = h.ledger.get_dataset("demo")["active"]
     assert follow_up != run_id and h.run(follow_up)["state"] == TRAINING  # the dataset runs again
+
+
+def granted_publisher(h, identity: str):
+    """A publisher that refuses topics the deploy does not grant ``identity`` (topology.ACCESS), as Pub/Sub would."""
+    granted = {t.removeprefix("topic:") for t, role in topology.ACCESS[identity] if role == "roles/pubsub.publisher"}
+
+    def publish(topic, event):
+        if topic not in granted:
+            raise gexc.PermissionDenied(f"{identity} may not publish to {topic}")
+        h.published.append((topic, event))
+
+    return publish
+
+
+def publishing_run(h) -> str:
+    """A run the indexer promoted (its index-updated event stored, state PUBLISHING) whose publish never happened."""
+    run_id = indexing_run(h)
+    event = Event(events.INDEX_UPDATED, {"run_id": run_id, "promoted": True}, id=f"{run_id}/index-updated")
+    h.ledger.advance(run_id, INDEXING, runs.PUBLISHING, final_event=event.to_structured())
+    return run_id
+
+
+def test_the_indexer_ends_runs_but_launches_nothing_and_reconcile_launches_the_follow_up(make):
+    """The indexer has no right to submit Vertex jobs: finishing (or failing) a run only frees the dataset; the
+    reconcile tick (or a launching function) starts the follow-up run."""
+    h = make()
+    run_id = publishing_run(h)
+    h.upload("datasets/demo/queries.jsonl")  # a follow-up waits behind the run being indexed
+    h.clock.advance(1)
+    submitted = len(h.launcher.submits)
+    h.pipe.publish = granted_publisher(h, "indexer")
+    assert "index-updated published" in h.pipe.finish(h.ledger.get_run(run_id))
+    assert h.run(run_id)["state"] == SUCCEEDED and h.ledger.get_dataset("demo")["active"] is None
+    assert len(h.launcher.submits) == submitted, "the indexer submitted a job"
+    h.pipe.publish = granted_publisher(h, "reconcile")
+    assert any(n.startswith("launched ") for n in h.pipe.reconcile())
+    assert len(h.launcher.submits) == submitted + 1
+
+
+def test_reconcile_publishes_a_stalled_index_updated_with_its_own_grants(make):
+    h = make()
+    run_id = publishing_run(h)
+    h.pipe.publish = granted_publisher(h, "reconcile")
+    assert h.pipe.reconcile() == []  # not stalled yet: the indexer may be publishing right now
+    h.clock.advance(pipeline.STALLED_PUBLISH_S + 1)
+    notes = h.pipe.reconcile()
+    assert f"run {run_id}: index-updated published (promoted=True)" in notes
+    assert [t for t, e in h.published if e.type == events.INDEX_UPDATED] == [topology.INDEX_UPDATED]
+    assert h.run(run_id)["state"] == SUCCEEDED
 
 
 def test_reconcile_cancels_and_fails_a_job_past_its_stage_deadline(make):

@@ -256,8 +256,9 @@ def events(follow: bool = typer.Option(False, "--follow", "-f", envvar="EMBEDPIP
     log_file = s.state_path / "events.jsonl"
     shown = 0
     while True:
-        for topic in stack.event_log_topics():
-            for data, attrs, message_id in bus.pull(f"projects/{s.project}/subscriptions/{topic}-log", timeout=2):
+        for topic in topology.event_log_topics():
+            sub = f"projects/{s.project}/subscriptions/{topology.log_subscription(topic)}"
+            for data, attrs, message_id in bus.pull(sub, timeout=2):
                 try:
                     doc = Event.from_pubsub(data, attrs).to_structured()
                 except Exception:  # noqa: BLE001 - dead letters may be anything: show them raw

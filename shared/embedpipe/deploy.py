@@ -62,6 +62,9 @@ REPOSITORY = "embedpipe"
 MILVUS_SECRET = "embedpipe-milvus-token"
 FINGERPRINT_LABEL = "embedpipe-fingerprint"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# The Python the functions (--runtime) and the Cloud Run services (--base-image, for source builds) run: the
+# version the staged requirements are pinned and tested for.
+PYTHON_RUNTIME = "python311"
 # Runtime sizing per component (functions: gen2; services: Cloud Run).
 SIZING = {
     "on-data-uploaded": {"memory": "512Mi", "max_instances": 10},
@@ -69,7 +72,10 @@ SIZING = {
     "on-job-event": {"memory": "1Gi", "max_instances": 5},
     "reconcile": {"memory": "1Gi", "max_instances": 1},
     "indexer": {"memory": "8Gi", "cpu": "4", "max_instances": 3, "concurrency": 1},
-    "search": {"memory": "4Gi", "cpu": "2", "max_instances": 5, "concurrency": 16},
+    # CPU always allocated (instance-based billing while an instance lives; still scales to zero): the search
+    # service reloads the promoted model in a background thread after answering the index-updated push, and with
+    # request-based billing Cloud Run throttles the CPU of work done outside a request to almost nothing.
+    "search": {"memory": "4Gi", "cpu": "2", "max_instances": 5, "concurrency": 16, "cpu_always_allocated": True},
 }
 
 
@@ -98,6 +104,14 @@ class DeployConfig:
 
     def sa(self, identity: str) -> str:
         return f"{sa_id(identity)}@{self.project}.iam.gserviceaccount.com"
+
+    def sa_resource(self, identity: str) -> str:
+        """The ``projects/P/serviceAccounts/EMAIL`` form the build-account flags take."""
+        return f"projects/{self.project}/serviceAccounts/{self.sa(identity)}"
+
+    def role(self, role: str) -> str:
+        """``custom:<id>`` (a role the plan creates) -> ``projects/P/roles/<id>``; predefined roles as they are."""
+        return f"projects/{self.project}/roles/{role[7:]}" if role.startswith("custom:") else role
 
     def bucket(self, settings_field: str) -> str:
         return getattr(self.settings, settings_field)
@@ -221,6 +235,7 @@ def plan(cfg: DeployConfig) -> list[Step]:
     steps: list[Step] = []
     steps.append(Step("apis", "enable", {"services": ", ".join(APIS)}, create=[_g(cfg, "services", "enable", *APIS)]))
     steps.append(_registry(cfg))
+    steps.append(_custom_role(cfg))
     steps += [_service_account(cfg, i) for i in topology.identities()]
     steps += [_bucket(cfg, f) for f in topology.BUCKETS]
     steps += [_topic(cfg, t) for t in (*topology.TOPICS, *topology.dead_letter_topics())]
@@ -229,6 +244,7 @@ def plan(cfg: DeployConfig) -> list[Step]:
     steps += [_image(cfg, name) for name in topology.IMAGES]
     steps += [_component(cfg, c) for c in topology.COMPONENTS]
     steps += [_subscription(cfg, c) for c in topology.COMPONENTS if c.topic]
+    steps += [_log_subscription(cfg, t) for t in topology.event_log_topics()]
     steps.append(_notification(cfg))
     steps.append(_sink(cfg))
     steps.append(_scheduler(cfg))
@@ -261,14 +277,39 @@ def _registry(cfg: DeployConfig) -> Step:
     return _labelled(cfg, s, ["artifacts", "repositories", "describe", REPOSITORY, *where], "labels")
 
 
+def _custom_role(cfg: DeployConfig) -> Step:
+    role, perms = topology.JOB_LAUNCHER_ROLE, ",".join(topology.JOB_LAUNCHER_PERMISSIONS)
+    s = Step("custom-role", cfg.role(f"custom:{role}"), {"permissions": perms, "stage": "GA"})
+    desc = f"embedpipe: submit, read, list and cancel Vertex AI custom and tuning jobs [{s.fingerprint}]"
+    common = [f"--permissions={perms}", "--stage=GA", f"--description={desc}"]
+    s.check = _g(cfg, "iam", "roles", "describe", role, "--format=value(description)")
+    s.expect = desc
+    s.create = [_g(cfg, "iam", "roles", "create", role, "--title=embedpipe job launcher", *common)]
+    s.update = [_g(cfg, "iam", "roles", "update", role, *common)]
+    return s
+
+
+def build_sources_condition(cfg: DeployConfig) -> str:
+    """An IAM condition matching the buckets build sources are uploaded to (they are created on first deploy)."""
+    prefixes = [p.format(project=cfg.project) for p in topology.BUILD_SOURCE_BUCKETS]
+    expr = " || ".join(f'resource.name.startsWith("projects/_/buckets/{p}")' for p in prefixes)
+    # gcloud splits --condition on commas; the expression has none, the description neither
+    return f"expression={expr},title=embedpipe-build-sources,description=build source buckets only"
+
+
 def _service_account(cfg: DeployConfig, identity: str) -> Step:
     grants = topology.ACCESS[identity]
-    project_roles = [role for target, role in grants if target == "project"]
+    project_roles = [cfg.role(role) for target, role in grants if target == "project"]
+    source_roles = [role for target, role in grants if target == "build-sources"]
     desc = {
         "job": "embedpipe: what Vertex AI training and embedding jobs run as",
         "push": "embedpipe: identity of Pub/Sub push subscriptions (OIDC tokens)",
+        "build": "embedpipe: what Cloud Build runs as (images and function/service source builds)",
     }.get(identity, f"embedpipe: runtime identity of {identity}")
-    s = Step("service-account", cfg.sa(identity), {"description": desc, "project_roles": project_roles})
+    settings = {"description": desc, "project_roles": project_roles}
+    if source_roles:
+        settings["build_source_bucket_roles"] = source_roles
+    s = Step("service-account", cfg.sa(identity), settings)
     full = f"{desc} [{s.fingerprint}]"
     s.check = _g(cfg, "iam", "service-accounts", "describe", cfg.sa(identity), "--format=value(description)")
     s.create = [_g(cfg, "iam", "service-accounts", "create", sa_id(identity), f"--description={full}")]
@@ -284,6 +325,18 @@ def _service_account(cfg: DeployConfig, identity: str) -> Step:
             "--condition=None",
         )
         for role in project_roles
+    ]
+    s.iam += [
+        _g(
+            cfg,
+            "projects",
+            "add-iam-policy-binding",
+            cfg.project,
+            f"--member={_member(cfg, identity)}",
+            f"--role={role}",
+            f"--condition={build_sources_condition(cfg)}",
+        )
+        for role in source_roles
     ]
     for other, other_grants in topology.ACCESS.items():  # e.g. launching functions may act as the job identity
         for target, role in other_grants:
@@ -411,7 +464,11 @@ def _secret(cfg: DeployConfig) -> Step:
 def _image(cfg: DeployConfig, name: str) -> Step:
     dockerfile = f"containers/{name}/Dockerfile"
     image = cfg.image(name)
-    s = Step("image", image, {"dockerfile": dockerfile, "context": ".", "build": "Cloud Build"})
+    s = Step(
+        "image",
+        image,
+        {"dockerfile": dockerfile, "context": ".", "build": "Cloud Build", "build_service_account": cfg.sa("build")},
+    )
     s.check = _g(cfg, "artifacts", "docker", "images", "describe", image, "--format=value(image_summary.digest)")
     s.create = [
         _g(
@@ -421,6 +478,7 @@ def _image(cfg: DeployConfig, name: str) -> Step:
             ".",
             "--config=deploy/cloudbuild.yaml",
             f"--region={cfg.region}",
+            f"--service-account={cfg.sa_resource('build')}",
             f"--substitutions=_IMAGE={image},_DOCKERFILE={dockerfile},_GIT_SHA={cfg.tag}",
         )
     ]
@@ -449,7 +507,10 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
     )
     timeout = max(c.ack_deadline_s, 60)
     settings = {
-        "runtime": "Cloud Run service" if is_service(c) else "Cloud Function gen2 (python311, HTTP, push-fed)",
+        "runtime": f"Cloud Run service ({PYTHON_RUNTIME})"
+        if is_service(c)
+        else f"Cloud Function gen2 ({PYTHON_RUNTIME}, HTTP, push-fed)",
+        "build_service_account": cfg.sa("build"),
         "source": f"{staged} (staged: main.py + embedpipe/ + pinned requirements.txt)",
         "source_sha256": source_fingerprint(c),
         "entry_point": f"{c.target} ({c.signature})",
@@ -470,6 +531,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
         f"--env-vars-file={env_file}",
         f"--memory={size['memory']}",
         f"--max-instances={size['max_instances']}",
+        f"--build-service-account={cfg.sa_resource('build')}",
         f"--update-labels={fp}",
     ]
     if cfg.vpc_connector:
@@ -483,10 +545,12 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
             "deploy",
             c.name,
             f"--source={staged}",
+            f"--base-image={PYTHON_RUNTIME}",
             "--no-allow-unauthenticated",
             f"--timeout={timeout}",
             f"--cpu={size.get('cpu', '1')}",
             f"--concurrency={size.get('concurrency', 1)}",
+            "--no-cpu-throttling" if size.get("cpu_always_allocated") else "--cpu-throttling",
             *common,
         )
         s.check = _g(
@@ -506,7 +570,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
             "deploy",
             c.name,
             "--gen2",
-            "--runtime=python311",
+            f"--runtime={PYTHON_RUNTIME}",
             f"--source={staged}",
             f"--entry-point={c.target}",
             "--trigger-http",
@@ -583,6 +647,27 @@ def _subscription(cfg: DeployConfig, c: topology.Component) -> Step:
         )
     ]
     return _labelled(cfg, s, ["pubsub", "subscriptions", "describe", c.subscription], "labels")
+
+
+def _log_subscription(cfg: DeployConfig, topic: str) -> Step:
+    """A pull subscription ``embedpipe events`` reads: for a dead-letter topic, the only place a dead-lettered
+    message is kept (Pub/Sub drops messages of a topic without subscriptions)."""
+    name = topology.log_subscription(topic)
+    s = Step(
+        "pull-subscription",
+        name,
+        {
+            "topic": topic,
+            "message_retention": topology.LOG_RETENTION,
+            "expiration": "never",
+            "read_by": "embedpipe events",
+        },
+    )
+    fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
+    flags = [f"--message-retention-duration={topology.LOG_RETENTION}", "--expiration-period=never"]
+    s.create = [_g(cfg, "pubsub", "subscriptions", "create", name, f"--topic={topic}", *flags, f"--labels={fp}")]
+    s.update = [_g(cfg, "pubsub", "subscriptions", "update", name, *flags, f"--update-labels={fp}")]
+    return _labelled(cfg, s, ["pubsub", "subscriptions", "describe", name], "labels")
 
 
 def _notification(cfg: DeployConfig) -> Step:

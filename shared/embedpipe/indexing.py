@@ -495,4 +495,3 @@ def _index(pipe: Pipeline, record: dict) -> str:
     if not moved:  # a concurrent delivery of the same request stored its event first; it publishes
         return f"run {run_id}: another delivery finished indexing first ({rec['state']})"
     return pipe.finish(rec)
-

@@ -327,19 +327,14 @@ def _provision(settings: Settings, ensure, components: bool) -> None:
     ports = component_ports(settings)
     endpoints = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()} if components else None
     bus.apply_topology(settings.project, endpoints)
-    for topic in event_log_topics():
-        bus.ensure_pull_subscription(settings.project, topic, f"{topic}-log")
+    for topic in topology.event_log_topics():
+        bus.ensure_pull_subscription(settings.project, topic, topology.log_subscription(topic))
     ensure(["gcs"])
     for bucket in (settings.data_bucket, settings.artifacts_bucket):
         storage.ensure_bucket(bucket)
     if components:
         ensure(["ticker"])
     (settings.state_path / "stack.json").write_text(json.dumps({"ports": ports, "project": settings.project}))
-
-
-def event_log_topics() -> list[str]:
-    """Topics whose messages ``embedpipe events`` shows: results, run changes and dead letters."""
-    return [topology.INDEX_UPDATED, topology.RUN_EVENTS, *topology.dead_letter_topics()]
 
 
 def _kill_group(pid: int, sig: int) -> None:

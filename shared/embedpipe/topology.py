@@ -66,6 +66,21 @@ def dead_letter_topics() -> list[str]:
     return [c.dead_letter_topic for c in COMPONENTS if c.topic]
 
 
+def event_log_topics() -> list[str]:
+    """Topics ``embedpipe events`` shows: results, run changes and dead letters. Each gets a pull subscription
+    ``<topic>-log`` (locally and in the cloud): Pub/Sub keeps nothing for a topic without subscriptions, so without
+    one a dead-lettered message would be dropped."""
+    return [INDEX_UPDATED, RUN_EVENTS, *dead_letter_topics()]
+
+
+def log_subscription(topic: str) -> str:
+    return f"{topic}-log"
+
+
+# How long the log subscriptions keep what nobody pulled (Pub/Sub's maximum is 7 days).
+LOG_RETENTION = "7d"
+
+
 def component(name: str) -> Component:
     for c in COMPONENTS:
         if c.name == name:
@@ -82,15 +97,14 @@ BUCKETS = ("data_bucket", "artifacts_bucket")
 # GCS -> Pub/Sub notification on the data bucket (local: fake-gcs-server's -event.* flags).
 DATA_NOTIFICATION_TOPIC = DATA_EVENTS
 DATA_NOTIFICATION_EVENTS = ("OBJECT_FINALIZE",)
-# Cloud Logging sink that turns Vertex AI job-state log entries into job-events messages (local: the job runner
-# publishes the same LogEntry). Only job-level entries that carry a terminal state label pass the filter.
+# Cloud Logging sink that turns Vertex AI job log entries into job-events messages (local: the job runner publishes
+# the same LogEntry). It selects the entries Vertex AI writes itself about a job (task_name "service": "Job is
+# running.", "Job completed successfully.", "Job failed."...), not the container's own output. Every entry is only a
+# hint: on-job-event asks the Vertex API for the job's state, and reconcile asks it every minute for each active
+# job, which is the guarantee (a silent or mis-filtered sink delays a run by at most a tick). Google documents no
+# job-state label, so the filter does not rely on one.
 JOB_LOG_SINK = "embedpipe-job-events"
-JOB_LOG_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "PARTIALLY_SUCCEEDED", "EXPIRED")
-JOB_LOG_FILTER = (
-    'resource.type="ml_job" AND ('
-    + " OR ".join(f'labels."ml.googleapis.com/job_state"="{state}"' for state in JOB_LOG_STATES)
-    + ")"
-)
+JOB_LOG_FILTER = 'resource.type="ml_job" AND resource.labels.task_name="service"'
 # Cloud Scheduler job publishing to reconcile-ticks (local: the ticker, every EMBEDPIPE_TICK_S seconds).
 RECONCILE_SCHEDULER_JOB = "embedpipe-reconcile-tick"
 # Every minute (Cloud Scheduler's finest): uploads launch when their quiet period ends at a tick, so this bounds the
@@ -105,11 +119,20 @@ IMAGES = ("trainer", "embedder")
 _LEDGER = ("bucket:artifacts_bucket", "roles/storage.objectUser")  # run ledger, claims, run records
 _INTAKE = ("bucket:data_bucket", "roles/storage.objectUser")  # reads uploads, moves bad ones under quarantine/
 _RUN_EVENTS = ("topic:" + RUN_EVENTS, "roles/pubsub.publisher")  # stage changes, run.failed, file.rejected
+# Vertex AI has no per-job IAM: launching is a project-wide grant, so instead of roles/aiplatform.user (hundreds of
+# permissions: models, endpoints, datasets...) a custom role with exactly what ``embedpipe.vertex`` calls: create,
+# get, list (the idempotency lookup by label) and cancel, for custom jobs and tuning jobs.
+JOB_LAUNCHER_ROLE = "embedpipeJobLauncher"
+JOB_LAUNCHER_PERMISSIONS = tuple(
+    f"aiplatform.{kind}.{verb}"
+    for kind in ("customJobs", "hyperparameterTuningJobs")
+    for verb in ("create", "get", "list", "cancel")
+)
 # Whatever may launch a run: launch-time intake, submitting Vertex jobs as the job identity.
 _LAUNCHER = (
     _LEDGER,
     _INTAKE,
-    ("project", "roles/aiplatform.user"),
+    ("project", f"custom:{JOB_LAUNCHER_ROLE}"),
     ("sa:job", "roles/iam.serviceAccountUser"),
     _RUN_EVENTS,
 )
@@ -135,7 +158,19 @@ ACCESS: dict[str, tuple[tuple[str, str], ...]] = {
         ("bucket:artifacts_bucket", "roles/storage.objectUser"),
     ),
     "push": (),  # gets roles/run.invoker on each push-fed component (granted with the component)
+    # What Cloud Build runs as for our image builds and the functions' and services' source builds: new projects
+    # (since mid-2024) give the default build account none of these. Build logs, images (ours, gcf-artifacts,
+    # cloud-run-source-deploy), and the uploaded sources, which sit in buckets gcloud creates on first deploy (so
+    # the grant is project-wide, narrowed by an IAM condition to those buckets' names: BUILD_SOURCE_BUCKETS).
+    "build": (
+        ("project", "roles/logging.logWriter"),
+        ("project", "roles/artifactregistry.writer"),
+        ("build-sources", "roles/storage.objectAdmin"),
+    ),
 }
+# Name prefixes of the buckets build sources are uploaded to: ``gcloud builds submit`` (<project>_cloudbuild),
+# functions gen2 (gcf-v2-sources-<number>-<region>) and ``gcloud run deploy --source`` (run-sources-<project>-<region>).
+BUILD_SOURCE_BUCKETS = ("{project}_cloudbuild", "gcf-v2-sources-", "run-sources-{project}-")
 # Components that talk to Milvus (get EMBEDPIPE_MILVUS_URI and the token secret).
 MILVUS_CLIENTS = ("on-retrain-requested", "on-job-event", "reconcile", "indexer", "search")
 

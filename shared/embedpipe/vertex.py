@@ -81,10 +81,11 @@ def flag_name(parameter: str) -> str:
 
 
 def console_url(name: str) -> str:
-    """Where to watch a job: its page under Vertex AI > Training in the Cloud console."""
+    """Where to watch a job: its page under Training in the Cloud console. Custom and tuning jobs share the page
+    pattern (as the aiplatform SDK's own dashboard links do); the ``/cpu`` suffix is the custom job's CPU tab only."""
     parts = name.split("/")  # projects/P/locations/R/<kind>/ID
     project, region, job_id = parts[1], parts[3], parts[5]
-    return f"https://console.cloud.google.com/vertex-ai/locations/{region}/training/{job_id}/cpu?project={project}"
+    return f"https://console.cloud.google.com/agent-platform/locations/{region}/training/{job_id}?project={project}"
 
 
 def _git_sha() -> str:

@@ -61,6 +61,10 @@ def test_dry_run_prints_the_whole_plan_and_touches_nothing(monkeypatch, tmp_path
     assert "gcloud functions deploy on-job-event --gen2 --runtime=python311" in out
     assert "--no-allow-unauthenticated" in out
     assert "gcloud run deploy indexer --source=build/functions/indexer" in out
+    # the search service reloads models in a background thread: its CPU must not be throttled between requests
+    search = re.search(r"^       apply : gcloud run deploy search .*$", out, flags=re.M)[0]
+    assert "--no-cpu-throttling" in search and "cpu_always_allocated: True" in out
+    assert "--cpu-throttling" in re.search(r"^       apply : gcloud run deploy indexer .*$", out, flags=re.M)[0]
     assert "--config=deploy/cloudbuild.yaml" in out and "_DOCKERFILE=containers/trainer/Dockerfile" in out
     assert "EMBEDPIPE_MODE=gcp" in out and "EMBEDPIPE_PUSH_SERVICE_ACCOUNT=ep-push@" in out
 
@@ -81,9 +85,28 @@ def test_least_privilege_bindings(cfg):
     search_roles = [a for s in steps.values() for a in s.iam if "--member=serviceAccount:ep-search@" in " ".join(a)]
     assert [r[-2] for r in search_roles] == ["--role=roles/storage.objectViewer"]
     project_roles = [a for s in steps.values() for a in s.iam if a[1:3] == ["projects", "add-iam-policy-binding"]]
-    assert {a[4].split(":")[1].split("@")[0] for a in project_roles} == {"ep-on-retrain-requested", "ep-on-job-event",
-                                                                          "ep-reconcile"}  # fmt: skip
-    assert all(a[5] == "--role=roles/aiplatform.user" for a in project_roles), "no project-wide editor roles"
+    by_member: dict[str, set[str]] = {}
+    for a in project_roles:
+        by_member.setdefault(a[4].split(":")[1].split("@")[0], set()).add(a[5].removeprefix("--role="))
+    launcher = {"projects/demo-project/roles/embedpipeJobLauncher"}  # not roles/aiplatform.user
+    assert by_member == {
+        "ep-on-retrain-requested": launcher,
+        "ep-on-job-event": launcher,
+        "ep-reconcile": launcher,
+        "ep-build": {"roles/logging.logWriter", "roles/artifactregistry.writer", "roles/storage.objectAdmin"},
+    }, "no project-wide editor roles; only the launching functions may submit jobs"
+    (source_grant,) = [a for a in project_roles if "--role=roles/storage.objectAdmin" in a]
+    condition = next(a for a in source_grant if a.startswith("--condition="))
+    # object admin only on the buckets gcloud uploads build sources to, never on the data or artifacts buckets
+    assert 'resource.name.startsWith("projects/_/buckets/gcf-v2-sources-")' in condition
+    assert 'startsWith("projects/_/buckets/demo-project_cloudbuild")' in condition and "embedpipe-data" not in condition
+    role = steps["projects/demo-project/roles/embedpipeJobLauncher"]
+    assert role.settings["permissions"].split(",") == list(topology.JOB_LAUNCHER_PERMISSIONS)
+    build = "projects/demo-project/serviceAccounts/ep-build@demo-project.iam.gserviceaccount.com"
+    for step in steps.values():  # every build runs as ep-build, not the project's default build account
+        for argv in step.create:
+            if argv[1:3] in (["builds", "submit"], ["functions", "deploy"], ["run", "deploy"]):
+                assert f"--service-account={build}" in argv or f"--build-service-account={build}" in argv, argv
 
 
 class FakeGcloud:
@@ -120,7 +143,7 @@ class FakeGcloud:
             out = f"https://{argv[3]}-abc-uc.a.run.app"
         elif "add-iam-policy-binding" in joined or "add-invoker-policy-binding" in joined or "enable" in argv:
             pass
-        elif " describe " in joined or " list " in joined:
+        elif {"describe", "list"} & {a for a in argv[1:] if not a.startswith("-")}:
             key = self.key(argv)
             if key in self.state:
                 out = self.state[key]
@@ -241,14 +264,14 @@ def test_import_closure_follows_lazy_imports_and_skips_optional_ones(tmp_path):
 @pytest.mark.parametrize("fixture", ["ml_job_sink_entry_push.json", "ml_job_local_runner_push.json"])
 def test_the_log_sink_filter_selects_both_job_entries_and_they_parse_alike(fixture):
     """The real sink entry and the local runner's entry pass the sink's filter terms and give the same hint."""
-    from embedpipe.events import JOB_STATE_LABEL, parse_job_log_entry, parse_push
+    from embedpipe.events import parse_job_log_entry, parse_push
     from tests.unit.fakes import load_event
 
     msg = parse_push(load_event(fixture))
     entry = msg.json()
-    assert entry["resource"]["type"] == "ml_job" and 'resource.type="ml_job"' in topology.JOB_LOG_FILTER
-    state = entry["labels"][JOB_STATE_LABEL]
-    assert f'labels."{JOB_STATE_LABEL}"="{state}"' in topology.JOB_LOG_FILTER
+    terms = dict(re.findall(r'([\w.]+)="([^"]*)"', topology.JOB_LOG_FILTER))
+    assert terms == {"resource.type": "ml_job", "resource.labels.task_name": "service"}
+    assert entry["resource"]["type"] == "ml_job" and entry["resource"]["labels"]["task_name"] == "service"
     hint = parse_job_log_entry(msg)
     assert (hint.job_id, hint.state, hint.message) == (
         "1234567890123456789",

@@ -1000,6 +1000,19 @@ def test_reconcile_publishes_a_stalled_index_updated_with_its_own_grants(make):
     assert h.run(run_id)["state"] == SUCCEEDED
 
 
+def test_a_job_log_entry_is_only_a_hint_the_vertex_state_decides(h):
+    """The sink routes every service entry of a job ("Job is running.", ...), with no state label Google documents:
+    the handler asks the launcher, so an entry for a running job does nothing and any entry of an ended job advances."""
+    run_id = h.started_run()
+    (train,) = h.launcher.submits
+    running = JobStateHint(train.job_id, None, "Job is running.")
+    assert "nothing to do yet" in h.pipe.on_job_event(running)
+    assert h.run(run_id)["state"] == TRAINING
+    h.launcher.finish(h.launcher.name_for(train.job_id), "SUCCEEDED")
+    assert "training succeeded" in h.pipe.on_job_event(running)  # a stale hint, a fresh state
+    assert h.run(run_id)["state"] == EMBEDDING
+
+
 def test_reconcile_cancels_and_fails_a_job_past_its_stage_deadline(make):
     h = make(train_deadline_s=3600)
     run_id = h.started_run()

@@ -14,7 +14,7 @@ from google.cloud import aiplatform_v1
 
 from embedpipe.config import Settings
 from embedpipe.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec
-from embedpipe.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, key_hash, label_value
+from embedpipe.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, console_url, key_hash, label_value
 
 PARENT = "projects/demo-project/locations/us-central1"
 
@@ -387,3 +387,9 @@ def test_the_launcher_does_not_import_aiplatform_until_used():
         "assert not [m for m in sys.modules if m.startswith('google.cloud.aiplatform')], 'imported aiplatform'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kind", ["customJobs", "hyperparameterTuningJobs"])
+def test_console_url_is_the_jobs_training_page_for_both_kinds(kind):
+    url = console_url(f"projects/p1/locations/europe-west4/{kind}/42")
+    assert url == "https://console.cloud.google.com/agent-platform/locations/europe-west4/training/42?project=p1"

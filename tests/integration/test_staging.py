@@ -6,6 +6,7 @@ requirements.txt would not install, fails here instead of in production."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import subprocess
@@ -130,3 +131,11 @@ def test_staged_component_runs_alone(services, staged, name, tmp_path):
         if dist and dist not in installable and top not in OPTIONAL:
             missing[top] = dist
     assert missing == {}, f"{name} imports modules its requirements.txt does not install: {missing}"
+    # The shape `gcloud functions deploy --gen2 --source=<folder> --entry-point=<target>` builds: the entry point is a
+    # top-level function of main.py at the folder's root, and a function never loads torch (1 GiB instances, cold
+    # starts; only the search service embeds queries).
+    tree = ast.parse((folder / "main.py").read_text())
+    assert c.target in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    if not deploy.is_service(c):
+        assert "torch" not in tops, f"{name} imported torch"
+        assert not any(deploy._norm(line.split("==")[0]) == "torch" for line in lines), f"{name} installs torch"

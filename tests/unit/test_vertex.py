@@ -341,6 +341,24 @@ def test_hp_tuning_job_wraps_the_custom_job_spec(vertex):
     assert dict(job.labels)["stage"] == "train"
 
 
+def test_tuning_job_trials_carry_spot_scheduling_labels_and_the_job_identity(vertex):
+    """Parsed with the aiplatform protos (``from_json`` refuses unknown fields): what each trial runs with."""
+    s = settings(vertex.endpoint, job_scheduling="spot", job_timeout_s=3600)
+    VertexJobLauncher(s).submit(train_spec())
+    (body,) = vertex.bodies("POST", r"hyperparameterTuningJobs$")
+    job = aiplatform_v1.HyperparameterTuningJob.from_json(json.dumps(body))
+    trial = job.trial_job_spec
+    assert trial.scheduling.strategy == aiplatform_v1.Scheduling.Strategy.SPOT
+    assert trial.scheduling.timeout.total_seconds() == 3600
+    assert trial.service_account == "embedpipe-job@demo-project.iam.gserviceaccount.com"
+    assert {k: v for k, v in job.labels.items() if k != KEY_LABEL} == {
+        "run_id": "r9",
+        "stage": "train",
+        "app": "embedpipe",
+    }
+    assert job.labels[KEY_LABEL] == key_hash("r9/train/1"), "a retried submit finds the tuning job by its key"
+
+
 def test_finished_tuning_job_gives_the_best_trials_model_dir(vertex):
     def trial(tid: str, state: str, value: float) -> dict:
         return {

@@ -1,10 +1,12 @@
 """Training scalars for ``AIP_TENSORBOARD_LOG_DIR``.
 
-With the ``tensorboard`` package installed, scalars go to TensorBoard event files (``torch.utils.tensorboard``);
-without it (our default: it is a heavy dependency) they go to ``scalars.jsonl``, one JSON object per line:
+With the ``tensorboard`` package installed (the trainer image installs it, so Vertex AI TensorBoard gets event
+files), scalars go to TensorBoard event files (``torch.utils.tensorboard``); without it (the local environment and
+the tests: it is a heavy dependency) they go to ``scalars.jsonl``, one JSON object per line:
 ``{"tag": "train/loss", "step": 10, "value": 0.53, "wall_time": 1700000000.0}``. Either way they are written to a
-local folder and copied to the (``gs://``) log dir on ``flush()``, since GCS objects cannot be appended to; a
-resumed run starts from the ``scalars.jsonl`` already there.
+local folder and copied to the (``gs://``) log dir on ``flush()`` and ``close()``, since GCS objects cannot be
+appended to. A resumed run starts from the ``scalars.jsonl`` already there; with TensorBoard it writes an event file
+of its own next to the first attempt's.
 """
 
 from __future__ import annotations
@@ -54,14 +56,18 @@ class ScalarLog:
             self._writer.flush()
         else:
             self._fh.flush()
-        if self.uri and self.uri.startswith("gs://"):
-            from embedpipe import storage
-
-            storage.upload_dir(self.local, self.uri)
+        self._upload()
 
     def close(self) -> None:
-        self.flush()
+        # Closed before the last upload, so the copy in the log dir is the finished file.
         if self._writer is not None:
             self._writer.close()
         else:
             self._fh.close()
+        self._upload()
+
+    def _upload(self) -> None:
+        if self.uri and self.uri.startswith("gs://"):
+            from embedpipe import storage
+
+            storage.upload_dir(self.local, self.uri)

@@ -679,7 +679,17 @@ def _notification(cfg: DeployConfig) -> Step:
         f"gs://{bucket} -> {topology.DATA_NOTIFICATION_TOPIC}",
         {"event_types": ", ".join(events), "payload_format": "json"},
     )
-    s.check = _g(cfg, "storage", "buckets", "notifications", "list", f"gs://{bucket}", "--format=value(topic)")
+    # gcloud lists {"Bucket URL": ..., "Notification Configuration": {...}}: the topic is inside the second
+    # (a plain value(topic) prints nothing, and apply would add one more notification on every deploy)
+    s.check = _g(
+        cfg,
+        "storage",
+        "buckets",
+        "notifications",
+        "list",
+        f"gs://{bucket}",
+        '--format=value("Notification Configuration".topic)',
+    )
     s.expect, s.contains = f"//pubsub.googleapis.com/{topic}", True
     s.create = [
         _g(
@@ -724,7 +734,8 @@ def _scheduler(cfg: DeployConfig) -> Step:
         f"--location={cfg.region}",
         f"--schedule={cfg.schedule}",
         "--time-zone=Etc/UTC",
-        f"--topic={topology.RECONCILE_TICKS}",
+        # the full name: gcloud resolves a short topic name in core/project, not in --project
+        f"--topic=projects/{cfg.project}/topics/{topology.RECONCILE_TICKS}",
         "--message-body={}",
         f"--description={desc}",
     ]

@@ -1,7 +1,8 @@
 """Trainer entrypoint: what a Vertex AI CustomJob runs (``python -m task``), and the local job runner too.
 
 Reads the dataset from GCS, fine-tunes the base model contrastively, writes the model artifact to ``AIP_MODEL_DIR``
-and ``metrics.json`` to the run folder (the parent of ``AIP_MODEL_DIR``: ``<base>/`` or ``<base>/<trial_id>/``).
+and ``metrics.json`` beside it (the parent of ``AIP_MODEL_DIR``: the attempt's ``<base>/`` or a trial's
+``<base>/<trial_id>/``; the indexer reads it from there).
 Hyperparameters come as flags, ``--learning-rate=...`` or ``--learning_rate=...`` (what HP tuning passes).
 
 - Checkpoints every ``--checkpoint-every`` steps to ``AIP_CHECKPOINT_DIR``; a restarted job resumes from the latest.
@@ -39,7 +40,10 @@ log = logging.getLogger("trainer")
 def whole(raw: str) -> int:
     """An integer flag as Vertex AI hyperparameter tuning sends it: trial values are doubles, so an INTEGER or
     DISCRETE parameter arrives as ``--batch-size=32.0``; a fractional value is still an error."""
-    value = float(raw)
+    try:
+        return int(raw)  # exact, however large (a seed)
+    except ValueError:
+        value = float(raw)
     if not value.is_integer():
         raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}")
     return int(value)

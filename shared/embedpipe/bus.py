@@ -103,8 +103,11 @@ def ensure_pull_subscription(project: str, topic: str, name: str) -> str:
     return path
 
 
-def pull(subscription: str, max_messages: int = 100, timeout: float = 5.0) -> list[tuple[bytes, dict, str]]:
-    """Pull and ack a batch: (data, attributes, message_id)."""
+def pull(
+    subscription: str, max_messages: int = 100, timeout: float = 5.0, ack: bool = True
+) -> list[tuple[bytes, dict, str]]:
+    """Pull a batch, acked unless ``ack=False`` (the messages come back after their ack deadline):
+    (data, attributes, message_id)."""
     from google.cloud import pubsub_v1
 
     sub = pubsub_v1.SubscriberClient()
@@ -113,7 +116,7 @@ def pull(subscription: str, max_messages: int = 100, timeout: float = 5.0) -> li
             resp = sub.pull(subscription=subscription, max_messages=max_messages, timeout=timeout)
         except gexc.DeadlineExceeded:
             return []
-        if resp.received_messages:
+        if ack and resp.received_messages:
             sub.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in resp.received_messages])
         return [(m.message.data, dict(m.message.attributes), m.message.message_id) for m in resp.received_messages]
     finally:

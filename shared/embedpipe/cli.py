@@ -251,14 +251,22 @@ def list_runs(as_json: bool = typer.Option(False, "--json", envvar="EMBEDPIPE_JS
 
 @app.command()
 def events(follow: bool = typer.Option(False, "--follow", "-f", envvar="EMBEDPIPE_FOLLOW")) -> None:
-    """Show index-updated, run events and dead letters (CloudEvents JSON, one per line)."""
+    """Show index-updated, run events and dead letters (CloudEvents JSON, one per line). In the cloud, dead letters
+    are left unacknowledged, so they stay in their subscription (7 days) for the next reader too; this machine
+    keeps a copy in events.jsonl and shows each message once."""
     s = settings()
-    log_file = s.state_path / "events.jsonl"
+    log_file, ids_file = s.state_path / "events.jsonl", s.state_path / "events.ids"  # ids: Pub/Sub message ids shown
+    seen = set(ids_file.read_text().split()) if ids_file.exists() else set()
+    dead_letters = set(topology.dead_letter_topics())
     shown = 0
     while True:
         for topic in topology.event_log_topics():
             sub = f"projects/{s.project}/subscriptions/{topology.log_subscription(topic)}"
-            for data, attrs, message_id in bus.pull(sub, timeout=2):
+            keep = s.mode == "gcp" and topic in dead_letters
+            for data, attrs, message_id in bus.pull(sub, timeout=2, ack=not keep):
+                if message_id in seen:
+                    continue
+                seen.add(message_id)
                 try:
                     doc = Event.from_pubsub(data, attrs).to_structured()
                 except Exception:  # noqa: BLE001 - dead letters may be anything: show them raw
@@ -270,6 +278,8 @@ def events(follow: bool = typer.Option(False, "--follow", "-f", envvar="EMBEDPIP
                     }
                 with open(log_file, "a") as fh:
                     fh.write(json.dumps(doc) + "\n")
+                with open(ids_file, "a") as fh:
+                    fh.write(message_id + "\n")
         lines = log_file.read_text().splitlines() if log_file.exists() else []
         for line in lines[shown:]:
             typer.echo(line)

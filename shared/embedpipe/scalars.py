@@ -1,8 +1,9 @@
 """Training scalars for ``AIP_TENSORBOARD_LOG_DIR``.
 
-With the ``tensorboard`` package installed (the trainer image installs it, so Vertex AI TensorBoard gets event
-files), scalars go to TensorBoard event files (``torch.utils.tensorboard``); without it (the local environment and
-the tests: it is a heavy dependency) they go to ``scalars.jsonl``, one JSON object per line:
+With the ``tensorboard`` package installed (the trainer image installs it: real event files in the attempt's
+``logs/`` folder, which Vertex AI uploads to the TensorBoard instance named by ``EMBEDPIPE_TENSORBOARD``), scalars
+go to TensorBoard event files (``torch.utils.tensorboard``); without it (the local environment and the tests: it is
+a heavy dependency) they go to ``scalars.jsonl``, one JSON object per line:
 ``{"tag": "train/loss", "step": 10, "value": 0.53, "wall_time": 1700000000.0}``. Either way they are written to a
 local folder and copied to the (``gs://``) log dir on ``flush()`` and ``close()``, since GCS objects cannot be
 appended to. A resumed run starts from the ``scalars.jsonl`` already there; with TensorBoard it writes an event file

@@ -176,6 +176,8 @@ class VertexJobLauncher:
             out["service_account"] = s.service_account
         if s.job_network:
             out["network"] = s.job_network
+        if s.tensorboard and spec.container == "trainer":  # Vertex uploads AIP_TENSORBOARD_LOG_DIR to it
+            out["tensorboard"] = s.tensorboard
         return out
 
     def custom_job(self, spec: JobSpec) -> dict:

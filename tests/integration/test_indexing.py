@@ -60,7 +60,8 @@ def prepared_run(
     trainer chose ``mode``; with ``base_good`` the shards also hold base-model vectors that find that many."""
     ledger = pipe.ledger
     run_id = runs.new_run_id(dataset)
-    ledger.create_run(run_id, dataset, {"type": "test"}, kind="full", model={"uri": f"gs://m/{run_id}/model/"})
+    trained = f"{ledger.run_dir(run_id)}/train/1"  # the training job's output directory
+    ledger.create_run(run_id, dataset, {"type": "test"}, kind="full", model={"uri": f"{trained}/model/"})
     ledger.advance(run_id, runs.PENDING, runs.INDEXING)
     out = f"{ledger.run_dir(run_id)}/embeddings/1"
     ids = [f"d{i:03d}" for i in range(N_DOCS)]
@@ -92,7 +93,9 @@ def prepared_run(
     search = {"default_mode": mode, "hybrid_weight": 0.7, "rrf_k": 60}
     manifest.update(dim=DIM, fingerprint=fingerprint, search=search, has_base=base_good is not None, tuned=True)
     storage.write_json(f"{out}/manifest-00000.json", manifest)
-    storage.write_json(f"{ledger.run_dir(run_id)}/metrics.json", {"loss_curve": [{"step": 1, "loss": 1.0}]})
+    # the trainer writes metrics.json beside its model folder (its attempt's or trial's output directory)
+    curve = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    storage.write_json(f"{trained}/metrics.json", {"loss_curve": curve, "model_version": f"v-{run_id}"})
     return run_id
 
 
@@ -157,6 +160,8 @@ def test_gate_both_directions_alias_swap_retention_and_report(pipe):
     assert event["report_uri"] == f"{pipe.ledger.run_dir(worse)}/report.html"
     for plot in ("plot-loss", "plot-recall", "plot-stages", "plot-modes"):
         assert f'<svg id="{plot}"' in page
+    assert "no training loss recorded" not in page, "the report found the trainer's metrics.json"
+    assert event["model"]["version"] == f"v-{worse}"
 
 
 def test_first_runs_are_gated_against_the_base_model_and_served_follows_the_chosen_mode(pipe):

@@ -226,8 +226,11 @@ def test_deployed_settings_are_cloud_settings(cfg):
 
 def test_a_local_base_model_path_is_refused_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "abc")
-    with pytest.raises(deploy.DeployError, match="local path; upload the model folder to gs://"):
-        deploy.config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": str(tmp_path)}))
+    for bad in (str(tmp_path), "BAAI/bge-small-en-v1.5", "bundled:nope", "gs://"):
+        with pytest.raises(deploy.DeployError, match="EMBEDPIPE_BASE_MODEL: .*upload a local model folder to gs://"):
+            deploy.config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": bad}))
+    hub = Settings.from_env({"EMBEDPIPE_BASE_MODEL": "sentence-transformers/all-MiniLM-L6-v2"})
+    assert deploy.config_from_settings("p", "r", hub).settings.base_model.endswith("all-MiniLM-L6-v2")  # bundled
     gs = deploy.config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": "gs://b/models/mine"}))
     assert gs.settings.base_model == "gs://b/models/mine"
 

@@ -209,3 +209,4 @@ def test_the_trainer_parses_the_argv_vertex_sends_for_a_trial():
     assert isinstance(args.batch_size, int)
     with pytest.raises(SystemExit):  # a fractional value for an integer parameter is still refused
         task.parse_args(argv[:3] + ["--batch-size=32.5"])
+    assert task.parse_args(argv[:3] + ["--seed=9223372036854775809"]).seed == 9223372036854775809  # exact

@@ -17,7 +17,15 @@ from typer.testing import CliRunner
 from embedpipe import cli, datasets, events, intake, pipeline, runs, storage, topology
 from embedpipe.config import Settings
 from embedpipe.datasets import Notice
-from embedpipe.events import INDEX_REQUESTED, RUN_FAILED, RUN_STAGE, Event, JobStateHint, ObjectChange
+from embedpipe.events import (
+    INDEX_REQUESTED,
+    RUN_FAILED,
+    RUN_STAGE,
+    Event,
+    JobStateHint,
+    ObjectChange,
+    RetrainRequest,
+)
 from embedpipe.jobs import JobSpec
 from embedpipe.pipeline import Pipeline
 from embedpipe.runs import EMBEDDING, FAILED, INDEXING, PENDING, SUCCEEDED, TRAINING, Ledger
@@ -626,6 +634,19 @@ def test_launch_that_died_half_way_is_finished_by_the_next_tick(h):
     assert h.run(run_id)["state"] == TRAINING
 
 
+def test_a_job_launched_before_the_per_attempt_layout_keeps_its_model_path(h):
+    """A training job submitted by an older version wrote to the run folder itself; its record has no "output"."""
+    run_id = h.started_run()
+
+    def old_record(r):
+        del r["jobs"]["train"]["output"]
+        return r
+
+    h.ledger.update_run(run_id, old_record)
+    h.job_event(h.launcher.submits[0], "SUCCEEDED")
+    assert h.run(run_id)["model"] == {"uri": f"gs://embedpipe-artifacts/runs/{run_id}/model/"}
+
+
 def test_one_active_run_per_dataset_and_one_follow_up(make):
     h = make(debounce_s=5)
     first = h.started_run()
@@ -845,6 +866,28 @@ def test_retrain_with_an_unknown_override_is_rejected(h):
     with pytest.raises(ValueError, match=r"unknown override\(s\) \['dropout'\]"):
         h.pipe.on_retrain(req)
     assert h.store.objects == {} and h.launcher.submits == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "base_model", "ok"),
+    [
+        ("gcp", "gs://models/mine/", True),
+        ("gcp", "bundled:all-MiniLM-L6-v2", True),
+        ("gcp", "bundled:nope", False),
+        ("gcp", "BAAI/bge-small-en-v1.5", False),  # a Hub id: the jobs run offline
+        ("gcp", "/etc", False),  # a path of some machine: means nothing to a Vertex job
+        ("local", "/etc", True),  # locally an existing path is a model folder candidate
+        ("local", "/no/such/folder", False),
+    ],
+)
+def test_retrain_base_model_override_must_be_loadable_where_the_jobs_run(mode, base_model, ok):
+    """Refused at once (acked) instead of failing three GPU attempts later."""
+    req = RetrainRequest("demo", {"base_model": base_model}, None, "", "k1")
+    if ok:
+        assert pipeline.checked_overrides(req, cloud=mode == "gcp") == {"base_model": base_model}
+    else:
+        with pytest.raises(events.EventError, match="override base_model: .*cannot be loaded|unknown bundled"):
+            pipeline.checked_overrides(req, cloud=mode == "gcp")
 
 
 def test_retrain_with_a_bad_dataset_name_is_rejected(h):

@@ -343,7 +343,8 @@ def test_hp_tuning_job_wraps_the_custom_job_spec(vertex):
 
 def test_tuning_job_trials_carry_spot_scheduling_labels_and_the_job_identity(vertex):
     """Parsed with the aiplatform protos (``from_json`` refuses unknown fields): what each trial runs with."""
-    s = settings(vertex.endpoint, job_scheduling="spot", job_timeout_s=3600)
+    board = "projects/demo-project/locations/us-central1/tensorboards/77"
+    s = settings(vertex.endpoint, job_scheduling="spot", job_timeout_s=3600, tensorboard=board)
     VertexJobLauncher(s).submit(train_spec())
     (body,) = vertex.bodies("POST", r"hyperparameterTuningJobs$")
     job = aiplatform_v1.HyperparameterTuningJob.from_json(json.dumps(body))
@@ -351,6 +352,7 @@ def test_tuning_job_trials_carry_spot_scheduling_labels_and_the_job_identity(ver
     assert trial.scheduling.strategy == aiplatform_v1.Scheduling.Strategy.SPOT
     assert trial.scheduling.timeout.total_seconds() == 3600
     assert trial.service_account == "embedpipe-job@demo-project.iam.gserviceaccount.com"
+    assert trial.tensorboard == board, "Vertex uploads each trial's AIP_TENSORBOARD_LOG_DIR there"
     assert {k: v for k, v in job.labels.items() if k != KEY_LABEL} == {
         "run_id": "r9",
         "stage": "train",

@@ -316,6 +316,8 @@ def _service_account(cfg: DeployConfig, identity: str) -> Step:
     s.check = _g(cfg, "iam", "service-accounts", "describe", cfg.sa(identity), "--format=value(description)")
     s.create = [_g(cfg, "iam", "service-accounts", "create", sa_id(identity), f"--description={full}")]
     s.update = [_g(cfg, "iam", "service-accounts", "update", cfg.sa(identity), f"--description={full}")]
+    bindings = [(role, "None") for role in project_roles]
+    bindings += [(role, build_sources_condition(cfg)) for role in source_roles]
     s.iam = [
         _g(
             cfg,
@@ -324,21 +326,9 @@ def _service_account(cfg: DeployConfig, identity: str) -> Step:
             cfg.project,
             f"--member={_member(cfg, identity)}",
             f"--role={role}",
-            "--condition=None",
+            f"--condition={condition}",
         )
-        for role in project_roles
-    ]
-    s.iam += [
-        _g(
-            cfg,
-            "projects",
-            "add-iam-policy-binding",
-            cfg.project,
-            f"--member={_member(cfg, identity)}",
-            f"--role={role}",
-            f"--condition={build_sources_condition(cfg)}",
-        )
-        for role in source_roles
+        for role, condition in bindings
     ]
     for other, other_grants in topology.ACCESS.items():  # e.g. launching functions may act as the job identity
         for target, role in other_grants:

@@ -25,6 +25,7 @@ def test_dry_run_prints_the_whole_plan_and_touches_nothing(monkeypatch, tmp_path
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail(f"ran {a}"))
     monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
+    monkeypatch.delenv("EMBEDPIPE_BASE_MODEL", raising=False)  # the tests' tiny local model: a deploy refuses paths
     monkeypatch.setattr(deploy, "stage", lambda *a: pytest.fail("staged during a dry run"))
     result = CliRunner().invoke(
         app, ["deploy", "gcp", "--project", "demo-project", "--region", "us-central1", "--dry-run"]

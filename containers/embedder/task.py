@@ -23,8 +23,10 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from embedpipe import datasets, distributed, incremental, lexical, logs, storage
 from embedpipe.embedding import encode, shard
@@ -42,22 +44,54 @@ def replica() -> tuple[int, int]:
 
 def write_parquet(uri: str, columns: dict) -> None:
     """Columns to Parquet in GCS; a column of numpy rows becomes a fixed-size float32 list (the vectors)."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(_table(columns), buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+STRING_COLUMNS = ("id", "content_hash", "title", "text", "bm25_text", "metadata")
+ROW_GROUP = 8192  # documents embedded and written per Parquet row group: the job holds one group's vectors
+
+
+class ShardWriter:
+    """A corpus shard written row group by row group to a local file, uploaded once complete: memory holds one
+    group's vectors and columns, not the shard's."""
+
+    def __init__(self, path):
+        self.path, self._writer = path, None
+
+    def write(self, columns: dict) -> None:
+        import pyarrow.parquet as pq
+
+        table = _table(columns)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(str(self.path), table.schema)
+        self._writer.write_table(table)
+
+    def close(self, uri: str, empty_columns: dict) -> None:
+        if self._writer is None:  # no document in this shard: an empty file with the columns' names
+            self.write(empty_columns)
+        self._writer.close()
+        storage.upload_file(self.path, uri)
+        self.path.unlink()
+
+
+def _table(columns: dict):
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     arrays = {}
     for key, col in columns.items():
-        if col and isinstance(col[0], np.ndarray):
+        if len(col) and isinstance(col[0], np.ndarray):
             flat = np.asarray(col, dtype=np.float32)
             arrays[key] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
-        elif key == "id":
+        elif key in STRING_COLUMNS:  # typed, not inferred: every row group of a shard must have one schema
             arrays[key] = pa.array(col, type=pa.string())
         else:
             arrays[key] = pa.array(col)
-    buf = io.BytesIO()
-    pq.write_table(pa.table(arrays), buf)
-    storage.write_bytes(uri, buf.getvalue())
+    return pa.table(arrays)
 
 
 def checked(vectors, what: str):
@@ -122,24 +156,25 @@ def main(argv: list[str]) -> int:
                 mode, ids, unchanged = "rebuild", shard(list(ds.corpus), index, count), 0
         else:
             ids, deleted, unchanged = shard(list(ds.corpus), index, count), [], 0
-        docs = [ds.corpus[i] for i in ids]
-        texts = [d.full_text for d in docs]
-        vectors = checked(encode(model, [info.document_prefix + t for t in texts], args.batch_tokens), "document")
         base = base_model_for(info, mode)
-        extra = {}
-        if base is not None:
-            extra["base_vector"] = list(
-                checked(encode(base, [info.document_prefix + t for t in texts], args.batch_tokens), "base document")
-            )
         name = f"corpus-{index:05d}-of-{count:05d}.parquet"
         deleted_name = f"deleted-{index:05d}-of-{count:05d}.parquet"
-        # GCS writes overlap with the query embedding below; all finish before the manifest is written.
-        pending = [
-            writes.submit(
-                write_parquet,
-                f"{out}/{name}",
+        # Row group by row group: embed ROW_GROUP documents, append them to the local shard file, drop them.
+        shard_file = ShardWriter(Path(tempfile.mkdtemp(prefix="shard-")) / name)
+        dim = 0
+        for start in range(0, len(ids), ROW_GROUP):
+            part = ids[start : start + ROW_GROUP]
+            docs = [ds.corpus[i] for i in part]
+            texts = [d.full_text for d in docs]
+            vectors = checked(encode(model, [info.document_prefix + t for t in texts], args.batch_tokens), "document")
+            dim = vectors.shape[1]
+            extra = {}
+            if base is not None:
+                based = encode(base, [info.document_prefix + t for t in texts], args.batch_tokens)
+                extra["base_vector"] = list(checked(based, "base document"))
+            shard_file.write(
                 {
-                    "id": ids,
+                    "id": part,
                     "vector": list(vectors),
                     "content_hash": [d.content_hash for d in docs],
                     "title": [d.title for d in docs],
@@ -147,8 +182,12 @@ def main(argv: list[str]) -> int:
                     "bm25_text": lexical.analyzed(texts),
                     "metadata": [json.dumps(d.metadata) for d in docs],
                     **extra,
-                },
-            ),
+                }
+            )
+        empty = {c: [] for c in STRING_COLUMNS}
+        # GCS writes overlap with the query embedding below; all finish before the manifest is written.
+        pending = [
+            writes.submit(shard_file.close, f"{out}/{name}", empty),
             writes.submit(write_parquet, f"{out}/{deleted_name}", {"id": deleted}),
         ]
         seconds = time.time() - t0
@@ -196,7 +235,7 @@ def main(argv: list[str]) -> int:
             "tuned": info.tuned,
             "has_base": base is not None,
             "search": info.search,
-            "dim": int(info.dim or vectors.shape[1]),
+            "dim": int(info.dim or dim),
             "fingerprint": info.fingerprint,
             "model_uri": args.model_uri,
             "seconds": round(seconds, 3),

@@ -98,11 +98,14 @@ def import_table(table):
 def stage_files(tables, bucket: str, prefix: str) -> list[list[str]]:
     """Write import Parquet files to ``gs://bucket/prefix/``; returns Milvus' ``files`` argument (one file per
     group, paths relative to the bucket). Paths depend only on ``prefix`` and the table order, so staging the same
-    tables again (a redelivery) overwrites the same objects with the same bytes and returns the same list."""
+    tables again (a redelivery) overwrites the same objects with the same bytes and returns the same list.
+    ``tables``: pyarrow tables or local Parquet paths (read one at a time)."""
     import pyarrow.parquet as pq
 
     files = []
     for i, table in enumerate(tables):
+        if not hasattr(table, "num_rows"):
+            table = pq.read_table(table)
         path = f"{prefix.strip('/')}/part-{i:05d}.parquet"
         buf = io.BytesIO()
         pq.write_table(import_table(table), buf)

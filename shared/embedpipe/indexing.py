@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -187,43 +189,64 @@ def load_shards(
     s, client, collection: str, embed_uri: str, manifests: list[dict], watch: Stopwatch, fresh: bool, bulk=None
 ) -> int:
     """Upsert every shard (or bulk import, for a large fresh collection on a server that can); returns rows.
-    ``bulk`` is (recorded import job id or None, a callable that records a new one before it is polled)."""
-    tables = []
-    for m in manifests:
-        table = read_parquet(f"{embed_uri}/{m['file']}")
-        if table.num_rows != m["count"]:
-            raise ValueError(f"{m['file']}: {table.num_rows} rows, manifest says {m['count']}")
-        tables.append(table)
-    total = sum(t.num_rows for t in tables)
-    if fresh and bulkload.wanted(s, total):
-        job_id, on_started = bulk or (None, None)
-        try:  # a recorded job is only polled again: importing twice would duplicate rows (import does not upsert)
-            files = (
-                [] if job_id else bulkload.stage_files(tables, s.bulk_import_bucket, f"embedpipe-import/{collection}")
-            )
-            return watch(
-                bulkload.run_import,
-                s,
-                collection,
-                files,
-                job_id=job_id,
-                on_started=on_started,
-                deadline_s=IMPORT_POLL_S,
-            )
-        except bulkload.ImportUnsupported as exc:
-            log.warning("bulk import unavailable (%s): loading %s with upserts", exc, collection)
-    return upsert_tables(client, collection, tables, watch)
+    ``bulk`` is (recorded import job id or None, a callable that records a new one before it is polled).
+
+    Streamed: each shard is downloaded to a local file and upserted row group by row group (``UPSERT_BATCH`` rows
+    at a time), so the indexer's memory is one batch, not the corpus. Row counts are checked against the manifests
+    from the Parquet footers before anything is loaded."""
+    with tempfile.TemporaryDirectory(prefix="shards-") as tmp:
+        paths = []
+        for i, m in enumerate(manifests):
+            path = Path(tmp) / f"shard-{i:05d}.parquet"  # not the manifest's name: a job wrote it
+            storage.download_file(f"{embed_uri}/{m['file']}", path)
+            rows = pq_rows(path)
+            if rows != m["count"]:
+                raise ValueError(f"{m['file']}: {rows} rows, manifest says {m['count']}")
+            paths.append(path)
+        total = sum(m["count"] for m in manifests)
+        if fresh and bulkload.wanted(s, total):
+            job_id, on_started = bulk or (None, None)
+            try:  # a recorded job is only polled again: importing twice would duplicate rows (import does not upsert)
+                files = (
+                    []
+                    if job_id
+                    else bulkload.stage_files(paths, s.bulk_import_bucket, f"embedpipe-import/{collection}")
+                )
+                return watch(
+                    bulkload.run_import,
+                    s,
+                    collection,
+                    files,
+                    job_id=job_id,
+                    on_started=on_started,
+                    deadline_s=IMPORT_POLL_S,
+                )
+            except bulkload.ImportUnsupported as exc:
+                log.warning("bulk import unavailable (%s): loading %s with upserts", exc, collection)
+        return upsert_tables(client, collection, paths, watch)
 
 
-def upsert_tables(client, collection: str, tables, watch: Stopwatch, batch: int = UPSERT_BATCH) -> int:
-    """Row upserts in batches (by primary key, so a redelivered request rewrites the same rows). Vectors go over as
-    numpy rows: turning them into Python lists first costs more than the rows' whole build. Rows are built in this
-    thread: measured on Milvus Lite (2 cores, server-bound), building them in a background thread was no faster."""
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def upsert_tables(client, collection: str, shards, watch: Stopwatch, batch: int = UPSERT_BATCH) -> int:
+    """Row upserts in batches (by primary key, so a redelivered request rewrites the same rows), read from each shard
+    (a local Parquet path, or an in-memory table) ``batch`` rows at a time. Vectors go over as numpy rows: turning
+    them into Python lists first costs more than the rows' whole build. Rows are built in this thread: measured on
+    Milvus Lite (2 cores, server-bound), building them in a background thread was no faster."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     def pieces():
-        for table in tables:
-            for start in range(0, table.num_rows, batch):
-                yield table.slice(start, batch)
+        for shard in shards:
+            if isinstance(shard, pa.Table):
+                yield from (shard.slice(start, batch) for start in range(0, shard.num_rows, batch))
+            else:
+                for b in pq.ParquetFile(shard).iter_batches(batch_size=batch):
+                    yield pa.Table.from_batches([b])
 
     def rows_of(part):
         vectors = np.asarray(part.column("vector").combine_chunks().flatten(), dtype=np.float32)
@@ -240,7 +263,8 @@ def upsert_tables(client, collection: str, tables, watch: Stopwatch, batch: int 
 
     upserted = 0
     for part in pieces():
-        upserted += watch(vectorstore.upsert_batch, client, collection, rows_of(part))
+        if part.num_rows:
+            upserted += watch(vectorstore.upsert_batch, client, collection, rows_of(part))
     return upserted
 
 

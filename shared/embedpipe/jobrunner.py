@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -175,7 +176,9 @@ def run(job_dir: Path) -> str:
         procs, log_dir = start_replicas(spec, job_dir, port)
         state, error = outcome(wait(procs), log_dir)
         extra = {"model_dir": spec["base_output_dir"].rstrip("/") + "/model/"} if state == SUCCEEDED else {}
-    _write_state(job_dir, state, error, started=started, finished=time.time(), **extra)
+    # the largest replica's (or trial's) peak resident memory: what a job needs from its machine (make bench scale)
+    peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    _write_state(job_dir, state, error, started=started, finished=time.time(), max_rss_mb=peak_mb, **extra)
     message = "Job completed successfully." if state == SUCCEEDED else f"Job failed. {error[-500:]}"
     entry = events.job_log_entry(spec["name"].rsplit("/", 1)[-1], state, message, settings.project)
     from embedpipe import bus  # imported by the thread in run() by now

@@ -3,8 +3,10 @@ at its best batch size, each into a fresh collection (same schema, BM25 function
 that this bench starts on a free port. No flush in either (both measure the load calls).
 
 The baseline's best batch size is picked in a first pass over 500..5000 rows; then baseline (at that size) and ours
-load alternately, ``BENCH_UPSERT_REPEATS`` (3) times each, each time into a fresh collection, and the medians are
-compared: a single run of ours against the best of four baseline runs would favour the baseline by the noise alone.
+load alternately, ``BENCH_UPSERT_REPEATS`` (3) times each, each time into a fresh collection. ``ratio`` is the
+median of the per-pair ratios (ours / baseline vectors/s of the same pair), ``ratio_min`` / ``ratio_max`` their
+spread: a single run of ours against the best of four baseline runs would favour the baseline by the noise alone.
+Goal 1.0: the indexer's batching and retries should cost nothing over the raw insert loop.
 Between loads the server gets ``BENCH_UPSERT_SETTLE_S`` (3) seconds to finish the background work (sealing, index
 builds) of the collection before, which otherwise lands on whichever load comes next."""
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 N, DIM = 20_000, 384
+RATIO_GOAL = 0.95  # the issue's goal: within 5% of raw insert at its best batch
 
 
 def free_port() -> int:
@@ -110,12 +113,15 @@ def run() -> dict:
         for _ in range(int(os.environ.get("BENCH_UPSERT_REPEATS", "3"))):
             base_rates.append(baseline(best_batch))
             our_rates.append(ours())
-        best, ours_rate = statistics.median(base_rates), statistics.median(our_rates)
+        ratios = [o / b for o, b in zip(our_rates, base_rates)]
         return {
-            "baseline_vectors_per_s": round(best, 1),
-            "vectors_per_s": round(ours_rate, 1),
-            "ratio": round(ours_rate / best, 3),
             "baseline_batch": best_batch,
+            "baseline_vectors_per_s": round(statistics.median(base_rates), 1),
+            "vectors_per_s": round(statistics.median(our_rates), 1),
+            "ratio": round(statistics.median(ratios), 3),
+            "ratio_min": round(min(ratios), 3),
+            "ratio_max": round(max(ratios), 3),
+            "ratio_goal": RATIO_GOAL,
         }
     finally:
         server.terminate()

@@ -11,7 +11,8 @@ gets in one line.
 Two corpora, each with the ``max_seq_length`` the pipeline picks for it (``training.seq_length_for``: the 95th
 percentile of its documents' token lengths, rounded up to 32, at most the model's own 256), set on every model:
 
-- ``cisi_*``: CISI (``../shared/data/cisi``: 1,460 real library-science abstracts, 76 judged queries); if the folder
+- ``cisi_*``: CISI (``EMBEDPIPE_QUALITY_DATA``, default ``../shared/data/cisi``: 1,460 real library-science
+  abstracts, 76 judged queries); if the folder
   is missing, ``cisi_missing`` says so and only the demo is measured.
 - ``demo_*``: the demo corpus (``examples/demo/data``, test qrels).
 
@@ -40,6 +41,7 @@ repeats.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import random
 import statistics
 import time
@@ -199,7 +201,8 @@ def run() -> dict:
         "max_seq_length": info.max_seq_length,
     }
     repeats = int(os.environ.get("BENCH_EMBED_REPEATS", "3"))
-    cisi = ROOT.parent / "shared" / "data" / "cisi"
+    # the real collection make quality uses (EMBEDPIPE_QUALITY_DATA, default beside the repo)
+    cisi = Path(os.environ.get("EMBEDPIPE_QUALITY_DATA") or ROOT.parent / "shared" / "data" / "cisi")
     result: dict = {}
     if (cisi / "corpus.jsonl").exists():
         result.update(measure("cisi_", datasets.load_dir(cisi), models, repeats))

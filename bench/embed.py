@@ -41,10 +41,10 @@ repeats.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import random
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 

@@ -17,8 +17,9 @@ from bench.run import ROOT
 from embedpipe.stack import isolated_ports
 
 
-def run() -> dict:
-    state = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+def stack_env(state: Path, **extra: str) -> dict[str, str]:
+    """The environment of an isolated local stack for a bench: own state dir and ports, nothing inherited that
+    would point it at another stack, training cut to a few steps (the benches measure the loop, not a model)."""
     pubsub, gcs, milvus, functions = isolated_ports()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
     env.update(
@@ -33,8 +34,15 @@ def run() -> dict:
             "EMBEDPIPE_TRAIN_MAX_STEPS": os.environ.get("EMBEDPIPE_TRAIN_MAX_STEPS", "10"),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            **extra,
         }
     )
+    return env
+
+
+def run() -> dict:
+    state = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    env = stack_env(state)
     exe = str(Path(sys.executable).parent / "embedpipe")
 
     def cli(*args: str) -> subprocess.CompletedProcess:

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from bench.corpus_gen import generate
+from bench.e2e import stack_env
 from bench.run import ROOT
-from embedpipe.stack import isolated_ports
 
 JOB_CAP_MB = 16 * 1024  # the stated cap for a job replica (an n1-standard-4 has 15 GiB; GPU machines have more)
 
@@ -69,24 +69,11 @@ def one(n: int, model: str) -> dict:
 
     state = Path(tempfile.mkdtemp(prefix=f"bench-scale-{n}-"))
     data = generate(state / "data", n)
-    pubsub, gcs, milvus, functions = isolated_ports()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
-    env.update(
-        {
-            "EMBEDPIPE_STATE_DIR": str(state),
-            "EMBEDPIPE_PROJECT": "embedpipe-bench",
-            "EMBEDPIPE_PUBSUB_PORT": str(pubsub),
-            "EMBEDPIPE_GCS_PORT": str(gcs),
-            "EMBEDPIPE_MILVUS_PORT": str(milvus),
-            "EMBEDPIPE_MILVUS_URI": f"http://127.0.0.1:{milvus}",
-            "EMBEDPIPE_FUNCTIONS_PORT": str(functions),
-            "EMBEDPIPE_BASE_MODEL": model,
-            "EMBEDPIPE_TRAIN_MAX_STEPS": os.environ.get("EMBEDPIPE_TRAIN_MAX_STEPS", "10"),
-            "EMBEDPIPE_MAX_SEQ_LENGTH": "32",
-            "EMBEDPIPE_GATE_TOLERANCE": "1.0",  # a random model: the loop's cost is measured, not its quality
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+    env = stack_env(
+        state,
+        EMBEDPIPE_BASE_MODEL=model,
+        EMBEDPIPE_MAX_SEQ_LENGTH="32",
+        EMBEDPIPE_GATE_TOLERANCE="1.0",  # a random model: the loop's cost is measured, not its quality
     )
     exe = str(Path(sys.executable).parent / "embedpipe")
 

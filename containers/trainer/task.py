@@ -2,7 +2,8 @@
 
 Reads the dataset from GCS, fine-tunes the base model contrastively, writes the model artifact to ``AIP_MODEL_DIR``
 and ``metrics.json`` beside it (the parent of ``AIP_MODEL_DIR``: the attempt's ``<base>/`` or a trial's
-``<base>/<trial_id>/``; the indexer reads it from there).
+``<base>/<trial_id>/``; the indexer reads it from there), and ``intake.json`` there too: the files its load left out
+for breaking cross-file rules (``intake.load_checked``), which the pipeline quarantines and reports.
 Hyperparameters come as flags, ``--learning-rate=...`` or ``--learning_rate=...`` (what HP tuning passes).
 
 - Checkpoints every ``--checkpoint-every`` steps to ``AIP_CHECKPOINT_DIR``; a restarted job resumes from the latest.
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedpipe import datasets, distributed, hypertune, logs, selection, storage
+from embedpipe import distributed, hypertune, intake, logs, selection, storage
 from embedpipe.checkpoints import Checkpoints
 from embedpipe.model import ModelInfo, git_sha, load_model, save_model
 from embedpipe.scalars import ScalarLog
@@ -111,7 +112,13 @@ def main(argv: list[str]) -> int:
         return 0
     device = distributed.init(dist)
     log.info("rank %d/%d (%s) on %s", dist.rank, dist.world_size, dist.source, device)
-    ds = datasets.load_gcs(args.data_bucket, args.dataset, test=False)  # test labels never reach training
+    # test labels never reach training; files that break cross-file rules are left out and listed in intake.json
+    ds, rejections, problem = intake.load_checked(args.data_bucket, args.dataset, test=False)
+    if dist.rank == 0:
+        intake.write_report(f"{run_dir}/{intake.REPORT_FILE}", rejections, problem)
+    if ds is None:  # nothing usable: the pipeline reads intake.json and fails the run in "intake" (no retry)
+        log.error("dataset %s: %s", args.dataset, problem)
+        return 0
     pairs = ds.training_pairs()
     source = "pairs/" if ds.pairs else ("qrels/train.tsv" if ds.qrels.get("train") else "derived from corpus")
     train_pairs, task = selection.task_for(ds, pairs, args.seed)

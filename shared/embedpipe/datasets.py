@@ -406,16 +406,26 @@ def size_problem(size: int, cap: int) -> str | None:
     return f"object is {size} bytes, over the {cap}-byte cap (EMBEDPIPE_MAX_OBJECT_BYTES)"
 
 
-def load_gcs(data_bucket: str, dataset: str, test: bool = True, max_bytes: int | None = None) -> Dataset:
+def load_gcs(
+    data_bucket: str,
+    dataset: str,
+    test: bool = True,
+    max_bytes: int | None = None,
+    exclude: frozenset[str] = frozenset(),
+    generations: dict[str, int] | None = None,
+) -> Dataset:
     """The dataset as stored. ``test=False`` (the trainer) never opens ``qrels/test.tsv``: test labels cannot
-    reach training or any choice made from them. With ``max_bytes``, a file over it raises DatasetError unread."""
+    reach training or any choice made from them. With ``max_bytes``, a file over it raises DatasetError unread.
+    Files named in ``exclude`` (relative paths) are left out; ``generations`` receives each read file's generation."""
     from embedpipe import storage
 
     root = prefix(data_bucket, dataset)
     files = {}
     for uri, generation, size in storage.list_objects(root):
         rel = uri[len(root) :]
-        if classify(rel) and (test or rel != TEST_QRELS):
+        if generations is not None:
+            generations[rel] = generation
+        if classify(rel) and (test or rel != TEST_QRELS) and rel not in exclude:
             if max_bytes is None:
                 files[rel] = storage.read_bytes(uri)
                 continue

@@ -1,29 +1,32 @@
-"""Incremental updates (DESIGN.md §3.2): which kind of run a change needs, the live index's id -> hash table, the diff.
+"""Incremental updates (DESIGN.md §3.2): which kind of run a change needs, the id -> hash tables, the diff.
 
 A run is decided at launch (``Pipeline.start_training``), once, and the decision is stored in the run record:
 
 - ``full`` (train -> embed all -> new collection -> gate -> alias swap) when the dataset has no promoted index, when
-  a retrain message asked for it (``record["force_full"]``), or when training data changed (``pairs/*`` or
-  ``qrels/train.tsv``): a new model is due.
-- ``incremental`` otherwise (corpus, queries or eval-qrels changes): no training. The pipeline snapshots the live
-  collection's id -> content-hash table into ``<run>/live-hashes.parquet``; the embedder, with the promoted model,
-  embeds only documents whose hash differs (new or changed) and lists the ids the corpus snapshot no longer has; the
-  indexer upserts into the LIVE collection and deletes those ids. The corpus in the bucket is the full snapshot: a
-  document missing from it is deleted from the index.
+  a retrain message asked for it (``record["force_full"]``), when training data changed (``pairs/*`` or
+  ``qrels/train.tsv``): a new model is due; or when the promoted entry has no id -> hash table (promoted before
+  the tables existed).
+- ``incremental`` otherwise (corpus, queries or eval-qrels changes): no training. Every embed job leaves
+  ``hashes.parquet`` (id, content_hash) beside its shards, the table of the index that run leaves; the indexer
+  records its URI on the promoted entry. The next incremental run hands that table to the embedder, which, with the
+  promoted model, embeds only documents whose hash differs (new or changed) and lists the ids the corpus snapshot no
+  longer has; the indexer upserts into the LIVE collection and deletes those ids. The corpus in the bucket is the
+  full snapshot: a document missing from it is deleted from the index.
+
+The table, not a scan of Milvus, is the diff's base so that launching costs O(1) in the functions whatever the
+corpus size. It can only lag the collection (an in-place update that failed part-way leaves the previous table on
+the promoted entry): the next diff then redoes those upserts and deletes, which are idempotent.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import dataclass
 
 from embedpipe import datasets, storage
 
-log = logging.getLogger(__name__)
-
 FULL, INCREMENTAL = "full", "incremental"
-SNAPSHOT_FILE = "live-hashes.parquet"
+TABLE_FILE = "hashes.parquet"
 
 
 def kind_for(record: dict, promoted: dict | None) -> tuple[str, str]:
@@ -36,6 +39,8 @@ def kind_for(record: dict, promoted: dict | None) -> tuple[str, str]:
 
     if promoted.get("schema") != SCHEMA_VERSION:
         return FULL, f"the live collection has an older schema ({promoted.get('schema', 1)}): rebuilt"
+    if not promoted.get("hashes"):
+        return FULL, "the live index has no id -> hash table to diff against (promoted by an older version): rebuilt"
     for obj in record.get("trigger_objects") or []:
         found = datasets.dataset_of(obj.get("object", ""))
         rel = found[1] if found else ""
@@ -58,11 +63,7 @@ def diff(corpus_hashes: dict[str, str], live: dict[str, str]) -> Diff:
     return Diff(changed, deleted, len(corpus_hashes) - len(changed))
 
 
-def snapshot_uri(run_dir: str) -> str:
-    return f"{run_dir}/{SNAPSHOT_FILE}"
-
-
-def write_snapshot(uri: str, hashes: dict[str, str]) -> None:
+def write_table(uri: str, hashes: dict[str, str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -72,23 +73,8 @@ def write_snapshot(uri: str, hashes: dict[str, str]) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
-def read_snapshot(uri: str) -> dict[str, str]:
+def read_table(uri: str) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     return dict(zip(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
-
-
-def snapshot_live(milvus_uri: str, milvus_token: str, collection: str, uri: str) -> int | None:
-    """Write the live collection's id -> hash table to ``uri``; its row count, or None when the collection is gone
-    (then the run falls back to full)."""
-    from embedpipe import vectorstore
-
-    client = vectorstore.connect(milvus_uri, milvus_token)
-    if not client.has_collection(collection):
-        log.warning("promoted collection %s is missing from Milvus: a full run is needed", collection)
-        return None
-    hashes = vectorstore.ids_and_hashes(client, collection)
-    write_snapshot(uri, hashes)
-    log.info("snapshot of %s: %d ids -> %s", collection, len(hashes), uri)
-    return len(hashes)

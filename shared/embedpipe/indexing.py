@@ -416,6 +416,9 @@ def _index(pipe: Pipeline, record: dict) -> str:
             "search": served_search,
             "schema": vectorstore.SCHEMA_VERSION,
             "updated_by": run_id,
+            # the id -> hash table of what the collection now holds: the next incremental run's diff base
+            "hashes": f"{embed_uri}/{manifests[0]['hashes_file']}" if manifests[0].get("hashes_file") else None,
+            "rows": manifests[0].get("hashes_rows"),
         }
 
         def promote(st):

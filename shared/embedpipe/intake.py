@@ -8,14 +8,21 @@ is still the generation we checked, so a corrected re-upload is never removed). 
 What published BEIR folders legitimately hold is accepted with ``datasets.Notice``s, not rejected: a corpus document
 with neither title nor text is skipped and its notice travels in the ``Accepted`` verdict into the run record
 (``record["notices"]``, see ``Pipeline.on_object_change``). A qrels row naming a document the corpus lacks cannot be
-seen in one file on its own; the launch-time load counts it (``Dataset.qrels_absent``) and keeps the file. The same
+seen in one file on its own; the jobs' load counts it (``Dataset.qrels_absent``) and keeps the file. The same
 parsers serve ``embedpipe upload``'s local pre-check, so both sides give the same verdict on the same bytes.
+
+Functions do O(files) work per event, never O(documents): at upload one file is parsed as a stream, at launch only
+the listing is checked (``check_listing``); the checks that need every file together (duplicate ids across corpus
+files, qrels naming unknown queries) run inside the jobs that load the dataset anyway (``load_checked``), which
+write what they left out to ``intake.json``; the pipeline quarantines and reports those files when the job ends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
 
 from google.api_core import exceptions as gexc
 
@@ -52,7 +59,12 @@ class Accepted:
 
     object: str  # gs:// URI of the uploaded object
     generation: int
-    notices: tuple[datasets.Notice, ...] = ()
+    notices: tuple[datasets.Notice, ...] = ()  # the first MAX_NOTICES of them
+    total: int | None = field(default=None, compare=False)  # how many there were (None: len(notices))
+
+    @property
+    def count(self) -> int:
+        return len(self.notices) if self.total is None else self.total
 
     def to_dict(self, limit: int = MAX_NOTICES) -> dict:
         """The run record's entry: exact count, the first ``limit`` notices (a million skipped documents must not
@@ -60,7 +72,7 @@ class Accepted:
         return {
             "object": self.object,
             "generation": self.generation,
-            "count": len(self.notices),
+            "count": self.count,
             "items": [n.to_dict() for n in self.notices[:limit]],
         }
 
@@ -84,22 +96,86 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-class _IdsOnly(dict):
-    """The duplicate-id check needs the ids seen so far, not the documents: checking a corpus file keeps only ids."""
+class _Notices(list):
+    """Keeps the first ``MAX_NOTICES`` notices and counts them all: a corpus of skipped documents must not grow the
+    upload handler's memory."""
 
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, None)
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def append(self, notice: datasets.Notice) -> None:
+        self.total += 1
+        if len(self) < MAX_NOTICES:
+            super().append(notice)
+
+
+class _Discard(dict):
+    """``parse_corpus``'s document map when only the verdict matters: keeps nothing."""
+
+    def __setitem__(self, doc_id: str, value) -> None:
+        pass
+
+
+class _Digests:
+    """The ids seen so far as 8-byte digests, for a duplicate check in memory ~ 8 bytes per document. ``parse_corpus``
+    asks ``id in docs`` / sets ``docs[id]`` / ``seen_in[id]``: this answers "not seen" and only records; duplicates
+    are found by sorting the digests afterwards, and located (file:line) by a second pass over those ids only.
+    Skipped documents (neither title nor text) count too: their ids are taken (``seen_in``)."""
+
+    def __init__(self) -> None:
+        self.digests = array("Q")
+
+    def __contains__(self, doc_id) -> bool:
+        return False
+
+    def __setitem__(self, doc_id: str, value) -> None:
+        self.digests.append(_digest(doc_id))
+
+    def get(self, doc_id, default=None):
+        return default
+
+    def repeated(self) -> set[int]:
+        import numpy as np
+
+        ordered = np.sort(np.frombuffer(self.digests, dtype=np.uint64))
+        return set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+
+
+class _OnlyThese(dict):
+    """Second pass: remembers only the ids whose digest repeated, so ``parse_corpus`` names the duplicate's line."""
+
+    def __init__(self, digests: set[int]) -> None:
+        super().__init__()
+        self.wanted = digests
+
+    def __setitem__(self, doc_id: str, value) -> None:
+        if _digest(doc_id) in self.wanted:
+            super().__setitem__(doc_id, value)
+
+
+def _digest(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
 
 
 def check_file(rel: str, data: datasets.Source) -> list[datasets.Notice]:
-    """Parse one BEIR file (bytes, or a binary stream read line by line) on its own: raises DatasetError (file, line,
-    reason) for a broken file, else returns its notices (corpus documents skipped for having neither title nor
-    text). Cross-file checks (duplicate ids across corpus files, qrels naming unknown queries; qrels naming absent
-    documents are counted) happen at launch."""
-    notices: list[datasets.Notice] = []
+    """Parse one BEIR file (bytes, or a seekable binary stream read line by line) on its own: raises DatasetError
+    (file, line, reason) for a broken file, else returns its notices (corpus documents skipped for having neither
+    title nor text; the first ``MAX_NOTICES``, with ``.total`` the count). Cross-file checks (duplicate ids across
+    corpus files, qrels naming unknown queries; qrels naming absent documents are counted) happen in the jobs.
+
+    Memory is one line plus 8 bytes per corpus document: ids are kept as digests, and a file whose digests repeat
+    is read a second time to name the duplicate's line (a digest collision between distinct ids passes that pass)."""
+    notices = _Notices()
     kind = datasets.classify(rel)
     if kind == "corpus":
-        datasets.parse_corpus(data, rel, into=_IdsOnly(), notices=notices)
+        seen = _Digests()
+        datasets.parse_corpus(data, rel, into=_Discard(), seen_in=seen, notices=notices)
+        repeated = seen.repeated()
+        if repeated:
+            if not isinstance(data, (bytes, bytearray)):
+                data.seek(0)
+            datasets.parse_corpus(data, rel, into=_Discard(), seen_in=_OnlyThese(repeated))
     elif kind == "queries":
         datasets.parse_queries(data, rel)
     elif kind == "qrels":
@@ -150,7 +226,8 @@ def check_object(bucket: str, name: str, generation: int, max_bytes: int | None 
             if problem is None:
                 with blob.open("rb", chunk_size=datasets.READ_CHUNK) as stream:
                     # the pipeline records and logs the notices
-                    return Accepted(uri, generation, tuple(check_file(rel, stream)))
+                    notices = check_file(rel, stream)
+                    return Accepted(uri, generation, tuple(notices), getattr(notices, "total", len(notices)))
         except gexc.NotFound:
             return None  # replaced or deleted since: the newer generation has its own event
         except datasets.DatasetError as exc:
@@ -160,36 +237,79 @@ def check_object(bucket: str, name: str, generation: int, max_bytes: int | None 
     return Rejection(uri, generation, line, problem, quarantine(bucket, name, generation))
 
 
-def load_valid(bucket: str, dataset: str, max_rejections: int = 100, max_bytes: int | None = None):
-    """Load the whole dataset, quarantining each file a cross-file check rejects (duplicate ids across corpus files,
-    qrels naming unknown query ids) or that is over ``max_bytes`` (default: ``Settings.max_object_bytes``), until the
-    rest is valid. Returns (Dataset or None, rejections, why None).
+def load_checked(bucket: str, dataset: str, test: bool = True, max_rejections: int = 100, max_bytes: int | None = None):
+    """The jobs' load (DESIGN.md §3.1): the whole dataset, leaving out each file a cross-file check rejects
+    (duplicate ids across corpus files, qrels naming unknown query ids) or that is over ``max_bytes`` (default:
+    ``Settings.max_object_bytes``), until the rest is valid. Returns (Dataset or None, rejections, why None).
+
+    It only reads: the rejections go into the job's ``intake.json`` (``write_report``) and the pipeline, which may
+    write the data bucket, quarantines and reports them when the job ends. A function never parses documents.
 
     What ``datasets.load_files`` accepts with a notice is not a rejection here: a qrels file naming documents the
     corpus lacks stays (``Dataset.qrels_absent`` counts the rows; evaluation treats them the trec_eval way), so a
-    corpus file quarantined for a real error does not take the qrels that cite it along."""
+    corpus file left out for a real error does not take the qrels that cite it along."""
     rejections: list[Rejection] = []
     cap = _max_bytes(max_bytes)
-    for _ in range(max_rejections):
+    exclude: set[str] = set()
+    for _ in range(max_rejections + 10):
+        generations: dict[str, int] = {}
         try:
-            return datasets.load_gcs(bucket, dataset, max_bytes=cap), rejections, None
+            ds = datasets.load_gcs(
+                bucket, dataset, test=test, max_bytes=cap, exclude=frozenset(exclude), generations=generations
+            )
+            return ds, rejections, None
         except datasets.NoCorpus as exc:
             return None, rejections, str(exc)
         except gexc.NotFound:
-            continue  # listed, then gone before it was read: a concurrent delivery moved it; load again without it
+            continue  # listed, then replaced or gone before it was read: list and load again
         except datasets.DatasetError as exc:
+            if len(rejections) >= max_rejections:
+                break
             name = f"datasets/{dataset}/{exc.file}"
-            blob = storage.client().bucket(bucket).get_blob(name)
-            if blob is None:
-                continue  # gone since it was read (another delivery quarantined it): load again without it
             log.warning("rejected gs://%s/%s:%s: %s", bucket, name, exc.line or "", exc.reason)
-            rejections.append(
-                Rejection(
-                    f"gs://{bucket}/{name}",
-                    int(blob.generation),
-                    exc.line,
-                    exc.reason,
-                    quarantine(bucket, name, int(blob.generation)),
-                )
-            )
+            rejections.append(Rejection(f"gs://{bucket}/{name}", generations.get(exc.file, 0), exc.line, exc.reason))
+            exclude.add(exc.file)
     return None, rejections, f"more than {max_rejections} bad files"
+
+
+def check_listing(bucket: str, dataset: str, max_bytes: int | None = None) -> tuple[list[Rejection], str | None]:
+    """The launch-time check a function can afford: O(files), from the listing alone. Files over ``max_bytes`` are
+    quarantined (they were rejected at upload too; a cap lowered since catches them here); a dataset with no corpus
+    file left cannot run. Everything that needs the documents happens in the jobs (``load_checked``)."""
+    cap = _max_bytes(max_bytes)
+    root = datasets.prefix(bucket, dataset)
+    rejections, corpus = [], 0
+    for uri, generation, size in storage.list_objects(root):
+        rel = uri[len(root) :]
+        kind = datasets.classify(rel)
+        if not kind:
+            continue
+        if problem := datasets.size_problem(size, cap):
+            name = uri[len(f"gs://{bucket}/") :]
+            rejections.append(Rejection(uri, generation, None, problem, quarantine(bucket, name, generation)))
+        elif kind == "corpus":
+            corpus += 1
+    return rejections, None if corpus else "dataset has no corpus"
+
+
+REPORT_FILE = "intake.json"
+
+
+def write_report(uri: str, rejections: list[Rejection], problem: str | None) -> None:
+    """A job's intake verdict, beside its outputs: what it left out and why, and whether anything was left."""
+    storage.write_json(uri, {"rejections": [r.to_dict() for r in rejections], "problem": problem})
+
+
+def parse_report(doc: dict | None) -> tuple[list[Rejection], str | None]:
+    if not doc:
+        return [], None
+    rejections = [
+        Rejection(r["object"], int(r["generation"]), r.get("line"), r["reason"]) for r in doc.get("rejections") or []
+    ]
+    return rejections, doc.get("problem")
+
+
+def is_corpus(rejection: Rejection) -> bool:
+    """A rejected corpus file: its documents are absent from this load, not deleted (no deletions follow)."""
+    found = datasets.dataset_of(rejection.object.split("/", 3)[3]) if rejection.object.count("/") >= 3 else None
+    return bool(found) and datasets.classify(found[1]) == "corpus"

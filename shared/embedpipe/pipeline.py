@@ -102,7 +102,7 @@ class Pipeline:
         if check_object is None and self.ledger.store is storage:
             check_object = intake.check_object
         self.check_object = check_object or (lambda bucket, name, generation: None)
-        self.validate = self._validate_dataset if self.ledger.store is storage else (lambda record: None)
+        self.validate = self._check_listing if self.ledger.store is storage else (lambda record: None)
 
     @property
     def launcher(self) -> JobLauncher:
@@ -191,9 +191,9 @@ class Pipeline:
             "run %s: %s accepted with %d notice(s): %s%s",
             run_id,
             accepted.object,
-            len(accepted.notices),
+            accepted.count,
             "; ".join(str(n) for n in accepted.notices[:5]),
-            " ..." if len(accepted.notices) > 5 else "",
+            " ..." if accepted.count > 5 else "",
         )
 
         self.ledger.put_item(run_id, "notices", key, accepted.to_dict())
@@ -343,7 +343,7 @@ class Pipeline:
             f"--max-inplace-share={1.0 if record.get('skip_deletes') else s.max_inplace_share}",
         ]
         if record.get("kind") == incremental.INCREMENTAL:  # the promoted model, only new/changed documents
-            args.append(f"--live-hashes={incremental.snapshot_uri(self.ledger.run_dir(run_id))}")
+            args.append(f"--live-hashes={record['live']['hashes']}")
         else:
             previous = self.ledger.get_dataset(record["dataset"]).get("promoted")
             if previous:
@@ -394,16 +394,14 @@ class Pipeline:
         if kind is None:
             kind, why = incremental.kind_for(record, promoted)
             log.info("run %s: %s run (%s)", record["run_id"], kind, why)
-        if kind == incremental.INCREMENTAL:
-            run_dir = self.ledger.run_dir(record["run_id"])
-            rows = incremental.snapshot_live(
-                self.settings.milvus_uri,
-                self.settings.milvus_token,
-                promoted["collection"],
-                incremental.snapshot_uri(run_dir),
+        if kind == incremental.INCREMENTAL and not self.live_exists(promoted["collection"]):
+            log.warning(
+                "run %s: promoted collection %s is missing: a full run", record["run_id"], promoted["collection"]
             )
-        if kind == incremental.INCREMENTAL and rows is not None:
-            live = {"collection": promoted["collection"], "rows": rows}
+            kind = incremental.FULL
+        if kind == incremental.INCREMENTAL:
+            # the promoted entry's id -> hash table is the diff's base: nothing here reads the documents
+            live = {"collection": promoted["collection"], "rows": promoted.get("rows"), "hashes": promoted["hashes"]}
             fields = {"kind": kind, "model": {"uri": promoted["model_uri"]}, "live": live}
             self.ledger.update_run(record["run_id"], lambda r: {**r, **fields} if r["state"] == PENDING else None)
             self._submit({**record, **fields}, "embed", 1, PENDING)
@@ -413,22 +411,48 @@ class Pipeline:
             self.ledger.update_run(record["run_id"], lambda r: {**r, "kind": kind} if r["state"] == PENDING else None)
         self._submit({**record, "kind": kind}, "train", 1, PENDING)
 
-    def _validate_dataset(self, record: dict) -> str | None:
-        """Launch-time intake: the files a run will read must be valid together. Files that break cross-file
-        rules are quarantined and reported; the run fails (nothing indexed changes) only if nothing usable is
-        left. Runs that rejected a corpus file skip deletions, so a bad upload never removes indexed documents."""
+    def _check_listing(self, record: dict) -> str | None:
+        """Launch-time intake, O(files): the listing must hold a corpus file; files over the size cap are
+        quarantined. The checks that need the documents run in the jobs (``intake.load_checked``) and come back
+        through ``_apply_intake`` when each job ends."""
         if record.get("state") != PENDING:
             return None
-        _, rejections, problem = intake.load_valid(self.settings.data_bucket, record["dataset"])
+        rejections, problem = intake.check_listing(self.settings.data_bucket, record["dataset"])
+        return self._settle_intake(record["run_id"], rejections, problem)
+
+    def _apply_intake(self, record: dict, report_uri: str) -> str | None:
+        """What a job's load left out (its ``intake.json``): quarantine and report each file; a left-out corpus
+        file turns deletions off for the run. Returns why the run cannot go on (nothing usable), else None.
+        Idempotent: a file already moved is not moved again, its error and event are keyed by object#generation."""
+        rejections, problem = intake.parse_report(self.ledger.store.read_json_gen(report_uri)[0])
+        bucket = self.settings.data_bucket
+        moved = []
         for r in rejections:
-            self._report_rejection(record["run_id"], f"gcs/{r.object[5:]}#{r.generation}", r)
-        errors = self.ledger.merge_items(record["run_id"]).get("file_errors") or {}
-        if any("/corpus" in e["object"] for e in errors.values()):
-            self.ledger.update_run(record["run_id"], lambda r: {**r, "skip_deletes": True})
+            name = r.object[len(f"gs://{bucket}/") :]
+            if not r.object.startswith(f"gs://{bucket}/datasets/"):
+                continue  # not ours to move: a report names only the data bucket's dataset files
+            where = intake.quarantine(bucket, name, r.generation)
+            moved.append(intake.Rejection(r.object, r.generation, r.line, r.reason, where))
+        return self._settle_intake(record["run_id"], moved, problem)
+
+    def _settle_intake(self, run_id: str, rejections: list, problem: str | None) -> str | None:
+        for r in rejections:
+            self._report_rejection(run_id, f"gcs/{r.object[5:]}#{r.generation}", r)
+        if any(intake.is_corpus(r) for r in rejections):  # its documents are absent, not deleted
+            self.ledger.update_run(run_id, lambda r: {**r, "skip_deletes": True} if not r.get("skip_deletes") else None)
         if problem:
+            errors = self.ledger.merge_items(run_id).get("file_errors") or {}
             rejected = "; ".join(f"{e['object']}:{e['line'] or ''} {e['reason']}" for e in errors.values())
             return problem + (f" (rejected: {rejected})" if rejected else "")
         return None
+
+    def live_exists(self, collection: str) -> bool:
+        """Whether the promoted collection is still in Milvus (one call; a unit-test ledger has no Milvus)."""
+        if self.ledger.store is not storage:
+            return True
+        from embedpipe import vectorstore
+
+        return vectorstore.connect(self.settings.milvus_uri, self.settings.milvus_token).has_collection(collection)
 
     def _stage_event(self, record: dict, state: str, **extra) -> None:
         data = {"run_id": record["run_id"], "dataset": record["dataset"], "state": state, **extra}
@@ -470,11 +494,17 @@ class Pipeline:
                 # (recorded: a job launched before the per-attempt layout wrote to the run folder itself)
                 out = job.get("output") or self.ledger.run_dir(run_id)
                 model = {"uri": status.model_dir or f"{out.rstrip('/')}/model/"}
+                report = f"{model['uri'].rstrip('/').rsplit('/', 1)[0]}/{intake.REPORT_FILE}"  # beside metrics.json
+                if problem := self._apply_intake(record, report):
+                    return self._intake_failed(record, problem)
                 done = {"model": model, **({"tuning": status.tuning} if status.tuning else {})}  # every trial
                 record.update(done)
                 self.ledger.update_run(run_id, lambda r: {**r, **done} if r["state"] == TRAINING else None)
                 self._submit(record, "embed", 1, TRAINING)
                 return f"run {run_id}: training succeeded, embedding launched"
+            report = f"{embeddings_uri(self.ledger.run_dir(run_id), job.get('attempt', 1))}/{intake.REPORT_FILE}"
+            if problem := self._apply_intake(record, report):
+                return self._intake_failed(record, problem)
             rec, moved = self.ledger.advance(run_id, EMBEDDING, INDEXING)
             if moved or rec["state"] == INDEXING:
                 self.request_index(rec)
@@ -494,6 +524,12 @@ class Pipeline:
         self.fail(run_id, stage, f"{stage} job {status.name} ended {status.state}: {status.error[-1000:]}")
         self.launch_due(record["dataset"])  # the dataset is free: its follow-up run (we are a launching function)
         return f"run {run_id}: FAILED in {stage}"
+
+    def _intake_failed(self, record: dict, problem: str) -> str:
+        """The job found nothing usable in the dataset: no retry can change that, the run fails in intake."""
+        self.fail(record["run_id"], "intake", problem)
+        self.launch_due(record["dataset"])  # the dataset is free: its follow-up run (we are a launching function)
+        return f"run {record['run_id']}: FAILED in intake ({problem})"
 
     def request_index(self, record: dict) -> None:
         event = Event(

@@ -8,7 +8,13 @@ import pytest
 
 from embedpipe.incremental import FULL, INCREMENTAL, diff, kind_for
 
-PROMOTED = {"collection": "demo__20260101t000000_abcdef", "model_uri": "gs://a/runs/r/model/", "schema": 2}
+PROMOTED = {
+    "collection": "demo__20260101t000000_abcdef",
+    "model_uri": "gs://a/runs/r/model/",
+    "schema": 2,
+    "hashes": "gs://a/runs/r/embeddings/1/hashes.parquet",
+    "rows": 10,
+}
 
 
 def obj(rel: str, part: str | None) -> dict:
@@ -29,6 +35,8 @@ def obj(rel: str, part: str | None) -> dict:
         ({"trigger_objects": [obj("corpus.jsonl", "corpus"), obj("qrels/train.tsv", "qrels")]}, PROMOTED, FULL),
         ({"trigger_objects": [obj("pairs/p.jsonl", "pairs")]}, PROMOTED, FULL),
         ({"force_full": True, "trigger_objects": []}, PROMOTED, FULL),  # a retrain message
+        # promoted before the id -> hash tables existed: nothing to diff against without scanning Milvus
+        ({"trigger_objects": [obj("corpus.jsonl", "corpus")]}, {**PROMOTED, "hashes": None}, FULL),
     ],
 )
 def test_kind_for(record, promoted, kind):

@@ -166,18 +166,42 @@ def test_an_endless_line_stops_the_stream_near_the_line_limit():
     assert stream.read_total <= datasets.MAX_LINE_BYTES + datasets.READ_CHUNK
 
 
-def test_launch_time_load_quarantines_a_file_over_the_cap(gcs):
+def test_a_file_over_the_cap_is_left_out_by_the_jobs_load_and_quarantined_at_launch(gcs):
     root = "datasets/demo/"
     gcs.put(root + "corpus.jsonl", jl({"_id": "a", "text": "alpha"}, {"_id": "b", "text": "beta"}))
     gcs.put(root + "queries.jsonl", jl({"_id": "q", "text": "alpha?"}))
     big = gcs.put(root + "corpus/big.jsonl", jl(*({"_id": f"x{i}", "text": "filler"} for i in range(20))))
     gcs.unreadable.add(root + "corpus/big.jsonl")
-    ds, rejections, problem = intake.load_valid(DATA, "demo", max_bytes=200)
+    ds, rejections, problem = intake.load_checked(DATA, "demo", max_bytes=200)  # a job: reads, never moves
     assert problem is None and sorted(ds.corpus) == ["a", "b"]
     [r] = rejections
-    assert (r.object, r.generation, r.line) == (f"gs://{DATA}/{root}corpus/big.jsonl", big, None)
+    assert (r.object, r.generation, r.line, r.quarantined_to) == (
+        f"gs://{DATA}/{root}corpus/big.jsonl",
+        big,
+        None,
+        None,
+    )
     assert "over the 200-byte cap (EMBEDPIPE_MAX_OBJECT_BYTES)" in r.reason
-    assert "quarantine/demo/corpus/big.jsonl" in gcs.objects
+    assert root + "corpus/big.jsonl" in gcs.objects and intake.is_corpus(r)
+
+    gcs.downloaded.clear()
+    [moved], problem = intake.check_listing(DATA, "demo", max_bytes=200)  # a function: the listing only
+    assert problem is None and gcs.downloaded == []
+    assert moved.quarantined_to == f"gs://{DATA}/quarantine/demo/corpus/big.jsonl" and moved.generation == big
+    assert "quarantine/demo/corpus/big.jsonl" in gcs.objects and root + "corpus/big.jsonl" not in gcs.objects
+
+
+def test_launch_check_needs_a_corpus_file_and_reads_nothing(gcs):
+    gcs.put("datasets/demo/queries.jsonl", jl({"_id": "q", "text": "alpha?"}))
+    assert intake.check_listing(DATA, "demo") == ([], "dataset has no corpus")
+    assert gcs.downloaded == []
+
+
+def test_a_job_report_round_trips():
+    r = intake.Rejection(f"gs://{DATA}/datasets/demo/qrels/dev.tsv", 7, 3, "query-id 'q9' is not in queries")
+    doc = {"rejections": [r.to_dict()], "problem": None}
+    assert intake.parse_report(doc) == ([r], None) and intake.parse_report(None) == ([], None)
+    assert not intake.is_corpus(r)
 
 
 def test_streamed_and_whole_files_parse_alike(monkeypatch):
@@ -197,3 +221,14 @@ def test_streamed_and_whole_files_parse_alike(monkeypatch):
             datasets.parse_queries(io.BytesIO(empty), "queries.jsonl")
     with pytest.raises(datasets.DatasetError, match="binary file"):
         datasets.parse_queries(io.BytesIO(b'{"_id": "q"}\n\0\0'), "queries.jsonl")
+
+
+def test_the_upload_check_keeps_digests_not_ids_and_still_names_the_duplicate_line():
+    docs = [{"_id": f"doc-{i}", "text": "t"} for i in range(20_000)]
+    data = jl(*docs, {"_id": "doc-7", "text": "again"}, {"_id": "empty"}, {"_id": "tail", "text": "t"})
+    for source in (data, io.BytesIO(data)):  # bytes, or a stream read twice (the second pass seeks back)
+        with pytest.raises(datasets.DatasetError) as err:
+            intake.check_file("corpus.jsonl", source)
+        assert (err.value.line, err.value.reason) == (20_001, "duplicate _id 'doc-7' (first seen in corpus.jsonl:8)")
+    notices = intake.check_file("corpus.jsonl", jl(*docs, *({"_id": f"e{i}"} for i in range(300))))
+    assert notices.total == 300 and len(notices) == intake.MAX_NOTICES  # counted, not all kept

@@ -437,15 +437,16 @@ def test_a_badly_named_upload_is_quarantined_by_the_real_intake(intake_h, gcs):
     assert event.data["run_id"] is None and "control characters" in event.data["reason"]
 
 
-def test_launch_time_load_keeps_qrels_naming_absent_documents(gcs):
-    """Cross-file errors are still quarantined (a duplicate id across corpus files, qrels naming an unknown query);
-    qrels naming documents the corpus lacks, including those of a quarantined corpus file, stay and are counted."""
+def test_the_jobs_load_keeps_qrels_naming_absent_documents(gcs):
+    """Cross-file errors leave the file out (a duplicate id across corpus files, qrels naming an unknown query);
+    qrels naming documents the corpus lacks, including those of a left-out corpus file, stay and are counted. The
+    job's load only reads: moving the files is the pipeline's, when the job ends."""
     root = "datasets/quirks/"
     for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/dev.tsv"):
         gcs.put(DATA, root + rel, quirk_bytes(rel))
     dup_gen = gcs.put(DATA, root + "corpus/zz-dup.jsonl", jl({"_id": "new", "text": "n"}, {"_id": "q-01", "text": "x"}))
     gcs.put(DATA, root + "qrels/train.tsv", HEADER + b"k1\tq-01\t1\nk9\tq-05\t1\n")
-    ds, rejections, problem = intake.load_valid(DATA, "quirks")
+    ds, rejections, problem = intake.load_checked(DATA, "quirks")
     assert problem is None
     assert [(r.object, r.generation, r.line) for r in rejections] == [
         (f"gs://{DATA}/{root}corpus/zz-dup.jsonl", dup_gen, 2),
@@ -455,8 +456,9 @@ def test_launch_time_load_keeps_qrels_naming_absent_documents(gcs):
     assert "new" not in ds.corpus and [n.id for n in ds.skipped] == ["q-04"]
     assert ds.qrels_absent == {"test": 1} and set(ds.qrels) == {"test", "dev"}
     assert gcs.names() == sorted(
-        [root + r for r in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/dev.tsv")]
-        + ["quarantine/quirks/corpus/zz-dup.jsonl", "quarantine/quirks/qrels/train.tsv"]
+        root + r
+        for r in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/dev.tsv", "corpus/zz-dup.jsonl")
+        + ("qrels/train.tsv",)
     )
 
 
@@ -910,32 +912,41 @@ def test_retrain_with_a_mistyped_override_is_rejected(h):
     assert h.launcher.submits == []
 
 
-def test_launch_time_load_goes_on_when_a_concurrent_delivery_moved_the_bad_file(gcs, monkeypatch):
-    """The race CI met: launch validation read a bad file that another delivery quarantined before this one could;
-    the run goes on without it instead of failing in intake."""
-    root = "datasets/quirks/"
-    for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
-        gcs.put(DATA, root + rel, quirk_bytes(rel))
-    gcs.put(DATA, root + "qrels/dev.tsv", HEADER + b"k9\tq-01\t1\n")  # a query-id queries.jsonl lacks
-    real, calls = intake.datasets.load_gcs, []
-
-    def racing(bucket, dataset, test=True, **kw):
-        calls.append(dataset)
-        try:
-            return real(bucket, dataset, test, **kw)
-        except intake.datasets.DatasetError:
-            gcs.objects.pop((DATA, root + "qrels/dev.tsv"), None)  # the other delivery moves it meanwhile
-            raise
-
-    monkeypatch.setattr(intake.datasets, "load_gcs", racing)
-    ds, rejections, problem = intake.load_valid(DATA, "quirks")
-    assert problem is None and rejections == [] and "dev" not in ds.qrels and len(calls) == 2
+def report_at_job_end(h, stage: str, rejections: list, problem: str | None = None) -> JobSpec:
+    """What a job leaves beside its outputs: ``intake.json`` (the files its load left out), written where the
+    pipeline reads it when the job ends."""
+    spec = h.launcher.stage_submits(stage)[-1]
+    uri = f"{spec.base_output_dir.rstrip('/')}/{intake.REPORT_FILE}"
+    if stage == "embed":
+        uri = next(a.split("=", 1)[1] for a in spec.args if a.startswith("--output-dir=")) + "/" + intake.REPORT_FILE
+    h.store.write_json(uri, {"rejections": [r.to_dict() for r in rejections], "problem": problem})
+    return spec
 
 
-def test_launch_time_load_fails_when_the_error_is_no_file(gcs):
-    gcs.put(DATA, "datasets/quirks/queries.jsonl", quirk_bytes("queries.jsonl"))
-    ds, rejections, problem = intake.load_valid(DATA, "quirks")
-    assert ds is None and rejections == [] and "dataset has no corpus" in problem
+def test_files_a_job_left_out_are_quarantined_and_reported_when_it_ends(h, gcs):
+    run_id = h.started_run()
+    name = "datasets/demo/corpus/zz-dup.jsonl"
+    gen = gcs.put(DATA, name, jl({"_id": "a", "text": "again"}))
+    bad = intake.Rejection(f"gs://{DATA}/{name}", gen, 1, "duplicate _id 'a' (first in corpus.jsonl)")
+    spec = report_at_job_end(h, "train", [bad])
+    for _ in range(2):  # a redelivery moves nothing twice and reports nothing twice
+        h.job_event(spec, "SUCCEEDED")
+    run = h.run(run_id)
+    assert run["state"] == EMBEDDING and run["skip_deletes"] is True  # its documents are absent, not deleted
+    key = f"gcs/{DATA}/{name}#{gen}"
+    assert run["file_errors"][key]["quarantined_to"] == f"gs://{DATA}/quarantine/demo/corpus/zz-dup.jsonl"
+    assert gcs.names() == ["quarantine/demo/corpus/zz-dup.jsonl"]
+    assert len({e.id for e in h.events(intake.FILE_REJECTED, topology.RUN_EVENTS)}) == 1
+
+
+def test_a_job_that_found_nothing_usable_fails_the_run_in_intake_without_a_retry(h, gcs):
+    run_id = h.started_run()
+    h.job_event(h.launcher.submits[0], "SUCCEEDED")
+    spec = report_at_job_end(h, "embed", [], "dataset has no corpus")
+    h.job_event(spec, "SUCCEEDED")
+    run = h.run(run_id)
+    assert run["state"] == FAILED and run["error"]["stage"] == "intake" and "no corpus" in run["error"]["cause"]
+    assert len(h.launcher.stage_submits("embed")) == 1 and h.events(INDEX_REQUESTED) == []
 
 
 # ---------------------------------------------------------------- reliability II: stuck, late and lost

@@ -26,7 +26,7 @@ already cached (torch) are not charged again: a job's peak is below its runner's
 library pages. Also per-document embed + index time growth between the two largest sizes
 (``growth_embed_index_per_doc``, goal <= 1.3) and the incremental run's embed + index seconds over the full run's
 (``N_inc_ratio``, goal <= 0.03). The table shows flat keys (a part's cap as its peak's ceiling); the full record goes
-to ``bench-scale.json``.
+to ``bench-scale.json``. A size's state folder (logs) is kept when one of its runs did not succeed (``state_dir``).
 """
 
 from __future__ import annotations
@@ -453,7 +453,10 @@ def one(n: int, model: str, cap: dict[str, float]) -> dict:
             watch.done.set()
             watch.join()
         cg.cleanup()
+    if all(out.get(ph, {}).get("run") == "succeeded" for ph in ("full", "incremental")):
         shutil.rmtree(state, ignore_errors=True)
+    else:  # kept for its logs
+        out["state_dir"] = str(state)
     if watch and watch.error:
         raise RuntimeError(f"the cgroup poller failed, caps may be missing: {watch.error}")
     out["capped"] = f"cgroup {cg.version}" if cg.version else False
@@ -474,8 +477,12 @@ def run() -> dict:
 
     sizes = [int(x) for x in os.environ.get("EMBEDPIPE_BENCH_SCALE", "10000,100000").split(",") if x.strip()]
     cap = caps()
-    model = str(build_tiny_model(Path(tempfile.mkdtemp(prefix="bench-scale-model-"))))
-    per = {n: one(n, model, cap) for n in sizes}
+    model_dir = Path(tempfile.mkdtemp(prefix="bench-scale-model-"))
+    try:
+        model = str(build_tiny_model(model_dir))
+        per = {n: one(n, model, cap) for n in sizes}
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
     first = next(iter(per.values()))
     flat: dict = {"capped": first["capped"] or f"no: {first['not_capped_because'][:200]}"}
     for n, r in per.items():

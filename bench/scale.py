@@ -287,18 +287,19 @@ class Watch(threading.Thread):
             for info in self.groups.values():
                 s = self.cg.stats(info["path"])
                 info["rss_peak"] = max(info["rss_peak"], s["rss_mb"] or 0)
-                if s["oom_kills"] and self.first_oom is None:
+                if s["oom_kills"] > info.get("oom_base", 0) and self.first_oom is None:
                     self.first_oom = time.time()
 
     def start_phase(self, phase: str) -> None:
-        """Components' peaks start afresh for this phase; jobs found from now on belong to it."""
+        """Peaks and OOM kills count afresh for this phase (a kill the run before survived does not stop this one's
+        wait); jobs found from now on belong to it."""
         with self.lock:
-            self.phase = phase
+            self.phase, self.first_oom = phase, None
             for info in self.groups.values():
+                info["oom_base"] = self.cg.stats(info["path"])["oom_kills"]
                 if info["kind"] == "component":
                     info["rss_peak"] = 0
                     info["peak_reset"] = self.cg.reset_peak(info["path"])
-                    info["oom_base"] = self.cg.stats(info["path"])["oom_kills"]
 
     def report(self, phase: str) -> tuple[dict, dict]:
         """(components, jobs) of a phase: peak, sampled rss, cap, OOM kills (components: during this phase)."""

@@ -4,6 +4,7 @@ Documents belong to topics (10 documents each); a topic has its own few rare wor
 common filler words, so a retriever can find them and recall means something. One query per sampled topic asks for
 its rare words in a different order; its qrels are the topic's documents. Topics are split into train queries
 (``qrels/train.tsv``, the trainer's pairs) and test queries (``qrels/test.tsv``). Same ``n`` and ``seed``, same bytes.
+``mutate`` changes the text of a share of the documents (same ids): the corpus a user's small edit uploads.
 
     python -m bench.corpus_gen OUT_DIR N [--seed 0]
 """
@@ -52,6 +53,27 @@ def generate(out: Path, n: int, seed: int = 0) -> Path:
                 for i in range(t, n, topics):
                     qrels.write(f"q{t}\td{i}\t1\n")
     return out
+
+
+def mutate(folder: Path, share: float = 0.01, seed: int = 1) -> int:
+    """Rewrite ``folder/corpus.jsonl`` with ``share`` of its documents' text changed (a filler word appended, so
+    topics and ids stay); returns how many. Deterministic. The file is replaced by a new one, so a hard link to the
+    original keeps it."""
+    path = folder / "corpus.jsonl"
+    with open(path) as fh:
+        n = sum(1 for _ in fh)
+    rng = random.Random(seed)
+    chosen = set(rng.sample(range(n), min(n, max(1, round(n * share)))))
+    tmp = path.with_name(".corpus.jsonl.tmp")
+    with open(path) as src, open(tmp, "w") as dst:
+        for i, line in enumerate(src):
+            if i in chosen:
+                doc = json.loads(line)
+                doc["text"] = f"{doc['text']} {_word(rng, 3)}"
+                line = json.dumps(doc) + "\n"
+            dst.write(line)
+    tmp.replace(path)
+    return len(chosen)
 
 
 def main() -> None:

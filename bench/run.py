@@ -5,8 +5,9 @@ Results are merged into ``bench-results.json`` at the repo root and printed as a
 after another, each in its own process. Every run first measures the machine (``bench.machine``: CPU, bf16 support,
 matmul peak), stores it under ``machine`` and prints it above the table.
 
-Keys are flat. In the table, ``X_min`` / ``X_max`` fold into X's row as its spread (over the alternating repeats) and
-``X_goal`` as its goal (a lower bound: the goal is met when X >= goal).
+Keys are flat. In the table, ``X_min`` / ``X_max`` fold into X's row as its spread (over the alternating repeats),
+``X_goal`` as its goal (a lower bound: the goal is met when X >= goal) and ``X_ceiling`` as an upper bound (met when
+X <= ceiling).
 
     python -m bench.run [section ...]     # default: every section
 """
@@ -26,7 +27,7 @@ RESULTS = ROOT / "bench-results.json"
 SECTIONS = ("train", "embed", "upsert", "e2e", "scale")
 
 
-FOLDED = ("_min", "_max", "_goal")
+FOLDED = ("_min", "_max", "_goal", "_ceiling")
 
 
 def _shown(value) -> str:
@@ -48,6 +49,10 @@ def table(results: dict) -> str:
                 goal = f">= {values[f'{key}_goal']}"
                 if isinstance(value, int | float):
                     met = "yes" if value >= values[f"{key}_goal"] else "NO"
+            elif f"{key}_ceiling" in values:
+                goal = f"<= {values[f'{key}_ceiling']}"
+                if isinstance(value, int | float):
+                    met = "yes" if value <= values[f"{key}_ceiling"] else "NO"
             lines.append(f"{section:<8} {key:<28} {_shown(value):>12} {spread:>20} {goal:>10}  {met}")
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ kept for evaluation (a relevant document no ranking can hold) and out of trainin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -92,7 +93,7 @@ class Doc:
             return title
         return f"{title} {body}" if title[-1] in SENTENCE_END else f"{title}. {body}"
 
-    @property
+    @functools.cached_property  # a job reads it twice per document (diff, shard): computed once
     def content_hash(self) -> str:
         payload = json.dumps([self.title, self.text, self.metadata], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -283,7 +284,7 @@ def parse_corpus(
         metadata = obj.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise DatasetError(file, number, f"field 'metadata' must be an object, got {type(metadata).__name__}")
-        if _too_deep(metadata):
+        if metadata and _too_deep(metadata):
             raise DatasetError(file, number, f"field 'metadata' nests deeper than {MAX_JSON_DEPTH} levels")
         if doc_id in docs or doc_id in seen_in:
             raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {seen_in.get(doc_id, file)})")

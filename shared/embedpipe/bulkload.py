@@ -16,7 +16,7 @@ overwrites the same files.
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import logging
 import time
@@ -76,6 +76,9 @@ def wanted(settings: Settings, rows: int) -> bool:
     )
 
 
+IMPORT_COLUMNS = ("id", "vector", "text", "title", "content_hash", "metadata")  # what import_table reads
+
+
 def import_table(table):
     """An embedder shard (id, vector, text, title, content_hash, metadata) as import-ready Parquet columns."""
     import pyarrow as pa
@@ -95,21 +98,40 @@ def import_table(table):
     )
 
 
+def _row_groups(shard):
+    """A table whole, or a Parquet shard (a ``pq.ParquetFile`` or a local path) one row group at a time, only the
+    columns ``import_table`` reads; at least one table, so an empty shard still gives a file with the schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if isinstance(shard, pa.Table):
+        yield shard
+        return
+    f = shard if isinstance(shard, pq.ParquetFile) else pq.ParquetFile(shard)
+    if not f.num_row_groups:
+        yield f.schema_arrow.empty_table().select(IMPORT_COLUMNS)
+    for i in range(f.num_row_groups):
+        yield f.read_row_group(i, columns=IMPORT_COLUMNS)
+
+
 def stage_files(tables, bucket: str, prefix: str) -> list[list[str]]:
     """Write import Parquet files to ``gs://bucket/prefix/``; returns Milvus' ``files`` argument (one file per
     group, paths relative to the bucket). Paths depend only on ``prefix`` and the table order, so staging the same
     tables again (a redelivery) overwrites the same objects with the same bytes and returns the same list.
-    ``tables``: pyarrow tables or local Parquet paths (read one at a time)."""
+    ``tables``: pyarrow tables, or Parquet shards (``pq.ParquetFile``, e.g. over ``storage.open_read``, or local
+    paths) converted and uploaded row group by row group: memory holds one row group and one upload chunk, never
+    a shard."""
     import pyarrow.parquet as pq
 
     files = []
     for i, table in enumerate(tables):
-        if not hasattr(table, "num_rows"):
-            table = pq.read_table(table)
         path = f"{prefix.strip('/')}/part-{i:05d}.parquet"
-        buf = io.BytesIO()
-        pq.write_table(import_table(table), buf)
-        storage.write_bytes(f"gs://{bucket}/{path}", buf.getvalue())
+        parts = (import_table(part) for part in _row_groups(table))
+        first = next(parts)
+        # The writer closes (its footer) before the upload does; an error on the way commits no object.
+        with storage.open_write(f"gs://{bucket}/{path}") as out, pq.ParquetWriter(out, first.schema) as writer:
+            for part in itertools.chain([first], parts):
+                writer.write_table(part)
         files.append([path])
     return files
 

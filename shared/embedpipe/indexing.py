@@ -7,12 +7,11 @@ event with the same ``ce-id`` instead of computing a different one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +23,8 @@ from embedpipe.runs import INDEXING, PUBLISHING
 log = logging.getLogger(__name__)
 
 UPSERT_BATCH = 1000
+# What upserts read from a shard: the base model's vectors (only the eval baseline needs them) stay in the file.
+UPSERT_COLUMNS = ("id", "vector", "text", "bm25_text", "title", "content_hash", "metadata")
 # A delivery polls a bulk import at most this long (inside Pub/Sub's 600 s ack deadline); reconcile's re-request
 # resumes the same import job later.
 IMPORT_POLL_S = 420.0
@@ -52,6 +53,7 @@ def permanent_milvus_error(exc: BaseException) -> bool:
 
 
 def read_parquet(uri: str):
+    """A small Parquet file (the eval queries) read whole; shards are streamed instead."""
     import pyarrow.parquet as pq
 
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
@@ -95,13 +97,16 @@ def rank(client, collection: str, queries, search: dict | None, k: int = 100) ->
 
 
 def rank_base(embed_uri: str, manifests: list[dict], queries, k: int = 100) -> dict[str, list[str]]:
-    """The untuned base model's exact top-k for the eval queries, streamed shard by shard (memory: queries x k)."""
+    """The untuned base model's exact top-k for the eval queries, streamed from each shard ``UPSERT_BATCH`` rows
+    at a time, ids and base vectors only (memory: queries x (k + batch); a whole shard as one block was
+    queries x shard)."""
     top = evaluation.TopK(np.asarray(queries.column("base_vector").to_pylist(), dtype=np.float32), k)
     for m in manifests:
-        table = read_parquet(f"{embed_uri}/{m['file']}")
-        if table.num_rows:
-            vectors = np.asarray(table.column("base_vector").combine_chunks().flatten(), dtype=np.float32)
-            top.add(table.column("id").to_pylist(), vectors.reshape(table.num_rows, -1))
+        with storage.open_read(f"{embed_uri}/{m['file']}") as f:
+            for part in batches(f, ["id", "base_vector"]):
+                if part.num_rows:
+                    vectors = np.asarray(part.column("base_vector").flatten(), dtype=np.float32)
+                    top.add(part.column("id").to_pylist(), vectors.reshape(part.num_rows, -1))
     return top.ranked(queries.column("id").to_pylist())
 
 
@@ -191,18 +196,15 @@ def load_shards(
     """Upsert every shard (or bulk import, for a large fresh collection on a server that can); returns rows.
     ``bulk`` is (recorded import job id or None, a callable that records a new one before it is polled).
 
-    Streamed: each shard is downloaded to a local file and upserted row group by row group (``UPSERT_BATCH`` rows
-    at a time), so the indexer's memory is one batch, not the corpus. Row counts are checked against the manifests
-    from the Parquet footers before anything is loaded."""
-    with tempfile.TemporaryDirectory(prefix="shards-") as tmp:
-        paths = []
-        for i, m in enumerate(manifests):
-            path = Path(tmp) / f"shard-{i:05d}.parquet"  # not the manifest's name: a job wrote it
-            storage.download_file(f"{embed_uri}/{m['file']}", path)
-            rows = pq_rows(path)
-            if rows != m["count"]:
+    Streamed: each shard is read from GCS through ranged reads (nothing is downloaded: Cloud Run's /tmp is memory)
+    and upserted ``UPSERT_BATCH`` rows at a time, so the indexer holds a row group, not the corpus. Every shard's
+    row count is checked against its manifest, from its Parquet footer, before anything is loaded; the versions
+    checked are the ones loaded."""
+    with contextlib.ExitStack() as opened:
+        shards = [parquet(opened.enter_context(storage.open_read(f"{embed_uri}/{m['file']}"))) for m in manifests]
+        for m, shard in zip(manifests, shards):
+            if (rows := pq_rows(shard)) != m["count"]:
                 raise ValueError(f"{m['file']}: {rows} rows, manifest says {m['count']}")
-            paths.append(path)
         total = sum(m["count"] for m in manifests)
         if fresh and bulkload.wanted(s, total):
             job_id, on_started = bulk or (None, None)
@@ -210,7 +212,7 @@ def load_shards(
                 files = (
                     []
                     if job_id
-                    else bulkload.stage_files(paths, s.bulk_import_bucket, f"embedpipe-import/{collection}")
+                    else bulkload.stage_files(shards, s.bulk_import_bucket, f"embedpipe-import/{collection}")
                 )
                 return watch(
                     bulkload.run_import,
@@ -223,29 +225,43 @@ def load_shards(
                 )
             except bulkload.ImportUnsupported as exc:
                 log.warning("bulk import unavailable (%s): loading %s with upserts", exc, collection)
-        return upsert_tables(client, collection, paths, watch)
+        return upsert_tables(client, collection, shards, watch)
 
 
-def pq_rows(path: Path) -> int:
+def parquet(source):
+    """A ``pq.ParquetFile`` over a local path or a seekable file (e.g. ``storage.open_read``); one passes through."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    return source if isinstance(source, pq.ParquetFile) else pq.ParquetFile(source)
+
+
+def pq_rows(source) -> int:
+    """Rows of a Parquet file, from its footer alone."""
+    return parquet(source).metadata.num_rows
+
+
+def batches(source, columns, batch: int = UPSERT_BATCH):
+    """Record batches of at most ``batch`` rows of a Parquet file, ``columns`` only, read row group by row group.
+    Measured (pyarrow 26): one ``iter_batches`` over a whole file grows the process with the rows read (about
+    +130 MB for 400k rows), one per row group stays flat."""
+    f = parquet(source)
+    for i in range(f.num_row_groups):
+        yield from f.iter_batches(batch_size=batch, row_groups=[i], columns=list(columns))
 
 
 def upsert_tables(client, collection: str, shards, watch: Stopwatch, batch: int = UPSERT_BATCH) -> int:
     """Row upserts in batches (by primary key, so a redelivered request rewrites the same rows), read from each shard
-    (a local Parquet path, or an in-memory table) ``batch`` rows at a time. Vectors go over as numpy rows: turning
-    them into Python lists first costs more than the rows' whole build. Rows are built in this thread: measured on
-    Milvus Lite (2 cores, server-bound), building them in a background thread was no faster."""
+    (a ``pq.ParquetFile``, a local Parquet path or an in-memory table) ``batch`` rows at a time. Vectors go over as
+    numpy rows: turning them into Python lists first costs more than the rows' whole build. Rows are built in this
+    thread: measured on Milvus Lite (2 cores, server-bound), building them in a background thread was no faster."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     def pieces():
         for shard in shards:
             if isinstance(shard, pa.Table):
                 yield from (shard.slice(start, batch) for start in range(0, shard.num_rows, batch))
             else:
-                for b in pq.ParquetFile(shard).iter_batches(batch_size=batch):
+                for b in batches(shard, UPSERT_COLUMNS, batch):
                     yield pa.Table.from_batches([b])
 
     def rows_of(part):
@@ -273,10 +289,11 @@ def delete_removed(client, collection: str, embed_uri: str, manifests: list[dict
     for m in manifests:
         if not m.get("deleted"):
             continue
-        ids = read_parquet(f"{embed_uri}/{m['deleted_file']}").column("id").to_pylist()
-        for start in range(0, len(ids), UPSERT_BATCH):
-            watch(vectorstore.delete_ids, client, collection, ids[start : start + UPSERT_BATCH])
-        deleted += len(ids)
+        with storage.open_read(f"{embed_uri}/{m['deleted_file']}") as f:  # streamed: a mass delete can be large
+            for part in batches(f, ["id"]):
+                ids = part.column("id").to_pylist()
+                watch(vectorstore.delete_ids, client, collection, ids)
+                deleted += len(ids)
     return deleted
 
 

@@ -7,12 +7,13 @@ Inside a Vertex job the same URIs work whether or not ``/gcs/`` is mounted, beca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from google.api_core import exceptions as gexc
 
@@ -126,6 +127,39 @@ def list_objects(prefix_uri: str) -> Iterator[tuple[str, int, int]]:
     bucket, prefix = split_uri(prefix_uri)
     for b in client().list_blobs(bucket, prefix=prefix):
         yield f"gs://{bucket}/{b.name}", int(b.generation), int(b.size)
+
+
+# Ranged reads fetch at least this much (a Parquet reader asks for column chunks, mostly in file order); resumable
+# writes send this much per request (a multiple of 256 KiB). Either is what a stream holds in memory.
+READ_CHUNK = 1 << 20
+WRITE_CHUNK = 8 << 20
+
+
+@transient
+def open_read(uri: str, chunk_size: int = READ_CHUNK) -> BinaryIO:
+    """A seekable binary file over the object: every read is a ranged download, so memory is what the reader asks
+    for, never the object (Cloud Run's /tmp is memory too). The reads ask for the generation current at opening: on
+    GCS an overwrite meanwhile fails them (NotFound) rather than mixing two versions. NotFound when absent."""
+    b = blob(uri)
+    b.reload()  # size and generation: the ranged reads then ask for this version
+    return b.open("rb", chunk_size=chunk_size)
+
+
+@contextlib.contextmanager
+def open_write(
+    uri: str, content_type: str = "application/octet-stream", chunk_size: int = WRITE_CHUNK
+) -> Iterator[BinaryIO]:
+    """A binary file that streams to the object (a resumable upload, ``chunk_size`` bytes a request). The object
+    appears, whole, when the block ends; an error inside it commits nothing."""
+    f = blob(uri).open("wb", chunk_size=chunk_size, ignore_flush=True, content_type=content_type)
+    try:
+        yield f
+    except BaseException:
+        # Abandon the upload (it expires unfinished): closing the writer, or its finalizer, would commit the part
+        # written so far as the object.
+        f._buffer.close()
+        raise
+    f.close()
 
 
 @transient

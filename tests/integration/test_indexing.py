@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe import lexical, runs, storage, vectorstore
+from embedpipe import bulkload, indexing, lexical, runs, storage, vectorstore
 from embedpipe.events import Event
 from embedpipe.indexing import index_run
 from embedpipe.pipeline import Pipeline
@@ -249,3 +249,47 @@ def test_search_service_reloads_in_the_background(services, tiny_model, pipe):
     assert client.get(f"/search?dataset={DATASET}&q=text&k=3").get_json()["mode"] == "hybrid"
     assert client.get(f"/search?dataset={DATASET}&q=text&k=3&mode=bm25").get_json()["mode"] == "bm25"
     assert client.get(f"/search?dataset={DATASET}&q=text&k=3&mode=nope").status_code == 400
+
+
+def test_shards_are_streamed_and_every_count_is_checked_before_any_row_is_loaded(pipe, monkeypatch):
+    whole, upserts = [], []
+    read_bytes, upsert_batch = storage.read_bytes, vectorstore.upsert_batch
+    monkeypatch.setattr(storage, "read_bytes", lambda uri, *a, **k: whole.append(uri) or read_bytes(uri, *a, **k))
+    monkeypatch.setattr(vectorstore, "upsert_batch", lambda *a: upserts.append(a[2]) or upsert_batch(*a))
+    run_id = prepared_run(pipe, good=10, previous_good=None, base_good=20, dataset="streamed")
+    index_run(pipe, run_id)
+    event = pipe.published[-1].data
+    assert event["counts"]["upserted"] == N_DOCS and event["metrics_by_mode"]["base"]["recall@1"] == pytest.approx(1.0)
+    assert not [u for u in whole if "/corpus-" in u], "shards are read in ranges (upserts, base ranking), never whole"
+
+    # Two shards, the second's manifest disagreeing with its footer: refused before the first one is loaded.
+    bad = prepared_run(pipe, good=10, previous_good=None, dataset="streamed")
+    out = f"{pipe.ledger.run_dir(bad)}/embeddings/1"
+    storage.write_bytes(f"{out}/corpus-00001-of-00002.parquet", read_bytes(f"{out}/corpus-00000-of-00001.parquet"))
+    first = storage.read_json(f"{out}/manifest-00000.json")
+    storage.write_json(f"{out}/manifest-00000.json", {**first, "replicas": 2})
+    second = {**first, "replicas": 2, "replica": 1, "file": "corpus-00001-of-00002.parquet", "count": N_DOCS + 1}
+    storage.write_json(f"{out}/manifest-00001.json", second)
+    upserts.clear()
+    assert "FAILED in index" in index_run(pipe, bad)
+    assert pipe.ledger.get_run(bad)["error"]["cause"] == (
+        f"corpus-00001-of-00002.parquet: {N_DOCS} rows, manifest says {N_DOCS + 1}"
+    )
+    assert upserts == []
+
+
+def test_a_bulk_load_stages_each_shard_from_gcs_and_falls_back_to_upserts_where_import_is_missing(pipe, monkeypatch):
+    def refused(self, timeout=60.0):
+        raise bulkload.ImportUnsupported(f"{self.url}: HTTP 404")  # a server without the import API
+
+    monkeypatch.setattr(bulkload.Request, "send", refused)
+    s = dataclasses.replace(pipe.settings, bulk_import_bucket=pipe.settings.artifacts_bucket, bulk_import_min_rows=1)
+    run_id = prepared_run(pipe, good=10, previous_good=None, dataset="bulk")
+    out = f"{pipe.ledger.run_dir(run_id)}/embeddings/1"
+    client, collection = vectorstore.connect(s.milvus_uri), vectorstore.collection_name("bulk", run_id)
+    vectorstore.create_collection(client, collection, DIM, "fp-a", "gs://model")
+    manifests = indexing.load_manifests(out)
+    # The shards are staged (streamed from their GCS objects) before the import is refused; then upserted.
+    assert indexing.load_shards(s, client, collection, out, manifests, indexing.Stopwatch(), fresh=True) == N_DOCS
+    staged = indexing.read_parquet(f"gs://{s.bulk_import_bucket}/embedpipe-import/{collection}/part-00000.parquet")
+    assert staged.equals(bulkload.import_table(indexing.read_parquet(f"{out}/{manifests[0]['file']}")))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from embedpipe import bulkload
@@ -203,9 +207,22 @@ def test_a_failed_job_does_not_block_a_fresh_import(milvus):
     assert milvus.created() == 2
 
 
-def test_staging_again_rewrites_the_same_paths(monkeypatch):
-    written = {}
-    monkeypatch.setattr(bulkload.storage, "write_bytes", lambda uri, data: written.__setitem__(uri, data) or 1)
+@pytest.fixture
+def written(monkeypatch) -> dict:
+    """The import bucket: ``storage.open_write`` collects each object's bytes, committed when its block ends."""
+    objects: dict[str, bytes] = {}
+
+    @contextlib.contextmanager
+    def open_write(uri, content_type="application/octet-stream"):
+        buf = io.BytesIO()
+        yield buf
+        objects[uri] = buf.getvalue()
+
+    monkeypatch.setattr(bulkload.storage, "open_write", open_write)
+    return objects
+
+
+def test_staging_again_rewrites_the_same_paths(written):
     shard = pa.table(
         {
             "id": ["a"],
@@ -225,3 +242,28 @@ def test_staging_again_rewrites_the_same_paths(monkeypatch):
         == [["embedpipe-import/demo__r1/part-00000.parquet"], ["embedpipe-import/demo__r1/part-00001.parquet"]]
     )
     assert written == before, "same objects, same bytes: a redelivery's staging is harmless"
+
+
+def test_a_parquet_shard_is_staged_row_group_by_row_group(written, tmp_path):
+    n = 5
+    shard = pa.table(
+        {
+            "id": [f"d{i}" for i in range(n)],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(2 * n), pa.float32()), 2),
+            "content_hash": ["h"] * n,
+            "title": ["t"] * n,
+            "text": ["x"] * n,
+            "bm25_text": ["x"] * n,
+            "metadata": ["{}"] * n,
+            "base_vector": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2 * n), pa.float32()), 2),
+        }
+    )
+    pq.write_table(shard, tmp_path / "shard.parquet", row_group_size=2)
+    pq.write_table(shard.slice(0, 0), tmp_path / "empty.parquet")
+    sources = [pq.ParquetFile(tmp_path / "shard.parquet"), tmp_path / "empty.parquet"]
+    files = bulkload.stage_files(sources, "bkt", "embedpipe-import/demo__r1")
+    staged = pq.ParquetFile(io.BytesIO(written[f"gs://bkt/{files[0][0]}"]))
+    assert staged.metadata.num_row_groups == 3, "converted and written one source row group at a time"
+    assert staged.read().equals(bulkload.import_table(shard)), "the same rows as the shard staged whole"
+    empty = pq.read_table(io.BytesIO(written[f"gs://bkt/{files[1][0]}"]))
+    assert empty.num_rows == 0 and empty.schema == staged.schema_arrow, "an empty shard: a file with the schema"

@@ -16,6 +16,7 @@ overwrites the same files.
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import logging
@@ -76,7 +77,7 @@ def wanted(settings: Settings, rows: int) -> bool:
     )
 
 
-IMPORT_COLUMNS = ("id", "vector", "text", "title", "content_hash", "metadata")  # what import_table reads
+IMPORT_COLUMNS = ("id", "vector", "text", "bm25_text", "title", "content_hash", "metadata")  # what import_table reads
 
 
 def import_table(table):
@@ -90,12 +91,22 @@ def import_table(table):
         {
             "id": table.column("id"),
             "dense": table.column("vector").cast(pa.list_(pa.float32())),
-            "text": pc.utf8_slice_codeunits(table.column("text"), 0, MAX_TEXT_CHARS),
+            "text": _nonempty(pc.utf8_slice_codeunits(table.column("text"), 0, MAX_TEXT_CHARS)),
+            # BM25's input: without it an imported collection has no sparse vectors (the upsert rows carry it too)
+            "bm25_text": _nonempty(pc.utf8_slice_codeunits(table.column("bm25_text"), 0, MAX_TEXT_CHARS)),
             "title": pc.utf8_slice_codeunits(table.column("title"), 0, 500),
             "content_hash": table.column("content_hash"),
             "metadata": table.column("metadata"),  # JSON text: Milvus parses it into the JSON field
         }
     )
+
+
+def _nonempty(column):
+    """An empty string becomes one space, as ``vectorstore.rows_from`` writes it for upserts."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.if_else(pc.equal(column, ""), pa.scalar(" "), column)
 
 
 def _row_groups(shard):
@@ -153,6 +164,8 @@ class Request:
             raise
         except urllib.error.URLError as exc:
             raise ImportUnsupported(f"{self.url}: {exc.reason}") from None
+        except http.client.BadStatusLine as exc:  # not an HTTP server at all (Milvus Lite speaks only gRPC)
+            raise ImportUnsupported(f"{self.url}: not an HTTP answer ({type(exc).__name__})") from None
         code = answer.get("code", 0)
         if code not in (0, 200):
             message = str(answer.get("message", answer))

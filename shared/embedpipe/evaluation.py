@@ -99,7 +99,9 @@ def ids(hits: dict[str, Hits]) -> dict[str, list[str]]:
 
 class TopK:
     """Exact cosine top-k for a fixed set of query vectors over documents streamed in blocks: memory is
-    O(queries x (k + block)), never queries x corpus."""
+    O(queries x (k + block)), never queries x corpus. Candidates are kept as int positions in the stream (numeric
+    arrays are cheap to merge; object arrays of id strings cost more than the scoring at a million documents), and
+    only the ids of positions some query still keeps are remembered."""
 
     def __init__(self, queries, k: int):
         import numpy as np
@@ -107,7 +109,9 @@ class TopK:
         self.queries = np.asarray(queries, dtype=np.float32)
         self.k = k
         self.scores = np.full((len(self.queries), 0), -np.inf, dtype=np.float32)
-        self.ids = np.empty((len(self.queries), 0), dtype=object)
+        self.pos = np.empty((len(self.queries), 0), dtype=np.int64)
+        self.names: dict[int, str] = {}
+        self.seen = 0
 
     def add(self, ids: list[str], vectors) -> None:
         import numpy as np
@@ -116,18 +120,28 @@ class TopK:
             return
         block = self.queries @ np.asarray(vectors, dtype=np.float32).T
         scores = np.concatenate([self.scores, block], axis=1)
-        ids = np.concatenate([self.ids, np.broadcast_to(np.array(ids, dtype=object), block.shape)], axis=1)
+        first = self.seen
+        pos = np.concatenate([self.pos, np.broadcast_to(np.arange(first, first + len(ids)), block.shape)], axis=1)
+        self.seen += len(ids)
         keep = min(self.k, scores.shape[1])
         part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
         self.scores = np.take_along_axis(scores, part, axis=1)
-        self.ids = np.take_along_axis(ids, part, axis=1)
+        self.pos = np.take_along_axis(pos, part, axis=1)
+        fresh = np.unique(self.pos[self.pos >= first])
+        self.names.update((int(p), ids[int(p) - first]) for p in fresh)
+        if len(self.names) > 2 * self.pos.size:  # forget ids no query keeps any more (now and then: it costs)
+            self.names = {int(p): self.names[int(p)] for p in np.unique(self.pos)}
 
     def hits(self, qids: list[str]) -> dict[str, Hits]:
         import numpy as np
 
         order = np.argsort(-self.scores, axis=1, kind="stable")
         return {
-            q: [(str(self.ids[i, j]), float(self.scores[i, j])) for j in order[i] if np.isfinite(self.scores[i, j])]
+            q: [
+                (self.names[int(self.pos[i, j])], float(self.scores[i, j]))
+                for j in order[i]
+                if np.isfinite(self.scores[i, j])
+            ]
             for i, q in enumerate(qids)
         }
 

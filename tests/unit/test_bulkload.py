@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe import bulkload
+from embedpipe import bulkload, vectorstore
 from embedpipe.config import Settings
 
 
@@ -44,11 +44,15 @@ def test_import_table_uses_the_collection_field_names():
             "content_hash": ["h1", "h2"],
             "title": ["t", ""],
             "text": ["x" * 20000, "short"],
+            "bm25_text": ["x", ""],
             "metadata": ['{"k": 1}', "{}"],
         }
     )
     out = bulkload.import_table(shard)
-    assert out.column_names == ["id", "dense", "text", "title", "content_hash", "metadata"]
+    # an imported row has the fields an upserted one has (bm25_text feeds BM25: without it no sparse vectors)
+    row = vectorstore.rows_from(["a"], [[0.1, 0.2]], ["x"], ["x"], ["t"], ["h1"], [{}])[0]
+    assert sorted(out.column_names) == sorted(row)
+    assert out.column("bm25_text").to_pylist() == ["x", " "]  # empty written as one space, as rows_from does
     assert out.column("dense").type == pa.list_(pa.float32())
     assert len(out.column("text")[0].as_py()) == 16000  # vectorstore.MAX_TEXT_CHARS, as upserts truncate
     assert out.column("metadata").to_pylist() == ['{"k": 1}', "{}"]
@@ -68,6 +72,18 @@ def test_unsupported_server_is_reported_as_such(monkeypatch):
         pass
     else:
         raise AssertionError("a 404 means: this server has no import API, fall back to upserts")
+
+
+def test_a_server_that_does_not_speak_http_is_unsupported(monkeypatch):
+    """A bulk bucket set against Milvus Lite: its port answers gRPC, which urllib reads as a bad status line."""
+    import http.client
+
+    def grpc_only(*a, **k):
+        raise http.client.BadStatusLine("\x00\x00\x18\x04")
+
+    monkeypatch.setattr(bulkload.urllib.request, "urlopen", grpc_only)
+    with pytest.raises(bulkload.ImportUnsupported, match="not an HTTP answer"):
+        bulkload.create_request("http://127.0.0.1:1", "", "c", [["f"]]).send()
 
 
 class FakeMilvus:
@@ -230,6 +246,7 @@ def test_staging_again_rewrites_the_same_paths(written):
             "content_hash": ["h"],
             "title": ["t"],
             "text": ["x"],
+            "bm25_text": ["x"],
             "metadata": ["{}"],
         }
     )

@@ -155,6 +155,7 @@ class Settings:
     embedder_image: str = ""
     train_machine_type: str = "n1-standard-8"
     train_accelerator: str = "NVIDIA_TESLA_T4"
+    train_replicas: int = 1  # DDP workers of a training job (pool 0 + pool 1); each trial's, under HP tuning
     embed_machine_type: str = "n1-standard-8"
     embed_accelerator: str = "NVIDIA_TESLA_T4"
     embed_replicas: int = 1

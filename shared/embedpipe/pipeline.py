@@ -327,6 +327,7 @@ class Pipeline:
             machine_type=s.train_machine_type,
             accelerator_type=s.train_accelerator,
             accelerator_count=1 if s.train_accelerator else 0,
+            replica_count=s.train_replicas,
             hp_tuning=record.get("hp_tuning"),
         )
 

@@ -1259,3 +1259,14 @@ def test_an_intake_that_died_holds_back_its_run_for_a_bounded_time(make):
     assert h.pipe.launch_due("demo") == []
     h.clock.advance(runs.ARRIVING_MAX_S)
     assert h.pipe.launch_due("demo") == [first]
+
+
+def test_replica_counts_are_settings_only(make):
+    """Scaling a job out is configuration: DDP workers for training, shard writers for embedding."""
+    h = make(train_replicas=3, embed_replicas=2)
+    h.started_run()
+    (train,) = h.launcher.stage_submits("train")
+    assert train.replica_count == 3
+    h.job_event(train, "SUCCEEDED")
+    (embed,) = h.launcher.stage_submits("embed")
+    assert embed.replica_count == 2

@@ -139,6 +139,16 @@ def main(argv: list[str]) -> int:
         default=1.0,
         help="incremental mode: a diff touching more of the live rows than this embeds every document (rebuild)",
     )
+    p.add_argument(
+        "--keep-absent",
+        action="store_true",
+        help="incremental mode: a corpus file was left out at launch: delete nothing, never rebuild",
+    )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="incremental mode: embed every document into a new collection (the live one's contents are unknown)",
+    )
     args = p.parse_args(argv)
     out = args.output_dir or args.model_uri.rstrip("/").rsplit("/", 1)[0] + "/embeddings"
     index, count = replica()
@@ -154,22 +164,17 @@ def main(argv: list[str]) -> int:
         if ds is None:  # nothing usable: the pipeline reads intake.json and fails the run in "intake" (no retry)
             log.error("dataset %s: %s", args.dataset, problem)
             return 0
-        # A corpus file left out here is absent, not deleted: this run deletes nothing (nor does its rebuild test
-        # count deletions), and the table it leaves for the next run keeps the live rows it did not see.
-        keep_absent = any(intake.is_corpus(r) for r in rejections)
+        # A corpus file left out (here, or at launch) is absent, not deleted (``incremental.plan``).
+        keep_absent = args.keep_absent or any(intake.is_corpus(r) for r in rejections)
         corpus_hashes = {i: doc.content_hash for i, doc in ds.corpus.items()}
-        mode, table = ("incremental" if live else "full"), corpus_hashes
+        mode, table, live_rows = ("incremental" if live else "full"), corpus_hashes, None
         if live:
             live_hashes = live.result()
-            d = incremental.diff(corpus_hashes, live_hashes)
-            gone = [] if keep_absent else d.deleted
-            ids, deleted = shard(d.changed, index, count), shard(gone, index, count)
-            unchanged = d.unchanged if index == 0 else 0  # counted once, by replica 0
-            if keep_absent:
-                table = {**{i: live_hashes[i] for i in d.deleted}, **corpus_hashes}
-            # Every replica sees the same diff, so all of them take the same decision.
-            if len(d.changed) + len(gone) > args.max_inplace_share * len(live_hashes):
-                mode, ids, unchanged, table = "rebuild", shard(list(ds.corpus), index, count), 0, corpus_hashes
+            live_rows = len(live_hashes)
+            todo = incremental.plan(corpus_hashes, live_hashes, args.max_inplace_share, keep_absent, args.rebuild)
+            mode, table = todo.mode, todo.table
+            ids, deleted = shard(todo.embed, index, count), shard(todo.delete, index, count)
+            unchanged = todo.unchanged if index == 0 else 0  # counted once, by replica 0
         else:
             ids, deleted, unchanged = shard(list(ds.corpus), index, count), [], 0
         if index == 0:  # the id -> hash table of the index this run leaves: the next incremental run diffs against it
@@ -249,6 +254,9 @@ def main(argv: list[str]) -> int:
             "deleted": len(deleted),
             "unchanged": unchanged,
             "corpus_total": len(ds.corpus),
+            # replicas load the corpus at their own moments: the indexer takes their shards only if all saw this
+            "corpus_digest": incremental.digest(table),
+            "live_rows": live_rows,
             # written by replica 0 only; every manifest names it so the indexer reads it from any
             "hashes_file": incremental.TABLE_FILE,
             "hashes_rows": len(table),

@@ -118,7 +118,8 @@ def main(argv: list[str]) -> int:
         intake.write_report(f"{run_dir}/{intake.REPORT_FILE}", rejections, problem)
     if ds is None:  # nothing usable: the pipeline reads intake.json and fails the run in "intake" (no retry)
         log.error("dataset %s: %s", args.dataset, problem)
-        return 0
+        distributed.shutdown()
+        return 0  # a tuning trial reports no metric and fails: the pipeline reads the trials' intake.json then
     pairs = ds.training_pairs()
     source = "pairs/" if ds.pairs else ("qrels/train.tsv" if ds.qrels.get("train") else "derived from corpus")
     train_pairs, task = selection.task_for(ds, pairs, args.seed)

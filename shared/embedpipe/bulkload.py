@@ -165,6 +165,8 @@ class Request:
         except urllib.error.URLError as exc:
             raise ImportUnsupported(f"{self.url}: {exc.reason}") from None
         except http.client.BadStatusLine as exc:  # not an HTTP server at all (Milvus Lite speaks only gRPC)
+            if isinstance(exc, ConnectionError):  # RemoteDisconnected: an HTTP server that dropped us, maybe after
+                raise  # creating the job: falling back to upserts would race it (the redelivery meets ImportConflict)
             raise ImportUnsupported(f"{self.url}: not an HTTP answer ({type(exc).__name__})") from None
         code = answer.get("code", 0)
         if code not in (0, 200):

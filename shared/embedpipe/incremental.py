@@ -20,6 +20,7 @@ the promoted entry): the next diff then redoes those upserts and deletes, which 
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -63,6 +64,36 @@ def diff(corpus_hashes: dict[str, str], live: dict[str, str]) -> Diff:
     return Diff(changed, deleted, len(corpus_hashes) - len(changed))
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What an incremental embed job does: embed ``embed``, delete ``delete``, leave ``table`` for the next run."""
+
+    mode: str  # "incremental" (in place) or "rebuild" (every document, into a new collection behind the gate)
+    embed: list[str]
+    delete: list[str]  # live ids the corpus lost (rebuild: the new collection lacks them)
+    unchanged: int
+    table: dict[str, str]  # the id -> content hash table of the index after this run
+
+
+def plan(
+    corpus: dict[str, str], live: dict[str, str], max_inplace_share: float, keep_absent: bool = False, rebuild=False
+) -> Plan:
+    """The decision every replica takes alike from the same corpus and live table.
+
+    ``keep_absent`` (a corpus file was left out): its documents are absent, not deleted, so nothing is deleted, the
+    table keeps their live rows, and the change is never rebuilt (a new collection would lose them) however large.
+    ``rebuild`` (the live collection was part-edited by a run that never promoted): every document, whatever else."""
+    d = diff(corpus, live)
+    gone = [] if keep_absent else d.deleted
+    large = len(d.changed) + len(gone) > max_inplace_share * len(live)
+    if rebuild or (large and not keep_absent):
+        # ``delete`` lists what the new collection will lack, so the indexer's delete-share guard still refuses a
+        # corpus uploaded in part (nothing is deleted from the live collection: it is replaced behind the gate)
+        return Plan("rebuild", list(corpus), gone, 0, corpus)
+    table = {**{i: live[i] for i in d.deleted}, **corpus} if keep_absent else corpus
+    return Plan("incremental", d.changed, gone, d.unchanged, table)
+
+
 def write_table(uri: str, hashes: dict[str, str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -78,3 +109,11 @@ def read_table(uri: str) -> dict[str, str]:
 
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     return dict(zip(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
+
+
+def digest(table: dict[str, str]) -> str:
+    """A fingerprint of an id -> hash table in its (load) order: replicas that loaded the same files agree on it."""
+    h = hashlib.blake2b(digest_size=16)
+    for i, content in table.items():
+        h.update(f"{i}\0{content}\n".encode())
+    return h.hexdigest()

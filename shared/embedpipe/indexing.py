@@ -71,8 +71,8 @@ def load_manifests(embed_uri: str, job_key: str | None = None) -> list[dict]:
     if len(manifests) != n:
         raise ValueError(f"{embed_uri}: {len(manifests)} shard manifests, expected {n}")
     # Replicas read the corpus at their own moments: an upload between them could split the rebuild decision.
-    if len({(m.get("mode"), m.get("corpus_total")) for m in manifests}) != 1:
-        raise ValueError(f"{embed_uri}: shards disagree on mode or corpus size (the corpus changed while embedding)")
+    if len({(m.get("mode"), m.get("corpus_total"), m.get("corpus_digest")) for m in manifests}) != 1:
+        raise ValueError(f"{embed_uri}: shards disagree on mode or corpus (the corpus changed while embedding)")
     stale = [m["replica"] for m in manifests if job_key and m.get("job_key") != job_key]
     if stale:
         raise ValueError(f"{embed_uri}: shard manifests of replica(s) {stale} were not written by job {job_key}")
@@ -302,7 +302,8 @@ def check_deletes(s, record: dict, manifests: list[dict]) -> int:
     would delete the rest, so more than ``max_delete_share`` of the live rows is refused (ValueError: the run fails,
     nothing indexed changes); a retrain rebuilds from the corpus instead, behind the gate."""
     removed = sum(m.get("deleted", 0) for m in manifests)
-    live = (record.get("live") or {}).get("rows") or 0
+    # the promoted entry's count, else what the embedder read from the table (an entry promoted without one)
+    live = (record.get("live") or {}).get("rows") or manifests[0].get("live_rows") or 0
     if record.get("skip_deletes"):  # a corpus file was rejected: its documents are absent, not deleted
         return 0
     if removed and removed > s.max_delete_share * live:
@@ -358,6 +359,16 @@ def _index(pipe: Pipeline, record: dict) -> str:
                 "deletes": removed,
                 "started_at": runs.iso(time.time()),
             },
+        )
+        # The promoted entry's id -> hash table stops describing the collection once it is edited; until this run
+        # promotes (a new entry, new table), the next run must not diff against it: it rebuilds instead.
+        ledger.update_dataset(
+            dataset,
+            lambda st: (
+                {**st, "promoted": {**st["promoted"], "dirty": run_id}}
+                if (st.get("promoted") or {}).get("collection") == collection and st["promoted"].get("dirty") != run_id
+                else None
+            ),
         )
     else:
         collection = vectorstore.collection_name(dataset, run_id)

@@ -164,8 +164,10 @@ def check_file(rel: str, data: datasets.Source) -> list[datasets.Notice]:
     title nor text; the first ``MAX_NOTICES``, with ``.total`` the count). Cross-file checks (duplicate ids across
     corpus files, qrels naming unknown queries; qrels naming absent documents are counted) happen in the jobs.
 
-    Memory is one line plus 8 bytes per corpus document: ids are kept as digests, and a file whose digests repeat
-    is read a second time to name the duplicate's line (a digest collision between distinct ids passes that pass)."""
+    Memory for a corpus file is one line plus 8 bytes per document (16 while they are sorted): ids are kept as
+    digests, and a file whose digests repeat is read a second time to name the duplicate's line (a digest collision
+    between distinct ids passes that pass). Queries, qrels and pairs files are held whole while checked (they are
+    the small parts of a dataset; the object size cap bounds them)."""
     notices = _Notices()
     kind = datasets.classify(rel)
     if kind == "corpus":
@@ -175,7 +177,7 @@ def check_file(rel: str, data: datasets.Source) -> list[datasets.Notice]:
         if repeated:
             if not isinstance(data, (bytes, bytearray)):
                 data.seek(0)
-            datasets.parse_corpus(data, rel, into=_Discard(), seen_in=_OnlyThese(repeated))
+            datasets.parse_corpus(data, rel, into=_Discard(), seen_in=_OnlyThese(repeated), notices=_Notices())
     elif kind == "queries":
         datasets.parse_queries(data, rel)
     elif kind == "qrels":

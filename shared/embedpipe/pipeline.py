@@ -340,11 +340,16 @@ class Pipeline:
             f"--batch-tokens={s.embed_batch_tokens}",
             f"--output-dir={embeddings_uri(self.ledger.run_dir(run_id), attempt)}",
             f"--job-key={run_id}/embed/{attempt}",
-            # a run that rejected a corpus file never rebuilds: a rebuild would drop that file's documents
-            f"--max-inplace-share={1.0 if record.get('skip_deletes') else s.max_inplace_share}",
+            f"--max-inplace-share={s.max_inplace_share}",
         ]
         if record.get("kind") == incremental.INCREMENTAL:  # the promoted model, only new/changed documents
-            args.append(f"--live-hashes={record['live']['hashes']}")
+            live = record["live"]
+            # a run recorded before the tables existed snapshotted the live index into its own folder
+            args.append(f"--live-hashes={live.get('hashes') or self.ledger.run_dir(run_id) + '/live-hashes.parquet'}")
+            if record.get("skip_deletes"):  # a corpus file was left out: its documents are absent, not deleted
+                args.append("--keep-absent")
+            if live.get("rebuild"):
+                args.append("--rebuild")
         else:
             previous = self.ledger.get_dataset(record["dataset"]).get("promoted")
             if previous:
@@ -395,14 +400,15 @@ class Pipeline:
         if kind is None:
             kind, why = incremental.kind_for(record, promoted)
             log.info("run %s: %s run (%s)", record["run_id"], kind, why)
-        if kind == incremental.INCREMENTAL and not self.live_exists(promoted["collection"]):
-            log.warning(
-                "run %s: promoted collection %s is missing: a full run", record["run_id"], promoted["collection"]
-            )
+        if kind == incremental.INCREMENTAL and (missing := self.live_missing(promoted)):
+            log.warning("run %s: %s: a full run", record["run_id"], missing)
             kind = incremental.FULL
         if kind == incremental.INCREMENTAL:
             # the promoted entry's id -> hash table is the diff's base: nothing here reads the documents
             live = {"collection": promoted["collection"], "rows": promoted.get("rows"), "hashes": promoted["hashes"]}
+            if promoted.get("dirty"):  # an in-place update edited it and never promoted: its contents are unknown
+                log.warning("run %s: run %s left %s part-updated: rebuilt", record["run_id"], promoted["dirty"], live)
+                live["rebuild"] = True
             fields = {"kind": kind, "model": {"uri": promoted["model_uri"]}, "live": live}
             self.ledger.update_run(record["run_id"], lambda r: {**r, **fields} if r["state"] == PENDING else None)
             self._submit({**record, **fields}, "embed", 1, PENDING)
@@ -447,13 +453,19 @@ class Pipeline:
             return problem + (f" (rejected: {rejected})" if rejected else "")
         return None
 
-    def live_exists(self, collection: str) -> bool:
-        """Whether the promoted collection is still in Milvus (one call; a unit-test ledger has no Milvus)."""
+    def live_missing(self, promoted: dict) -> str | None:
+        """Why an incremental run cannot use the promoted index (its collection or its id -> hash table is gone),
+        else None. Two calls, whatever the corpus size; a unit-test ledger has neither Milvus nor objects."""
         if self.ledger.store is not storage:
-            return True
+            return None
         from embedpipe import vectorstore
 
-        return vectorstore.connect(self.settings.milvus_uri, self.settings.milvus_token).has_collection(collection)
+        client = vectorstore.connect(self.settings.milvus_uri, self.settings.milvus_token)
+        if not client.has_collection(promoted["collection"]):
+            return f"promoted collection {promoted['collection']} is missing from Milvus"
+        if not storage.exists(promoted["hashes"]):
+            return f"the promoted index's id -> hash table {promoted['hashes']} is missing"
+        return None
 
     def _stage_event(self, record: dict, state: str, **extra) -> None:
         data = {"run_id": record["run_id"], "dataset": record["dataset"], "state": state, **extra}
@@ -510,6 +522,8 @@ class Pipeline:
             if moved or rec["state"] == INDEXING:
                 self.request_index(rec)
             return f"run {run_id}: embedding succeeded, index requested"
+        if stage == "train" and (problem := self._trial_intake(record, job)):
+            return self._intake_failed(record, problem)
         attempt = job.get("attempt", 1)
         if attempt < self.settings.max_job_attempts:
             log.warning(
@@ -525,6 +539,17 @@ class Pipeline:
         self.fail(run_id, stage, f"{stage} job {status.name} ended {status.state}: {status.error[-1000:]}")
         self.launch_due(record["dataset"])  # the dataset is free: its follow-up run (we are a launching function)
         return f"run {run_id}: FAILED in {stage}"
+
+    def _trial_intake(self, record: dict, job: dict) -> str | None:
+        """A tuning job whose trials found nothing usable fails (no trial reports a metric): their ``intake.json``
+        files, one per trial folder, say so. A retry could not change it: the run fails in intake."""
+        out = (job.get("output") or "").rstrip("/")
+        if not out:
+            return None
+        for uri, _ in self.ledger.store.list_uris(f"{out}/"):
+            if uri.endswith(f"/{intake.REPORT_FILE}") and (problem := self._apply_intake(record, uri)):
+                return problem
+        return None
 
     def _intake_failed(self, record: dict, problem: str) -> str:
         """The job found nothing usable in the dataset: no retry can change that, the run fails in intake."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, BinaryIO
 from google.api_core import exceptions as gexc
 
 from embedpipe.retries import transient
+
+log = logging.getLogger(__name__)
 
 
 class PreconditionFailed(Exception):
@@ -155,9 +158,13 @@ def open_write(
     try:
         yield f
     except BaseException:
-        # Abandon the upload (it expires unfinished): closing the writer, or its finalizer, would commit the part
-        # written so far as the object.
-        f._buffer.close()
+        # Cancel the upload: closing the writer, or its finalizer, would commit the part written so far as the
+        # object. ``terminate`` also closes the buffer, so nothing is committed even if the cancel request fails.
+        try:
+            f.terminate()
+        except Exception:  # noqa: BLE001 - an unfinished upload expires by itself; the original error matters
+            log.warning("could not cancel the upload to %s", uri, exc_info=True)
+            f._buffer.close()
         raise
     f.close()
 

@@ -4,13 +4,14 @@ into the live collection and deletes removed ids."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe import runs, storage, vectorstore
+from embedpipe import incremental, runs, storage, vectorstore
 from embedpipe.events import Event
 from embedpipe.indexing import index_run
 from embedpipe.jobs import LocalJobLauncher
@@ -160,6 +161,42 @@ def test_a_large_change_is_rebuilt_into_a_new_collection_behind_the_gate(pipe):
     if event["promoted"]:
         assert vectorstore.alias_target(client, DATASET) == event["collection"]
         assert len(vectorstore.ids_and_hashes(client, event["collection"])) == N
+
+
+def test_an_in_place_update_that_failed_part_way_is_rebuilt_by_the_next_run(pipe, monkeypatch):
+    """Upserts landed, then the deletes failed: the promoted table no longer describes the live collection, so the
+    next run must not diff against it (a change reverted meanwhile would look unchanged): it rebuilds."""
+    from embedpipe import indexing
+
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    live = pipe.ledger.get_dataset(DATASET)["promoted"]["collection"]
+
+    def broken(*a, **k):
+        raise ValueError("Milvus refused the delete (test)")
+
+    monkeypatch.setattr(indexing, "delete_removed", broken)
+    # in place whatever the earlier tests left live (their changes may be large against this corpus)
+    monkeypatch.setattr(pipe, "settings", dataclasses.replace(pipe.settings, max_inplace_share=1.0))
+    gen = upload(pipe.settings, "corpus.jsonl", corpus_lines({5: "Document five, edited."}, removed={6}))
+    failed = run_until_indexed(pipe, new_run(pipe, "corpus.jsonl", gen))
+    assert failed["state"] == runs.FAILED and failed["error"]["stage"] == "index"
+    assert failed["inplace"]["collection"] == live
+    assert pipe.ledger.get_dataset(DATASET)["promoted"]["dirty"] == failed["run_id"]
+    assert "doc006" in vectorstore.ids_and_hashes(client, live)  # upserted, never deleted: a part-edited index
+    monkeypatch.undo()
+
+    gen = upload(pipe.settings, "corpus.jsonl", corpus_lines())  # the edit reverted: equal to the promoted table
+    run_id = new_run(pipe, "corpus.jsonl", gen)
+    assert pipe.ledger.get_run(run_id)["live"]["rebuild"] is True
+    record = run_until_indexed(pipe, run_id)
+    event = pipe.published[-1].data
+    assert record["state"] == runs.SUCCEEDED and "rebuilt" in event["gate"]["reason"]
+    assert len(embedded_ids(pipe, run_id)) == N and event["collection"] != live
+    if event["promoted"]:
+        promoted = pipe.ledger.get_dataset(DATASET)["promoted"]
+        assert "dirty" not in promoted and promoted["hashes"].startswith(pipe.ledger.run_dir(run_id))
+        table = vectorstore.ids_and_hashes(client, event["collection"])
+        assert len(table) == N and table == incremental.read_table(promoted["hashes"])
 
 
 def test_training_data_change_is_a_full_run(pipe):

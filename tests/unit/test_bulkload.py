@@ -85,6 +85,13 @@ def test_a_server_that_does_not_speak_http_is_unsupported(monkeypatch):
     with pytest.raises(bulkload.ImportUnsupported, match="not an HTTP answer"):
         bulkload.create_request("http://127.0.0.1:1", "", "c", [["f"]]).send()
 
+    def dropped(*a, **k):  # an HTTP server that may have created the job before the connection went
+        raise http.client.RemoteDisconnected("Remote end closed connection without response")
+
+    monkeypatch.setattr(bulkload.urllib.request, "urlopen", dropped)
+    with pytest.raises(http.client.RemoteDisconnected):
+        bulkload.create_request("http://127.0.0.1:1", "", "c", [["f"]]).send()
+
 
 class FakeMilvus:
     """Milvus' import REST API behind ``urllib.request.urlopen``: records each call; each job answers the states in

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from embedpipe.incremental import FULL, INCREMENTAL, diff, kind_for
+from embedpipe.incremental import FULL, INCREMENTAL, diff, digest, kind_for, plan
 
 PROMOTED = {
     "collection": "demo__20260101t000000_abcdef",
@@ -67,3 +67,38 @@ def test_new_changed_and_removed_documents():
     assert d.changed == ["b", "d"]
     assert d.deleted == ["c"]
     assert d.unchanged == 1
+
+
+def test_plan_in_place_deletes_what_the_corpus_lost():
+    live = {"a": "1", "b": "2", "c": "3", "d": "4", "e": "5"}
+    corpus = {"a": "1", "b": "2x", "d": "4", "e": "5"}
+    p = plan(corpus, live, max_inplace_share=0.5)
+    assert (p.mode, p.embed, p.delete, p.unchanged, p.table) == ("incremental", ["b"], ["c"], 3, corpus)
+
+
+def test_plan_rebuilds_a_large_change():
+    live = {f"d{i}": "h" for i in range(10)}
+    corpus = {f"d{i}": "new" for i in range(10)}
+    p = plan(corpus, live, max_inplace_share=0.2)
+    assert (p.mode, p.embed, p.delete, p.table) == ("rebuild", list(corpus), [], corpus)
+    part = plan({"d0": "h"}, live, max_inplace_share=0.2)  # a corpus uploaded in part: the guard must see the loss
+    assert part.mode == "rebuild" and part.delete == [f"d{i}" for i in range(1, 10)]
+
+
+def test_plan_with_a_left_out_corpus_file_deletes_nothing_never_rebuilds_and_keeps_its_rows():
+    live = {f"d{i}": "h" for i in range(10)}
+    corpus = {f"d{i}": "new" for i in range(5)}  # d5..d9 were in a file left out; d0..d4 all changed
+    p = plan(corpus, live, max_inplace_share=0.2, keep_absent=True)
+    assert p.mode == "incremental" and p.delete == [] and p.embed == [f"d{i}" for i in range(5)]
+    assert p.table == {**{f"d{i}": "h" for i in range(5, 10)}, **corpus}  # the next run neither deletes nor re-embeds
+
+
+def test_plan_rebuilds_a_part_edited_collection_whatever_the_change():
+    live = {"a": "1", "b": "2"}
+    p = plan(dict(live), live, max_inplace_share=0.2, keep_absent=True, rebuild=True)
+    assert (p.mode, p.embed, p.table) == ("rebuild", ["a", "b"], live)
+
+
+def test_the_table_digest_is_order_and_content_sensitive():
+    a = {"x": "1", "y": "2"}
+    assert digest(a) == digest(dict(a)) and digest(a) != digest({"x": "1", "y": "3"}) != digest({})

@@ -1270,3 +1270,61 @@ def test_replica_counts_are_settings_only(make):
     h.job_event(train, "SUCCEEDED")
     (embed,) = h.launcher.stage_submits("embed")
     assert embed.replica_count == 2
+
+
+PROMOTED = {
+    "run_id": "r0",
+    "collection": "demo__r0",
+    "model_uri": "gs://arts/runs/r0/train/1/model/",
+    "schema": 2,
+    "hashes": "gs://arts/runs/r0/embeddings/1/hashes.parquet",
+    "rows": 100,
+}
+
+
+def incremental_embed(h, promoted: dict, **record_fields) -> JobSpec:
+    h.ledger.update_dataset("demo", lambda st: {**st, "promoted": promoted})
+    h.upload("datasets/demo/corpus.jsonl")
+    (run,) = [r for r in h.runs() if r["state"] == PENDING]
+    if record_fields:
+        h.ledger.update_run(run["run_id"], lambda r: {**r, **record_fields})
+    h.clock.advance(h.settings.debounce_s + 1)
+    h.pipe.launch_due("demo")
+    (spec,) = h.launcher.stage_submits("embed")
+    assert h.launcher.stage_submits("train") == []
+    return spec
+
+
+def test_an_incremental_run_diffs_against_the_promoted_table(h):
+    spec = incremental_embed(h, PROMOTED)
+    assert f"--live-hashes={PROMOTED['hashes']}" in spec.args
+    assert "--rebuild" not in spec.args and "--keep-absent" not in spec.args
+
+
+def test_a_live_collection_a_failed_in_place_update_edited_is_rebuilt(h):
+    spec = incremental_embed(h, {**PROMOTED, "dirty": "r1"})  # its table no longer describes it
+    assert "--rebuild" in spec.args
+
+
+def test_a_corpus_file_left_out_at_launch_reaches_the_embedder(h):
+    spec = incremental_embed(h, PROMOTED, skip_deletes=True)
+    assert "--keep-absent" in spec.args
+
+
+def test_an_entry_promoted_without_a_table_makes_a_full_run(h):
+    h.ledger.update_dataset("demo", lambda st: {**st, "promoted": {**PROMOTED, "hashes": None}})
+    h.started_run()
+    assert len(h.launcher.stage_submits("train")) == 1 and h.launcher.stage_submits("embed") == []
+
+
+def test_a_tuning_job_whose_trials_found_nothing_usable_fails_the_run_in_intake(h, gcs):
+    run_id = h.started_run()
+    (train,) = h.launcher.stage_submits("train")
+    for trial in ("1", "2"):  # each trial's trainer wrote its report, reported no metric, and failed
+        h.store.write_json(
+            f"{train.base_output_dir.rstrip('/')}/{trial}/{intake.REPORT_FILE}", {"problem": "no corpus"}
+        )
+    h.job_event(train, "FAILED", "all trials failed")
+    run = h.run(run_id)
+    assert run["state"] == FAILED and run["error"]["stage"] == "intake"
+    assert len(h.launcher.stage_submits("train")) == 1, "not retried: a retry cannot change the data"

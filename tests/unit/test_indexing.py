@@ -103,3 +103,11 @@ def test_shards_of_another_embed_attempt_are_refused(monkeypatch):
     manifests["gs://a/runs/r/embeddings/2/manifest-00001.json"]["mode"] = "rebuild"  # read a newer corpus
     with pytest.raises(ValueError, match="disagree on mode"):
         load_manifests("gs://a/runs/r/embeddings/2", "r/embed/2")
+    # same mode and size, other contents (a re-upload edited documents between the replicas' loads)
+    for i, m in enumerate(manifests.values()):
+        m.update(mode="incremental", corpus_total=100, corpus_digest=f"digest-{i}")
+    with pytest.raises(ValueError, match="disagree on mode or corpus"):
+        load_manifests("gs://a/runs/r/embeddings/2", "r/embed/2")
+    for m in manifests.values():
+        m["corpus_digest"] = "same"
+    assert len(load_manifests("gs://a/runs/r/embeddings/2", "r/embed/2")) == 2

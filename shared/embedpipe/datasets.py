@@ -61,6 +61,9 @@ class Notice:
         return f"{self.file}:{self.line}: {self.reason}"
 
 
+_json_str = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
+
+
 @dataclass(frozen=True)
 class Doc:
     id: str
@@ -93,10 +96,22 @@ class Doc:
             return title
         return f"{title} {body}" if title[-1] in SENTENCE_END else f"{title}. {body}"
 
-    @functools.cached_property  # a job reads it twice per document (diff, shard): computed once
+    @property
     def content_hash(self) -> str:
-        payload = json.dumps([self.title, self.text, self.metadata], sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+        """sha256 of ``json.dumps([title, text, metadata], sort_keys=True, ensure_ascii=False)``, first 32 hex
+        digits (stored in every index and id/hash table: the definition cannot change). Without metadata the same
+        text is built from json's own string encoder. Computed once (a job reads it twice per document; not
+        ``functools.cached_property``, whose per-call lock costs more than the hash here)."""
+        cached = self.__dict__.get("_content_hash")
+        if cached is not None:
+            return cached
+        if self.metadata:
+            payload = json.dumps([self.title, self.text, self.metadata], sort_keys=True, ensure_ascii=False)
+        else:
+            payload = f"[{_json_str(self.title)}, {_json_str(self.text)}, {{}}]"
+        digest = hashlib.sha256(payload.encode()).hexdigest()[:32]
+        object.__setattr__(self, "_content_hash", digest)  # frozen: not a field, so equality is unchanged
+        return digest
 
 
 @dataclass

@@ -561,3 +561,19 @@ def test_fingerprint_follows_content_not_file_order():
     two = load_files("d", {"corpus.jsonl": jl({"_id": "b", "text": "y"}, {"_id": "a", "text": "x"})})
     three = load_files("d", {"corpus.jsonl": jl({"_id": "a", "text": "x"}, {"_id": "b", "text": "z"})})
     assert one.fingerprint() == two.fingerprint() != three.fingerprint()
+
+
+def test_the_content_hash_keeps_its_definition():
+    """Stored in every index and id/hash table: the fast path must give json.dumps' exact bytes."""
+    import hashlib
+    import json
+
+    from embedpipe.datasets import Doc
+
+    texts = ["", "plain", 'quote " and \\ backslash', "caf\u00e9 \u2014 \U0001f600", "tab\tnew\nline\r\x01\x1f", "\u2028"]
+    for title in texts:
+        for text in texts:
+            for metadata in ({}, {"b": 1, "a": ["x", {"z": None}]}):
+                payload = json.dumps([title, text, metadata], sort_keys=True, ensure_ascii=False)
+                want = hashlib.sha256(payload.encode()).hexdigest()[:32]
+                assert Doc("d", text, title, metadata).content_hash == want

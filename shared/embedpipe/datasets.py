@@ -16,7 +16,6 @@ kept for evaluation (a relevant document no ranking can hold) and out of trainin
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re

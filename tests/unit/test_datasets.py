@@ -570,7 +570,8 @@ def test_the_content_hash_keeps_its_definition():
 
     from embedpipe.datasets import Doc
 
-    texts = ["", "plain", 'quote " and \\ backslash', "caf\u00e9 \u2014 \U0001f600", "tab\tnew\nline\r\x01\x1f", "\u2028"]
+    texts = ["", "plain", 'quote " and \\ backslash', "caf\u00e9 \u2014 \U0001f600"]
+    texts += ["tab\tnew\nline\r\x01\x1f", "\u2028"]
     for title in texts:
         for text in texts:
             for metadata in ({}, {"b": 1, "a": ["x", {"z": None}]}):

@@ -221,6 +221,40 @@ def retrain(
         _finish(_wait_for_runs(s, [f"pubsub/retrain/{message_id}"], timeout))
 
 
+@app.command()
+def rollback(
+    dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
+    to: str = typer.Option(
+        "", "--to", envvar="EMBEDPIPE_TO", help="run id of a kept promoted index (default: the one before the newest)"
+    ),
+    reason: str = typer.Option("requested from the CLI", "--reason", envvar="EMBEDPIPE_REASON"),
+) -> None:
+    """Point the dataset's alias back at a kept, earlier promoted index; print its index-updated event (stdout)."""
+    import getpass
+
+    from embedpipe import rollback as rb
+    from embedpipe import vectorstore
+
+    s = settings()
+    try:
+        outcome = rb.rollback(
+            s,
+            runs.Ledger(s.artifacts_bucket),
+            vectorstore.connect(s.milvus_uri, s.milvus_token),
+            lambda topic, event: bus.publish(s.project, topic, event),
+            dataset,
+            to=to or None,
+            by=getpass.getuser(),
+            reason=reason,
+        )
+    except rb.RollbackRefused as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(1) from None
+    err(outcome.message)
+    if outcome.event:
+        typer.echo(json.dumps(outcome.event, indent=2))
+
+
 @app.command("runs")
 def list_runs(as_json: bool = typer.Option(False, "--json", envvar="EMBEDPIPE_JSON")) -> None:
     """List runs from the ledger."""

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from embedpipe import bulkload, evaluation, report, runs, storage, vectorstore
+from embedpipe import bulkload, evaluation, report, rollback, runs, storage, vectorstore
 from embedpipe.events import INDEX_UPDATED, Event, validate
 from embedpipe.pipeline import Pipeline, embeddings_uri, publish_stalled
 from embedpipe.runs import INDEXING, PUBLISHING
@@ -451,14 +451,20 @@ def _index(pipe: Pipeline, record: dict) -> str:
 
         def promote(st):
             history = [collection] + [c for c in st.get("promoted_history", []) if c != collection]
-            return {**st, "promoted": entry, "promoted_history": history[: s.keep_collections + 1]}
+            return {
+                **st,
+                "promoted": entry,
+                "promoted_history": history[: s.keep_collections + 1],
+                # whole entries (model, fingerprint, id/hash table): what a rollback makes live again
+                "promoted_entries": rollback.remember(st, entry, s.keep_collections + 1),
+            }
 
         state = ledger.update_dataset(dataset, promote)
     else:
         state = ledger.get_dataset(dataset)
     # Retention never drops what search may still be serving (the pre-swap live collection), the recently promoted
-    # ones (rollback targets), or anything younger than the grace period.
-    protect = {c for c in [previous_collection, *state.get("promoted_history", [])] if c}
+    # ones (rollback targets, the default one included), or anything younger than the grace period.
+    protect = {c for c in [previous_collection, *state.get("promoted_history", []), *rollback.kept(state)] if c}
     dropped = (
         []
         if inplace

@@ -149,3 +149,38 @@ def push_event(body: bytes, attributes: dict | None = None, topic: str = "data-e
             "subscription": f"projects/embedpipe-local/subscriptions/{topic}-push",
         },
     )
+
+
+class FakeMilvus:
+    """The few ``MilvusClient`` calls aliases and collection properties need: collections with properties, one
+    alias each at most. ``vectorstore``'s functions run on it unchanged."""
+
+    def __init__(self) -> None:
+        self.collections: dict[str, dict] = {}
+        self.aliases: dict[str, str] = {}  # alias -> collection
+
+    def add(self, name: str, fingerprint: str, dim: int) -> None:
+        self.collections[name] = {"embedpipe.fingerprint": fingerprint, "embedpipe.dim": str(dim)}
+
+    def has_collection(self, name: str) -> bool:
+        return name in self.collections
+
+    def describe_collection(self, name: str) -> dict:
+        return {"properties": dict(self.collections[name])}
+
+    def list_collections(self) -> list[str]:
+        return sorted(self.collections)
+
+    def list_aliases(self, collection_name: str) -> dict:
+        return {"aliases": [a for a, c in self.aliases.items() if c == collection_name]}
+
+    def create_alias(self, collection_name: str, alias: str) -> None:
+        assert alias not in self.aliases
+        self.aliases[alias] = collection_name
+
+    def alter_alias(self, collection_name: str, alias: str) -> None:
+        assert alias in self.aliases
+        self.aliases[alias] = collection_name
+
+    def drop_collection(self, name: str) -> None:
+        self.collections.pop(name)

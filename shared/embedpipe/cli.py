@@ -221,21 +221,36 @@ def retrain(
         _finish(_wait_for_runs(s, [f"pubsub/retrain/{message_id}"], timeout))
 
 
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no name: the rollback is still recorded
+        return ""
+
+
 @app.command()
 def rollback(
     dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
     to: str = typer.Option(
-        "", "--to", envvar="EMBEDPIPE_TO", help="run id of a kept promoted index (default: the one before the newest)"
+        "",
+        "--to",
+        envvar="EMBEDPIPE_TO",
+        help="run id of a kept promoted index (default: the one the newest promotion replaced)",
     ),
     reason: str = typer.Option("requested from the CLI", "--reason", envvar="EMBEDPIPE_REASON"),
 ) -> None:
     """Point the dataset's alias back at a kept, earlier promoted index; print its index-updated event (stdout)."""
-    import getpass
-
     from embedpipe import rollback as rb
     from embedpipe import vectorstore
 
     s = settings()
+    try:
+        datasets.check_name(dataset)
+    except ValueError as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(2) from None
     try:
         outcome = rb.rollback(
             s,
@@ -244,7 +259,7 @@ def rollback(
             lambda topic, event: bus.publish(s.project, topic, event),
             dataset,
             to=to or None,
-            by=getpass.getuser(),
+            by=_user(),
             reason=reason,
         )
     except rb.RollbackRefused as exc:

@@ -186,7 +186,9 @@ def rollback(
     registry_alias = registry_alias or point_registry_alias
     state = ledger.get_dataset(dataset)
     if (open_ := _unfinished(state)) is not None:
-        return _complete(settings, ledger, client, publish, dataset, open_, registry_alias)
+        done = _complete(settings, ledger, client, publish, dataset, open_, registry_alias)
+        note = f" (rollback {open_['id']} was cut short and is finished now; run again for another rollback)"
+        return Outcome(done.message + note, done.event)
     target, noop = choose(state, to)
     if noop:
         return Outcome(noop, None)

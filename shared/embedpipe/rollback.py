@@ -173,8 +173,8 @@ def event_for(settings: Settings, ledger, dataset: str, rid: str, live: dict, ta
 
 def rollback(
     settings: Settings,
-    ledger,
-    client,
+    ledger: runs.Ledger,
+    client,  # a pymilvus MilvusClient
     publish: Callable[[str, Event], None],
     dataset: str,
     to: str | None = None,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -181,3 +184,24 @@ def job_specs(settings: Settings, run_id: str) -> list[dict]:
             spec["status"] = json.loads((spec_file.parent / "state.json").read_text())
             out.append(spec)
     return out
+
+
+def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The ``embedpipe`` command of this venv, run from the repo root with exactly ``env``."""
+    exe = Path(sys.executable).parent / "embedpipe"
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def cli_stack(settings: Settings):
+    """A local stack started with ``embedpipe up`` under these settings only (no EMBEDPIPE_* or emulator variable of
+    the test process leaks in), this process pointed at it; ``embedpipe down`` afterwards. Yields the env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
+    env.update(settings.to_env())
+    result = cli(env, "up")
+    assert result.returncode == 0, result.stderr
+    apply_env(settings)
+    try:
+        yield env
+    finally:
+        cli(env, "down")

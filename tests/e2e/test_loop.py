@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from embedpipe import datasets, stack, vectorstore
-from tests.helpers import FIXTURES, ROOT, isolated_settings
+from tests.helpers import FIXTURES, ROOT, cli, isolated_settings
 
 pytestmark = pytest.mark.e2e
 METRIC_KEYS = {"recall@1", "recall@5", "recall@10", "recall@100", "mrr@10", "ndcg@10"}
-
-
-def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / "embedpipe"
-    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

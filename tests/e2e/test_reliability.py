@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,8 +22,8 @@ from embedpipe import bus, datasets, runs, stack, storage, topology, vectorstore
 from embedpipe.runs import Ledger
 from tests.helpers import (
     FIXTURES,
-    ROOT,
-    apply_env,
+    cli,
+    cli_stack,
     isolated_settings,
     job_specs,
     upload_folder,
@@ -37,21 +36,11 @@ SECRET = "tok-3x4mpl3-s3cr3t-do-not-log"
 TINY = FIXTURES / "tiny_beir"
 
 
-def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / "embedpipe"
-    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
 @pytest.fixture(scope="module")
 def env_stack(tmp_path_factory, tiny_model):
     settings = isolated_settings(tmp_path_factory.mktemp("chaos-state"), tiny_model, milvus_token=SECRET)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
-    env.update(settings.to_env())
-    result = cli(env, "up")
-    assert result.returncode == 0, result.stderr
-    apply_env(settings)
-    yield settings, env
-    cli(env, "down")
+    with cli_stack(settings) as env:
+        yield settings, env
 
 
 def index_ids(settings, alias: str) -> set[str]:

@@ -5,15 +5,13 @@ is a no-op; a rollback to a collection that was dropped is refused."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from embedpipe import vectorstore
 from embedpipe.events import Event, validate
 from embedpipe.runs import Ledger
-from tests.e2e.test_loop import cli
-from tests.helpers import FIXTURES, apply_env, isolated_settings, wait_for
+from tests.helpers import FIXTURES, cli, cli_stack, isolated_settings, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -21,13 +19,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def rollback_stack(tmp_path_factory, tiny_model):
     settings = isolated_settings(tmp_path_factory.mktemp("rollback-state"), tiny_model)  # gate open: both promote
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
-    env.update(settings.to_env())
-    result = cli(env, "up")
-    assert result.returncode == 0, result.stderr
-    apply_env(settings)
-    yield settings, env
-    cli(env, "down")
+    with cli_stack(settings) as env:
+        yield settings, env
 
 
 def served_collection(env: dict) -> str:

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import ROOT
+from bench.run import ROOT, spread
 
 CALIBRATION_DOCS = 384
 BATCH_SIZES = (32, 64, 128)
@@ -84,14 +84,6 @@ def real_lengths(model, texts: list[str], seq: int) -> np.ndarray:
 def useful_flops(lengths: np.ndarray, weights: int, layers: int, hidden: int) -> float:
     n = lengths.astype(np.float64)
     return float((2 * weights * n + 4 * layers * hidden * n**2).sum())
-
-
-def spread(prefix: str, key: str, values: list[float], digits: int = 3) -> dict:
-    return {
-        f"{prefix}{key}": round(statistics.median(values), digits),
-        f"{prefix}{key}_min": round(min(values), digits),
-        f"{prefix}{key}_max": round(max(values), digits),
-    }
 
 
 def measure(prefix: str, ds, models: dict, repeats: int) -> dict:
@@ -163,12 +155,12 @@ def measure(prefix: str, ds, models: dict, repeats: int) -> dict:
         f"{p}baseline_docs_per_s": round(len(texts) / base_s, 1),
         f"{p}docs_per_s": round(len(texts) / ours_s, 1),
         f"{p}fp32_docs_per_s": round(len(texts) / ref_s, 1),
-        **spread(p, "ratio", [b / o for b, o in zip(base_times, our_times)]),
+        **spread("ratio", [b / o for b, o in zip(base_times, our_times)], prefix=p),
         f"{p}baseline_tokens_per_s": round(lengths.sum() / base_s),
         f"{p}tokens_per_s": round(lengths.sum() / ours_s),
         f"{p}tflops": round(flops / ours_s / 1e12, 4),
         f"{p}peak_tflops": peak,  # the machine block's figure for this dtype, measured at the start of this run
-        **spread(p, "peak_share", [flops / s / 1e12 / peak for s in our_times]),
+        **spread("peak_share", [flops / s / 1e12 / peak for s in our_times], prefix=p),
         f"{p}min_cos": min_cos(our_docs, our_q),
         f"{p}baseline_min_cos": min_cos(base_docs, base_q),
         f"{p}fp32_recall@10": round(ref_recall, 4),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +29,15 @@ SECTIONS = ("train", "embed", "upsert", "e2e", "scale")
 
 
 FOLDED = ("_min", "_max", "_goal", "_ceiling")
+
+
+def spread(key: str, values: list[float], digits: int = 3, prefix: str = "") -> dict:
+    """A repeated measurement as the table shows it: the median under ``key``, its min..max folded beside it."""
+    return {
+        f"{prefix}{key}": round(statistics.median(values), digits),
+        f"{prefix}{key}_min": round(min(values), digits),
+        f"{prefix}{key}_max": round(max(values), digits),
+    }
 
 
 def _shown(value) -> str:

@@ -33,9 +33,9 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.run import ROOT, spread
+
 log = logging.getLogger(__name__)
 GOALS = {"ratio": 1.5, "recall@10_delta": -0.005}
 
@@ -171,9 +171,7 @@ def run() -> dict:
         "baseline_compute_dtype": ",".join(sorted(dtypes)),
         "baseline_pairs_per_s": round(statistics.median(base_rates), 2),
         "pairs_per_s": round(statistics.median(our_rates), 2),
-        "ratio": round(statistics.median(ratios), 3),
-        "ratio_min": round(min(ratios), 3),
-        "ratio_max": round(max(ratios), 3),
+        **spread("ratio", ratios),
         "recall@10": ours_recall,
         "baseline_recall@10": base_recall,
         "recall@10_delta": round(ours_recall - base_recall, 4),

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.run import spread
+
 N, DIM = 20_000, 384
 RATIO_GOAL = 0.95  # the goal: within 5% of raw insert at its best batch
 
@@ -118,9 +120,7 @@ def run() -> dict:
             "baseline_batch": best_batch,
             "baseline_vectors_per_s": round(statistics.median(base_rates), 1),
             "vectors_per_s": round(statistics.median(our_rates), 1),
-            "ratio": round(statistics.median(ratios), 3),
-            "ratio_min": round(min(ratios), 3),
-            "ratio_max": round(max(ratios), 3),
+            **spread("ratio", ratios),
             "ratio_goal": RATIO_GOAL,
         }
     finally:

@@ -176,13 +176,6 @@ def upload_file(path: Path, uri: str) -> int:
     return int(b.generation)
 
 
-@transient
-def download_file(uri: str, path: Path) -> Path:
-    """One object to a local file (streamed by the client: never the whole object in memory)."""
-    blob(uri).download_to_filename(str(path))
-    return path
-
-
 def upload_dir(local: Path, uri: str) -> list[str]:
     out = []
     for path in sorted(Path(local).rglob("*")):

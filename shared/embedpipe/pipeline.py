@@ -509,7 +509,7 @@ class Pipeline:
                 model = {"uri": status.model_dir or f"{out.rstrip('/')}/model/"}
                 report = f"{model['uri'].rstrip('/').rsplit('/', 1)[0]}/{intake.REPORT_FILE}"  # beside metrics.json
                 if problem := self._apply_intake(record, report):
-                    return self._intake_failed(record, problem)
+                    return self._fail_and_follow(record, "intake", problem)
                 done = {"model": model, **({"tuning": status.tuning} if status.tuning else {})}  # every trial
                 record.update(done)
                 self.ledger.update_run(run_id, lambda r: {**r, **done} if r["state"] == TRAINING else None)
@@ -517,13 +517,13 @@ class Pipeline:
                 return f"run {run_id}: training succeeded, embedding launched"
             report = f"{embeddings_uri(self.ledger.run_dir(run_id), job.get('attempt', 1))}/{intake.REPORT_FILE}"
             if problem := self._apply_intake(record, report):
-                return self._intake_failed(record, problem)
+                return self._fail_and_follow(record, "intake", problem)
             rec, moved = self.ledger.advance(run_id, EMBEDDING, INDEXING)
             if moved or rec["state"] == INDEXING:
                 self.request_index(rec)
             return f"run {run_id}: embedding succeeded, index requested"
         if stage == "train" and (problem := self._trial_intake(record, job)):
-            return self._intake_failed(record, problem)
+            return self._fail_and_follow(record, "intake", problem)
         attempt = job.get("attempt", 1)
         if attempt < self.settings.max_job_attempts:
             log.warning(
@@ -536,9 +536,9 @@ class Pipeline:
             )
             self._submit(record, stage, attempt + 1, STAGE_STATE[stage])
             return f"run {run_id}: {stage} job {status.state}, retry {attempt + 1} launched"
-        self.fail(run_id, stage, f"{stage} job {status.name} ended {status.state}: {status.error[-1000:]}")
-        self.launch_due(record["dataset"])  # the dataset is free: its follow-up run (we are a launching function)
-        return f"run {run_id}: FAILED in {stage}"
+        return self._fail_and_follow(
+            record, stage, f"{stage} job {status.name} ended {status.state}: {status.error[-1000:]}"
+        )
 
     def _trial_intake(self, record: dict, job: dict) -> str | None:
         """A tuning job whose trials found nothing usable fails (no trial reports a metric): their ``intake.json``
@@ -551,11 +551,12 @@ class Pipeline:
                 return problem
         return None
 
-    def _intake_failed(self, record: dict, problem: str) -> str:
-        """The job found nothing usable in the dataset: no retry can change that, the run fails in intake."""
-        self.fail(record["run_id"], "intake", problem)
-        self.launch_due(record["dataset"])  # the dataset is free: its follow-up run (we are a launching function)
-        return f"run {record['run_id']}: FAILED in intake ({problem})"
+    def _fail_and_follow(self, record: dict, stage: str, cause: str) -> str:
+        """End the run as failed where no retry can help, then launch the dataset's follow-up run: the dataset is
+        free, and a job event is a launching function."""
+        self.fail(record["run_id"], stage, cause)
+        self.launch_due(record["dataset"])
+        return f"run {record['run_id']}: FAILED in {stage}"
 
     def request_index(self, record: dict) -> None:
         event = Event(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,7 @@ def run() -> dict:
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
+    ok = False
     try:
         up = cli("up")
         if up.returncode:  # e.g. a component's port was taken meanwhile; down still stops what did start
@@ -69,6 +71,11 @@ def run() -> dict:
             f"dense {data['metrics_by_mode'].get('dense')} hybrid {data['metrics_by_mode'].get('hybrid')}",
             file=sys.stderr,
         )
+        ok = True
         return {"overhead_s": round(overhead, 2), "total_s": round(total, 2)}
     finally:
         cli("down")
+        if ok:  # a failed run's state folder is kept for its logs, as bench/scale.py does
+            shutil.rmtree(state, ignore_errors=True)
+        else:
+            print(f"e2e: state and logs kept in {state}", file=sys.stderr)

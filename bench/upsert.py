@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -126,3 +127,4 @@ def run() -> dict:
     finally:
         server.terminate()
         server.wait(30)
+        shutil.rmtree(data_dir, ignore_errors=True)

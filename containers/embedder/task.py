@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -63,8 +64,9 @@ class ShardWriter:
     """A corpus shard written row group by row group to a local file, uploaded once complete: memory holds one
     group's vectors and columns, not the shard's."""
 
-    def __init__(self, path):
-        self.path, self._writer = path, None
+    def __init__(self, name: str):
+        self._dir = Path(tempfile.mkdtemp(prefix="shard-"))
+        self.path, self._writer = self._dir / name, None
 
     def write(self, columns: dict) -> None:
         import pyarrow.parquet as pq
@@ -75,11 +77,13 @@ class ShardWriter:
         self._writer.write_table(table)
 
     def close(self, uri: str, empty_columns: dict) -> None:
-        if self._writer is None:  # no document in this shard: an empty file with the columns' names
-            self.write(empty_columns)
-        self._writer.close()
-        storage.upload_file(self.path, uri)
-        self.path.unlink()
+        try:
+            if self._writer is None:  # no document in this shard: an empty file with the columns' names
+                self.write(empty_columns)
+            self._writer.close()
+            storage.upload_file(self.path, uri)
+        finally:  # the folder too: a job's many runs on one host (local stack, bench) must not fill /tmp
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def _table(columns: dict):
@@ -183,7 +187,7 @@ def main(argv: list[str]) -> int:
         name = f"corpus-{index:05d}-of-{count:05d}.parquet"
         deleted_name = f"deleted-{index:05d}-of-{count:05d}.parquet"
         # Row group by row group: embed ROW_GROUP documents, append them to the local shard file, drop them.
-        shard_file = ShardWriter(Path(tempfile.mkdtemp(prefix="shard-")) / name)
+        shard_file = ShardWriter(name)
         dim = 0
         for start in range(0, len(ids), ROW_GROUP):
             part = ids[start : start + ROW_GROUP]

@@ -13,6 +13,7 @@ of its own next to the first attempt's.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from pathlib import Path
 class ScalarLog:
     def __init__(self, uri: str | None):
         self.uri = uri
-        self.local = Path(uri) if uri and not uri.startswith("gs://") else Path(tempfile.mkdtemp(prefix="tb-"))
+        self._own = not uri or uri.startswith("gs://")  # a staging folder of ours, removed on close
+        self.local = Path(tempfile.mkdtemp(prefix="tb-")) if self._own else Path(uri)
         self.local.mkdir(parents=True, exist_ok=True)
         self.format = "jsonl"
         self._writer = None
@@ -65,7 +67,11 @@ class ScalarLog:
             self._writer.close()
         else:
             self._fh.close()
-        self._upload()
+        try:
+            self._upload()
+        finally:  # one staging folder per training run would otherwise pile up on a long-lived host
+            if self._own:
+                shutil.rmtree(self.local, ignore_errors=True)
 
     def _upload(self) -> None:
         if self.uri and self.uri.startswith("gs://"):

@@ -33,11 +33,11 @@ def test_a_shard_is_written_group_by_group_and_read_back_in_batches(embedder_tas
     monkeypatch.setattr(
         embedder_task.storage, "upload_file", lambda path, uri: uploaded.setdefault(uri, path.read_bytes())
     )
-    writer = embedder_task.ShardWriter(tmp_path / "corpus.parquet")
+    writer = embedder_task.ShardWriter("corpus.parquet")
     writer.write(group(["a", "b"], [None, None]))
     writer.write(group(["c", "d", "e"], ["C", "D", None]))
     writer.close("gs://arts/run/corpus.parquet", {})
-    assert not (tmp_path / "corpus.parquet").exists(), "the local file is removed once uploaded"
+    assert not writer.path.parent.exists(), "the local file and its folder are removed once uploaded"
     local = tmp_path / "back.parquet"
     local.write_bytes(uploaded["gs://arts/run/corpus.parquet"])
     f = pq.ParquetFile(local)
@@ -61,7 +61,19 @@ def test_an_empty_shard_is_a_valid_file(embedder_task, tmp_path, monkeypatch):
     monkeypatch.setattr(
         embedder_task.storage, "upload_file", lambda path, uri: uploaded.setdefault(uri, path.read_bytes())
     )
-    writer = embedder_task.ShardWriter(tmp_path / "corpus.parquet")
+    writer = embedder_task.ShardWriter("corpus.parquet")
     writer.close("gs://arts/run/empty.parquet", {c: [] for c in embedder_task.STRING_COLUMNS})
     (tmp_path / "e.parquet").write_bytes(uploaded["gs://arts/run/empty.parquet"])
     assert indexing.pq_rows(tmp_path / "e.parquet") == 0
+
+
+def test_a_failed_upload_still_removes_the_local_shard(embedder_task, monkeypatch):
+    def fail(path, uri):
+        raise OSError("bucket unreachable")
+
+    monkeypatch.setattr(embedder_task.storage, "upload_file", fail)
+    writer = embedder_task.ShardWriter("corpus.parquet")
+    writer.write(group(["a"], [None]))
+    with pytest.raises(OSError):
+        writer.close("gs://arts/run/corpus.parquet", {})
+    assert not writer.path.parent.exists()

@@ -6,17 +6,20 @@ EP := $(VENV)/bin/embedpipe
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 STAMP := $(VENV)/.installed
+BQ_VENV := $(VENV)/opt/bqemulator
 
 .PHONY: help setup demo test test-unit test-integration test-e2e bench quality lint up down clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt shared/pyproject.toml
+$(STAMP): requirements.txt requirements-bqemulator.txt shared/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e shared
+	test -x $(BQ_VENV)/bin/python || python3 -m venv $(BQ_VENV)
+	$(BQ_VENV)/bin/python -m pip install -q -r requirements-bqemulator.txt
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install pinned dependencies + the embedpipe package

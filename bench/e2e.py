@@ -21,17 +21,12 @@ from embedpipe.stack import isolated_ports
 def stack_env(state: Path, **extra: str) -> dict[str, str]:
     """The environment of an isolated local stack for a bench: own state dir and ports, nothing inherited that
     would point it at another stack, training cut to a few steps (the benches measure the loop, not a model)."""
-    pubsub, gcs, milvus, functions = isolated_ports()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
     env.update(
         {
             "EMBEDPIPE_STATE_DIR": str(state),
             "EMBEDPIPE_PROJECT": "embedpipe-bench",
-            "EMBEDPIPE_PUBSUB_PORT": str(pubsub),
-            "EMBEDPIPE_GCS_PORT": str(gcs),
-            "EMBEDPIPE_MILVUS_PORT": str(milvus),
-            "EMBEDPIPE_MILVUS_URI": f"http://127.0.0.1:{milvus}",
-            "EMBEDPIPE_FUNCTIONS_PORT": str(functions),
+            **isolated_ports().env(),
             "EMBEDPIPE_TRAIN_MAX_STEPS": os.environ.get("EMBEDPIPE_TRAIN_MAX_STEPS", "10"),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",

@@ -84,17 +84,12 @@ def cpu_info() -> dict:
 
 
 def stack_env() -> dict[str, str]:
-    pubsub, gcs, milvus, functions = isolated_ports()
     env = {k: v for k, v in os.environ.items() if "EMULATOR_HOST" not in k}
     env.update(
         {
             "EMBEDPIPE_STATE_DIR": str(STATE),
             "EMBEDPIPE_PROJECT": "embedpipe-quality",
-            "EMBEDPIPE_PUBSUB_PORT": str(pubsub),
-            "EMBEDPIPE_GCS_PORT": str(gcs),
-            "EMBEDPIPE_MILVUS_PORT": str(milvus),
-            "EMBEDPIPE_MILVUS_URI": f"http://127.0.0.1:{milvus}",
-            "EMBEDPIPE_FUNCTIONS_PORT": str(functions),
+            **isolated_ports().env(),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }

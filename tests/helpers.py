@@ -60,17 +60,19 @@ def build_tiny_model(out: Path) -> Path:
 
 def isolated_settings(state_dir: Path, tiny_model: str, **overrides) -> Settings:
     """Settings for an isolated stack: free ports, own state dir, the tiny model, tiny training."""
-    pubsub, gcs, milvus, functions = stack.isolated_ports()
+    ports = stack.isolated_ports()
     base = Settings.from_env({})
     return dataclasses.replace(
         base,
         project="embedpipe-test",
         state_dir=str(state_dir),
-        pubsub_port=pubsub,
-        gcs_port=gcs,
-        milvus_port=milvus,
-        milvus_uri=f"http://127.0.0.1:{milvus}",
-        functions_port=functions,
+        pubsub_port=ports.pubsub,
+        gcs_port=ports.gcs,
+        milvus_port=ports.milvus,
+        milvus_uri=f"http://127.0.0.1:{ports.milvus}",
+        functions_port=ports.functions,
+        bigquery_port=ports.bigquery,
+        bigquery_grpc_port=ports.bigquery_grpc,
         base_model=tiny_model,
         train_max_steps=4,
         train_batch_size=8,

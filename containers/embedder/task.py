@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from embedpipe import distributed, incremental, intake, lexical, logs, storage
+from embedpipe import bqsource, distributed, incremental, intake, lexical, logs, storage
 from embedpipe.embedding import encode, shard
 from embedpipe.model import load_model
 
@@ -130,6 +130,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--previous-model-uri", default="")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--data-bucket", default=os.environ.get("EMBEDPIPE_DATA_BUCKET", "embedpipe-data"))
+    p.add_argument("--as-of", default="", help="read BigQuery parts of the dataset as of this time (ISO 8601)")
     p.add_argument("--output-dir", default="", help="default: <run folder>/embeddings")
     p.add_argument(
         "--live-hashes",
@@ -159,7 +160,7 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     # GCS reads overlap: the corpus and the live hash table load while the model downloads and loads.
     with ThreadPoolExecutor(4) as writes:
-        reading = writes.submit(intake.load_checked, args.data_bucket, args.dataset)
+        reading = writes.submit(intake.load_checked, args.data_bucket, args.dataset, as_of=bqsource.as_of(args.as_of))
         live = writes.submit(incremental.read_table, args.live_hashes) if args.live_hashes else None
         model, info = load_model(args.model_uri, inference=True)
         ds, rejections, problem = reading.result()

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedpipe import distributed, hypertune, intake, logs, selection, storage
+from embedpipe import bqsource, distributed, hypertune, intake, logs, selection, storage
 from embedpipe.checkpoints import Checkpoints
 from embedpipe.model import ModelInfo, git_sha, load_model, save_model
 from embedpipe.scalars import ScalarLog
@@ -55,6 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dataset", required=True)
     p.add_argument("--run-id", required=True)
     p.add_argument("--data-bucket", default=os.environ.get("EMBEDPIPE_DATA_BUCKET", "embedpipe-data"))
+    p.add_argument("--as-of", default="", help="read BigQuery parts of the dataset as of this time (ISO 8601)")
     p.add_argument("--base-model", required=True)
     for name, kind in (
         ("learning_rate", float),
@@ -113,7 +114,9 @@ def main(argv: list[str]) -> int:
     device = distributed.init(dist)
     log.info("rank %d/%d (%s) on %s", dist.rank, dist.world_size, dist.source, device)
     # test labels never reach training; files that break cross-file rules are left out and listed in intake.json
-    ds, rejections, problem = intake.load_checked(args.data_bucket, args.dataset, test=False)
+    ds, rejections, problem = intake.load_checked(
+        args.data_bucket, args.dataset, test=False, as_of=bqsource.as_of(args.as_of)
+    )
     if dist.rank == 0:
         intake.write_report(f"{run_dir}/{intake.REPORT_FILE}", rejections, problem)
     if ds is None:  # nothing usable: the pipeline reads intake.json and fails the run in "intake" (no retry)

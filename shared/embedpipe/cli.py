@@ -209,16 +209,67 @@ def retrain(
         [], "--set", envvar="EMBEDPIPE_SET", help="override, e.g. --set learning_rate=3e-5 (env: space-separated)"
     ),
     reason: str = typer.Option("requested from the CLI", "--reason", envvar="EMBEDPIPE_REASON"),
+    source: str = typer.Option(
+        "",
+        "--source",
+        envvar="EMBEDPIPE_SOURCE",
+        help="read the corpus from BigQuery: bq://PROJECT.DATASET.TABLE (columns id, title, text), or a local "
+        "source.json; stored as datasets/NAME/source.json",
+    ),
+    refresh: bool = typer.Option(
+        False,
+        "--refresh",
+        envvar="EMBEDPIPE_REFRESH",
+        help="the data changed (e.g. a BigQuery table): re-read it, update the live index incrementally, no training",
+    ),
     wait: bool = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT"),
     timeout: float = typer.Option(900.0, "--timeout", envvar="EMBEDPIPE_TIMEOUT"),
 ) -> None:
-    """Publish a retrain message for a dataset (full run: train, embed, index, gate)."""
+    """Publish a retrain message for a dataset (full run: train, embed, index, gate; --refresh: re-read the data)."""
     s = settings()
-    body = {"dataset": dataset, "overrides": _parse_set(set_), "reason": reason}
+    overrides = _parse_set(set_)
+    if refresh and overrides:
+        err("error: --refresh does not train: drop --set")
+        raise typer.Exit(2)
+    if source:
+        _store_source(s, dataset, source)
+    body = {"dataset": dataset, "overrides": overrides, "reason": reason, **({"refresh": True} if refresh else {})}
     message_id = bus.publish_raw(s.project, topology.RETRAIN_REQUESTS, json.dumps(body).encode())
     err(f"  published retrain request {message_id}")
     if wait:
         _finish(_wait_for_runs(s, [f"pubsub/retrain/{message_id}"], timeout))
+
+
+def _store_source(s, dataset: str, source: str) -> None:
+    """Write ``datasets/NAME/source.json``: a local file as it is, or ``bq://P.D.T`` as the corpus part of the
+    stored one (its other parts kept). Validated first; not rewritten when unchanged (a write is an upload event)."""
+    from google.api_core import exceptions as gexc
+
+    from embedpipe import bqsource
+
+    datasets.check_name(dataset)
+    uri = f"gs://{s.data_bucket}/datasets/{dataset}/{datasets.SOURCE_FILE}"
+    try:
+        stored = storage.read_bytes(uri)
+    except gexc.NotFound:
+        stored = None
+    try:
+        if source.startswith("bq://"):
+            doc = json.loads(stored) if stored else {}
+            doc = doc if isinstance(doc, dict) else {}
+            doc["corpus"] = {"table": bqsource.bq_uri_table(source)}
+            data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+        else:
+            data = Path(source).read_bytes()
+        bqsource.parse(data, source if not source.startswith("bq://") else datasets.SOURCE_FILE)
+    except (ValueError, OSError) as exc:  # DatasetError is a ValueError: file, line, reason
+        err(f"error: {exc}")
+        raise typer.Exit(2) from None
+    if data == stored:
+        err(f"  {uri} unchanged")
+        return
+    generation = storage.write_bytes(uri, data, content_type="application/json")
+    err(f"  wrote {uri}#{generation}")
 
 
 def _user() -> str:

@@ -100,6 +100,8 @@ class Settings:
     pubsub_port: int = 8085
     gcs_port: int = 4443
     milvus_port: int = 19530
+    bigquery_port: int = 9050  # bqemulator's REST API (datasets read from BigQuery, ``bqsource``)
+    bigquery_grpc_port: int = 9060  # its Storage Read API
     functions_port: int = 8081
     # Milvus
     milvus_uri: str = "http://127.0.0.1:19530"
@@ -243,6 +245,14 @@ class Settings:
     @property
     def gcs_endpoint(self) -> str:
         return f"http://127.0.0.1:{self.gcs_port}"
+
+    @property
+    def bigquery_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.bigquery_port}"
+
+    @property
+    def bigquery_grpc_address(self) -> str:
+        return f"127.0.0.1:{self.bigquery_grpc_port}"
 
     def emulator_env(self) -> dict[str, str]:
         """Env vars that point Google clients at the local emulators (empty in gcp mode)."""

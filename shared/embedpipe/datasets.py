@@ -287,10 +287,22 @@ def parse_corpus(
 ) -> dict[str, Doc]:
     """Parse one corpus file; ids must be unique within it and across ``into`` (earlier files). A document with
     neither title nor text is skipped with a notice; one with only a title is a title-only document."""
+    return corpus_records(_json_lines(data, file), file, into, seen_in, notices)
+
+
+def corpus_records(
+    records,
+    file: str,
+    into: dict[str, Doc] | None = None,
+    seen_in: dict[str, str] | None = None,
+    notices: list[Notice] | None = None,
+) -> dict[str, Doc]:
+    """The checks of ``parse_corpus`` on ``(line or row number, object)`` pairs: one definition for a file's lines
+    and a table's rows (``bqsource``)."""
     docs = {} if into is None else into
     seen_in = {} if seen_in is None else seen_in
     notices = [] if notices is None else notices
-    for number, obj in _json_lines(data, file):
+    for number, obj in records:
         doc_id = _str_field(obj, "_id", file, number)
         check_id(doc_id, file, number)
         text = _str_field(obj, "text", file, number, required=False)
@@ -310,9 +322,13 @@ def parse_corpus(
     return docs
 
 
-def parse_queries(data: Source, file: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for number, obj in _json_lines(data, file):
+def parse_queries(data: Source, file: str, into: dict[str, str] | None = None) -> dict[str, str]:
+    return query_records(_json_lines(data, file), file, into)
+
+
+def query_records(records, file: str, into: dict[str, str] | None = None) -> dict[str, str]:
+    out = {} if into is None else into
+    for number, obj in records:
         qid = _str_field(obj, "_id", file, number)
         if qid in out:
             raise DatasetError(file, number, f"duplicate query _id {qid!r}")
@@ -326,22 +342,33 @@ def parse_qrels(
     """Parse one qrels file; with ``known_queries`` each row's query must exist (errors name the line); with
     ``known_docs`` a row naming an absent document is kept (trec_eval counts it as relevant and unretrievable) with
     a notice."""
-    out: dict[str, dict[str, int]] = {}
     lines = iter(_lines(data, file))
     number, header = next(lines)
     if header.split("\t") != QRELS_HEADER:
         raise DatasetError(file, number, f"header must be {HEADER_LINE!r}, got {header!r}")
-    for number, line in lines:
-        cols = line.split("\t")
-        if len(cols) != 3:
-            raise DatasetError(file, number, f"expected 3 tab-separated columns, got {len(cols)}")
-        qid, doc_id, score = cols
+
+    def rows():
+        for number, line in lines:
+            cols = line.split("\t")
+            if len(cols) != 3:
+                raise DatasetError(file, number, f"expected 3 tab-separated columns, got {len(cols)}")
+            yield number, tuple(cols)
+
+    return qrels_rows(rows(), file, known_queries, known_docs, notices)
+
+
+def qrels_rows(
+    rows, file: str, known_queries=None, known_docs=None, notices: list[Notice] | None = None, into=None
+) -> dict[str, dict[str, int]]:
+    """The checks of ``parse_qrels`` on ``(line or row number, (query id, corpus id, score))``."""
+    out: dict[str, dict[str, int]] = {} if into is None else into
+    for number, (qid, doc_id, score) in rows:
         try:
             value = int(float(score))
         except (ValueError, OverflowError):
             raise DatasetError(file, number, f"score {score!r} is not a number") from None
         if known_queries is not None and qid not in known_queries:
-            raise DatasetError(file, number, f"query-id {qid!r} is not in queries.jsonl")
+            raise DatasetError(file, number, f"query-id {qid!r} is not among the queries")
         if known_docs is not None and doc_id not in known_docs and notices is not None:
             notices.append(Notice(file, number, doc_id, f"corpus-id {doc_id!r} (query {qid!r}) is not in the corpus"))
         out.setdefault(qid, {})[doc_id] = value
@@ -358,8 +385,12 @@ def parse_pairs(data: Source, file: str) -> list[tuple[str, str, str | None]]:
     return out
 
 
+SOURCE_FILE = "source.json"  # BigQuery tables for parts of the dataset (``bqsource``)
+
+
 def classify(rel: str) -> str | None:
-    """Which part of a BEIR folder a relative path is: corpus | queries | qrels | pairs, or None (ignored)."""
+    """Which part of a BEIR folder a relative path is: corpus | queries | qrels | pairs | source, or None
+    (ignored)."""
     if rel == "corpus.jsonl" or (rel.startswith("corpus/") and rel.endswith(".jsonl")):
         return "corpus"
     if rel == "queries.jsonl":
@@ -368,15 +399,18 @@ def classify(rel: str) -> str | None:
         return "qrels"
     if rel.startswith("pairs/") and rel.endswith(".jsonl"):
         return "pairs"
+    if rel == SOURCE_FILE:
+        return "source"
     return None
 
 
 TEST_QRELS = "qrels/test.tsv"
 
 
-def load_files(name: str, files: dict[str, bytes]) -> Dataset:
-    """Build a Dataset from ``{relative path: bytes}``; qrels must name known queries (absent documents are kept
-    and counted, see the module docstring)."""
+def load_files(name: str, files: dict[str, bytes], tables: dict | None = None) -> Dataset:
+    """Build a Dataset from ``{relative path: bytes}`` and ``tables`` (``{bqsource.Part: its records}``, parts read
+    from BigQuery, loaded beside the files as if they were more files); qrels must name known queries (absent
+    documents are kept and counted, see the module docstring)."""
     corpus: dict[str, Doc] = {}
     seen: dict[str, str] = {}
     skipped: list[Notice] = []
@@ -384,24 +418,45 @@ def load_files(name: str, files: dict[str, bytes]) -> Dataset:
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, dict[str, int]]] = {}
     pairs: list = []
+    tables = tables or {}
     for rel in sorted(files):
         kind = classify(rel)
         if kind == "corpus":
             parse_corpus(files[rel], rel, corpus, seen, skipped)
         elif kind == "queries":
-            queries = parse_queries(files[rel], rel)
+            parse_queries(files[rel], rel, queries)
         elif kind == "pairs":
             pairs.extend(parse_pairs(files[rel], rel))
-    for rel in sorted(files):
-        if classify(rel) == "qrels":
-            split = Path(rel).stem
-            notices: list[Notice] = []
-            qrels[split] = parse_qrels(files[rel], rel, queries, corpus, notices)
-            if notices:
-                absent[split] = len(notices)
+    for part, recs in tables.items():
+        if part.kind == "corpus":
+            _table(part, corpus_records, recs, part.rel, corpus, seen, skipped)
+        elif part.kind == "queries":
+            _table(part, query_records, recs, part.rel, queries)
+    qrels_parts = [(Path(rel).stem, rel, None) for rel in sorted(files) if classify(rel) == "qrels"]
+    qrels_parts += [(part.split, part.rel, (part, recs)) for part, recs in tables.items() if part.kind == "qrels"]
+    for split, rel, table in qrels_parts:
+        notices: list[Notice] = []
+        into = qrels.setdefault(split, {})
+        if table is None:
+            for qid, row in parse_qrels(files[rel], rel, queries, corpus, notices).items():
+                into.setdefault(qid, {}).update(row)
+        else:
+            _table(table[0], qrels_rows, table[1], rel, queries, corpus, notices, into)
+        if notices:
+            absent[split] = absent.get(split, 0) + len(notices)
     if not corpus:
         raise NoCorpus(f"datasets/{name}/corpus.jsonl", None, "dataset has no corpus")
     return Dataset(name, corpus, queries, qrels, pairs, skipped, absent)
+
+
+def _table(part, check, *args):
+    """``check`` over a table's rows; its errors also name the table (their line is the row, in read order)."""
+    try:
+        return check(*args)
+    except DatasetError as exc:
+        if exc.file != part.rel or exc.reason.startswith(part.where):
+            raise
+        raise DatasetError(part.rel, exc.line, f"{part.where}: {exc.reason}") from None
 
 
 def load_dir(path: Path, name: str | None = None) -> Dataset:
@@ -428,27 +483,40 @@ def load_gcs(
     max_bytes: int | None = None,
     exclude: frozenset[str] = frozenset(),
     generations: dict[str, int] | None = None,
+    as_of=None,
 ) -> Dataset:
-    """The dataset as stored. ``test=False`` (the trainer) never opens ``qrels/test.tsv``: test labels cannot
-    reach training or any choice made from them. With ``max_bytes``, a file over it raises DatasetError unread.
-    Files named in ``exclude`` (relative paths) are left out; ``generations`` receives each read file's generation."""
+    """The dataset as stored. ``test=False`` (the trainer) never opens ``qrels/test.tsv`` (nor a test qrels table):
+    test labels cannot reach training or any choice made from them. With ``max_bytes``, a file over it raises
+    DatasetError unread. Files and BigQuery parts named in ``exclude`` (relative paths, ``source.json#corpus``) are
+    left out; ``generations`` receives each read file's generation. A ``source.json`` adds the BigQuery parts it
+    names (``bqsource``), read as of ``as_of`` (a datetime; None: now)."""
     from embedpipe import storage
 
     root = prefix(data_bucket, dataset)
-    files = {}
+    files, tables = {}, {}
     for uri, generation, size in storage.list_objects(root):
         rel = uri[len(root) :]
         if generations is not None:
             generations[rel] = generation
         if classify(rel) and (test or rel != TEST_QRELS) and rel not in exclude:
-            if max_bytes is None:
-                files[rel] = storage.read_bytes(uri)
-                continue
-            if problem := size_problem(size, max_bytes):
+            if max_bytes is not None and (problem := size_problem(size, max_bytes)):
                 raise DatasetError(rel, None, problem)
             # the version whose size was checked (NotFound if replaced since: intake.load_valid loads again)
-            files[rel] = storage.read_bytes(uri, generation)
-    return load_files(dataset, files)
+            data = storage.read_bytes(uri, generation if max_bytes is not None else None)
+            if rel == SOURCE_FILE:
+                tables = _source_tables(data, test, exclude, as_of)
+            else:
+                files[rel] = data
+    return load_files(dataset, files, tables)
+
+
+def _source_tables(data: bytes, test: bool, exclude: frozenset[str], as_of) -> dict:
+    from embedpipe import bqsource
+    from embedpipe.config import Settings
+
+    settings = Settings.from_env()
+    parts = [p for p in bqsource.parse(data) if p.rel not in exclude and (test or p.split != "test")]
+    return {p: bqsource.records(p, settings, as_of) for p in parts}
 
 
 def dataset_of(object_name: str) -> tuple[str, str] | None:

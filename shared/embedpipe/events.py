@@ -229,6 +229,7 @@ class RetrainRequest:
     hp_tuning: dict | None
     reason: str
     key: str
+    refresh: bool = False  # the data changed (a BigQuery table): re-read it; no new training when an index is live
 
 
 def parse_retrain(msg: PushMessage) -> RetrainRequest:
@@ -238,12 +239,18 @@ def parse_retrain(msg: PushMessage) -> RetrainRequest:
     overrides = body.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise EventError(f"retrain message {msg.message_id}: 'overrides' must be an object")
+    refresh = body.get("refresh", False)
+    if not isinstance(refresh, bool):
+        raise EventError(f"retrain message {msg.message_id}: 'refresh' must be true or false")
+    if refresh and (overrides or body.get("hp_tuning")):
+        raise EventError(f"retrain message {msg.message_id}: a refresh does not train: no overrides or hp_tuning")
     return RetrainRequest(
         dataset=body["dataset"],
         overrides=overrides,
         hp_tuning=body.get("hp_tuning"),
-        reason=str(body.get("reason") or "retrain requested"),
+        reason=str(body.get("reason") or ("data changed" if refresh else "retrain requested")),
         key=f"pubsub/retrain/{msg.message_id}",
+        refresh=refresh,
     )
 
 

@@ -47,6 +47,8 @@ def kind_for(record: dict, promoted: dict | None) -> tuple[str, str]:
         rel = found[1] if found else ""
         if obj.get("part") == "pairs" or rel in ("qrels/train.tsv", "qrels/dev.tsv"):
             return FULL, f"training data changed ({rel})"
+        if obj.get("part") == "source":  # which tables it now names for training is unknown here: train again
+            return FULL, f"the dataset's BigQuery sources changed ({rel})"
     return INCREMENTAL, f"corpus change with promoted index {promoted['collection']}"
 
 

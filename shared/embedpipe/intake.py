@@ -184,7 +184,18 @@ def check_file(rel: str, data: datasets.Source) -> list[datasets.Notice]:
         datasets.parse_qrels(data, rel)
     elif kind == "pairs":
         datasets.parse_pairs(data, rel)
+    elif kind == "source":
+        _source_parts(data, rel)
     return notices
+
+
+def _source_parts(data: datasets.Source, rel: str) -> list:
+    """A ``source.json``'s BigQuery parts (``bqsource.parse``); a function reads this one small object, no rows."""
+    from embedpipe import bqsource
+
+    if not isinstance(data, (bytes, bytearray)):
+        data = data.read(bqsource.MAX_SOURCE_BYTES + 1)
+    return bqsource.parse(bytes(data), rel)
 
 
 def quarantine(bucket: str, name: str, generation: int) -> str:
@@ -239,7 +250,14 @@ def check_object(bucket: str, name: str, generation: int, max_bytes: int | None 
     return Rejection(uri, generation, line, problem, quarantine(bucket, name, generation))
 
 
-def load_checked(bucket: str, dataset: str, test: bool = True, max_rejections: int = 100, max_bytes: int | None = None):
+def load_checked(
+    bucket: str,
+    dataset: str,
+    test: bool = True,
+    max_rejections: int = 100,
+    max_bytes: int | None = None,
+    as_of=None,
+):
     """The jobs' load (DESIGN.md §3.1): the whole dataset, leaving out each file a cross-file check rejects
     (duplicate ids across corpus files, qrels naming unknown query ids) or that is over ``max_bytes`` (default:
     ``Settings.max_object_bytes``), until the rest is valid. Returns (Dataset or None, rejections, why None).
@@ -257,7 +275,13 @@ def load_checked(bucket: str, dataset: str, test: bool = True, max_rejections: i
         generations: dict[str, int] = {}
         try:
             ds = datasets.load_gcs(
-                bucket, dataset, test=test, max_bytes=cap, exclude=frozenset(exclude), generations=generations
+                bucket,
+                dataset,
+                test=test,
+                max_bytes=cap,
+                exclude=frozenset(exclude),
+                generations=generations,
+                as_of=as_of,
             )
             return ds, rejections, None
         except datasets.NoCorpus as exc:
@@ -269,15 +293,17 @@ def load_checked(bucket: str, dataset: str, test: bool = True, max_rejections: i
                 break
             name = f"datasets/{dataset}/{exc.file}"
             log.warning("rejected gs://%s/%s:%s: %s", bucket, name, exc.line or "", exc.reason)
-            rejections.append(Rejection(f"gs://{bucket}/{name}", generations.get(exc.file, 0), exc.line, exc.reason))
+            generation = generations.get(exc.file.split("#")[0], 0)  # a BigQuery part: its source.json's
+            rejections.append(Rejection(f"gs://{bucket}/{name}", generation, exc.line, exc.reason))
             exclude.add(exc.file)
     return None, rejections, f"more than {max_rejections} bad files"
 
 
 def check_listing(bucket: str, dataset: str, max_bytes: int | None = None) -> tuple[list[Rejection], str | None]:
-    """The launch-time check a function can afford: O(files), from the listing alone. Files over ``max_bytes`` are
-    quarantined (they were rejected at upload too; a cap lowered since catches them here); a dataset with no corpus
-    file left cannot run. Everything that needs the documents happens in the jobs (``load_checked``)."""
+    """The launch-time check a function can afford: O(files), from the listing alone (and ``source.json``, one
+    small object). Files over ``max_bytes`` and a broken ``source.json`` are quarantined (they were rejected at
+    upload too; a cap lowered since catches them here); a dataset with no corpus file and no corpus table left
+    cannot run. Everything that needs the documents happens in the jobs (``load_checked``)."""
     cap = _max_bytes(max_bytes)
     root = datasets.prefix(bucket, dataset)
     rejections, corpus = [], 0
@@ -286,11 +312,21 @@ def check_listing(bucket: str, dataset: str, max_bytes: int | None = None) -> tu
         kind = datasets.classify(rel)
         if not kind:
             continue
+        name = uri[len(f"gs://{bucket}/") :]
         if problem := datasets.size_problem(size, cap):
-            name = uri[len(f"gs://{bucket}/") :]
             rejections.append(Rejection(uri, generation, None, problem, quarantine(bucket, name, generation)))
         elif kind == "corpus":
             corpus += 1
+        elif kind == "source":
+            try:
+                parts = _source_parts(storage.read_bytes(uri, generation), rel)
+            except gexc.NotFound:
+                continue  # replaced since: the newer generation has its own event and launch
+            except datasets.DatasetError as exc:
+                where = quarantine(bucket, name, generation)
+                rejections.append(Rejection(uri, generation, exc.line, exc.reason, where))
+                continue
+            corpus += any(p.kind == "corpus" for p in parts)
     return rejections, None if corpus else "dataset has no corpus"
 
 
@@ -312,6 +348,15 @@ def parse_report(doc: dict | None) -> tuple[list[Rejection], str | None]:
 
 
 def is_corpus(rejection: Rejection) -> bool:
-    """A rejected corpus file: its documents are absent from this load, not deleted (no deletions follow)."""
+    """A rejected corpus file or table: its documents are absent from this load, not deleted (no deletions
+    follow)."""
+    if rejection.object.endswith(f"{datasets.SOURCE_FILE}#corpus"):
+        return True
     found = datasets.dataset_of(rejection.object.split("/", 3)[3]) if rejection.object.count("/") >= 3 else None
     return bool(found) and datasets.classify(found[1]) == "corpus"
+
+
+def is_table(rejection: Rejection) -> bool:
+    """A rejected BigQuery part (``gs://.../source.json#corpus``): reported, never moved (the table is the user's,
+    and ``source.json`` still names the other parts)."""
+    return "#" in rejection.object

@@ -215,7 +215,9 @@ class Pipeline:
         clash = self._name_clash(req.dataset)
         if clash:
             raise EventError(f"retrain {req.key}: {clash}")
-        trigger = {"type": "retrain", "dataset": req.dataset, "reason": req.reason}
+        # A refresh is a data change (a BigQuery table changed): it runs like an upload, incremental when an index
+        # is live; a retrain always trains.
+        trigger = {"type": "refresh" if req.refresh else "retrain", "dataset": req.dataset, "reason": req.reason}
         run_id = self._claim(req.key, req.dataset, trigger, 0.0)
 
         for _ in range(10):
@@ -228,8 +230,11 @@ class Pipeline:
                     return None
                 record["triggers"].append(req.key)
                 record["overrides"].update(overrides)
-                record["force_full"] = True
-                record["trigger"] = trigger
+                if not req.refresh:
+                    record["force_full"] = True
+                    record["trigger"] = trigger
+                else:
+                    record.setdefault("trigger", trigger)
                 if req.hp_tuning:  # a tuning job: on Vertex, or the local job runner's trials
                     record["hp_tuning"] = req.hp_tuning
                 return record
@@ -301,6 +306,11 @@ class Pipeline:
         if tries >= self.settings.launch_max_attempts and lasted >= LAUNCH_RETRY_WINDOW_S:
             self.fail(run_id, "launch", f"could not launch after {tries} attempts; last: {cause}")
 
+    @staticmethod
+    def _as_of(record: dict) -> list[str]:
+        """BigQuery parts are read as of the run's seal: every job, replica and retry of the run sees one table."""
+        return [f"--as-of={record['sealed_at']}"] if record.get("sealed_at") else []
+
     def _job_env(self) -> dict[str, str]:
         return {
             "EMBEDPIPE_DATA_BUCKET": self.settings.data_bucket,
@@ -315,7 +325,7 @@ class Pipeline:
             for k in TRAIN_OVERRIDES
         }
         args = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
-        args += [f"--dataset={record['dataset']}", f"--run-id={run_id}"]
+        args += [f"--dataset={record['dataset']}", f"--run-id={run_id}", *self._as_of(record)]
         return JobSpec(
             key=f"{run_id}/train/{attempt}",
             container="trainer",
@@ -341,6 +351,7 @@ class Pipeline:
             f"--output-dir={embeddings_uri(self.ledger.run_dir(run_id), attempt)}",
             f"--job-key={run_id}/embed/{attempt}",
             f"--max-inplace-share={s.max_inplace_share}",
+            *self._as_of(record),
         ]
         if record.get("kind") == incremental.INCREMENTAL:  # the promoted model, only new/changed documents
             live = record["live"]
@@ -438,6 +449,9 @@ class Pipeline:
             name = r.object[len(f"gs://{bucket}/") :]
             if not r.object.startswith(f"gs://{bucket}/datasets/"):
                 continue  # not ours to move: a report names only the data bucket's dataset files
+            if intake.is_table(r):  # a BigQuery part: reported, not moved
+                moved.append(r)
+                continue
             where = intake.quarantine(bucket, name, r.generation)
             moved.append(intake.Rejection(r.object, r.generation, r.line, r.reason, where))
         return self._settle_intake(record["run_id"], moved, problem)

@@ -298,9 +298,14 @@ class Ledger:
     def seal(self, run_id: str) -> dict:
         """Close a PENDING run to new triggers, then copy its items into the record once (``merged``): the triggers
         a run holds never change after that. A trigger written before the seal is in the listing that follows it;
-        one written after finds the run sealed and merged without it (``add_trigger``) and moves on."""
+        one written after finds the run sealed and merged without it (``add_trigger``) and moves on. ``sealed_at``
+        is the moment the run's data is read as of (BigQuery sources: every job and replica of the run, ``as_of``)."""
+        now = iso(time.time())
         self.update_run(
-            run_id, lambda r: {**r, "sealed": True} if r["state"] == PENDING and not r.get("sealed") else None
+            run_id,
+            lambda r: (
+                {**r, "sealed": True, "sealed_at": now} if r["state"] == PENDING and not r.get("sealed") else None
+            ),
         )
         items = self._items(run_id)
 

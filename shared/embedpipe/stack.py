@@ -5,6 +5,7 @@
 | pubsub | Google's Pub/Sub emulator (gcloud SDK, Java) | 8085 |
 | gcs | fake-gcs-server, publishing OBJECT_FINALIZE to ``data-events`` | 4443 |
 | milvus | ``milvus-lite server`` | 19530 |
+| bigquery | ``bqemulator`` (REST + Storage Read API, DuckDB), from its own venv under ``.venv/opt/`` | 9050, 9060 |
 | functions, services | one functions-framework process each, fed by push subscriptions | 8081+ |
 | ticker | publishes to ``reconcile-ticks`` (Cloud Scheduler's job) | - |
 
@@ -26,6 +27,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from embedpipe import bus, storage, topology
 from embedpipe.config import Settings, repo_root
@@ -42,6 +44,7 @@ class Part:
     port: int | None
     argv: list[str]
     health: str  # http URL to GET, "tcp", or "" (process alive is enough)
+    env: dict | None = None  # on top of child_env
 
 
 def gcloud_sdk_root() -> Path:
@@ -81,8 +84,42 @@ def fake_gcs_binary() -> str:
     return str(found[0])
 
 
+# bqemulator lives in its own venv (``make setup``): its pins (protobuf < 7, grpcio-tools < 1.81) clash with ours.
+BQ_VENV = Path(sys.prefix) / "opt" / "bqemulator"
+# DuckDB loads its spatial extension at bqemulator's start-up and would download it; the copy from PyPI
+# (duckdb-extension-spatial, the signed binary) is installed into the emulator's own HOME instead, offline.
+INSTALL_SPATIAL = (
+    "import duckdb, pathlib, duckdb_extension_spatial as e; "
+    "f = next(pathlib.Path(e.__file__).parent.rglob('*.duckdb_extension')); "
+    "duckdb.connect().execute(f\"INSTALL '{f}'\")"
+)
+
+
+BQ_EXE, BQ_HOME = BQ_VENV / "bin" / "bqemulator", BQ_VENV / "home"
+
+
+def prepare_bqemulator() -> None:
+    """Check bqemulator is installed and install DuckDB's spatial extension into its HOME (once, offline)."""
+    exe = BQ_EXE
+    if not exe.exists():
+        raise StackError(f"bqemulator not found at {exe}: run `make setup` (it installs it into its own venv)")
+    home = BQ_HOME
+    if not list(home.glob(".duckdb/extensions/*/*/spatial.duckdb_extension")):
+        home.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            [str(BQ_VENV / "bin" / "python"), "-c", INSTALL_SPATIAL],
+            env={**os.environ, "HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode:
+            raise StackError(f"could not install DuckDB's spatial extension for bqemulator: {done.stderr[-1000:]}")
+
+
 def component_ports(settings: Settings) -> dict[str, int]:
     taken = {settings.pubsub_port, settings.gcs_port, settings.milvus_port}
+    taken |= {settings.bigquery_port, settings.bigquery_grpc_port}
     ports, port = {}, settings.functions_port
     for c in topology.COMPONENTS:
         while port in taken:
@@ -107,17 +144,38 @@ def _bindable(port: int) -> bool:
             return False
 
 
-def isolated_ports(rng=None) -> tuple[int, int, int, int]:
-    """(pubsub, gcs, milvus, functions) ports for a stack beside others: a random block of 4 + one per component,
-    every port bindable now (a check, not a reservation: the block is random, so two stacks rarely meet)."""
+class Ports(NamedTuple):
+    pubsub: int
+    gcs: int
+    milvus: int
+    functions: int
+    bigquery: int
+    bigquery_grpc: int
+
+    def env(self) -> dict[str, str]:
+        """The ``EMBEDPIPE_*`` settings that put a stack on these ports."""
+        return {
+            "EMBEDPIPE_PUBSUB_PORT": str(self.pubsub),
+            "EMBEDPIPE_GCS_PORT": str(self.gcs),
+            "EMBEDPIPE_MILVUS_PORT": str(self.milvus),
+            "EMBEDPIPE_MILVUS_URI": f"http://127.0.0.1:{self.milvus}",
+            "EMBEDPIPE_FUNCTIONS_PORT": str(self.functions),
+            "EMBEDPIPE_BIGQUERY_PORT": str(self.bigquery),
+            "EMBEDPIPE_BIGQUERY_GRPC_PORT": str(self.bigquery_grpc),
+        }
+
+
+def isolated_ports(rng=None) -> Ports:
+    """Ports for a stack beside others: a random block of 5 + one per component, every port bindable now (a check,
+    not a reservation: the block is random, so two stacks rarely meet)."""
     import random
 
     rng = rng or random.SystemRandom()
-    size = 3 + len(topology.COMPONENTS) + 1
+    size = 5 + len(topology.COMPONENTS) + 1
     for _ in range(200):
         start = rng.randrange(*ISOLATED_PORTS)
         if all(_bindable(p) for p in range(start, start + size)):
-            return start, start + 1, start + 2, start + 3
+            return Ports(start, start + 1, start + 2, start + 5, start + 3, start + 4)
     raise StackError(f"no block of {size} free ports in {ISOLATED_PORTS}")
 
 
@@ -147,6 +205,27 @@ def parts(settings: Settings) -> list[Part]:
             "tcp",
         ),
     ]
+    out.append(
+        Part(
+            "bigquery",
+            settings.bigquery_port,
+            [
+                str(BQ_EXE),
+                "start",
+                "--rest-host=127.0.0.1",
+                f"--rest-port={settings.bigquery_port}",
+                "--grpc-host=127.0.0.1",
+                f"--grpc-port={settings.bigquery_grpc_port}",
+                "--persistent",
+                f"--data-dir={state / 'bigquery'}",
+                f"--project={settings.project}",
+                "--log-level=warning",
+                "--log-format=console",
+            ],
+            f"http://127.0.0.1:{settings.bigquery_port}/bigquery/v2/projects/{settings.project}/datasets",
+            {"HOME": str(BQ_HOME)},
+        )
+    )
     ports = component_ports(settings)
     for c in topology.COMPONENTS:
         out.append(
@@ -263,7 +342,7 @@ def start_part(settings: Settings, part: Part) -> int:
     # Own runtime dir per process: gunicorn's control sockets would otherwise race on ~/.gunicorn.
     runtime = settings.state_path / "run" / part.name
     runtime.mkdir(parents=True, exist_ok=True)
-    env = {**child_env(settings), "XDG_RUNTIME_DIR": str(runtime)}
+    env = {**child_env(settings), "XDG_RUNTIME_DIR": str(runtime), **(part.env or {})}
     with open(logs / f"{part.name}.log", "ab") as out:
         proc = subprocess.Popen(
             part.argv,
@@ -300,6 +379,9 @@ def up(settings: Settings, echo=print, components: bool = True) -> None:
     ``components=False`` starts only the emulators and Milvus (for tests that drive functions in-process)."""
     for key, value in settings.emulator_env().items():
         os.environ[key] = value
+    if not _pid(settings, "bigquery"):
+        prepare_bqemulator()
+        (settings.state_path / "bigquery").mkdir(parents=True, exist_ok=True)
     storage._client.cache_clear()
     bus._publisher.cache_clear()
     by_name = {p.name: p for p in parts(settings)}
@@ -322,7 +404,7 @@ def up(settings: Settings, echo=print, components: bool = True) -> None:
 
 def _provision(settings: Settings, ensure, components: bool) -> None:
     """``up``'s steps in dependency order; ``ensure(names)`` starts those parts not running and waits for them."""
-    ensure(["pubsub", "milvus", *([c.name for c in topology.COMPONENTS] if components else [])])
+    ensure(["pubsub", "milvus", "bigquery", *([c.name for c in topology.COMPONENTS] if components else [])])
     # Topics must exist before fake-gcs-server publishes (it silently drops events for a missing topic).
     ports = component_ports(settings)
     endpoints = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()} if components else None

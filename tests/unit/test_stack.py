@@ -50,7 +50,7 @@ def test_isolated_ports_skip_a_block_with_a_taken_port_and_stay_below_the_epheme
         first = stack.isolated_ports(_Starts(port - 4, 21000))
     finally:
         taken.close()
-    assert first == (21000, 21001, 21002, 21003)
+    assert first == (21000, 21001, 21002, 21005, 21003, 21004)
     lo, hi = stack.ISOLATED_PORTS
     assert hi <= 32768  # Linux hands out 32768-60999 for outgoing connections
 
@@ -62,6 +62,7 @@ def test_up_that_fails_part_way_stops_what_it_started(tmp_path, monkeypatch):
     monkeypatch.setattr(stack.os, "environ", dict(stack.os.environ))  # up points clients at emulators: not ours
     started, stopped = [], {}
     monkeypatch.setattr(stack, "_pid", lambda s, name: None)
+    monkeypatch.setattr(stack, "prepare_bqemulator", lambda: None)
     monkeypatch.setattr(stack, "start_part", lambda s, p: started.append(p.name) or 1000 + len(started))
 
     def health(s, p, timeout=90.0):
@@ -76,4 +77,5 @@ def test_up_that_fails_part_way_stops_what_it_started(tmp_path, monkeypatch):
         pass
     else:
         raise AssertionError("up should have failed")
-    assert started == ["pubsub", "milvus"] and stopped == {"pubsub": 1001, "milvus": 1002}
+    assert started == ["pubsub", "milvus", "bigquery"]
+    assert stopped == {"pubsub": 1001, "milvus": 1002, "bigquery": 1003}

@@ -156,6 +156,17 @@ def test_parse_retrain_fixture():
     assert req.key == "pubsub/retrain/12924355861203100"
 
 
+def test_parse_retrain_refresh_must_be_a_bool_and_does_not_train():
+    def parse(body: bytes):
+        return parse_retrain(parse_push(push_event(body, topic="retrain-requests", message_id="6")))
+
+    assert parse(b'{"dataset": "demo", "refresh": true}').refresh
+    assert not parse(b'{"dataset": "demo"}').refresh
+    for body in (b'{"dataset": "demo", "refresh": "yes"}', b'{"dataset": "d", "refresh": true, "overrides": {"a": 1}}'):
+        with pytest.raises(EventError):
+            parse(body)
+
+
 def test_parse_retrain_defaults():
     req = parse_retrain(parse_push(push_event(b'{"dataset": "demo"}', topic="retrain-requests", message_id="5")))
     assert (req.dataset, req.overrides, req.hp_tuning, req.reason) == ("demo", {}, None, "retrain requested")

@@ -35,6 +35,8 @@ def obj(rel: str, part: str | None) -> dict:
         ({"trigger_objects": [obj("corpus.jsonl", "corpus"), obj("qrels/train.tsv", "qrels")]}, PROMOTED, FULL),
         ({"trigger_objects": [obj("pairs/p.jsonl", "pairs")]}, PROMOTED, FULL),
         ({"force_full": True, "trigger_objects": []}, PROMOTED, FULL),  # a retrain message
+        ({"trigger_objects": []}, PROMOTED, INCREMENTAL),  # a refresh message (a BigQuery table changed)
+        ({"trigger_objects": [obj("source.json", "source")]}, PROMOTED, FULL),  # which tables train: unknown
         # promoted before the id -> hash tables existed: nothing to diff against without scanning Milvus
         ({"trigger_objects": [obj("corpus.jsonl", "corpus")]}, {**PROMOTED, "hashes": None}, FULL),
     ],

@@ -852,6 +852,19 @@ def test_retrain_starts_a_full_run_with_overrides(h):
     assert h.run(run["run_id"])["triggers"] == [req.key]
 
 
+def test_a_refresh_runs_like_an_upload_and_jobs_read_as_of_the_seal(h):
+    from tests.unit.fakes import push_event
+
+    body = b'{"dataset": "demo", "refresh": true}'
+    req = events.parse_retrain(events.parse_push(push_event(body, topic="retrain-requests", message_id="77")))
+    assert req.refresh and req.reason == "data changed"
+    h.pipe.on_retrain(req)
+    (run,) = h.runs()
+    assert not run.get("force_full") and run["trigger"]["type"] == "refresh"
+    (spec,) = h.launcher.submits  # no promoted index yet: a full run, and it trains
+    assert spec.container == "trainer" and f"--as-of={run['sealed_at']}" in spec.args
+
+
 def test_retrain_redelivery_finishes_what_a_crashed_first_delivery_left(h):
     req = events.parse_retrain(events.parse_push(load_event("retrain_push.json")))
     run_id = h.ledger.pending_run("demo", {"type": "retrain"}, 0)

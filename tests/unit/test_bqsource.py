@@ -1,0 +1,192 @@
+"""embedpipe.bqsource: source.json is validated with errors naming the key (and line for broken JSON); table rows
+become the records a BEIR line parses to and pass the same checks as files, their errors naming the table and row;
+the launch check counts a corpus table and quarantines a broken source.json; a rejected table is reported, not
+moved. Rows come from a fake Storage Read (the real one is in tests/e2e/test_bigquery.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+
+import pytest
+
+from embedpipe import bqsource, datasets, intake
+from embedpipe.config import Settings
+from tests.unit.test_intake import DATA, FakeGCS, jl
+
+T = "my-proj.shop.docs"
+
+
+def parse(doc) -> list[bqsource.Part]:
+    return bqsource.parse(json.dumps(doc).encode())
+
+
+def test_a_full_source_file_parses_with_default_and_renamed_columns():
+    corpus, queries, train, test = parse(
+        {
+            "corpus": {"table": T, "columns": {"id": "doc_id", "title": None}, "metadata": ["lang"]},
+            "queries": {"table": "my-proj.shop.q"},
+            "qrels": {"test": {"query": "SELECT 1"}, "train": {"table": "my-proj.shop.r"}},
+        }
+    )
+    assert corpus.columns == {"id": "doc_id", "title": None, "text": "text"} and corpus.metadata == ("lang",)
+    assert queries.columns == {"id": "id", "text": "text"}
+    assert (train.split, test.split, test.query) == ("train", "test", "SELECT 1")
+    assert corpus.rel == "source.json#corpus" and test.rel == "source.json#qrels/test" and corpus.where == f"bq://{T}"
+
+
+@pytest.mark.parametrize(
+    "doc, reason",
+    [
+        ({"corpus": {"table": T}, "extra": {}}, "unknown key(s) ['extra']"),
+        ({"corpus": {"table": T, "query": "SELECT 1"}}, "'corpus' needs exactly one of 'table' or 'query'"),
+        ({"corpus": {"table": "docs"}}, "'corpus.table' 'docs' is not PROJECT.DATASET.TABLE"),
+        ({"corpus": {"table": "p.d.t; DROP TABLE x"}}, "is not PROJECT.DATASET.TABLE"),
+        ({"corpus": {"table": T, "columns": {"id": "a b"}}}, "'corpus.columns.id' 'a b' is not a column name"),
+        ({"corpus": {"table": T, "columns": {"body": "x"}}}, "'corpus.columns' may rename only"),
+        ({"queries": {"table": T, "metadata": ["x"]}}, "only the corpus has metadata columns"),
+        ({"qrels": {"holdout": {"table": T}}}, "'qrels' must map splits"),
+        ({"queries": {"table": T, "columns": {"id": None}}}, "'queries.columns.id' None is not a column name"),
+        ([], "expected a JSON object"),
+    ],
+)
+def test_a_bad_source_file_names_the_key_and_why(doc, reason):
+    with pytest.raises(datasets.DatasetError) as err:
+        parse(doc)
+    assert err.value.file == "source.json" and reason in err.value.reason
+
+
+def test_broken_json_names_its_line():
+    with pytest.raises(datasets.DatasetError) as err:
+        bqsource.parse(b'{\n "corpus": {"table": "my-proj.shop.docs",}\n}')
+    assert err.value.line == 2 and err.value.reason.startswith("invalid JSON")
+
+
+def fake_rows(monkeypatch, rows_by_part):
+    def rows(part, settings, as_of):
+        yield from rows_by_part[part.kind + (f"/{part.split}" if part.split else "")]
+
+    monkeypatch.setattr(bqsource, "_arrow_rows", rows)
+
+
+def load(parts, files=None, **rows):
+    return datasets.load_files("shop", files or {}, {p: bqsource.records(p, Settings(), None) for p in parts})
+
+
+def test_rows_become_documents_queries_and_qrels_like_file_lines(monkeypatch):
+    parts = parse(
+        {
+            "corpus": {"table": T, "columns": {"id": "doc_id", "title": "headline"}, "metadata": ["lang", "at", "n"]},
+            "queries": {"table": "my-proj.shop.q"},
+            "qrels": {"test": {"table": "my-proj.shop.r"}},
+        }
+    )
+    when = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+    fake_rows(
+        monkeypatch,
+        {
+            "corpus": [
+                {"doc_id": 7, "headline": None, "text": "seven", "lang": "en", "at": when, "n": decimal.Decimal("1.5")},
+                {"doc_id": "b", "headline": "Bee", "text": None, "lang": None, "at": None, "n": None},
+                {"doc_id": "c", "headline": None, "text": "  ", "lang": "en", "at": None, "n": None},
+            ],
+            "queries": [{"id": "q1", "text": "seven?"}],
+            "qrels/test": [
+                {"query_id": "q1", "corpus_id": "7", "score": 1},
+                {"query_id": "q1", "corpus_id": "z", "score": 2},
+            ],
+        },
+    )
+    ds = load(parts)
+    assert sorted(ds.corpus) == ["7", "b"]  # integer ids are ids; "c" has neither title nor text: skipped
+    assert ds.corpus["7"].metadata == {"lang": "en", "at": "2026-11-30T12:00:00+00:00", "n": "1.5"}
+    assert ds.corpus["b"].title == "Bee" and ds.corpus["b"].metadata == {}
+    assert [n.id for n in ds.skipped] == ["c"] and ds.skipped[0].file == "source.json#corpus"
+    assert ds.qrels == {"test": {"q1": {"7": 1, "z": 2}}} and ds.qrels_absent == {"test": 1}
+    # the same document in a file hashes the same: a table and a file are interchangeable for incremental runs
+    same = datasets.load_files("f", {"corpus.jsonl": jl({"_id": "b", "title": "Bee"})})
+    assert same.corpus["b"].content_hash == ds.corpus["b"].content_hash
+
+
+@pytest.mark.parametrize(
+    "rows, reason",
+    [
+        ([{"id": "a", "title": "x", "text": "t"}, {"id": "a", "title": "y", "text": "u"}], "duplicate _id 'a'"),
+        ([{"id": None, "title": "x", "text": "t"}], "missing required field '_id'"),
+        ([{"id": "a", "title": 3, "text": "t"}], "column 'title' (title) must be STRING, got int"),
+        ([{"id": "a\x00", "title": "", "text": "t"}], "contains control characters"),
+    ],
+)
+def test_a_bad_row_is_an_error_naming_the_table_and_row(monkeypatch, rows, reason):
+    [part] = parse({"corpus": {"table": T}})
+    fake_rows(monkeypatch, {"corpus": rows})
+    with pytest.raises(datasets.DatasetError) as err:
+        load([part])
+    assert err.value.file == "source.json#corpus" and err.value.line == len(rows)
+    assert err.value.reason.startswith(f"bq://{T}: ") and reason in err.value.reason
+
+
+def test_ids_must_not_repeat_across_a_table_and_a_corpus_file(monkeypatch):
+    [part] = parse({"corpus": {"table": T}})
+    fake_rows(monkeypatch, {"corpus": [{"id": "a", "title": "", "text": "from the table"}]})
+    with pytest.raises(datasets.DatasetError) as err:
+        load([part], {"corpus.jsonl": jl({"_id": "a", "text": "from the file"})})
+    assert "duplicate _id 'a' (first seen in corpus.jsonl:1)" in err.value.reason
+
+
+def test_a_qrels_row_naming_an_unknown_query_names_the_table(monkeypatch):
+    corpus, qrels = parse({"corpus": {"table": T}, "qrels": {"train": {"table": "my-proj.shop.r"}}})
+    fake_rows(
+        monkeypatch,
+        {
+            "corpus": [{"id": "a", "title": "", "text": "t"}],
+            "qrels/train": [{"query_id": "q9", "corpus_id": "a", "score": 1}],
+        },
+    )
+    with pytest.raises(datasets.DatasetError) as err:
+        load([corpus, qrels])
+    assert err.value.file == "source.json#qrels/train" and "query-id 'q9' is not among the queries" in err.value.reason
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    from embedpipe import storage
+
+    fake = FakeGCS()
+    monkeypatch.setattr(storage, "client", lambda: fake)
+    return fake
+
+
+def test_the_launch_check_counts_a_corpus_table_and_quarantines_a_broken_source(gcs):
+    root = "datasets/shop/"
+    gcs.put(root + "queries.jsonl", jl({"_id": "q", "text": "alpha?"}))
+    gcs.put(root + "source.json", json.dumps({"corpus": {"table": T}}).encode())
+    assert intake.check_listing(DATA, "shop") == ([], None)
+
+    bad = gcs.put(root + "source.json", b'{"corpus": {"table": "nope"}}')
+    [r], problem = intake.check_listing(DATA, "shop")
+    assert problem == "dataset has no corpus" and r.generation == bad and "is not PROJECT.DATASET.TABLE" in r.reason
+    assert r.quarantined_to == f"gs://{DATA}/quarantine/shop/source.json"
+
+
+def test_a_source_file_is_checked_at_upload():
+    assert intake.check_file("source.json", json.dumps({"corpus": {"table": T}}).encode()) == []
+    with pytest.raises(datasets.DatasetError):
+        intake.check_file("source.json", b'{"corpus": {}}')
+
+
+def test_a_rejected_table_is_a_corpus_rejection_that_is_never_moved():
+    r = intake.Rejection(f"gs://{DATA}/datasets/shop/source.json#corpus", 3, 1, f"bq://{T}: duplicate _id 'a'")
+    assert intake.is_corpus(r) and intake.is_table(r)
+    q = intake.Rejection(f"gs://{DATA}/datasets/shop/source.json#queries", 3, 1, "x")
+    assert not intake.is_corpus(q) and intake.is_table(q)
+    assert not intake.is_table(intake.Rejection(f"gs://{DATA}/datasets/shop/corpus.jsonl", 3, 1, "x"))
+
+
+def test_bq_uris_and_as_of():
+    assert bqsource.bq_uri_table(f"bq://{T}") == T
+    with pytest.raises(ValueError):
+        bqsource.bq_uri_table("bq://shop.docs")
+    assert bqsource.as_of("2026-11-30T12:00:00.000Z") == dt.datetime(2026, 11, 30, 12, tzinfo=dt.UTC)
+    assert bqsource.as_of("") is None

@@ -162,6 +162,9 @@ class Settings:
     embed_accelerator: str = "NVIDIA_TESLA_T4"
     embed_replicas: int = 1
     service_account: str = ""
+    # BigQuery datasets (PROJECT.DATASET, comma-separated) that source.json files may name: the deploy plan grants
+    # the job identity read on each, and nothing else
+    bigquery_datasets: str = ""
     vertex_endpoint: str = ""  # Vertex AI API endpoint; default <region>-aiplatform.googleapis.com; http:// = test
     job_network: str = ""  # VPC for jobs, projects/<number>/global/networks/<name> (to reach a private Milvus)
     job_scheduling: str = "standard"  # standard | spot (preemptible, cheaper; pair with restart on worker restart)

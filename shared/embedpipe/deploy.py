@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 APIS = (
     "aiplatform.googleapis.com",
     "artifactregistry.googleapis.com",
+    "bigquery.googleapis.com",
+    "bigquerystorage.googleapis.com",
     "cloudbuild.googleapis.com",
     "cloudfunctions.googleapis.com",
     "cloudscheduler.googleapis.com",
@@ -159,7 +161,17 @@ def config_from_settings(project: str, region: str, base: Settings, vpc_connecto
 
 
 # Settings that only make sense on a laptop: never shipped to the cloud.
-LOCAL_ONLY = {"state_dir", "pubsub_port", "gcs_port", "milvus_port", "functions_port", "milvus_token", "tick_s"}
+LOCAL_ONLY = {
+    "state_dir",
+    "pubsub_port",
+    "gcs_port",
+    "milvus_port",
+    "bigquery_port",
+    "bigquery_grpc_port",
+    "functions_port",
+    "milvus_token",
+    "tick_s",
+}
 
 
 def runtime_env(cfg: DeployConfig) -> dict[str, str]:
@@ -238,6 +250,7 @@ def plan(cfg: DeployConfig) -> list[Step]:
     steps.append(_custom_role(cfg))
     steps += [_service_account(cfg, i) for i in topology.identities()]
     steps += [_bucket(cfg, f) for f in topology.BUCKETS]
+    steps += [_bigquery_read(cfg, d) for d in bigquery_datasets(cfg.settings)]
     steps += [_topic(cfg, t) for t in (*topology.TOPICS, *topology.dead_letter_topics())]
     if cfg.settings.milvus_token or os.environ.get("EMBEDPIPE_MILVUS_TOKEN"):
         steps.append(_secret(cfg))
@@ -408,6 +421,29 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
                     )
                 )
     return _labelled(cfg, s, ["storage", "buckets", "describe", f"gs://{name}"], "labels")
+
+
+BQ_DATASET_RE = re.compile(r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,61}[a-z0-9]\.[A-Za-z0-9_]{1,1024}$")
+
+
+def bigquery_datasets(settings: Settings) -> list[str]:
+    """``EMBEDPIPE_BIGQUERY_DATASETS`` as a list, each checked: the names go into a GRANT statement."""
+    out = [d.strip() for d in settings.bigquery_datasets.split(",") if d.strip()]
+    for d in out:
+        if not BQ_DATASET_RE.fullmatch(d):
+            raise DeployError(f"EMBEDPIPE_BIGQUERY_DATASETS: {d!r} is not PROJECT.DATASET")
+    return out
+
+
+def _bigquery_read(cfg: DeployConfig, dataset: str) -> Step:
+    """The job identity reads this dataset's tables (and no other's: the grant is on the dataset). GRANT is
+    idempotent, so the step runs every time (no check)."""
+    member = _member(cfg, "job")
+    s = Step("bigquery-dataset-read", dataset, {"role": "roles/bigquery.dataViewer", "member": member})
+    project, name = dataset.rsplit(".", 1)
+    grant = f'GRANT `roles/bigquery.dataViewer` ON SCHEMA `{project}`.`{name}` TO "{member}"'
+    s.create = [["bq", "query", f"--project_id={cfg.project}", "--use_legacy_sql=false", grant]]
+    return s
 
 
 def _topic(cfg: DeployConfig, topic: str) -> Step:

@@ -95,6 +95,8 @@ def test_least_privilege_bindings(cfg):
         "ep-on-job-event": launcher,
         "ep-reconcile": launcher,
         "ep-build": {"roles/logging.logWriter", "roles/artifactregistry.writer", "roles/storage.objectAdmin"},
+        # BigQuery sources: sessions and query jobs only; table data is granted per named dataset
+        "ep-job": {"roles/bigquery.readSessionUser", "roles/bigquery.jobUser"},
     }, "no project-wide editor roles; only the launching functions may submit jobs"
     (source_grant,) = [a for a in project_roles if "--role=roles/storage.objectAdmin" in a]
     condition = next(a for a in source_grant if a.startswith("--condition="))
@@ -282,3 +284,38 @@ def test_the_log_sink_filter_selects_both_job_entries_and_they_parse_alike(fixtu
         "SUCCEEDED",
         "Job completed successfully.",
     )
+
+
+def test_bigquery_sources_get_read_sessions_and_read_on_the_named_datasets_only(monkeypatch):
+    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
+    base = Settings.from_env(
+        {
+            "EMBEDPIPE_MILVUS_URI": "https://milvus.example.com:19530",
+            "EMBEDPIPE_BIGQUERY_DATASETS": "shop-data.catalog, other-proj.logs",
+        }
+    )
+    c = deploy.config_from_settings("demo-project", "us-central1", base)
+    steps = deploy.plan(c)
+    job = next(s for s in steps if s.name == "ep-job@demo-project.iam.gserviceaccount.com")
+    assert {"roles/bigquery.readSessionUser", "roles/bigquery.jobUser"} <= set(job.settings["project_roles"])
+    assert "roles/bigquery.dataViewer" not in " ".join(" ".join(a) for a in job.iam), "no project-wide data read"
+    reads = [s for s in steps if s.kind == "bigquery-dataset-read"]
+    assert [s.name for s in reads] == ["shop-data.catalog", "other-proj.logs"]
+    assert reads[0].create == [
+        [
+            "bq",
+            "query",
+            "--project_id=demo-project",
+            "--use_legacy_sql=false",
+            "GRANT `roles/bigquery.dataViewer` ON SCHEMA `shop-data`.`catalog` "
+            'TO "serviceAccount:ep-job@demo-project.iam.gserviceaccount.com"',
+        ]
+    ]
+    assert "bigquerystorage.googleapis.com" in steps[0].settings["services"]
+    assert "EMBEDPIPE_BIGQUERY_PORT" not in deploy.runtime_env(c)
+
+
+@pytest.mark.parametrize("bad", ["catalog", "shop-data.catalog`; DROP SCHEMA x; --", "p.d.t"])
+def test_a_bigquery_dataset_name_that_is_not_one_is_refused(bad):
+    with pytest.raises(deploy.DeployError, match="is not PROJECT.DATASET"):
+        deploy.bigquery_datasets(Settings(bigquery_datasets=bad))

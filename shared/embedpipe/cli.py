@@ -143,12 +143,23 @@ def precheck(directory: Path, dataset: str, echo=err) -> datasets.Dataset:
     """``upload``'s local pre-check, the same verdicts as the cloud-side intake (the same parsers): a broken file
     exits 2 with file:line before anything is uploaded; what a published BEIR folder legitimately holds is accepted
     with warnings on stderr (each skipped document, up to ``MAX_WARNINGS``, then counts)."""
+    from embedpipe import bqsource
+
+    source = Path(directory) / datasets.SOURCE_FILE
     try:
         datasets.check_name(dataset)
-        ds = datasets.load_dir(directory, dataset)
+        parts = bqsource.parse(source.read_bytes()) if source.is_file() else []
+        try:
+            ds = datasets.load_dir(directory, dataset)
+        except datasets.NoCorpus:
+            if not any(p.kind == "corpus" for p in parts):
+                raise
+            ds = datasets.Dataset(dataset, {}, {}, {}, [])
     except (ValueError, datasets.DatasetError) as exc:
         echo(f"error: {exc}")
         raise typer.Exit(2) from None
+    if parts:  # the tables are read and checked by the jobs, against the same rules
+        echo(f"note: {datasets.SOURCE_FILE} reads {', '.join(p.where for p in parts)}: checked by the jobs")
     for notice in ds.skipped[:MAX_WARNINGS]:
         echo(f"warning: {notice}")
     if len(ds.skipped) > MAX_WARNINGS:

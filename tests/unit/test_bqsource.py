@@ -190,3 +190,19 @@ def test_bq_uris_and_as_of():
         bqsource.bq_uri_table("bq://shop.docs")
     assert bqsource.as_of("2026-11-30T12:00:00.000Z") == dt.datetime(2026, 11, 30, 12, tzinfo=dt.UTC)
     assert bqsource.as_of("") is None
+
+
+def test_upload_precheck_validates_source_json_and_accepts_a_folder_whose_corpus_is_a_table(tmp_path):
+    import typer
+
+    from embedpipe import cli
+
+    (tmp_path / "queries.jsonl").write_bytes(jl({"_id": "q", "text": "alpha?"}))
+    (tmp_path / "source.json").write_text(json.dumps({"corpus": {"table": T}}))
+    lines = []
+    cli.precheck(tmp_path, "shop", echo=lines.append)
+    assert lines == [f"note: source.json reads bq://{T}: checked by the jobs"]
+    (tmp_path / "source.json").write_text(json.dumps({"corpus": {"table": "nope"}}))
+    with pytest.raises(typer.Exit):
+        cli.precheck(tmp_path, "shop", echo=lines.append)
+    assert "is not PROJECT.DATASET.TABLE" in lines[-1]

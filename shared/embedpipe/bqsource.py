@@ -28,6 +28,7 @@ Functions only parse ``source.json`` (one small object): at upload and at launch
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import re
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ def _part(spec, kind: str, split: str, file: str) -> Part:
         raise DatasetError(file, None, f"'{key}.table' {table!r} is not PROJECT.DATASET.TABLE")
     if query is not None and not (isinstance(query, str) and query.strip()):
         raise DatasetError(file, None, f"'{key}.query' must be a non-empty SQL string")
-    given = spec.get("columns") or {}
+    given = spec.get("columns", {})
     if not isinstance(given, dict) or (unknown := sorted(set(given) - set(COLUMNS[kind]))):
         raise DatasetError(file, None, f"'{key}.columns' may rename only {sorted(COLUMNS[kind])}")
     columns = {}
@@ -134,7 +135,7 @@ def _part(spec, kind: str, split: str, file: str) -> Part:
         if not (isinstance(col, str) and COLUMN_RE.fullmatch(col)):
             raise DatasetError(file, None, f"'{key}.columns.{name}' {col!r} is not a column name")
         columns[name] = col
-    metadata = spec.get("metadata") or []
+    metadata = spec.get("metadata", [])
     if kind != "corpus" and metadata:
         raise DatasetError(file, None, f"'{key}.metadata': only the corpus has metadata columns")
     if not isinstance(metadata, list) or not all(isinstance(m, str) and COLUMN_RE.fullmatch(m) for m in metadata):
@@ -144,10 +145,12 @@ def _part(spec, kind: str, split: str, file: str) -> Part:
 
 # ------------------------------------------------------------------ reading (jobs only)
 def _clients(settings):
-    """(BigQuery REST client, Storage Read client): Google's endpoints, or the local stack's emulator."""
+    """(BigQuery REST client, Storage Read client): Google's endpoints, or the emulator that
+    ``BIGQUERY_EMULATOR_HOST`` names (set by the local stack, never on Vertex; its Storage Read API listens on
+    ``EMBEDPIPE_BIGQUERY_GRPC_PORT``)."""
     from google.cloud import bigquery, bigquery_storage_v1
 
-    if settings.mode != "local":
+    if not settings.bigquery_emulator:
         return bigquery.Client(project=settings.project), bigquery_storage_v1.BigQueryReadClient()
     import grpc
     from google.api_core.client_options import ClientOptions
@@ -157,7 +160,7 @@ def _clients(settings):
     rest = bigquery.Client(
         project=settings.project,
         credentials=AnonymousCredentials(),
-        client_options=ClientOptions(api_endpoint=settings.bigquery_endpoint),
+        client_options=ClientOptions(api_endpoint=settings.bigquery_emulator),
     )
     channel = grpc.insecure_channel(settings.bigquery_grpc_address)
     return rest, bigquery_storage_v1.BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))
@@ -186,25 +189,41 @@ def _columns_of(part: Part, schema) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def _arrow_rows(part: Part, settings, as_of: dt.datetime | None):
+# What a part's read may raise as the data's fault (the part is left out and reported, like a bad file): a table or
+# column that is not there, SQL that does not compile, a snapshot outside the time-travel window. Anything else
+# (unavailable, quota, permission) propagates: the job fails and is retried, the run fails after its attempts.
+def _data_errors():
+    from google.api_core import exceptions as gexc
+
+    return (gexc.NotFound, gexc.BadRequest)
+
+
+def _arrow_rows(part: Part, settings, as_of: dt.datetime | None, max_bytes: int | None = None):
     """Every row of the part as a dict, batch by batch: a table from every stream of one Storage Read session; a
     query's result through the client library's Arrow iterator (the Storage Read API in the cloud; REST pages
-    locally, where bqemulator cannot open a read session on its anonymous result tables)."""
-    from google.api_core import exceptions as gexc
+    against the emulator, which cannot open a read session on its anonymous result tables)."""
+    import pyarrow  # noqa: F401 - the Storage Read client decodes Arrow with it, imported only when present
+    from google.cloud import bigquery
     from google.cloud.bigquery_storage_v1 import types
 
     rest, read = _clients(settings)
     try:
         if part.query:
+            # a source is read, never run for effect: only a SELECT (a dry run says what the statement is)
+            dry = rest.query(part.query, job_config=bigquery.QueryJobConfig(dry_run=True, use_query_cache=False))
+            if dry.statement_type != "SELECT":
+                raise _fail(part, None, f"only a SELECT can be a source, got a {dry.statement_type} statement")
             result = rest.query(part.query).result()
             columns = _columns_of(part, result.schema)
-            storage_api = read if settings.mode != "local" else None
+            storage_api = None if settings.bigquery_emulator else read
             for batch in result.to_arrow_iterable(bqstorage_client=storage_api):
                 yield from batch.select(columns).to_pylist()
             return
-        table = rest.get_table(part.table.replace(":", "."))
-    except gexc.GoogleAPICallError as exc:
+        table = rest.get_table(part.table)
+    except _data_errors() as exc:
         raise _fail(part, None, f"cannot read: {getattr(exc, 'message', exc)}") from None
+    if max_bytes is not None and (table.num_bytes or 0) > max_bytes:
+        raise _fail(part, None, f"table is {table.num_bytes} bytes, over the {max_bytes}-byte cap")
     columns = _columns_of(part, table.schema)
     session = types.ReadSession(
         table=f"projects/{table.project}/datasets/{table.dataset_id}/tables/{table.table_id}",
@@ -214,7 +233,7 @@ def _arrow_rows(part: Part, settings, as_of: dt.datetime | None):
     )
     try:
         session = read.create_read_session(parent=f"projects/{settings.project}", read_session=session)
-    except gexc.GoogleAPICallError as exc:
+    except _data_errors() as exc:
         raise _fail(part, None, f"cannot open a read session: {exc.message}") from None
     for stream in session.streams:
         for page in read.read_rows(stream.name).rows(session).pages:
@@ -248,13 +267,15 @@ def _jsonable(value):
     return str(value)  # Decimal, and anything else BigQuery adds
 
 
-def records(part: Part, settings, as_of: dt.datetime | None = None):
+def records(part: Part, settings, as_of: dt.datetime | None = None, max_bytes: int | None = None):
     """``(row number, record)`` in the shape a BEIR line parses to: corpus ``{"_id", "title", "text",
     "metadata"}``, queries ``{"_id", "text"}``, qrels ``(query id, corpus id, score)``."""
     c = part.columns
-    for number, row in enumerate(_arrow_rows(part, settings, as_of), start=1):
+    for number, row in enumerate(_arrow_rows(part, settings, as_of, max_bytes), start=1):
         if part.kind == "qrels":
             score = row.get(c["score"])
+            if isinstance(score, decimal.Decimal):  # NUMERIC
+                score = float(score)
             if not isinstance(score, (int, float)) or isinstance(score, bool):
                 raise _fail(part, number, f"score {score!r} is not a number")
             yield (
@@ -273,7 +294,7 @@ def records(part: Part, settings, as_of: dt.datetime | None = None):
         if part.kind == "corpus":
             if c.get("title") and c["title"] in row:
                 rec["title"] = _text(row[c["title"]], part, number, "title")
-            meta = {m: _jsonable(row[m]) for m in part.metadata if row.get(m) is not None}
+            meta = {m: _jsonable(row[m]) for m in part.metadata}  # NULL is null, as in a file's metadata
             if meta and _too_deep(meta, MAX_JSON_DEPTH):
                 raise _fail(part, number, f"metadata nests deeper than {MAX_JSON_DEPTH} levels")
             rec["metadata"] = meta

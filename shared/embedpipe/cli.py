@@ -150,7 +150,7 @@ def precheck(directory: Path, dataset: str, echo=err) -> datasets.Dataset:
         datasets.check_name(dataset)
         parts = bqsource.parse(source.read_bytes()) if source.is_file() else []
         try:
-            ds = datasets.load_dir(directory, dataset)
+            ds = datasets.load_dir(directory, dataset, queries_elsewhere=any(p.kind == "queries" for p in parts))
         except datasets.NoCorpus:
             if not any(p.kind == "corpus" for p in parts):
                 raise
@@ -242,8 +242,14 @@ def retrain(
     if refresh and overrides:
         err("error: --refresh does not train: drop --set")
         raise typer.Exit(2)
-    if source:
-        _store_source(s, dataset, source)
+    written = _store_source(s, dataset, source) if source else None
+    if written and not overrides and not refresh:
+        # the new source.json is itself a change that starts a full run: a retrain message too could start a second
+        # one (the message can be handled before the bucket's notification arrives)
+        err("  the new source.json starts the run")
+        if wait:
+            _finish(_wait_for_runs(s, [written], timeout))
+        return
     body = {"dataset": dataset, "overrides": overrides, "reason": reason, **({"refresh": True} if refresh else {})}
     message_id = bus.publish_raw(s.project, topology.RETRAIN_REQUESTS, json.dumps(body).encode())
     err(f"  published retrain request {message_id}")
@@ -251,9 +257,10 @@ def retrain(
         _finish(_wait_for_runs(s, [f"pubsub/retrain/{message_id}"], timeout))
 
 
-def _store_source(s, dataset: str, source: str) -> None:
+def _store_source(s, dataset: str, source: str) -> str | None:
     """Write ``datasets/NAME/source.json``: a local file as it is, or ``bq://P.D.T`` as the corpus part of the
-    stored one (its other parts kept). Validated first; not rewritten when unchanged (a write is an upload event)."""
+    stored one (its other parts kept; the corpus part replaced whole). Validated first; not rewritten when unchanged.
+    Returns the upload's trigger key when it was written (the write is an upload event that starts a run)."""
     from google.api_core import exceptions as gexc
 
     from embedpipe import bqsource
@@ -278,9 +285,10 @@ def _store_source(s, dataset: str, source: str) -> None:
         raise typer.Exit(2) from None
     if data == stored:
         err(f"  {uri} unchanged")
-        return
+        return None
     generation = storage.write_bytes(uri, data, content_type="application/json")
     err(f"  wrote {uri}#{generation}")
+    return f"gcs/{uri[5:]}#{generation}"
 
 
 def _user() -> str:

@@ -254,6 +254,12 @@ class Settings:
         return f"http://127.0.0.1:{self.bigquery_port}"
 
     @property
+    def bigquery_emulator(self) -> str:
+        """The BigQuery emulator's REST endpoint when one is in use (the local stack exports
+        ``BIGQUERY_EMULATOR_HOST`` to everything it starts, as google-cloud-bigquery itself reads it), else empty."""
+        return os.environ.get("BIGQUERY_EMULATOR_HOST", "")
+
+    @property
     def bigquery_grpc_address(self) -> str:
         return f"127.0.0.1:{self.bigquery_grpc_port}"
 
@@ -264,6 +270,7 @@ class Settings:
         return {
             "PUBSUB_EMULATOR_HOST": self.pubsub_host,
             "STORAGE_EMULATOR_HOST": self.gcs_endpoint,
+            "BIGQUERY_EMULATOR_HOST": self.bigquery_endpoint,
             "GOOGLE_CLOUD_PROJECT": self.project,
         }
 

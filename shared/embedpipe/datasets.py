@@ -407,10 +407,13 @@ def classify(rel: str) -> str | None:
 TEST_QRELS = "qrels/test.tsv"
 
 
-def load_files(name: str, files: dict[str, bytes], tables: dict | None = None) -> Dataset:
+def load_files(
+    name: str, files: dict[str, bytes], tables: dict | None = None, queries_elsewhere: bool = False
+) -> Dataset:
     """Build a Dataset from ``{relative path: bytes}`` and ``tables`` (``{bqsource.Part: its records}``, parts read
     from BigQuery, loaded beside the files as if they were more files); qrels must name known queries (absent
-    documents are kept and counted, see the module docstring)."""
+    documents are kept and counted, see the module docstring), unless ``queries_elsewhere`` (``upload``'s
+    pre-check of a folder whose queries are a table it does not read)."""
     corpus: dict[str, Doc] = {}
     seen: dict[str, str] = {}
     skipped: list[Notice] = []
@@ -438,7 +441,8 @@ def load_files(name: str, files: dict[str, bytes], tables: dict | None = None) -
         notices: list[Notice] = []
         into = qrels.setdefault(split, {})
         if table is None:
-            for qid, row in parse_qrels(files[rel], rel, queries, corpus, notices).items():
+            known = None if queries_elsewhere else queries
+            for qid, row in parse_qrels(files[rel], rel, known, corpus, notices).items():
                 into.setdefault(qid, {}).update(row)
         else:
             _table(table[0], qrels_rows, table[1], rel, queries, corpus, notices, into)
@@ -459,10 +463,10 @@ def _table(part, check, *args):
         raise DatasetError(part.rel, exc.line, f"{part.where}: {exc.reason}") from None
 
 
-def load_dir(path: Path, name: str | None = None) -> Dataset:
+def load_dir(path: Path, name: str | None = None, queries_elsewhere: bool = False) -> Dataset:
     path = Path(path)
     files = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
-    return load_files(name or path.name, {k: v for k, v in files.items() if classify(k)})
+    return load_files(name or path.name, {k: v for k, v in files.items() if classify(k)}, None, queries_elsewhere)
 
 
 def prefix(data_bucket: str, dataset: str) -> str:
@@ -504,19 +508,20 @@ def load_gcs(
             # the version whose size was checked (NotFound if replaced since: intake.load_valid loads again)
             data = storage.read_bytes(uri, generation if max_bytes is not None else None)
             if rel == SOURCE_FILE:
-                tables = _source_tables(data, test, exclude, as_of)
+                tables = _source_tables(data, test, exclude, as_of, max_bytes)
             else:
                 files[rel] = data
     return load_files(dataset, files, tables)
 
 
-def _source_tables(data: bytes, test: bool, exclude: frozenset[str], as_of) -> dict:
+def _source_tables(data: bytes, test: bool, exclude: frozenset[str], as_of, max_bytes: int | None) -> dict:
     from embedpipe import bqsource
     from embedpipe.config import Settings
 
     settings = Settings.from_env()
     parts = [p for p in bqsource.parse(data) if p.rel not in exclude and (test or p.split != "test")]
-    return {p: bqsource.records(p, settings, as_of) for p in parts}
+    # a table over the object cap is refused like a file (when BigQuery knows its size)
+    return {p: bqsource.records(p, settings, as_of, max_bytes) for p in parts}
 
 
 def dataset_of(object_name: str) -> tuple[str, str] | None:

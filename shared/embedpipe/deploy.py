@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 APIS = (
     "aiplatform.googleapis.com",
     "artifactregistry.googleapis.com",
-    "bigquery.googleapis.com",
-    "bigquerystorage.googleapis.com",
     "cloudbuild.googleapis.com",
     "cloudfunctions.googleapis.com",
     "cloudscheduler.googleapis.com",
@@ -243,9 +241,16 @@ GCS_AGENT = "serviceAccount:<<gcs_service_agent>>"
 SINK_WRITER = "<<sink_writer>>"
 
 
+# BigQuery sources (only when EMBEDPIPE_BIGQUERY_DATASETS names datasets): the APIs, and for the job identity Storage
+# Read sessions and query jobs (SQL parts) billed to this project; table data is granted per named dataset.
+BIGQUERY_APIS = ("bigquery.googleapis.com", "bigquerystorage.googleapis.com")
+BIGQUERY_JOB_ROLES = ("roles/bigquery.readSessionUser", "roles/bigquery.jobUser")
+
+
 def plan(cfg: DeployConfig) -> list[Step]:
     steps: list[Step] = []
-    steps.append(Step("apis", "enable", {"services": ", ".join(APIS)}, create=[_g(cfg, "services", "enable", *APIS)]))
+    apis = tuple(sorted((*APIS, *BIGQUERY_APIS))) if bigquery_datasets(cfg.settings) else APIS
+    steps.append(Step("apis", "enable", {"services": ", ".join(apis)}, create=[_g(cfg, "services", "enable", *apis)]))
     steps.append(_registry(cfg))
     steps.append(_custom_role(cfg))
     steps += [_service_account(cfg, i) for i in topology.identities()]
@@ -315,6 +320,8 @@ def build_sources_condition(cfg: DeployConfig) -> str:
 def _service_account(cfg: DeployConfig, identity: str) -> Step:
     grants = topology.ACCESS[identity]
     project_roles = [cfg.role(role) for target, role in grants if target == "project"]
+    if identity == "job" and bigquery_datasets(cfg.settings):
+        project_roles += BIGQUERY_JOB_ROLES
     source_roles = [role for target, role in grants if target == "build-sources"]
     desc = {
         "job": "embedpipe: what Vertex AI training and embedding jobs run as",

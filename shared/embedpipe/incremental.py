@@ -114,8 +114,9 @@ def read_table(uri: str) -> dict[str, str]:
 
 
 def digest(table: dict[str, str]) -> str:
-    """A fingerprint of an id -> hash table in its (load) order: replicas that loaded the same files agree on it."""
+    """A fingerprint of an id -> hash table, whatever order it was loaded in (a BigQuery read session's streams come
+    in no fixed order): replicas that read the same documents agree on it."""
     h = hashlib.blake2b(digest_size=16)
-    for i, content in table.items():
+    for i, content in sorted(table.items()):
         h.update(f"{i}\0{content}\n".encode())
     return h.hexdigest()

@@ -160,6 +160,8 @@ def decide(
     at least as good as BM25 alone and the untuned base model (those ``new`` has), and as the live index it would
     replace, on every gate metric, within ``tolerance``. First runs are gated against the baselines too."""
     served = new.get("served") or {}
+    if not served and old:  # e.g. the test qrels (file or table) were left out of this run: nothing to compare
+        return False, "rejected: no eval qrels in this run, and the live index was measured on them"
     if not served:
         return True, "no eval qrels: promoted unmeasured" if not had_previous else "no eval qrels"
     rivals = {m: new[m] for m in ("bm25", "base") if new.get(m)}

@@ -318,7 +318,13 @@ def check_listing(bucket: str, dataset: str, max_bytes: int | None = None) -> tu
         elif kind == "corpus":
             corpus += 1
         elif kind == "source":
+            from embedpipe import bqsource
+
             try:
+                if size > bqsource.MAX_SOURCE_BYTES:  # read nothing of it
+                    raise datasets.DatasetError(
+                        rel, None, f"{size} bytes, over the {bqsource.MAX_SOURCE_BYTES}-byte cap"
+                    )
                 parts = _source_parts(storage.read_bytes(uri, generation), rel)
             except gexc.NotFound:
                 continue  # replaced since: the newer generation has its own event and launch

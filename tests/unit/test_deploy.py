@@ -95,8 +95,6 @@ def test_least_privilege_bindings(cfg):
         "ep-on-job-event": launcher,
         "ep-reconcile": launcher,
         "ep-build": {"roles/logging.logWriter", "roles/artifactregistry.writer", "roles/storage.objectAdmin"},
-        # BigQuery sources: sessions and query jobs only; table data is granted per named dataset
-        "ep-job": {"roles/bigquery.readSessionUser", "roles/bigquery.jobUser"},
     }, "no project-wide editor roles; only the launching functions may submit jobs"
     (source_grant,) = [a for a in project_roles if "--role=roles/storage.objectAdmin" in a]
     condition = next(a for a in source_grant if a.startswith("--condition="))
@@ -313,6 +311,9 @@ def test_bigquery_sources_get_read_sessions_and_read_on_the_named_datasets_only(
     ]
     assert "bigquerystorage.googleapis.com" in steps[0].settings["services"]
     assert "EMBEDPIPE_BIGQUERY_PORT" not in deploy.runtime_env(c)
+    # without named datasets: no BigQuery API, role or grant at all
+    plain = deploy.plan(deploy.config_from_settings("demo-project", "us-central1", Settings.from_env({})))
+    assert "bigquery" not in " ".join(" ".join(" ".join(a) for a in [*s.create, *s.iam]) for s in plain)
 
 
 @pytest.mark.parametrize("bad", ["catalog", "shop-data.catalog`; DROP SCHEMA x; --", "p.d.t"])

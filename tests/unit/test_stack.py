@@ -63,6 +63,7 @@ def test_up_that_fails_part_way_stops_what_it_started(tmp_path, monkeypatch):
     started, stopped = [], {}
     monkeypatch.setattr(stack, "_pid", lambda s, name: None)
     monkeypatch.setattr(stack, "prepare_bqemulator", lambda: None)
+    monkeypatch.setattr(stack, "BQ_EXE", tmp_path)  # installed (an existing path)
     monkeypatch.setattr(stack, "start_part", lambda s, p: started.append(p.name) or 1000 + len(started))
 
     def health(s, p, timeout=90.0):

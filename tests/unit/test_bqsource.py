@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import types
 
 import pytest
 
@@ -207,3 +208,98 @@ def test_upload_precheck_validates_source_json_and_accepts_a_folder_whose_corpus
     with pytest.raises(typer.Exit):
         cli.precheck(tmp_path, "shop", echo=lines.append)
     assert "is not PROJECT.DATASET.TABLE" in lines[-1]
+
+
+class FakeRead:
+    """The Storage Read client's surface bqsource uses: sessions with streams of Arrow pages."""
+
+    def __init__(self, rows):
+        self.rows, self.sessions = rows, []
+
+    def create_read_session(self, parent, read_session):
+        self.sessions.append((parent, read_session))
+        return types.SimpleNamespace(streams=[types.SimpleNamespace(name="s0"), types.SimpleNamespace(name="s1")])
+
+    def read_rows(self, name):
+        import pyarrow as pa
+
+        half = self.rows[: len(self.rows) // 2] if name == "s0" else self.rows[len(self.rows) // 2 :]
+        page = types.SimpleNamespace(to_arrow=lambda: pa.Table.from_pylist(half))
+        return types.SimpleNamespace(rows=lambda session: types.SimpleNamespace(pages=[page]))
+
+
+class FakeRest:
+    def __init__(self, error=None):
+        self.error = error
+
+    def get_table(self, ref):
+        if self.error:
+            raise self.error
+        project, dataset, table = ref.rsplit(".", 2)
+        schema = [types.SimpleNamespace(name=n) for n in ("id", "title", "text")]
+        return types.SimpleNamespace(project=project, dataset_id=dataset, table_id=table, schema=schema, num_bytes=1000)
+
+
+def fake_clients(monkeypatch, rest, read):
+    monkeypatch.setattr(bqsource, "_clients", lambda settings: (rest, read))
+
+
+def test_a_table_is_read_from_every_stream_as_of_the_runs_seal_with_only_its_columns(monkeypatch):
+    rows = [{"id": f"d{i}", "title": "", "text": f"text {i}"} for i in range(6)]
+    read = FakeRead(rows)
+    fake_clients(monkeypatch, FakeRest(), read)
+    [part] = parse({"corpus": {"table": "example.com:proj-x.shop.docs"}})
+    seal = bqsource.as_of("2026-11-30T12:00:00.000Z")
+    got = [rec["_id"] for _, rec in bqsource.records(part, Settings(project="billing-proj"), seal)]
+    assert got == [f"d{i}" for i in range(6)]
+    [(parent, session)] = read.sessions
+    assert parent == "projects/billing-proj"
+    assert session.table == "projects/example.com:proj-x/datasets/shop/tables/docs"
+    assert list(session.read_options.selected_fields) == ["id", "title", "text"]
+    assert session.table_modifiers.snapshot_time == seal, "every job and replica of a run reads one snapshot"
+
+
+def test_a_table_over_the_object_cap_is_refused_unread(monkeypatch):
+    read = FakeRead([])
+    fake_clients(monkeypatch, FakeRest(), read)
+    [part] = parse({"corpus": {"table": T}})
+    with pytest.raises(datasets.DatasetError, match="table is 1000 bytes, over the 999-byte cap"):
+        list(bqsource.records(part, Settings(), None, max_bytes=999))
+    assert read.sessions == []
+
+
+def test_only_a_missing_table_leaves_the_part_out_other_errors_fail_the_job_for_a_retry(monkeypatch):
+    from google.api_core import exceptions as gexc
+
+    [part] = parse({"corpus": {"table": T}})
+    fake_clients(monkeypatch, FakeRest(gexc.NotFound("Not found: Table my-proj:shop.docs")), FakeRead([]))
+    with pytest.raises(datasets.DatasetError, match=f"bq://{T}: cannot read: Not found"):
+        list(bqsource.records(part, Settings(), None))
+    for transient in (gexc.ServiceUnavailable("backend error"), gexc.Forbidden("no bigquery.tables.getData")):
+        fake_clients(monkeypatch, FakeRest(transient), FakeRead([]))
+        with pytest.raises(type(transient)):
+            list(bqsource.records(part, Settings(), None))
+
+
+def test_the_trainer_never_reads_a_test_qrels_table(gcs, monkeypatch):
+    source = {
+        "corpus": {"table": T},
+        "queries": {"table": "my-proj.shop.q"},
+        "qrels": {"train": {"table": "my-proj.shop.tr"}, "test": {"table": "my-proj.shop.te"}},
+    }
+    gcs.put("datasets/shop/source.json", json.dumps(source).encode())
+    read = []
+
+    def rows(part, settings, as_of, max_bytes=None):
+        read.append(part.rel)
+        yield from {
+            "corpus": [{"id": "a", "title": "", "text": "alpha"}],
+            "queries": [{"id": "q", "text": "alpha?"}],
+            "qrels": [{"query_id": "q", "corpus_id": "a", "score": 1}],
+        }[part.kind]
+
+    monkeypatch.setattr(bqsource, "_arrow_rows", rows)
+    ds = datasets.load_gcs(DATA, "shop", test=False)
+    assert "source.json#qrels/test" not in read and set(ds.qrels) == {"train"}
+    read.clear()
+    assert set(datasets.load_gcs(DATA, "shop").qrels) == {"train", "test"} and "source.json#qrels/test" in read

@@ -43,6 +43,13 @@ def test_better_or_equal_than_the_live_index_is_promoted_worse_is_rejected():
     assert ok is False and "rejected" in reason and "0.6900 vs live index 0.7000" in reason
 
 
+def test_a_measured_live_index_is_not_replaced_by_an_unmeasured_run():
+    # e.g. this run's test qrels (a file or a table) were left out: "not worse" cannot be shown
+    ok, reason = decide({}, m(0.70), METRICS, 0.0, True)
+    assert ok is False and "no eval qrels" in reason
+    assert decide({}, None, METRICS, 0.0, True)[0] is True  # the live index was never measured either
+
+
 def test_tolerance_and_metrics_are_configurable():
     assert decide(modes(m(0.69)), m(0.70), ("recall@10",), 0.02, True)[0] is True
     assert decide(modes(m(0.67)), m(0.70), ("recall@10",), 0.02, True)[0] is False

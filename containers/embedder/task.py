@@ -17,6 +17,9 @@ model load and the query embedding.
 Replica 0 writes ``intake.json`` (files its load left out for breaking cross-file rules; a left-out corpus file means
 no deletions) and ``hashes.parquet``, the id -> content-hash table of the index this run leaves, which the indexer
 records on the promoted entry and the next incremental run diffs against (no scan of Milvus).
+
+``python -m task serve`` runs the image as a Vertex AI serving container instead (``embedpipe.serving``): the Model
+Registry's versions name this image with the argument ``serve``.
 """
 
 from __future__ import annotations
@@ -123,6 +126,10 @@ def base_model_for(info, mode: str):
 
 def main(argv: list[str]) -> int:
     logs.setup()
+    if argv[:1] == ["serve"]:  # the same image as a Vertex AI serving container (the Model Registry's versions)
+        from embedpipe import serving
+
+        return serving.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", required=True)
     p.add_argument("--run-id", required=True)

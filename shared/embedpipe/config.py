@@ -173,6 +173,11 @@ class Settings:
     tensorboard: str = ""
     job_timeout_s: int = 86400  # Vertex cancels a job that runs longer (caps a runaway GPU bill)
     job_restart_on_worker_restart: bool = False
+    # Vertex AI Model Registry (embedpipe.registry): auto = Vertex in gcp mode, the recording no-op locally; local =
+    # the no-op anywhere (a project that does not want its models registered)
+    model_registry: str = "auto"  # auto | vertex | local
+    # how long a promotion waits for a model upload (a long-running operation) before recording it as pending
+    registry_wait_s: float = 180.0
     # push authentication (OIDC tokens that Pub/Sub push attaches); auto = on in gcp mode, off locally
     push_auth: str = "auto"  # auto | on | off
     push_audience: str = ""  # comma-separated accepted audiences; empty = the URL the request came to
@@ -207,6 +212,10 @@ class Settings:
                     )
         if self.job_scheduling not in ("standard", "spot"):
             raise SettingsError(f"{PREFIX}JOB_SCHEDULING must be 'standard' or 'spot', not {self.job_scheduling!r}")
+        if self.model_registry not in ("auto", "vertex", "local"):
+            raise SettingsError(
+                f"{PREFIX}MODEL_REGISTRY must be 'auto', 'vertex' or 'local', not {self.model_registry!r}"
+            )
         if self.push_auth not in ("auto", "on", "off"):
             raise SettingsError(f"{PREFIX}PUSH_AUTH must be 'auto', 'on' or 'off', not {self.push_auth!r}")
         from embedpipe.evaluation import METRIC_KEYS

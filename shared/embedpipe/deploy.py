@@ -237,6 +237,8 @@ def _member(cfg: DeployConfig, identity: str) -> str:
 
 
 PUBSUB_AGENT = "serviceAccount:service-<<project_number>>@gcp-sa-pubsub.iam.gserviceaccount.com"
+# Vertex AI's service agent: a Model Registry upload copies the model folder (artifact_uri) as this identity.
+VERTEX_AGENT = "serviceAccount:service-<<project_number>>@gcp-sa-aiplatform.iam.gserviceaccount.com"
 GCS_AGENT = "serviceAccount:<<gcs_service_agent>>"
 SINK_WRITER = "<<sink_writer>>"
 
@@ -249,10 +251,9 @@ BIGQUERY_JOB_ROLES = ("roles/bigquery.readSessionUser", "roles/bigquery.jobUser"
 
 def plan(cfg: DeployConfig) -> list[Step]:
     steps: list[Step] = []
-    apis = tuple(sorted((*APIS, *BIGQUERY_APIS))) if bigquery_datasets(cfg.settings) else APIS
-    steps.append(Step("apis", "enable", {"services": ", ".join(apis)}, create=[_g(cfg, "services", "enable", *apis)]))
+    steps.append(_apis(cfg))
     steps.append(_registry(cfg))
-    steps.append(_custom_role(cfg))
+    steps += [_custom_role(cfg, role) for role in topology.CUSTOM_ROLES]
     steps += [_service_account(cfg, i) for i in topology.identities()]
     steps += [_bucket(cfg, f) for f in topology.BUCKETS]
     steps += [_bigquery_read(cfg, d) for d in bigquery_datasets(cfg.settings)]
@@ -295,14 +296,27 @@ def _registry(cfg: DeployConfig) -> Step:
     return _labelled(cfg, s, ["artifacts", "repositories", "describe", REPOSITORY, *where], "labels")
 
 
-def _custom_role(cfg: DeployConfig) -> Step:
-    role, perms = topology.JOB_LAUNCHER_ROLE, ",".join(topology.JOB_LAUNCHER_PERMISSIONS)
+def _apis(cfg: DeployConfig) -> Step:
+    """The APIs, and the Vertex AI service agent: the Model Registry's uploads read the model folder as that agent,
+    which Google creates lazily; made here so the artifacts bucket can grant it read access (``_bucket``)."""
+    apis = tuple(sorted((*APIS, *BIGQUERY_APIS))) if bigquery_datasets(cfg.settings) else APIS
+    s = Step("apis", "enable", {"services": ", ".join(apis), "service_identities": "aiplatform.googleapis.com"})
+    s.create = [
+        _g(cfg, "services", "enable", *apis),
+        _g(cfg, "beta", "services", "identity", "create", "--service=aiplatform.googleapis.com"),
+    ]
+    return s
+
+
+def _custom_role(cfg: DeployConfig, role: str) -> Step:
+    title, what, permissions = topology.CUSTOM_ROLES[role]
+    perms = ",".join(permissions)
     s = Step("custom-role", cfg.role(f"custom:{role}"), {"permissions": perms, "stage": "GA"})
-    desc = f"embedpipe: submit, read, list and cancel Vertex AI custom and tuning jobs [{s.fingerprint}]"
+    desc = f"embedpipe: {what} [{s.fingerprint}]"
     common = [f"--permissions={perms}", "--stage=GA", f"--description={desc}"]
     s.check = _g(cfg, "iam", "roles", "describe", role, "--format=value(description)")
     s.expect = desc
-    s.create = [_g(cfg, "iam", "roles", "create", role, "--title=embedpipe job launcher", *common)]
+    s.create = [_g(cfg, "iam", "roles", "create", role, f"--title={title}", *common)]
     s.update = [_g(cfg, "iam", "roles", "update", role, *common)]
     return s
 
@@ -427,6 +441,20 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
                         f"--role={role}",
                     )
                 )
+    if settings_field == "artifacts_bucket" and cfg.settings.model_registry != "local":
+        # the Model Registry's uploads read runs/<run>/.../model/ as Vertex's agent (bucket-wide: copying a folder
+        # lists it, and a list is checked on the bucket, where an object-name condition cannot apply)
+        s.iam.append(
+            _g(
+                cfg,
+                "storage",
+                "buckets",
+                "add-iam-policy-binding",
+                f"gs://{name}",
+                f"--member={VERTEX_AGENT}",
+                "--role=roles/storage.objectViewer",
+            )
+        )
     return _labelled(cfg, s, ["storage", "buckets", "describe", f"gs://{name}"], "labels")
 
 

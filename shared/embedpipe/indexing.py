@@ -1,4 +1,5 @@
-"""The indexer's work for one run: load embedding shards into Milvus, evaluate, gate, swap the alias, publish.
+"""The indexer's work for one run: load embedding shards into Milvus, evaluate, gate, swap the alias, register the
+promoted model in the model registry (``embedpipe.registry``; the run record's ``registry``), publish.
 
 Resumable: rows are upserted by primary key, so a redelivered request rewrites the same rows; the run record moves
 INDEXING -> PUBLISHING (with the event stored) -> SUCCEEDED, so a redelivery after a crash republishes the stored
@@ -15,7 +16,7 @@ import time
 
 import numpy as np
 
-from embedpipe import bulkload, evaluation, report, rollback, runs, storage, vectorstore
+from embedpipe import bulkload, evaluation, registry, report, rollback, runs, storage, vectorstore
 from embedpipe.events import INDEX_UPDATED, Event, validate
 from embedpipe.pipeline import Pipeline, embeddings_uri, publish_stalled
 from embedpipe.runs import INDEXING, PUBLISHING
@@ -121,7 +122,9 @@ def score(ranked: dict, qrels: dict, served_mode: str) -> dict:
     return {"by_mode": by_mode, "default_mode": mode, "metrics": by_mode[mode]}
 
 
-def index_run(pipe: Pipeline, run_id: str) -> str:
+def index_run(pipe: Pipeline, run_id: str, reg: registry.ModelRegistry | None = None) -> str:
+    """Index a run (see the module doc); ``reg`` is where its model is registered if promoted (default: the
+    settings' model registry)."""
     record = pipe.ledger.get_run(run_id)
     if record is None:
         return f"unknown run {run_id}: ignored"
@@ -134,7 +137,7 @@ def index_run(pipe: Pipeline, run_id: str) -> str:
     if record["state"] != INDEXING:
         return f"run {run_id} is {record['state']}, not ready to index: ignored"
     try:
-        return _index(pipe, record)
+        return _index(pipe, record, reg or registry.for_settings(pipe.settings))
     except bulkload.ImportPending as exc:  # acked: reconcile re-requests the index and this job is polled again
         return f"run {run_id}: bulk import {exc.job_id} still running; resumed by the next index request"
     except (
@@ -331,7 +334,7 @@ def _bulk(ledger, record: dict):
     return (record.get("bulk_import") or {}).get("job_id"), on_started
 
 
-def _index(pipe: Pipeline, record: dict) -> str:
+def _index(pipe: Pipeline, record: dict, reg: registry.ModelRegistry) -> str:
     s, ledger, run_id, dataset = pipe.settings, pipe.ledger, record["run_id"], record["dataset"]
     t0 = time.time()
     embed_uri, job_key = embed_output(ledger, record)
@@ -462,8 +465,13 @@ def _index(pipe: Pipeline, record: dict) -> str:
             }
 
         state = ledger.update_dataset(dataset, promote)
+        # After the swap, never before: the registry follows Milvus. Keyed by the run whose model it is, so an
+        # incremental run (same model) registers nothing new and only re-points the alias. Never raises: a failed
+        # or pending registration is recorded and caught up by the next promotion or rollback (registry.promote).
+        registration = registry.promote(reg, dataset, entry["run_id"], model_uri, new["metrics"])
     else:
         state = ledger.get_dataset(dataset)
+        registration = registry.not_registered(reg, "rejected by the gate: rejected models are not registered")
     # Retention never drops what search may still be serving (the pre-swap live collection), the recently promoted
     # ones (rollback targets, the default one included), or anything younger than the grace period.
     protect = {c for c in [previous_collection, *state.get("promoted_history", []), *rollback.kept(state)] if c}
@@ -554,6 +562,7 @@ def _index(pipe: Pipeline, record: dict) -> str:
         promoted=promoted,
         collection=collection,
         counts=counts,
+        registry=registration,
     )
     if not moved:  # a concurrent delivery of the same request stored its event first; it publishes
         return f"run {run_id}: another delivery finished indexing first ({rec['state']})"

@@ -17,6 +17,10 @@ replaced entry's), marks the replaced entry ``rolled_back`` and appends the roll
 event, to ``rollbacks``. Then the alias is swapped, the event published (id ``<dataset>/rollback/<n>``) and the
 rollback marked done. A command cut short is finished by the next ``rollback`` of the dataset, which republishes the
 stored event under the same id; if a run promoted in between, the rollback is superseded and the alias left alone.
+
+The model registry's alias follows the Milvus alias (``point_registry_alias``, injectable as ``registry_alias``):
+in the cloud ``promoted`` moves to the Vertex version of the target's model, locally the no-op; what it did is kept
+on the rollback as ``registry``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from embedpipe import model, runs, topology, vectorstore
+from embedpipe import model, registry, runs, topology, vectorstore
 from embedpipe.config import Settings
 from embedpipe.events import INDEX_UPDATED, Event, validate
 
@@ -180,7 +184,7 @@ def rollback(
     to: str | None = None,
     by: str = "",
     reason: str = "",
-    registry_alias: Callable[[Settings, str, dict], None] | None = None,
+    registry_alias: Callable[[Settings, str, dict], dict | None] | None = None,
 ) -> Outcome:
     """Roll ``dataset`` back (see the module doc). Finishes an earlier rollback of the dataset cut short first."""
     registry_alias = registry_alias or point_registry_alias
@@ -252,9 +256,9 @@ def _complete(settings, ledger, client, publish, dataset: str, item: dict, regis
             None,
         )
     vectorstore.point_alias(client, vectorstore.alias_name(dataset), item["to"]["collection"])
-    registry_alias(settings, dataset, st["promoted"])
+    registration = registry_alias(settings, dataset, st["promoted"])
     publish(topology.INDEX_UPDATED, Event.from_structured(item["event"]))
-    _mark(ledger, dataset, item["id"], "done_at")
+    _mark(ledger, dataset, item["id"], "done_at", registry=registration)
     log.info("rollback %s: %s -> %s", item["id"], item["from"]["collection"], item["to"]["collection"])
     return Outcome(
         f"dataset {dataset!r}: rolled back from {item['from']['collection']} to {item['to']['collection']} "
@@ -263,18 +267,21 @@ def _complete(settings, ledger, client, publish, dataset: str, item: dict, regis
     )
 
 
-def _mark(ledger, dataset: str, rid: str, field: str) -> None:
+def _mark(ledger, dataset: str, rid: str, field: str, **extra) -> None:
     def fn(st):
         items = st.get("rollbacks") or []
         if not any(i["id"] == rid and not i.get(field) for i in items):
             return None
         at = runs.iso(time.time())
-        return {**st, "rollbacks": [{**i, field: at} if i["id"] == rid else i for i in items]}
+        return {**st, "rollbacks": [{**i, field: at, **extra} if i["id"] == rid else i for i in items]}
 
     ledger.update_dataset(dataset, fn)
 
 
-def point_registry_alias(settings: Settings, dataset: str, entry: dict) -> None:
-    """The cloud's Model Registry alias for the dataset's serving model. Not done: the Model Registry part of issue
-    14 is not built yet; this hook is where it goes (a no-op until then, locally and in the cloud)."""
-    log.debug("registry alias for %s -> %s: no Model Registry yet (not done)", dataset, entry.get("model_uri"))
+def point_registry_alias(settings: Settings, dataset: str, entry: dict) -> dict:
+    """Point the model registry's alias at the version of the entry's model (``registry.promote``: in the cloud the
+    Vertex version registered for the entry's run, registered now if its promotion could not; locally the no-op).
+    Returns what the rollback records as its ``registry``; never raises (the Milvus alias has moved already)."""
+    return registry.promote(
+        registry.for_settings(settings), dataset, entry["run_id"], entry["model_uri"], entry.get("metrics")
+    )

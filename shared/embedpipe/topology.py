@@ -128,6 +128,28 @@ JOB_LAUNCHER_PERMISSIONS = tuple(
     for kind in ("customJobs", "hyperparameterTuningJobs")
     for verb in ("create", "get", "list", "cancel")
 )
+# The Model Registry (embedpipe.registry): the indexer uploads each promoted model as a version of its dataset's
+# Model and moves the `promoted` alias; `embedpipe rollback` moves it back (run by an operator: grant them the same
+# role). Exactly those calls again, not roles/aiplatform.user: upload, list (the run-id lookup that keeps a
+# registration idempotent, the alias holders), get (polling the upload's long-running operation), update
+# (mergeVersionAliases) and delete (the newer of two versions a raced upload left).
+MODEL_REGISTRAR_ROLE = "embedpipeModelRegistrar"
+MODEL_REGISTRAR_PERMISSIONS = tuple(
+    f"aiplatform.models.{verb}" for verb in ("upload", "get", "list", "update", "delete")
+)
+# Custom roles the deploy creates: id -> (title, what it allows, permissions).
+CUSTOM_ROLES = {
+    JOB_LAUNCHER_ROLE: (
+        "embedpipe job launcher",
+        "submit, read, list and cancel Vertex AI custom and tuning jobs",
+        JOB_LAUNCHER_PERMISSIONS,
+    ),
+    MODEL_REGISTRAR_ROLE: (
+        "embedpipe model registrar",
+        "upload promoted models as Model Registry versions and move their alias",
+        MODEL_REGISTRAR_PERMISSIONS,
+    ),
+}
 # Whatever may launch a run: launch-time intake, submitting Vertex jobs as the job identity.
 _LAUNCHER = (
     _LEDGER,
@@ -151,6 +173,7 @@ ACCESS: dict[str, tuple[tuple[str, str], ...]] = {
         ("bucket:data_bucket", "roles/storage.objectViewer"),
         ("topic:" + INDEX_UPDATED, "roles/pubsub.publisher"),
         ("topic:" + RUN_EVENTS, "roles/pubsub.publisher"),
+        ("project", f"custom:{MODEL_REGISTRAR_ROLE}"),
     ),
     "search": (("bucket:artifacts_bucket", "roles/storage.objectViewer"),),
     "job": (

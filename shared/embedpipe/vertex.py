@@ -88,6 +88,18 @@ def console_url(name: str) -> str:
     return f"https://console.cloud.google.com/agent-platform/locations/{region}/training/{job_id}?project={project}"
 
 
+def client_options(settings: Settings, credentials=None) -> dict:
+    """Keyword arguments for any gapic ``aiplatform_v1`` service client (jobs, models): REST transport, the regional
+    endpoint or ``EMBEDPIPE_VERTEX_ENDPOINT``, and anonymous credentials for an ``http://`` one (a local test
+    server)."""
+    endpoint = settings.vertex_endpoint or f"{settings.region}-aiplatform.googleapis.com"
+    if credentials is None and endpoint.startswith("http://"):
+        from google.auth.credentials import AnonymousCredentials
+
+        credentials = AnonymousCredentials()
+    return {"credentials": credentials, "transport": "rest", "client_options": {"api_endpoint": endpoint}}
+
+
 def _git_sha() -> str:
     """The deploy sets EMBEDPIPE_GIT_SHA on every function (no git checkout there)."""
     return os.environ.get("EMBEDPIPE_GIT_SHA", "")
@@ -109,15 +121,7 @@ class VertexJobLauncher:
         if self._client is None:
             from google.cloud import aiplatform_v1
 
-            endpoint = self.settings.vertex_endpoint or f"{self.settings.region}-aiplatform.googleapis.com"
-            credentials = self._credentials
-            if credentials is None and endpoint.startswith("http://"):
-                from google.auth.credentials import AnonymousCredentials
-
-                credentials = AnonymousCredentials()
-            self._client = aiplatform_v1.JobServiceClient(
-                credentials=credentials, transport="rest", client_options={"api_endpoint": endpoint}
-            )
+            self._client = aiplatform_v1.JobServiceClient(**client_options(self.settings, self._credentials))
         return self._client
 
     def name_for(self, job_id: str) -> str:

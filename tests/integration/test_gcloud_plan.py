@@ -75,6 +75,11 @@ _P, _L = f"/v1/projects/{PROJECT}", f"/v1/projects/{PROJECT}/locations/{REGION}"
 _ID = r"[\w.@-]+"
 EXPECTED = {
     "services enable": ("serviceusage", "POST", f"{_P}/services:batchEnable"),
+    "beta services identity create": (
+        "serviceusage",
+        "POST",
+        f"/v1beta1/projects/{PROJECT}/services/aiplatform.googleapis.com:generateServiceIdentity",
+    ),
     "artifacts repositories create": ("artifactregistry", "POST", f"{_L}/repositories"),
     "artifacts repositories update": ("artifactregistry", "PATCH", f"{_L}/repositories/embedpipe"),
     "iam roles create": ("iam", "POST", f"{_P}/roles"),

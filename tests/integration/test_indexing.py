@@ -122,6 +122,10 @@ def test_gate_both_directions_alias_swap_retention_and_report(pipe):
     assert event["metrics_by_mode"]["served"] == event["metrics_by_mode"]["dense"] == event["metrics"]
     assert event["metrics_by_mode"]["base"] == event["metrics_by_mode"]["dense"]
     assert event["metrics_by_mode"]["bm25"]["recall@100"] == 0.0  # "queri q0" shares no stem with "text of d000"
+    # Locally the model registry is a no-op, recorded in the run record (the cloud's version would be keyed so).
+    registered = pipe.ledger.get_run(first)["registry"]
+    assert (registered["registry"], registered["state"], registered["alias"]) == ("local", "noop", "promoted")
+    assert registered["version"] == f"embedpipe-{DATASET}@{first}" and registered["run_id"] == first
 
     # Better than the live index: promoted, alias swapped, previous metrics measured in the same run.
     better = prepared_run(pipe, good=16, previous_good=10)
@@ -139,6 +143,7 @@ def test_gate_both_directions_alias_swap_retention_and_report(pipe):
     assert event["promoted"] is False and "rejected" in event["gate"]["reason"]
     assert vectorstore.alias_target(client, DATASET) == vectorstore.collection_name(DATASET, better)
     assert pipe.ledger.get_run(worse)["state"] == runs.SUCCEEDED
+    assert pipe.ledger.get_run(worse)["registry"]["state"] == "not registered", "rejected models are not registered"
     names = vectorstore.dataset_collections(client, DATASET)
     # keep_collections=1 would keep the live one + the newest other (the rejected run), but the first one is the
     # previously promoted index (what a rollback needs): retention never drops it.

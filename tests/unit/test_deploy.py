@@ -94,6 +94,8 @@ def test_least_privilege_bindings(cfg):
         "ep-on-retrain-requested": launcher,
         "ep-on-job-event": launcher,
         "ep-reconcile": launcher,
+        # the Model Registry: upload promoted models and move their alias, nothing else of Vertex AI
+        "ep-indexer": {"projects/demo-project/roles/embedpipeModelRegistrar"},
         "ep-build": {"roles/logging.logWriter", "roles/artifactregistry.writer", "roles/storage.objectAdmin"},
     }, "no project-wide editor roles; only the launching functions may submit jobs"
     (source_grant,) = [a for a in project_roles if "--role=roles/storage.objectAdmin" in a]
@@ -103,6 +105,16 @@ def test_least_privilege_bindings(cfg):
     assert 'startsWith("projects/_/buckets/demo-project_cloudbuild")' in condition and "embedpipe-data" not in condition
     role = steps["projects/demo-project/roles/embedpipeJobLauncher"]
     assert role.settings["permissions"].split(",") == list(topology.JOB_LAUNCHER_PERMISSIONS)
+    registrar = steps["projects/demo-project/roles/embedpipeModelRegistrar"].settings["permissions"].split(",")
+    assert registrar == [f"aiplatform.models.{v}" for v in ("upload", "get", "list", "update", "delete")]
+    # Vertex's service agent copies the model folder at upload: read on the artifacts bucket, nothing on the data one
+    agent = "serviceAccount:service-<<project_number>>@gcp-sa-aiplatform.iam.gserviceaccount.com"
+    artifacts_iam = " ".join(" ".join(a) for a in steps["gs://demo-project-embedpipe-artifacts"].iam)
+    assert f"--member={agent} --role=roles/storage.objectViewer" in artifacts_iam and agent not in bucket_iam
+    apis = steps["enable"].create
+    assert apis[1][1:] == ["beta", "services", "identity", "create", "--service=aiplatform.googleapis.com"] + [
+        "--project=demo-project"
+    ], "the agent exists before a bucket grants it anything"
     build = "projects/demo-project/serviceAccounts/ep-build@demo-project.iam.gserviceaccount.com"
     for step in steps.values():  # every build runs as ep-build, not the project's default build account
         for argv in step.create:
@@ -183,7 +195,12 @@ def test_apply_creates_everything_then_a_second_apply_changes_nothing(cfg):
     gcloud.calls.clear()
     second = deploy.apply(cfg, deploy.plan(cfg), runner=gcloud, echo=lambda *_: None)
     assert second == {"created": 0, "updated": 0, "unchanged": len(steps) - 1, "ensured": 1}
-    changing = [c for c in gcloud.calls if {"create", "update", "deploy", "submit"} & set(c)]
+    # the ensured step runs again by design: enabling APIs and `services identity create` (which returns the
+    # existing agent) are idempotent in gcloud itself
+    ensured = {tuple(a) for s in steps if s.check is None for a in s.create}
+    changing = [
+        c for c in gcloud.calls if {"create", "update", "deploy", "submit"} & set(c) and tuple(c) not in ensured
+    ]
     assert changing == [], "a second apply creates, updates and deploys nothing"
 
 

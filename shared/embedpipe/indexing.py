@@ -465,10 +465,7 @@ def _index(pipe: Pipeline, record: dict, reg: registry.ModelRegistry) -> str:
             }
 
         state = ledger.update_dataset(dataset, promote)
-        # After the swap, never before: the registry follows Milvus. Keyed by the run whose model it is, so an
-        # incremental run (same model) registers nothing new and only re-points the alias. Never raises: a failed
-        # or pending registration is recorded and caught up by the next promotion or rollback (registry.promote).
-        registration = registry.promote(reg, dataset, entry["run_id"], model_uri, new["metrics"])
+        registration = {"registry": reg.name, "state": "after publish"}  # see the end of _index
     else:
         state = ledger.get_dataset(dataset)
         registration = registry.not_registered(reg, "rejected by the gate: rejected models are not registered")
@@ -566,4 +563,16 @@ def _index(pipe: Pipeline, record: dict, reg: registry.ModelRegistry) -> str:
     )
     if not moved:  # a concurrent delivery of the same request stored its event first; it publishes
         return f"run {run_id}: another delivery finished indexing first ({rec['state']})"
-    return pipe.finish(rec)
+    done = pipe.finish(rec)
+    if promoted:
+        # After the swap and after index-updated (an upload can take minutes; subscribers and search must not wait
+        # for a side record): the registry follows Milvus. Keyed by the run whose model it is, so an incremental
+        # run (same model) registers nothing new and only re-points the alias; skipped when a rollback or a newer
+        # promotion took over meanwhile. Never raises: a failed or pending registration is recorded in the run
+        # record and caught up by the dataset's next promotion or rollback (registry.promote).
+        def still_live() -> bool:
+            return (ledger.get_dataset(dataset).get("promoted") or {}).get("updated_by") == run_id
+
+        registration = registry.promote(reg, dataset, entry["run_id"], model_uri, new["metrics"], still_live)
+        ledger.update_run(run_id, lambda r: {**r, "registry": registration})
+    return done

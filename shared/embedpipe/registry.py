@@ -83,6 +83,7 @@ class ModelRegistry(Protocol):
         self, dataset: str, run_id: str, model_uri: str, info: dict | None = None, metrics: dict | None = None
     ) -> str: ...
     def point_alias(self, dataset: str, version: str) -> None: ...
+    def clear_alias(self, dataset: str) -> None: ...
 
 
 def model_id(dataset: str) -> str:
@@ -123,6 +124,9 @@ class LocalRegistry:
 
     def point_alias(self, dataset: str, version: str) -> None:
         log.debug("local model registry: alias %s -> %s not sent anywhere", ALIAS, version)
+
+    def clear_alias(self, dataset: str) -> None:
+        pass
 
 
 class VertexRegistry:
@@ -200,12 +204,15 @@ class VertexRegistry:
         return keeper
 
     def point_alias(self, dataset: str, version: str) -> None:
+        # Vertex moves an alias that another version holds (it names one version per Model): one call, no clean-up
+        # pass, which could strip the alias off a version a concurrent move (a rollback) just gave it.
         self.client.merge_version_aliases(name=version, version_aliases=[ALIAS, DEFAULT_ALIAS])
-        for other in self._holders(dataset, ALIAS):
-            if other != version:
-                log.info("taking alias %s off %s", ALIAS, other)
-                self.client.merge_version_aliases(name=other, version_aliases=[f"-{ALIAS}"])
         log.info("model alias %s -> %s", ALIAS, version)
+
+    def clear_alias(self, dataset: str) -> None:
+        for holder in self._holders(dataset, ALIAS):  # `default` stays: one version must always hold it
+            log.info("taking alias %s off %s (its index is no longer live)", ALIAS, holder)
+            self.client.merge_version_aliases(name=holder, version_aliases=[f"-{ALIAS}"])
 
     # ---------------------------------------------------------------- helpers
     def _list(self, dataset: str, label_filter: str = "") -> tuple[bool, list]:
@@ -266,21 +273,42 @@ def for_settings(settings: Settings) -> ModelRegistry:
     return LocalRegistry(settings)
 
 
-def promote(reg: ModelRegistry, dataset: str, run_id: str, model_uri: str, metrics: dict | None = None) -> dict:
+def promote(
+    reg: ModelRegistry,
+    dataset: str,
+    run_id: str,
+    model_uri: str,
+    metrics: dict | None = None,
+    still_live: Callable[[], bool] | None = None,
+) -> dict:
     """Register the model of ``run_id`` (once: a version already registered for that run is reused) and point the
-    alias at it. Returns what the run record keeps. Never raises: the index is promoted already and stays promoted;
-    a failed or pending registration is recorded (``state`` failed | pending, with the error or the operation) and
-    caught up by the dataset's next promotion or rollback, which run this same step (see the README)."""
+    alias at it, unless ``still_live()`` says the index is no longer the live one by then (a rollback or another
+    promotion overtook this one while the upload ran: it moves the alias itself). Returns what the run record
+    keeps. Never raises: the index is promoted already and stays promoted. A failed or pending registration is
+    recorded (``state`` failed | pending, with the error or the operation) and the alias is taken off the previous
+    model (it no longer serves the live index; ``default`` stays, Vertex needs one holder); the dataset's next
+    promotion or rollback runs this same step and catches up."""
     out = {"registry": reg.name, "model": reg.model_name(dataset), "alias": ALIAS, "run_id": run_id}
+    version = None
     try:
         version = reg.register(dataset, run_id, model_uri, metrics=metrics)
+        if still_live is not None and not still_live():
+            log.info("dataset %s: run %s is no longer live: alias left to what replaced it", dataset, run_id)
+            return {**out, "version": version, "state": "superseded", "at": runs.iso(time.time())}
         reg.point_alias(dataset, version)
-    except RegistrationPending as exc:
-        log.warning("dataset %s: %s; the alias moves at the next promotion or rollback", dataset, exc)
-        return {**out, "state": "pending", "operation": exc.operation, "at": runs.iso(time.time())}
     except Exception as exc:  # recorded, not raised: see the docstring
-        log.exception("dataset %s: registering the model of run %s failed", dataset, run_id)
-        return {**out, "state": "failed", "error": f"{type(exc).__name__}: {exc}"[:1000], "at": runs.iso(time.time())}
+        pending = isinstance(exc, RegistrationPending)
+        if pending:
+            log.warning("dataset %s: %s; the alias moves at the next promotion or rollback", dataset, exc)
+        else:
+            log.exception("dataset %s: registering the model of run %s failed", dataset, run_id)
+        try:
+            reg.clear_alias(dataset)
+        except Exception:  # noqa: BLE001 - best effort: recorded below either way
+            log.exception("dataset %s: could not take alias %s off the previous model", dataset, ALIAS)
+        detail = {"operation": exc.operation} if pending else {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        state = "pending" if pending else "failed"
+        return {**out, "version": version, "state": state, **detail, "at": runs.iso(time.time())}
     state = "noop" if reg.name == "local" else "aliased"  # locally nothing was sent: the record shows the step
     return {**out, "version": version, "state": state, "at": runs.iso(time.time())}
 

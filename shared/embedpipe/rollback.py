@@ -184,7 +184,7 @@ def rollback(
     to: str | None = None,
     by: str = "",
     reason: str = "",
-    registry_alias: Callable[[Settings, str, dict], dict | None] | None = None,
+    registry_alias: Callable[..., dict | None] | None = None,
 ) -> Outcome:
     """Roll ``dataset`` back (see the module doc). Finishes an earlier rollback of the dataset cut short first."""
     registry_alias = registry_alias or point_registry_alias
@@ -256,7 +256,7 @@ def _complete(settings, ledger, client, publish, dataset: str, item: dict, regis
             None,
         )
     vectorstore.point_alias(client, vectorstore.alias_name(dataset), item["to"]["collection"])
-    registration = registry_alias(settings, dataset, st["promoted"])
+    registration = registry_alias(settings, dataset, st["promoted"], ledger=ledger)
     publish(topology.INDEX_UPDATED, Event.from_structured(item["event"]))
     _mark(ledger, dataset, item["id"], "done_at", registry=registration)
     log.info("rollback %s: %s -> %s", item["id"], item["from"]["collection"], item["to"]["collection"])
@@ -278,10 +278,15 @@ def _mark(ledger, dataset: str, rid: str, field: str, **extra) -> None:
     ledger.update_dataset(dataset, fn)
 
 
-def point_registry_alias(settings: Settings, dataset: str, entry: dict) -> dict:
+def point_registry_alias(settings: Settings, dataset: str, entry: dict, ledger=None) -> dict:
     """Point the model registry's alias at the version of the entry's model (``registry.promote``: in the cloud the
     Vertex version registered for the entry's run, registered now if its promotion could not; locally the no-op).
     Returns what the rollback records as its ``registry``; never raises (the Milvus alias has moved already)."""
+
+    def still_live() -> bool:  # a promotion that overtook the rollback moves the alias itself
+        live = (ledger or runs.Ledger(settings.artifacts_bucket)).get_dataset(dataset).get("promoted") or {}
+        return live.get("collection") == entry["collection"]
+
     return registry.promote(
-        registry.for_settings(settings), dataset, entry["run_id"], entry["model_uri"], entry.get("metrics")
+        registry.for_settings(settings), dataset, entry["run_id"], entry["model_uri"], entry.get("metrics"), still_live
     )

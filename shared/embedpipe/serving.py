@@ -34,6 +34,9 @@ PORT = 8080  # the container port the registry declares; Vertex passes it back a
 PREDICT_ROUTE = "/predict"
 HEALTH_ROUTE = "/health"
 KINDS = ("query", "document")
+MAX_BODY_BYTES = 2 << 20  # Vertex online prediction caps a request at 1.5 MB; a little over it for batch lines
+MAX_INSTANCES = 1024  # per request: one request must not hold the encode lock for minutes
+READ_TIMEOUT_S = 30  # a client that announces more bytes than it sends must not hold a thread forever
 
 
 class BadRequest(ValueError):
@@ -46,6 +49,10 @@ def texts(instances, parameters: dict | None, info) -> list[str]:
 
     if not isinstance(instances, list):
         raise BadRequest('"instances" must be a list')
+    if len(instances) > MAX_INSTANCES:
+        raise BadRequest(f"{len(instances)} instances, over the {MAX_INSTANCES} a request may hold")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise BadRequest('"parameters" must be an object')
     default = (parameters or {}).get("kind") or "query"
     out = []
     for n, item in enumerate(instances):
@@ -94,6 +101,8 @@ class Server:
 
 def handler(server: Server, health_route: str, predict_route: str):
     class Handler(BaseHTTPRequestHandler):
+        timeout = READ_TIMEOUT_S
+
         def log_message(self, fmt, *args):
             log.debug(fmt, *args)
 
@@ -118,12 +127,21 @@ def handler(server: Server, health_route: str, predict_route: str):
             if not server.loaded.is_set():
                 return self._send(503, {"error": "the model is still loading"})
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                length = self.headers.get("Content-Length") or "0"
+                if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                    raise BadRequest(f"Content-Length must be a number of bytes up to {MAX_BODY_BYTES}")
+                data = self.rfile.read(int(length))
+                if len(data) < int(length):
+                    raise BadRequest("the body is shorter than its Content-Length")
+                body = json.loads(data.decode("utf-8") or "{}")
                 if not isinstance(body, dict):
                     raise BadRequest('the body must be {"instances": [...]}')
                 return self._send(200, {"predictions": server.predict(body)})
-            except (BadRequest, json.JSONDecodeError) as exc:
+            except (BadRequest, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
                 return self._send(400, {"error": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - a reply, never a dropped connection
+                log.exception("predict failed")
+                return self._send(500, {"error": f"{type(exc).__name__}: {exc}"[:500]})
 
     return Handler
 

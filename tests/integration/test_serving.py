@@ -119,3 +119,33 @@ def test_bad_requests_are_refused_with_the_reason(server):
     assert status == 400 and "kind must be one of" in body["error"]
     status, body = post(server, {"instances": "not a list"})
     assert status == 400 and "instances" in body["error"]
+
+
+def raw(url: str, data: bytes, headers: dict) -> tuple[int, dict]:
+    """A request as a hostile client sends it (http.client: any header, any body)."""
+    import http.client
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.putrequest("POST", u.path)
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    conn.send(data)
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def test_hostile_requests_get_a_reply_never_a_dropped_connection(server):
+    assert raw(server, b"\xff\xfe", {"Content-Length": "2"})[0] == 400  # not UTF-8
+    status, body = raw(server, b"{}", {"Content-Length": "abc"})
+    assert status == 400 and "Content-Length" in body["error"]
+    status, body = raw(server, b"{}", {"Content-Length": str(10**13)})  # announced, never sent: refused unread
+    assert status == 400 and "Content-Length" in body["error"]
+    status, body = post(server, {"instances": ["x"], "parameters": "document"})
+    assert status == 400 and "parameters" in body["error"]
+    status, body = post(server, {"instances": ["x"] * 5000})
+    assert status == 400 and "over the" in body["error"]
+    status, _ = post(server, {"instances": ["still serving"]})
+    assert status == 200

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.run import ROOT
-from embedpipe.stack import isolated_ports
+from embedpipe.local.stack import isolated_ports
 
 
 def stack_env(state: Path, **extra: str) -> dict[str, str]:

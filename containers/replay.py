@@ -344,7 +344,7 @@ def build(rp: Replay, dockerfile: Path) -> bool:
 MODEL_CHECK = """
 import json, numpy as np
 from embedpipe.config import Settings
-from embedpipe.model import load_model
+from embedpipe.ml.model import load_model
 uri = Settings().base_model  # the image's default, whatever it is: no EMBEDPIPE_BASE_MODEL reaches the replay
 model, info = load_model(uri)
 vec = model.encode(["The trainer and the embedder load this model offline."])
@@ -356,7 +356,7 @@ print(json.dumps({"base_model": uri, "dim": info.dim, "fingerprint": info.finger
 ARGV_CHECK = """
 import json, sys
 import task
-from embedpipe.hypertune import TUNABLE
+from embedpipe.jobs.hypertune import TUNABLE
 argv = ["--dataset=d", "--run-id=r", "--base-model=m"]
 want = {}
 for name, kind in TUNABLE.items():
@@ -381,7 +381,7 @@ sys.exit(1 if wrong else 0)
 SCALARS_CHECK = """
 import json, sys, tempfile
 from pathlib import Path
-from embedpipe.scalars import ScalarLog
+from embedpipe.ml.scalars import ScalarLog
 out = Path(tempfile.mkdtemp())
 log = ScalarLog(str(out))
 for step, loss in ((1, 0.5), (2, 0.25)):
@@ -403,8 +403,8 @@ TRAIN_CHECK = """
 import json, sys
 import numpy as np
 from embedpipe.config import Settings
-from embedpipe.model import load_model
-from embedpipe.training import TrainParams, train
+from embedpipe.ml.model import load_model
+from embedpipe.ml.training import TrainParams, train
 model, info = load_model(Settings().base_model)
 pairs = [(f"what is topic {i}?", f"topic {i} is the subject of passage number {i}.", None) for i in range(8)]
 stats = train(model, pairs, TrainParams(batch_size=4, max_steps=2, epochs=1, max_seq_length=32, mini_batch_size=4))
@@ -418,8 +418,8 @@ import io, json, sys
 import numpy as np
 import pyarrow as pa, pyarrow.parquet as pq
 from embedpipe.config import Settings
-from embedpipe.embedding import encode
-from embedpipe.model import load_model
+from embedpipe.ml.embedding import encode
+from embedpipe.ml.model import load_model
 model, info = load_model(Settings().base_model, inference=True)
 vectors = encode(model, [f"document {i} of the replay" for i in range(20)])
 buf = io.BytesIO()

@@ -30,8 +30,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from embedpipe.evaluation import evaluate  # trec_eval through pytrec_eval, the pipeline's own definitions
-from embedpipe.stack import isolated_ports
+from embedpipe.local.stack import isolated_ports
+from embedpipe.retrieval.evaluation import evaluate  # trec_eval through pytrec_eval, the pipeline's own definitions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "quality-results.json"
@@ -99,7 +99,7 @@ def stack_env() -> dict[str, str]:
 
 def search_port(env: dict[str, str]) -> int:
     from embedpipe.config import Settings
-    from embedpipe.stack import component_ports
+    from embedpipe.local.stack import component_ports
 
     return component_ports(Settings.from_env(env))["search"]
 

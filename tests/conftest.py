@@ -21,7 +21,7 @@ def tiny_model(tmp_path_factory) -> str:
 def services(tmp_path_factory, tiny_model):
     """Real Pub/Sub emulator, fake-gcs-server and Milvus Lite server (no function processes: tests load the
     functions in-process through functions_framework.create_app)."""
-    from embedpipe import stack
+    from embedpipe.local import stack
 
     settings = isolated_settings(tmp_path_factory.mktemp("services-state"), tiny_model)
     apply_env(settings)

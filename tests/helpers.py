@@ -13,8 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
-from embedpipe import stack
 from embedpipe.config import Settings
+from embedpipe.local import stack
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -92,7 +92,8 @@ def apply_env(settings: Settings) -> None:
         del os.environ[key]
     os.environ.update(settings.to_env())
     os.environ.update(settings.emulator_env())
-    from embedpipe import bus, runtime, storage
+    from embedpipe import runtime
+    from embedpipe.gcp import bus, storage
 
     storage._client.cache_clear()
     bus._publisher.cache_clear()
@@ -150,7 +151,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
 
 def upload_folder(settings: Settings, folder: Path, dataset: str) -> list[str]:
     """Upload a BEIR folder's files into the data bucket; returns the ledger trigger keys of the uploads."""
-    from embedpipe import storage
+    from embedpipe.gcp import storage
 
     keys = []
     for path in sorted(Path(folder).rglob("*")):

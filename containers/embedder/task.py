@@ -7,7 +7,7 @@ there is one, so the indexer can compare both indexes on the same qrels in the s
 
 Full runs also embed with the untuned base model (``base_vector`` columns) when the shipped model is a fine-tune, so
 the indexer can score the base-model baseline on the same queries in the same run; every shard carries
-``bm25_text``, the document analyzed for BM25 (``embedpipe.lexical``). Non-finite vectors fail the job.
+``bm25_text``, the document analyzed for BM25 (``embedpipe.retrieval.lexical``). Non-finite vectors fail the job.
 
 Incremental mode (``--live-hashes``, DESIGN.md §3.2): the model is the promoted one; only documents whose content hash
 differs from the live index's table are embedded (sharded across replicas), and the ids the corpus snapshot no longer
@@ -18,7 +18,7 @@ Replica 0 writes ``intake.json`` (files its load left out for breaking cross-fil
 no deletions) and ``hashes.parquet``, the id -> content-hash table of the index this run leaves, which the indexer
 records on the promoted entry and the next incremental run diffs against (no scan of Milvus).
 
-``python -m task serve`` runs the image as a Vertex AI serving container instead (``embedpipe.serving``): the Model
+``python -m task serve`` runs the image as a Vertex AI serving container instead (``embedpipe.ml.serving``): the Model
 Registry's versions name this image with the argument ``serve``.
 """
 
@@ -36,9 +36,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from embedpipe import bqsource, distributed, incremental, intake, lexical, logs, storage
-from embedpipe.embedding import encode, shard
-from embedpipe.model import load_model
+from embedpipe import logs
+from embedpipe.control import incremental, intake
+from embedpipe.gcp import bqsource, storage
+from embedpipe.ml import distributed
+from embedpipe.ml.embedding import encode, shard
+from embedpipe.ml.model import load_model
+from embedpipe.retrieval import lexical
 
 log = logging.getLogger("embedder")
 
@@ -127,7 +131,7 @@ def base_model_for(info, mode: str):
 def main(argv: list[str]) -> int:
     logs.setup()
     if argv[:1] == ["serve"]:  # the same image as a Vertex AI serving container (the Model Registry's versions)
-        from embedpipe import serving
+        from embedpipe.ml import serving
 
         return serving.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__)

@@ -8,8 +8,8 @@ Hyperparameters come as flags, ``--learning-rate=...`` or ``--learning_rate=...`
 
 - Checkpoints every ``--checkpoint-every`` steps to ``AIP_CHECKPOINT_DIR``; a restarted job resumes from the latest.
 - Scalars to ``AIP_TENSORBOARD_LOG_DIR`` (TensorBoard files if ``tensorboard`` is installed, else ``scalars.jsonl``).
-- Multi-worker DDP from torchrun env or ``CLUSTER_SPEC`` (``embedpipe.distributed``); only rank 0 writes outputs.
-- Every choice is made on the selection split (``embedpipe.selection``: ``qrels/dev.tsv``, else held-out training
+- Multi-worker DDP from torchrun env or ``CLUSTER_SPEC`` (``embedpipe.ml.distributed``); only rank 0 writes outputs.
+- Every choice is made on the selection split (``embedpipe.ml.selection``: ``qrels/dev.tsv``, else held-out training
   pairs); ``qrels/test.tsv`` is never opened here. The sequence length comes from the corpus when not pinned
   (``--max-seq-length=0``); the best epoch is kept (early stopping); the base model ships instead when the fine-tune
   does not beat it (``tuned: false`` and the reason in ``embedpipe.json``); the default search mode and hybrid
@@ -29,11 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedpipe import bqsource, distributed, hypertune, intake, logs, selection, storage
-from embedpipe.checkpoints import Checkpoints
-from embedpipe.model import ModelInfo, git_sha, load_model, save_model
-from embedpipe.scalars import ScalarLog
-from embedpipe.training import TrainParams, seq_length_for, train
+from embedpipe import logs
+from embedpipe.control import intake
+from embedpipe.gcp import bqsource, storage
+from embedpipe.jobs import hypertune
+from embedpipe.ml import distributed, selection
+from embedpipe.ml.checkpoints import Checkpoints
+from embedpipe.ml.model import ModelInfo, git_sha, load_model, save_model
+from embedpipe.ml.scalars import ScalarLog
+from embedpipe.ml.training import TrainParams, seq_length_for, train
 
 log = logging.getLogger("trainer")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functions_framework
 
-from embedpipe.events import parse_object_change
+from embedpipe.contracts.events import parse_object_change
 from embedpipe.runtime import acked
 
 

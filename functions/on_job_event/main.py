@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functions_framework
 
-from embedpipe.events import parse_job_log_entry, parse_push
+from embedpipe.contracts.events import parse_job_log_entry, parse_push
 from embedpipe.runtime import acked
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functions_framework
 
-from embedpipe.events import parse_push, parse_retrain
+from embedpipe.contracts.events import parse_push, parse_retrain
 from embedpipe.runtime import acked
 
 

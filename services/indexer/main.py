@@ -6,8 +6,8 @@ import functions_framework
 import pyarrow.parquet  # noqa: F401 - imported at start-up rather than on the first request's clock (~0.8 s)
 import pymilvus  # noqa: F401
 
-from embedpipe.events import parse_push
-from embedpipe.indexing import index_run
+from embedpipe.contracts.events import parse_push
+from embedpipe.index.indexing import index_run
 from embedpipe.runtime import acked
 
 

@@ -14,10 +14,11 @@ import logging
 
 import functions_framework
 
-from embedpipe import auth, logs
+from embedpipe import logs
 from embedpipe.config import Settings
-from embedpipe.events import INDEX_UPDATED
-from embedpipe.search import NotIndexed, Searcher
+from embedpipe.contracts.events import INDEX_UPDATED
+from embedpipe.gcp import auth
+from embedpipe.index.search import NotIndexed, Searcher
 
 logs.setup()
 log = logging.getLogger("search")

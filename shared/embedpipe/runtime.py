@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 
-from embedpipe import auth, logs
+from embedpipe import logs
 from embedpipe.config import Settings
-from embedpipe.events import EventError
-from embedpipe.pipeline import Pipeline
+from embedpipe.contracts.events import EventError
+from embedpipe.control.pipeline import Pipeline
+from embedpipe.gcp import auth
 
 log = logging.getLogger(__name__)
 

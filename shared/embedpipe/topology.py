@@ -120,7 +120,7 @@ _LEDGER = ("bucket:artifacts_bucket", "roles/storage.objectUser")  # run ledger,
 _INTAKE = ("bucket:data_bucket", "roles/storage.objectUser")  # reads uploads, moves bad ones under quarantine/
 _RUN_EVENTS = ("topic:" + RUN_EVENTS, "roles/pubsub.publisher")  # stage changes, run.failed, file.rejected
 # Vertex AI has no per-job IAM: launching is a project-wide grant, so instead of roles/aiplatform.user (hundreds of
-# permissions: models, endpoints, datasets...) a custom role with exactly what ``embedpipe.vertex`` calls: create,
+# permissions: models, endpoints, datasets...) a custom role with exactly what ``embedpipe.jobs.vertex`` calls: create,
 # get, list (the idempotency lookup by label) and cancel, for custom jobs and tuning jobs.
 JOB_LAUNCHER_ROLE = "embedpipeJobLauncher"
 JOB_LAUNCHER_PERMISSIONS = tuple(
@@ -128,7 +128,7 @@ JOB_LAUNCHER_PERMISSIONS = tuple(
     for kind in ("customJobs", "hyperparameterTuningJobs")
     for verb in ("create", "get", "list", "cancel")
 )
-# The Model Registry (embedpipe.registry): the indexer uploads each promoted model as a version of its dataset's
+# The Model Registry (embedpipe.index.registry): the indexer uploads each promoted model as a version of its dataset's
 # Model and moves the `promoted` alias; `embedpipe rollback` moves it back (run by an operator: grant them the same
 # role). Exactly those calls again, not roles/aiplatform.user: upload, list (the run-id lookup that keeps a
 # registration idempotent, the alias holders), get (polling the upload's long-running operation), update

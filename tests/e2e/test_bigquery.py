@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from embedpipe import vectorstore
-from embedpipe.datasets import load_dir
+from embedpipe.contracts.datasets import load_dir
+from embedpipe.retrieval import vectorstore
 from tests.helpers import FIXTURES, cli, cli_stack, isolated_settings
 
 pytestmark = pytest.mark.e2e

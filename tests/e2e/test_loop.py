@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-from embedpipe import datasets, stack, vectorstore
+from embedpipe.contracts import datasets
+from embedpipe.local import stack
+from embedpipe.retrieval import vectorstore
 from tests.helpers import FIXTURES, ROOT, cli, isolated_settings
 
 pytestmark = pytest.mark.e2e

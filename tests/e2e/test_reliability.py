@@ -18,8 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedpipe import bus, datasets, runs, stack, storage, topology, vectorstore
-from embedpipe.runs import Ledger
+from embedpipe import topology
+from embedpipe.contracts import datasets
+from embedpipe.gcp import bus, storage
+from embedpipe.ledger import runs
+from embedpipe.ledger.runs import Ledger
+from embedpipe.local import stack
+from embedpipe.retrieval import vectorstore
 from tests.helpers import (
     FIXTURES,
     cli,
@@ -51,8 +56,8 @@ def index_ids(settings, alias: str) -> set[str]:
 def assert_index_is_the_corpus(settings, record: dict, folder: Path = TINY) -> None:
     """The live collection holds exactly the corpus' ids, and each row's vector embeds its own document (with the
     run's model), so no row was lost, duplicated or mixed up by the fault."""
-    from embedpipe.embedding import encode
-    from embedpipe.model import load_model
+    from embedpipe.ml.embedding import encode
+    from embedpipe.ml.model import load_model
 
     corpus = datasets.load_dir(folder).corpus
     alias = vectorstore.alias_name(record["dataset"])

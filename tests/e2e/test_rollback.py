@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from embedpipe import vectorstore
-from embedpipe.events import Event, validate
-from embedpipe.runs import Ledger
+from embedpipe.contracts.events import Event, validate
+from embedpipe.ledger.runs import Ledger
+from embedpipe.retrieval import vectorstore
 from tests.helpers import FIXTURES, cli, cli_stack, isolated_settings, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from embedpipe import datasets, lexical, storage
-from embedpipe.embedding import encode
-from embedpipe.jobs import JobSpec, LocalJobLauncher
-from embedpipe.model import ModelInfo, load_model, save_model
+from embedpipe.contracts import datasets
+from embedpipe.gcp import storage
+from embedpipe.jobs.local import JobSpec, LocalJobLauncher
+from embedpipe.ml.embedding import encode
+from embedpipe.ml.model import ModelInfo, load_model, save_model
+from embedpipe.retrieval import lexical
 from tests.helpers import FIXTURES, upload_folder
 
 

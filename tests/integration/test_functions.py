@@ -10,9 +10,13 @@ import time
 import functions_framework
 import pytest
 
-from embedpipe import bus, datasets, runs, storage, topology, vectorstore
-from embedpipe.jobs import LocalJobLauncher
-from embedpipe.runs import Ledger
+from embedpipe import topology
+from embedpipe.contracts import datasets
+from embedpipe.gcp import bus, storage
+from embedpipe.jobs.local import LocalJobLauncher
+from embedpipe.ledger import runs
+from embedpipe.ledger.runs import Ledger
+from embedpipe.retrieval import vectorstore
 from tests.helpers import FIXTURES, ROOT, job_specs, post, push_event, upload_folder
 
 

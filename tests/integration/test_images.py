@@ -55,7 +55,11 @@ def test_requirements_match_the_import_closure(name):
 def test_the_build_context_holds_only_what_the_image_copies(name):
     ignore = replay.dockerignore(images.IMAGES[name].dockerfile)
     other = next(i for i in replay.IMAGES if i != name)
-    kept = ["shared/pyproject.toml", "shared/embedpipe/model.py", "shared/embedpipe/schemas/run_failed.v1.json"]
+    kept = [
+        "shared/pyproject.toml",
+        "shared/embedpipe/ml/model.py",
+        "shared/embedpipe/contracts/schemas/run_failed.v1.json",
+    ]
     kept += [f"containers/{name}/task.py", f"containers/{name}/requirements.txt"]
     dropped = ["shared/embedpipe.egg-info/PKG-INFO", "shared/embedpipe/__pycache__/model.cpython-311.pyc"]
     dropped += [".venv/bin/python", ".embedpipe/state.json", f"containers/{other}/task.py", "requirements.txt"]

@@ -11,12 +11,15 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe import incremental, runs, storage, vectorstore
-from embedpipe.events import Event
-from embedpipe.indexing import index_run
-from embedpipe.jobs import LocalJobLauncher
-from embedpipe.pipeline import Pipeline
-from embedpipe.runs import Ledger
+from embedpipe.contracts.events import Event
+from embedpipe.control import incremental
+from embedpipe.control.pipeline import Pipeline
+from embedpipe.gcp import storage
+from embedpipe.index.indexing import index_run
+from embedpipe.jobs.local import LocalJobLauncher
+from embedpipe.ledger import runs
+from embedpipe.ledger.runs import Ledger
+from embedpipe.retrieval import vectorstore
 
 DATASET = "incr"
 N = 200
@@ -166,7 +169,7 @@ def test_a_large_change_is_rebuilt_into_a_new_collection_behind_the_gate(pipe):
 def test_an_in_place_update_that_failed_part_way_is_rebuilt_by_the_next_run(pipe, monkeypatch):
     """Upserts landed, then the deletes failed: the promoted table no longer describes the live collection, so the
     next run must not diff against it (a change reverted meanwhile would look unchanged): it rebuilds."""
-    from embedpipe import indexing
+    from embedpipe.index import indexing
 
     client = vectorstore.connect(pipe.settings.milvus_uri)
     live = pipe.ledger.get_dataset(DATASET)["promoted"]["collection"]

@@ -15,11 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe import bulkload, indexing, lexical, runs, storage, vectorstore
-from embedpipe.events import Event
-from embedpipe.indexing import index_run
-from embedpipe.pipeline import Pipeline
-from embedpipe.runs import Ledger
+from embedpipe.contracts.events import Event
+from embedpipe.control.pipeline import Pipeline
+from embedpipe.gcp import storage
+from embedpipe.index import bulkload, indexing
+from embedpipe.index.indexing import index_run
+from embedpipe.ledger import runs
+from embedpipe.ledger.runs import Ledger
+from embedpipe.retrieval import lexical, vectorstore
 from tests.helpers import ROOT
 
 DIM, N_DOCS, N_QUERIES = 32, 60, 20

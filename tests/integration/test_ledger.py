@@ -7,10 +7,10 @@ import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from embedpipe import storage
-from embedpipe.events import ObjectChange
-from embedpipe.pipeline import Pipeline
-from embedpipe.runs import PENDING, Ledger
+from embedpipe.contracts.events import ObjectChange
+from embedpipe.control.pipeline import Pipeline
+from embedpipe.gcp import storage
+from embedpipe.ledger.runs import PENDING, Ledger
 
 N_UPLOADS = 200
 

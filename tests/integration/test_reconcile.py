@@ -14,9 +14,11 @@ import time
 import functions_framework
 import pytest
 
-from embedpipe import bus, runs, storage, topology
-from embedpipe.jobs import LocalJobLauncher
-from embedpipe.runs import Ledger
+from embedpipe import topology
+from embedpipe.gcp import bus, storage
+from embedpipe.jobs.local import LocalJobLauncher
+from embedpipe.ledger import runs
+from embedpipe.ledger.runs import Ledger
 from tests.helpers import FIXTURES, ROOT, apply_env, post, push_event
 
 

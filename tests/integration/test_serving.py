@@ -17,9 +17,9 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from embedpipe.datasets import Doc
-from embedpipe.embedding import encode
-from embedpipe.model import INFO_FILE, ModelInfo, load_model
+from embedpipe.contracts.datasets import Doc
+from embedpipe.ml.embedding import encode
+from embedpipe.ml.model import INFO_FILE, ModelInfo, load_model
 from tests.helpers import ROOT
 
 

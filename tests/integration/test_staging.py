@@ -15,7 +15,8 @@ import sysconfig
 
 import pytest
 
-from embedpipe import bus, deploy, storage, topology
+from embedpipe import deploy, topology
+from embedpipe.gcp import bus, storage
 from tests.helpers import FIXTURES, ROOT
 
 PROJECT = "embedpipe-staging"  # own project and buckets on the shared emulators: no crosstalk with other tests
@@ -89,7 +90,7 @@ def test_staged_component_runs_alone(services, staged, name, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["main.py", "embedpipe", "requirements.txt", *(["Procfile"] if deploy.is_service(c) else [])]
     )
-    assert (folder / "embedpipe" / "schemas" / "index_updated.v1.json").exists()
+    assert (folder / "embedpipe" / "contracts" / "schemas" / "index_updated.v1.json").exists()
     env = {
         **{k: v for k, v in services.to_env().items()},
         **services.emulator_env(),

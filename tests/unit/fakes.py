@@ -11,8 +11,8 @@ from typing import Any
 
 from cloudevents.http import CloudEvent
 
-from embedpipe.jobs import JobSpec, JobStatus
-from embedpipe.storage import PreconditionFailed
+from embedpipe.gcp.storage import PreconditionFailed
+from embedpipe.jobs.local import JobSpec, JobStatus
 
 EVENTS_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "events"
 

@@ -15,10 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from google.auth import crypt, jwt
 
-from embedpipe import auth, runtime, topology
+from embedpipe import runtime, topology
 from embedpipe.config import Settings
-from embedpipe.pipeline import Pipeline
-from embedpipe.runs import Ledger
+from embedpipe.control.pipeline import Pipeline
+from embedpipe.gcp import auth
+from embedpipe.ledger.runs import Ledger
 from tests.helpers import ROOT
 from tests.unit.fakes import FakeLauncher, FakeStore, load_event
 

@@ -1,4 +1,4 @@
-"""embedpipe.bqsource: source.json is validated with errors naming the key (and line for broken JSON); table rows
+"""embedpipe.gcp.bqsource: source.json is validated with errors naming the key (and line for broken JSON); table rows
 become the records a BEIR line parses to and pass the same checks as files, their errors naming the table and row;
 the launch check counts a corpus table and quarantines a broken source.json; a rejected table is reported, not
 moved. Rows come from a fake Storage Read (the real one is in tests/e2e/test_bigquery.py)."""
@@ -12,8 +12,10 @@ import types
 
 import pytest
 
-from embedpipe import bqsource, datasets, intake
 from embedpipe.config import Settings
+from embedpipe.contracts import datasets
+from embedpipe.control import intake
+from embedpipe.gcp import bqsource
 from tests.unit.test_intake import DATA, FakeGCS, jl
 
 T = "my-proj.shop.docs"
@@ -153,7 +155,7 @@ def test_a_qrels_row_naming_an_unknown_query_names_the_table(monkeypatch):
 
 @pytest.fixture
 def gcs(monkeypatch):
-    from embedpipe import storage
+    from embedpipe.gcp import storage
 
     fake = FakeGCS()
     monkeypatch.setattr(storage, "client", lambda: fake)

@@ -1,4 +1,4 @@
-"""embedpipe.bulkload: when the scale path is taken, and the import requests it sends (no server needed)."""
+"""embedpipe.index.bulkload: when the scale path is taken, and the import requests it sends (no server needed)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe import bulkload, vectorstore
 from embedpipe.config import Settings
+from embedpipe.index import bulkload
+from embedpipe.retrieval import vectorstore
 
 
 def test_bulk_import_only_above_the_threshold_and_with_a_bucket():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedpipe.checkpoints import Checkpoints, UnsafeCheckpoint
-from embedpipe.training import _rng_state
+from embedpipe.ml.checkpoints import Checkpoints, UnsafeCheckpoint
+from embedpipe.ml.training import _rng_state
 
 
 class _Exploit:

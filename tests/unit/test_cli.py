@@ -6,7 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from embedpipe import bus, cli, topology
+from embedpipe import cli, topology
+from embedpipe.gcp import bus
 
 
 def test_events_leaves_cloud_dead_letters_in_their_subscription_and_shows_each_once(monkeypatch, tmp_path):

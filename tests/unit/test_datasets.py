@@ -1,4 +1,4 @@
-"""embedpipe.datasets: strict BEIR parsing with precise errors, training pairs, object paths."""
+"""embedpipe.contracts.datasets: strict BEIR parsing with precise errors, training pairs, object paths."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from embedpipe import datasets
-from embedpipe.datasets import (
+from embedpipe.contracts import datasets
+from embedpipe.contracts.datasets import (
     MAX_ID_BYTES,
     MAX_LINE_BYTES,
     DatasetError,
@@ -568,7 +568,7 @@ def test_the_content_hash_keeps_its_definition():
     import hashlib
     import json
 
-    from embedpipe.datasets import Doc
+    from embedpipe.contracts.datasets import Doc
 
     texts = ["", "plain", 'quote " and \\ backslash', "caf\u00e9 \u2014 \U0001f600"]
     texts += ["tab\tnew\nline\r\x01\x1f", "\u2028"]

@@ -285,7 +285,7 @@ def test_import_closure_follows_lazy_imports_and_skips_optional_ones(tmp_path):
 @pytest.mark.parametrize("fixture", ["ml_job_sink_entry_push.json", "ml_job_local_runner_push.json"])
 def test_the_log_sink_filter_selects_both_job_entries_and_they_parse_alike(fixture):
     """The real sink entry and the local runner's entry pass the sink's filter terms and give the same hint."""
-    from embedpipe.events import parse_job_log_entry, parse_push
+    from embedpipe.contracts.events import parse_job_log_entry, parse_push
     from tests.unit.fakes import load_event
 
     msg = parse_push(load_event(fixture))

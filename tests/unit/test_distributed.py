@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from embedpipe.distributed import DistInfo, backend, from_env, parse_cluster_spec
+from embedpipe.ml.distributed import DistInfo, backend, from_env, parse_cluster_spec
 
 CLUSTER = {"workerpool0": ["cmle-training-workerpool0-ab-0:2222"], "workerpool1": ["w1-0:2222", "w1-1:2222"]}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe import indexing
+from embedpipe.index import indexing
 from tests.helpers import container_task
 
 

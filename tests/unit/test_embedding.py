@@ -1,4 +1,4 @@
-"""embedpipe.embedding.token_batches: length-sorted batches within a padded-token budget."""
+"""embedpipe.ml.embedding.token_batches: length-sorted batches within a padded-token budget."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from embedpipe.embedding import padded, shard, token_batches
+from embedpipe.ml.embedding import padded, shard, token_batches
 
 
 def check(lengths: list[int], budget: int, max_batch: int = 512) -> list[list[int]]:

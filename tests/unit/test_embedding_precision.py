@@ -1,12 +1,13 @@
-"""embedpipe.embedding.encode: bf16 autocast stays within cosine 0.999 of fp32; background tokenization keeps order."""
+"""embedpipe.ml.embedding.encode: bf16 autocast stays within cosine 0.999 of fp32; background tokenization keeps
+order."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embedpipe import embedding
-from embedpipe.model import load_model
+from embedpipe.ml import embedding
+from embedpipe.ml.model import load_model
 
 TEXTS = [
     f"document {i}: " + " ".join(["river", "bank", "loan", "water", "rate"][: 1 + i % 5]) * (1 + i % 7)

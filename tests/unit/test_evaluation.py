@@ -1,4 +1,5 @@
-"""embedpipe.evaluation: recall@k, MRR@10 and nDCG@10 against hand-computed values, rank fusion, exact top-k."""
+"""embedpipe.retrieval.evaluation: recall@k, MRR@10 and nDCG@10 against hand-computed values, rank fusion, exact
+top-k."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from embedpipe.evaluation import FUSIONS, METRIC_KEYS, TopK, evaluate, fuse, per_query
+from embedpipe.retrieval.evaluation import FUSIONS, METRIC_KEYS, TopK, evaluate, fuse, per_query
 
 
 def approx(value: float) -> object:

@@ -1,4 +1,4 @@
-"""embedpipe.events: parsing what functions-framework delivers, and the CloudEvents we publish."""
+"""embedpipe.contracts.events: parsing what functions-framework delivers, and the CloudEvents we publish."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 from cloudevents.http import CloudEvent
 
-from embedpipe import events
-from embedpipe.events import (
+from embedpipe.contracts import events
+from embedpipe.contracts.events import (
     INDEX_UPDATED,
     RUN_FAILED,
     Event,

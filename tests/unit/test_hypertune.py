@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from embedpipe import hypertune
+from embedpipe.jobs import hypertune
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""embedpipe.incremental: which runs are incremental, and the content-hash diff against the live index."""
+"""embedpipe.control.incremental: which runs are incremental, and the content-hash diff against the live index."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from embedpipe.incremental import FULL, INCREMENTAL, diff, digest, kind_for, plan
+from embedpipe.control.incremental import FULL, INCREMENTAL, diff, digest, kind_for, plan
 
 PROMOTED = {
     "collection": "demo__20260101t000000_abcdef",

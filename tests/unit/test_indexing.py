@@ -1,4 +1,4 @@
-"""embedpipe.indexing.decide and score: the promotion gate against the live index and the baselines (BM25 alone,
+"""embedpipe.index.indexing.decide and score: the promotion gate against the live index and the baselines (BM25 alone,
 the untuned base model), in both directions, with tolerance; served = the mode chosen at training time."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from pymilvus.exceptions import MilvusException, ParamError
 
 from embedpipe.config import Settings
-from embedpipe.indexing import check_deletes, decide, load_manifests, permanent_milvus_error, score
+from embedpipe.index.indexing import check_deletes, decide, load_manifests, permanent_milvus_error, score
 
 METRICS = ("ndcg@10", "recall@10")
 
@@ -93,7 +93,7 @@ def test_permanent_milvus_errors_are_told_from_transient_ones():
 
 
 def test_shards_of_another_embed_attempt_are_refused(monkeypatch):
-    from embedpipe import storage
+    from embedpipe.gcp import storage
 
     manifests = {
         "gs://a/runs/r/embeddings/2/manifest-00000.json": {"replica": 0, "replicas": 2, "job_key": "r/embed/2"},

@@ -9,7 +9,9 @@ import json
 import pytest
 from google.api_core import exceptions as gexc
 
-from embedpipe import datasets, intake, storage
+from embedpipe.contracts import datasets
+from embedpipe.control import intake
+from embedpipe.gcp import storage
 
 DATA = "data"
 NESTED = b'{"_id": "a", "text": "x", "metadata": {"m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}\n"

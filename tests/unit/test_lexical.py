@@ -1,8 +1,8 @@
-"""embedpipe.lexical: Lucene stop words + Snowball stems, and the in-memory BM25 index used by selection."""
+"""embedpipe.retrieval.lexical: Lucene stop words + Snowball stems, and the in-memory BM25 index used by selection."""
 
 from __future__ import annotations
 
-from embedpipe.lexical import BM25Index, analyzed, tokens
+from embedpipe.retrieval.lexical import BM25Index, analyzed, tokens
 
 
 def test_inflections_share_stems():

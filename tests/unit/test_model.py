@@ -1,7 +1,7 @@
 import pytest
 
-from embedpipe import model
 from embedpipe.config import Settings
+from embedpipe.ml import model
 
 
 def test_the_default_base_model_resolves_to_the_installed_package_offline():

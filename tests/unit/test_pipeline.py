@@ -1,4 +1,5 @@
-"""embedpipe.pipeline: what each trigger does to the ledger and which jobs it launches (fakes for store and jobs)."""
+"""embedpipe.control.pipeline: what each trigger does to the ledger and which jobs it launches (fakes for store and
+jobs)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import typer
 from google.api_core import exceptions as gexc
 from typer.testing import CliRunner
 
-from embedpipe import cli, datasets, events, intake, pipeline, runs, storage, topology
+from embedpipe import cli, topology
 from embedpipe.config import Settings
-from embedpipe.datasets import Notice
-from embedpipe.events import (
+from embedpipe.contracts import datasets, events
+from embedpipe.contracts.datasets import Notice
+from embedpipe.contracts.events import (
     INDEX_REQUESTED,
     RUN_FAILED,
     RUN_STAGE,
@@ -26,9 +28,12 @@ from embedpipe.events import (
     ObjectChange,
     RetrainRequest,
 )
-from embedpipe.jobs import JobSpec
-from embedpipe.pipeline import Pipeline
-from embedpipe.runs import EMBEDDING, FAILED, INDEXING, PENDING, SUCCEEDED, TRAINING, Ledger
+from embedpipe.control import intake, pipeline
+from embedpipe.control.pipeline import Pipeline
+from embedpipe.gcp import storage
+from embedpipe.jobs.local import JobSpec
+from embedpipe.ledger import runs
+from embedpipe.ledger.runs import EMBEDDING, FAILED, INDEXING, PENDING, SUCCEEDED, TRAINING, Ledger
 from tests.unit.fakes import Clock, FakeLauncher, FakeStore, load_event
 
 DATA = "embedpipe-data"

@@ -1,5 +1,5 @@
 """``make quality``'s own parts without a stack: locating the data, judged queries, the table, asking the search
-service for its default mode (scoring is ``embedpipe.evaluation``, tested in test_evaluation.py)."""
+service for its default mode (scoring is ``embedpipe.retrieval.evaluation``, tested in test_evaluation.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from embedpipe.evaluation import METRIC_KEYS, evaluate
+from embedpipe.retrieval.evaluation import METRIC_KEYS, evaluate
 from quality import run
 
 

@@ -1,6 +1,6 @@
-"""embedpipe.registry: the requests VertexRegistry sends through the real gapic ModelServiceClient (REST transport) to
-a local HTTP server that records them and answers like the Vertex AI Model Registry; the local no-op; rollback
-moving the registry alias. No credentials, no network."""
+"""embedpipe.index.registry: the requests VertexRegistry sends through the real gapic ModelServiceClient (REST
+transport) to a local HTTP server that records them and answers like the Vertex AI Model Registry; the local no-op;
+rollback moving the registry alias. No credentials, no network."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from google.cloud import aiplatform_v1
 
-from embedpipe import registry, rollback, serving, vectorstore
 from embedpipe.config import Settings
-from embedpipe.registry import ALIAS, LocalRegistry, VertexRegistry
-from embedpipe.runs import Ledger
+from embedpipe.index import registry, rollback
+from embedpipe.index.registry import ALIAS, LocalRegistry, VertexRegistry
+from embedpipe.ledger.runs import Ledger
+from embedpipe.ml import serving
+from embedpipe.retrieval import vectorstore
 from tests.unit.fakes import FakeMilvus, FakeStore
 from tests.unit.test_vertex import settings
 

@@ -1,10 +1,10 @@
-"""embedpipe.report: one self-contained HTML page with the three plots."""
+"""embedpipe.index.report: one self-contained HTML page with the three plots."""
 
 from __future__ import annotations
 
 import re
 
-from embedpipe.report import render
+from embedpipe.index.report import render
 
 METRICS = {"recall@1": 0.4, "recall@5": 0.7, "recall@10": 0.8, "recall@100": 0.95, "mrr@10": 0.5, "ndcg@10": 0.6}
 

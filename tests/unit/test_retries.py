@@ -7,7 +7,7 @@ import requests
 from google.api_core import exceptions as gexc
 from tenacity import wait_none
 
-from embedpipe.retries import is_transient, transient
+from embedpipe.gcp.retries import is_transient, transient
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from embedpipe import rollback, vectorstore
 from embedpipe.config import Settings
-from embedpipe.events import Event, validate
-from embedpipe.runs import Ledger
+from embedpipe.contracts.events import Event, validate
+from embedpipe.index import rollback
+from embedpipe.ledger.runs import Ledger
+from embedpipe.retrieval import vectorstore
 from tests.unit.fakes import FakeMilvus, FakeStore
 
 DS = "docs"

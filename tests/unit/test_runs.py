@@ -1,12 +1,12 @@
-"""embedpipe.runs: the run ledger (claims, coalescing pending runs, monotonic compare-and-set transitions)."""
+"""embedpipe.ledger.runs: the run ledger (claims, coalescing pending runs, monotonic compare-and-set transitions)."""
 
 from __future__ import annotations
 
 import pytest
 
-from embedpipe import runs
-from embedpipe.runs import EMBEDDING, FAILED, INDEXING, PENDING, PUBLISHING, SUCCEEDED, TRAINING, Ledger, is_past
-from embedpipe.storage import PreconditionFailed
+from embedpipe.gcp.storage import PreconditionFailed
+from embedpipe.ledger import runs
+from embedpipe.ledger.runs import EMBEDDING, FAILED, INDEXING, PENDING, PUBLISHING, SUCCEEDED, TRAINING, Ledger, is_past
 
 BUCKET = "embedpipe-artifacts"
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from embedpipe import storage
-from embedpipe.scalars import ScalarLog
+from embedpipe.gcp import storage
+from embedpipe.ml.scalars import ScalarLog
 
 
 def test_a_gcs_log_dir_is_staged_locally_and_the_staging_folder_removed_on_close(monkeypatch):

@@ -14,9 +14,9 @@ import weakref
 import functions_framework
 import pytest
 
-from embedpipe import search as search_mod
 from embedpipe.config import Settings
-from embedpipe.runs import Ledger
+from embedpipe.index import search as search_mod
+from embedpipe.ledger.runs import Ledger
 from tests.helpers import ROOT
 from tests.unit.fakes import FakeStore
 

@@ -1,13 +1,13 @@
-"""embedpipe.selection: the selection split (dev qrels, else held-out training pairs) and the choice of the default
+"""embedpipe.ml.selection: the selection split (dev qrels, else held-out training pairs) and the choice of the default
 search mode and hybrid weight."""
 
 from __future__ import annotations
 
 import pytest
 
-from embedpipe import selection
-from embedpipe.datasets import Dataset, Doc
-from embedpipe.selection import HELDOUT_MIN, HELDOUT_SHARE, Task, choose_search, split_pairs, task_for
+from embedpipe.contracts.datasets import Dataset, Doc
+from embedpipe.ml import selection
+from embedpipe.ml.selection import HELDOUT_MIN, HELDOUT_SHARE, Task, choose_search, split_pairs, task_for
 
 
 def make_pairs(anchors: int, multi_every: int = 3) -> list[tuple[str, str, str | None]]:

@@ -1,11 +1,11 @@
-"""embedpipe.stack's health checks, without starting anything."""
+"""embedpipe.local.stack's health checks, without starting anything."""
 
 from __future__ import annotations
 
 import socket
 import threading
 
-from embedpipe import stack
+from embedpipe.local import stack
 
 
 def test_a_health_check_answered_by_a_non_http_server_is_not_healthy_yet():

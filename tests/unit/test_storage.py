@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from embedpipe import storage
+from embedpipe.gcp import storage
 
 
 class _Blob:

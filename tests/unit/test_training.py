@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from embedpipe import datasets
-from embedpipe.checkpoints import Checkpoints
-from embedpipe.model import load_model
-from embedpipe.scalars import ScalarLog
-from embedpipe.training import (
+from embedpipe.contracts import datasets
+from embedpipe.ml.checkpoints import Checkpoints
+from embedpipe.ml.model import load_model
+from embedpipe.ml.scalars import ScalarLog
+from embedpipe.ml.training import (
     NonFiniteLoss,
     TrainParams,
     evaluate_exact,

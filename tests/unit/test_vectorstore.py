@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from embedpipe import vectorstore
+from embedpipe.retrieval import vectorstore
 
 HOSTILE = ["x'] or id not in ['", "a'b", "back\\slash", '"dq"', 'x" or "1', "ünï €😀", "tail\\"]
 

@@ -1,5 +1,5 @@
-"""embedpipe.vertex: the requests VertexJobLauncher builds, sent through the real gapic client (REST transport) to a
-local HTTP server that records them and answers like Vertex AI. No credentials, no network."""
+"""embedpipe.jobs.vertex: the requests VertexJobLauncher builds, sent through the real gapic client (REST transport) to
+a local HTTP server that records them and answers like Vertex AI. No credentials, no network."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from google.cloud import aiplatform_v1
 
 from embedpipe.config import Settings
-from embedpipe.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec
-from embedpipe.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, console_url, key_hash, label_value
+from embedpipe.jobs.local import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec
+from embedpipe.jobs.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, console_url, key_hash, label_value
 
 PARENT = "projects/demo-project/locations/us-central1"
 
@@ -402,7 +402,7 @@ def test_the_launcher_does_not_import_aiplatform_until_used():
     import sys
 
     code = (
-        "import sys; from embedpipe.config import Settings; from embedpipe.vertex import VertexJobLauncher; "
+        "import sys; from embedpipe.config import Settings; from embedpipe.jobs.vertex import VertexJobLauncher; "
         "VertexJobLauncher(Settings()).name_for('1'); "
         "assert not [m for m in sys.modules if m.startswith('google.cloud.aiplatform')], 'imported aiplatform'"
     )

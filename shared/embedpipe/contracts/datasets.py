@@ -1,0 +1,534 @@
+"""BEIR-format datasets: layout, strict parsing with precise errors, and training pairs.
+
+Layout under ``gs://DATA/datasets/<dataset>/`` (DESIGN.md §3.1)::
+
+    corpus.jsonl | corpus/*.jsonl   {"_id", "title"?, "text", "metadata"?}
+    queries.jsonl                   {"_id", "text"}
+    qrels/<split>.tsv               header "query-id\tcorpus-id\tscore"
+    pairs/*.jsonl                   {"anchor", "positive", "negative"?}   (optional)
+
+Every error names the file, the line and the reason; a bad line fails its file, never silently skipped. What
+published BEIR folders legitimately hold is accepted the way BEIR's loader and trec_eval accept it, with a
+``Notice`` (file, line, reason) instead of an error: a document with a title and no text is a title-only document;
+a document with neither is skipped (``Dataset.skipped``); a qrels row naming a document the corpus does not have is
+kept for evaluation (a relevant document no ranking can hold) and out of training (``Dataset.qrels_absent``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+MAX_LINE_BYTES = 1 << 20
+DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+QRELS_HEADER = ["query-id", "corpus-id", "score"]
+HEADER_LINE = "\t".join(QRELS_HEADER)
+
+
+class DatasetError(ValueError):
+    def __init__(self, file: str, line: int | None, reason: str):
+        self.file, self.line, self.reason = file, line, reason
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {reason}")
+
+
+class NoCorpus(DatasetError):
+    """The dataset as a whole has no document: no single file to leave out."""
+
+
+TITLE_COPY_END = re.compile(r"\s*(?:$|\n|[.:;!?](?:\s|$)|[-\u2013\u2014]\s)\s*")
+SENTENCE_END = ".:;!?"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something accepted with a warning: the file, line, document or query id, and why."""
+
+    file: str
+    line: int | None
+    id: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "id": self.id, "reason": self.reason}
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+_json_str = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
+
+
+@dataclass(frozen=True)
+class Doc:
+    id: str
+    text: str
+    title: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def body(self) -> str:
+        """The text without a leading copy of the title: some collections repeat the title as the text's first line
+        (``"<title>\n<abstract>"`` or ``"<title>. <abstract>"``). Only a title followed by a line break or
+        sentence-ending punctuation is a copy; a title that merely begins the first sentence stays."""
+        title, text = self.title.strip(), self.text.strip()
+        if not title or not text.startswith(title):
+            return text
+        rest = text[len(title) :]
+        if TITLE_COPY_END.match(rest):
+            return TITLE_COPY_END.sub("", rest, count=1).strip()
+        if title[-1] in SENTENCE_END and (not rest or rest[0].isspace()):  # the title's own full stop ends it
+            return rest.strip()
+        return text
+
+    @property
+    def full_text(self) -> str:
+        """What gets embedded and BM25-indexed: the title (when there is one) and the text, the title once."""
+        title, body = self.title.strip(), self.body
+        if not title:
+            return body
+        if not body or body == title:
+            return title
+        return f"{title} {body}" if title[-1] in SENTENCE_END else f"{title}. {body}"
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of ``json.dumps([title, text, metadata], sort_keys=True, ensure_ascii=False)``, first 32 hex
+        digits (stored in every index and id/hash table: the definition cannot change). Without metadata the same
+        text is built from json's own string encoder. Computed once (a job reads it twice per document; not
+        ``functools.cached_property``, whose per-call lock costs more than the hash here)."""
+        cached = self.__dict__.get("_content_hash")
+        if cached is not None:
+            return cached
+        if self.metadata:
+            payload = json.dumps([self.title, self.text, self.metadata], sort_keys=True, ensure_ascii=False)
+        else:
+            payload = f"[{_json_str(self.title)}, {_json_str(self.text)}, {{}}]"
+        digest = hashlib.sha256(payload.encode()).hexdigest()[:32]
+        object.__setattr__(self, "_content_hash", digest)  # frozen: not a field, so equality is unchanged
+        return digest
+
+
+@dataclass
+class Dataset:
+    name: str
+    corpus: dict[str, Doc]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, dict[str, int]]]  # split -> query id -> doc id -> score
+    pairs: list[tuple[str, str, str | None]]
+    skipped: list[Notice] = field(default_factory=list)  # documents with neither title nor text
+    qrels_absent: dict[str, int] = field(default_factory=dict)  # split -> rows naming a document not in the corpus
+
+    def eval_split(self) -> str | None:
+        """The split reported metrics and the gate use: test only. ``dev`` is the selection split; reporting or
+        gating on it after every choice was made on it would flatter the run."""
+        return "test" if self.qrels.get("test") else None
+
+    def eval_qrels(self) -> dict[str, dict[str, int]]:
+        split = self.eval_split()
+        return self.qrels[split] if split else {}
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for doc_id in sorted(self.corpus):
+            h.update(f"{doc_id}\0{self.corpus[doc_id].content_hash}\n".encode())
+        for a, p, n in self.training_pairs():
+            h.update(f"{a}\0{p}\0{n}\n".encode())
+        return h.hexdigest()[:16]
+
+    def training_pairs(self) -> list[tuple[str, str, str | None]]:
+        """Pairs from ``pairs/``, else queries -> relevant docs of ``qrels/train.tsv``, else derived from the corpus."""
+        if self.pairs:
+            return self.pairs
+        train = self.qrels.get("train") or {}
+        out = []
+        for qid in sorted(train):
+            if qid not in self.queries:
+                continue
+            for doc_id, score in sorted(train[qid].items()):
+                if score > 0 and doc_id in self.corpus:
+                    out.append((self.queries[qid], self.corpus[doc_id].full_text, None))
+        if out:
+            return out
+        return derive_pairs(self.corpus.values())
+
+
+def derive_pairs(docs) -> list[tuple[str, str, str | None]]:
+    """A bare corpus still trains: title -> text without the title (a positive that repeats its anchor teaches
+    nothing: the loss is ~0 from the first step), or first sentence -> the rest. Title-only documents give none."""
+    out = []
+    for doc in sorted(docs, key=lambda d: d.id):
+        body = doc.body
+        if doc.title.strip():
+            if body and body != doc.title.strip():
+                out.append((doc.title.strip(), body, None))
+            continue
+        first, sep, rest = body.partition(". ")
+        if sep and rest.strip() and len(first.split()) >= 3:
+            out.append((first + ".", rest.strip(), None))
+    return out
+
+
+MAX_ID_BYTES = 512  # Milvus VARCHAR primary key limit
+ID_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_id(doc_id: str, file: str, number: int) -> None:
+    """Document ids become Milvus primary keys: at most 512 UTF-8 bytes, no control characters."""
+    if len(doc_id.encode()) > MAX_ID_BYTES:
+        raise DatasetError(file, number, f"_id is {len(doc_id.encode())} bytes, over the {MAX_ID_BYTES}-byte limit")
+    if ID_FORBIDDEN.search(doc_id):
+        raise DatasetError(file, number, f"_id {doc_id!r} contains control characters")
+
+
+def check_name(name: str) -> str:
+    if not DATASET_RE.fullmatch(name):
+        raise ValueError(f"dataset name {name!r} must match {DATASET_RE.pattern}")
+    return name
+
+
+Source = bytes | BinaryIO  # a file's bytes, or a binary stream of them (read line by line, memory ~ one line)
+READ_CHUNK = 8 << 20
+NUL_SNIFF = 8192
+MAX_JSON_DEPTH = 64  # nesting kept in a document's metadata (serialised again for its hash and the index)
+
+
+def _chunks(data: Source):
+    if isinstance(data, (bytes, bytearray)):
+        yield bytes(data)
+        return
+    while chunk := data.read(READ_CHUNK):
+        yield chunk
+
+
+def _lines(data: Source, file: str):
+    """(line number, decoded line) for each non-blank line; ``data`` is bytes or a stream, parsed the same way."""
+    number, rest, sniffed, any_text = 0, b"", 0, False
+    for chunk in _chunks(data):
+        if sniffed < NUL_SNIFF:
+            if b"\0" in chunk[: NUL_SNIFF - sniffed]:
+                raise DatasetError(file, None, "binary file (NUL bytes), expected UTF-8 text")
+            sniffed += len(chunk)
+        *complete, rest = (rest + chunk).split(b"\n")
+        for raw in complete:
+            number += 1
+            if (line := _decode(raw, file, number)).strip():
+                any_text = True
+                yield number, line
+        if len(rest) > MAX_LINE_BYTES and not isinstance(data, (bytes, bytearray)):
+            # a stream's unfinished line: stop before it grows further (its full length is unknown)
+            raise DatasetError(file, number + 1, f"line is over the {MAX_LINE_BYTES}-byte limit")
+    if (line := _decode(rest, file, number + 1)).strip():
+        any_text = True
+        yield number + 1, line
+    if not any_text:
+        raise DatasetError(file, None, "file is empty")
+
+
+def _decode(raw: bytes, file: str, number: int) -> str:
+    if len(raw) > MAX_LINE_BYTES:
+        raise DatasetError(file, number, f"line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
+    try:
+        return raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(file, number, f"invalid UTF-8 at byte {exc.start}") from None
+
+
+def _too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` nests lists/objects deeper than ``limit`` (iterative: the check must not recurse itself)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _json_lines(data: Source, file: str):
+    for number, line in _lines(data, file):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(file, number, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+        except RecursionError:  # json's C parser recurses per nesting level: [[[[...]]]] exhausts the stack
+            raise DatasetError(file, number, "invalid JSON: nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise DatasetError(file, number, f"expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
+
+
+def _str_field(obj: dict, key: str, file: str, number: int, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DatasetError(file, number, f"missing required field {key!r}")
+        return ""
+    if isinstance(value, (int, float)) and key == "_id" and not isinstance(value, bool):
+        return str(value)  # BEIR files in the wild use numeric ids; they are ids, not numbers
+    if not isinstance(value, str):
+        raise DatasetError(file, number, f"field {key!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DatasetError(file, number, f"field {key!r} is empty")
+    return value
+
+
+def parse_corpus(
+    data: Source,
+    file: str,
+    into: dict[str, Doc] | None = None,
+    seen_in: dict[str, str] | None = None,
+    notices: list[Notice] | None = None,
+) -> dict[str, Doc]:
+    """Parse one corpus file; ids must be unique within it and across ``into`` (earlier files). A document with
+    neither title nor text is skipped with a notice; one with only a title is a title-only document."""
+    return corpus_records(_json_lines(data, file), file, into, seen_in, notices)
+
+
+def corpus_records(
+    records,
+    file: str,
+    into: dict[str, Doc] | None = None,
+    seen_in: dict[str, str] | None = None,
+    notices: list[Notice] | None = None,
+) -> dict[str, Doc]:
+    """The checks of ``parse_corpus`` on ``(line or row number, object)`` pairs: one definition for a file's lines
+    and a table's rows (``bqsource``)."""
+    docs = {} if into is None else into
+    seen_in = {} if seen_in is None else seen_in
+    notices = [] if notices is None else notices
+    for number, obj in records:
+        doc_id = _str_field(obj, "_id", file, number)
+        check_id(doc_id, file, number)
+        text = _str_field(obj, "text", file, number, required=False)
+        title = _str_field(obj, "title", file, number, required=False)
+        metadata = obj.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise DatasetError(file, number, f"field 'metadata' must be an object, got {type(metadata).__name__}")
+        if metadata and _too_deep(metadata):
+            raise DatasetError(file, number, f"field 'metadata' nests deeper than {MAX_JSON_DEPTH} levels")
+        if doc_id in docs or doc_id in seen_in:
+            raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {seen_in.get(doc_id, file)})")
+        seen_in[doc_id] = f"{file}:{number}"
+        if not text.strip() and not title.strip():
+            notices.append(Notice(file, number, doc_id, f"document {doc_id!r} has neither title nor text: skipped"))
+            continue
+        docs[doc_id] = Doc(doc_id, text, title, metadata)
+    return docs
+
+
+def parse_queries(data: Source, file: str, into: dict[str, str] | None = None) -> dict[str, str]:
+    return query_records(_json_lines(data, file), file, into)
+
+
+def query_records(records, file: str, into: dict[str, str] | None = None) -> dict[str, str]:
+    out = {} if into is None else into
+    for number, obj in records:
+        qid = _str_field(obj, "_id", file, number)
+        if qid in out:
+            raise DatasetError(file, number, f"duplicate query _id {qid!r}")
+        out[qid] = _str_field(obj, "text", file, number)
+    return out
+
+
+def parse_qrels(
+    data: Source, file: str, known_queries=None, known_docs=None, notices: list[Notice] | None = None
+) -> dict[str, dict[str, int]]:
+    """Parse one qrels file; with ``known_queries`` each row's query must exist (errors name the line); with
+    ``known_docs`` a row naming an absent document is kept (trec_eval counts it as relevant and unretrievable) with
+    a notice."""
+    lines = iter(_lines(data, file))
+    number, header = next(lines)
+    if header.split("\t") != QRELS_HEADER:
+        raise DatasetError(file, number, f"header must be {HEADER_LINE!r}, got {header!r}")
+
+    def rows():
+        for number, line in lines:
+            cols = line.split("\t")
+            if len(cols) != 3:
+                raise DatasetError(file, number, f"expected 3 tab-separated columns, got {len(cols)}")
+            yield number, tuple(cols)
+
+    return qrels_rows(rows(), file, known_queries, known_docs, notices)
+
+
+def qrels_rows(
+    rows, file: str, known_queries=None, known_docs=None, notices: list[Notice] | None = None, into=None
+) -> dict[str, dict[str, int]]:
+    """The checks of ``parse_qrels`` on ``(line or row number, (query id, corpus id, score))``."""
+    out: dict[str, dict[str, int]] = {} if into is None else into
+    for number, (qid, doc_id, score) in rows:
+        try:
+            value = int(float(score))
+        except (ValueError, OverflowError):
+            raise DatasetError(file, number, f"score {score!r} is not a number") from None
+        if known_queries is not None and qid not in known_queries:
+            raise DatasetError(file, number, f"query-id {qid!r} is not among the queries")
+        if known_docs is not None and doc_id not in known_docs and notices is not None:
+            notices.append(Notice(file, number, doc_id, f"corpus-id {doc_id!r} (query {qid!r}) is not in the corpus"))
+        out.setdefault(qid, {})[doc_id] = value
+    return out
+
+
+def parse_pairs(data: Source, file: str) -> list[tuple[str, str, str | None]]:
+    out = []
+    for number, obj in _json_lines(data, file):
+        anchor = _str_field(obj, "anchor", file, number)
+        positive = _str_field(obj, "positive", file, number)
+        negative = _str_field(obj, "negative", file, number, required=False) or None
+        out.append((anchor, positive, negative))
+    return out
+
+
+SOURCE_FILE = "source.json"  # BigQuery tables for parts of the dataset (``bqsource``)
+
+
+def classify(rel: str) -> str | None:
+    """Which part of a BEIR folder a relative path is: corpus | queries | qrels | pairs | source, or None
+    (ignored)."""
+    if rel == "corpus.jsonl" or (rel.startswith("corpus/") and rel.endswith(".jsonl")):
+        return "corpus"
+    if rel == "queries.jsonl":
+        return "queries"
+    if rel.startswith("qrels/") and rel.endswith(".tsv") and rel.count("/") == 1:
+        return "qrels"
+    if rel.startswith("pairs/") and rel.endswith(".jsonl"):
+        return "pairs"
+    if rel == SOURCE_FILE:
+        return "source"
+    return None
+
+
+TEST_QRELS = "qrels/test.tsv"
+
+
+def load_files(
+    name: str, files: dict[str, bytes], tables: dict | None = None, queries_elsewhere: bool = False
+) -> Dataset:
+    """Build a Dataset from ``{relative path: bytes}`` and ``tables`` (``{bqsource.Part: its records}``, parts read
+    from BigQuery, loaded beside the files as if they were more files); qrels must name known queries (absent
+    documents are kept and counted, see the module docstring), unless ``queries_elsewhere`` (``upload``'s
+    pre-check of a folder whose queries are a table it does not read)."""
+    corpus: dict[str, Doc] = {}
+    seen: dict[str, str] = {}
+    skipped: list[Notice] = []
+    absent: dict[str, int] = {}
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, dict[str, int]]] = {}
+    pairs: list = []
+    tables = tables or {}
+    for rel in sorted(files):
+        kind = classify(rel)
+        if kind == "corpus":
+            parse_corpus(files[rel], rel, corpus, seen, skipped)
+        elif kind == "queries":
+            parse_queries(files[rel], rel, queries)
+        elif kind == "pairs":
+            pairs.extend(parse_pairs(files[rel], rel))
+    for part, recs in tables.items():
+        if part.kind == "corpus":
+            _table(part, corpus_records, recs, part.rel, corpus, seen, skipped)
+        elif part.kind == "queries":
+            _table(part, query_records, recs, part.rel, queries)
+    qrels_parts = [(Path(rel).stem, rel, None) for rel in sorted(files) if classify(rel) == "qrels"]
+    qrels_parts += [(part.split, part.rel, (part, recs)) for part, recs in tables.items() if part.kind == "qrels"]
+    for split, rel, table in qrels_parts:
+        notices: list[Notice] = []
+        into = qrels.setdefault(split, {})
+        if table is None:
+            known = None if queries_elsewhere else queries
+            for qid, row in parse_qrels(files[rel], rel, known, corpus, notices).items():
+                into.setdefault(qid, {}).update(row)
+        else:
+            _table(table[0], qrels_rows, table[1], rel, queries, corpus, notices, into)
+        if notices:
+            absent[split] = absent.get(split, 0) + len(notices)
+    if not corpus:
+        raise NoCorpus(f"datasets/{name}/corpus.jsonl", None, "dataset has no corpus")
+    return Dataset(name, corpus, queries, qrels, pairs, skipped, absent)
+
+
+def _table(part, check, *args):
+    """``check`` over a table's rows; its errors also name the table (their line is the row, in read order)."""
+    try:
+        return check(*args)
+    except DatasetError as exc:
+        if exc.file != part.rel or exc.reason.startswith(part.where):
+            raise
+        raise DatasetError(part.rel, exc.line, f"{part.where}: {exc.reason}") from None
+
+
+def load_dir(path: Path, name: str | None = None, queries_elsewhere: bool = False) -> Dataset:
+    path = Path(path)
+    files = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    return load_files(name or path.name, {k: v for k, v in files.items() if classify(k)}, None, queries_elsewhere)
+
+
+def prefix(data_bucket: str, dataset: str) -> str:
+    return f"gs://{data_bucket}/datasets/{dataset}/"
+
+
+def size_problem(size: int, cap: int) -> str | None:
+    """Why an object of ``size`` bytes is not read at all (None when it is within the cap)."""
+    if size <= cap:
+        return None
+    return f"object is {size} bytes, over the {cap}-byte cap (EMBEDPIPE_MAX_OBJECT_BYTES)"
+
+
+def load_gcs(
+    data_bucket: str,
+    dataset: str,
+    test: bool = True,
+    max_bytes: int | None = None,
+    exclude: frozenset[str] = frozenset(),
+    generations: dict[str, int] | None = None,
+    as_of=None,
+) -> Dataset:
+    """The dataset as stored. ``test=False`` (the trainer) never opens ``qrels/test.tsv`` (nor a test qrels table):
+    test labels cannot reach training or any choice made from them. With ``max_bytes``, a file over it raises
+    DatasetError unread. Files and BigQuery parts named in ``exclude`` (relative paths, ``source.json#corpus``) are
+    left out; ``generations`` receives each read file's generation. A ``source.json`` adds the BigQuery parts it
+    names (``bqsource``), read as of ``as_of`` (a datetime; None: now)."""
+    from embedpipe.gcp import storage
+
+    root = prefix(data_bucket, dataset)
+    files, tables = {}, {}
+    for uri, generation, size in storage.list_objects(root):
+        rel = uri[len(root) :]
+        if generations is not None:
+            generations[rel] = generation
+        if classify(rel) and (test or rel != TEST_QRELS) and rel not in exclude:
+            if max_bytes is not None and (problem := size_problem(size, max_bytes)):
+                raise DatasetError(rel, None, problem)
+            # the version whose size was checked (NotFound if replaced since: intake.load_valid loads again)
+            data = storage.read_bytes(uri, generation if max_bytes is not None else None)
+            if rel == SOURCE_FILE:
+                tables = _source_tables(data, test, exclude, as_of, max_bytes)
+            else:
+                files[rel] = data
+    return load_files(dataset, files, tables)
+
+
+def _source_tables(data: bytes, test: bool, exclude: frozenset[str], as_of, max_bytes: int | None) -> dict:
+    from embedpipe.config import Settings
+    from embedpipe.gcp import bqsource
+
+    settings = Settings.from_env()
+    parts = [p for p in bqsource.parse(data) if p.rel not in exclude and (test or p.split != "test")]
+    # a table over the object cap is refused like a file (when BigQuery knows its size)
+    return {p: bqsource.records(p, settings, as_of, max_bytes) for p in parts}
+
+
+def dataset_of(object_name: str) -> tuple[str, str] | None:
+    """``datasets/<dataset>/<rel>`` -> (dataset, rel) when it is a BEIR file we react to."""
+    parts = object_name.split("/", 2)
+    if len(parts) != 3 or parts[0] != "datasets" or not DATASET_RE.fullmatch(parts[1]):
+        return None
+    if ".." in parts[2].split("/") or any(ord(c) < 32 for c in parts[2]):
+        return None
+    return (parts[1], parts[2]) if classify(parts[2]) else None

@@ -1,0 +1,748 @@
+"""Orchestration: what each trigger does to the run ledger and which job it launches. Handlers call only this.
+
+Every entry point is idempotent. A trigger is claimed once; a redelivery finds its claim and finishes what the first
+delivery may have left undone. Job launches are keyed by ``<run_id>/<stage>/<attempt>``. Stage transitions are
+compare-and-set from an expected state, so a duplicate or late event for a stage already passed does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from embedpipe import topology
+from embedpipe.config import TRAIN_OVERRIDES, Settings, model_uri_problem
+from embedpipe.contracts import datasets
+from embedpipe.contracts.events import (
+    INDEX_REQUESTED,
+    RUN_FAILED,
+    RUN_STAGE,
+    Event,
+    EventError,
+    JobStateHint,
+    ObjectChange,
+    RetrainRequest,
+)
+from embedpipe.control import incremental, intake
+from embedpipe.gcp import bus, storage
+from embedpipe.gcp.retries import transient
+from embedpipe.jobs.local import ALLOCATOR_ENV, SUCCEEDED, JobLauncher, JobSpec
+from embedpipe.jobs.local import launcher as make_launcher
+from embedpipe.ledger import runs
+from embedpipe.ledger.runs import EMBEDDING, INDEXING, PENDING, PUBLISHING, TRAINING, Ledger
+
+log = logging.getLogger(__name__)
+
+STAGE_STATE = {"train": TRAINING, "embed": EMBEDDING}
+LAUNCH_RETRY_WINDOW_S = 300.0  # a launch keeps being retried at least this long before its run fails
+# A run stuck in PUBLISHING this long (its indexer died between storing the event and publishing it) is finished by
+# reconcile: index-updated published from the stored event.
+STALLED_PUBLISH_S = 60.0
+REPUBLISH_AFTER_S = 30.0  # an index request not recorded as sent this long after the move to INDEXING was lost
+
+
+def checked_overrides(req: RetrainRequest, cloud: bool = False) -> dict:
+    """Validate a retrain message before anything is stored: a bad one can never succeed, so it is acked, not
+    retried (EventError). ``cloud``: the jobs run on Vertex AI, where only gs:// and bundled models load."""
+    try:
+        datasets.check_name(req.dataset)
+    except ValueError as exc:
+        raise EventError(f"retrain {req.key}: {exc}") from None
+    if req.hp_tuning is not None:
+        from embedpipe.jobs import hypertune
+
+        try:
+            hypertune.check_spec(req.hp_tuning)
+        except ValueError as exc:
+            raise EventError(f"retrain {req.key}: hp_tuning: {exc}") from None
+    unknown = sorted(set(req.overrides) - set(TRAIN_OVERRIDES))
+    if unknown:
+        raise EventError(f"retrain {req.key}: unknown override(s) {unknown}; allowed: {sorted(TRAIN_OVERRIDES)}")
+    out = {}
+    for key, value in req.overrides.items():
+        kind = TRAIN_OVERRIDES[key]
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise EventError(f"retrain {req.key}: override {key}={value!r} is not a valid {kind.__name__}") from None
+    if "base_model" in out and (problem := model_uri_problem(out["base_model"], cloud)):
+        raise EventError(f"retrain {req.key}: override base_model: {problem}")
+    return out
+
+
+def publish_stalled(record: dict) -> bool:
+    started = (record.get("stage_times") or {}).get(PUBLISHING, {}).get("start") or 0
+    return record["state"] == PUBLISHING and time.time() - started > STALLED_PUBLISH_S
+
+
+def job_output_uri(run_dir: str, stage: str, attempt: int) -> str:
+    """A job's ``base_output_directory``, one per attempt: a retry (a new Vertex job, or a tuning job whose trial
+    ids restart at 1) must not resume the checkpoints or read the model another attempt left there."""
+    return f"{run_dir}/{stage}/{attempt}"
+
+
+def embeddings_uri(run_dir: str, attempt: int) -> str:
+    """Each embed attempt writes its own folder: shards an earlier attempt left can never be mixed in."""
+    return f"{run_dir}/embeddings/{attempt}"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger | None = None,
+        launcher: JobLauncher | None = None,
+        publish: Callable[[str, Event], None] | None = None,
+        check_object: Callable[[str, str, int], intake.Verdict] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.settings = settings
+        self.sleep = sleep
+        self.ledger = ledger or Ledger(settings.artifacts_bucket)
+        self._launcher = launcher
+        self._publish = publish
+        # Intake reads the uploaded bytes from GCS; a ledger on an in-memory store (unit tests) has none to read.
+        if check_object is None and self.ledger.store is storage:
+            check_object = intake.check_object
+        self.check_object = check_object or (lambda bucket, name, generation: None)
+        self.validate = self._check_listing if self.ledger.store is storage else (lambda record: None)
+
+    @property
+    def launcher(self) -> JobLauncher:
+        if self._launcher is None:
+            self._launcher = make_launcher(self.settings)
+        return self._launcher
+
+    def publish(self, topic: str, event: Event) -> None:
+        if self._publish is not None:
+            self._publish(topic, event)
+        else:
+            bus.publish(self.settings.project, topic, event)
+
+    # ------------------------------------------------------------------ triggers
+    def on_object_change(self, change: ObjectChange) -> str:
+        if change.event_type != "OBJECT_FINALIZE":
+            return f"ignored {change.event_type} for {change.name}"
+        if change.bucket != self.settings.data_bucket:
+            return f"ignored object in bucket {change.bucket} (data bucket is {self.settings.data_bucket})"
+        if not change.name.startswith("datasets/"):
+            return f"ignored {change.name}: not under datasets/"
+        if intake.name_problem(change.name):  # belongs to no dataset we could name: quarantine, report, done
+            verdict = self.check_object(change.bucket, change.name, change.generation)
+            if isinstance(verdict, intake.Rejection):
+                self._report_rejection(None, change.key, verdict)
+            return f"rejected {change.name}: {intake.name_problem(change.name)}"
+        found = datasets.dataset_of(change.name)
+        if found is None:
+            return f"ignored {change.name}: not a BEIR file (corpus, queries, qrels, pairs)"
+        dataset, rel = found
+        clash = self._name_clash(dataset)
+        if clash:  # not quarantined: the file is fine, its folder name is not; renaming the folder fixes it
+            uri = f"gs://{change.bucket}/{change.name}"
+            self._report_rejection(None, change.key, intake.Rejection(uri, change.generation, None, clash))
+            return f"rejected {change.name}: {clash}"
+        info = {"object": change.name, "generation": change.generation, "part": datasets.classify(rel)}
+        trigger = {"type": "upload", "dataset": dataset}
+        run_id = self._claim(change.key, dataset, trigger, self.settings.debounce_s)
+        record = self.ledger.get_run(run_id) or {}
+        open_run = record.get("state") == PENDING and not record.get("sealed")
+        if (
+            change.key in record.get("triggers", [])
+            or (open_run and self.ledger.has_item(run_id, "triggers", change.key))
+            or self.ledger.has_item(run_id, "file_errors", change.key)
+        ):  # a redelivery of a trigger already counted (a sealed run without it: the move below was cut short)
+            return f"{change.name}#{change.generation} -> run {run_id}"
+        self.ledger.put_item(run_id, "arriving", change.key, info)  # the launch waits for this intake to end
+        verdict = self.check_object(change.bucket, change.name, change.generation)
+        if isinstance(verdict, intake.Rejection):
+            self._report_rejection(run_id, change.key, verdict)
+            return f"rejected {change.name}#{change.generation} (run {run_id}): {verdict.reason}"
+        for _ in range(10):
+            if isinstance(verdict, intake.Accepted) and verdict.notices:  # before the trigger: a redelivery redoes it
+                self._record_notices(run_id, change.key, verdict)
+            if self.ledger.add_trigger(run_id, change.key, info):
+                return f"{change.name}#{change.generation} -> run {run_id}"
+            run_id = self._move_late(change.key, run_id, dataset, trigger, self.settings.debounce_s)
+        raise RuntimeError(f"{change.key}: every run it was given launched before it could join")
+
+    def _name_clash(self, dataset: str) -> str | None:
+        """Datasets whose names differ only where Milvus names cannot (``a-b``, ``a_b``) would share an alias and
+        collections: a new one that clashes with a known one is refused. Checked only for a dataset the ledger does
+        not know yet (one read per upload)."""
+        if self.ledger.has_dataset(dataset):
+            return None
+        from embedpipe.retrieval.vectorstore import collides  # names only: no Milvus client is created
+
+        other = collides(dataset, self.ledger.list_datasets())
+        return (
+            f"dataset {dataset!r} would share its Milvus alias and collections with dataset {other!r}; use another name"
+            if other
+            else None
+        )
+
+    def _move_late(self, key: str, run_id: str, dataset: str, trigger: dict, due_in_s: float) -> str:
+        """A trigger that arrived as its run launched (sealed) belongs to the next run: never to none."""
+        new = self.ledger.move_claim(key, run_id, self.ledger.pending_run(dataset, trigger, due_in_s))
+        log.info("%s arrived after run %s was launched: it joins run %s", key, run_id, new)
+        return new
+
+    def _record_notices(self, run_id: str, key: str, accepted: intake.Accepted) -> None:
+        """Record what a file was accepted with (documents skipped for having neither title nor text) in its run:
+        ``record["notices"][key] = {object, generation, count, items}``, the items capped at ``intake.MAX_NOTICES``.
+        Keyed by trigger key, so a redelivery writes nothing new."""
+        log.warning(
+            "run %s: %s accepted with %d notice(s): %s%s",
+            run_id,
+            accepted.object,
+            accepted.count,
+            "; ".join(str(n) for n in accepted.notices[:5]),
+            " ..." if accepted.count > 5 else "",
+        )
+
+        self.ledger.put_item(run_id, "notices", key, accepted.to_dict())
+
+    def _report_rejection(self, run_id: str | None, key: str, rejection: intake.Rejection) -> None:
+        """Record a bad file in its run (per-file errors; the run goes on with the valid files) and tell
+        run-events subscribers which object, line and reason."""
+        if run_id:
+            self.ledger.put_item(run_id, "file_errors", key, rejection.to_dict())
+        self.publish(
+            topology.RUN_EVENTS,
+            Event(
+                intake.FILE_REJECTED, {"run_id": run_id, **rejection.to_dict()}, id=f"{key}/rejected", subject=run_id
+            ),
+        )
+
+    def on_retrain(self, req: RetrainRequest) -> str:
+        overrides = checked_overrides(req, cloud=self.settings.mode == "gcp")
+        clash = self._name_clash(req.dataset)
+        if clash:
+            raise EventError(f"retrain {req.key}: {clash}")
+        # A refresh is a data change (a BigQuery table changed): it runs like an upload, incremental when an index
+        # is live; a retrain always trains.
+        trigger = {"type": "refresh" if req.refresh else "retrain", "dataset": req.dataset, "reason": req.reason}
+        # refreshes come in bursts (one per table write from an audit-log trigger): they coalesce like uploads
+        run_id = self._claim(req.key, req.dataset, trigger, self.settings.debounce_s if req.refresh else 0.0)
+
+        for _ in range(10):
+            taken = True
+
+            def fn(record):
+                nonlocal taken
+                taken = record["state"] == PENDING and not record.get("sealed")
+                if req.key in record["triggers"] or not taken:
+                    return None
+                record["triggers"].append(req.key)
+                record["overrides"].update(overrides)
+                if not req.refresh:
+                    record["force_full"] = True
+                    record["trigger"] = trigger
+                else:
+                    record.setdefault("trigger", trigger)
+                if req.hp_tuning:  # a tuning job: on Vertex, or the local job runner's trials
+                    record["hp_tuning"] = req.hp_tuning
+                return record
+
+            record = self.ledger.update_run(run_id, fn)
+            if taken or req.key in record["triggers"]:
+                break
+            run_id = self._move_late(req.key, run_id, req.dataset, trigger, 0.0)  # its run launched without it
+        self.launch_due(req.dataset)
+        return f"retrain {req.key} -> run {run_id}"
+
+    def _claim(self, key: str, dataset: str, trigger: dict, due_in_s: float) -> str:
+        claim = self.ledger.get_claim(key)
+        if claim:
+            log.info("duplicate delivery of %s (run %s): finishing its step only", key, claim["run_id"])
+            return claim["run_id"]
+        run_id = self.ledger.pending_run(dataset, trigger, due_in_s)
+        return self.ledger.claim(key, run_id)[0]
+
+    # ------------------------------------------------------------------ launching
+    def launch_due(self, dataset: str | None = None) -> list[str]:
+        """Promote due pending runs to active (one active run per dataset) and start them. Datasets are independent:
+        one that cannot launch is logged (and its run failed after ``launch_max_attempts``), the others go on."""
+        started = []
+        for ds in [dataset] if dataset else self.ledger.list_datasets():
+            try:
+                started += self._launch_dataset(ds)
+            except Exception:  # noqa: BLE001 - isolate datasets; the next tick retries
+                log.exception("dataset %s: launching failed; the next tick retries", ds)
+        return started
+
+    def _launch_dataset(self, ds: str) -> list[str]:
+        pending = self.ledger.get_dataset(ds)["pending"]
+        if pending and self.ledger.arriving(pending):  # an upload's intake is still running: launch at a later tick
+            return []
+
+        def fn(st):
+            if st["pending"] and st["active"] is None and st["due_at"] <= time.time():
+                st["active"], st["pending"], st["pending_since"] = st["pending"], None, None
+                return st
+            return None
+
+        state = self.ledger.update_dataset(ds, fn)
+        record = self.ledger.get_run(state["active"]) if state["active"] else None
+        if not record or record["state"] != PENDING:
+            return []
+        try:  # also finishes a launch that died half-way
+            self.start_training(record)
+        except Exception as exc:  # noqa: BLE001 - counted; a run that can never launch must not hold the dataset
+            self._launch_failed(record["run_id"], exc)
+            return []
+        return [record["run_id"]]
+
+    def _launch_failed(self, run_id: str, exc: Exception) -> None:
+        cause = f"{type(exc).__name__}: {exc}"[-1000:]
+        record = self.ledger.update_run(
+            run_id,
+            lambda r: (
+                {**r, "launch_errors": [*r.get("launch_errors", []), {"at": runs.iso(time.time()), "error": cause}]}
+                if r["state"] == PENDING
+                else None
+            ),
+        )
+        errors = record.get("launch_errors", [])
+        tries = len(errors)
+        log.error("run %s: launch attempt %d failed: %s", run_id, tries, cause, exc_info=exc)
+        # Attempts at local ticks come every half second: a blip must also have lasted LAUNCH_RETRY_WINDOW_S.
+        lasted = time.time() - runs.parse_iso(errors[0]["at"]) if errors else 0.0
+        if tries >= self.settings.launch_max_attempts and lasted >= LAUNCH_RETRY_WINDOW_S:
+            self.fail(run_id, "launch", f"could not launch after {tries} attempts; last: {cause}")
+
+    @staticmethod
+    def _as_of(record: dict) -> list[str]:
+        """BigQuery parts are read as of the run's seal: every job, replica and retry of the run sees one table."""
+        return [f"--as-of={record['sealed_at']}"] if record.get("sealed_at") else []
+
+    def _job_env(self) -> dict[str, str]:
+        return {
+            "EMBEDPIPE_DATA_BUCKET": self.settings.data_bucket,
+            "EMBEDPIPE_ARTIFACTS_BUCKET": self.settings.artifacts_bucket,
+            "EMBEDPIPE_PROJECT": self.settings.project,  # BigQuery read sessions and query jobs are billed here
+        }
+
+    def train_spec(self, record: dict, attempt: int) -> JobSpec:
+        s, o = self.settings, record.get("overrides") or {}
+        run_id = record["run_id"]
+        params = {
+            k: o.get(k, getattr(s, k if k not in ("batch_size", "max_steps", "epochs", "patience") else f"train_{k}"))
+            for k in TRAIN_OVERRIDES
+        }
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
+        args += [f"--dataset={record['dataset']}", f"--run-id={run_id}", *self._as_of(record)]
+        return JobSpec(
+            key=f"{run_id}/train/{attempt}",
+            container="trainer",
+            args=args,
+            base_output_dir=job_output_uri(self.ledger.run_dir(run_id), "train", attempt),
+            env=self._job_env(),
+            labels={"run_id": run_id, "stage": "train"},
+            image=s.trainer_image,
+            machine_type=s.train_machine_type,
+            accelerator_type=s.train_accelerator,
+            accelerator_count=1 if s.train_accelerator else 0,
+            replica_count=s.train_replicas,
+            hp_tuning=record.get("hp_tuning"),
+        )
+
+    def embed_spec(self, record: dict, attempt: int) -> JobSpec:
+        s, run_id = self.settings, record["run_id"]
+        args = [
+            f"--dataset={record['dataset']}",
+            f"--run-id={run_id}",
+            f"--model-uri={record['model']['uri']}",
+            f"--batch-tokens={s.embed_batch_tokens}",
+            f"--output-dir={embeddings_uri(self.ledger.run_dir(run_id), attempt)}",
+            f"--job-key={run_id}/embed/{attempt}",
+            f"--max-inplace-share={s.max_inplace_share}",
+            *self._as_of(record),
+        ]
+        if record.get("kind") == incremental.INCREMENTAL:  # the promoted model, only new/changed documents
+            live = record["live"]
+            # a run recorded before the tables existed snapshotted the live index into its own folder
+            args.append(f"--live-hashes={live.get('hashes') or self.ledger.run_dir(run_id) + '/live-hashes.parquet'}")
+            if record.get("skip_deletes"):  # a corpus file was left out: its documents are absent, not deleted
+                args.append("--keep-absent")
+            if live.get("rebuild"):
+                args.append("--rebuild")
+        else:
+            previous = self.ledger.get_dataset(record["dataset"]).get("promoted")
+            if previous:
+                args.append(f"--previous-model-uri={previous['model_uri']}")
+        return JobSpec(
+            key=f"{run_id}/embed/{attempt}",
+            container="embedder",
+            args=args,
+            base_output_dir=job_output_uri(self.ledger.run_dir(run_id), "embed", attempt),
+            env={**self._job_env(), **ALLOCATOR_ENV},
+            labels={"run_id": run_id, "stage": "embed"},
+            image=s.embedder_image,
+            machine_type=s.embed_machine_type,
+            accelerator_type=s.embed_accelerator,
+            accelerator_count=1 if s.embed_accelerator else 0,
+            replica_count=s.embed_replicas,
+        )
+
+    def _submit(self, record: dict, stage: str, attempt: int, from_state: str) -> None:
+        spec = self.train_spec(record, attempt) if stage == "train" else self.embed_spec(record, attempt)
+        name = transient(self.launcher.submit)(spec)  # keyed, so a retried submit is the same job
+        job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(time.time()), "output": spec.base_output_dir}
+
+        def fn(rec):
+            if rec["state"] != from_state:
+                return None
+            rec["jobs"][stage] = job
+            return rec
+
+        if from_state == STAGE_STATE[stage]:  # a retry within the stage
+            self.ledger.update_run(record["run_id"], fn)
+        else:
+            self.ledger.advance(record["run_id"], from_state, STAGE_STATE[stage], jobs={**record["jobs"], stage: job})
+        self._stage_event(record, STAGE_STATE[stage], job=name)
+
+    def start_training(self, record: dict) -> None:
+        """Launch a PENDING run. The kind is decided here once (``incremental.kind_for``) and stored: a full run
+        trains first; an incremental one skips TRAINING and embeds with the promoted model (DESIGN.md §3.2). The run
+        is sealed first: the kind is decided on exactly the triggers it holds; later ones join the next run."""
+        record = self.ledger.seal(record["run_id"])
+        problem = self.validate(record)
+        if problem:
+            self.fail(record["run_id"], "intake", problem)
+            return
+        record = self.ledger.get_run(record["run_id"]) or record
+        kind = record.get("kind")
+        promoted = self.ledger.get_dataset(record["dataset"]).get("promoted")
+        if kind is None:
+            kind, why = incremental.kind_for(record, promoted)
+            log.info("run %s: %s run (%s)", record["run_id"], kind, why)
+        if kind == incremental.INCREMENTAL and (missing := self.live_missing(promoted)):
+            log.warning("run %s: %s: a full run", record["run_id"], missing)
+            kind = incremental.FULL
+        if kind == incremental.INCREMENTAL:
+            # the promoted entry's id -> hash table is the diff's base: nothing here reads the documents
+            live = {"collection": promoted["collection"], "rows": promoted.get("rows"), "hashes": promoted["hashes"]}
+            if promoted.get("dirty"):  # an in-place update edited it and never promoted: its contents are unknown
+                log.warning("run %s: run %s left %s part-updated: rebuilt", record["run_id"], promoted["dirty"], live)
+                live["rebuild"] = True
+            fields = {"kind": kind, "model": {"uri": promoted["model_uri"]}, "live": live}
+            self.ledger.update_run(record["run_id"], lambda r: {**r, **fields} if r["state"] == PENDING else None)
+            self._submit({**record, **fields}, "embed", 1, PENDING)
+            return
+        kind = incremental.FULL
+        if record.get("kind") != kind:
+            self.ledger.update_run(record["run_id"], lambda r: {**r, "kind": kind} if r["state"] == PENDING else None)
+        self._submit({**record, "kind": kind}, "train", 1, PENDING)
+
+    def _check_listing(self, record: dict) -> str | None:
+        """Launch-time intake, O(files): the listing must hold a corpus file; files over the size cap are
+        quarantined. The checks that need the documents run in the jobs (``intake.load_checked``) and come back
+        through ``_apply_intake`` when each job ends."""
+        if record.get("state") != PENDING:
+            return None
+        rejections, problem = intake.check_listing(self.settings.data_bucket, record["dataset"])
+        return self._settle_intake(record["run_id"], rejections, problem)
+
+    def _apply_intake(self, record: dict, report_uri: str) -> str | None:
+        """What a job's load left out (its ``intake.json``): quarantine and report each file; a left-out corpus
+        file turns deletions off for the run. Returns why the run cannot go on (nothing usable), else None.
+        Idempotent: a file already moved is not moved again, its error and event are keyed by object#generation."""
+        rejections, problem = intake.parse_report(self.ledger.store.read_json_gen(report_uri)[0])
+        bucket = self.settings.data_bucket
+        moved = []
+        for r in rejections:
+            name = r.object[len(f"gs://{bucket}/") :]
+            if not r.object.startswith(f"gs://{bucket}/datasets/"):
+                continue  # not ours to move: a report names only the data bucket's dataset files
+            if intake.is_table(r):  # a BigQuery part: reported, not moved
+                moved.append(r)
+                continue
+            where = intake.quarantine(bucket, name, r.generation)
+            moved.append(intake.Rejection(r.object, r.generation, r.line, r.reason, where))
+        return self._settle_intake(record["run_id"], moved, problem)
+
+    def _settle_intake(self, run_id: str, rejections: list, problem: str | None) -> str | None:
+        for r in rejections:
+            key = f"gcs/{r.object[5:]}#{r.generation}"
+            # a bad table stays where it is and can fail many runs: its report is per run (a file is moved at once)
+            self._report_rejection(run_id, f"{key}@{run_id}" if intake.is_table(r) else key, r)
+        if any(intake.is_corpus(r) for r in rejections):  # its documents are absent, not deleted
+            self.ledger.update_run(run_id, lambda r: {**r, "skip_deletes": True} if not r.get("skip_deletes") else None)
+        if problem:
+            errors = self.ledger.merge_items(run_id).get("file_errors") or {}
+            rejected = "; ".join(f"{e['object']}:{e['line'] or ''} {e['reason']}" for e in errors.values())
+            return problem + (f" (rejected: {rejected})" if rejected else "")
+        return None
+
+    def live_missing(self, promoted: dict) -> str | None:
+        """Why an incremental run cannot use the promoted index (its collection or its id -> hash table is gone),
+        else None. Two calls, whatever the corpus size; a unit-test ledger has neither Milvus nor objects."""
+        if self.ledger.store is not storage:
+            return None
+        from embedpipe.retrieval import vectorstore
+
+        client = vectorstore.connect(self.settings.milvus_uri, self.settings.milvus_token)
+        if not client.has_collection(promoted["collection"]):
+            return f"promoted collection {promoted['collection']} is missing from Milvus"
+        if not storage.exists(promoted["hashes"]):
+            return f"the promoted index's id -> hash table {promoted['hashes']} is missing"
+        return None
+
+    def _stage_event(self, record: dict, state: str, **extra) -> None:
+        data = {"run_id": record["run_id"], "dataset": record["dataset"], "state": state, **extra}
+        self.publish(
+            topology.RUN_EVENTS, Event(RUN_STAGE, data, id=f"{record['run_id']}/{state}", subject=record["run_id"])
+        )
+
+    # ------------------------------------------------------------------ job completion
+    def on_job_event(self, hint: JobStateHint) -> str:
+        name = self.launcher.name_for(hint.job_id)
+        try:
+            status = transient(self.launcher.get)(name)
+        except (FileNotFoundError, KeyError, LookupError):
+            return f"unknown job {name}: ignored"
+        return self.on_job_status(status)
+
+    def on_job_status(self, status) -> str:
+        if not status.done:
+            return f"job {status.name} is {status.state}: nothing to do yet"
+        run_id, stage = status.labels.get("run_id"), status.labels.get("stage")
+        record = self.ledger.get_run(run_id) if run_id else None
+        if record is None or stage not in STAGE_STATE:
+            return f"job {status.name} has no run (labels {status.labels}): ignored"
+        job = record["jobs"].get(stage) or {}
+        if (
+            stage == "embed"
+            and record["state"] == INDEXING
+            and job.get("name") == status.name
+            and not record.get("index_requested_at")
+            and time.time() - (record["stage_times"].get(INDEXING, {}).get("start") or 0) > REPUBLISH_AFTER_S
+        ):  # the first delivery moved the run on and died before the request was out (not: it is publishing now)
+            self.request_index(record)
+            return f"run {run_id}: index requested again (the first request was never published)"
+        if record["state"] != STAGE_STATE[stage] or job.get("name") != status.name:
+            return f"late or duplicate event for {stage} job {status.name} of run {run_id} ({record['state']})"
+        if status.state == SUCCEEDED:
+            if stage == "train":
+                # the best HP trial's; a custom job's AIP_MODEL_DIR under the output directory it was submitted with
+                # (recorded: a job launched before the per-attempt layout wrote to the run folder itself)
+                out = job.get("output") or self.ledger.run_dir(run_id)
+                model = {"uri": status.model_dir or f"{out.rstrip('/')}/model/"}
+                report = f"{model['uri'].rstrip('/').rsplit('/', 1)[0]}/{intake.REPORT_FILE}"  # beside metrics.json
+                if problem := self._apply_intake(record, report):
+                    return self._fail_and_follow(record, "intake", problem)
+                done = {"model": model, **({"tuning": status.tuning} if status.tuning else {})}  # every trial
+                record.update(done)
+                self.ledger.update_run(run_id, lambda r: {**r, **done} if r["state"] == TRAINING else None)
+                self._submit(record, "embed", 1, TRAINING)
+                return f"run {run_id}: training succeeded, embedding launched"
+            report = f"{embeddings_uri(self.ledger.run_dir(run_id), job.get('attempt', 1))}/{intake.REPORT_FILE}"
+            if problem := self._apply_intake(record, report):
+                return self._fail_and_follow(record, "intake", problem)
+            rec, moved = self.ledger.advance(run_id, EMBEDDING, INDEXING)
+            if moved or rec["state"] == INDEXING:
+                self.request_index(rec)
+            return f"run {run_id}: embedding succeeded, index requested"
+        if stage == "train" and (problem := self._trial_intake(record, job)):
+            return self._fail_and_follow(record, "intake", problem)
+        attempt = job.get("attempt", 1)
+        if attempt < self.settings.max_job_attempts:
+            log.warning(
+                "run %s: %s job %s ended %s (%s); retrying",
+                run_id,
+                stage,
+                status.name,
+                status.state,
+                status.error[-300:],
+            )
+            self._submit(record, stage, attempt + 1, STAGE_STATE[stage])
+            return f"run {run_id}: {stage} job {status.state}, retry {attempt + 1} launched"
+        return self._fail_and_follow(
+            record, stage, f"{stage} job {status.name} ended {status.state}: {status.error[-1000:]}"
+        )
+
+    def _trial_intake(self, record: dict, job: dict) -> str | None:
+        """A tuning job whose trials found nothing usable fails (no trial reports a metric): their ``intake.json``
+        files, one per trial folder, say so. A retry could not change it: the run fails in intake."""
+        out = (job.get("output") or "").rstrip("/")
+        if not out:
+            return None
+        for uri, _ in self.ledger.store.list_uris(f"{out}/"):
+            if uri.endswith(f"/{intake.REPORT_FILE}") and (problem := self._apply_intake(record, uri)):
+                return problem
+        return None
+
+    def _fail_and_follow(self, record: dict, stage: str, cause: str) -> str:
+        """End the run as failed where no retry can help, then launch the dataset's follow-up run: the dataset is
+        free, and a job event is a launching function."""
+        self.fail(record["run_id"], stage, cause)
+        self.launch_due(record["dataset"])
+        return f"run {record['run_id']}: FAILED in {stage}"
+
+    def request_index(self, record: dict) -> None:
+        event = Event(
+            INDEX_REQUESTED,
+            {"run_id": record["run_id"], "dataset": record["dataset"]},
+            id=f"{record['run_id']}/index",
+            subject=record["run_id"],
+        )
+        self.publish(topology.INDEX_REQUESTS, event)
+        now = runs.iso(time.time())
+        self.ledger.update_run(
+            record["run_id"], lambda r: {**r, "index_requested_at": now} if r["state"] == INDEXING else None
+        )
+        self._stage_event(record, INDEXING)
+
+    # ------------------------------------------------------------------ endings
+    def fail(self, run_id: str, stage: str, cause: str) -> None:
+        record = self.ledger.get_run(run_id)
+        if record is None or record["state"] in runs.TERMINAL:
+            return
+        event = Event(
+            RUN_FAILED,
+            {
+                "run_id": run_id,
+                "dataset": record["dataset"],
+                "stage": stage,
+                "cause": cause,
+                "trigger": record.get("trigger"),
+            },
+            id=f"{run_id}/failed",
+            subject=run_id,
+        )
+        for _ in range(5):  # the run may move on between our read and our write: fail it from where it is now
+            rec, moved = self.ledger.advance(
+                run_id,
+                record["state"],
+                runs.FAILED,
+                error={"stage": stage, "cause": cause},
+                final_event=event.to_structured(),
+            )
+            if moved or rec["state"] in runs.TERMINAL:
+                break
+            record = rec
+        if moved:
+            self.publish(topology.RUN_EVENTS, event)
+            log.error("run %s failed in %s: %s", run_id, stage, cause)
+        if rec["state"] in runs.TERMINAL:  # never free the dataset of a run that is still active
+            self.release(rec)
+
+    def finish(self, record: dict) -> str:
+        """Publish a PUBLISHING run's stored index-updated event, then end it and free its dataset. The indexer calls
+        this after promoting; reconcile calls it again for a run whose publish stalled (the event id is the run's, so
+        a second publish is a duplicate subscribers drop)."""
+        event = Event.from_structured(record["final_event"])
+        self.publish(topology.INDEX_UPDATED, event)
+        rec, _ = self.ledger.advance(record["run_id"], PUBLISHING, runs.SUCCEEDED)
+        self.release(rec)
+        return f"run {record['run_id']}: index-updated published (promoted={event.data['promoted']})"
+
+    def release(self, record: dict) -> None:
+        """The run ended: free the dataset for its follow-up run (uploads that arrived meanwhile). Launching it is
+        left to the launching functions (job events, retrain) and the reconcile tick: the indexer, which also ends
+        runs, has no right to submit Vertex jobs (no embedpipeJobLauncher role, no actAs on the job account)."""
+
+        def fn(st):
+            if st["active"] != record["run_id"]:
+                return None
+            st["active"] = None
+            return st
+
+        self.ledger.update_dataset(record["dataset"], fn)
+
+    # ------------------------------------------------------------------ reconcile
+    def launch_soon(self) -> list[str]:
+        """Launch due runs, and wait for those due within ``launch_wait_s`` to launch them on time: a run starts when
+        its quiet period ends, not at the tick after. The waiting is done here, in the tick's handler, because upload
+        handlers that waited would hold back the delivery of the very uploads that extend the quiet period."""
+        started = self.launch_due()
+        if self.settings.launch_wait_s <= 0:
+            return started
+        while True:
+            due = [
+                (st["due_at"], ds)
+                for ds in self.ledger.list_datasets()
+                for st in [self.ledger.get_dataset(ds)]
+                if st["pending"] and not st["active"] and st["due_at"] - time.time() <= self.settings.launch_wait_s
+            ]
+            if not due:
+                return started
+            due_at, dataset = min(due)
+            if due_at > time.time():
+                self.sleep(due_at - time.time())
+            launched = self.launch_due(dataset)
+            if not launched and self.ledger.get_dataset(dataset)["due_at"] <= due_at:
+                return started  # someone else launched it, or it cannot start: leave it to the next tick
+            started += launched
+
+    def reconcile(self) -> list[str]:
+        """The scheduled safety net: launch due runs (on time, see ``launch_soon``), advance runs whose job ended
+        without an event, re-request an index whose request was lost, and fail stages past their deadline. Each
+        dataset is handled on its own: one that errors is logged and retried at the next tick."""
+        notes = [f"launched {r}" for r in self.launch_soon()]
+        for ds in self.ledger.list_datasets():
+            try:
+                done = self._reconcile_dataset(ds)
+                if done:  # something ended or moved: the follow-up run may launch now rather than at the next tick
+                    done += [f"launched {r}" for r in self.launch_due(ds)]
+                notes += done
+            except Exception as exc:  # noqa: BLE001 - isolate datasets
+                log.exception("reconcile %s failed; the next tick retries", ds)
+                notes.append(f"error in {ds}: {type(exc).__name__}: {exc}")
+        return notes
+
+    def _reconcile_dataset(self, ds: str) -> list[str]:
+        active = self.ledger.get_dataset(ds)["active"]
+        record = self.ledger.get_run(active) if active else None
+        if record is None:
+            return []
+        run_id, state = record["run_id"], record["state"]
+        if state in runs.TERMINAL:
+            self.release(record)
+            return [f"released {run_id}"]
+        if state == PUBLISHING:
+            return [self.finish(record)] if publish_stalled(record) else []
+        in_stage = time.time() - ((record.get("stage_times") or {}).get(state, {}).get("start") or time.time())
+        if state == INDEXING:
+            return self._reconcile_indexing(record, in_stage)
+        stage = {TRAINING: "train", EMBEDDING: "embed"}.get(state)
+        job = record["jobs"].get(stage) if stage else None
+        if not job:
+            return []
+        status = transient(self.launcher.get)(job["name"])
+        if status.done:
+            return [self.on_job_status(status)]
+        deadline = self.settings.train_deadline_s if stage == "train" else self.settings.embed_deadline_s
+        in_attempt = time.time() - runs.parse_iso(job["submitted_at"]) if job.get("submitted_at") else in_stage
+        if in_attempt > deadline:  # per attempt: a retry started late in the stage gets its full time
+            transient(self.launcher.cancel)(job["name"])
+            self.fail(
+                run_id,
+                stage,
+                f"{stage} job {job['name']} still {status.state} after {in_attempt:.0f}s "
+                f"(deadline {deadline:.0f}s, EMBEDPIPE_{stage.upper()}_DEADLINE_S): cancelled",
+            )
+            return [f"run {run_id}: {stage} past its deadline, cancelled and failed"]
+        return []
+
+    def _reconcile_indexing(self, record: dict, in_stage: float) -> list[str]:
+        """An index request can be lost (publish failed after the run moved on) or dead-lettered (the indexer failed
+        5 times): re-request it every ``index_retry_s``, and fail the run past ``index_deadline_s``."""
+        s, run_id = self.settings, record["run_id"]
+        # A recorded bulk import is bounded by its own job (it fails the run when the job fails), not by this.
+        if in_stage > s.index_deadline_s and not record.get("bulk_import"):
+            self.fail(
+                run_id,
+                "index",
+                f"no index result {in_stage:.0f}s after the request (deadline "
+                f"{s.index_deadline_s:.0f}s, EMBEDPIPE_INDEX_DEADLINE_S); see the index-requests dead letters",
+            )
+            return [f"run {run_id}: indexing past its deadline, failed"]
+        requested = record.get("index_requested_at")
+        age = time.time() - runs.parse_iso(requested) if requested else in_stage
+        # never published: the run moved to INDEXING and the publish after it failed (a minute covers a slow one)
+        if age > s.index_retry_s or (not requested and in_stage > max(REPUBLISH_AFTER_S, min(60.0, s.index_retry_s))):
+            self.request_index(record)
+            return [f"run {run_id}: index requested again ({'last ' + requested if requested else 'never published'})"]
+        return []

@@ -1,0 +1,581 @@
+"""The indexer's work for one run: load embedding shards into Milvus, evaluate, gate, swap the alias, register the
+promoted model in the model registry (``embedpipe.index.registry``; the run record's ``registry``), publish.
+
+Resumable: rows are upserted by primary key, so a redelivered request rewrites the same rows; the run record moves
+INDEXING -> PUBLISHING (with the event stored) -> SUCCEEDED, so a redelivery after a crash republishes the stored
+event with the same ``ce-id`` instead of computing a different one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+
+import numpy as np
+
+from embedpipe.contracts.events import INDEX_UPDATED, Event, validate
+from embedpipe.control.pipeline import Pipeline, embeddings_uri, publish_stalled
+from embedpipe.gcp import storage
+from embedpipe.index import bulkload, registry, report, rollback
+from embedpipe.ledger import runs
+from embedpipe.ledger.runs import INDEXING, PUBLISHING
+from embedpipe.retrieval import evaluation, vectorstore
+
+log = logging.getLogger(__name__)
+
+UPSERT_BATCH = 1000
+# What upserts read from a shard: the base model's vectors (only the eval baseline needs them) stay in the file.
+UPSERT_COLUMNS = ("id", "vector", "text", "bm25_text", "title", "content_hash", "metadata")
+# A delivery polls a bulk import at most this long (inside Pub/Sub's 600 s ack deadline); reconcile's re-request
+# resumes the same import job later.
+IMPORT_POLL_S = 420.0
+
+
+def embed_output(ledger, record: dict) -> tuple[str, str | None]:
+    """(the embed attempt's folder, the job key its manifests must carry; None for a record without an embed job)."""
+    job = record["jobs"].get("embed")
+    attempt = (job or {}).get("attempt", 1)
+    key = f"{record['run_id']}/embed/{attempt}" if job else None
+    return embeddings_uri(ledger.run_dir(record["run_id"]), attempt), key
+
+
+def permanent_milvus_error(exc: BaseException) -> bool:
+    """A Milvus refusal that a retry of the same shards cannot change: bad parameters or data (an over-long id, too
+    many queries, a wrong dimension). Only these fail the run at once; anything else (unreachable, busy, a race
+    between two deliveries creating one collection) is raised, so the delivery is retried and, past the retries,
+    reconcile's re-request and deadline decide."""
+    from pymilvus.exceptions import DataNotMatchException, MilvusException, ParamError
+
+    if isinstance(exc, (ParamError, DataNotMatchException)):
+        return True
+    text = str(exc).lower()
+    refusals = ("exceeds max length", "exceed max length", "number of search vectors", "out of range", "dimension")
+    return isinstance(exc, MilvusException) and any(r in text for r in refusals)
+
+
+def read_parquet(uri: str):
+    """A small Parquet file (the eval queries) read whole; shards are streamed instead."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+def load_manifests(embed_uri: str, job_key: str | None = None) -> list[dict]:
+    manifests = [
+        storage.read_json(u)
+        for u, _ in storage.list_uris(f"{embed_uri}/")
+        if u.rsplit("/", 1)[-1].startswith("manifest-")
+    ]
+    if not manifests:
+        raise FileNotFoundError(f"no embedding manifests under {embed_uri}/")
+    n = manifests[0]["replicas"]
+    if len(manifests) != n:
+        raise ValueError(f"{embed_uri}: {len(manifests)} shard manifests, expected {n}")
+    # Replicas read the corpus at their own moments: an upload between them could split the rebuild decision.
+    if len({(m.get("mode"), m.get("corpus_total"), m.get("corpus_digest")) for m in manifests}) != 1:
+        raise ValueError(f"{embed_uri}: shards disagree on mode or corpus (the corpus changed while embedding)")
+    stale = [m["replica"] for m in manifests if job_key and m.get("job_key") != job_key]
+    if stale:
+        raise ValueError(f"{embed_uri}: shard manifests of replica(s) {stale} were not written by job {job_key}")
+    if len({(m["fingerprint"], m["dim"]) for m in manifests}) != 1:
+        raise vectorstore.FingerprintMismatch(f"{embed_uri}: shards disagree on model fingerprint or dim")
+    return sorted(manifests, key=lambda m: m["replica"])
+
+
+def rank(client, collection: str, queries, search: dict | None, k: int = 100) -> dict[str, dict[str, list[str]]]:
+    """Rankings of every search mode the collection has (dense, bm25, hybrid) for the eval queries: dense and BM25
+    searched once each, hybrid fused from them with the model's weight, exactly as the search service does."""
+    ids = queries.column("id").to_pylist()
+    vectors = queries.column("vector").to_pylist()
+    dense = vectorstore.search_dense(client, collection, vectors, max(k, vectorstore.DEPTH))
+    out = {"dense": {q: [d for d, _ in hits[:k]] for q, hits in zip(ids, dense)}}
+    if "bm25_text" in queries.column_names and vectorstore.has_field(client, collection, "bm25_text"):
+        texts = queries.column("bm25_text").to_pylist()
+        sparse = vectorstore.search_sparse(client, collection, texts, max(k, vectorstore.DEPTH))
+        out["bm25"] = {q: [d for d, _ in hits[:k]] for q, hits in zip(ids, sparse)}
+        out["hybrid"] = {q: [d for d, _ in vectorstore.fused(a, b, k, search)] for q, a, b in zip(ids, dense, sparse)}
+    return out
+
+
+def rank_base(embed_uri: str, manifests: list[dict], queries, k: int = 100) -> dict[str, list[str]]:
+    """The untuned base model's exact top-k for the eval queries, streamed from each shard ``UPSERT_BATCH`` rows
+    at a time, ids and base vectors only (memory: queries x (k + batch); a whole shard as one block was
+    queries x shard)."""
+    top = evaluation.TopK(np.asarray(queries.column("base_vector").to_pylist(), dtype=np.float32), k)
+    for m in manifests:
+        with storage.open_read(f"{embed_uri}/{m['file']}") as f:
+            for part in batches(f, ["id", "base_vector"]):
+                if part.num_rows:
+                    vectors = np.asarray(part.column("base_vector").flatten(), dtype=np.float32)
+                    top.add(part.column("id").to_pylist(), vectors.reshape(part.num_rows, -1))
+    return top.ranked(queries.column("id").to_pylist())
+
+
+def score(ranked: dict, qrels: dict, served_mode: str) -> dict:
+    """Metrics of every mode on the eval qrels; ``served`` is the mode search answers with by default (chosen at
+    training time on the selection split, never here on test)."""
+    by_mode = {mode: m for mode, r in ranked.items() if (m := evaluation.evaluate(r, qrels))}
+    if not by_mode:  # no query with a relevant document: nothing measured
+        return {"by_mode": {}, "default_mode": served_mode, "metrics": {}}
+    mode = served_mode if served_mode in by_mode else "dense"
+    by_mode["served"] = by_mode[mode]
+    return {"by_mode": by_mode, "default_mode": mode, "metrics": by_mode[mode]}
+
+
+def index_run(pipe: Pipeline, run_id: str, reg: registry.ModelRegistry | None = None) -> str:
+    """Index a run (see the module doc); ``reg`` is where its model is registered if promoted (default: the
+    settings' model registry)."""
+    record = pipe.ledger.get_run(run_id)
+    if record is None:
+        return f"unknown run {run_id}: ignored"
+    if record["state"] in runs.TERMINAL:
+        return f"run {run_id} already {record['state']}: duplicate request ignored"
+    if record["state"] == PUBLISHING:
+        if not publish_stalled(record):
+            return f"run {run_id} is being published by another delivery: ignored"
+        return pipe.finish(record)  # the delivery that stored the event died before publishing it
+    if record["state"] != INDEXING:
+        return f"run {run_id} is {record['state']}, not ready to index: ignored"
+    try:
+        return _index(pipe, record, reg or registry.for_settings(pipe.settings))
+    except bulkload.ImportPending as exc:  # acked: reconcile re-requests the index and this job is polled again
+        return f"run {run_id}: bulk import {exc.job_id} still running; resumed by the next index request"
+    except (
+        vectorstore.FingerprintMismatch,
+        FileNotFoundError,
+        ValueError,
+        bulkload.ImportFailed,
+        bulkload.ImportConflict,
+    ) as exc:
+        pipe.fail(run_id, "index", str(exc))  # permanent: retrying the same shards cannot help
+        return f"run {run_id}: FAILED in index: {exc}"
+    except Exception as exc:
+        if not permanent_milvus_error(exc):
+            raise  # transient: the delivery is retried
+        pipe.fail(run_id, "index", f"Milvus refused the load: {exc}")
+        return f"run {run_id}: FAILED in index (Milvus): {exc}"
+
+
+def decide(
+    new: dict, old: dict | None, metrics: tuple[str, ...], tolerance: float, had_previous: bool
+) -> tuple[bool, str]:
+    """The gate for a full run (test qrels; the only use of test labels besides reporting): the served mode must be
+    at least as good as BM25 alone and the untuned base model (those ``new`` has), and as the live index it would
+    replace, on every gate metric, within ``tolerance``. First runs are gated against the baselines too."""
+    served = new.get("served") or {}
+    if not served and old:  # e.g. the test qrels (file or table) were left out of this run: nothing to compare
+        return False, "rejected: no eval qrels in this run, and the live index was measured on them"
+    if not served:
+        return True, "no eval qrels: promoted unmeasured" if not had_previous else "no eval qrels"
+    rivals = {m: new[m] for m in ("bm25", "base") if new.get(m)}
+    if old:
+        rivals["live index"] = old
+    failed, passed = [], []
+    for name, other in rivals.items():
+        for metric in metrics:
+            a, b = served.get(metric, 0.0), other.get(metric, 0.0)
+            (passed if a >= b - tolerance else failed).append(f"{metric} {a:.4f} vs {name} {b:.4f}")
+    what = "first index for this dataset; " if not had_previous else ""
+    if failed:
+        return False, f"{what}rejected: served is worse on " + "; ".join(failed) + f" (tolerance {tolerance})"
+    return True, f"{what}promoted: " + ("; ".join(passed) or "nothing to compare with")
+
+
+class Stopwatch:
+    """Seconds spent inside Milvus calls (reported as ``milvus_seconds``, so orchestration overhead is measurable)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, fn, *args, **kwargs):
+        t = time.time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.time() - t
+
+
+def load_shards(
+    s, client, collection: str, embed_uri: str, manifests: list[dict], watch: Stopwatch, fresh: bool, bulk=None
+) -> int:
+    """Upsert every shard (or bulk import, for a large fresh collection on a server that can); returns rows.
+    ``bulk`` is (recorded import job id or None, a callable that records a new one before it is polled).
+
+    Streamed: each shard is read from GCS through ranged reads (nothing is downloaded: Cloud Run's /tmp is memory)
+    and upserted ``UPSERT_BATCH`` rows at a time, so the indexer holds a row group, not the corpus. Every shard's
+    row count is checked against its manifest, from its Parquet footer, before anything is loaded; the versions
+    checked are the ones loaded."""
+    with contextlib.ExitStack() as opened:
+        shards = [parquet(opened.enter_context(storage.open_read(f"{embed_uri}/{m['file']}"))) for m in manifests]
+        for m, shard in zip(manifests, shards):
+            if (rows := pq_rows(shard)) != m["count"]:
+                raise ValueError(f"{m['file']}: {rows} rows, manifest says {m['count']}")
+        total = sum(m["count"] for m in manifests)
+        if fresh and bulkload.wanted(s, total):
+            job_id, on_started = bulk or (None, None)
+            try:  # a recorded job is only polled again: importing twice would duplicate rows (import does not upsert)
+                files = (
+                    []
+                    if job_id
+                    else bulkload.stage_files(shards, s.bulk_import_bucket, f"embedpipe-import/{collection}")
+                )
+                return watch(
+                    bulkload.run_import,
+                    s,
+                    collection,
+                    files,
+                    job_id=job_id,
+                    on_started=on_started,
+                    deadline_s=IMPORT_POLL_S,
+                )
+            except bulkload.ImportUnsupported as exc:
+                log.warning("bulk import unavailable (%s): loading %s with upserts", exc, collection)
+        return upsert_tables(client, collection, shards, watch)
+
+
+def parquet(source):
+    """A ``pq.ParquetFile`` over a local path or a seekable file (e.g. ``storage.open_read``); one passes through."""
+    import pyarrow.parquet as pq
+
+    return source if isinstance(source, pq.ParquetFile) else pq.ParquetFile(source)
+
+
+def pq_rows(source) -> int:
+    """Rows of a Parquet file, from its footer alone."""
+    return parquet(source).metadata.num_rows
+
+
+def batches(source, columns, batch: int = UPSERT_BATCH):
+    """Record batches of at most ``batch`` rows of a Parquet file, ``columns`` only, read row group by row group.
+    Measured (pyarrow 26): one ``iter_batches`` over a whole file grows the process with the rows read (about
+    +130 MB for 400k rows), one per row group stays flat."""
+    f = parquet(source)
+    for i in range(f.num_row_groups):
+        yield from f.iter_batches(batch_size=batch, row_groups=[i], columns=list(columns))
+
+
+def upsert_tables(client, collection: str, shards, watch: Stopwatch, batch: int = UPSERT_BATCH) -> int:
+    """Row upserts in batches (by primary key, so a redelivered request rewrites the same rows), read from each shard
+    (a ``pq.ParquetFile``, a local Parquet path or an in-memory table) ``batch`` rows at a time. Vectors go over as
+    numpy rows: turning them into Python lists first costs more than the rows' whole build. Rows are built in this
+    thread: measured on Milvus Lite (2 cores, server-bound), building them in a background thread was no faster."""
+    import pyarrow as pa
+
+    def pieces():
+        for shard in shards:
+            if isinstance(shard, pa.Table):
+                yield from (shard.slice(start, batch) for start in range(0, shard.num_rows, batch))
+            else:
+                for b in batches(shard, UPSERT_COLUMNS, batch):
+                    yield pa.Table.from_batches([b])
+
+    def rows_of(part):
+        vectors = np.asarray(part.column("vector").combine_chunks().flatten(), dtype=np.float32)
+        cols = {c: part.column(c).to_pylist() for c in ("id", "text", "bm25_text", "title", "content_hash", "metadata")}
+        return vectorstore.rows_from(
+            cols["id"],
+            list(vectors.reshape(part.num_rows, -1)),
+            cols["text"],
+            cols["bm25_text"],
+            cols["title"],
+            cols["content_hash"],
+            [json.loads(x) for x in cols["metadata"]],
+        )
+
+    upserted = 0
+    for part in pieces():
+        if part.num_rows:
+            upserted += watch(vectorstore.upsert_batch, client, collection, rows_of(part))
+    return upserted
+
+
+def delete_removed(client, collection: str, embed_uri: str, manifests: list[dict], watch: Stopwatch) -> int:
+    deleted = 0
+    for m in manifests:
+        if not m.get("deleted"):
+            continue
+        with storage.open_read(f"{embed_uri}/{m['deleted_file']}") as f:  # streamed: a mass delete can be large
+            for part in batches(f, ["id"]):
+                ids = part.column("id").to_pylist()
+                watch(vectorstore.delete_ids, client, collection, ids)
+                deleted += len(ids)
+    return deleted
+
+
+def check_deletes(s, record: dict, manifests: list[dict]) -> int:
+    """An incremental run deletes the live documents its corpus snapshot lacks. A corpus re-uploaded part by part
+    would delete the rest, so more than ``max_delete_share`` of the live rows is refused (ValueError: the run fails,
+    nothing indexed changes); a retrain rebuilds from the corpus instead, behind the gate."""
+    removed = sum(m.get("deleted", 0) for m in manifests)
+    # the promoted entry's count, else what the embedder read from the table (an entry promoted without one)
+    live = (record.get("live") or {}).get("rows") or manifests[0].get("live_rows") or 0
+    if record.get("skip_deletes"):  # a corpus file was rejected: its documents are absent, not deleted
+        return 0
+    if removed and removed > s.max_delete_share * live:
+        raise ValueError(
+            f"refusing to delete {removed} of the {live} live documents ({removed / max(live, 1):.1%} > "
+            f"EMBEDPIPE_MAX_DELETE_SHARE={s.max_delete_share:.0%}): the corpus in the bucket is the full snapshot, so "
+            f"documents missing from it would leave the index. Upload the whole corpus, or request a retrain "
+            f"(embedpipe retrain --dataset {record['dataset']}), which rebuilds the index from the corpus and gates it"
+        )
+    return removed
+
+
+def _record_fields(ledger, run_id: str, **fields) -> None:
+    ledger.update_run(run_id, lambda r: {**r, **fields} if r["state"] == INDEXING else None)
+
+
+def _bulk(ledger, record: dict):
+    """(recorded bulk-import job id, recorder) for this run: the id is stored before the job is polled."""
+
+    def on_started(job_id: str) -> None:
+        _record_fields(ledger, record["run_id"], bulk_import={"job_id": job_id, "at": runs.iso(time.time())})
+
+    return (record.get("bulk_import") or {}).get("job_id"), on_started
+
+
+def _index(pipe: Pipeline, record: dict, reg: registry.ModelRegistry) -> str:
+    s, ledger, run_id, dataset = pipe.settings, pipe.ledger, record["run_id"], record["dataset"]
+    t0 = time.time()
+    embed_uri, job_key = embed_output(ledger, record)
+    manifests = load_manifests(embed_uri, job_key)
+    fingerprint, dim = manifests[0]["fingerprint"], manifests[0]["dim"]
+    kind = record.get("kind") or "full"
+    # An incremental diff too large to apply in place is rebuilt (the embedder embedded every document with the
+    # promoted model) into a new collection that must pass the gate against the live one, like a full run.
+    rebuild = kind == "incremental" and manifests[0].get("mode") == "rebuild"
+    inplace = kind == "incremental" and not rebuild
+    client = vectorstore.connect(s.milvus_uri, s.milvus_token)
+    alias = vectorstore.alias_name(dataset)
+    watch = Stopwatch()
+    promoted_before = ledger.get_dataset(dataset).get("promoted") or {}
+    removed = check_deletes(s, record, manifests) if kind == "incremental" else 0
+    if inplace:  # into the live collection, which must hold vectors of this very model
+        collection = record["live"]["collection"]
+        watch(vectorstore.check_fingerprint, client, collection, fingerprint, dim)
+        # Recorded before the live collection changes: a crash part-way is finished by the next delivery (upserts
+        # and deletes are idempotent), which reconcile re-requests; `embedpipe status` shows what was under way.
+        _record_fields(
+            ledger,
+            run_id,
+            inplace={
+                "collection": collection,
+                "upserts": sum(m["count"] for m in manifests),
+                "deletes": removed,
+                "started_at": runs.iso(time.time()),
+            },
+        )
+        # The promoted entry's id -> hash table stops describing the collection once it is edited; until this run
+        # promotes (a new entry, new table), the next run must not diff against it: it rebuilds instead.
+        ledger.update_dataset(
+            dataset,
+            lambda st: (
+                {**st, "promoted": {**st["promoted"], "dirty": run_id}}
+                if (st.get("promoted") or {}).get("collection") == collection and st["promoted"].get("dirty") != run_id
+                else None
+            ),
+        )
+    else:
+        collection = vectorstore.collection_name(dataset, run_id)
+        watch(vectorstore.create_collection, client, collection, dim, fingerprint, record["model"]["uri"])
+    upserted = load_shards(
+        s, client, collection, embed_uri, manifests, watch, fresh=not inplace, bulk=_bulk(ledger, record)
+    )
+    # A run that rejected a corpus file must not delete what that file's documents had put in the index: its
+    # ``removed`` is 0 (check_deletes).
+    deleted = delete_removed(client, collection, embed_uri, manifests, watch) if inplace and removed else 0
+    watch(vectorstore.finish_load, client, collection)
+    counts = {
+        "upserted": upserted,
+        "deleted": deleted if inplace else removed,
+        "unchanged": sum(m.get("unchanged", 0) for m in manifests),
+        "total": manifests[0].get("corpus_total", sum(m["count"] for m in manifests)),
+        "skipped": manifests[0].get("skipped", 0),
+    }
+
+    qrels = storage.read_json(f"{embed_uri}/qrels.json") or {}
+    search = manifests[0].get("search") or {}
+    new = {"by_mode": {}, "default_mode": search.get("default_mode", "dense"), "metrics": {}}
+    queries = None
+    if qrels:
+        queries = read_parquet(f"{embed_uri}/queries.parquet")
+        ranked = watch(rank, client, collection, queries, search)
+        if not inplace:  # the baselines: BM25 alone is ranked above; the untuned base model here
+            ranked["base"] = (
+                rank_base(embed_uri, manifests, queries) if manifests[0].get("has_base") else ranked["dense"]
+            )
+        new = score(ranked, qrels, new["default_mode"])
+    served_search = {**search, "default_mode": new["default_mode"]}  # what search answers with, as measured
+    previous_collection = watch(vectorstore.alias_target, client, alias)
+    old = None
+    if inplace:
+        # The index it replaces is the live collection before this update: its metrics as last measured.
+        if promoted_before.get("metrics"):
+            old = {"by_mode": promoted_before.get("metrics_by_mode") or {}, "metrics": promoted_before["metrics"]}
+        promoted, reason = True, f"incremental update of the live collection in place (not gated: {removed} deletes)"
+    else:
+        # The live index, ranked with its own model's query vectors (a rebuild shares the model: the same ones).
+        prev_queries = f"{embed_uri}/queries-previous.parquet"
+        if previous_collection and previous_collection != collection and qrels:
+            queries_prev = read_parquet(prev_queries) if storage.exists(prev_queries) else queries if rebuild else None
+            if queries_prev is not None:
+                prev_search = promoted_before.get("search") or {}
+                ranked_prev = watch(rank, client, previous_collection, queries_prev, prev_search)
+                old = score(ranked_prev, qrels, prev_search.get("default_mode", "dense"))
+        promoted, reason = decide(
+            new["by_mode"],
+            old["metrics"] if old else None,
+            s.gate_metrics,
+            s.gate_tolerance,
+            bool(previous_collection),
+        )
+        if rebuild:
+            reason = f"incremental change too large to apply in place, rebuilt: {reason}"
+    current = ledger.get_run(run_id) or {}
+    if current.get("state") != INDEXING:  # failed meanwhile (past its deadline): change nothing users see
+        return f"run {run_id} is {current.get('state')} now: not promoting"
+    if promoted:
+        if not inplace:
+            watch(vectorstore.point_alias, client, alias, collection)
+        model_uri = record["model"]["uri"]
+        entry = {
+            "run_id": promoted_before.get("run_id", run_id) if kind == "incremental" else run_id,
+            "collection": collection,
+            "model_uri": model_uri,
+            "fingerprint": fingerprint,
+            "dim": dim,
+            "metrics": new["metrics"],
+            "metrics_by_mode": new["by_mode"],
+            "search": served_search,
+            "schema": vectorstore.SCHEMA_VERSION,
+            "updated_by": run_id,
+            # the id -> hash table of what the collection now holds: the next incremental run's diff base
+            "hashes": f"{embed_uri}/{manifests[0]['hashes_file']}" if manifests[0].get("hashes_file") else None,
+            "rows": manifests[0].get("hashes_rows"),
+        }
+
+        def promote(st):
+            history = [collection] + [c for c in st.get("promoted_history", []) if c != collection]
+            return {
+                **st,
+                "promoted": entry,
+                "promoted_history": history[: s.keep_collections + 1],
+                # whole entries (model, fingerprint, id/hash table): what a rollback makes live again
+                "promoted_entries": rollback.remember(st, entry, s.keep_collections + 1),
+            }
+
+        state = ledger.update_dataset(dataset, promote)
+        registration = {"registry": reg.name, "state": "after publish"}  # see the end of _index
+    else:
+        state = ledger.get_dataset(dataset)
+        registration = registry.not_registered(reg, "rejected by the gate: rejected models are not registered")
+    # Retention never drops what search may still be serving (the pre-swap live collection), the recently promoted
+    # ones (rollback targets, the default one included), or anything younger than the grace period.
+    protect = {c for c in [previous_collection, *state.get("promoted_history", []), *rollback.kept(state)] if c}
+    dropped = (
+        []
+        if inplace
+        else watch(
+            vectorstore.drop_old_collections,
+            client,
+            dataset,
+            s.keep_collections,
+            protect=protect,
+            grace_s=s.retention_grace_s,
+        )
+    )
+    if inplace:
+        _record_fields(
+            ledger,
+            run_id,
+            inplace={**(ledger.get_run(run_id) or {}).get("inplace", {}), "done_at": runs.iso(time.time())},
+        )
+    log.info("run %s (%s): %s into %s; %s; dropped %s", run_id, kind, counts, collection, reason, dropped or "none")
+
+    times = record.get("stage_times", {})
+    stage_seconds = {
+        st.lower(): round(v["end"] - v["start"], 3) for st, v in times.items() if v.get("start") and v.get("end")
+    }
+    stage_seconds["index"] = round(time.time() - t0, 3)
+    trainer_metrics = {}
+    if kind == "full" and record.get("model", {}).get("uri"):  # the trainer writes it beside its model folder
+        model_parent = record["model"]["uri"].rstrip("/").rsplit("/", 1)[0]
+        trainer_metrics = storage.read_json(f"{model_parent}/metrics.json") or {}
+    report_uri = f"{ledger.run_dir(run_id)}/report.html"
+    data = {
+        "run_id": run_id,
+        "dataset": dataset,
+        "kind": kind,
+        "promoted": promoted,
+        "gate": {
+            "metric": s.gate_metric,
+            "metrics": list(s.gate_metrics),
+            "tolerance": s.gate_tolerance,
+            "reason": reason,
+        },
+        "search": served_search,
+        "alias": alias,
+        "collection": collection,
+        "model": {
+            "uri": record["model"]["uri"],
+            "version": trainer_metrics.get("model_version", fingerprint),
+            "dim": dim,
+            "fingerprint": fingerprint,
+            "tuned": manifests[0].get("tuned", True),
+            "shipped_reason": trainer_metrics.get("shipped_reason", ""),
+            "max_seq_length": trainer_metrics.get("max_seq_length"),
+        },
+        "selection": trainer_metrics.get("selection") if kind == "full" else None,
+        "counts": counts,
+        "metrics": new["metrics"] or None,
+        "previous_metrics": (old["metrics"] or None) if old else None,
+        "metrics_by_mode": new["by_mode"],
+        "previous_metrics_by_mode": old["by_mode"] if old else None,
+        "default_search_mode": new["default_mode"],
+        "eval": {
+            "split": manifests[0].get("eval_split") if qrels else None,
+            "queries": len(qrels),
+            "qrels_absent": manifests[0].get("qrels_absent", 0),
+        },
+        "stage_seconds": stage_seconds,
+        "milvus_seconds": round(watch.seconds, 3),
+        "report_uri": report_uri,
+        "trigger": record.get("trigger"),
+        "previous_collection": previous_collection,
+        "dropped_collections": dropped,
+    }
+    storage.write_bytes(
+        report_uri, report.render(data, trainer_metrics.get("loss_curve")).encode(), content_type="text/html"
+    )
+    event = Event(INDEX_UPDATED, data, id=f"{run_id}/index-updated", subject=run_id)
+    validate(event)
+    rec, moved = ledger.advance(
+        run_id,
+        INDEXING,
+        PUBLISHING,
+        final_event=event.to_structured(),
+        metrics=data["metrics"],
+        previous_metrics=data["previous_metrics"],
+        promoted=promoted,
+        collection=collection,
+        counts=counts,
+        registry=registration,
+    )
+    if not moved:  # a concurrent delivery of the same request stored its event first; it publishes
+        return f"run {run_id}: another delivery finished indexing first ({rec['state']})"
+    done = pipe.finish(rec)
+    if promoted:
+        # After the swap and after index-updated (an upload can take minutes; subscribers and search must not wait
+        # for a side record): the registry follows Milvus. Keyed by the run whose model it is, so an incremental
+        # run (same model) registers nothing new and only re-points the alias; skipped when a rollback or a newer
+        # promotion took over meanwhile. Never raises: a failed or pending registration is recorded in the run
+        # record and caught up by the dataset's next promotion or rollback (registry.promote).
+        def still_live() -> bool:
+            return (ledger.get_dataset(dataset).get("promoted") or {}).get("updated_by") == run_id
+
+        registration = registry.promote(reg, dataset, entry["run_id"], model_uri, new["metrics"], still_live)
+        ledger.update_run(run_id, lambda r: {**r, "registry": registration})
+    return done

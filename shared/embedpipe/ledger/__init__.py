@@ -1,0 +1,3 @@
+"""The run ledger in the artifacts bucket (``runs``): run records and dataset states changed by
+compare-and-set, trigger claims made by create-only writes. Below both the orchestration (``control``) and the indexer
+(``index``), which share it and never import each other."""

@@ -1,0 +1,377 @@
+"""The run ledger, kept in the artifacts bucket so every function instance sees the same truth.
+
+Objects (all JSON):
+
+- ``ledger/claims/<sha256(trigger key)>.json``: created once (``if_generation_match=0``); names the run a trigger
+  (an object version or a message id) belongs to. A redelivery finds its claim and only finishes what is left.
+- ``ledger/datasets/<dataset>.json``: per-dataset state: the ``pending`` run collecting uploads (launched when
+  ``due_at`` passes, which is how bursts coalesce), the ``active`` run, and the ``promoted`` index.
+- ``runs/<run_id>/run.json``: the run record. Changed only by compare-and-set on the object generation.
+- ``runs/<run_id>/{arriving,triggers,notices,file_errors}/<sha256(key)>.json``: one create-only object per upload
+  claimed (``arriving``: its intake is under way; the launch waits for it), per trigger and per file verdict, so a
+  burst of uploads never contends for the run record. ``view`` merges them into
+  the record; the launch seals the run (``seal``: no trigger joins it after) and copies them into the record, so
+  everything after the launch reads the record alone. A trigger recorded after the seal moves to the next run.
+
+Stages only move forward (``STAGES`` order); a duplicate or late event for a stage already passed is a no-op.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from embedpipe.gcp import storage
+from embedpipe.gcp.storage import PreconditionFailed
+
+log = logging.getLogger(__name__)
+
+PENDING, TRAINING, EMBEDDING, INDEXING, PUBLISHING = "PENDING", "TRAINING", "EMBEDDING", "INDEXING", "PUBLISHING"
+SUCCEEDED, FAILED = "SUCCEEDED", "FAILED"
+STAGES = (PENDING, TRAINING, EMBEDDING, INDEXING, PUBLISHING, SUCCEEDED)
+TERMINAL = (SUCCEEDED, FAILED)
+
+
+class Store(Protocol):
+    def read_json_gen(self, uri: str) -> tuple[Any, int]: ...
+    def write_json(self, uri: str, obj: Any, if_generation_match: int | None = None) -> int: ...
+    def delete(self, uri: str) -> None: ...
+    def list_uris(self, prefix_uri: str): ...
+
+
+def stage_index(state: str) -> int:
+    return len(STAGES) if state == FAILED else STAGES.index(state)
+
+
+def is_past(record: dict, state: str) -> bool:
+    """True when the run is already at or beyond ``state`` (so an event for it is late or a duplicate)."""
+    return record["state"] in TERMINAL or stage_index(record["state"]) >= stage_index(state)
+
+
+def utcnow() -> float:
+    return time.time()
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def new_run_id(dataset: str) -> str:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dt%H%M%S")
+    return f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+class Ledger:
+    def __init__(self, artifacts_bucket: str, store: Store = storage):
+        self.bucket = artifacts_bucket
+        self.store = store
+
+    # ------------------------------------------------------------ addresses
+    def run_uri(self, run_id: str) -> str:
+        return f"gs://{self.bucket}/runs/{run_id}/run.json"
+
+    def run_dir(self, run_id: str) -> str:
+        return f"gs://{self.bucket}/runs/{run_id}"
+
+    def _claim_uri(self, key: str) -> str:
+        return f"gs://{self.bucket}/ledger/claims/{_digest(key)}.json"
+
+    def _item_uri(self, run_id: str, field: str, key: str) -> str:
+        return f"{self.run_dir(run_id)}/{field}/{_digest(key)}.json"
+
+    def _dataset_uri(self, dataset: str) -> str:
+        return f"gs://{self.bucket}/ledger/datasets/{dataset}.json"
+
+    # ------------------------------------------------------------ compare-and-set
+    def _update(self, uri: str, fn: Callable[[Any], Any], create: Callable[[], Any] | None = None) -> Any:
+        """Read-modify-write with CAS. ``fn`` gets a copy and returns the new document, or None to leave it."""
+        for attempt in range(50):
+            doc, gen = self.store.read_json_gen(uri)
+            if doc is None:
+                if create is None:
+                    raise KeyError(uri)
+                doc = create()
+            new = fn(copy.deepcopy(doc))
+            if new is None:
+                return doc
+            try:
+                self.store.write_json(uri, new, if_generation_match=gen)
+                return new
+            except PreconditionFailed:
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise RuntimeError(f"too much contention on {uri}")
+
+    # ------------------------------------------------------------ claims
+    def get_claim(self, key: str) -> dict | None:
+        return self.store.read_json_gen(self._claim_uri(key))[0]
+
+    def move_claim(self, key: str, from_run: str, to_run: str) -> str:
+        """Point a claim at another run (its trigger arrived after ``from_run`` was sealed); the run it names now."""
+        moved = self._update(
+            self._claim_uri(key),
+            lambda c: {**c, "run_id": to_run, "moved_from": from_run} if c["run_id"] == from_run else None,
+        )
+        return moved["run_id"]
+
+    def claim(self, key: str, run_id: str) -> tuple[str, bool]:
+        """Claim ``key`` for ``run_id``; returns (the run that owns the claim, whether we created it)."""
+        try:
+            self.store.write_json(
+                self._claim_uri(key), {"key": key, "run_id": run_id, "at": iso(utcnow())}, if_generation_match=0
+            )
+            return run_id, True
+        except PreconditionFailed:
+            return self.get_claim(key)["run_id"], False
+
+    # ------------------------------------------------------------ runs
+    def get_run(self, run_id: str) -> dict | None:
+        return self.store.read_json_gen(self.run_uri(run_id))[0]
+
+    def create_run(self, run_id: str, dataset: str, trigger: dict, **fields: Any) -> dict:
+        now = utcnow()
+        record = {
+            "run_id": run_id,
+            "dataset": dataset,
+            "state": PENDING,
+            "kind": None,
+            "created_at": iso(now),
+            "updated_at": iso(now),
+            "triggers": [],
+            "trigger": trigger,
+            "overrides": {},
+            "jobs": {},
+            "stage_times": {PENDING: {"start": now}},
+            "metrics": None,
+            "previous_metrics": None,
+            "promoted": None,
+            "error": None,
+            "final_event": None,
+            **fields,
+        }
+        self.store.write_json(self.run_uri(run_id), record, if_generation_match=0)
+        return record
+
+    def update_run(self, run_id: str, fn: Callable[[dict], dict | None]) -> dict:
+        def wrapped(record):
+            out = fn(record)
+            if out is not None:
+                out["updated_at"] = iso(utcnow())
+            return out
+
+        return self._update(self.run_uri(run_id), wrapped)
+
+    def advance(self, run_id: str, from_state: str, to_state: str, **fields: Any) -> tuple[dict, bool]:
+        """Move ``from_state`` -> ``to_state`` once; (record, whether this call moved it)."""
+        moved = False
+
+        def fn(record):
+            nonlocal moved
+            moved = False  # a CAS retry re-runs this; only the attempt that writes may report a move
+            if record["state"] != from_state:
+                return None
+            now = utcnow()
+            times = record.setdefault("stage_times", {})
+            times.setdefault(from_state, {"start": now})["end"] = now
+            times.setdefault(to_state, {})["start"] = now
+            if to_state in TERMINAL:
+                times[to_state]["end"] = now
+            record["state"] = to_state
+            record.update(fields)
+            moved = True
+            return record
+
+        return self.update_run(run_id, fn), moved
+
+    def list_runs(self) -> list[dict]:
+        """Every run's ``view``, oldest first (one listing: the items sit beside each run record)."""
+        records, items = [], {}
+        for uri, _ in self.store.list_uris(f"gs://{self.bucket}/runs/"):
+            if uri.endswith("/run.json"):
+                if rec := self.store.read_json_gen(uri)[0]:
+                    records.append(rec)
+            elif (where := _item_of(uri)) and (doc := self.store.read_json_gen(uri)[0]):
+                items.setdefault(where[0], {}).setdefault(where[1], []).append(doc)
+        views = [_merged(r, items.get(r["run_id"], {}), _view_fields(r)) or r for r in records]
+        return sorted(views, key=lambda r: r["created_at"])
+
+    # ------------------------------------------------------------ datasets
+    def get_dataset(self, dataset: str) -> dict:
+        return self.store.read_json_gen(self._dataset_uri(dataset))[0] or empty_dataset_state(dataset)
+
+    def update_dataset(self, dataset: str, fn: Callable[[dict], dict | None]) -> dict:
+        return self._update(self._dataset_uri(dataset), fn, create=lambda: empty_dataset_state(dataset))
+
+    def has_dataset(self, dataset: str) -> bool:
+        return self.store.read_json_gen(self._dataset_uri(dataset))[0] is not None
+
+    def list_datasets(self) -> list[str]:
+        prefix = f"gs://{self.bucket}/ledger/datasets/"
+        return sorted(uri[len(prefix) : -5] for uri, _ in self.store.list_uris(prefix) if uri.endswith(".json"))
+
+    def pending_run(self, dataset: str, trigger: dict, due_in_s: float, max_wait_s: float = 60.0) -> str:
+        """The run that collects changes to ``dataset`` now: the pending one (its due time pushed back, bounded
+        by ``max_wait_s`` after its first change), or a new one. Everything that arrives before ``due_at`` joins
+        the same run, which is how bursts coalesce."""
+        for _ in range(20):
+            state = self.get_dataset(dataset)
+            run_id = state["pending"]
+            fresh = run_id is None
+            if fresh:
+                run_id = new_run_id(dataset)
+                self.create_run(run_id, dataset, trigger)
+
+            def fn(st, run_id=run_id, fresh=fresh):
+                now = utcnow()
+                if st["pending"] is None:
+                    if not fresh:
+                        return None  # the run we read as pending was launched meanwhile: start over
+                    st["pending"], st["pending_since"], st["due_at"] = run_id, now, now + due_in_s
+                    return st
+                if st["pending"] != run_id:
+                    return None
+                st["due_at"] = max(st["due_at"], min(now + due_in_s, (st["pending_since"] or now) + max_wait_s))
+                return st
+
+            if self.update_dataset(dataset, fn)["pending"] == run_id:
+                return run_id
+            if fresh:
+                self.store.delete(self.run_uri(run_id))  # lost the race; nobody refers to this record
+        raise RuntimeError(f"could not find or create a pending run for {dataset}")
+
+    # ------------------------------------------------------------ per-key items of a run
+    def put_item(self, run_id: str, field: str, key: str, value: dict) -> bool:
+        """``view[field][key] = value`` once (create-only: a redelivery writes nothing); whether this call wrote it."""
+        try:
+            self.store.write_json(
+                self._item_uri(run_id, field, key), {"key": key, "at": utcnow(), "value": value}, if_generation_match=0
+            )
+            return True
+        except PreconditionFailed:
+            return False
+
+    def has_item(self, run_id: str, field: str, key: str) -> bool:
+        return self.store.read_json_gen(self._item_uri(run_id, field, key))[0] is not None
+
+    def _items(self, run_id: str) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {f: [] for f in ITEM_FIELDS}
+        for uri, _ in self.store.list_uris(f"{self.run_dir(run_id)}/"):
+            if (where := _item_of(uri)) and (doc := self.store.read_json_gen(uri)[0]):
+                out[where[1]].append(doc)
+        return out
+
+    def arriving(self, run_id: str) -> list[str]:
+        """Uploads claimed for this run whose intake has not ended yet (no trigger, no file error), younger than
+        ``ARRIVING_MAX_S``: the launch waits for them, so a slow intake does not push its file into the next run."""
+        items = self._items(run_id)
+        done = {d["key"] for f in ("triggers", "file_errors") for d in items[f]}
+        return [d["key"] for d in items["arriving"] if d["key"] not in done and utcnow() - d["at"] < ARRIVING_MAX_S]
+
+    def add_trigger(self, run_id: str, key: str, info: dict | None = None, wait_s: float = 10.0) -> bool:
+        """Record an upload's trigger in ``run_id``; whether the run counts it. Written first, read after: while the
+        run is unsealed the seal's listing will see the item; once sealed, the merged record says whether it did
+        (False: the caller moves the trigger to the next run). A seal whose merge is not written yet is waited for."""
+        self.put_item(run_id, "triggers", key, info or {})
+        deadline = time.time() + wait_s
+        while True:
+            record = self.get_run(run_id)
+            if record is None:
+                return False
+            if record["state"] == PENDING and not record.get("sealed"):
+                return True
+            if record.get("merged") or not record.get("sealed"):
+                return key in record["triggers"]
+            if time.time() > deadline:  # the sealing launch died before its merge: a redelivery retries
+                raise RuntimeError(f"run {run_id} is sealed but its triggers are not merged yet")
+            time.sleep(0.2)
+
+    def seal(self, run_id: str) -> dict:
+        """Close a PENDING run to new triggers, then copy its items into the record once (``merged``): the triggers
+        a run holds never change after that. A trigger written before the seal is in the listing that follows it;
+        one written after finds the run sealed and merged without it (``add_trigger``) and moves on. ``sealed_at``
+        is the moment the run's data is read as of (BigQuery sources: every job and replica of the run, ``as_of``)."""
+        now = iso(time.time())
+        self.update_run(
+            run_id,
+            lambda r: (
+                {**r, "sealed": True, "sealed_at": now} if r["state"] == PENDING and not r.get("sealed") else None
+            ),
+        )
+        items = self._items(run_id)
+
+        def merge(r):
+            if r.get("merged") or r["state"] != PENDING:
+                return None
+            return {**(_merged(r, items) or r), "merged": True}
+
+        return self.update_run(run_id, merge)
+
+    def merge_items(self, run_id: str, fields: tuple[str, ...] = ("notices", "file_errors")) -> dict:
+        """Copy file verdicts recorded after the seal (launch-time validation) into the record."""
+        items = self._items(run_id)
+        return self.update_run(run_id, lambda r: _merged(r, items, fields))
+
+    def view(self, run_id: str) -> dict | None:
+        """The run record with the per-key items not yet copied into it (what ``embedpipe status`` shows). Triggers
+        are merged only into an unsealed run: a sealed one holds exactly the triggers it decided on."""
+        record = self.get_run(run_id)
+        return (_merged(record, self._items(run_id), _view_fields(record)) or record) if record else None
+
+
+ITEM_FIELDS = ("triggers", "notices", "file_errors", "arriving")
+# An upload whose intake is still running holds back its run's launch this long at most (its handler may have died).
+ARRIVING_MAX_S = 120.0
+
+
+def _item_of(uri: str) -> tuple[str, str] | None:
+    """(run id, field) of a per-key item's URI (``.../runs/<run_id>/<field>/<digest>.json``), else None."""
+    run_id, field = uri.rsplit("/", 3)[-3:-1]
+    return (run_id, field) if field in ITEM_FIELDS else None
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _view_fields(record: dict) -> tuple[str, ...]:
+    return ITEM_FIELDS if not record.get("sealed") else ("notices", "file_errors")
+
+
+def _merged(record: dict, items: dict[str, list[dict]], fields: tuple[str, ...] = ITEM_FIELDS) -> dict | None:
+    """``record`` with ``items`` (per-key objects, in the order they were written) merged in; None if nothing new."""
+    record = copy.deepcopy(record)
+    changed = False
+    for doc in sorted(items.get("triggers", []) if "triggers" in fields else [], key=lambda d: (d["at"], d["key"])):
+        if doc["key"] not in record["triggers"]:
+            record["triggers"].append(doc["key"])
+            if doc["value"]:
+                record.setdefault("trigger_objects", []).append(doc["value"])
+            changed = True
+    for field in [f for f in ("notices", "file_errors") if f in fields]:
+        for doc in sorted(items.get(field, []), key=lambda d: (d["at"], d["key"])):
+            if doc["key"] not in record.get(field, {}):
+                record.setdefault(field, {})[doc["key"]] = doc["value"]
+                changed = True
+    return record if changed else None
+
+
+def empty_dataset_state(dataset: str) -> dict:
+    return {
+        "dataset": dataset,
+        "pending": None,
+        "pending_since": None,
+        "due_at": 0,
+        "active": None,
+        "promoted": None,
+        "follow_up": False,
+    }

@@ -1,0 +1,123 @@
+"""Fast batch encoding: length-sorted batches sized by a token budget, bf16 autocast where the hardware has it."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+
+import numpy as np
+
+from embedpipe.ml.prefetch import prefetch
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def bf16_supported(device: str = "cpu") -> bool:
+    """bf16 only where it is fast: CUDA with bf16, or a CPU with AVX512-BF16 / AMX (else it is emulated, slower)."""
+    if os.environ.get("EMBEDPIPE_BF16") in ("0", "1"):
+        return os.environ["EMBEDPIPE_BF16"] == "1"
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: str = "cpu"):
+    import torch
+
+    if not bf16_supported(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
+
+def padded(length: int, multiple: int, cap: int | None = None) -> int:
+    """``length`` rounded up to ``multiple`` (never past ``cap``): few distinct batch shapes, since CPU (oneDNN)
+    and GPU kernels are built or tuned per shape and tensor cores want multiples of 8/16."""
+    rounded = -(-length // multiple) * multiple
+    return max(length, min(rounded, cap)) if cap else rounded
+
+
+def token_batches(
+    lengths: list[int], batch_tokens: int, max_batch: int = 512, multiple: int = 1, cap: int | None = None
+) -> list[list[int]]:
+    """Indices grouped longest-first so each batch's padded size (rows x longest row, rounded up to ``multiple``)
+    stays within the budget. Batches headed by the same rounded length get the same shape."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    rows = 0
+    for i in order:
+        if not batches or len(batches[-1]) >= rows:
+            batches.append([])
+            rows = min(max_batch, max(1, batch_tokens // padded(lengths[i], multiple, cap)))
+        batches[-1].append(i)
+    return batches
+
+
+def _dim(model) -> int:
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return get()
+
+
+def encode(
+    model, texts: list[str], batch_tokens: int = 4096, prefix: str = "", chunk: int = 4096, multiple: int = 16
+) -> np.ndarray:
+    """Embed ``texts`` with a SentenceTransformer; float32, L2-normalised, in input order.
+
+    Texts are tokenized once, ``chunk`` at a time, in a background thread (the Rust tokenizer releases the GIL) while
+    the model runs on the previous chunk; within a chunk, rows are length-sorted into batches sized by a padded-token
+    budget. bf16 weights (``load_model(inference=True)``) run as they are; fp32 weights get autocast where bf16 is fast
+    (``bf16_supported``)."""
+    import torch
+
+    if not texts:
+        return np.zeros((0, _dim(model)), dtype=np.float32)
+    texts = [prefix + t for t in texts] if prefix else list(texts)
+    out = np.zeros((len(texts), _dim(model)), dtype=np.float32)
+    prep = getattr(model, "preprocess", None) or model.tokenize
+    left = getattr(model.tokenizer, "padding_side", "right") == "left"
+
+    def tokenize(start: int) -> dict:
+        # the model's own preprocessing (lower-casing, prompts, truncation at max_seq_length), padded per chunk
+        return prep(texts[start : start + chunk])
+
+    fp32 = next(model.parameters()).dtype == torch.float32
+    with torch.inference_mode(), autocast(str(model.device)) if fp32 else contextlib.nullcontext():
+        for start, features in prefetch(tokenize, range(0, len(texts), chunk), depth=2, name="tokenize"):
+            mask = features["attention_mask"]
+            lengths = mask.sum(dim=1).tolist()
+            width = mask.shape[1]
+            for batch in token_batches(lengths, batch_tokens, multiple=multiple, cap=width):
+                cols = padded(max(lengths[i] for i in batch), multiple, width)
+                span = slice(width - cols, width) if left else slice(0, cols)
+                rows = torch.tensor(batch)
+                part = {k: _rows(v, rows, span, mask.shape, model.device) for k, v in features.items()}
+                emb = model(part)["sentence_embedding"].float()
+                out[[start + i for i in batch]] = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+    return out
+
+
+def _rows(value, rows, span: slice, shape, device):
+    """One batch's slice of a chunk's feature on ``device``: its rows, and only as many (padded) columns as it
+    needs. Values that are not per-row tensors (e.g. the modality name) pass through."""
+    if not hasattr(value, "index_select") or value.dim() == 0 or value.shape[0] != shape[0]:
+        return value
+    value = value.index_select(0, rows)
+    if value.dim() >= 2 and value.shape[1] == shape[1]:
+        value = value[:, span]
+    return value.to(device)
+
+
+def shard(ids, index: int, count: int) -> list[str]:
+    """Replica ``index`` of ``count``'s share: every ``count``-th id in sorted order, so the replicas together
+    embed every document exactly once, whatever order each of them listed the corpus in."""
+    if not 0 <= index < count:
+        raise ValueError(f"replica index {index} is not within 0..{count - 1}")
+    return sorted(ids)[index::count]

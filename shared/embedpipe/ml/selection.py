@@ -1,0 +1,162 @@
+"""Selection: every choice the pipeline makes for a dataset, made on that dataset's non-test data (DESIGN.md §3.1).
+
+The selection split is ``qrels/dev.tsv`` when the dataset has one (its queries against the whole corpus), else a
+held-out slice of the training pairs posed as a small retrieval task: each held-out anchor is a query whose relevant
+documents are its positives, searched among the positives of all pairs. Held-out pairs are never trained on. On it
+the trainer picks the epoch to keep, whether the fine-tune beats the base model at all, and how search answers by
+default: dense, BM25, or the two fused (``evaluation.FUSIONS``: a convex combination of normalised scores, or
+weighted reciprocal rank) with the family and weight that score best. Test queries and test qrels never reach this
+module (the trainer does not even open ``qrels/test.tsv``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+
+from embedpipe.retrieval import evaluation
+from embedpipe.retrieval.lexical import BM25Index
+from embedpipe.retrieval.vectorstore import DEPTH, MODES  # the same candidate depth and modes as serving
+
+log = logging.getLogger(__name__)
+
+METRIC = "ndcg@10"  # what every choice maximises: BEIR's headline metric
+HELDOUT_SHARE = 0.1
+HELDOUT_MIN, HELDOUT_MAX = 20, 1000  # queries; fewer pairs than 5x the minimum: no hold-out, no selection
+MAX_DOCS = 20_000  # selection corpus cap: the relevant documents plus a seeded sample of the others
+WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # dense weight; 0 = BM25 alone, 1 = dense alone
+# hybrid settings where nothing could be chosen (no selection split): an even RRF, the common default
+UNCHOSEN = {"fusion": "rrf", "hybrid_weight": 0.5, "rrf_k": evaluation.RRF_K}
+
+
+@dataclass
+class Task:
+    split: str  # "dev" | "heldout"
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+    def describe(self) -> dict:
+        return {"split": self.split, "queries": len(self.queries), "documents": len(self.corpus), "metric": METRIC}
+
+
+def _key(seed: int, text: str) -> str:
+    return hashlib.sha256(f"{seed}\0{text}".encode()).hexdigest()
+
+
+def split_pairs(pairs: list, seed: int) -> tuple[list, list]:
+    """(train, held-out): whole anchors held out (an anchor with several positives stays on one side), chosen by a
+    seeded hash so the split is the same on every rank and every retry."""
+    anchors = sorted({p[0] for p in pairs}, key=lambda a: _key(seed, a))
+    n = min(HELDOUT_MAX, int(len(anchors) * HELDOUT_SHARE))
+    if n < HELDOUT_MIN:
+        return pairs, []
+    held = set(anchors[:n])
+    return [p for p in pairs if p[0] not in held], [p for p in pairs if p[0] in held]
+
+
+def _capped(corpus: dict[str, str], keep: set[str], seed: int) -> dict[str, str]:
+    if len(corpus) <= MAX_DOCS:
+        return corpus
+    others = sorted(set(corpus) - keep)
+    random.Random(seed).shuffle(others)
+    chosen = keep | set(others[: max(0, MAX_DOCS - len(keep))])
+    return {d: corpus[d] for d in sorted(chosen)}
+
+
+def task_for(ds, pairs: list, seed: int = 42) -> tuple[list, Task | None]:
+    """(training pairs, selection task or None). Uses ``qrels/dev.tsv`` when present, else holds pairs out."""
+    dev = {q: r for q, r in (ds.qrels.get("dev") or {}).items() if q in ds.queries and any(s > 0 for s in r.values())}
+    if dev:
+        keep = {d for r in dev.values() for d in r} & ds.corpus.keys()  # rows naming absent documents stay in qrels
+        corpus = _capped({i: doc.full_text for i, doc in ds.corpus.items()}, keep, seed)
+        return pairs, Task("dev", {q: ds.queries[q] for q in dev}, corpus, dev)
+    train, held = split_pairs(pairs, seed)
+    if not held:
+        log.warning(
+            "%d training pairs: too few to hold any out; no selection (the fine-tune ships unchecked)", len(pairs)
+        )
+        return pairs, None
+    ids: dict[str, str] = {}
+    for p in pairs:
+        ids.setdefault(p[1], f"p{len(ids)}")
+    queries, qrels = {}, {}
+    for a, pos, _ in held:
+        q = queries.setdefault(a, f"q{len(queries)}")
+        qrels.setdefault(q, {})[ids[pos]] = 1
+    corpus = _capped({i: text for text, i in ids.items()}, {d for r in qrels.values() for d in r}, seed)
+    return train, Task("heldout", {i: a for a, i in queries.items()}, corpus, qrels)
+
+
+def dense_hits(model, task: Task, query_prefix: str = "", document_prefix: str = "", k: int = DEPTH) -> dict:
+    """Exact cosine top-``k`` (id, score) per query, the corpus embedded and searched block by block."""
+    from embedpipe.ml.embedding import encode
+
+    doc_ids = list(task.corpus)
+    qids = list(task.queries)
+    top = evaluation.TopK(encode(model, [task.queries[q] for q in qids], prefix=query_prefix), k)
+    for start in range(0, len(doc_ids), 4096):
+        block = doc_ids[start : start + 4096]
+        top.add(block, encode(model, [task.corpus[d] for d in block], prefix=document_prefix))
+    return top.hits(qids)
+
+
+def dense_score(model, task: Task, query_prefix: str = "", document_prefix: str = "") -> float:
+    hits = dense_hits(model, task, query_prefix, document_prefix)
+    return evaluation.evaluate(evaluation.ids(hits), task.qrels).get(METRIC, 0.0)
+
+
+def bm25_hits(task: Task, k: int = DEPTH) -> dict:
+    qids = list(task.queries)
+    index = BM25Index(list(task.corpus), list(task.corpus.values()))
+    return dict(zip(qids, index.search([task.queries[q] for q in qids], k)))
+
+
+def _fused(task: Task, dense: dict, bm25: dict, weight: float, method: str) -> dict[str, list[str]]:
+    return {
+        q: [d for d, _ in evaluation.fuse(dense.get(q, []), bm25.get(q, []), weight, method, limit=DEPTH)]
+        for q in task.queries
+    }
+
+
+def choose_search(task: Task, dense: dict, bm25: dict) -> dict:
+    """The default search mode, fusion family and hybrid weight, from the selection split (dense and BM25 hits with
+    scores). Each (family, weight) is judged by the mean of its score and its neighbours' (a single lucky weight on
+    a small split does not win); the hybrid is the best of those strictly between 0 and 1, and the mode the best of
+    dense (weight 1), BM25 (weight 0) and that hybrid (a tie goes to hybrid, then to the simpler mode)."""
+    raw: dict[str, dict[float, float]] = {}
+    for method in evaluation.FUSIONS:
+        raw[method] = {}
+        for w in WEIGHTS:
+            raw[method][w] = evaluation.evaluate(_fused(task, dense, bm25, w, method), task.qrels).get(METRIC, 0.0)
+
+    def smooth(method: str, i: int) -> float:
+        near = [raw[method][WEIGHTS[j]] for j in (i - 1, i, i + 1) if 0 <= j < len(WEIGHTS)]
+        return sum(near) / len(near)
+
+    inner = [(m, i) for m in evaluation.FUSIONS for i, w in enumerate(WEIGHTS) if 0 < w < 1]
+    method, i = max(inner, key=lambda mi: (smooth(*mi), -abs(WEIGHTS[mi[1]] - 0.5)))
+    weight = WEIGHTS[i]
+    first = evaluation.FUSIONS[0]
+    candidates = {"dense": raw[first][1.0], "bm25": raw[first][0.0], "hybrid": raw[method][weight]}
+    mode = max(MODES, key=lambda m: (candidates[m], m == "hybrid", m == "dense"))
+    return {
+        "default_mode": mode,
+        "fusion": method,
+        "hybrid_weight": weight,
+        "rrf_k": evaluation.RRF_K,
+        "scores": {m: round(v, 6) for m, v in candidates.items()},
+        "by_weight": {m: {str(w): round(v, 6) for w, v in raw[m].items()} for m in raw},
+    }
+
+
+def by_mode(task: Task, dense: dict, bm25: dict, search: dict) -> dict:
+    """Full metric dicts of dense, BM25 and hybrid (with ``search``'s family and weight) on the selection split."""
+    hybrid = _fused(task, dense, bm25, search["hybrid_weight"], search["fusion"])
+    return {
+        "dense": evaluation.evaluate(evaluation.ids(dense), task.qrels),
+        "bm25": evaluation.evaluate(evaluation.ids(bm25), task.qrels),
+        "hybrid": evaluation.evaluate(hybrid, task.qrels),
+    }

@@ -75,7 +75,7 @@ def report(results: dict, wanted: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from embedpipe.jobs.local import ALLOCATOR_ENV
+    from embedpipe.jobs.spec import ALLOCATOR_ENV
 
     if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
         # Run as the embedding jobs do (allocator settings are read at process start); baselines share the process.

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 
 from embedpipe.contracts import datasets
 from embedpipe.gcp import storage
-from embedpipe.jobs.local import JobSpec, LocalJobLauncher
+from embedpipe.jobs.local import LocalJobLauncher
+from embedpipe.jobs.spec import JobSpec
 from embedpipe.ml.embedding import encode
 from embedpipe.ml.model import ModelInfo, load_model, save_model
 from embedpipe.retrieval import lexical

@@ -16,7 +16,8 @@ import pytest
 
 from embedpipe.gcp import storage
 from embedpipe.jobs import hypertune
-from embedpipe.jobs.local import SUCCEEDED, JobSpec, LocalJobLauncher
+from embedpipe.jobs.local import LocalJobLauncher
+from embedpipe.jobs.spec import SUCCEEDED, JobSpec
 from tests.helpers import FIXTURES, ROOT
 
 DATASET = "trainertiny"

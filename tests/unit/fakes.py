@@ -12,7 +12,7 @@ from typing import Any
 from cloudevents.http import CloudEvent
 
 from embedpipe.gcp.storage import PreconditionFailed
-from embedpipe.jobs.local import JobSpec, JobStatus
+from embedpipe.jobs.spec import JobSpec, JobStatus
 
 EVENTS_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "events"
 

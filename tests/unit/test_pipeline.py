@@ -31,7 +31,7 @@ from embedpipe.contracts.events import (
 from embedpipe.control import intake, pipeline
 from embedpipe.control.pipeline import Pipeline
 from embedpipe.gcp import storage
-from embedpipe.jobs.local import JobSpec
+from embedpipe.jobs.spec import JobSpec
 from embedpipe.ledger import runs
 from embedpipe.ledger.runs import EMBEDDING, FAILED, INDEXING, PENDING, SUCCEEDED, TRAINING, Ledger
 from tests.unit.fakes import Clock, FakeLauncher, FakeStore, load_event

@@ -13,7 +13,7 @@ import pytest
 from google.cloud import aiplatform_v1
 
 from embedpipe.config import Settings
-from embedpipe.jobs.local import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec
+from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec
 from embedpipe.jobs.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, console_url, key_hash, label_value
 
 PARENT = "projects/demo-project/locations/us-central1"

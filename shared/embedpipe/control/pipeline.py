@@ -27,8 +27,8 @@ from embedpipe.contracts.events import (
 from embedpipe.control import incremental, intake
 from embedpipe.gcp import bus, storage
 from embedpipe.gcp.retries import transient
-from embedpipe.jobs.local import ALLOCATOR_ENV, SUCCEEDED, JobLauncher, JobSpec
-from embedpipe.jobs.local import launcher as make_launcher
+from embedpipe.jobs import launchers
+from embedpipe.jobs.spec import ALLOCATOR_ENV, SUCCEEDED, JobLauncher, JobSpec
 from embedpipe.ledger import runs
 from embedpipe.ledger.runs import EMBEDDING, INDEXING, PENDING, PUBLISHING, TRAINING, Ledger
 
@@ -111,7 +111,7 @@ class Pipeline:
     @property
     def launcher(self) -> JobLauncher:
         if self._launcher is None:
-            self._launcher = make_launcher(self.settings)
+            self._launcher = launchers.for_settings(self.settings)
         return self._launcher
 
     def publish(self, topic: str, event: Event) -> None:

@@ -2,7 +2,7 @@
 ``promoted`` follows the Milvus alias (issue 14).
 
 One small protocol, ``ModelRegistry`` (``register`` a run's model, ``point_alias`` at a version), with two backends
-picked from Settings the way ``jobs.launcher`` picks the job launcher (``for_settings``):
+picked from Settings the way ``jobs.launchers.for_settings`` picks the job launcher (``for_settings``):
 
 - ``VertexRegistry``: the gapic ``aiplatform_v1.ModelServiceClient`` (imported lazily) over REST, with the endpoint and
   credentials of ``vertex.client_options`` (``EMBEDPIPE_VERTEX_ENDPOINT``; ``http://`` = a local test server).

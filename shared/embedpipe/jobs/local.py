@@ -1,4 +1,4 @@
-"""Jobs: one ``JobSpec`` and a ``JobLauncher`` protocol with a local backend (Vertex AI comes in ``vertex.py``).
+"""The local backend of the ``JobLauncher`` protocol (``spec``; Vertex AI is ``vertex``).
 
 ``LocalJobLauncher`` runs the same container entrypoint (``containers/<container>/task.py``) as a detached process
 with the Vertex container contract (``AIP_MODEL_DIR``, ``AIP_CHECKPOINT_DIR``, ``AIP_TENSORBOARD_LOG_DIR``,
@@ -9,8 +9,6 @@ Submitting is keyed: the same ``JobSpec.key`` always maps to the same job, so a 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -20,67 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from embedpipe.config import Settings, repo_root
+from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, TERMINAL, JobSpec, JobStatus
 
 log = logging.getLogger(__name__)
 
 NEVER_STARTED_S = 60.0  # a QUEUED local job with no runner after this long lost its launcher
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
-
-# Environment of embedding jobs (JobSpec env: the local runner's replicas and Vertex containers alike). glibc serves
-# each activation-sized tensor with a fresh mmap and unmaps it when freed, so every batch page-faults its buffers in
-# again; keeping such blocks on the heap made CPU embedding ~10% faster here (4.25 -> 3.85 s for the demo corpus).
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    key: str  # idempotency key, e.g. "<run_id>/train/1"
-    container: str  # trainer | embedder
-    args: list[str]
-    base_output_dir: str  # gs://ARTIFACTS/runs/<run_id>/...
-    labels: dict[str, str]  # at least run_id and stage, so any job event finds its run
-    env: dict[str, str] = field(default_factory=dict)
-    image: str = ""
-    machine_type: str = "n1-standard-8"
-    accelerator_type: str = ""
-    accelerator_count: int = 0
-    replica_count: int = 1
-    hp_tuning: dict | None = None
-
-    @property
-    def job_id(self) -> str:
-        """Numeric like Vertex job ids, and derived from the key so a retried submit finds the same job."""
-        return str(int(hashlib.sha256(self.key.encode()).hexdigest()[:15], 16))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    name: str
-    state: str  # QUEUED | RUNNING | SUCCEEDED | FAILED | CANCELLED
-    labels: dict[str, str]
-    error: str = ""
-    model_dir: str = ""  # a finished HP-tuning job: the best trial's model dir (else the stage's default)
-    tuning: dict | None = None  # an HP-tuning job: metric, goal, trials (id, params, state, metric), best_trial
-
-    @property
-    def done(self) -> bool:
-        return self.state in TERMINAL
-
-
-class JobLauncher(Protocol):
-    def submit(self, spec: JobSpec) -> str: ...
-    def get(self, name: str) -> JobStatus: ...
-    def cancel(self, name: str) -> None: ...
-    def name_for(self, job_id: str) -> str: ...
 
 
 def pid_alive(pid: int) -> bool:
@@ -118,7 +63,7 @@ class LocalJobLauncher:
         # claim, so a retried or concurrent submit never starts a second runner nor sees a half-written job.
         tmp = Path(tempfile.mkdtemp(prefix=f".{job_dir.name}-", dir=self.root))
         (tmp / "spec.json").write_text(json.dumps({"name": name, **spec.to_dict()}, indent=1))
-        _write_state(tmp, QUEUED, queued=time.time())
+        write_state(tmp, QUEUED, queued=time.time())
         try:
             os.rename(tmp, job_dir)
         except OSError:
@@ -178,7 +123,7 @@ class LocalJobLauncher:
                 pass
         state = json.loads((job_dir / "state.json").read_text())
         if state["state"] not in TERMINAL:
-            _write_state(job_dir, CANCELLED, "cancelled")
+            write_state(job_dir, CANCELLED, "cancelled")
 
     def running_pids(self) -> list[int]:
         pids = []
@@ -189,15 +134,9 @@ class LocalJobLauncher:
         return pids
 
 
-def _write_state(job_dir: Path, state: str, error: str = "", **extra) -> None:
+def write_state(job_dir: Path, state: str, error: str = "", **extra) -> None:
+    """Replace a local job's ``state.json`` (what ``LocalJobLauncher.get`` reads): the launcher writes QUEUED and
+    CANCELLED, the job runner (``embedpipe.jobs.runner``) RUNNING and the end."""
     tmp = job_dir / "state.json.tmp"
     tmp.write_text(json.dumps({"state": state, "error": error, **extra}))
     tmp.replace(job_dir / "state.json")  # atomic: get() never reads half a file
-
-
-def launcher(settings: Settings) -> JobLauncher:
-    if settings.mode == "local":
-        return LocalJobLauncher(settings)
-    from embedpipe.jobs.vertex import VertexJobLauncher
-
-    return VertexJobLauncher(settings)

@@ -28,7 +28,8 @@ from embedpipe import topology
 from embedpipe.config import Settings, repo_root
 from embedpipe.contracts import events
 from embedpipe.jobs import hypertune
-from embedpipe.jobs.local import CANCELLED, FAILED, RUNNING, SUCCEEDED, _write_state
+from embedpipe.jobs.local import write_state
+from embedpipe.jobs.spec import CANCELLED, FAILED, RUNNING, SUCCEEDED
 
 
 def replica_env(spec: dict, index: int, port: int, trial_id: str = "") -> dict[str, str]:
@@ -133,7 +134,7 @@ def run_trials(spec: dict, job_dir: Path, port: int) -> tuple[str, str, dict]:
             running[trial["id"]] = (trial, procs, log_dir, metric_file)
             changed = True
         if changed:
-            _write_state(job_dir, RUNNING, tuning=summary)
+            write_state(job_dir, RUNNING, tuning=summary)
             changed = False
         time.sleep(0.2)
         for trial_id in [t for t, (_, procs, _, _) in running.items() if finished(procs)]:
@@ -160,12 +161,12 @@ def run(job_dir: Path) -> str:
     # instead of before it.
     threading.Thread(target=importlib.import_module, args=("embedpipe.gcp.bus",), daemon=True).start()
     started = time.time()
-    _write_state(job_dir, RUNNING, started=started)
+    write_state(job_dir, RUNNING, started=started)
 
     def on_term(signum, frame):
         for p in PROCS:
             p.terminate()
-        _write_state(job_dir, CANCELLED, "cancelled")
+        write_state(job_dir, CANCELLED, "cancelled")
         sys.exit(1)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -180,7 +181,7 @@ def run(job_dir: Path) -> str:
         extra = {"model_dir": spec["base_output_dir"].rstrip("/") + "/model/"} if state == SUCCEEDED else {}
     # the largest replica's (or trial's) peak resident memory: what a job needs from its machine (make bench scale)
     peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
-    _write_state(job_dir, state, error, started=started, finished=time.time(), max_rss_mb=peak_mb, **extra)
+    write_state(job_dir, state, error, started=started, finished=time.time(), max_rss_mb=peak_mb, **extra)
     message = "Job completed successfully." if state == SUCCEEDED else f"Job failed. {error[-500:]}"
     entry = events.job_log_entry(spec["name"].rsplit("/", 1)[-1], state, message, settings.project)
     from embedpipe import bus  # imported by the thread in run() by now

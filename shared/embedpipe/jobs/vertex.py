@@ -36,7 +36,7 @@ import re
 
 from embedpipe.config import Settings
 from embedpipe.jobs import hypertune
-from embedpipe.jobs.local import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec, JobStatus
+from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec, JobStatus
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from embedpipe.control import intake, pipeline
 from embedpipe.control.pipeline import Pipeline
 from embedpipe.gcp import storage
 from embedpipe.jobs.spec import JobSpec
-from embedpipe.ledger import runs
+from embedpipe.ledger import lifecycle, runs
 from embedpipe.ledger.runs import EMBEDDING, FAILED, INDEXING, PENDING, SUCCEEDED, TRAINING, Ledger
 from tests.unit.fakes import Clock, FakeLauncher, FakeStore, load_event
 
@@ -1065,7 +1065,7 @@ def test_reconcile_publishes_a_stalled_index_updated_with_its_own_grants(make):
     run_id = publishing_run(h)
     h.pipe.publish = granted_publisher(h, "reconcile")
     assert h.pipe.reconcile() == []  # not stalled yet: the indexer may be publishing right now
-    h.clock.advance(pipeline.STALLED_PUBLISH_S + 1)
+    h.clock.advance(lifecycle.STALLED_PUBLISH_S + 1)
     notes = h.pipe.reconcile()
     assert f"run {run_id}: index-updated published (promoted=True)" in notes
     assert [t for t, e in h.published if e.type == events.INDEX_UPDATED] == [topology.INDEX_UPDATED]

@@ -16,7 +16,6 @@ from embedpipe.config import TRAIN_OVERRIDES, Settings, model_uri_problem
 from embedpipe.contracts import datasets
 from embedpipe.contracts.events import (
     INDEX_REQUESTED,
-    RUN_FAILED,
     RUN_STAGE,
     Event,
     EventError,
@@ -25,20 +24,18 @@ from embedpipe.contracts.events import (
     RetrainRequest,
 )
 from embedpipe.control import incremental, intake
-from embedpipe.gcp import bus, storage
+from embedpipe.gcp import storage
 from embedpipe.gcp.retries import transient
 from embedpipe.jobs import launchers
 from embedpipe.jobs.spec import ALLOCATOR_ENV, SUCCEEDED, JobLauncher, JobSpec
 from embedpipe.ledger import runs
+from embedpipe.ledger.lifecycle import Lifecycle, embeddings_uri, publish_stalled
 from embedpipe.ledger.runs import EMBEDDING, INDEXING, PENDING, PUBLISHING, TRAINING, Ledger
 
 log = logging.getLogger(__name__)
 
 STAGE_STATE = {"train": TRAINING, "embed": EMBEDDING}
 LAUNCH_RETRY_WINDOW_S = 300.0  # a launch keeps being retried at least this long before its run fails
-# A run stuck in PUBLISHING this long (its indexer died between storing the event and publishing it) is finished by
-# reconcile: index-updated published from the stored event.
-STALLED_PUBLISH_S = 60.0
 REPUBLISH_AFTER_S = 30.0  # an index request not recorded as sent this long after the move to INDEXING was lost
 
 
@@ -71,23 +68,15 @@ def checked_overrides(req: RetrainRequest, cloud: bool = False) -> dict:
     return out
 
 
-def publish_stalled(record: dict) -> bool:
-    started = (record.get("stage_times") or {}).get(PUBLISHING, {}).get("start") or 0
-    return record["state"] == PUBLISHING and time.time() - started > STALLED_PUBLISH_S
-
-
 def job_output_uri(run_dir: str, stage: str, attempt: int) -> str:
     """A job's ``base_output_directory``, one per attempt: a retry (a new Vertex job, or a tuning job whose trial
     ids restart at 1) must not resume the checkpoints or read the model another attempt left there."""
     return f"{run_dir}/{stage}/{attempt}"
 
 
-def embeddings_uri(run_dir: str, attempt: int) -> str:
-    """Each embed attempt writes its own folder: shards an earlier attempt left can never be mixed in."""
-    return f"{run_dir}/embeddings/{attempt}"
+class Pipeline(Lifecycle):
+    """Every trigger's handling, on top of a run's endings (``Lifecycle``): what launches jobs lives here only."""
 
-
-class Pipeline:
     def __init__(
         self,
         settings: Settings,
@@ -97,11 +86,9 @@ class Pipeline:
         check_object: Callable[[str, str, int], intake.Verdict] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        self.settings = settings
+        super().__init__(settings, ledger, publish)
         self.sleep = sleep
-        self.ledger = ledger or Ledger(settings.artifacts_bucket)
         self._launcher = launcher
-        self._publish = publish
         # Intake reads the uploaded bytes from GCS; a ledger on an in-memory store (unit tests) has none to read.
         if check_object is None and self.ledger.store is storage:
             check_object = intake.check_object
@@ -113,12 +100,6 @@ class Pipeline:
         if self._launcher is None:
             self._launcher = launchers.for_settings(self.settings)
         return self._launcher
-
-    def publish(self, topic: str, event: Event) -> None:
-        if self._publish is not None:
-            self._publish(topic, event)
-        else:
-            bus.publish(self.settings.project, topic, event)
 
     # ------------------------------------------------------------------ triggers
     def on_object_change(self, change: ObjectChange) -> str:
@@ -593,63 +574,6 @@ class Pipeline:
             record["run_id"], lambda r: {**r, "index_requested_at": now} if r["state"] == INDEXING else None
         )
         self._stage_event(record, INDEXING)
-
-    # ------------------------------------------------------------------ endings
-    def fail(self, run_id: str, stage: str, cause: str) -> None:
-        record = self.ledger.get_run(run_id)
-        if record is None or record["state"] in runs.TERMINAL:
-            return
-        event = Event(
-            RUN_FAILED,
-            {
-                "run_id": run_id,
-                "dataset": record["dataset"],
-                "stage": stage,
-                "cause": cause,
-                "trigger": record.get("trigger"),
-            },
-            id=f"{run_id}/failed",
-            subject=run_id,
-        )
-        for _ in range(5):  # the run may move on between our read and our write: fail it from where it is now
-            rec, moved = self.ledger.advance(
-                run_id,
-                record["state"],
-                runs.FAILED,
-                error={"stage": stage, "cause": cause},
-                final_event=event.to_structured(),
-            )
-            if moved or rec["state"] in runs.TERMINAL:
-                break
-            record = rec
-        if moved:
-            self.publish(topology.RUN_EVENTS, event)
-            log.error("run %s failed in %s: %s", run_id, stage, cause)
-        if rec["state"] in runs.TERMINAL:  # never free the dataset of a run that is still active
-            self.release(rec)
-
-    def finish(self, record: dict) -> str:
-        """Publish a PUBLISHING run's stored index-updated event, then end it and free its dataset. The indexer calls
-        this after promoting; reconcile calls it again for a run whose publish stalled (the event id is the run's, so
-        a second publish is a duplicate subscribers drop)."""
-        event = Event.from_structured(record["final_event"])
-        self.publish(topology.INDEX_UPDATED, event)
-        rec, _ = self.ledger.advance(record["run_id"], PUBLISHING, runs.SUCCEEDED)
-        self.release(rec)
-        return f"run {record['run_id']}: index-updated published (promoted={event.data['promoted']})"
-
-    def release(self, record: dict) -> None:
-        """The run ended: free the dataset for its follow-up run (uploads that arrived meanwhile). Launching it is
-        left to the launching functions (job events, retrain) and the reconcile tick: the indexer, which also ends
-        runs, has no right to submit Vertex jobs (no embedpipeJobLauncher role, no actAs on the job account)."""
-
-        def fn(st):
-            if st["active"] != record["run_id"]:
-                return None
-            st["active"] = None
-            return st
-
-        self.ledger.update_dataset(record["dataset"], fn)
 
     # ------------------------------------------------------------------ reconcile
     def launch_soon(self) -> list[str]:

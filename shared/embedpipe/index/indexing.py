@@ -17,10 +17,10 @@ import time
 import numpy as np
 
 from embedpipe.contracts.events import INDEX_UPDATED, Event, validate
-from embedpipe.control.pipeline import Pipeline, embeddings_uri, publish_stalled
 from embedpipe.gcp import storage
 from embedpipe.index import bulkload, registry, report, rollback
 from embedpipe.ledger import runs
+from embedpipe.ledger.lifecycle import Lifecycle, embeddings_uri, publish_stalled
 from embedpipe.ledger.runs import INDEXING, PUBLISHING
 from embedpipe.retrieval import evaluation, vectorstore
 
@@ -125,9 +125,10 @@ def score(ranked: dict, qrels: dict, served_mode: str) -> dict:
     return {"by_mode": by_mode, "default_mode": mode, "metrics": by_mode[mode]}
 
 
-def index_run(pipe: Pipeline, run_id: str, reg: registry.ModelRegistry | None = None) -> str:
+def index_run(pipe: Lifecycle, run_id: str, reg: registry.ModelRegistry | None = None) -> str:
     """Index a run (see the module doc); ``reg`` is where its model is registered if promoted (default: the
-    settings' model registry)."""
+    settings' model registry). ``pipe`` gives the ledger and the run's endings (the services pass their ``Pipeline``;
+    only its ``Lifecycle`` part is used: the indexer ends runs and frees datasets, it never launches a job)."""
     record = pipe.ledger.get_run(run_id)
     if record is None:
         return f"unknown run {run_id}: ignored"
@@ -337,7 +338,7 @@ def _bulk(ledger, record: dict):
     return (record.get("bulk_import") or {}).get("job_id"), on_started
 
 
-def _index(pipe: Pipeline, record: dict, reg: registry.ModelRegistry) -> str:
+def _index(pipe: Lifecycle, record: dict, reg: registry.ModelRegistry) -> str:
     s, ledger, run_id, dataset = pipe.settings, pipe.ledger, record["run_id"], record["dataset"]
     t0 = time.time()
     embed_uri, job_key = embed_output(ledger, record)

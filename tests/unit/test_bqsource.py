@@ -15,7 +15,7 @@ import pytest
 from embedpipe.config import Settings
 from embedpipe.contracts import datasets
 from embedpipe.control import intake
-from embedpipe.gcp import bqsource
+from embedpipe.gcp import bqsource, datasource
 from tests.unit.test_intake import DATA, FakeGCS, jl
 
 T = "my-proj.shop.docs"
@@ -301,7 +301,7 @@ def test_the_trainer_never_reads_a_test_qrels_table(gcs, monkeypatch):
         }[part.kind]
 
     monkeypatch.setattr(bqsource, "_arrow_rows", rows)
-    ds = datasets.load_gcs(DATA, "shop", test=False)
+    ds = datasource.load_gcs(DATA, "shop", test=False)
     assert "source.json#qrels/test" not in read and set(ds.qrels) == {"train"}
     read.clear()
-    assert set(datasets.load_gcs(DATA, "shop").qrels) == {"train", "test"} and "source.json#qrels/test" in read
+    assert set(datasource.load_gcs(DATA, "shop").qrels) == {"train", "test"} and "source.json#qrels/test" in read

@@ -202,7 +202,7 @@ SKIPPED_Q04 = Notice("corpus.jsonl", 4, "q-04", "document 'q-04' has neither tit
 
 
 class FakeGCS:
-    """Enough of ``google.cloud.storage.Client`` for intake and ``datasets.load_gcs``: objects with generations,
+    """Enough of ``google.cloud.storage.Client`` for intake and ``datasource.load_gcs``: objects with generations,
     generation-pinned reads, ``if_generation_match`` deletes, copies, listing."""
 
     def __init__(self) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from google.api_core import exceptions as gexc
 
 from embedpipe.contracts import datasets
-from embedpipe.gcp import storage
+from embedpipe.gcp import datasource, storage
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def load_checked(
     for _ in range(max_rejections + 10):
         generations: dict[str, int] = {}
         try:
-            ds = datasets.load_gcs(
+            ds = datasource.load_gcs(
                 bucket,
                 dataset,
                 test=test,

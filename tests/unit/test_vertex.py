@@ -13,8 +13,9 @@ import pytest
 from google.cloud import aiplatform_v1
 
 from embedpipe.config import Settings
+from embedpipe.gcp.vertexai import label_value
 from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec
-from embedpipe.jobs.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, console_url, key_hash, label_value
+from embedpipe.jobs.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, console_url, key_hash
 
 PARENT = "projects/demo-project/locations/us-central1"
 

@@ -5,7 +5,7 @@ One small protocol, ``ModelRegistry`` (``register`` a run's model, ``point_alias
 picked from Settings the way ``jobs.launchers.for_settings`` picks the job launcher (``for_settings``):
 
 - ``VertexRegistry``: the gapic ``aiplatform_v1.ModelServiceClient`` (imported lazily) over REST, with the endpoint and
-  credentials of ``vertex.client_options`` (``EMBEDPIPE_VERTEX_ENDPOINT``; ``http://`` = a local test server).
+  credentials of ``gcp.vertexai.client_options`` (``EMBEDPIPE_VERTEX_ENDPOINT``; ``http://`` = a local test server).
 - ``LocalRegistry``: a no-op. Locally there is no registry; ``promote`` still returns what it would have done, and the
   indexer keeps that in the run record (``registry``), so the local loop shows the step.
 
@@ -13,7 +13,7 @@ What a version is: ``UploadModel`` of the run's model folder (``artifact_uri``, 
 ``load_model``) into the Model ``embedpipe-<dataset>`` (the first upload creates it with that id; later ones name it
 as ``parent_model``). Labels: ``run_id``, ``dataset`` and the scalar fields of the model's ``embedpipe.json``
 (fingerprint, base model, dim, max_seq_length, pooling, normalize, similarity, tuned, git SHA, data and
-preprocessing fingerprints), sanitized like job labels (``vertex.label_value``); the version description is JSON
+preprocessing fingerprints), sanitized like job labels (``gcp.vertexai.label_value``); the version description is JSON
 with the run id, the index's test metrics as promoted and the model's own selection metrics. The serving container
 is the embedder image started as ``python -m task serve`` (``embedpipe.ml.serving``: Vertex's custom-container
 contract), so a registered version also serves batch prediction and online endpoints.
@@ -98,7 +98,7 @@ def model_id(dataset: str) -> str:
 
 
 def label_value(value) -> str:
-    from embedpipe.jobs.vertex import label_value as sanitized
+    from embedpipe.gcp.vertexai import label_value as sanitized
 
     return sanitized(str(value).lower() if isinstance(value, bool) else value)
 
@@ -149,7 +149,7 @@ class VertexRegistry:
         if self._client is None:
             from google.cloud import aiplatform_v1
 
-            from embedpipe.jobs.vertex import client_options
+            from embedpipe.gcp.vertexai import client_options
 
             self._client = aiplatform_v1.ModelServiceClient(**client_options(self.settings, self._credentials))
         return self._client

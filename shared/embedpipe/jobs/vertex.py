@@ -32,9 +32,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 
 from embedpipe.config import Settings
+from embedpipe.gcp.vertexai import client_options, label_value
 from embedpipe.jobs import hypertune
 from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec, JobStatus
 
@@ -67,11 +67,6 @@ class JobNotFound(LookupError):
     """No Vertex job has this name (the pipeline treats it as an unknown job)."""
 
 
-def label_value(value: str) -> str:
-    """A valid label value: lowercase letters, digits, ``_`` and ``-``, at most 63 characters."""
-    return re.sub(r"[^a-z0-9_-]", "-", str(value).lower())[:63]
-
-
 def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
@@ -86,18 +81,6 @@ def console_url(name: str) -> str:
     parts = name.split("/")  # projects/P/locations/R/<kind>/ID
     project, region, job_id = parts[1], parts[3], parts[5]
     return f"https://console.cloud.google.com/agent-platform/locations/{region}/training/{job_id}?project={project}"
-
-
-def client_options(settings: Settings, credentials=None) -> dict:
-    """Keyword arguments for any gapic ``aiplatform_v1`` service client (jobs, models): REST transport, the regional
-    endpoint or ``EMBEDPIPE_VERTEX_ENDPOINT``, and anonymous credentials for an ``http://`` one (a local test
-    server)."""
-    endpoint = settings.vertex_endpoint or f"{settings.region}-aiplatform.googleapis.com"
-    if credentials is None and endpoint.startswith("http://"):
-        from google.auth.credentials import AnonymousCredentials
-
-        credentials = AnonymousCredentials()
-    return {"credentials": credentials, "transport": "rest", "client_options": {"api_endpoint": endpoint}}
 
 
 def _git_sha() -> str:

@@ -47,8 +47,8 @@ bench: setup ## benchmarks vs named baselines (same run); table + bench-results.
 quality: setup ## retrieval quality on a real BEIR set (EMBEDPIPE_QUALITY_DATA, default ../shared/data/cisi); table + quality-results.json
 	$(PY) -m quality.run
 
-lint: setup ## ruff lint + format check
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+lint: setup ## ruff lint + format check + import contracts (.importlinter: layers, no torch in functions, no cycles)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 up: setup ## start the local stack
 	$(EP) up

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import embedpipe
 from embedpipe import deploy, topology
 from embedpipe.cli import app
 from embedpipe.config import Settings
@@ -265,6 +267,20 @@ def test_function_requirements_are_pinned_and_lean():
             assert not [r for r in lines if r.split("==")[0] in ("torch", "sentence-transformers", "pytest", "ruff")]
     launching = deploy.source_files(topology.component("on-job-event"))["requirements.txt"].decode()
     assert "google-cloud-aiplatform==" in launching, "a function that launches Vertex jobs needs aiplatform"
+
+
+def test_functions_never_reach_the_ml_layer():
+    """The functions' main.py files are not a package import-linter sees (.importlinter guards runtime and control);
+    the staging closure (lazy imports included) shows what each one loads: no ``embedpipe.ml``, no torch."""
+    package = Path(embedpipe.__file__).parent
+    for c in topology.COMPONENTS:
+        if deploy.is_service(c):
+            continue
+        modules, third = deploy.import_closure(deploy.repo_root() / c.path, package)
+        assert "embedpipe.runtime" in modules, c.name  # the closure did follow main.py into the package
+        assert not [m for m in modules if m == "embedpipe.ml" or m.startswith("embedpipe.ml.")], c.name
+        heavy = {m.split(".")[0] for m in third} & {"torch", "sentence_transformers", "transformers"}
+        assert not heavy, (c.name, heavy)
 
 
 def test_import_closure_follows_lazy_imports_and_skips_optional_ones(tmp_path):

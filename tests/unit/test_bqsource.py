@@ -150,7 +150,7 @@ def test_a_qrels_row_naming_an_unknown_query_names_the_table(monkeypatch):
     )
     with pytest.raises(datasets.DatasetError) as err:
         load([corpus, qrels])
-    assert err.value.file == "source.json#qrels/train" and "query-id 'q9' is not among the queries" in err.value.reason
+    assert err.value.file == "source.json#qrels/train" and "query-id 'q9' is not in queries" in err.value.reason
 
 
 @pytest.fixture

@@ -322,7 +322,9 @@ def test_qrels_with_unknown_query_id():
     files = beir_files(**{"qrels/train.tsv": HEADER + b"q1\td1\t1\nq9\td2\t1\n"})
     with pytest.raises(DatasetError) as err:
         load_files("demo", files)
-    assert_error(err.value, "qrels/train.tsv", 3, "query-id 'q9' is not among the queries")
+    assert_error(
+        err.value, "qrels/train.tsv", 3, "query-id 'q9' is not in queries (queries.jsonl and any queries table)"
+    )
 
 
 def test_qrels_absent_document_notice_names_the_line():

@@ -368,7 +368,9 @@ def qrels_rows(
         except (ValueError, OverflowError):
             raise DatasetError(file, number, f"score {score!r} is not a number") from None
         if known_queries is not None and qid not in known_queries:
-            raise DatasetError(file, number, f"query-id {qid!r} is not among the queries")
+            raise DatasetError(
+                file, number, f"query-id {qid!r} is not in queries (queries.jsonl and any queries table)"
+            )
         if known_docs is not None and doc_id not in known_docs and notices is not None:
             notices.append(Notice(file, number, doc_id, f"corpus-id {doc_id!r} (query {qid!r}) is not in the corpus"))
         out.setdefault(qid, {})[doc_id] = value

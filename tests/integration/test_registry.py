@@ -1,6 +1,7 @@
 """embedpipe.index.registry: the requests VertexRegistry sends through the real gapic ModelServiceClient (REST
-transport) to a local HTTP server that records them and answers like the Vertex AI Model Registry; the local no-op;
-rollback moving the registry alias. No credentials, no network."""
+transport) to a local HTTP server that records them and answers like the Vertex AI Model Registry; rollback moving the
+registry alias; aiplatform staying unimported until the Vertex backend is used (a fresh interpreter). No credentials,
+no network beyond 127.0.0.1. The pure parts are in tests/unit/test_registry.py."""
 
 from __future__ import annotations
 
@@ -15,37 +16,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from google.cloud import aiplatform_v1
 
-from embedpipe.config import Settings
 from embedpipe.index import registry, rollback
-from embedpipe.index.registry import ALIAS, LocalRegistry, VertexRegistry
+from embedpipe.index.registry import ALIAS, VertexRegistry
 from embedpipe.ledger.runs import Ledger
 from embedpipe.ml import serving
 from embedpipe.retrieval import vectorstore
 from tests.unit.fakes import FakeMilvus, FakeStore
+from tests.unit.test_registry import DS, INFO, METRICS, RUN_A, RUN_B, entry, uri
 from tests.unit.test_vertex import settings
 
 PARENT = "projects/demo-project/locations/us-central1"
-DS = "docs"
 MODEL = f"{PARENT}/models/embedpipe-{DS}"
-RUN_A, RUN_B = "20261130t100000-AAAAAA", "20261130t110000-bbbbbb"
-INFO = {
-    "base_model": "bundled:all-MiniLM-L6-v2",
-    "dim": 384,
-    "max_seq_length": 256,
-    "pooling": "mean",
-    "normalize": True,
-    "similarity": "cosine",
-    "query_prefix": "query: ",
-    "document_prefix": "",
-    "git_sha": "0123abcd",
-    "data_fingerprint": "d1",
-    "preprocessing_fingerprint": "p1",
-    "fingerprint": "fp1",
-    "version": "fp1",
-    "metrics": {"selection_ndcg@10": 0.5},
-    "tuned": True,
-}
-METRICS = {"recall@1": 0.5, "recall@5": 0.6, "recall@10": 0.72, "recall@100": 0.9, "mrr@10": 0.6, "ndcg@10": 0.61}
 
 
 def _error(code: int, status: str, message: str) -> dict:
@@ -208,10 +189,6 @@ def vertex(fake: FakeModelRegistry, **overrides) -> VertexRegistry:
     return VertexRegistry(settings(fake.endpoint, **overrides), info_reader=lambda model_uri: INFO)
 
 
-def uri(run_id: str) -> str:
-    return f"gs://arts/runs/{run_id}/train/1/model/"
-
-
 def test_the_first_upload_creates_the_model_later_ones_are_its_versions(fake):
     reg = vertex(fake)
     first = reg.register(DS, RUN_A, uri(RUN_A), INFO, METRICS)
@@ -343,33 +320,10 @@ def test_a_registration_overtaken_by_a_rollback_leaves_the_alias_alone(fake):
     assert out["state"] == "superseded" and out["version"] and fake.holders(ALIAS) == [a]
 
 
-def test_the_model_id_is_valid_for_every_dataset_name():
-    assert registry.model_id("demo") == "embedpipe-demo"
-    long_a, long_b = "a" * 60 + "x", "a" * 60 + "y"
-    assert len(registry.model_id(long_a)) == 63 and registry.model_id(long_a) != registry.model_id(long_b)
-    assert re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", registry.model_id("9" * 63))
-
-
-def test_locally_the_registry_is_a_recorded_no_op():
-    reg = registry.for_settings(Settings.from_env({}))
-    assert isinstance(reg, LocalRegistry)
-    out = registry.promote(reg, DS, RUN_A, "/models/a", METRICS)
-    assert out["registry"] == "local" and out["state"] == "noop"
-    assert out["version"] == f"embedpipe-{DS}@{RUN_A}" and out["alias"] == ALIAS
-
-
-def test_backends_follow_the_settings_and_aiplatform_loads_only_when_used():
-    gcp = settings("http://127.0.0.1:9")
-    assert isinstance(registry.for_settings(gcp), VertexRegistry)
-    opted_out = Settings.from_env(
-        {
-            **{f"EMBEDPIPE_{k.upper()}": str(v) for k, v in vars(gcp).items() if v != ""},
-            "EMBEDPIPE_MODEL_REGISTRY": "local",
-        }
-    )
-    assert isinstance(registry.for_settings(opted_out), LocalRegistry)
+def test_aiplatform_loads_only_when_the_vertex_backend_is_used():
+    """In a fresh interpreter: naming a model imports no ``google.cloud.aiplatform`` (cold starts stay light)."""
     code = (
-        "import sys; from embedpipe.config import Settings; from embedpipe import registry; "
+        "import sys; from embedpipe.config import Settings; from embedpipe.index import registry; "
         "registry.VertexRegistry(Settings()).model_name('d'); "
         "assert not [m for m in sys.modules if m.startswith('google.cloud.aiplatform')], 'imported aiplatform'"
     )
@@ -377,18 +331,6 @@ def test_backends_follow_the_settings_and_aiplatform_loads_only_when_used():
 
 
 # ---------------------------------------------------------------- rollback
-
-
-def entry(run_id: str) -> dict:
-    return {
-        "run_id": run_id,
-        "collection": vectorstore.collection_name(DS, run_id),
-        "model_uri": uri(run_id),
-        "fingerprint": f"fp-{run_id[-6:]}",
-        "dim": 8,
-        "metrics": METRICS,
-        "updated_by": run_id,
-    }
 
 
 def test_rollback_moves_the_registry_alias_to_the_targets_version(fake):
@@ -413,29 +355,3 @@ def test_rollback_moves_the_registry_alias_to_the_targets_version(fake):
     assert len(fake.bodies("POST", r"models:upload$")) == 2, "the target's version is reused, not uploaded again"
     (item,) = ledger.get_dataset(DS)["rollbacks"]
     assert item["registry"]["state"] == "aliased" and item["registry"]["version"] == versions[RUN_A]
-
-
-def test_a_local_rollback_records_the_registry_no_op():
-    ledger, client = Ledger("a", FakeStore()), FakeMilvus()
-    for run_id in (RUN_A, RUN_B):
-        e = {**entry(run_id), "model_uri": f"/models/{run_id}"}
-        client.add(e["collection"], e["fingerprint"], e["dim"])
-        vectorstore.point_alias(client, DS, e["collection"])
-        ledger.update_dataset(
-            DS, lambda st, e=e: {**st, "promoted": e, "promoted_entries": rollback.remember(st, e, 3)}
-        )
-    called = []
-    rollback.rollback(
-        Settings.from_env({}),
-        ledger,
-        client,
-        lambda topic, event: None,
-        DS,
-        registry_alias=lambda s, dataset, target, **_: called.append((dataset, target["run_id"])) or {"registry": "x"},
-    )
-    assert called == [(DS, RUN_A)], "the injected hook gets the target entry"
-    assert ledger.get_dataset(DS)["rollbacks"][0]["registry"] == {"registry": "x"}
-    rollback.rollback(Settings.from_env({}), ledger, client, lambda topic, event: None, DS, to=RUN_B)
-    recorded = ledger.get_dataset(DS)["rollbacks"][1]["registry"]
-    assert recorded["registry"] == "local" and recorded["state"] == "noop"
-    assert recorded["version"] == f"embedpipe-{DS}@{RUN_B}"

@@ -1,4 +1,5 @@
-"""embedpipe.local.stack's health checks, without starting anything."""
+"""embedpipe.local.stack's health checks and port choice against real sockets on 127.0.0.1, without starting
+anything. (Start-up and clean-up with every process stubbed: tests/unit/test_stack.py.)"""
 
 from __future__ import annotations
 
@@ -53,30 +54,3 @@ def test_isolated_ports_skip_a_block_with_a_taken_port_and_stay_below_the_epheme
     assert first == (21000, 21001, 21002, 21005, 21003, 21004)
     lo, hi = stack.ISOLATED_PORTS
     assert hi <= 32768  # Linux hands out 32768-60999 for outgoing connections
-
-
-def test_up_that_fails_part_way_stops_what_it_started(tmp_path, monkeypatch):
-    from embedpipe.config import Settings
-
-    settings = Settings.from_env({"EMBEDPIPE_STATE_DIR": str(tmp_path)})
-    monkeypatch.setattr(stack.os, "environ", dict(stack.os.environ))  # up points clients at emulators: not ours
-    started, stopped = [], {}
-    monkeypatch.setattr(stack, "_pid", lambda s, name: None)
-    monkeypatch.setattr(stack, "prepare_bqemulator", lambda: None)
-    monkeypatch.setattr(stack, "BQ_EXE", tmp_path)  # installed (an existing path)
-    monkeypatch.setattr(stack, "start_part", lambda s, p: started.append(p.name) or 1000 + len(started))
-
-    def health(s, p, timeout=90.0):
-        if p.name == "milvus":
-            raise stack.StackError("milvus exited during start-up")
-
-    monkeypatch.setattr(stack, "wait_healthy", health)
-    monkeypatch.setattr(stack, "_stop", lambda s, pids, echo=None, timeout=15.0: stopped.update(pids))
-    try:
-        stack.up(settings, echo=lambda *_: None, components=False)
-    except stack.StackError:
-        pass
-    else:
-        raise AssertionError("up should have failed")
-    assert started == ["pubsub", "milvus", "bigquery"]
-    assert stopped == {"pubsub": 1001, "milvus": 1002, "bigquery": 1003}

@@ -1,5 +1,6 @@
 """embedpipe.jobs.vertex: the requests VertexJobLauncher builds, sent through the real gapic client (REST transport) to
-a local HTTP server that records them and answers like Vertex AI. No credentials, no network."""
+a local HTTP server that records them and answers like Vertex AI. No credentials, no network beyond 127.0.0.1.
+Integration tier: the fake is a real server on a socket, and one test starts a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from google.cloud import aiplatform_v1
 
-from embedpipe.config import Settings
-from embedpipe.gcp.vertexai import label_value
-from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec
-from embedpipe.jobs.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, console_url, key_hash
+from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from embedpipe.jobs.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, key_hash
+from tests.unit.test_vertex import embed_spec, settings, train_spec
 
 PARENT = "projects/demo-project/locations/us-central1"
 
@@ -109,37 +109,6 @@ def vertex():
     fake.close()
 
 
-def settings(endpoint: str, **overrides) -> Settings:
-    env = {
-        "EMBEDPIPE_MODE": "gcp",
-        "EMBEDPIPE_PROJECT": "demo-project",
-        "EMBEDPIPE_REGION": "us-central1",
-        "EMBEDPIPE_TRAINER_IMAGE": "us-central1-docker.pkg.dev/demo-project/embedpipe/trainer:abc123",
-        "EMBEDPIPE_EMBEDDER_IMAGE": "us-central1-docker.pkg.dev/demo-project/embedpipe/embedder:abc123",
-        "EMBEDPIPE_SERVICE_ACCOUNT": "embedpipe-job@demo-project.iam.gserviceaccount.com",
-        "EMBEDPIPE_VERTEX_ENDPOINT": endpoint,
-        **{f"EMBEDPIPE_{k.upper()}": str(v) for k, v in overrides.items()},
-    }
-    return Settings.from_env(env)
-
-
-def embed_spec(**overrides) -> JobSpec:
-    fields = dict(
-        key="20260101t000000-abc123/embed/1",
-        container="embedder",
-        args=["--dataset=demo", "--run-id=20260101t000000-abc123"],
-        base_output_dir="gs://arts/runs/20260101t000000-abc123/embed",
-        labels={"run_id": "20260101t000000-ABC123", "stage": "embed"},
-        env={"EMBEDPIPE_DATA_BUCKET": "data"},
-        image="us-central1-docker.pkg.dev/demo-project/embedpipe/embedder:abc123",
-        machine_type="g2-standard-8",
-        accelerator_type="NVIDIA_L4",
-        accelerator_count=1,
-        replica_count=3,
-    )
-    return JobSpec(**{**fields, **overrides})
-
-
 def sent_custom_job(vertex: FakeVertex) -> aiplatform_v1.CustomJob:
     (body,) = vertex.bodies("POST", r"customJobs$")
     return aiplatform_v1.CustomJob.from_json(json.dumps(body))
@@ -200,11 +169,6 @@ def test_single_replica_cpu_job_defaults(vertex):
     assert sched.strategy == aiplatform_v1.Scheduling.Strategy.STANDARD
     assert sched.timeout.total_seconds() == 86400 and sched.restart_job_on_worker_restart is False
     assert not job.job_spec.network
-
-
-def test_label_values_are_sanitized():
-    assert label_value("Run/ID 2026.01") == "run-id-2026-01"
-    assert len(label_value("x" * 100)) == 63
 
 
 def test_submit_is_keyed_a_retry_returns_the_same_job(vertex):
@@ -285,34 +249,6 @@ def test_cancel_sends_cancel_for_each_kind(vertex):
     assert [p for m, p, _, _ in vertex.requests if m == "POST"] == [f"{custom}:cancel", f"{hp}:cancel"]
 
 
-HP = {
-    "metric": "recall@10",
-    "goal": "maximize",
-    "max_trials": 6,
-    "parallel_trials": 3,
-    "parameters": {
-        "learning_rate": {"min": 1e-5, "max": 1e-4, "scale": "log"},
-        "max_steps": {"min": 20, "max": 200},
-        "batch_size": {"values": [16, 32]},
-        "base_model": {"values": ["a", "b"]},
-    },
-}
-
-
-def train_spec() -> JobSpec:
-    return JobSpec(
-        key="r9/train/1",
-        container="trainer",
-        args=["--learning-rate=5e-05", "--batch-size=32", "--seed=42", "--dataset=demo", "--run-id=r9"],
-        base_output_dir="gs://arts/runs/r9",
-        labels={"run_id": "r9", "stage": "train"},
-        image="us-central1-docker.pkg.dev/demo-project/embedpipe/trainer:abc123",
-        accelerator_type="NVIDIA_TESLA_T4",
-        accelerator_count=1,
-        hp_tuning=HP,
-    )
-
-
 def test_hp_tuning_job_wraps_the_custom_job_spec(vertex):
     name = VertexJobLauncher(settings(vertex.endpoint)).submit(train_spec())
     assert "/hyperparameterTuningJobs/" in name
@@ -386,18 +322,6 @@ def test_finished_tuning_job_gives_the_best_trials_model_dir(vertex):
     assert VertexJobLauncher(settings(vertex.endpoint)).get(name).state == FAILED, "no succeeded trial: no model"
 
 
-def test_bad_hp_tuning_specs_fail_before_any_request(vertex):
-    launcher = VertexJobLauncher(settings(vertex.endpoint))
-    for bad in ({"parameters": HP["parameters"]}, {**HP, "goal": "up"}, {**HP, "algorithm": "magic"}):
-        with pytest.raises(ValueError):
-            launcher.hp_tuning_job(JobSpec(**{**train_spec().to_dict(), "hp_tuning": bad}))
-
-
-def test_missing_image_says_which_setting(vertex):
-    with pytest.raises(ValueError, match="EMBEDPIPE_EMBEDDER_IMAGE"):
-        VertexJobLauncher(settings(vertex.endpoint)).custom_job(embed_spec(image=""))
-
-
 def test_the_launcher_does_not_import_aiplatform_until_used():
     import subprocess
     import sys
@@ -408,9 +332,3 @@ def test_the_launcher_does_not_import_aiplatform_until_used():
         "assert not [m for m in sys.modules if m.startswith('google.cloud.aiplatform')], 'imported aiplatform'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-@pytest.mark.parametrize("kind", ["customJobs", "hyperparameterTuningJobs"])
-def test_console_url_is_the_jobs_training_page_for_both_kinds(kind):
-    url = console_url(f"projects/p1/locations/europe-west4/{kind}/42")
-    assert url == "https://console.cloud.google.com/agent-platform/locations/europe-west4/training/42?project=p1"

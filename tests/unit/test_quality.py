@@ -1,5 +1,6 @@
-"""``make quality``'s own parts without a stack: locating the data, judged queries, the table, asking the search
-service for its default mode (scoring is ``embedpipe.retrieval.evaluation``, tested in test_evaluation.py)."""
+"""``make quality``'s own parts without a stack: locating the data, judged queries, the table. (Asking the search
+service for its default mode over HTTP: tests/integration/test_quality.py; scoring is
+``embedpipe.retrieval.evaluation``, tested in test_evaluation.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from embedpipe.retrieval.evaluation import METRIC_KEYS, evaluate
+from embedpipe.retrieval.evaluation import METRIC_KEYS
 from quality import run
 
 
@@ -38,35 +39,3 @@ def test_table_shows_missing_modes_as_dash():
     rows = {line[:28].strip(): line[28:].split() for line in text.splitlines()[2:]}
     assert rows["dense"] == ["0.500"] * 4 and rows["served (via search service)"] == ["0.500"] * 4
     assert rows["hybrid"] == ["0.250", "-", "-", "-"] and rows["bm25"] == ["-"] * 4 and rows["served"] == ["-"] * 4
-
-
-def test_query_service_asks_for_the_default_mode_top_100():
-    import threading
-    import urllib.parse
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    asked = []
-
-    class Search(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            args = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
-            asked.append(args)
-            hits = [{"id": "d1", "score": 0.9, "title": ""}] if args["q"] == "first" else []
-            body = json.dumps({"mode": "hybrid", "collection": "c1", "hits": hits}).encode()
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Search)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        judged = {"1": {"d1": 1}, "2": {"d2": 1}, "3": {"d3": 1}}
-        ranked, seen = run.query_service(server.server_port, "ds", judged, {"1": "first", "2": "second"})
-    finally:
-        server.shutdown()
-    assert asked == [{"dataset": "ds", "q": "first", "k": "100"}, {"dataset": "ds", "q": "second", "k": "100"}]
-    assert ranked == {"1": ["d1"], "2": []} and seen == {"modes": ["hybrid"], "collections": ["c1"]}
-    assert evaluate(ranked, judged)["recall@1"] == pytest.approx(1 / 3)

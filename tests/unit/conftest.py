@@ -5,8 +5,10 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+import traceback
 
 import pytest
+import urllib3.util.connection  # noqa: F401 - probes IPv6 with a bind when imported: done here, before any guard
 
 from tests.unit.fakes import Clock, FakeLauncher, FakeStore
 
@@ -25,11 +27,11 @@ def no_sockets_or_subprocesses(monkeypatch) -> None:
     """Make ``socket.connect``/``connect_ex``/``bind`` and ``subprocess.Popen`` raise in every unit test. Code under
     test may catch the error (a health check, a retry loop), so each attempt is also recorded and fails the test at
     teardown: a new offender fails loudly either way."""
-    attempts: list[str] = []
+    attempts: list[tuple[str, str]] = []  # what, where (the call stack)
 
     def refuse(what: str):
         def guard(*args, **kwargs):
-            attempts.append(what)
+            attempts.append((what, "".join(traceback.format_stack(limit=12)[:-1])))
             raise UnitTierViolation(f"{what} in a unit test: {TIER_RULE}")
 
         return guard
@@ -40,7 +42,9 @@ def no_sockets_or_subprocesses(monkeypatch) -> None:
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse("subprocess.Popen"))
     yield
     if attempts:
-        pytest.fail(f"{', '.join(sorted(set(attempts)))} attempted in a unit test: {TIER_RULE}", pytrace=False)
+        what, where = attempts[0]
+        more = f" (and {len(attempts) - 1} more)" if len(attempts) > 1 else ""
+        pytest.fail(f"{what} attempted in a unit test{more}: {TIER_RULE}\nfirst attempt from:\n{where}", pytrace=False)
 
 
 @pytest.fixture

@@ -184,7 +184,7 @@ def run(job_dir: Path) -> str:
     write_state(job_dir, state, error, started=started, finished=time.time(), max_rss_mb=peak_mb, **extra)
     message = "Job completed successfully." if state == SUCCEEDED else f"Job failed. {error[-500:]}"
     entry = events.job_log_entry(spec["name"].rsplit("/", 1)[-1], state, message, settings.project)
-    from embedpipe import bus  # imported by the thread in run() by now
+    from embedpipe.gcp import bus  # imported by the thread in run() by now
 
     bus.publish_raw(settings.project, topology.JOB_EVENTS, json.dumps(entry).encode())
     return state

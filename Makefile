@@ -32,7 +32,7 @@ demo: setup ## start the local stack, upload the demo dataset, wait for index-up
 test: setup ## every test tier: unit, integration (real emulators), e2e (whole loop on the local stack)
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
-test-unit: setup ## unit tests only (fast, no services)
+test-unit: setup ## unit tests only (fast: fakes only, no sockets, subprocesses or services)
 	$(PY) -m pytest tests/unit -q
 
 test-integration: setup ## integration tests (start their own emulators and Milvus Lite)

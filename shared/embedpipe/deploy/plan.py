@@ -1,49 +1,35 @@
-"""The GCP deploy: ``embedpipe deploy gcp --project P --region R [--dry-run]``.
+"""The deploy plan: ``plan(cfg)`` turns the topology (``embedpipe.topology``, the same definition ``embedpipe up``
+applies locally) into an ordered list of ``Step``s: APIs, Artifact Registry, service accounts, buckets, topics, the
+Milvus token secret, the container images (Cloud Build), the staged functions (gen2) and Cloud Run services, push
+subscriptions, the data bucket's notification, the job-state log sink and the reconcile scheduler job. Each step names
+its resource, its settings and the IAM bindings it grants. ``render`` prints the plan (``--dry-run``), touching nothing.
 
-``plan(cfg)`` turns the topology (``embedpipe.topology``, the same definition ``embedpipe up`` applies locally) into an
-ordered list of ``Step``s: APIs, Artifact Registry, service accounts, buckets, topics, the Milvus token secret, the
-container images (Cloud Build), the staged functions (gen2) and Cloud Run services, push subscriptions, the data
-bucket's notification, the job-state log sink and the reconcile scheduler job. Each step names its resource, its
-settings and the IAM bindings it grants. ``--dry-run`` prints the plan and touches nothing.
-
-``apply(steps)`` runs gcloud, idempotently: each step's settings are hashed into a fingerprint stored on the
-resource (a label, or the description where there are no labels); a step first reads it back
-("describe") and creates the resource when it is missing, updates it when the fingerprint differs, and leaves it
-alone when it matches, so a second apply changes nothing. IAM bindings are added with ``add-iam-policy-binding``
-(a no-op when present). Values known only once things exist (project number, the sink's writer identity, service
-URLs) are placeholders ``<<...>>`` resolved when the step runs.
-
-Function staging: ``build/functions/<dir>/`` gets ``main.py``, a copy of ``embedpipe`` and a ``requirements.txt``
-pinned from the repo's, holding only what that entry point imports (its ``embedpipe`` import closure, lazy imports
-included; imports guarded by ``except ImportError`` are optional and left out). Cloud Run services also get a
-``Procfile`` that starts functions-framework. The folder is git-ignored and regenerated on every deploy.
+Each step's settings are hashed into a fingerprint stored on the resource (a label, or the description where there
+are no labels), which its check reads back. Values known only once things exist (project number, the sink's writer
+identity, service URLs) are placeholders ``<<...>>`` resolved when the step runs (``embedpipe.deploy.apply``).
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import hashlib
-import importlib.metadata as md
-import importlib.util
 import json
-import logging
 import os
-import re
 import shlex
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
 
 from embedpipe import topology
-from embedpipe.config import Settings, model_uri_problem, repo_root
 from embedpipe.contracts.events import TICK
-
-log = logging.getLogger(__name__)
+from embedpipe.deploy.config import (
+    PYTHON_RUNTIME,
+    REPOSITORY,
+    SIZING,
+    DeployConfig,
+    bigquery_datasets,
+    runtime_env,
+    sa_id,
+)
+from embedpipe.deploy.staging import component_dir, is_service, source_fingerprint, stage_for_deploy
 
 APIS = (
     "aiplatform.googleapis.com",
@@ -58,127 +44,8 @@ APIS = (
     "secretmanager.googleapis.com",
     "storage.googleapis.com",
 )
-REPOSITORY = "embedpipe"
 MILVUS_SECRET = "embedpipe-milvus-token"
 FINGERPRINT_LABEL = "embedpipe-fingerprint"
-TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-# The Python the functions (--runtime) and the Cloud Run services (--base-image, for source builds) run: the
-# version the staged requirements are pinned and tested for.
-PYTHON_RUNTIME = "python311"
-# Runtime sizing per component (functions: gen2; services: Cloud Run).
-SIZING = {
-    "on-data-uploaded": {"memory": "512Mi", "max_instances": 10},
-    "on-retrain-requested": {"memory": "1Gi", "max_instances": 5},
-    "on-job-event": {"memory": "1Gi", "max_instances": 5},
-    "reconcile": {"memory": "1Gi", "max_instances": 1},
-    "indexer": {"memory": "8Gi", "cpu": "4", "max_instances": 3, "concurrency": 1},
-    # CPU always allocated (instance-based billing while an instance lives; still scales to zero): the search
-    # service reloads the promoted model in a background thread after answering the index-updated push, and with
-    # request-based billing Cloud Run throttles the CPU of work done outside a request to almost nothing.
-    "search": {"memory": "4Gi", "cpu": "2", "max_instances": 5, "concurrency": 16, "cpu_always_allocated": True},
-}
-
-
-class DeployError(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class DeployConfig:
-    project: str
-    region: str
-    settings: Settings  # what the deployed functions, services and jobs run with (mode=gcp)
-    tag: str  # image tag: the git SHA
-    vpc_connector: str = ""
-    schedule: str = topology.RECONCILE_SCHEDULE
-
-    @property
-    def registry(self) -> str:
-        return f"{self.region}-docker.pkg.dev/{self.project}/{REPOSITORY}"
-
-    def image(self, name: str) -> str:
-        return f"{self.registry}/{name}:{self.tag}"
-
-    def sa(self, identity: str) -> str:
-        return f"{sa_id(identity)}@{self.project}.iam.gserviceaccount.com"
-
-    def sa_resource(self, identity: str) -> str:
-        """The ``projects/P/serviceAccounts/EMAIL`` form the build-account flags take."""
-        return f"projects/{self.project}/serviceAccounts/{self.sa(identity)}"
-
-    def role(self, role: str) -> str:
-        """``custom:<id>`` (a role the plan creates) -> ``projects/P/roles/<id>``; predefined roles as they are."""
-        return f"projects/{self.project}/roles/{role[7:]}" if role.startswith("custom:") else role
-
-    def bucket(self, settings_field: str) -> str:
-        return getattr(self.settings, settings_field)
-
-
-def sa_id(identity: str) -> str:
-    """Service account ids are 6-30 characters: ``ep-<identity>``."""
-    return f"ep-{identity}"[:30]
-
-
-def git_tag() -> str:
-    sha = os.environ.get("EMBEDPIPE_GIT_SHA")
-    if not sha:
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo_root())
-            sha = out.stdout.strip() if out.returncode == 0 else ""
-        except OSError:
-            sha = ""
-    return sha[:12] or "latest"
-
-
-def config_from_settings(project: str, region: str, base: Settings, vpc_connector: str = "") -> DeployConfig:
-    """The deployed settings: mode=gcp, cloud names for what still has a local default, images in our registry."""
-    tag = git_tag()
-    local = Settings()
-    registry = f"{region}-docker.pkg.dev/{project}/{REPOSITORY}"
-    changes: dict = {"mode": "gcp", "project": project, "region": region, "log_format": "json"}
-    for f in topology.BUCKETS:  # bucket names are global: the local defaults get the project as prefix
-        if getattr(base, f) == getattr(local, f):
-            changes[f] = f"{project}-{getattr(base, f)}"
-    for name in topology.IMAGES:
-        if not getattr(base, f"{name}_image"):
-            changes[f"{name}_image"] = f"{registry}/{name}:{tag}"
-    if not base.service_account:
-        changes["service_account"] = f"{sa_id('job')}@{project}.iam.gserviceaccount.com"
-    if not base.push_service_account:
-        changes["push_service_account"] = f"{sa_id('push')}@{project}.iam.gserviceaccount.com"
-    problem = model_uri_problem(base.base_model, cloud=True)
-    if problem:  # a local path or a Hub id means nothing to a Vertex job: the images hold only the bundled weights
-        raise DeployError(
-            f"EMBEDPIPE_BASE_MODEL: {problem} (upload a local model folder to gs:// and set EMBEDPIPE_BASE_MODEL to "
-            "that URI, or leave it unset for the bundled all-MiniLM-L6-v2)"
-        )
-    return DeployConfig(project, region, dataclasses.replace(base, **changes), tag, vpc_connector)
-
-
-# Settings that only make sense on a laptop: never shipped to the cloud.
-LOCAL_ONLY = {
-    "state_dir",
-    "pubsub_port",
-    "gcs_port",
-    "milvus_port",
-    "bigquery_port",
-    "bigquery_grpc_port",
-    "functions_port",
-    "milvus_token",
-    "tick_s",
-}
-
-
-def runtime_env(cfg: DeployConfig) -> dict[str, str]:
-    env = {k: v for k, v in cfg.settings.to_env().items() if k.removeprefix("EMBEDPIPE_").lower() not in LOCAL_ONLY}
-    env["EMBEDPIPE_GIT_SHA"] = cfg.tag
-    return dict(sorted(env.items()))
-
-
-# ---------------------------------------------------------------- steps
 
 
 @dataclass
@@ -216,19 +83,19 @@ class Step:
             else:
                 out.append(f"       {k}: {v}")
         if self.check:
-            out.append(f"       check : {_fmt(self.check)}")
+            out.append(f"       check : {fmt(self.check)}")
         verb = "create" if self.update is not None else "apply "
-        out += [f"       {verb}: {_fmt(c)}" for c in self.create]
-        out += [f"       update: {_fmt(c)}" for c in self.update or []]
-        out += [f"       iam   : {_fmt(c)}" for c in self.iam]
+        out += [f"       {verb}: {fmt(c)}" for c in self.create]
+        out += [f"       update: {fmt(c)}" for c in self.update or []]
+        out += [f"       iam   : {fmt(c)}" for c in self.iam]
         return out
 
 
-def _fmt(argv: list[str]) -> str:
+def fmt(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-def _g(cfg: DeployConfig, *args: str) -> list[str]:
+def gcloud(cfg: DeployConfig, *args: str) -> list[str]:
     return ["gcloud", *args, f"--project={cfg.project}"]
 
 
@@ -271,7 +138,7 @@ def plan(cfg: DeployConfig) -> list[Step]:
 
 
 def _labelled(cfg: DeployConfig, step: Step, describe: list[str], label_path: str) -> Step:
-    step.check = _g(cfg, *describe, f"--format=value({label_path}.{FINGERPRINT_LABEL})")
+    step.check = gcloud(cfg, *describe, f"--format=value({label_path}.{FINGERPRINT_LABEL})")
     return step
 
 
@@ -280,7 +147,7 @@ def _registry(cfg: DeployConfig) -> Step:
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     where = [f"--location={cfg.region}"]
     s.create = [
-        _g(
+        gcloud(
             cfg,
             "artifacts",
             "repositories",
@@ -292,7 +159,7 @@ def _registry(cfg: DeployConfig) -> Step:
             f"--labels={fp}",
         )
     ]
-    s.update = [_g(cfg, "artifacts", "repositories", "update", REPOSITORY, *where, f"--update-labels={fp}")]
+    s.update = [gcloud(cfg, "artifacts", "repositories", "update", REPOSITORY, *where, f"--update-labels={fp}")]
     return _labelled(cfg, s, ["artifacts", "repositories", "describe", REPOSITORY, *where], "labels")
 
 
@@ -302,8 +169,8 @@ def _apis(cfg: DeployConfig) -> Step:
     apis = tuple(sorted((*APIS, *BIGQUERY_APIS))) if bigquery_datasets(cfg.settings) else APIS
     s = Step("apis", "enable", {"services": ", ".join(apis), "service_identities": "aiplatform.googleapis.com"})
     s.create = [
-        _g(cfg, "services", "enable", *apis),
-        _g(cfg, "beta", "services", "identity", "create", "--service=aiplatform.googleapis.com"),
+        gcloud(cfg, "services", "enable", *apis),
+        gcloud(cfg, "beta", "services", "identity", "create", "--service=aiplatform.googleapis.com"),
     ]
     return s
 
@@ -314,10 +181,10 @@ def _custom_role(cfg: DeployConfig, role: str) -> Step:
     s = Step("custom-role", cfg.role(f"custom:{role}"), {"permissions": perms, "stage": "GA"})
     desc = f"embedpipe: {what} [{s.fingerprint}]"
     common = [f"--permissions={perms}", "--stage=GA", f"--description={desc}"]
-    s.check = _g(cfg, "iam", "roles", "describe", role, "--format=value(description)")
+    s.check = gcloud(cfg, "iam", "roles", "describe", role, "--format=value(description)")
     s.expect = desc
-    s.create = [_g(cfg, "iam", "roles", "create", role, f"--title={title}", *common)]
-    s.update = [_g(cfg, "iam", "roles", "update", role, *common)]
+    s.create = [gcloud(cfg, "iam", "roles", "create", role, f"--title={title}", *common)]
+    s.update = [gcloud(cfg, "iam", "roles", "update", role, *common)]
     return s
 
 
@@ -347,13 +214,13 @@ def _service_account(cfg: DeployConfig, identity: str) -> Step:
         settings["build_source_bucket_roles"] = source_roles
     s = Step("service-account", cfg.sa(identity), settings)
     full = f"{desc} [{s.fingerprint}]"
-    s.check = _g(cfg, "iam", "service-accounts", "describe", cfg.sa(identity), "--format=value(description)")
-    s.create = [_g(cfg, "iam", "service-accounts", "create", sa_id(identity), f"--description={full}")]
-    s.update = [_g(cfg, "iam", "service-accounts", "update", cfg.sa(identity), f"--description={full}")]
+    s.check = gcloud(cfg, "iam", "service-accounts", "describe", cfg.sa(identity), "--format=value(description)")
+    s.create = [gcloud(cfg, "iam", "service-accounts", "create", sa_id(identity), f"--description={full}")]
+    s.update = [gcloud(cfg, "iam", "service-accounts", "update", cfg.sa(identity), f"--description={full}")]
     bindings = [(role, "None") for role in project_roles]
     bindings += [(role, build_sources_condition(cfg)) for role in source_roles]
     s.iam = [
-        _g(
+        gcloud(
             cfg,
             "projects",
             "add-iam-policy-binding",
@@ -368,7 +235,7 @@ def _service_account(cfg: DeployConfig, identity: str) -> Step:
         for target, role in other_grants:
             if target == f"sa:{identity}":
                 s.iam.append(
-                    _g(
+                    gcloud(
                         cfg,
                         "iam",
                         "service-accounts",
@@ -380,7 +247,7 @@ def _service_account(cfg: DeployConfig, identity: str) -> Step:
                 )
     if identity == "push":  # Pub/Sub mints the push tokens as this account
         s.iam.append(
-            _g(
+            gcloud(
                 cfg,
                 "iam",
                 "service-accounts",
@@ -403,7 +270,7 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
     )
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     s.create = [
-        _g(
+        gcloud(
             cfg,
             "storage",
             "buckets",
@@ -414,9 +281,9 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
             "--public-access-prevention",
         )
     ]
-    s.create.append(_g(cfg, "storage", "buckets", "update", f"gs://{name}", f"--update-labels={fp}"))
+    s.create.append(gcloud(cfg, "storage", "buckets", "update", f"gs://{name}", f"--update-labels={fp}"))
     s.update = [
-        _g(
+        gcloud(
             cfg,
             "storage",
             "buckets",
@@ -431,7 +298,7 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
         for target, role in grants:
             if target == f"bucket:{settings_field}":
                 s.iam.append(
-                    _g(
+                    gcloud(
                         cfg,
                         "storage",
                         "buckets",
@@ -445,7 +312,7 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
         # the Model Registry's uploads read runs/<run>/.../model/ as Vertex's agent (bucket-wide: copying a folder
         # lists it, and a list is checked on the bucket, where an object-name condition cannot apply)
         s.iam.append(
-            _g(
+            gcloud(
                 cfg,
                 "storage",
                 "buckets",
@@ -456,18 +323,6 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
             )
         )
     return _labelled(cfg, s, ["storage", "buckets", "describe", f"gs://{name}"], "labels")
-
-
-BQ_DATASET_RE = re.compile(r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,61}[a-z0-9]\.[A-Za-z0-9_]{1,1024}$")
-
-
-def bigquery_datasets(settings: Settings) -> list[str]:
-    """``EMBEDPIPE_BIGQUERY_DATASETS`` as a list, each checked: the names go into a GRANT statement."""
-    out = [d.strip() for d in settings.bigquery_datasets.split(",") if d.strip()]
-    for d in out:
-        if not BQ_DATASET_RE.fullmatch(d):
-            raise DeployError(f"EMBEDPIPE_BIGQUERY_DATASETS: {d!r} is not PROJECT.DATASET")
-    return out
 
 
 def _bigquery_read(cfg: DeployConfig, dataset: str) -> Step:
@@ -485,8 +340,8 @@ def _topic(cfg: DeployConfig, topic: str) -> Step:
     dlq = topic in topology.dead_letter_topics()
     s = Step("topic", topic, {"dead_letter_topic": dlq})
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
-    s.create = [_g(cfg, "pubsub", "topics", "create", topic, f"--labels={fp}")]
-    s.update = [_g(cfg, "pubsub", "topics", "update", topic, f"--update-labels={fp}")]
+    s.create = [gcloud(cfg, "pubsub", "topics", "create", topic, f"--labels={fp}")]
+    s.update = [gcloud(cfg, "pubsub", "topics", "update", topic, f"--update-labels={fp}")]
     for identity, grants in topology.ACCESS.items():
         for target, role in grants:
             if target == f"topic:{topic}":
@@ -499,20 +354,22 @@ def _topic(cfg: DeployConfig, topic: str) -> Step:
 
 
 def _topic_binding(cfg: DeployConfig, topic: str, member: str, role: str) -> list[str]:
-    return _g(cfg, "pubsub", "topics", "add-iam-policy-binding", topic, f"--member={member}", f"--role={role}")
+    return gcloud(cfg, "pubsub", "topics", "add-iam-policy-binding", topic, f"--member={member}", f"--role={role}")
 
 
 def _secret(cfg: DeployConfig) -> Step:
     s = Step("secret", MILVUS_SECRET, {"replication": "automatic", "value_from": "EMBEDPIPE_MILVUS_TOKEN"})
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     s.create = [
-        _g(cfg, "secrets", "create", MILVUS_SECRET, "--replication-policy=automatic", "--data-file=-", f"--labels={fp}")
+        gcloud(
+            cfg, "secrets", "create", MILVUS_SECRET, "--replication-policy=automatic", "--data-file=-", f"--labels={fp}"
+        )
     ]
-    s.update = [_g(cfg, "secrets", "update", MILVUS_SECRET, f"--update-labels={fp}")]
+    s.update = [gcloud(cfg, "secrets", "update", MILVUS_SECRET, f"--update-labels={fp}")]
     s.stdin_env = "EMBEDPIPE_MILVUS_TOKEN"
     for c in topology.MILVUS_CLIENTS:
         s.iam.append(
-            _g(
+            gcloud(
                 cfg,
                 "secrets",
                 "add-iam-policy-binding",
@@ -532,9 +389,9 @@ def _image(cfg: DeployConfig, name: str) -> Step:
         image,
         {"dockerfile": dockerfile, "context": ".", "build": "Cloud Build", "build_service_account": cfg.sa("build")},
     )
-    s.check = _g(cfg, "artifacts", "docker", "images", "describe", image, "--format=value(image_summary.digest)")
+    s.check = gcloud(cfg, "artifacts", "docker", "images", "describe", image, "--format=value(image_summary.digest)")
     s.create = [
-        _g(
+        gcloud(
             cfg,
             "builds",
             "submit",
@@ -547,14 +404,6 @@ def _image(cfg: DeployConfig, name: str) -> Step:
     ]
     s.update = []  # an image tag is immutable: present means built
     return s
-
-
-def component_dir(c: topology.Component) -> str:
-    return Path(c.path).parent.name
-
-
-def is_service(c: topology.Component) -> bool:
-    return c.path.startswith("services/")
 
 
 def _component(cfg: DeployConfig, c: topology.Component) -> Step:
@@ -602,7 +451,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
     if secrets:
         common.append(f"--set-secrets={secrets}")
     if is_service(c):
-        cmd = _g(
+        cmd = gcloud(
             cfg,
             "run",
             "deploy",
@@ -616,7 +465,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
             "--no-cpu-throttling" if size.get("cpu_always_allocated") else "--cpu-throttling",
             *common,
         )
-        s.check = _g(
+        s.check = gcloud(
             cfg,
             "run",
             "services",
@@ -627,7 +476,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
         )
         invoker = ["run", "services", "add-iam-policy-binding", c.name, f"--region={cfg.region}"]
     else:
-        cmd = _g(
+        cmd = gcloud(
             cfg,
             "functions",
             "deploy",
@@ -641,7 +490,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
             f"--timeout={timeout}s",
             *common,
         )
-        s.check = _g(
+        s.check = gcloud(
             cfg,
             "functions",
             "describe",
@@ -655,18 +504,11 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
     s.update = None
     if c.topic:
         s.iam.append(
-            _g(cfg, *invoker, f"--member={_member(cfg, 'push')}")
+            gcloud(cfg, *invoker, f"--member={_member(cfg, 'push')}")
             + ([] if "functions" in invoker else ["--role=roles/run.invoker"])
         )
-    s.local = lambda c=c, env=env, env_file=env_file: _stage_for_deploy(c, env, env_file)
+    s.local = lambda c=c, env=env, env_file=env_file: stage_for_deploy(c, env, env_file)
     return s
-
-
-def _stage_for_deploy(c: topology.Component, env: dict, env_file: str) -> None:
-    stage(c, repo_root() / "build" / "functions")
-    path = repo_root() / env_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in env.items()))
 
 
 def _subscription(cfg: DeployConfig, c: topology.Component) -> Step:
@@ -695,11 +537,11 @@ def _subscription(cfg: DeployConfig, c: topology.Component) -> Step:
         f"--max-delivery-attempts={c.max_delivery_attempts}",
     ]
     s.create = [
-        _g(cfg, "pubsub", "subscriptions", "create", c.subscription, f"--topic={c.topic}", *flags, f"--labels={fp}")
+        gcloud(cfg, "pubsub", "subscriptions", "create", c.subscription, f"--topic={c.topic}", *flags, f"--labels={fp}")
     ]
-    s.update = [_g(cfg, "pubsub", "subscriptions", "update", c.subscription, *flags, f"--update-labels={fp}")]
+    s.update = [gcloud(cfg, "pubsub", "subscriptions", "update", c.subscription, *flags, f"--update-labels={fp}")]
     s.iam = [
-        _g(
+        gcloud(
             cfg,
             "pubsub",
             "subscriptions",
@@ -728,8 +570,8 @@ def _log_subscription(cfg: DeployConfig, topic: str) -> Step:
     )
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     flags = [f"--message-retention-duration={topology.LOG_RETENTION}", "--expiration-period=never"]
-    s.create = [_g(cfg, "pubsub", "subscriptions", "create", name, f"--topic={topic}", *flags, f"--labels={fp}")]
-    s.update = [_g(cfg, "pubsub", "subscriptions", "update", name, *flags, f"--update-labels={fp}")]
+    s.create = [gcloud(cfg, "pubsub", "subscriptions", "create", name, f"--topic={topic}", *flags, f"--labels={fp}")]
+    s.update = [gcloud(cfg, "pubsub", "subscriptions", "update", name, *flags, f"--update-labels={fp}")]
     return _labelled(cfg, s, ["pubsub", "subscriptions", "describe", name], "labels")
 
 
@@ -744,7 +586,7 @@ def _notification(cfg: DeployConfig) -> Step:
     )
     # gcloud lists {"Bucket URL": ..., "Notification Configuration": {...}}: the topic is inside the second
     # (a plain value(topic) prints nothing, and apply would add one more notification on every deploy)
-    s.check = _g(
+    s.check = gcloud(
         cfg,
         "storage",
         "buckets",
@@ -755,7 +597,7 @@ def _notification(cfg: DeployConfig) -> Step:
     )
     s.expect, s.contains = f"//pubsub.googleapis.com/{topic}", True
     s.create = [
-        _g(
+        gcloud(
             cfg,
             "storage",
             "buckets",
@@ -776,10 +618,10 @@ def _sink(cfg: DeployConfig) -> Step:
     s = Step("log-sink", topology.JOB_LOG_SINK, {"destination": dest, "filter": topology.JOB_LOG_FILTER})
     desc = f"embedpipe: Vertex AI job-state entries to job-events [{s.fingerprint}]"
     flags = [f"--log-filter={topology.JOB_LOG_FILTER}", f"--description={desc}"]
-    s.check = _g(cfg, "logging", "sinks", "describe", topology.JOB_LOG_SINK, "--format=value(description)")
+    s.check = gcloud(cfg, "logging", "sinks", "describe", topology.JOB_LOG_SINK, "--format=value(description)")
     s.expect = desc
-    s.create = [_g(cfg, "logging", "sinks", "create", topology.JOB_LOG_SINK, dest, *flags)]
-    s.update = [_g(cfg, "logging", "sinks", "update", topology.JOB_LOG_SINK, dest, *flags)]
+    s.create = [gcloud(cfg, "logging", "sinks", "create", topology.JOB_LOG_SINK, dest, *flags)]
+    s.update = [gcloud(cfg, "logging", "sinks", "update", topology.JOB_LOG_SINK, dest, *flags)]
     s.iam = [_topic_binding(cfg, topology.JOB_EVENTS, SINK_WRITER, "roles/pubsub.publisher")]
     return s
 
@@ -802,14 +644,13 @@ def _scheduler(cfg: DeployConfig) -> Step:
         "--message-body={}",
         f"--description={desc}",
     ]
-    s.check = _g(cfg, "scheduler", "jobs", "describe", name, f"--location={cfg.region}", "--format=value(description)")
+    s.check = gcloud(
+        cfg, "scheduler", "jobs", "describe", name, f"--location={cfg.region}", "--format=value(description)"
+    )
     s.expect = desc
-    s.create = [_g(cfg, "scheduler", "jobs", "create", "pubsub", name, *flags, f"--attributes={attrs}")]
-    s.update = [_g(cfg, "scheduler", "jobs", "update", "pubsub", name, *flags, f"--update-attributes={attrs}")]
+    s.create = [gcloud(cfg, "scheduler", "jobs", "create", "pubsub", name, *flags, f"--attributes={attrs}")]
+    s.update = [gcloud(cfg, "scheduler", "jobs", "update", "pubsub", name, *flags, f"--update-attributes={attrs}")]
     return s
-
-
-# ---------------------------------------------------------------- printing and applying
 
 
 def render(cfg: DeployConfig, steps: list[Step]) -> str:
@@ -829,283 +670,3 @@ def render(cfg: DeployConfig, steps: list[Step]) -> str:
     for n, step in enumerate(steps, 1):
         out += step.lines(n, shared)
     return "\n".join(out)
-
-
-Runner = Callable[[list[str], str | None], subprocess.CompletedProcess]
-
-
-def run_gcloud(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, input=stdin, capture_output=True, text=True, cwd=repo_root())
-
-
-class Resolver:
-    """Placeholders that only exist once resources do; each looked up once."""
-
-    def __init__(self, cfg: DeployConfig, runner: Runner):
-        self.cfg, self.runner, self.cache = cfg, runner, {}
-
-    def _value(self, key: str) -> str:
-        cfg = self.cfg
-        if key == "project_number":
-            argv = _g(cfg, "projects", "describe", cfg.project, "--format=value(projectNumber)")
-        elif key == "gcs_service_agent":
-            argv = _g(cfg, "storage", "service-agent")
-        elif key == "sink_writer":
-            argv = _g(cfg, "logging", "sinks", "describe", topology.JOB_LOG_SINK, "--format=value(writerIdentity)")
-        elif key.startswith("url:"):
-            c = topology.component(key[4:])
-            if is_service(c):
-                argv = _g(
-                    cfg, "run", "services", "describe", c.name, f"--region={cfg.region}", "--format=value(status.url)"
-                )
-            else:
-                argv = _g(
-                    cfg,
-                    "functions",
-                    "describe",
-                    c.name,
-                    "--gen2",
-                    f"--region={cfg.region}",
-                    "--format=value(serviceConfig.uri)",
-                )
-        else:
-            raise DeployError(f"unknown placeholder <<{key}>>")
-        proc = self.runner(argv, None)
-        if proc.returncode != 0 or not proc.stdout.strip():
-            raise DeployError(f"could not look up {key}: {_fmt(argv)}: {proc.stderr.strip()[-500:]}")
-        return proc.stdout.strip()
-
-    def __call__(self, argv: list[str]) -> list[str]:
-        def sub(m: re.Match) -> str:
-            if m[1] not in self.cache:
-                self.cache[m[1]] = self._value(m[1])
-            return self.cache[m[1]]
-
-        return [re.sub(r"<<([^>]+)>>", sub, a) for a in argv]
-
-
-def apply(cfg: DeployConfig, steps: list[Step], runner: Runner = run_gcloud, echo=print) -> dict[str, int]:
-    """Apply the plan in order; returns counts of created / updated / unchanged / ensured (always run) steps."""
-    if cfg.settings.milvus_uri.startswith(("http://127.0.0.1", "http://localhost")):
-        raise DeployError("EMBEDPIPE_MILVUS_URI points at localhost: set your Milvus/Zilliz URI (and token)")
-    resolve = Resolver(cfg, runner)
-    counts = {"created": 0, "updated": 0, "unchanged": 0, "ensured": 0}
-
-    def run(argv: list[str], stdin: str | None = None) -> None:
-        argv = resolve(argv)
-        proc = runner(argv, stdin)
-        if proc.returncode != 0:
-            raise DeployError(f"failed ({proc.returncode}): {_fmt(argv)}\n{proc.stderr.strip()[-2000:]}")
-
-    for n, step in enumerate(steps, 1):
-        if step.local:
-            step.local()
-        action = "create" if step.check is not None else "ensure"  # no check: the command is idempotent itself
-        if step.check is not None:
-            proc = runner(resolve(step.check), None)
-            stored = proc.stdout.strip()
-            if proc.returncode == 0:
-                if step.contains:
-                    action = "unchanged" if step.expect in stored.split() else "create"
-                elif step.update == [] or stored == (step.expect or step.fingerprint):
-                    action = "unchanged"
-                else:
-                    action = "update"
-        commands = {
-            "create": step.create,
-            "ensure": step.create,
-            "update": step.create if step.update is None else step.update,
-        }
-        stdin = os.environ.get(step.stdin_env, "") if step.stdin_env and action == "create" else None
-        for argv in commands.get(action, []):
-            run(argv, stdin)
-        for argv in step.iam:
-            run(argv)
-        counts[{"create": "created", "update": "updated", "ensure": "ensured"}.get(action, "unchanged")] += 1
-        echo(f"[{n:02d}] {action:<9} {step.kind} {step.name}")
-    return counts
-
-
-# ---------------------------------------------------------------- function staging
-
-
-def _pins() -> dict[str, str]:
-    """Normalized distribution name -> the pinned line of the repo's requirements.txt."""
-    out = {}
-    for line in (repo_root() / "requirements.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            out[_norm(re.split(r"[=<>!~\[; ]", line, maxsplit=1)[0])] = line
-    return out
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _optional(node: ast.AST, parents: dict) -> bool:
-    """An import inside ``try: ... except ImportError``."""
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.Try) and any(
-            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers
-        ):
-            return True
-    return False
-
-
-def import_closure(entry: Path, package_dir: Path) -> tuple[set[str], set[str]]:
-    """(embedpipe modules, third-party dotted module names) that ``entry`` imports, transitively, lazily or not."""
-    seen: set[str] = set()
-    third: set[str] = set()
-    queue = [("__entry__", entry)]
-    while queue:
-        mod, path = queue.pop()
-        tree = ast.parse(path.read_text())
-        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.Import | ast.ImportFrom) or _optional(node, parents):
-                continue
-            if isinstance(node, ast.ImportFrom):
-                if node.level or not node.module:
-                    continue
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
-                names = [a.name for a in node.names]
-            for name in names:
-                top = name.split(".")[0]
-                if top == "__future__" or top in sys.stdlib_module_names:
-                    continue
-                if top == "embedpipe":
-                    rel = name.split(".")[1:]
-                    for candidate in (
-                        package_dir.joinpath(*rel).with_suffix(".py"),
-                        package_dir.joinpath(*rel, "__init__.py"),
-                    ):
-                        if rel and candidate.exists() and name not in seen:
-                            seen.add(name)
-                            queue.append((name, candidate))
-                    continue
-                third.add(name)
-    return seen, third
-
-
-@cache
-def _dist_files(dist_name: str) -> frozenset[str]:
-    dist = md.distribution(dist_name)
-    return frozenset(str(Path(dist.locate_file(f)).resolve()) for f in dist.files or [])
-
-
-@cache
-def _packages() -> dict[str, list[str]]:
-    return md.packages_distributions()
-
-
-def _owner(origin: str, top: str) -> str | None:
-    path = str(Path(origin).resolve())
-    for name in _packages().get(top, []):
-        if path in _dist_files(name):
-            return _norm(name)
-    return None
-
-
-def distribution_of(module: str) -> str | None:
-    """The installed distribution that provides ``module``: the first prefix that is a real (non-namespace) package
-    or module decides (``google.cloud.pubsub_v1`` -> google-cloud-pubsub); finding it imports only namespaces."""
-    parts = module.split(".")
-    for i in range(1, len(parts) + 1):
-        try:
-            spec = importlib.util.find_spec(".".join(parts[:i]))
-        except (ImportError, ValueError):
-            return None
-        if spec is None:
-            return None
-        if spec.origin not in (None, "namespace"):
-            return _owner(spec.origin, parts[0])
-    return None
-
-
-def requires_closure(names: set[str]) -> set[str]:
-    """Every distribution that installing ``names`` brings, following ``dist[extra]`` requirements too."""
-    out: set[str] = set()
-    queue: list[tuple[str, frozenset[str]]] = [(n, frozenset()) for n in names]
-    done: set[tuple[str, frozenset[str]]] = set()
-    while queue:
-        name, extras = queue.pop()
-        if (name, extras) in done:
-            continue
-        done.add((name, extras))
-        out.add(name)
-        try:
-            reqs = md.requires(name) or []
-        except md.PackageNotFoundError:
-            continue
-        for r in reqs:
-            spec, _, marker = r.partition(";")
-            wanted = re.findall(r'extra\s*==\s*["\']([^"\']+)["\']', marker)
-            if wanted and not set(wanted) & extras:
-                continue
-            m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(?:\[([^\]]*)\])?", spec)
-            sub = frozenset(e.strip() for e in (m[2] or "").split(",") if e.strip())
-            queue.append((_norm(m[1]), sub))
-    return out
-
-
-@cache
-def requirements_for(entry: Path, package_dir: Path) -> list[str]:
-    """Pinned requirement lines for what ``entry`` needs: the pins of the distributions it imports from (and a pin
-    at the installed version for any it imports that neither a pin nor a pin's dependencies bring)."""
-    _, modules = import_closure(entry, package_dir)
-    needed = {d for d in (distribution_of(m) for m in sorted(modules)) if d and d != "embedpipe"}
-    needed.add("functions-framework")
-    pins = _pins()
-    chosen = {d for d in needed if d in pins}
-    brought = requires_closure(chosen)
-    lines = sorted(pins[d] for d in chosen)
-    for d in sorted(needed - chosen - brought):
-        lines.append(f"{d}=={md.version(d)}")
-    if any(_norm(line.split("=")[0]) == "torch" for line in lines):
-        lines.insert(0, f"--extra-index-url {TORCH_CPU_INDEX}")  # the CPU wheel: no multi-GB CUDA build
-    return lines
-
-
-def source_files(c: topology.Component) -> dict[str, bytes]:
-    """What staging writes for a component, relative path -> content (also what its fingerprint hashes)."""
-    root = repo_root()
-    package = Path(__file__).resolve().parent
-    files = {"main.py": (root / c.path).read_bytes()}
-    for path in sorted(package.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix in (".py", ".json", ".typed"):
-            files[f"embedpipe/{path.relative_to(package).as_posix()}"] = path.read_bytes()
-    reqs = requirements_for(root / c.path, package)
-    files["requirements.txt"] = (
-        "# generated by embedpipe.deploy from requirements.txt\n" + "\n".join(reqs) + "\n"
-    ).encode()
-    if is_service(c):
-        files["Procfile"] = (
-            f"web: functions-framework --target={c.target} --signature-type={c.signature} --port=$PORT\n"
-        ).encode()
-    return files
-
-
-def source_fingerprint(c: topology.Component) -> str:
-    h = hashlib.sha256()
-    for name, data in sorted(source_files(c).items()):
-        h.update(name.encode() + b"\0" + data + b"\0")
-    return h.hexdigest()[:16]
-
-
-def stage(c: topology.Component, out_root: Path) -> Path:
-    """Write ``out_root/<dir>/`` from scratch: main.py, embedpipe/, requirements.txt (and Procfile for services)."""
-    out = out_root / component_dir(c)
-    if out.exists():
-        shutil.rmtree(out)
-    for name, data in source_files(c).items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return out
-
-
-def stage_all(out_root: Path) -> dict[str, Path]:
-    return {c.name: stage(c, out_root) for c in topology.COMPONENTS}

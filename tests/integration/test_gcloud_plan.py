@@ -34,7 +34,7 @@ from embedpipe.config import Settings
 from embedpipe.deploy import staging
 from embedpipe.deploy.apply import Resolver
 from embedpipe.deploy.config import DeployConfig, config_from_settings
-from embedpipe.deploy.plan import Step, plan
+from embedpipe.deploy.plan import Mode, Step, plan
 from tests import gcloud_api
 from tests.gcloud_api import ESCAPED, FakeApis, FakeGcloudApis, Request
 from tests.helpers import FIXTURES, ROOT
@@ -189,11 +189,11 @@ def scripts(cfg: DeployConfig, steps: list[Step]) -> list[list[Command]]:
         add("create", s.create, stdin=MILVUS_TOKEN if s.stdin_env else "")
         if s.check:
             add("check", [s.check])
-            # Steps of a kind differ only in names: the update path of update=None steps (rerunning create) and
-            # the check after an update run for the first step of each kind, every distinct command for all.
+            # Steps of a kind differ only in names: the update path of DEPLOY steps (rerunning create) and the
+            # check after an update run for the first step of each kind, every distinct command for all.
             first = s is next(x for x in steps if x.kind == s.kind)
-            if s.update or (s.update is None and first):
-                add("update", s.create if s.update is None else s.update, stale_first=True)
+            if s.mode is Mode.CREATE_OR_UPDATE or (s.mode is Mode.DEPLOY and first):
+                add("update", s.commands("update"), stale_first=True)
                 if first:
                     add("recheck", [s.check])
         add("iam", s.iam)
@@ -213,7 +213,7 @@ def scripts(cfg: DeployConfig, steps: list[Step]) -> list[list[Command]]:
 
 
 def _argvs(s: Step) -> list[list[str]]:
-    return ([s.check] if s.check else []) + s.create + (s.update or []) + s.iam
+    return ([s.check] if s.check else []) + s.create + s.update + s.iam
 
 
 def stage(steps: list[Step], root: Path, monkeypatch) -> None:
@@ -277,12 +277,7 @@ def run_all(script_list: list[list[Command]], cwd: Path, config_root: Path) -> d
 
 def up_to_date(cmd: Command, out: Outcome) -> bool:
     """``apply``'s verdict on a check's output: the step is unchanged."""
-    s, stored = cmd.step, out.stdout.strip()
-    if out.rc != 0:
-        return False
-    if s.contains:
-        return s.expect in stored.split()
-    return s.update == [] or stored == (s.expect or s.fingerprint)
+    return cmd.step.action(out.rc, out.stdout) == "unchanged"
 
 
 def sent_env(requests: list[Request]) -> dict | None:

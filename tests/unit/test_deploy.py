@@ -3,6 +3,7 @@ requirements derived for each staged function."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -17,7 +18,7 @@ from embedpipe.config import Settings
 from embedpipe.deploy import staging
 from embedpipe.deploy.apply import apply
 from embedpipe.deploy.config import DeployConfig, DeployError, bigquery_datasets, config_from_settings, runtime_env
-from embedpipe.deploy.plan import plan
+from embedpipe.deploy.plan import Mode, plan
 
 
 @pytest.fixture
@@ -228,6 +229,40 @@ def test_a_changed_setting_updates_only_that_resource(cfg, monkeypatch):
     assert counts["updated"] == 1 and counts["created"] == 0
     (update,) = [c for c in gcloud.calls if "update" in c]
     assert update[1:4] == ["scheduler", "jobs", "update"] and "--schedule=*/10 * * * *" in update
+
+
+def test_each_step_says_how_apply_treats_it(cfg):
+    modes = {s.kind: s.mode for s in plan(cfg)}
+    assert modes == {
+        "apis": Mode.ENSURE,  # enabling APIs is idempotent in gcloud: runs every time
+        "artifact-registry": Mode.CREATE_OR_UPDATE,
+        "custom-role": Mode.CREATE_OR_UPDATE,
+        "service-account": Mode.CREATE_OR_UPDATE,
+        "bucket": Mode.CREATE_OR_UPDATE,
+        "topic": Mode.CREATE_OR_UPDATE,
+        "image": Mode.CREATE_ONLY,  # a tag is immutable
+        "function": Mode.DEPLOY,  # `functions deploy` creates or updates
+        "cloud-run-service": Mode.DEPLOY,
+        "push-subscription": Mode.CREATE_OR_UPDATE,
+        "pull-subscription": Mode.CREATE_OR_UPDATE,
+        "gcs-notification": Mode.MEMBER,  # present when its topic is among the bucket's notifications
+        "log-sink": Mode.CREATE_OR_UPDATE,
+        "scheduler-job": Mode.CREATE_OR_UPDATE,
+    }
+    s = next(s for s in plan(cfg) if s.kind == "gcs-notification")
+    other = "//pubsub.googleapis.com/projects/demo-project/topics/other"
+    assert s.action(0, f"{other}\n{s.expect}\n") == "unchanged" and s.action(0, other) == "create"
+    assert s.action(1, "") == "create" and s.commands("update") == []
+    fn = next(s for s in plan(cfg) if s.kind == "function")
+    assert fn.action(0, "0000000000000000") == "update" and fn.commands("update") == fn.create
+    assert fn.action(0, fn.fingerprint) == "unchanged"
+
+
+def test_a_step_without_what_its_mode_needs_is_refused(cfg):
+    topic = next(s for s in plan(cfg) if s.kind == "topic")
+    for change in ({"update": []}, {"check": None}, {"expect": "stale"}, {"mode": Mode.CREATE_ONLY}):
+        with pytest.raises(ValueError, match="topic data-events"):
+            dataclasses.replace(topic, **change).validate()
 
 
 def test_apply_refuses_a_local_milvus(monkeypatch):

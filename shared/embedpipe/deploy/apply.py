@@ -1,6 +1,7 @@
 """Applying the plan: ``apply(cfg, steps)`` runs gcloud, idempotently. A step with a check first reads its
 fingerprint back ("describe") and creates the resource when it is missing, updates it when the fingerprint differs,
-and leaves it alone when it matches, so a second apply changes nothing. IAM bindings are added with
+and leaves it alone when it matches, so a second apply changes nothing; each step's ``Mode`` says which of these it
+can do (``embedpipe.deploy.plan.Mode``). IAM bindings are added with
 ``add-iam-policy-binding`` (a no-op when present). ``Resolver`` looks up the ``<<...>>`` placeholders, each once.
 """
 
@@ -86,24 +87,13 @@ def apply(cfg: DeployConfig, steps: list[Step], runner: Runner = run_gcloud, ech
     for n, step in enumerate(steps, 1):
         if step.local:
             step.local()
-        action = "create" if step.check is not None else "ensure"  # no check: the command is idempotent itself
-        if step.check is not None:
+        if step.check is None:  # Mode.ENSURE: the commands are idempotent themselves
+            action = step.action()
+        else:
             proc = runner(resolve(step.check), None)
-            stored = proc.stdout.strip()
-            if proc.returncode == 0:
-                if step.contains:
-                    action = "unchanged" if step.expect in stored.split() else "create"
-                elif step.update == [] or stored == (step.expect or step.fingerprint):
-                    action = "unchanged"
-                else:
-                    action = "update"
-        commands = {
-            "create": step.create,
-            "ensure": step.create,
-            "update": step.create if step.update is None else step.update,
-        }
+            action = step.action(proc.returncode, proc.stdout)
         stdin = os.environ.get(step.stdin_env, "") if step.stdin_env and action == "create" else None
-        for argv in commands.get(action, []):
+        for argv in step.commands(action):
             run(argv, stdin)
         for argv in step.iam:
             run(argv)

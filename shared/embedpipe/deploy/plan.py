@@ -17,6 +17,7 @@ import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from embedpipe import topology
 from embedpipe.contracts.events import TICK
@@ -48,25 +49,83 @@ MILVUS_SECRET = "embedpipe-milvus-token"
 FINGERPRINT_LABEL = "embedpipe-fingerprint"
 
 
+class Mode(Enum):
+    """How ``apply`` decides what to run for a step; each step builder picks one."""
+
+    # No check: the commands are idempotent in gcloud itself (enable APIs, a GRANT) and run on every apply.
+    ENSURE = "ensure"
+    # The check prints ``expect`` (the fingerprint, or a description holding it): create when missing, run the
+    # ``update`` commands when it differs, nothing when it matches.
+    CREATE_OR_UPDATE = "create-or-update"
+    # Like CREATE_OR_UPDATE, but one command creates or updates (``gcloud functions deploy``, ``gcloud run deploy``):
+    # ``create`` runs when missing or different; there are no separate update commands.
+    DEPLOY = "deploy"
+    # The check succeeds once the resource exists, and existing is done: it is immutable (an image tag).
+    CREATE_ONLY = "create-only"
+    # The check lists words; present when ``expect`` is one of them, created otherwise, never updated (a bucket
+    # notification: the list of the bucket's notification topics).
+    MEMBER = "member"
+
+
 @dataclass
 class Step:
-    """One resource: how to read its fingerprint back, create it, update it, and the IAM bindings it grants."""
+    """One resource: how ``apply`` treats it (``mode``), how to read its state back, create it, update it, and the IAM
+    bindings it grants."""
 
     kind: str
     name: str
     settings: dict
-    check: list[str] | None = None  # prints the stored fingerprint (exit != 0: missing); None: always run create
+    mode: Mode
+    check: list[str] | None = None  # prints the resource's state (exit != 0: missing); None exactly for ENSURE
     create: list[list[str]] = field(default_factory=list)
-    update: list[list[str]] | None = None  # None: same as create
+    update: list[list[str]] = field(default_factory=list)  # CREATE_OR_UPDATE only
     iam: list[list[str]] = field(default_factory=list)
     stdin_env: str = ""  # an env var whose value is fed to the create command (a secret: never printed)
-    expect: str = ""  # what ``check`` prints when up to date (default: the fingerprint label)
-    contains: bool = False  # up to date when ``expect`` is one of the printed words (lists)
+    expect: str = ""  # what ``check`` prints when up to date (CREATE_OR_UPDATE, DEPLOY), or lists (MEMBER)
     local: Callable[[], None] | None = None  # work done on this machine before the commands (staging)
 
     @property
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> Step:
+        """The fields its mode uses, and only those, are set: a builder that picks a mode and forgets a part fails
+        when the plan is made, not when it is applied."""
+        m, problems = self.mode, []
+        if (self.check is None) != (m is Mode.ENSURE):
+            problems.append("a check (and only ENSURE has none)")
+        if bool(self.update) != (m is Mode.CREATE_OR_UPDATE):
+            problems.append("update commands (and only CREATE_OR_UPDATE has them)")
+        if m in (Mode.CREATE_OR_UPDATE, Mode.DEPLOY) and self.fingerprint not in self.expect:
+            problems.append("the fingerprint in expect")
+        if bool(self.expect) != (m in (Mode.CREATE_OR_UPDATE, Mode.DEPLOY, Mode.MEMBER)):
+            problems.append("expect (only CREATE_OR_UPDATE, DEPLOY and MEMBER compare)")
+        if not self.create:
+            problems.append("create commands")
+        if problems:
+            raise ValueError(f"{self.kind} {self.name} ({m.name}) needs " + "; ".join(problems))
+        return self
+
+    def action(self, returncode: int | None = None, printed: str = "") -> str:
+        """What ``apply`` does, given the check's exit status and output: ensure, create, update or unchanged."""
+        if self.mode is Mode.ENSURE:
+            return "ensure"
+        if returncode != 0:
+            return "create"
+        stored = printed.strip()
+        if self.mode is Mode.CREATE_ONLY:
+            return "unchanged"
+        if self.mode is Mode.MEMBER:
+            return "unchanged" if self.expect in stored.split() else "create"
+        return "unchanged" if stored == self.expect else "update"  # CREATE_OR_UPDATE, DEPLOY
+
+    def commands(self, action: str) -> list[list[str]]:
+        """The commands ``apply`` runs for ``action`` (IAM bindings come after them, whatever the action)."""
+        if action in ("ensure", "create"):
+            return self.create
+        if action == "update":
+            return self.create if self.mode is Mode.DEPLOY else self.update
+        return []
 
     def lines(self, n: int, shared_env: dict | None = None) -> list[str]:
         out = [f"[{n:02d}] {self.kind} {self.name}  (fingerprint {self.fingerprint})"]
@@ -84,9 +143,9 @@ class Step:
                 out.append(f"       {k}: {v}")
         if self.check:
             out.append(f"       check : {fmt(self.check)}")
-        verb = "create" if self.update is not None else "apply "
+        verb = "apply " if self.mode in (Mode.ENSURE, Mode.DEPLOY) else "create"  # apply: runs to create and update
         out += [f"       {verb}: {fmt(c)}" for c in self.create]
-        out += [f"       update: {fmt(c)}" for c in self.update or []]
+        out += [f"       update: {fmt(c)}" for c in self.update]
         out += [f"       iam   : {fmt(c)}" for c in self.iam]
         return out
 
@@ -134,16 +193,17 @@ def plan(cfg: DeployConfig) -> list[Step]:
     steps.append(_notification(cfg))
     steps.append(_sink(cfg))
     steps.append(_scheduler(cfg))
-    return steps
+    return [s.validate() for s in steps]
 
 
 def _labelled(cfg: DeployConfig, step: Step, describe: list[str], label_path: str) -> Step:
     step.check = gcloud(cfg, *describe, f"--format=value({label_path}.{FINGERPRINT_LABEL})")
+    step.expect = step.fingerprint
     return step
 
 
 def _registry(cfg: DeployConfig) -> Step:
-    s = Step("artifact-registry", REPOSITORY, {"format": "docker", "location": cfg.region})
+    s = Step("artifact-registry", REPOSITORY, {"format": "docker", "location": cfg.region}, Mode.CREATE_OR_UPDATE)
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     where = [f"--location={cfg.region}"]
     s.create = [
@@ -167,7 +227,9 @@ def _apis(cfg: DeployConfig) -> Step:
     """The APIs, and the Vertex AI service agent: the Model Registry's uploads read the model folder as that agent,
     which Google creates lazily; made here so the artifacts bucket can grant it read access (``_bucket``)."""
     apis = tuple(sorted((*APIS, *BIGQUERY_APIS))) if bigquery_datasets(cfg.settings) else APIS
-    s = Step("apis", "enable", {"services": ", ".join(apis), "service_identities": "aiplatform.googleapis.com"})
+    s = Step(
+        "apis", "enable", {"services": ", ".join(apis), "service_identities": "aiplatform.googleapis.com"}, Mode.ENSURE
+    )
     s.create = [
         gcloud(cfg, "services", "enable", *apis),
         gcloud(cfg, "beta", "services", "identity", "create", "--service=aiplatform.googleapis.com"),
@@ -178,7 +240,7 @@ def _apis(cfg: DeployConfig) -> Step:
 def _custom_role(cfg: DeployConfig, role: str) -> Step:
     title, what, permissions = topology.CUSTOM_ROLES[role]
     perms = ",".join(permissions)
-    s = Step("custom-role", cfg.role(f"custom:{role}"), {"permissions": perms, "stage": "GA"})
+    s = Step("custom-role", cfg.role(f"custom:{role}"), {"permissions": perms, "stage": "GA"}, Mode.CREATE_OR_UPDATE)
     desc = f"embedpipe: {what} [{s.fingerprint}]"
     common = [f"--permissions={perms}", "--stage=GA", f"--description={desc}"]
     s.check = gcloud(cfg, "iam", "roles", "describe", role, "--format=value(description)")
@@ -212,7 +274,7 @@ def _service_account(cfg: DeployConfig, identity: str) -> Step:
     settings = {"description": desc, "project_roles": project_roles}
     if source_roles:
         settings["build_source_bucket_roles"] = source_roles
-    s = Step("service-account", cfg.sa(identity), settings)
+    s = Step("service-account", cfg.sa(identity), settings, Mode.CREATE_OR_UPDATE)
     full = f"{desc} [{s.fingerprint}]"
     s.check = gcloud(cfg, "iam", "service-accounts", "describe", cfg.sa(identity), "--format=value(description)")
     s.create = [gcloud(cfg, "iam", "service-accounts", "create", sa_id(identity), f"--description={full}")]
@@ -267,6 +329,7 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
         "bucket",
         f"gs://{name}",
         {"location": cfg.region, "uniform_bucket_level_access": True, "public_access_prevention": "enforced"},
+        Mode.CREATE_OR_UPDATE,
     )
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     s.create = [
@@ -329,7 +392,7 @@ def _bigquery_read(cfg: DeployConfig, dataset: str) -> Step:
     """The job identity reads this dataset's tables (and no other's: the grant is on the dataset). GRANT is
     idempotent, so the step runs every time (no check)."""
     member = _member(cfg, "job")
-    s = Step("bigquery-dataset-read", dataset, {"role": "roles/bigquery.dataViewer", "member": member})
+    s = Step("bigquery-dataset-read", dataset, {"role": "roles/bigquery.dataViewer", "member": member}, Mode.ENSURE)
     project, name = dataset.rsplit(".", 1)
     grant = f'GRANT `roles/bigquery.dataViewer` ON SCHEMA `{project}`.`{name}` TO "{member}"'
     s.create = [["bq", "query", f"--project_id={cfg.project}", "--use_legacy_sql=false", grant]]
@@ -338,7 +401,7 @@ def _bigquery_read(cfg: DeployConfig, dataset: str) -> Step:
 
 def _topic(cfg: DeployConfig, topic: str) -> Step:
     dlq = topic in topology.dead_letter_topics()
-    s = Step("topic", topic, {"dead_letter_topic": dlq})
+    s = Step("topic", topic, {"dead_letter_topic": dlq}, Mode.CREATE_OR_UPDATE)
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     s.create = [gcloud(cfg, "pubsub", "topics", "create", topic, f"--labels={fp}")]
     s.update = [gcloud(cfg, "pubsub", "topics", "update", topic, f"--update-labels={fp}")]
@@ -358,7 +421,12 @@ def _topic_binding(cfg: DeployConfig, topic: str, member: str, role: str) -> lis
 
 
 def _secret(cfg: DeployConfig) -> Step:
-    s = Step("secret", MILVUS_SECRET, {"replication": "automatic", "value_from": "EMBEDPIPE_MILVUS_TOKEN"})
+    s = Step(
+        "secret",
+        MILVUS_SECRET,
+        {"replication": "automatic", "value_from": "EMBEDPIPE_MILVUS_TOKEN"},
+        Mode.CREATE_OR_UPDATE,
+    )
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     s.create = [
         gcloud(
@@ -388,6 +456,7 @@ def _image(cfg: DeployConfig, name: str) -> Step:
         "image",
         image,
         {"dockerfile": dockerfile, "context": ".", "build": "Cloud Build", "build_service_account": cfg.sa("build")},
+        Mode.CREATE_ONLY,  # an image tag is immutable: present means built
     )
     s.check = gcloud(cfg, "artifacts", "docker", "images", "describe", image, "--format=value(image_summary.digest)")
     s.create = [
@@ -402,7 +471,6 @@ def _image(cfg: DeployConfig, name: str) -> Step:
             f"--substitutions=_IMAGE={image},_DOCKERFILE={dockerfile},_GIT_SHA={cfg.tag}",
         )
     ]
-    s.update = []  # an image tag is immutable: present means built
     return s
 
 
@@ -434,7 +502,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
         "secrets": secrets or "-",
         "env": env,
     }
-    s = Step("cloud-run-service" if is_service(c) else "function", c.name, settings)
+    s = Step("cloud-run-service" if is_service(c) else "function", c.name, settings, Mode.DEPLOY)
     env_file = f"build/deploy/{c.name}.env.yaml"
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     common = [
@@ -501,7 +569,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
         )
         invoker = ["functions", "add-invoker-policy-binding", c.name, "--gen2", f"--region={cfg.region}"]
     s.create = [cmd]
-    s.update = None
+    s.expect = s.fingerprint
     if c.topic:
         s.iam.append(
             gcloud(cfg, *invoker, f"--member={_member(cfg, 'push')}")
@@ -524,7 +592,7 @@ def _subscription(cfg: DeployConfig, c: topology.Component) -> Step:
         "dead_letter_topic": c.dead_letter_topic,
         "max_delivery_attempts": c.max_delivery_attempts,
     }
-    s = Step("push-subscription", c.subscription, settings)
+    s = Step("push-subscription", c.subscription, settings, Mode.CREATE_OR_UPDATE)
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     flags = [
         f"--push-endpoint={endpoint}",
@@ -567,6 +635,7 @@ def _log_subscription(cfg: DeployConfig, topic: str) -> Step:
             "expiration": "never",
             "read_by": "embedpipe events",
         },
+        Mode.CREATE_OR_UPDATE,
     )
     fp = f"{FINGERPRINT_LABEL}={s.fingerprint}"
     flags = [f"--message-retention-duration={topology.LOG_RETENTION}", "--expiration-period=never"]
@@ -583,6 +652,7 @@ def _notification(cfg: DeployConfig) -> Step:
         "gcs-notification",
         f"gs://{bucket} -> {topology.DATA_NOTIFICATION_TOPIC}",
         {"event_types": ", ".join(events), "payload_format": "json"},
+        Mode.MEMBER,  # a notification is immutable: present means done
     )
     # gcloud lists {"Bucket URL": ..., "Notification Configuration": {...}}: the topic is inside the second
     # (a plain value(topic) prints nothing, and apply would add one more notification on every deploy)
@@ -595,7 +665,7 @@ def _notification(cfg: DeployConfig) -> Step:
         f"gs://{bucket}",
         '--format=value("Notification Configuration".topic)',
     )
-    s.expect, s.contains = f"//pubsub.googleapis.com/{topic}", True
+    s.expect = f"//pubsub.googleapis.com/{topic}"
     s.create = [
         gcloud(
             cfg,
@@ -609,13 +679,17 @@ def _notification(cfg: DeployConfig) -> Step:
             "--payload-format=json",
         )
     ]
-    s.update = []  # a notification is immutable; present means done
     return s
 
 
 def _sink(cfg: DeployConfig) -> Step:
     dest = f"pubsub.googleapis.com/projects/{cfg.project}/topics/{topology.JOB_EVENTS}"
-    s = Step("log-sink", topology.JOB_LOG_SINK, {"destination": dest, "filter": topology.JOB_LOG_FILTER})
+    s = Step(
+        "log-sink",
+        topology.JOB_LOG_SINK,
+        {"destination": dest, "filter": topology.JOB_LOG_FILTER},
+        Mode.CREATE_OR_UPDATE,
+    )
     desc = f"embedpipe: Vertex AI job-state entries to job-events [{s.fingerprint}]"
     flags = [f"--log-filter={topology.JOB_LOG_FILTER}", f"--description={desc}"]
     s.check = gcloud(cfg, "logging", "sinks", "describe", topology.JOB_LOG_SINK, "--format=value(description)")
@@ -633,6 +707,7 @@ def _scheduler(cfg: DeployConfig) -> Step:
         "scheduler-job",
         name,
         {"schedule": cfg.schedule, "time_zone": "Etc/UTC", "topic": topology.RECONCILE_TICKS, "attributes": attrs},
+        Mode.CREATE_OR_UPDATE,
     )
     desc = f"embedpipe: reconcile tick [{s.fingerprint}]"
     flags = [

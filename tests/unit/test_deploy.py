@@ -18,7 +18,7 @@ from embedpipe.config import Settings
 from embedpipe.deploy import staging
 from embedpipe.deploy.apply import apply
 from embedpipe.deploy.config import DeployConfig, DeployError, bigquery_datasets, config_from_settings, runtime_env
-from embedpipe.deploy.plan import Mode, plan
+from embedpipe.deploy.plan import Mode, plan, render
 
 
 @pytest.fixture
@@ -306,6 +306,53 @@ def test_function_requirements_are_pinned_and_lean():
             assert not [r for r in lines if r.split("==")[0] in ("torch", "sentence-transformers", "pytest", "ruff")]
     launching = staging.source_files(topology.component("on-job-event"))["requirements.txt"].decode()
     assert "google-cloud-aiplatform==" in launching, "a function that launches Vertex jobs needs aiplatform"
+
+
+def test_the_dry_run_is_the_same_whatever_is_installed_here(cfg, monkeypatch):
+    """Two checkouts of one commit print the same plan: staging (the requirements it derives, hence the source
+    hashes and fingerprints in the plan) reads the repo only, never the installed distributions."""
+    normal = render(cfg, plan(cfg))
+
+    class NoVenv:
+        def __getattr__(self, name):
+            raise AssertionError(f"the plan asked the local environment: {name}")
+
+    staging.requirements_for.cache_clear()
+    monkeypatch.setattr(staging, "md", NoVenv())  # importlib.metadata: versions, requires, packages
+    monkeypatch.setattr(staging, "importlib", NoVenv())  # importlib.util.find_spec: what is importable here
+    try:
+        assert render(cfg, plan(cfg)) == normal
+    finally:
+        staging.requirements_for.cache_clear()
+
+
+def test_the_import_table_matches_the_installed_distributions():
+    """``staging.IMPORTS`` and ``BROUGHT`` say what the installed metadata says (here, where the tests' venv is
+    installed from requirements.txt): the repo's table gives the requirements this environment would."""
+    package = Path(embedpipe.__file__).parent
+    for c in topology.COMPONENTS:
+        _, third = staging.import_closure(staging.repo_root() / c.path, package)
+        for module in third:
+            assert staging.declared_distribution(module) == staging.distribution_of(module), (c.name, module)
+    for module, dist in staging.IMPORTS.items():
+        assert staging.distribution_of(module) == dist, module
+    pins = staging._pins()
+    for dist, bringers in staging.BROUGHT.items():
+        assert dist not in pins
+        assert set(bringers) == {p for p in pins if dist in staging.requires_closure({p})}, dist
+
+
+def test_an_import_the_table_does_not_name_fails_the_plan_with_the_fix(tmp_path):
+    pkg = tmp_path / "embedpipe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    entry = tmp_path / "main.py"
+    entry.write_text("import functions_framework\nimport yaml\n")
+    with pytest.raises(LookupError, match="'yaml': add its import name to IMPORTS"):
+        staging.requirements_for(entry, pkg)
+    entry.write_text("import functions_framework\nimport flask\nimport grpc\n")
+    with pytest.raises(LookupError, match=r"imports \['grpcio'\], which requirements.txt does not pin"):
+        staging.requirements_for(entry, pkg)  # flask comes with functions-framework; grpcio with none chosen
 
 
 def test_functions_never_reach_the_ml_layer():

@@ -2,6 +2,12 @@
 pinned from the repo's, holding only what that entry point imports (its ``embedpipe`` import closure, lazy imports
 included; imports guarded by ``except ImportError`` are optional and left out). Cloud Run services also get a
 ``Procfile`` that starts functions-framework. The folder is git-ignored and regenerated on every deploy.
+
+The requirements come from the repo alone (requirements.txt, the closure's source files and the ``IMPORTS`` table
+here), so the staged files, their fingerprints and the dry-run are the same on every machine for one commit. The
+lookups in the installed metadata (``distribution_of``, ``requires_closure``) are for checking an environment: the
+images' requirement files (``containers/images.py``), the staged folders (tests/integration/test_staging.py) and this
+module's table (tests/unit/test_deploy.py).
 """
 
 from __future__ import annotations
@@ -160,19 +166,106 @@ def requires_closure(names: set[str]) -> set[str]:
     return out
 
 
+# Where the third-party modules that the staged entry points import come from: import-name prefix -> distribution
+# (the longest prefix decides; ``from pymilvus import DataType`` is ``pymilvus``). The staged requirements (and so
+# the fingerprints the dry-run prints) are derived from this table and requirements.txt only, never from what is
+# installed here, so every checkout of a commit prints the same plan. tests/unit/test_deploy.py checks the table
+# against the installed distributions' metadata; a module it does not name fails the plan with what to add.
+IMPORTS = {
+    "Stemmer": "pystemmer",
+    "bm25s": "bm25s",
+    "flask": "flask",
+    "functions_framework": "functions-framework",
+    "google.api_core": "google-api-core",
+    "google.auth": "google-auth",
+    "google.cloud.aiplatform": "google-cloud-aiplatform",
+    "google.cloud.aiplatform_v1": "google-cloud-aiplatform",
+    "google.cloud.bigquery": "google-cloud-bigquery",
+    "google.cloud.bigquery_storage_v1": "google-cloud-bigquery-storage",
+    "google.cloud.pubsub_v1": "google-cloud-pubsub",
+    "google.cloud.storage": "google-cloud-storage",
+    "google.oauth2": "google-auth",
+    "google.protobuf": "protobuf",
+    "grpc": "grpcio",
+    "jsonschema": "jsonschema",
+    "numpy": "numpy",
+    "pyarrow": "pyarrow",
+    "pymilvus": "pymilvus",
+    "pytrec_eval": "pytrec-eval-terrier",
+    "sentence_transformers": "sentence-transformers",
+    "tenacity": "tenacity",
+    "torch": "torch",
+}
+# Namespace packages: shared by several distributions, provided by none (``from google.cloud import storage``).
+NAMESPACES = frozenset({"google", "google.cloud"})
+# Distributions imported but not pinned in requirements.txt: installed as dependencies of these pins (any one
+# of them in an entry point's requirements brings it).
+BROUGHT = {
+    "flask": ("functions-framework",),
+    "google-api-core": (
+        "google-cloud-aiplatform",
+        "google-cloud-bigquery",
+        "google-cloud-bigquery-storage",
+        "google-cloud-pubsub",
+        "google-cloud-storage",
+    ),
+    "google-auth": (
+        "google-cloud-aiplatform",
+        "google-cloud-bigquery",
+        "google-cloud-bigquery-storage",
+        "google-cloud-pubsub",
+        "google-cloud-storage",
+    ),
+    "grpcio": (
+        "google-cloud-aiplatform",
+        "google-cloud-bigquery",
+        "google-cloud-bigquery-storage",
+        "google-cloud-pubsub",
+        "milvus-lite",
+        "pymilvus",
+    ),
+    "protobuf": (
+        "google-cloud-aiplatform",
+        "google-cloud-bigquery",
+        "google-cloud-bigquery-storage",
+        "google-cloud-pubsub",
+        "google-cloud-storage",
+        "pymilvus",
+    ),
+}
+
+
+def declared_distribution(module: str) -> str | None:
+    """The distribution ``IMPORTS`` names for ``module`` (None for a namespace package)."""
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in IMPORTS:
+            return IMPORTS[prefix]
+    if module in NAMESPACES:
+        return None
+    raise LookupError(
+        f"staging: no distribution known for the imported module {module!r}: add its import name to IMPORTS in "
+        "embedpipe/deploy/staging.py (and pin the distribution in requirements.txt)"
+    )
+
+
 @cache
 def requirements_for(entry: Path, package_dir: Path) -> list[str]:
-    """Pinned requirement lines for what ``entry`` needs: the pins of the distributions it imports from (and a pin
-    at the installed version for any it imports that neither a pin nor a pin's dependencies bring)."""
+    """Pinned requirement lines for what ``entry`` needs: the pins of the distributions it imports from. One that
+    requirements.txt does not pin must be brought by a pin chosen here (``BROUGHT``); the local venv is not asked."""
     _, modules = import_closure(entry, package_dir)
-    needed = {d for d in (distribution_of(m) for m in sorted(modules)) if d and d != "embedpipe"}
+    needed = {d for d in (declared_distribution(m) for m in sorted(modules)) if d and d != "embedpipe"}
     needed.add("functions-framework")
     pins = _pins()
     chosen = {d for d in needed if d in pins}
-    brought = requires_closure(chosen)
+    unpinned = sorted(d for d in needed - chosen if not set(BROUGHT.get(d, ())) & chosen)
+    if unpinned:
+        raise LookupError(
+            f"staging: {entry.parent.name} imports {unpinned}, which requirements.txt does not pin and no pin it "
+            "installs brings (BROUGHT in embedpipe/deploy/staging.py): pin them in requirements.txt"
+        )
     lines = sorted(pins[d] for d in chosen)
-    for d in sorted(needed - chosen - brought):
-        lines.append(f"{d}=={md.version(d)}")
     if any(_norm(line.split("=")[0]) == "torch" for line in lines):
         lines.insert(0, f"--extra-index-url {TORCH_CPU_INDEX}")  # the CPU wheel: no multi-GB CUDA build
     return lines

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from embedpipe import topology
 from embedpipe.config import repo_root
 from embedpipe.deploy.config import DeployConfig, DeployError
-from embedpipe.deploy.plan import Step, fmt, gcloud
+from embedpipe.deploy.plan import Mode, Step, fmt, gcloud
 from embedpipe.deploy.staging import is_service
 
 Runner = Callable[[list[str], str | None], subprocess.CompletedProcess]
@@ -87,7 +87,7 @@ def apply(cfg: DeployConfig, steps: list[Step], runner: Runner = run_gcloud, ech
     for n, step in enumerate(steps, 1):
         if step.local:
             step.local()
-        if step.check is None:  # Mode.ENSURE: the commands are idempotent themselves
+        if step.mode is Mode.ENSURE:  # no check: the commands are idempotent themselves
             action = step.action()
         else:
             proc = runner(resolve(step.check), None)

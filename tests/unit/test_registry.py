@@ -369,7 +369,7 @@ def test_backends_follow_the_settings_and_aiplatform_loads_only_when_used():
     )
     assert isinstance(registry.for_settings(opted_out), LocalRegistry)
     code = (
-        "import sys; from embedpipe.config import Settings; from embedpipe import registry; "
+        "import sys; from embedpipe.config import Settings; from embedpipe.index import registry; "
         "registry.VertexRegistry(Settings()).model_name('d'); "
         "assert not [m for m in sys.modules if m.startswith('google.cloud.aiplatform')], 'imported aiplatform'"
     )

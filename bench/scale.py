@@ -6,7 +6,7 @@ corpus rewritten with 1% of its documents' text changed (``corpus_gen.mutate``) 
 
 Memory is capped by the OS, with memory cgroups (``RLIMIT_AS`` would kill torch for its virtual reservations). The
 bench makes a child of its own memory cgroup (v1 ``memory.limit_in_bytes``, or v2 ``memory.max``) and in it one group
-per component, capped at its deployed size (``deploy.SIZING``), and one per job (its runner and replicas), capped at
+per component, capped at its deployed size (``deploy.config.SIZING``), and one per job (runner and replicas), capped at
 ``JOB_CAP_MB`` per replica. A poller thread (every ``POLL_S``, ~0.7 ms of CPU each) moves each component's process as
 its pid file appears during ``embedpipe up`` (functions-framework's workers, forked later, inherit the group) and each
 job's runner as its ``runner.pid`` appears (a local job starts as a child of the function that launched it; its
@@ -58,9 +58,9 @@ def _mb(size: str) -> float:
 
 def caps() -> dict[str, float]:
     """MB per component (as deployed) and per job replica, with ``EMBEDPIPE_BENCH_CAPS`` overrides."""
-    from embedpipe import deploy
+    from embedpipe.deploy.config import SIZING
 
-    out = {name: _mb(size["memory"]) for name, size in deploy.SIZING.items()}
+    out = {name: _mb(size["memory"]) for name, size in SIZING.items()}
     out["job"] = float(JOB_CAP_MB)
     for item in filter(None, os.environ.get("EMBEDPIPE_BENCH_CAPS", "").split(",")):
         name, _, mb = item.partition("=")

@@ -3,8 +3,8 @@
 Each ``containers/<image>/requirements.txt`` holds the repo's pins (``requirements.txt``) of:
 
 - the distributions that ``task.py`` and the embedpipe modules it imports import, lazily or not
-  (``embedpipe.deploy.import_closure``, the closure the cloud functions' requirement files come from), less the
-  base image's torch, which is not reinstalled;
+  (``embedpipe.deploy.staging.import_closure``, the closure the cloud functions' requirement files come from), less
+  the base image's torch, which is not reinstalled;
 - what the image needs without importing it (``Image.extra``, each with its reason);
 - repo-pinned distributions that those bring anyway, so the image runs the versions the tests ran.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from embedpipe.deploy import distribution_of, import_closure, requires_closure
+from embedpipe.deploy.staging import distribution_of, import_closure, requires_closure
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the FROM image provides (pytorch/pytorch ships torch built for CUDA): never pinned in an image.

@@ -456,21 +456,23 @@ def deploy_gcp(
     ),
 ) -> None:
     """Create or update everything on GCP, idempotently (see deploy/README.md); --dry-run prints the plan."""
-    from embedpipe import deploy
+    from embedpipe.deploy.apply import apply
+    from embedpipe.deploy.config import DeployError, config_from_settings
+    from embedpipe.deploy.plan import plan, render
 
     try:
         base = Settings.from_env()
     except SettingsError as exc:
         err(f"error: {exc}")
         raise typer.Exit(2) from None
-    cfg = deploy.config_from_settings(project, region, base, vpc_connector)
-    steps = deploy.plan(cfg)
+    cfg = config_from_settings(project, region, base, vpc_connector)
+    steps = plan(cfg)
     if dry_run:
-        typer.echo(deploy.render(cfg, steps))
+        typer.echo(render(cfg, steps))
         return
     try:
-        counts = deploy.apply(cfg, steps, echo=err)
-    except deploy.DeployError as exc:
+        counts = apply(cfg, steps, echo=err)
+    except DeployError as exc:
         err(f"error: {exc}")
         raise typer.Exit(1) from None
     err(f"deployed to {project}/{region}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))

@@ -179,7 +179,7 @@ ACCESS: dict[str, tuple[tuple[str, str], ...]] = {
     "job": (
         ("bucket:data_bucket", "roles/storage.objectViewer"),
         ("bucket:artifacts_bucket", "roles/storage.objectUser"),
-    ),  # + BigQuery roles when EMBEDPIPE_BIGQUERY_DATASETS names datasets (deploy.BIGQUERY_JOB_ROLES)
+    ),  # + BigQuery roles when EMBEDPIPE_BIGQUERY_DATASETS names datasets (deploy.plan.BIGQUERY_JOB_ROLES)
     "push": (),  # gets roles/run.invoker on each push-fed component (granted with the component)
     # What Cloud Build runs as for our image builds and the functions' and services' source builds: new projects
     # (since mid-2024) give the default build account none of these. Build logs, images (ours, gcf-artifacts,

@@ -30,8 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from embedpipe import deploy
 from embedpipe.config import Settings
+from embedpipe.deploy import staging
+from embedpipe.deploy.apply import Resolver
+from embedpipe.deploy.config import DeployConfig, config_from_settings
+from embedpipe.deploy.plan import Mode, Step, plan
 from tests import gcloud_api
 from tests.gcloud_api import ESCAPED, FakeApis, FakeGcloudApis, Request
 from tests.helpers import FIXTURES, ROOT
@@ -127,7 +130,7 @@ PARSE_ERROR = re.compile(
 @dataclass
 class Command:
     id: str
-    step: deploy.Step
+    step: Step
     role: str  # create, check, update, recheck, iam, resolve
     argv: list[str]
     stdin: str = ""
@@ -144,11 +147,11 @@ class Outcome:
 
 
 @pytest.fixture
-def cfg(monkeypatch) -> deploy.DeployConfig:
+def cfg(monkeypatch) -> DeployConfig:
     monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
     monkeypatch.delenv("EMBEDPIPE_MILVUS_TOKEN", raising=False)
     base = Settings(milvus_uri="https://milvus.example:19530", milvus_token=MILVUS_TOKEN)  # token: the secret step
-    return deploy.config_from_settings(PROJECT, REGION, base, vpc_connector="embedpipe-connector")
+    return config_from_settings(PROJECT, REGION, base, vpc_connector="embedpipe-connector")
 
 
 def substitute(argv: list[str]) -> list[str]:
@@ -159,16 +162,16 @@ def substitute(argv: list[str]) -> list[str]:
     return [re.sub(r"<<([^>]+)>>", value, a) for a in argv]
 
 
-def lookup_argv(cfg: deploy.DeployConfig, key: str) -> list[str]:
+def lookup_argv(cfg: DeployConfig, key: str) -> list[str]:
     """The gcloud command ``Resolver`` runs for ``<<key>>``."""
     seen = []
-    deploy.Resolver(cfg, lambda argv, _stdin: seen.append(argv) or subprocess.CompletedProcess(argv, 0, "x", ""))(
+    Resolver(cfg, lambda argv, _stdin: seen.append(argv) or subprocess.CompletedProcess(argv, 0, "x", ""))(
         [f"<<{key}>>"]
     )
     return seen[0]
 
 
-def scripts(cfg: deploy.DeployConfig, steps: list[deploy.Step]) -> list[list[Command]]:
+def scripts(cfg: DeployConfig, steps: list[Step]) -> list[list[Command]]:
     """Per step, the commands in the order described above (each list runs in one fake world)."""
     keys = sorted({m for s in steps for a in _argvs(s) for arg in a for m in re.findall(r"<<([^>]+)>>", arg)})
     lookups = {k: lookup_argv(cfg, k) for k in keys}
@@ -186,11 +189,11 @@ def scripts(cfg: deploy.DeployConfig, steps: list[deploy.Step]) -> list[list[Com
         add("create", s.create, stdin=MILVUS_TOKEN if s.stdin_env else "")
         if s.check:
             add("check", [s.check])
-            # Steps of a kind differ only in names: the update path of update=None steps (rerunning create) and
-            # the check after an update run for the first step of each kind, every distinct command for all.
+            # Steps of a kind differ only in names: the update path of DEPLOY steps (rerunning create) and the
+            # check after an update run for the first step of each kind, every distinct command for all.
             first = s is next(x for x in steps if x.kind == s.kind)
-            if s.update or (s.update is None and first):
-                add("update", s.create if s.update is None else s.update, stale_first=True)
+            if s.mode is Mode.CREATE_OR_UPDATE or (s.mode is Mode.DEPLOY and first):
+                add("update", s.commands("update"), stale_first=True)
                 if first:
                     add("recheck", [s.check])
         add("iam", s.iam)
@@ -209,11 +212,11 @@ def scripts(cfg: deploy.DeployConfig, steps: list[deploy.Step]) -> list[list[Com
     return out
 
 
-def _argvs(s: deploy.Step) -> list[list[str]]:
-    return ([s.check] if s.check else []) + s.create + (s.update or []) + s.iam
+def _argvs(s: Step) -> list[list[str]]:
+    return ([s.check] if s.check else []) + s.create + s.update + s.iam
 
 
-def stage(steps: list[deploy.Step], root: Path, monkeypatch) -> None:
+def stage(steps: list[Step], root: Path, monkeypatch) -> None:
     """What ``apply`` stages before a step's commands (``step.local``), into ``root`` instead of the repo: staging
     reads the entry points and the pins from the repo root, so those are copied there; so is .gitignore, which
     gcloud applies to what ``builds submit .`` uploads."""
@@ -223,7 +226,7 @@ def stage(steps: list[deploy.Step], root: Path, monkeypatch) -> None:
         shutil.copy(ROOT / name, root)
     (root / "deploy").mkdir()
     shutil.copy(ROOT / "deploy" / "cloudbuild.yaml", root / "deploy")
-    monkeypatch.setattr(deploy, "repo_root", lambda: root)
+    monkeypatch.setattr(staging, "repo_root", lambda: root)
     for s in steps:
         if s.local:
             s.local()
@@ -274,12 +277,7 @@ def run_all(script_list: list[list[Command]], cwd: Path, config_root: Path) -> d
 
 def up_to_date(cmd: Command, out: Outcome) -> bool:
     """``apply``'s verdict on a check's output: the step is unchanged."""
-    s, stored = cmd.step, out.stdout.strip()
-    if out.rc != 0:
-        return False
-    if s.contains:
-        return s.expect in stored.split()
-    return s.update == [] or stored == (s.expect or s.fingerprint)
+    return cmd.step.action(out.rc, out.stdout) == "unchanged"
 
 
 def sent_env(requests: list[Request]) -> dict | None:
@@ -385,7 +383,7 @@ def first_difference(got: dict, want: dict) -> str:
 
 def test_every_plan_command_runs_on_the_real_gcloud(cfg, tmp_path, monkeypatch):
     started = time.monotonic()
-    steps = deploy.plan(cfg)
+    steps = plan(cfg)
     cwd = tmp_path / "root"
     cwd.mkdir()
     stage(steps, cwd, monkeypatch)

@@ -15,7 +15,8 @@ import sysconfig
 
 import pytest
 
-from embedpipe import deploy, topology
+from embedpipe import topology
+from embedpipe.deploy import staging
 from embedpipe.gcp import bus, storage
 from tests.helpers import FIXTURES, ROOT
 
@@ -79,7 +80,7 @@ def staged(services, tmp_path_factory):
     for bucket in (DATA, ARTIFACTS):
         storage.ensure_bucket(bucket)
     root = tmp_path_factory.mktemp("build")
-    return deploy.stage_all(root / "functions"), root / "state"  # one state dir: jobs one function launches
+    return staging.stage_all(root / "functions"), root / "state"  # one state dir: jobs one function launches
 
 
 @pytest.mark.parametrize("name", [c.name for c in topology.COMPONENTS])
@@ -88,7 +89,7 @@ def test_staged_component_runs_alone(services, staged, name, tmp_path):
     folders, state = staged
     folder = folders[name]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["main.py", "embedpipe", "requirements.txt", *(["Procfile"] if deploy.is_service(c) else [])]
+        ["main.py", "embedpipe", "requirements.txt", *(["Procfile"] if staging.is_service(c) else [])]
     )
     assert (folder / "embedpipe" / "contracts" / "schemas" / "index_updated.v1.json").exists()
     env = {
@@ -122,13 +123,13 @@ def test_staged_component_runs_alone(services, staged, name, tmp_path):
 
     # Every third-party module the handler loaded is installed by the staged requirements (or their dependencies).
     lines = (folder / "requirements.txt").read_text().splitlines()
-    pinned = {deploy._norm(line.split("==")[0]) for line in lines if "==" in line}
-    installable = deploy.requires_closure(pinned)
+    pinned = {staging._norm(line.split("==")[0]) for line in lines if "==" in line}
+    installable = staging.requires_closure(pinned)
     purelib = sysconfig.get_paths()["purelib"]
     tops = sorted({n.split(".")[0] for n, f in result["modules"].items() if f.startswith(purelib)})
     missing = {}
     for top in tops:
-        dist = deploy.distribution_of(top)
+        dist = staging.distribution_of(top)
         if dist and dist not in installable and top not in OPTIONAL:
             missing[top] = dist
     assert missing == {}, f"{name} imports modules its requirements.txt does not install: {missing}"
@@ -137,6 +138,6 @@ def test_staged_component_runs_alone(services, staged, name, tmp_path):
     # starts; only the search service embeds queries).
     tree = ast.parse((folder / "main.py").read_text())
     assert c.target in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-    if not deploy.is_service(c):
+    if not staging.is_service(c):
         assert "torch" not in tops, f"{name} imported torch"
-        assert not any(deploy._norm(line.split("==")[0]) == "torch" for line in lines), f"{name} installs torch"
+        assert not any(staging._norm(line.split("==")[0]) == "torch" for line in lines), f"{name} installs torch"

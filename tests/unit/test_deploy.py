@@ -3,6 +3,7 @@ requirements derived for each staged function."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -11,16 +12,20 @@ import pytest
 from typer.testing import CliRunner
 
 import embedpipe
-from embedpipe import deploy, topology
+from embedpipe import topology
 from embedpipe.cli import app
 from embedpipe.config import Settings
+from embedpipe.deploy import staging
+from embedpipe.deploy.apply import apply
+from embedpipe.deploy.config import DeployConfig, DeployError, bigquery_datasets, config_from_settings, runtime_env
+from embedpipe.deploy.plan import Mode, plan, render
 
 
 @pytest.fixture
-def cfg(monkeypatch) -> deploy.DeployConfig:
+def cfg(monkeypatch) -> DeployConfig:
     monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
     base = Settings.from_env({"EMBEDPIPE_MILVUS_URI": "https://milvus.example.com:19530"})
-    return deploy.config_from_settings("demo-project", "us-central1", base)
+    return config_from_settings("demo-project", "us-central1", base)
 
 
 def test_dry_run_prints_the_whole_plan_and_touches_nothing(monkeypatch, tmp_path):
@@ -28,7 +33,7 @@ def test_dry_run_prints_the_whole_plan_and_touches_nothing(monkeypatch, tmp_path
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail(f"ran {a}"))
     monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
     monkeypatch.delenv("EMBEDPIPE_BASE_MODEL", raising=False)  # the tests' tiny local model: a deploy refuses paths
-    monkeypatch.setattr(deploy, "stage", lambda *a: pytest.fail("staged during a dry run"))
+    monkeypatch.setattr(staging, "stage", lambda *a: pytest.fail("staged during a dry run"))
     result = CliRunner().invoke(
         app, ["deploy", "gcp", "--project", "demo-project", "--region", "us-central1", "--dry-run"]
     )
@@ -73,7 +78,7 @@ def test_dry_run_prints_the_whole_plan_and_touches_nothing(monkeypatch, tmp_path
 
 
 def test_least_privilege_bindings(cfg):
-    steps = {s.name: s for s in deploy.plan(cfg)}
+    steps = {s.name: s for s in plan(cfg)}
     bucket_iam = " ".join(" ".join(a) for a in steps["gs://demo-project-embedpipe-data"].iam)
     # intake reads each upload and moves a bad one under quarantine/: objectUser on the data bucket, nothing more
     upload_fn = "ep-on-data-uploaded@demo-project.iam.gserviceaccount.com --role=roles/storage.objectUser"
@@ -182,11 +187,11 @@ class FakeGcloud:
 
 
 def test_apply_creates_everything_then_a_second_apply_changes_nothing(cfg):
-    steps = deploy.plan(cfg)
+    steps = plan(cfg)
     for s in steps:
         s.local = None  # staging is covered by tests/integration/test_staging.py
     gcloud = FakeGcloud()
-    first = deploy.apply(cfg, steps, runner=gcloud, echo=lambda *_: None)
+    first = apply(cfg, steps, runner=gcloud, echo=lambda *_: None)
     assert first == {"created": len(steps) - 1, "updated": 0, "unchanged": 0, "ensured": 1}  # 1: APIs enabled
     subs = [c for c in gcloud.calls if c[1:4] == ["pubsub", "subscriptions", "create"]]
     assert any("--push-endpoint=https://on-job-event-abc-uc.a.run.app/projects/demo-project/topics/job-events" in c
@@ -195,7 +200,7 @@ def test_apply_creates_everything_then_a_second_apply_changes_nothing(cfg):
     assert sink_grant and sink_grant[0][1:5] == ["pubsub", "topics", "add-iam-policy-binding", "job-events"]
 
     gcloud.calls.clear()
-    second = deploy.apply(cfg, deploy.plan(cfg), runner=gcloud, echo=lambda *_: None)
+    second = apply(cfg, plan(cfg), runner=gcloud, echo=lambda *_: None)
     assert second == {"created": 0, "updated": 0, "unchanged": len(steps) - 1, "ensured": 1}
     # the ensured step runs again by design: enabling APIs and `services identity create` (which returns the
     # existing agent) are idempotent in gcloud itself
@@ -208,29 +213,63 @@ def test_apply_creates_everything_then_a_second_apply_changes_nothing(cfg):
 
 def test_a_changed_setting_updates_only_that_resource(cfg, monkeypatch):
     gcloud = FakeGcloud()
-    steps = deploy.plan(cfg)
+    steps = plan(cfg)
     for s in steps:
         s.local = None
-    deploy.apply(cfg, steps, runner=gcloud, echo=lambda *_: None)
+    apply(cfg, steps, runner=gcloud, echo=lambda *_: None)
     monkeypatch.setattr(topology, "RECONCILE_SCHEDULE", "*/10 * * * *")
     import dataclasses
 
     changed = dataclasses.replace(cfg, schedule="*/10 * * * *")
-    steps = deploy.plan(changed)
+    steps = plan(changed)
     for s in steps:
         s.local = None
     gcloud.calls.clear()
-    counts = deploy.apply(changed, steps, runner=gcloud, echo=lambda *_: None)
+    counts = apply(changed, steps, runner=gcloud, echo=lambda *_: None)
     assert counts["updated"] == 1 and counts["created"] == 0
     (update,) = [c for c in gcloud.calls if "update" in c]
     assert update[1:4] == ["scheduler", "jobs", "update"] and "--schedule=*/10 * * * *" in update
 
 
+def test_each_step_says_how_apply_treats_it(cfg):
+    modes = {s.kind: s.mode for s in plan(cfg)}
+    assert modes == {
+        "apis": Mode.ENSURE,  # enabling APIs is idempotent in gcloud: runs every time
+        "artifact-registry": Mode.CREATE_OR_UPDATE,
+        "custom-role": Mode.CREATE_OR_UPDATE,
+        "service-account": Mode.CREATE_OR_UPDATE,
+        "bucket": Mode.CREATE_OR_UPDATE,
+        "topic": Mode.CREATE_OR_UPDATE,
+        "image": Mode.CREATE_ONLY,  # a tag is immutable
+        "function": Mode.DEPLOY,  # `functions deploy` creates or updates
+        "cloud-run-service": Mode.DEPLOY,
+        "push-subscription": Mode.CREATE_OR_UPDATE,
+        "pull-subscription": Mode.CREATE_OR_UPDATE,
+        "gcs-notification": Mode.MEMBER,  # present when its topic is among the bucket's notifications
+        "log-sink": Mode.CREATE_OR_UPDATE,
+        "scheduler-job": Mode.CREATE_OR_UPDATE,
+    }
+    s = next(s for s in plan(cfg) if s.kind == "gcs-notification")
+    other = "//pubsub.googleapis.com/projects/demo-project/topics/other"
+    assert s.action(0, f"{other}\n{s.expect}\n") == "unchanged" and s.action(0, other) == "create"
+    assert s.action(1, "") == "create" and s.commands("update") == []
+    fn = next(s for s in plan(cfg) if s.kind == "function")
+    assert fn.action(0, "0000000000000000") == "update" and fn.commands("update") == fn.create
+    assert fn.action(0, fn.fingerprint) == "unchanged"
+
+
+def test_a_step_without_what_its_mode_needs_is_refused(cfg):
+    topic = next(s for s in plan(cfg) if s.kind == "topic")
+    for change in ({"update": []}, {"check": None}, {"expect": "stale"}, {"mode": Mode.CREATE_ONLY}):
+        with pytest.raises(ValueError, match="topic data-events"):
+            dataclasses.replace(topic, **change).validate()
+
+
 def test_apply_refuses_a_local_milvus(monkeypatch):
     monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "abc")
-    cfg = deploy.config_from_settings("demo-project", "us-central1", Settings.from_env({}))
-    with pytest.raises(deploy.DeployError, match="EMBEDPIPE_MILVUS_URI points at localhost"):
-        deploy.apply(cfg, [], runner=FakeGcloud())
+    cfg = config_from_settings("demo-project", "us-central1", Settings.from_env({}))
+    with pytest.raises(DeployError, match="EMBEDPIPE_MILVUS_URI points at localhost"):
+        apply(cfg, [], runner=FakeGcloud())
 
 
 def test_deployed_settings_are_cloud_settings(cfg):
@@ -239,7 +278,7 @@ def test_deployed_settings_are_cloud_settings(cfg):
     assert s.trainer_image == "us-central1-docker.pkg.dev/demo-project/embedpipe/trainer:0123456789ab"
     assert s.service_account == "ep-job@demo-project.iam.gserviceaccount.com"
     assert s.base_model == "bundled:all-MiniLM-L6-v2", "the images ship the bundled weights under the same name"
-    env = deploy.runtime_env(cfg)
+    env = runtime_env(cfg)
     assert "EMBEDPIPE_STATE_DIR" not in env and "EMBEDPIPE_PUBSUB_PORT" not in env
     assert "EMBEDPIPE_MILVUS_TOKEN" not in env, "the token travels as a Secret Manager secret, never as plain env"
 
@@ -247,26 +286,73 @@ def test_deployed_settings_are_cloud_settings(cfg):
 def test_a_local_base_model_path_is_refused_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "abc")
     for bad in (str(tmp_path), "BAAI/bge-small-en-v1.5", "bundled:nope", "gs://"):
-        with pytest.raises(deploy.DeployError, match="EMBEDPIPE_BASE_MODEL: .*upload a local model folder to gs://"):
-            deploy.config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": bad}))
+        with pytest.raises(DeployError, match="EMBEDPIPE_BASE_MODEL: .*upload a local model folder to gs://"):
+            config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": bad}))
     hub = Settings.from_env({"EMBEDPIPE_BASE_MODEL": "sentence-transformers/all-MiniLM-L6-v2"})
-    assert deploy.config_from_settings("p", "r", hub).settings.base_model.endswith("all-MiniLM-L6-v2")  # bundled
-    gs = deploy.config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": "gs://b/models/mine"}))
+    assert config_from_settings("p", "r", hub).settings.base_model.endswith("all-MiniLM-L6-v2")  # bundled
+    gs = config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": "gs://b/models/mine"}))
     assert gs.settings.base_model == "gs://b/models/mine"
 
 
 def test_function_requirements_are_pinned_and_lean():
-    pins = deploy._pins()
+    pins = staging._pins()
     for c in topology.COMPONENTS:
-        reqs = deploy.source_files(c)["requirements.txt"].decode().splitlines()[1:]
+        reqs = staging.source_files(c)["requirements.txt"].decode().splitlines()[1:]
         lines = [r for r in reqs if not r.startswith("--")]
         assert all("==" in r for r in lines), reqs
-        assert all(deploy._norm(r.split("==")[0]) in pins or "==" in r for r in lines)
+        assert all(staging._norm(r.split("==")[0]) in pins or "==" in r for r in lines)
         assert any(r.startswith("functions-framework==") for r in lines)
-        if not deploy.is_service(c):
+        if not staging.is_service(c):
             assert not [r for r in lines if r.split("==")[0] in ("torch", "sentence-transformers", "pytest", "ruff")]
-    launching = deploy.source_files(topology.component("on-job-event"))["requirements.txt"].decode()
+    launching = staging.source_files(topology.component("on-job-event"))["requirements.txt"].decode()
     assert "google-cloud-aiplatform==" in launching, "a function that launches Vertex jobs needs aiplatform"
+
+
+def test_the_dry_run_is_the_same_whatever_is_installed_here(cfg, monkeypatch):
+    """Two checkouts of one commit print the same plan: staging (the requirements it derives, hence the source
+    hashes and fingerprints in the plan) reads the repo only, never the installed distributions."""
+    normal = render(cfg, plan(cfg))
+
+    class NoVenv:
+        def __getattr__(self, name):
+            raise AssertionError(f"the plan asked the local environment: {name}")
+
+    staging.requirements_for.cache_clear()
+    monkeypatch.setattr(staging, "md", NoVenv())  # importlib.metadata: versions, requires, packages
+    monkeypatch.setattr(staging, "importlib", NoVenv())  # importlib.util.find_spec: what is importable here
+    try:
+        assert render(cfg, plan(cfg)) == normal
+    finally:
+        staging.requirements_for.cache_clear()
+
+
+def test_the_import_table_matches_the_installed_distributions():
+    """``staging.IMPORTS`` and ``BROUGHT`` say what the installed metadata says (here, where the tests' venv is
+    installed from requirements.txt): the repo's table gives the requirements this environment would."""
+    package = Path(embedpipe.__file__).parent
+    for c in topology.COMPONENTS:
+        _, third = staging.import_closure(staging.repo_root() / c.path, package)
+        for module in third:
+            assert staging.declared_distribution(module) == staging.distribution_of(module), (c.name, module)
+    for module, dist in staging.IMPORTS.items():
+        assert staging.distribution_of(module) == dist, module
+    pins = staging._pins()
+    for dist, bringers in staging.BROUGHT.items():
+        assert dist not in pins
+        assert set(bringers) == {p for p in pins if dist in staging.requires_closure({p})}, dist
+
+
+def test_an_import_the_table_does_not_name_fails_the_plan_with_the_fix(tmp_path):
+    pkg = tmp_path / "embedpipe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    entry = tmp_path / "main.py"
+    entry.write_text("import functions_framework\nimport yaml\n")
+    with pytest.raises(LookupError, match="'yaml': add its import name to IMPORTS"):
+        staging.requirements_for(entry, pkg)
+    entry.write_text("import functions_framework\nimport flask\nimport grpc\n")
+    with pytest.raises(LookupError, match=r"imports \['grpcio'\], which requirements.txt does not pin"):
+        staging.requirements_for(entry, pkg)  # flask comes with functions-framework; grpcio with none chosen
 
 
 def test_functions_never_reach_the_ml_layer():
@@ -274,9 +360,9 @@ def test_functions_never_reach_the_ml_layer():
     the staging closure (lazy imports included) shows what each one loads: no ``embedpipe.ml``, no torch."""
     package = Path(embedpipe.__file__).parent
     for c in topology.COMPONENTS:
-        if deploy.is_service(c):
+        if staging.is_service(c):
             continue
-        modules, third = deploy.import_closure(deploy.repo_root() / c.path, package)
+        modules, third = staging.import_closure(staging.repo_root() / c.path, package)
         assert "embedpipe.runtime" in modules, c.name  # the closure did follow main.py into the package
         assert not [m for m in modules if m == "embedpipe.ml" or m.startswith("embedpipe.ml.")], c.name
         heavy = {m.split(".")[0] for m in third} & {"torch", "sentence_transformers", "transformers"}
@@ -293,7 +379,7 @@ def test_import_closure_follows_lazy_imports_and_skips_optional_ones(tmp_path):
     )
     entry = tmp_path / "main.py"
     entry.write_text("from embedpipe.a import f\n")
-    modules, third = deploy.import_closure(entry, pkg)
+    modules, third = staging.import_closure(entry, pkg)
     assert modules == {"embedpipe.a", "embedpipe.b"}
     assert third == {"yaml", "jsonschema"}
 
@@ -325,8 +411,8 @@ def test_bigquery_sources_get_read_sessions_and_read_on_the_named_datasets_only(
             "EMBEDPIPE_BIGQUERY_DATASETS": "shop-data.catalog, other-proj.logs",
         }
     )
-    c = deploy.config_from_settings("demo-project", "us-central1", base)
-    steps = deploy.plan(c)
+    c = config_from_settings("demo-project", "us-central1", base)
+    steps = plan(c)
     job = next(s for s in steps if s.name == "ep-job@demo-project.iam.gserviceaccount.com")
     assert {"roles/bigquery.readSessionUser", "roles/bigquery.jobUser"} <= set(job.settings["project_roles"])
     assert "roles/bigquery.dataViewer" not in " ".join(" ".join(a) for a in job.iam), "no project-wide data read"
@@ -343,13 +429,13 @@ def test_bigquery_sources_get_read_sessions_and_read_on_the_named_datasets_only(
         ]
     ]
     assert "bigquerystorage.googleapis.com" in steps[0].settings["services"]
-    assert "EMBEDPIPE_BIGQUERY_PORT" not in deploy.runtime_env(c)
+    assert "EMBEDPIPE_BIGQUERY_PORT" not in runtime_env(c)
     # without named datasets: no BigQuery API, role or grant at all
-    plain = deploy.plan(deploy.config_from_settings("demo-project", "us-central1", Settings.from_env({})))
+    plain = plan(config_from_settings("demo-project", "us-central1", Settings.from_env({})))
     assert "bigquery" not in " ".join(" ".join(" ".join(a) for a in [*s.create, *s.iam]) for s in plain)
 
 
 @pytest.mark.parametrize("bad", ["catalog", "shop-data.catalog`; DROP SCHEMA x; --", "p.d.t"])
 def test_a_bigquery_dataset_name_that_is_not_one_is_refused(bad):
-    with pytest.raises(deploy.DeployError, match="is not PROJECT.DATASET"):
-        deploy.bigquery_datasets(Settings(bigquery_datasets=bad))
+    with pytest.raises(DeployError, match="is not PROJECT.DATASET"):
+        bigquery_datasets(Settings(bigquery_datasets=bad))

@@ -217,11 +217,13 @@ def test_a_changed_setting_updates_only_that_resource(cfg, monkeypatch):
     for s in steps:
         s.local = None
     apply(cfg, steps, runner=gcloud, echo=lambda *_: None)
-    monkeypatch.setattr(topology, "RECONCILE_SCHEDULE", "*/10 * * * *")
     import dataclasses
 
+    # the schedule a deploy uses is DeployConfig.schedule (its default copies topology.RECONCILE_SCHEDULE once)
     changed = dataclasses.replace(cfg, schedule="*/10 * * * *")
     steps = plan(changed)
+    (job,) = [s for s in steps if s.kind == "scheduler-job"]
+    assert job.settings["schedule"] == "*/10 * * * *"
     for s in steps:
         s.local = None
     gcloud.calls.clear()

@@ -13,6 +13,10 @@ Objects (all JSON):
   the record; the launch seals the run (``seal``: no trigger joins it after) and copies them into the record, so
   everything after the launch reads the record alone. A trigger recorded after the seal moves to the next run.
 
+The documents are typed in ``contracts.records`` (``RunRecord``, ``DatasetState``: every key and its type) and made
+by one constructor each (``new_run_record``, ``empty_dataset_state``); they stay plain JSON dicts, so the
+compare-and-set functions (``fn(record) -> record | None``) edit them as before and old ledgers read unchanged.
+
 Stages only move forward (``STAGES`` order); a duplicate or late event for a stage already passed is a no-op.
 """
 
@@ -28,15 +32,26 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from embedpipe.contracts.records import (  # noqa: F401 - the states and ``iso`` are read as ``runs.X`` too
+    EMBEDDING,
+    FAILED,
+    INDEXING,
+    PENDING,
+    PUBLISHING,
+    STAGES,
+    SUCCEEDED,
+    TERMINAL,
+    TRAINING,
+    DatasetState,
+    RunRecord,
+    empty_dataset_state,
+    iso,
+    new_run_record,
+)
 from embedpipe.gcp import storage
 from embedpipe.gcp.storage import PreconditionFailed
 
 log = logging.getLogger(__name__)
-
-PENDING, TRAINING, EMBEDDING, INDEXING, PUBLISHING = "PENDING", "TRAINING", "EMBEDDING", "INDEXING", "PUBLISHING"
-SUCCEEDED, FAILED = "SUCCEEDED", "FAILED"
-STAGES = (PENDING, TRAINING, EMBEDDING, INDEXING, PUBLISHING, SUCCEEDED)
-TERMINAL = (SUCCEEDED, FAILED)
 
 
 class Store(Protocol):
@@ -50,17 +65,13 @@ def stage_index(state: str) -> int:
     return len(STAGES) if state == FAILED else STAGES.index(state)
 
 
-def is_past(record: dict, state: str) -> bool:
+def is_past(record: RunRecord, state: str) -> bool:
     """True when the run is already at or beyond ``state`` (so an event for it is late or a duplicate)."""
     return record["state"] in TERMINAL or stage_index(record["state"]) >= stage_index(state)
 
 
 def utcnow() -> float:
     return time.time()
-
-
-def iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_iso(text: str) -> float:
@@ -135,34 +146,15 @@ class Ledger:
             return self.get_claim(key)["run_id"], False
 
     # ------------------------------------------------------------ runs
-    def get_run(self, run_id: str) -> dict | None:
+    def get_run(self, run_id: str) -> RunRecord | None:
         return self.store.read_json_gen(self.run_uri(run_id))[0]
 
-    def create_run(self, run_id: str, dataset: str, trigger: dict, **fields: Any) -> dict:
-        now = utcnow()
-        record = {
-            "run_id": run_id,
-            "dataset": dataset,
-            "state": PENDING,
-            "kind": None,
-            "created_at": iso(now),
-            "updated_at": iso(now),
-            "triggers": [],
-            "trigger": trigger,
-            "overrides": {},
-            "jobs": {},
-            "stage_times": {PENDING: {"start": now}},
-            "metrics": None,
-            "previous_metrics": None,
-            "promoted": None,
-            "error": None,
-            "final_event": None,
-            **fields,
-        }
+    def create_run(self, run_id: str, dataset: str, trigger: dict, **fields: Any) -> RunRecord:
+        record = new_run_record(run_id, dataset, trigger, utcnow(), **fields)
         self.store.write_json(self.run_uri(run_id), record, if_generation_match=0)
         return record
 
-    def update_run(self, run_id: str, fn: Callable[[dict], dict | None]) -> dict:
+    def update_run(self, run_id: str, fn: Callable[[RunRecord], RunRecord | None]) -> RunRecord:
         def wrapped(record):
             out = fn(record)
             if out is not None:
@@ -171,7 +163,7 @@ class Ledger:
 
         return self._update(self.run_uri(run_id), wrapped)
 
-    def advance(self, run_id: str, from_state: str, to_state: str, **fields: Any) -> tuple[dict, bool]:
+    def advance(self, run_id: str, from_state: str, to_state: str, **fields: Any) -> tuple[RunRecord, bool]:
         """Move ``from_state`` -> ``to_state`` once; (record, whether this call moved it)."""
         moved = False
 
@@ -193,7 +185,7 @@ class Ledger:
 
         return self.update_run(run_id, fn), moved
 
-    def list_runs(self) -> list[dict]:
+    def list_runs(self) -> list[RunRecord]:
         """Every run's ``view``, oldest first (one listing: the items sit beside each run record)."""
         records, items = [], {}
         for uri, _ in self.store.list_uris(f"gs://{self.bucket}/runs/"):
@@ -206,10 +198,10 @@ class Ledger:
         return sorted(views, key=lambda r: r["created_at"])
 
     # ------------------------------------------------------------ datasets
-    def get_dataset(self, dataset: str) -> dict:
+    def get_dataset(self, dataset: str) -> DatasetState:
         return self.store.read_json_gen(self._dataset_uri(dataset))[0] or empty_dataset_state(dataset)
 
-    def update_dataset(self, dataset: str, fn: Callable[[dict], dict | None]) -> dict:
+    def update_dataset(self, dataset: str, fn: Callable[[DatasetState], DatasetState | None]) -> DatasetState:
         return self._update(self._dataset_uri(dataset), fn, create=lambda: empty_dataset_state(dataset))
 
     def has_dataset(self, dataset: str) -> bool:
@@ -295,7 +287,7 @@ class Ledger:
                 raise RuntimeError(f"run {run_id} is sealed but its triggers are not merged yet")
             time.sleep(0.2)
 
-    def seal(self, run_id: str) -> dict:
+    def seal(self, run_id: str) -> RunRecord:
         """Close a PENDING run to new triggers, then copy its items into the record once (``merged``): the triggers
         a run holds never change after that. A trigger written before the seal is in the listing that follows it;
         one written after finds the run sealed and merged without it (``add_trigger``) and moves on. ``sealed_at``
@@ -316,12 +308,12 @@ class Ledger:
 
         return self.update_run(run_id, merge)
 
-    def merge_items(self, run_id: str, fields: tuple[str, ...] = ("notices", "file_errors")) -> dict:
+    def merge_items(self, run_id: str, fields: tuple[str, ...] = ("notices", "file_errors")) -> RunRecord:
         """Copy file verdicts recorded after the seal (launch-time validation) into the record."""
         items = self._items(run_id)
         return self.update_run(run_id, lambda r: _merged(r, items, fields))
 
-    def view(self, run_id: str) -> dict | None:
+    def view(self, run_id: str) -> RunRecord | None:
         """The run record with the per-key items not yet copied into it (what ``embedpipe status`` shows). Triggers
         are merged only into an unsealed run: a sealed one holds exactly the triggers it decided on."""
         record = self.get_run(run_id)
@@ -343,11 +335,11 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _view_fields(record: dict) -> tuple[str, ...]:
+def _view_fields(record: RunRecord) -> tuple[str, ...]:
     return ITEM_FIELDS if not record.get("sealed") else ("notices", "file_errors")
 
 
-def _merged(record: dict, items: dict[str, list[dict]], fields: tuple[str, ...] = ITEM_FIELDS) -> dict | None:
+def _merged(record: RunRecord, items: dict[str, list[dict]], fields: tuple[str, ...] = ITEM_FIELDS) -> RunRecord | None:
     """``record`` with ``items`` (per-key objects, in the order they were written) merged in; None if nothing new."""
     record = copy.deepcopy(record)
     changed = False
@@ -363,15 +355,3 @@ def _merged(record: dict, items: dict[str, list[dict]], fields: tuple[str, ...] 
                 record.setdefault(field, {})[doc["key"]] = doc["value"]
                 changed = True
     return record if changed else None
-
-
-def empty_dataset_state(dataset: str) -> dict:
-    return {
-        "dataset": dataset,
-        "pending": None,
-        "pending_since": None,
-        "due_at": 0,
-        "active": None,
-        "promoted": None,
-        "follow_up": False,
-    }

@@ -2,6 +2,9 @@
 
 A run is decided at launch (``Pipeline.start_training``), once, and the decision is stored in the run record:
 
+The kinds are ``contracts.records.FULL`` and ``INCREMENTAL`` (one definition: the indexer, below this layer, reads
+them too):
+
 - ``full`` (train -> embed all -> new collection -> gate -> alias swap) when the dataset has no promoted index, when
   a retrain message asked for it (``record["force_full"]``), when training data changed (``pairs/*`` or
   ``qrels/train.tsv``): a new model is due; or when the promoted entry has no id -> hash table (promoted before
@@ -25,13 +28,13 @@ import io
 from dataclasses import dataclass
 
 from embedpipe.contracts import datasets
+from embedpipe.contracts.records import FULL, INCREMENTAL, Kind, PromotedEntry, RunRecord
 from embedpipe.gcp import storage
 
-FULL, INCREMENTAL = "full", "incremental"
 TABLE_FILE = "hashes.parquet"
 
 
-def kind_for(record: dict, promoted: dict | None) -> tuple[str, str]:
+def kind_for(record: RunRecord, promoted: PromotedEntry | None) -> tuple[Kind, str]:
     """(kind, reason) for a PENDING run, given the dataset's promoted index (or None)."""
     if not promoted:
         return FULL, "no promoted index for this dataset"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from embedpipe import topology
 from embedpipe.config import Settings
 from embedpipe.contracts.events import RUN_FAILED, Event
+from embedpipe.contracts.records import RunRecord, run_failed_payload
 from embedpipe.gcp import bus
 from embedpipe.ledger import runs
 from embedpipe.ledger.runs import PUBLISHING, Ledger
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 STALLED_PUBLISH_S = 60.0
 
 
-def publish_stalled(record: dict) -> bool:
+def publish_stalled(record: RunRecord) -> bool:
     started = (record.get("stage_times") or {}).get(PUBLISHING, {}).get("start") or 0
     return record["state"] == PUBLISHING and time.time() - started > STALLED_PUBLISH_S
 
@@ -57,18 +58,10 @@ class Lifecycle:
         record = self.ledger.get_run(run_id)
         if record is None or record["state"] in runs.TERMINAL:
             return
-        event = Event(
-            RUN_FAILED,
-            {
-                "run_id": run_id,
-                "dataset": record["dataset"],
-                "stage": stage,
-                "cause": cause,
-                "trigger": record.get("trigger"),
-            },
-            id=f"{run_id}/failed",
-            subject=run_id,
+        data = run_failed_payload(
+            run_id=run_id, dataset=record["dataset"], stage=stage, cause=cause, trigger=record.get("trigger")
         )
+        event = Event(RUN_FAILED, dict(data), id=f"{run_id}/failed", subject=run_id)
         for _ in range(5):  # the run may move on between our read and our write: fail it from where it is now
             rec, moved = self.ledger.advance(
                 run_id,
@@ -86,7 +79,7 @@ class Lifecycle:
         if rec["state"] in runs.TERMINAL:  # never free the dataset of a run that is still active
             self.release(rec)
 
-    def finish(self, record: dict) -> str:
+    def finish(self, record: RunRecord) -> str:
         """Publish a PUBLISHING run's stored index-updated event, then end it and free its dataset. The indexer calls
         this after promoting; reconcile calls it again for a run whose publish stalled (the event id is the run's, so
         a second publish is a duplicate subscribers drop)."""
@@ -96,7 +89,7 @@ class Lifecycle:
         self.release(rec)
         return f"run {record['run_id']}: index-updated published (promoted={event.data['promoted']})"
 
-    def release(self, record: dict) -> None:
+    def release(self, record: RunRecord) -> None:
         """The run ended: free the dataset for its follow-up run (uploads that arrived meanwhile). Launching it is
         left to the launching functions (job events, retrain) and the reconcile tick: the indexer, which also ends
         runs, has no right to submit Vertex jobs (no embedpipeJobLauncher role, no actAs on the job account)."""

@@ -17,6 +17,16 @@ import time
 import numpy as np
 
 from embedpipe.contracts.events import INDEX_UPDATED, Event, validate
+from embedpipe.contracts.records import (
+    FULL,
+    INCREMENTAL,
+    CountsSkipped,
+    Kind,
+    ModelInfo,
+    RunRecord,
+    index_updated_payload,
+    promoted_entry,
+)
 from embedpipe.gcp import storage
 from embedpipe.index import bulkload, registry, report, rollback
 from embedpipe.ledger import runs
@@ -34,7 +44,7 @@ UPSERT_COLUMNS = ("id", "vector", "text", "bm25_text", "title", "content_hash", 
 IMPORT_POLL_S = 420.0
 
 
-def embed_output(ledger, record: dict) -> tuple[str, str | None]:
+def embed_output(ledger, record: RunRecord) -> tuple[str, str | None]:
     """(the embed attempt's folder, the job key its manifests must carry; None for a record without an embed job)."""
     job = record["jobs"].get("embed")
     attempt = (job or {}).get("attempt", 1)
@@ -306,7 +316,7 @@ def delete_removed(client, collection: str, embed_uri: str, manifests: list[dict
     return deleted
 
 
-def check_deletes(s, record: dict, manifests: list[dict]) -> int:
+def check_deletes(s, record: RunRecord, manifests: list[dict]) -> int:
     """An incremental run deletes the live documents its corpus snapshot lacks. A corpus re-uploaded part by part
     would delete the rest, so more than ``max_delete_share`` of the live rows is refused (ValueError: the run fails,
     nothing indexed changes); a retrain rebuilds from the corpus instead, behind the gate."""
@@ -329,7 +339,7 @@ def _record_fields(ledger, run_id: str, **fields) -> None:
     ledger.update_run(run_id, lambda r: {**r, **fields} if r["state"] == INDEXING else None)
 
 
-def _bulk(ledger, record: dict):
+def _bulk(ledger, record: RunRecord):
     """(recorded bulk-import job id, recorder) for this run: the id is stored before the job is polled."""
 
     def on_started(job_id: str) -> None:
@@ -338,22 +348,53 @@ def _bulk(ledger, record: dict):
     return (record.get("bulk_import") or {}).get("job_id"), on_started
 
 
-def _index(pipe: Lifecycle, record: dict, reg: registry.ModelRegistry) -> str:
+def stage_seconds(record: RunRecord, t0: float) -> dict[str, float]:
+    """Seconds the run spent in each stage it finished (``train``, ``embed``, ...), and in this indexing (``index``,
+    since ``t0``)."""
+    times = record.get("stage_times", {})
+    out = {st.lower(): round(v["end"] - v["start"], 3) for st, v in times.items() if v.get("start") and v.get("end")}
+    out["index"] = round(time.time() - t0, 3)
+    return out
+
+
+def trainer_output(record: RunRecord) -> dict:
+    """What the trainer wrote beside its model folder (``metrics.json``: model version, shipped reason, selection,
+    loss curve); empty for a run without a trained model."""
+    if not record.get("model", {}).get("uri"):
+        return {}
+    model_parent = record["model"]["uri"].rstrip("/").rsplit("/", 1)[0]
+    return storage.read_json(f"{model_parent}/metrics.json") or {}
+
+
+def model_info(uri: str, manifest: dict, trainer_metrics: dict) -> ModelInfo:
+    """The index-updated ``model``: the embedder's fingerprint and dim, the trainer's version and choices."""
+    return {
+        "uri": uri,
+        "version": trainer_metrics.get("model_version", manifest["fingerprint"]),
+        "dim": manifest["dim"],
+        "fingerprint": manifest["fingerprint"],
+        "tuned": manifest.get("tuned", True),
+        "shipped_reason": trainer_metrics.get("shipped_reason", ""),
+        "max_seq_length": trainer_metrics.get("max_seq_length"),
+    }
+
+
+def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> str:
     s, ledger, run_id, dataset = pipe.settings, pipe.ledger, record["run_id"], record["dataset"]
     t0 = time.time()
     embed_uri, job_key = embed_output(ledger, record)
     manifests = load_manifests(embed_uri, job_key)
     fingerprint, dim = manifests[0]["fingerprint"], manifests[0]["dim"]
-    kind = record.get("kind") or "full"
+    kind: Kind = record.get("kind") or FULL
     # An incremental diff too large to apply in place is rebuilt (the embedder embedded every document with the
     # promoted model) into a new collection that must pass the gate against the live one, like a full run.
-    rebuild = kind == "incremental" and manifests[0].get("mode") == "rebuild"
-    inplace = kind == "incremental" and not rebuild
+    rebuild = kind == INCREMENTAL and manifests[0].get("mode") == "rebuild"
+    inplace = kind == INCREMENTAL and not rebuild
     client = vectorstore.connect(s.milvus_uri, s.milvus_token)
     alias = vectorstore.alias_name(dataset)
     watch = Stopwatch()
     promoted_before = ledger.get_dataset(dataset).get("promoted") or {}
-    removed = check_deletes(s, record, manifests) if kind == "incremental" else 0
+    removed = check_deletes(s, record, manifests) if kind == INCREMENTAL else 0
     if inplace:  # into the live collection, which must hold vectors of this very model
         collection = record["live"]["collection"]
         watch(vectorstore.check_fingerprint, client, collection, fingerprint, dim)
@@ -389,7 +430,7 @@ def _index(pipe: Lifecycle, record: dict, reg: registry.ModelRegistry) -> str:
     # ``removed`` is 0 (check_deletes).
     deleted = delete_removed(client, collection, embed_uri, manifests, watch) if inplace and removed else 0
     watch(vectorstore.finish_load, client, collection)
-    counts = {
+    counts: CountsSkipped = {
         "upserted": upserted,
         "deleted": deleted if inplace else removed,
         "unchanged": sum(m.get("unchanged", 0) for m in manifests),
@@ -442,21 +483,21 @@ def _index(pipe: Lifecycle, record: dict, reg: registry.ModelRegistry) -> str:
         if not inplace:
             watch(vectorstore.point_alias, client, alias, collection)
         model_uri = record["model"]["uri"]
-        entry = {
-            "run_id": promoted_before.get("run_id", run_id) if kind == "incremental" else run_id,
-            "collection": collection,
-            "model_uri": model_uri,
-            "fingerprint": fingerprint,
-            "dim": dim,
-            "metrics": new["metrics"],
-            "metrics_by_mode": new["by_mode"],
-            "search": served_search,
-            "schema": vectorstore.SCHEMA_VERSION,
-            "updated_by": run_id,
+        entry = promoted_entry(
+            run_id=promoted_before.get("run_id", run_id) if kind == INCREMENTAL else run_id,
+            collection=collection,
+            model_uri=model_uri,
+            fingerprint=fingerprint,
+            dim=dim,
+            metrics=new["metrics"],
+            metrics_by_mode=new["by_mode"],
+            search=served_search,
+            schema=vectorstore.SCHEMA_VERSION,
+            updated_by=run_id,
             # the id -> hash table of what the collection now holds: the next incremental run's diff base
-            "hashes": f"{embed_uri}/{manifests[0]['hashes_file']}" if manifests[0].get("hashes_file") else None,
-            "rows": manifests[0].get("hashes_rows"),
-        }
+            hashes=f"{embed_uri}/{manifests[0]['hashes_file']}" if manifests[0].get("hashes_file") else None,
+            rows=manifests[0].get("hashes_rows"),
+        )
 
         def promote(st):
             history = [collection] + [c for c in st.get("promoted_history", []) if c != collection]
@@ -496,62 +537,48 @@ def _index(pipe: Lifecycle, record: dict, reg: registry.ModelRegistry) -> str:
         )
     log.info("run %s (%s): %s into %s; %s; dropped %s", run_id, kind, counts, collection, reason, dropped or "none")
 
-    times = record.get("stage_times", {})
-    stage_seconds = {
-        st.lower(): round(v["end"] - v["start"], 3) for st, v in times.items() if v.get("start") and v.get("end")
-    }
-    stage_seconds["index"] = round(time.time() - t0, 3)
-    trainer_metrics = {}
-    if kind == "full" and record.get("model", {}).get("uri"):  # the trainer writes it beside its model folder
-        model_parent = record["model"]["uri"].rstrip("/").rsplit("/", 1)[0]
-        trainer_metrics = storage.read_json(f"{model_parent}/metrics.json") or {}
+    trainer_metrics = trainer_output(record) if kind == FULL else {}
     report_uri = f"{ledger.run_dir(run_id)}/report.html"
-    data = {
-        "run_id": run_id,
-        "dataset": dataset,
-        "kind": kind,
-        "promoted": promoted,
-        "gate": {
+    data = index_updated_payload(
+        run_id=run_id,
+        dataset=dataset,
+        kind=kind,
+        promoted=promoted,
+        gate={
             "metric": s.gate_metric,
             "metrics": list(s.gate_metrics),
             "tolerance": s.gate_tolerance,
             "reason": reason,
         },
-        "search": served_search,
-        "alias": alias,
-        "collection": collection,
-        "model": {
-            "uri": record["model"]["uri"],
-            "version": trainer_metrics.get("model_version", fingerprint),
-            "dim": dim,
-            "fingerprint": fingerprint,
-            "tuned": manifests[0].get("tuned", True),
-            "shipped_reason": trainer_metrics.get("shipped_reason", ""),
-            "max_seq_length": trainer_metrics.get("max_seq_length"),
+        search=served_search,
+        alias=alias,
+        collection=collection,
+        previous_collection=previous_collection,
+        model=model_info(record["model"]["uri"], manifests[0], trainer_metrics),
+        counts=counts,
+        metrics=new["metrics"] or None,
+        previous_metrics=(old["metrics"] or None) if old else None,
+        metrics_by_mode=new["by_mode"],
+        previous_metrics_by_mode=old["by_mode"] if old else None,
+        default_search_mode=new["default_mode"],
+        stage_seconds=stage_seconds(record, t0),
+        report_uri=report_uri,
+        trigger=record.get("trigger"),
+        indexed={
+            "selection": trainer_metrics.get("selection") if kind == FULL else None,
+            "eval": {
+                "split": manifests[0].get("eval_split") if qrels else None,
+                "queries": len(qrels),
+                "qrels_absent": manifests[0].get("qrels_absent", 0),
+            },
+            "milvus_seconds": round(watch.seconds, 3),
+            "dropped_collections": dropped,
         },
-        "selection": trainer_metrics.get("selection") if kind == "full" else None,
-        "counts": counts,
-        "metrics": new["metrics"] or None,
-        "previous_metrics": (old["metrics"] or None) if old else None,
-        "metrics_by_mode": new["by_mode"],
-        "previous_metrics_by_mode": old["by_mode"] if old else None,
-        "default_search_mode": new["default_mode"],
-        "eval": {
-            "split": manifests[0].get("eval_split") if qrels else None,
-            "queries": len(qrels),
-            "qrels_absent": manifests[0].get("qrels_absent", 0),
-        },
-        "stage_seconds": stage_seconds,
-        "milvus_seconds": round(watch.seconds, 3),
-        "report_uri": report_uri,
-        "trigger": record.get("trigger"),
-        "previous_collection": previous_collection,
-        "dropped_collections": dropped,
-    }
+    )
     storage.write_bytes(
         report_uri, report.render(data, trainer_metrics.get("loss_curve")).encode(), content_type="text/html"
     )
-    event = Event(INDEX_UPDATED, data, id=f"{run_id}/index-updated", subject=run_id)
+    event = Event(INDEX_UPDATED, dict(data), id=f"{run_id}/index-updated", subject=run_id)
     validate(event)
     rec, moved = ledger.advance(
         run_id,

@@ -33,6 +33,15 @@ from dataclasses import dataclass
 from embedpipe import topology
 from embedpipe.config import Settings
 from embedpipe.contracts.events import INDEX_UPDATED, Event, validate
+from embedpipe.contracts.records import (
+    FULL,
+    DatasetState,
+    PromotedEntry,
+    RollbackItem,
+    RunSummary,
+    index_updated_payload,
+    rollback_item,
+)
 from embedpipe.index import registry
 from embedpipe.ledger import runs
 from embedpipe.ml import model
@@ -53,7 +62,7 @@ class Outcome:
     event: dict | None  # the index-updated event published (structured CloudEvent), None for a no-op
 
 
-def remember(state: dict, entry: dict, limit: int) -> list[dict]:
+def remember(state: DatasetState, entry: PromotedEntry, limit: int) -> list[PromotedEntry]:
     """``promoted_entries`` after ``entry`` became live: it first (replacing an entry of the same collection: an
     in-place update), then the others, the previous live one as ``promoted`` has it (with any ``dirty`` mark). Past
     ``limit``, entries rolled back from go first, then the oldest."""
@@ -64,12 +73,12 @@ def remember(state: dict, entry: dict, limit: int) -> list[dict]:
     return entries
 
 
-def kept(state: dict) -> set[str]:
+def kept(state: DatasetState) -> set[str]:
     """Collections retention must keep for rollbacks: every kept entry's."""
     return {e["collection"] for e in _synced(state)}
 
 
-def _synced(state: dict) -> list[dict]:
+def _synced(state: DatasetState) -> list[PromotedEntry]:
     """The kept entries with the live one as ``promoted`` has it now (an in-place update may have marked it dirty);
     a state from before ``promoted_entries`` existed has only its live entry."""
     live = state.get("promoted")
@@ -79,12 +88,12 @@ def _synced(state: dict) -> list[dict]:
     return [live] + [e for e in entries if e["collection"] != live["collection"]]
 
 
-def built_by(entry: dict, dataset: str, run_id: str) -> bool:
+def built_by(entry: PromotedEntry, dataset: str, run_id: str) -> bool:
     """Whether ``run_id`` built the entry's collection, or last updated it in place."""
     return entry["collection"] == vectorstore.collection_name(dataset, run_id) or entry.get("updated_by") == run_id
 
 
-def choose(state: dict, to: str | None = None) -> tuple[dict, str | None]:
+def choose(state: DatasetState, to: str | None = None) -> tuple[PromotedEntry, str | None]:
     """(target entry, why nothing needs doing or None) for a rollback of ``state``'s dataset; RollbackRefused when
     there is nothing to roll back to."""
     dataset, live = state["dataset"], state.get("promoted")
@@ -115,7 +124,7 @@ def choose(state: dict, to: str | None = None) -> tuple[dict, str | None]:
     return target, None
 
 
-def check_target(client, store, dataset: str, target: dict) -> None:
+def check_target(client, store, dataset: str, target: PromotedEntry) -> None:
     """The target collection must still exist and hold vectors of the model its entry names; the model must still
     load (the search service reloads it)."""
     name = target["collection"]
@@ -132,49 +141,51 @@ def check_target(client, store, dataset: str, target: dict) -> None:
         raise RollbackRefused(f"dataset {dataset!r}: cannot roll back to {name}: its model {uri} is gone")
 
 
-def _summary(entry: dict) -> dict:
+def _summary(entry: PromotedEntry) -> RunSummary:
     return {"collection": entry["collection"], "run_id": entry.get("updated_by") or entry["run_id"]}
 
 
-def event_for(settings: Settings, ledger, dataset: str, rid: str, live: dict, target: dict, why: dict) -> Event:
+def event_for(
+    settings: Settings, ledger, dataset: str, rid: str, live: PromotedEntry, target: PromotedEntry, why: dict
+) -> Event:
     """The rollback's index-updated: the target index as promoted, marked ``rollback``. ``kind`` is ``full``: a whole
     collection became live, which is what subscribers do for a full run (a new kind would fail their validation)."""
     run_id = _summary(target)["run_id"]
     rows = target.get("rows") or 0
     search = target.get("search") or {}
-    data = {
-        "run_id": run_id,
-        "dataset": dataset,
-        "kind": "full",
-        "promoted": True,
-        "gate": {"reason": f"rollback from {live['collection']}: not gated ({why['reason'] or 'no reason given'})"},
-        "search": search,
-        "alias": vectorstore.alias_name(dataset),
-        "collection": target["collection"],
-        "previous_collection": live["collection"],
-        "model": {
+    data = index_updated_payload(
+        run_id=run_id,
+        dataset=dataset,
+        kind=FULL,
+        promoted=True,
+        gate={"reason": f"rollback from {live['collection']}: not gated ({why['reason'] or 'no reason given'})"},
+        search=search,
+        alias=vectorstore.alias_name(dataset),
+        collection=target["collection"],
+        previous_collection=live["collection"],
+        model={
             "uri": target["model_uri"],
             "version": target["fingerprint"],
             "dim": target["dim"],
             "fingerprint": target["fingerprint"],
         },
-        "counts": {"upserted": 0, "deleted": 0, "unchanged": rows, "total": rows},
-        "metrics": target.get("metrics") or None,
-        "previous_metrics": live.get("metrics") or None,
-        "metrics_by_mode": target.get("metrics_by_mode") or {},
-        "previous_metrics_by_mode": live.get("metrics_by_mode") or None,
-        "default_search_mode": search.get("default_mode", "dense"),
-        "stage_seconds": {},
-        "report_uri": f"{ledger.run_dir(run_id)}/report.html",
-        "trigger": {"type": "rollback", **why},
-        "rollback": {
+        counts={"upserted": 0, "deleted": 0, "unchanged": rows, "total": rows},
+        metrics=target.get("metrics") or None,
+        previous_metrics=live.get("metrics") or None,
+        metrics_by_mode=target.get("metrics_by_mode") or {},
+        previous_metrics_by_mode=live.get("metrics_by_mode") or None,
+        default_search_mode=search.get("default_mode", "dense"),
+        stage_seconds={},
+        report_uri=f"{ledger.run_dir(run_id)}/report.html",
+        trigger={"type": "rollback", **why},
+        rollback={
             "id": rid,
             "from_collection": live["collection"],
             "from_run_id": _summary(live)["run_id"],
             **why,
         },
-    }
-    event = Event(INDEX_UPDATED, data, id=rid, subject=run_id)
+    )
+    event = Event(INDEX_UPDATED, dict(data), id=rid, subject=run_id)
     validate(event)
     return event
 
@@ -222,15 +233,15 @@ def rollback(
             {**live_now, "rolled_back": {"id": rid, "at": at}},
             *(e for e in others if e["collection"] != target["collection"]),
         ]
-        item = {
-            "id": rid,
-            "at": at,
-            "from": _summary(live_now),
-            "to": _summary(target),
-            **why,
-            "event": event_for(settings, ledger, dataset, rid, live_now, target, why).to_structured(),
-            "done_at": None,
-        }
+        item = rollback_item(
+            id=rid,
+            at=at,
+            from_=_summary(live_now),
+            to=_summary(target),
+            by=by,
+            reason=reason,
+            event=event_for(settings, ledger, dataset, rid, live_now, target, why).to_structured(),
+        )
         return {
             **st,
             "promoted": target,
@@ -243,12 +254,12 @@ def rollback(
     return _complete(settings, ledger, client, publish, dataset, state["rollbacks"][-1], registry_alias)
 
 
-def _unfinished(state: dict) -> dict | None:
+def _unfinished(state: DatasetState) -> RollbackItem | None:
     last = (state.get("rollbacks") or [None])[-1]
     return last if last and not last.get("done_at") and not last.get("superseded_at") else None
 
 
-def _complete(settings, ledger, client, publish, dataset: str, item: dict, registry_alias) -> Outcome:
+def _complete(settings, ledger, client, publish, dataset: str, item: RollbackItem, registry_alias) -> Outcome:
     """Swap the alias, point the registry alias, publish the stored event, mark the rollback done. Repeatable: each
     step is idempotent and the event keeps its id."""
     st = ledger.get_dataset(dataset)
@@ -282,7 +293,7 @@ def _mark(ledger, dataset: str, rid: str, field: str, **extra) -> None:
     ledger.update_dataset(dataset, fn)
 
 
-def point_registry_alias(settings: Settings, dataset: str, entry: dict, ledger=None) -> dict:
+def point_registry_alias(settings: Settings, dataset: str, entry: PromotedEntry, ledger=None) -> dict:
     """Point the model registry's alias at the version of the entry's model (``registry.promote``: in the cloud the
     Vertex version registered for the entry's run, registered now if its promotion could not; locally the no-op).
     Returns what the rollback records as its ``registry``; never raises (the Milvus alias has moved already)."""

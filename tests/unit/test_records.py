@@ -161,3 +161,13 @@ def test_the_kinds_have_one_definition():
 
     assert (incremental.FULL, incremental.INCREMENTAL) == (records.FULL, records.INCREMENTAL) == ("full", "incremental")
     assert incremental.FULL is records.FULL
+
+
+def test_run_stage_payload_carries_the_job_only_when_one_was_launched():
+    assert records.run_stage_payload(run_id="r1", dataset="demo", state="INDEXING") == {
+        "run_id": "r1",
+        "dataset": "demo",
+        "state": "INDEXING",
+    }
+    launched = records.run_stage_payload(run_id="r1", dataset="demo", state="TRAINING", job="jobs/1")
+    assert launched["job"] == "jobs/1" and set(launched) == keys(records.RunStage)

@@ -21,13 +21,15 @@ Python 3.11 cannot see it and would mark every key required.)
 | ``RollbackItem`` | the state's ``rollbacks`` | ``rollback_item`` | ``index.rollback`` |
 | ``IndexUpdated`` | data of ``io.embedpipe.index.updated.v1`` | ``index_updated_payload`` | indexer, rollback |
 | ``RunFailed`` | data of ``io.embedpipe.run.failed.v1`` | ``run_failed_payload`` | ``Lifecycle.fail`` |
+| ``RunStage`` | data of ``io.embedpipe.run.stage.v1`` | ``run_stage_payload`` | ``Pipeline`` |
 
 What stays a plain ``dict`` and why: the ``trigger`` (a free-form description of what started the run, passed through
 to subscribers as the schema's open ``trigger`` object), the retrain ``overrides`` and ``hp_tuning`` (user input,
 checked where they are used), the structured CloudEvent kept as ``final_event``/``event`` (``events.Event`` is its
 type), the per-key items (``notices``, ``file_errors``: ``intake``'s ``to_dict``), the registry's outcome
 (``index.registry``) and the search settings (``search``: ``default_mode``, ``hybrid_weight``, ``rrf_k``, written by
-the trainer).
+the trainer). The ``io.embedpipe.file.rejected.v1`` payload is ``intake.Rejection.to_dict`` plus ``run_id``: that
+dataclass is its type.
 """
 
 from __future__ import annotations
@@ -481,3 +483,22 @@ def run_failed_payload(
     *, run_id: str, dataset: str, stage: str, cause: str, trigger: dict[str, Any] | None
 ) -> RunFailed:
     return {"run_id": run_id, "dataset": dataset, "stage": stage, "cause": cause, "trigger": trigger}
+
+
+class RunStageCore(TypedDict):
+    run_id: str
+    dataset: str
+    state: str  # the state the run entered
+
+
+class RunStage(RunStageCore, total=False):
+    """Data of ``io.embedpipe.run.stage.v1`` (no shipped schema: progress for people and dashboards)."""
+
+    job: str  # the job launched for the stage (TRAINING, EMBEDDING)
+
+
+def run_stage_payload(*, run_id: str, dataset: str, state: str, job: str | None = None) -> RunStage:
+    data: RunStage = {"run_id": run_id, "dataset": dataset, "state": state}
+    if job is not None:
+        data["job"] = job
+    return data

@@ -23,6 +23,7 @@ from embedpipe.contracts.events import (
     ObjectChange,
     RetrainRequest,
 )
+from embedpipe.contracts.records import PromotedEntry, RunRecord, run_stage_payload
 from embedpipe.control import incremental, intake
 from embedpipe.gcp import storage
 from embedpipe.gcp.retries import transient
@@ -293,7 +294,7 @@ class Pipeline(Lifecycle):
             self.fail(run_id, "launch", f"could not launch after {tries} attempts; last: {cause}")
 
     @staticmethod
-    def _as_of(record: dict) -> list[str]:
+    def _as_of(record: RunRecord) -> list[str]:
         """BigQuery parts are read as of the run's seal: every job, replica and retry of the run sees one table."""
         return [f"--as-of={record['sealed_at']}"] if record.get("sealed_at") else []
 
@@ -304,7 +305,7 @@ class Pipeline(Lifecycle):
             "EMBEDPIPE_PROJECT": self.settings.project,  # BigQuery read sessions and query jobs are billed here
         }
 
-    def train_spec(self, record: dict, attempt: int) -> JobSpec:
+    def train_spec(self, record: RunRecord, attempt: int) -> JobSpec:
         s, o = self.settings, record.get("overrides") or {}
         run_id = record["run_id"]
         params = {
@@ -328,7 +329,7 @@ class Pipeline(Lifecycle):
             hp_tuning=record.get("hp_tuning"),
         )
 
-    def embed_spec(self, record: dict, attempt: int) -> JobSpec:
+    def embed_spec(self, record: RunRecord, attempt: int) -> JobSpec:
         s, run_id = self.settings, record["run_id"]
         args = [
             f"--dataset={record['dataset']}",
@@ -366,7 +367,7 @@ class Pipeline(Lifecycle):
             replica_count=s.embed_replicas,
         )
 
-    def _submit(self, record: dict, stage: str, attempt: int, from_state: str) -> None:
+    def _submit(self, record: RunRecord, stage: str, attempt: int, from_state: str) -> None:
         spec = self.train_spec(record, attempt) if stage == "train" else self.embed_spec(record, attempt)
         name = transient(self.launcher.submit)(spec)  # keyed, so a retried submit is the same job
         job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(time.time()), "output": spec.base_output_dir}
@@ -383,7 +384,7 @@ class Pipeline(Lifecycle):
             self.ledger.advance(record["run_id"], from_state, STAGE_STATE[stage], jobs={**record["jobs"], stage: job})
         self._stage_event(record, STAGE_STATE[stage], job=name)
 
-    def start_training(self, record: dict) -> None:
+    def start_training(self, record: RunRecord) -> None:
         """Launch a PENDING run. The kind is decided here once (``incremental.kind_for``) and stored: a full run
         trains first; an incremental one skips TRAINING and embeds with the promoted model (DESIGN.md §3.2). The run
         is sealed first: the kind is decided on exactly the triggers it holds; later ones join the next run."""
@@ -416,7 +417,7 @@ class Pipeline(Lifecycle):
             self.ledger.update_run(record["run_id"], lambda r: {**r, "kind": kind} if r["state"] == PENDING else None)
         self._submit({**record, "kind": kind}, "train", 1, PENDING)
 
-    def _check_listing(self, record: dict) -> str | None:
+    def _check_listing(self, record: RunRecord) -> str | None:
         """Launch-time intake, O(files): the listing must hold a corpus file; files over the size cap are
         quarantined. The checks that need the documents run in the jobs (``intake.load_checked``) and come back
         through ``_apply_intake`` when each job ends."""
@@ -425,7 +426,7 @@ class Pipeline(Lifecycle):
         rejections, problem = intake.check_listing(self.settings.data_bucket, record["dataset"])
         return self._settle_intake(record["run_id"], rejections, problem)
 
-    def _apply_intake(self, record: dict, report_uri: str) -> str | None:
+    def _apply_intake(self, record: RunRecord, report_uri: str) -> str | None:
         """What a job's load left out (its ``intake.json``): quarantine and report each file; a left-out corpus
         file turns deletions off for the run. Returns why the run cannot go on (nothing usable), else None.
         Idempotent: a file already moved is not moved again, its error and event are keyed by object#generation."""
@@ -456,7 +457,7 @@ class Pipeline(Lifecycle):
             return problem + (f" (rejected: {rejected})" if rejected else "")
         return None
 
-    def live_missing(self, promoted: dict) -> str | None:
+    def live_missing(self, promoted: PromotedEntry) -> str | None:
         """Why an incremental run cannot use the promoted index (its collection or its id -> hash table is gone),
         else None. Two calls, whatever the corpus size; a unit-test ledger has neither Milvus nor objects."""
         if self.ledger.store is not storage:
@@ -470,10 +471,11 @@ class Pipeline(Lifecycle):
             return f"the promoted index's id -> hash table {promoted['hashes']} is missing"
         return None
 
-    def _stage_event(self, record: dict, state: str, **extra) -> None:
-        data = {"run_id": record["run_id"], "dataset": record["dataset"], "state": state, **extra}
+    def _stage_event(self, record: RunRecord, state: str, job: str | None = None) -> None:
+        data = run_stage_payload(run_id=record["run_id"], dataset=record["dataset"], state=state, job=job)
         self.publish(
-            topology.RUN_EVENTS, Event(RUN_STAGE, data, id=f"{record['run_id']}/{state}", subject=record["run_id"])
+            topology.RUN_EVENTS,
+            Event(RUN_STAGE, dict(data), id=f"{record['run_id']}/{state}", subject=record["run_id"]),
         )
 
     # ------------------------------------------------------------------ job completion
@@ -543,7 +545,7 @@ class Pipeline(Lifecycle):
             record, stage, f"{stage} job {status.name} ended {status.state}: {status.error[-1000:]}"
         )
 
-    def _trial_intake(self, record: dict, job: dict) -> str | None:
+    def _trial_intake(self, record: RunRecord, job: dict) -> str | None:
         """A tuning job whose trials found nothing usable fails (no trial reports a metric): their ``intake.json``
         files, one per trial folder, say so. A retry could not change it: the run fails in intake."""
         out = (job.get("output") or "").rstrip("/")
@@ -554,14 +556,14 @@ class Pipeline(Lifecycle):
                 return problem
         return None
 
-    def _fail_and_follow(self, record: dict, stage: str, cause: str) -> str:
+    def _fail_and_follow(self, record: RunRecord, stage: str, cause: str) -> str:
         """End the run as failed where no retry can help, then launch the dataset's follow-up run: the dataset is
         free, and a job event is a launching function."""
         self.fail(record["run_id"], stage, cause)
         self.launch_due(record["dataset"])
         return f"run {record['run_id']}: FAILED in {stage}"
 
-    def request_index(self, record: dict) -> None:
+    def request_index(self, record: RunRecord) -> None:
         event = Event(
             INDEX_REQUESTED,
             {"run_id": record["run_id"], "dataset": record["dataset"]},
@@ -650,7 +652,7 @@ class Pipeline(Lifecycle):
             return [f"run {run_id}: {stage} past its deadline, cancelled and failed"]
         return []
 
-    def _reconcile_indexing(self, record: dict, in_stage: float) -> list[str]:
+    def _reconcile_indexing(self, record: RunRecord, in_stage: float) -> list[str]:
         """An index request can be lost (publish failed after the run moved on) or dead-lettered (the indexer failed
         5 times): re-request it every ``index_retry_s``, and fail the run past ``index_deadline_s``."""
         s, run_id = self.settings, record["run_id"]

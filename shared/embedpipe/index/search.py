@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from embedpipe.config import Settings
 from embedpipe.contracts.datasets import check_name
+from embedpipe.contracts.records import PromotedEntry
 from embedpipe.ledger.runs import Ledger
 from embedpipe.ml.embedding import encode
 from embedpipe.ml.model import load_model
@@ -85,7 +86,7 @@ def model_for(uri: str) -> Loaded:
 
 @dataclass(frozen=True)
 class Serving:
-    promoted: dict  # the ledger's promoted entry: collection, model_uri, fingerprint, updated_by, ...
+    promoted: PromotedEntry  # the ledger's promoted entry: collection, model_uri, fingerprint, updated_by, ...
     model: object
     info: object
     handle: object = None  # what the loader returned: holding it keeps model_for's weak cache entry alive

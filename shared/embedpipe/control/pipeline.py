@@ -22,6 +22,7 @@ from embedpipe.contracts.events import (
     JobStateHint,
     ObjectChange,
     RetrainRequest,
+    object_uri_key,
 )
 from embedpipe.control import incremental, intake
 from embedpipe.gcp import storage
@@ -445,7 +446,7 @@ class Pipeline(Lifecycle):
 
     def _settle_intake(self, run_id: str, rejections: list, problem: str | None) -> str | None:
         for r in rejections:
-            key = f"gcs/{r.object[5:]}#{r.generation}"
+            key = object_uri_key(r.object, r.generation)
             # a bad table stays where it is and can fail many runs: its report is per run (a file is moved at once)
             self._report_rejection(run_id, f"{key}@{run_id}" if intake.is_table(r) else key, r)
         if any(intake.is_corpus(r) for r in rejections):  # its documents are absent, not deleted

@@ -44,7 +44,7 @@ class Harness:
 
     def __init__(self, settings: Settings, store: FakeStore, launcher: FakeLauncher, clock: Clock):
         self.settings, self.store, self.launcher, self.clock = settings, store, launcher, clock
-        self.ledger = Ledger(settings.artifacts_bucket, store=store)
+        self.ledger = Ledger(settings.artifacts_bucket, store=store, clock=clock)
         self.published: list[tuple[str, Event]] = []
         self.pipe = Pipeline(
             settings,
@@ -52,6 +52,7 @@ class Harness:
             launcher=launcher,
             publish=lambda t, e: self.published.append((t, e)),
             sleep=clock.advance,
+            clock=clock,
         )
 
     # ------------------------------------------------------------ triggers

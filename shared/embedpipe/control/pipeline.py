@@ -86,8 +86,9 @@ class Pipeline(Lifecycle):
         publish: Callable[[str, Event], None] | None = None,
         check_object: Callable[[str, str, int], intake.Verdict] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
     ):
-        super().__init__(settings, ledger, publish)
+        super().__init__(settings, ledger, publish, clock)
         self.sleep = sleep
         self._launcher = launcher
         # Intake reads the uploaded bytes from GCS; a ledger on an in-memory store (unit tests) has none to read.
@@ -259,7 +260,7 @@ class Pipeline(Lifecycle):
             return []
 
         def fn(st):
-            if st["pending"] and st["active"] is None and st["due_at"] <= time.time():
+            if st["pending"] and st["active"] is None and st["due_at"] <= self.clock():
                 st["active"], st["pending"], st["pending_since"] = st["pending"], None, None
                 return st
             return None
@@ -280,7 +281,7 @@ class Pipeline(Lifecycle):
         record = self.ledger.update_run(
             run_id,
             lambda r: (
-                {**r, "launch_errors": [*r.get("launch_errors", []), {"at": runs.iso(time.time()), "error": cause}]}
+                {**r, "launch_errors": [*r.get("launch_errors", []), {"at": runs.iso(self.clock()), "error": cause}]}
                 if r["state"] == PENDING
                 else None
             ),
@@ -289,7 +290,7 @@ class Pipeline(Lifecycle):
         tries = len(errors)
         log.error("run %s: launch attempt %d failed: %s", run_id, tries, cause, exc_info=exc)
         # Attempts at local ticks come every half second: a blip must also have lasted LAUNCH_RETRY_WINDOW_S.
-        lasted = time.time() - runs.parse_iso(errors[0]["at"]) if errors else 0.0
+        lasted = self.clock() - runs.parse_iso(errors[0]["at"]) if errors else 0.0
         if tries >= self.settings.launch_max_attempts and lasted >= LAUNCH_RETRY_WINDOW_S:
             self.fail(run_id, "launch", f"could not launch after {tries} attempts; last: {cause}")
 
@@ -370,7 +371,7 @@ class Pipeline(Lifecycle):
     def _submit(self, record: dict, stage: str, attempt: int, from_state: str) -> None:
         spec = self.train_spec(record, attempt) if stage == "train" else self.embed_spec(record, attempt)
         name = transient(self.launcher.submit)(spec)  # keyed, so a retried submit is the same job
-        job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(time.time()), "output": spec.base_output_dir}
+        job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(self.clock()), "output": spec.base_output_dir}
 
         def fn(rec):
             if rec["state"] != from_state:
@@ -499,7 +500,7 @@ class Pipeline(Lifecycle):
             and record["state"] == INDEXING
             and job.get("name") == status.name
             and not record.get("index_requested_at")
-            and time.time() - (record["stage_times"].get(INDEXING, {}).get("start") or 0) > REPUBLISH_AFTER_S
+            and self.clock() - (record["stage_times"].get(INDEXING, {}).get("start") or 0) > REPUBLISH_AFTER_S
         ):  # the first delivery moved the run on and died before the request was out (not: it is publishing now)
             self.request_index(record)
             return f"run {run_id}: index requested again (the first request was never published)"
@@ -570,7 +571,7 @@ class Pipeline(Lifecycle):
             subject=record["run_id"],
         )
         self.publish(topology.INDEX_REQUESTS, event)
-        now = runs.iso(time.time())
+        now = runs.iso(self.clock())
         self.ledger.update_run(
             record["run_id"], lambda r: {**r, "index_requested_at": now} if r["state"] == INDEXING else None
         )
@@ -589,13 +590,13 @@ class Pipeline(Lifecycle):
                 (st["due_at"], ds)
                 for ds in self.ledger.list_datasets()
                 for st in [self.ledger.get_dataset(ds)]
-                if st["pending"] and not st["active"] and st["due_at"] - time.time() <= self.settings.launch_wait_s
+                if st["pending"] and not st["active"] and st["due_at"] - self.clock() <= self.settings.launch_wait_s
             ]
             if not due:
                 return started
             due_at, dataset = min(due)
-            if due_at > time.time():
-                self.sleep(due_at - time.time())
+            if due_at > self.clock():
+                self.sleep(due_at - self.clock())
             launched = self.launch_due(dataset)
             if not launched and self.ledger.get_dataset(dataset)["due_at"] <= due_at:
                 return started  # someone else launched it, or it cannot start: leave it to the next tick
@@ -627,8 +628,8 @@ class Pipeline(Lifecycle):
             self.release(record)
             return [f"released {run_id}"]
         if state == PUBLISHING:
-            return [self.finish(record)] if publish_stalled(record) else []
-        in_stage = time.time() - ((record.get("stage_times") or {}).get(state, {}).get("start") or time.time())
+            return [self.finish(record)] if publish_stalled(record, self.clock()) else []
+        in_stage = self.clock() - ((record.get("stage_times") or {}).get(state, {}).get("start") or self.clock())
         if state == INDEXING:
             return self._reconcile_indexing(record, in_stage)
         stage = {TRAINING: "train", EMBEDDING: "embed"}.get(state)
@@ -639,7 +640,7 @@ class Pipeline(Lifecycle):
         if status.done:
             return [self.on_job_status(status)]
         deadline = self.settings.train_deadline_s if stage == "train" else self.settings.embed_deadline_s
-        in_attempt = time.time() - runs.parse_iso(job["submitted_at"]) if job.get("submitted_at") else in_stage
+        in_attempt = self.clock() - runs.parse_iso(job["submitted_at"]) if job.get("submitted_at") else in_stage
         if in_attempt > deadline:  # per attempt: a retry started late in the stage gets its full time
             transient(self.launcher.cancel)(job["name"])
             self.fail(
@@ -665,7 +666,7 @@ class Pipeline(Lifecycle):
             )
             return [f"run {run_id}: indexing past its deadline, failed"]
         requested = record.get("index_requested_at")
-        age = time.time() - runs.parse_iso(requested) if requested else in_stage
+        age = self.clock() - runs.parse_iso(requested) if requested else in_stage
         # never published: the run moved to INDEXING and the publish after it failed (a minute covers a slow one)
         if age > s.index_retry_s or (not requested and in_stage > max(REPUBLISH_AFTER_S, min(60.0, s.index_retry_s))):
             self.request_index(record)

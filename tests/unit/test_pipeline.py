@@ -53,6 +53,8 @@ class Harness:
             publish=lambda t, e: self.published.append((t, e)),
             sleep=clock.advance,
             clock=clock,
+            read_uploads=False,  # the in-memory store backs no bucket
+            live_check=lambda promoted: None,  # nor a Milvus
         )
 
     # ------------------------------------------------------------ triggers

@@ -87,15 +87,21 @@ class Pipeline(Lifecycle):
         check_object: Callable[[str, str, int], intake.Verdict] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
+        read_uploads: bool = True,
+        live_check: Callable[[dict], str | None] | None = None,
     ):
+        """``read_uploads``: intake reads the uploaded objects and lists the data bucket (GCS); False where no bucket
+        backs the ledger (an in-memory store): no intake checks, unless ``check_object`` is given. ``live_check``:
+        why the promoted index cannot be the base of an incremental run (default: ask Milvus and GCS,
+        ``live_missing``); a ledger on an in-memory store has neither, so its tests pass ``lambda promoted: None``."""
         super().__init__(settings, ledger, publish, clock)
         self.sleep = sleep
         self._launcher = launcher
-        # Intake reads the uploaded bytes from GCS; a ledger on an in-memory store (unit tests) has none to read.
-        if check_object is None and self.ledger.store is storage:
+        if check_object is None and read_uploads:
             check_object = intake.check_object
         self.check_object = check_object or (lambda bucket, name, generation: None)
-        self.validate = self._check_listing if self.ledger.store is storage else (lambda record: None)
+        self.validate = self._check_listing if read_uploads else (lambda record: None)
+        self.live_check = live_check or self.live_missing
 
     @property
     def launcher(self) -> JobLauncher:
@@ -400,7 +406,7 @@ class Pipeline(Lifecycle):
         if kind is None:
             kind, why = incremental.kind_for(record, promoted)
             log.info("run %s: %s run (%s)", record["run_id"], kind, why)
-        if kind == incremental.INCREMENTAL and (missing := self.live_missing(promoted)):
+        if kind == incremental.INCREMENTAL and (missing := self.live_check(promoted)):
             log.warning("run %s: %s: a full run", record["run_id"], missing)
             kind = incremental.FULL
         if kind == incremental.INCREMENTAL:
@@ -460,9 +466,7 @@ class Pipeline(Lifecycle):
 
     def live_missing(self, promoted: dict) -> str | None:
         """Why an incremental run cannot use the promoted index (its collection or its id -> hash table is gone),
-        else None. Two calls, whatever the corpus size; a unit-test ledger has neither Milvus nor objects."""
-        if self.ledger.store is not storage:
-            return None
+        else None. Two calls, whatever the corpus size."""
         from embedpipe.retrieval import vectorstore
 
         client = vectorstore.connect(self.settings.milvus_uri, self.settings.milvus_token)

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from embedpipe import logs
+from embedpipe.config import Settings, TrainParams, field_types
 from embedpipe.control import intake
 from embedpipe.gcp import bqsource, storage
 from embedpipe.jobs import hypertune
@@ -37,7 +38,7 @@ from embedpipe.ml import distributed, selection
 from embedpipe.ml.checkpoints import Checkpoints
 from embedpipe.ml.model import ModelInfo, git_sha, load_model, save_model
 from embedpipe.ml.scalars import ScalarLog
-from embedpipe.ml.training import TrainParams, seq_length_for, train
+from embedpipe.ml.training import seq_length_for, train
 
 log = logging.getLogger("trainer")
 
@@ -58,24 +59,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", required=True)
     p.add_argument("--run-id", required=True)
-    p.add_argument("--data-bucket", default=os.environ.get("EMBEDPIPE_DATA_BUCKET", "embedpipe-data"))
+    p.add_argument("--data-bucket", default=Settings.from_env().data_bucket)
     p.add_argument("--as-of", default="", help="read BigQuery parts of the dataset as of this time (ISO 8601)")
-    p.add_argument("--base-model", required=True)
-    for name, kind in (
-        ("learning_rate", float),
-        ("batch_size", int),
-        ("max_steps", int),
-        ("epochs", int),
-        ("max_seq_length", int),
-        ("warmup_ratio", float),
-        ("seed", int),
-        ("log_every", int),
-        ("checkpoint_every", int),
-        ("mini_batch_size", int),
-        ("patience", int),
-    ):
+    # every TrainParams field is a flag, in both spellings; the job always names its base model
+    for name, kind in field_types(TrainParams).items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, type=whole if kind is int else kind, default=getattr(TrainParams, name))
+        kw = {"required": True} if name == "base_model" else {"default": getattr(TrainParams, name)}
+        p.add_argument(*flags, dest=name, type=whole if kind is int else kind, **kw)
     return p.parse_args(argv)
 
 

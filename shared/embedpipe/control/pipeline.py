@@ -7,6 +7,7 @@ compare-and-set from an expected state, so a duplicate or late event for a stage
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -314,11 +315,9 @@ class Pipeline(Lifecycle):
 
     def train_spec(self, record: dict, attempt: int) -> JobSpec:
         s, o = self.settings, record.get("overrides") or {}
+        knobs = dataclasses.asdict(s.train_knobs)
         run_id = record["run_id"]
-        params = {
-            k: o.get(k, getattr(s, k if k not in ("batch_size", "max_steps", "epochs", "patience") else f"train_{k}"))
-            for k in TRAIN_OVERRIDES
-        }
+        params = {k: o.get(k, knobs[k]) for k in TRAIN_OVERRIDES}
         args = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
         args += [f"--dataset={record['dataset']}", f"--run-id={run_id}", *self._as_of(record)]
         return JobSpec(

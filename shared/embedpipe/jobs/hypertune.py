@@ -30,7 +30,7 @@ import re
 import time
 from pathlib import Path
 
-from embedpipe.config import TRAIN_OVERRIDES
+from embedpipe.config import TrainParams, field_types
 
 DEFAULT_METRIC_FILE = "/tmp/hypertune/output.metrics"
 GOALS = ("MAXIMIZE", "MINIMIZE")
@@ -104,7 +104,7 @@ def validate(spec: dict) -> dict:
 # What a retrain message's ``hp_tuning`` may hold (``check_spec``). Parameters are the trainer's flags
 # (containers/trainer/task.py) with their types: a name or value it cannot parse would fail every trial, after the
 # trials were paid for.
-TUNABLE = {**TRAIN_OVERRIDES, "log_every": int, "checkpoint_every": int, "mini_batch_size": int}
+TUNABLE = field_types(TrainParams)
 SPEC_KEYS = ("metric", "goal", "parameters", "max_trials", "parallel_trials", "max_failed_trials", "algorithm", "seed")
 PARAMETER_KEYS = ("type", "min", "max", "scale", "values")
 TYPES = ("double", "integer", "discrete", "categorical")

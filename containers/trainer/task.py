@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import platform
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 from embedpipe import logs
-from embedpipe.config import Settings, TrainParams, field_types
+from embedpipe.config import Platform, Settings, TrainParams, field_types
 from embedpipe.control import intake
 from embedpipe.gcp import bqsource, storage
 from embedpipe.jobs import hypertune
@@ -98,7 +97,10 @@ def choose_model(base_score: float | None, tuned_score: float | None) -> tuple[b
 def main(argv: list[str]) -> int:
     logs.setup()
     args = parse_args(argv)
-    model_dir = os.environ["AIP_MODEL_DIR"]  # gs://.../runs/<run_id>/train/<attempt>/[<trial>/]model/
+    env = Platform.from_env()  # what Vertex AI (or the local job runner) tells this job
+    if not env.aip_model_dir:
+        raise SystemExit("AIP_MODEL_DIR is not set: the trainer runs as a Vertex AI custom job or a local job")
+    model_dir = env.aip_model_dir  # gs://.../runs/<run_id>/train/<attempt>/[<trial>/]model/
     run_dir = model_dir.rstrip("/").rsplit("/", 1)[0]
     t0 = time.time()
     dist = distributed.from_env()
@@ -129,7 +131,7 @@ def main(argv: list[str]) -> int:
         len(train_pairs),
         task.describe() if task else "none",
     )
-    tuning = bool(os.environ.get("CLOUD_ML_TRIAL_ID") or os.environ.get("CLOUD_ML_HP_METRIC_FILE"))
+    tuning = env.tuning
     if tuning and task is None:
         log.error("hyperparameter tuning needs a selection split: add qrels/dev.tsv or more training pairs")
         return 2  # trials could only be compared on test labels, which never reach training
@@ -148,8 +150,8 @@ def main(argv: list[str]) -> int:
     base_score = score(model) if task else None
     if task:
         log.info("selection: base model %s %.4f", selection.METRIC, base_score)
-    ckpt_dir = os.environ.get("AIP_CHECKPOINT_DIR")
-    scalars = ScalarLog(os.environ.get("AIP_TENSORBOARD_LOG_DIR")) if dist.is_primary else None
+    ckpt_dir = env.aip_checkpoint_dir
+    scalars = ScalarLog(env.aip_tensorboard_log_dir or None) if dist.is_primary else None
     stats = train(
         model,
         train_pairs,
@@ -221,7 +223,7 @@ def main(argv: list[str]) -> int:
         "versions": versions(),
         "device": device,
         "rank_source": dist.source,
-        "trial": os.environ.get("CLOUD_ML_TRIAL_ID", ""),
+        "trial": env.cloud_ml_trial_id,
         "max_seq_length": seq,
         "tuned": tuned,
         "shipped_reason": reason,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,52 @@ def repo_root() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2]
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    """This process' environment plus ``extra``: the env of a child process (a stack part, a local job, a
+    replica). The one place that copies ``os.environ``: everything else gets settings or a ``Platform``."""
+    return {**os.environ, **extra}
+
+
+def setdefault_env(**values: str) -> None:
+    """Set env vars this process' libraries read themselves (Hugging Face's ``HF_HUB_OFFLINE``, the Google clients'
+    emulator hosts), unless already set. For entry points and the loaders that must configure a library first."""
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What the platform around us tells the process through env vars that are not ours (Vertex AI's ``AIP_*`` and
+    ``CLOUD_ML_*``, the Google clients' emulator hosts, ``CLUSTER_SPEC``): each read here by its one name. Built from
+    the environment at call time (``Platform.from_env()``) or from a given mapping (tests)."""
+
+    storage_emulator_host: str = ""  # fake-gcs-server locally
+    pubsub_emulator_host: str = ""
+    bigquery_emulator_host: str = ""
+    google_cloud_project: str = ""
+    aip_model_dir: str = ""  # Vertex AI custom jobs: where the model goes, checkpoints, TensorBoard files
+    aip_checkpoint_dir: str = ""
+    aip_tensorboard_log_dir: str = ""
+    aip_storage_uri: str = ""  # Vertex AI prediction containers: the model, the port and routes to serve
+    aip_http_port: str = ""
+    aip_health_route: str = ""
+    aip_predict_route: str = ""
+    cloud_ml_trial_id: str = ""  # a hyperparameter tuning trial: its id and where its metrics go
+    cloud_ml_hp_metric_file: str = ""
+    cloudsdk_root_dir: str = ""  # the gcloud SDK (the local stack runs its emulators)
+    xdg_cache_home: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Platform:
+        env = os.environ if env is None else env
+        return cls(**{f.name: env.get(f.name.upper(), "") for f in dataclasses.fields(cls)})
+
+    @property
+    def tuning(self) -> bool:
+        """This process is a hyperparameter tuning trial."""
+        return bool(self.cloud_ml_trial_id or self.cloud_ml_hp_metric_file)
 
 
 def _bool(raw: str) -> bool:
@@ -223,7 +270,7 @@ class Settings:
     log_format: str = "text"  # text | json
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         values = {}
         for f in dataclasses.fields(cls):
@@ -309,7 +356,7 @@ class Settings:
     def bigquery_emulator(self) -> str:
         """The BigQuery emulator's REST endpoint when one is in use (the local stack exports
         ``BIGQUERY_EMULATOR_HOST`` to everything it starts, as google-cloud-bigquery itself reads it), else empty."""
-        return os.environ.get("BIGQUERY_EMULATOR_HOST", "")
+        return Platform.from_env().bigquery_emulator_host
 
     @property
     def bigquery_grpc_address(self) -> str:

@@ -268,6 +268,8 @@ class Settings:
     push_audience: str = ""  # comma-separated accepted audiences; empty = the URL the request came to
     push_service_account: str = ""  # the only identity allowed to push, e.g. embedpipe-push@P.iam.gserviceaccount.com
     log_format: str = "text"  # text | json
+    git_sha: str = ""  # the source's commit: the deploy sets it where there is no checkout (functions, images)
+    bf16: str = ""  # 1 / 0 forces bf16 for inference on / off; empty: on where the CPU/GPU has native bf16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from embedpipe import logs, topology
-from embedpipe.config import Settings, SettingsError
+from embedpipe.config import Settings, SettingsError, setdefault_env
 from embedpipe.contracts import datasets
 from embedpipe.contracts.events import Event, object_key, object_uri_key, retrain_key
 from embedpipe.gcp import bus, storage
@@ -36,10 +36,8 @@ def settings() -> Settings:
     except SettingsError as exc:
         err(f"error: {exc}")
         raise typer.Exit(2) from None
-    import os
-
-    for key, value in s.emulator_env().items():
-        os.environ.setdefault(key, value)
+    # the entry point points this process' Google clients at the local emulators (they read these vars themselves)
+    setdefault_env(**s.emulator_env())
     return s
 
 

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from embedpipe.config import Settings
+from embedpipe.contracts import events
 from embedpipe.local import stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def upload_folder(settings: Settings, folder: Path, dataset: str) -> list[str]:
         if path.is_file():
             name = f"datasets/{dataset}/{path.relative_to(folder).as_posix()}"
             generation = storage.upload_file(path, f"gs://{settings.data_bucket}/{name}")
-            keys.append(f"gcs/{settings.data_bucket}/{name}#{generation}")
+            keys.append(events.object_key(settings.data_bucket, name, generation))
     return keys
 
 

@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from embedpipe import logs
+from embedpipe.config import Settings
 from embedpipe.control import incremental, intake
 from embedpipe.gcp import bqsource, storage
 from embedpipe.ml import distributed
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model-uri", required=True)
     p.add_argument("--previous-model-uri", default="")
     p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--data-bucket", default=os.environ.get("EMBEDPIPE_DATA_BUCKET", "embedpipe-data"))
+    p.add_argument("--data-bucket", default=Settings.from_env().data_bucket)
     p.add_argument("--as-of", default="", help="read BigQuery parts of the dataset as of this time (ISO 8601)")
     p.add_argument("--output-dir", default="", help="default: <run folder>/embeddings")
     p.add_argument(

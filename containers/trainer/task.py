@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import platform
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 from embedpipe import logs
+from embedpipe.config import Platform, Settings, TrainParams, field_types
 from embedpipe.control import intake
 from embedpipe.gcp import bqsource, storage
 from embedpipe.jobs import hypertune
@@ -37,7 +37,7 @@ from embedpipe.ml import distributed, selection
 from embedpipe.ml.checkpoints import Checkpoints
 from embedpipe.ml.model import ModelInfo, git_sha, load_model, save_model
 from embedpipe.ml.scalars import ScalarLog
-from embedpipe.ml.training import TrainParams, seq_length_for, train
+from embedpipe.ml.training import seq_length_for, train
 
 log = logging.getLogger("trainer")
 
@@ -58,24 +58,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", required=True)
     p.add_argument("--run-id", required=True)
-    p.add_argument("--data-bucket", default=os.environ.get("EMBEDPIPE_DATA_BUCKET", "embedpipe-data"))
+    p.add_argument("--data-bucket", default=Settings.from_env().data_bucket)
     p.add_argument("--as-of", default="", help="read BigQuery parts of the dataset as of this time (ISO 8601)")
-    p.add_argument("--base-model", required=True)
-    for name, kind in (
-        ("learning_rate", float),
-        ("batch_size", int),
-        ("max_steps", int),
-        ("epochs", int),
-        ("max_seq_length", int),
-        ("warmup_ratio", float),
-        ("seed", int),
-        ("log_every", int),
-        ("checkpoint_every", int),
-        ("mini_batch_size", int),
-        ("patience", int),
-    ):
+    # every TrainParams field is a flag, in both spellings; the job always names its base model
+    for name, kind in field_types(TrainParams).items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, type=whole if kind is int else kind, default=getattr(TrainParams, name))
+        kw = {"required": True} if name == "base_model" else {"default": getattr(TrainParams, name)}
+        p.add_argument(*flags, dest=name, type=whole if kind is int else kind, **kw)
     return p.parse_args(argv)
 
 
@@ -108,7 +97,10 @@ def choose_model(base_score: float | None, tuned_score: float | None) -> tuple[b
 def main(argv: list[str]) -> int:
     logs.setup()
     args = parse_args(argv)
-    model_dir = os.environ["AIP_MODEL_DIR"]  # gs://.../runs/<run_id>/train/<attempt>/[<trial>/]model/
+    env = Platform.from_env()  # what Vertex AI (or the local job runner) tells this job
+    if not env.aip_model_dir:
+        raise SystemExit("AIP_MODEL_DIR is not set: the trainer runs as a Vertex AI custom job or a local job")
+    model_dir = env.aip_model_dir  # gs://.../runs/<run_id>/train/<attempt>/[<trial>/]model/
     run_dir = model_dir.rstrip("/").rsplit("/", 1)[0]
     t0 = time.time()
     dist = distributed.from_env()
@@ -139,7 +131,7 @@ def main(argv: list[str]) -> int:
         len(train_pairs),
         task.describe() if task else "none",
     )
-    tuning = bool(os.environ.get("CLOUD_ML_TRIAL_ID") or os.environ.get("CLOUD_ML_HP_METRIC_FILE"))
+    tuning = env.tuning
     if tuning and task is None:
         log.error("hyperparameter tuning needs a selection split: add qrels/dev.tsv or more training pairs")
         return 2  # trials could only be compared on test labels, which never reach training
@@ -158,8 +150,8 @@ def main(argv: list[str]) -> int:
     base_score = score(model) if task else None
     if task:
         log.info("selection: base model %s %.4f", selection.METRIC, base_score)
-    ckpt_dir = os.environ.get("AIP_CHECKPOINT_DIR")
-    scalars = ScalarLog(os.environ.get("AIP_TENSORBOARD_LOG_DIR")) if dist.is_primary else None
+    ckpt_dir = env.aip_checkpoint_dir
+    scalars = ScalarLog(env.aip_tensorboard_log_dir or None) if dist.is_primary else None
     stats = train(
         model,
         train_pairs,
@@ -231,7 +223,7 @@ def main(argv: list[str]) -> int:
         "versions": versions(),
         "device": device,
         "rank_source": dist.source,
-        "trial": os.environ.get("CLOUD_ML_TRIAL_ID", ""),
+        "trial": env.cloud_ml_trial_id,
         "max_seq_length": seq,
         "tuned": tuned,
         "shipped_reason": reason,

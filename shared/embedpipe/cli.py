@@ -12,9 +12,9 @@ from pathlib import Path
 import typer
 
 from embedpipe import logs, topology
-from embedpipe.config import Settings, SettingsError
+from embedpipe.config import Settings, SettingsError, setdefault_env
 from embedpipe.contracts import datasets
-from embedpipe.contracts.events import Event
+from embedpipe.contracts.events import Event, object_key, object_uri_key, retrain_key
 from embedpipe.gcp import bus, storage
 from embedpipe.ledger import runs
 from embedpipe.local import stack
@@ -36,10 +36,8 @@ def settings() -> Settings:
     except SettingsError as exc:
         err(f"error: {exc}")
         raise typer.Exit(2) from None
-    import os
-
-    for key, value in s.emulator_env().items():
-        os.environ.setdefault(key, value)
+    # the entry point points this process' Google clients at the local emulators (they read these vars themselves)
+    setdefault_env(**s.emulator_env())
     return s
 
 
@@ -197,7 +195,7 @@ def upload(
         rel = path.relative_to(directory).as_posix()
         name = f"datasets/{dataset}/{rel}"
         generation = storage.upload_file(path, f"gs://{s.data_bucket}/{name}")
-        keys.append(f"gcs/{s.data_bucket}/{name}#{generation}")
+        keys.append(object_key(s.data_bucket, name, generation))
         err(f"  uploaded {rel} -> gs://{s.data_bucket}/{name}#{generation}")
     if wait:
         _finish(_wait_for_runs(s, keys, timeout))
@@ -258,7 +256,7 @@ def retrain(
     message_id = bus.publish_raw(s.project, topology.RETRAIN_REQUESTS, json.dumps(body).encode())
     err(f"  published retrain request {message_id}")
     if wait:
-        _finish(_wait_for_runs(s, [f"pubsub/retrain/{message_id}"], timeout))
+        _finish(_wait_for_runs(s, [retrain_key(message_id)], timeout))
 
 
 def _store_source(s, dataset: str, source: str) -> str | None:
@@ -292,7 +290,7 @@ def _store_source(s, dataset: str, source: str) -> str | None:
         return None
     generation = storage.write_bytes(uri, data, content_type="application/json")
     err(f"  wrote {uri}#{generation}")
-    return f"gcs/{uri[5:]}#{generation}"
+    return object_uri_key(uri, generation)
 
 
 def _user() -> str:

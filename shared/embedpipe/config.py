@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,52 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def process_env(**extra: str) -> dict[str, str]:
+    """This process' environment plus ``extra``: the env of a child process (a stack part, a local job, a
+    replica). The one place that copies ``os.environ``: everything else gets settings or a ``Platform``."""
+    return {**os.environ, **extra}
+
+
+def setdefault_env(**values: str) -> None:
+    """Set env vars this process' libraries read themselves (Hugging Face's ``HF_HUB_OFFLINE``, the Google clients'
+    emulator hosts), unless already set. For entry points and the loaders that must configure a library first."""
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What the platform around us tells the process through env vars that are not ours (Vertex AI's ``AIP_*`` and
+    ``CLOUD_ML_*``, the Google clients' emulator hosts, ``CLUSTER_SPEC``): each read here by its one name. Built from
+    the environment at call time (``Platform.from_env()``) or from a given mapping (tests)."""
+
+    storage_emulator_host: str = ""  # fake-gcs-server locally
+    pubsub_emulator_host: str = ""
+    bigquery_emulator_host: str = ""
+    google_cloud_project: str = ""
+    aip_model_dir: str = ""  # Vertex AI custom jobs: where the model goes, checkpoints, TensorBoard files
+    aip_checkpoint_dir: str = ""
+    aip_tensorboard_log_dir: str = ""
+    aip_storage_uri: str = ""  # Vertex AI prediction containers: the model, the port and routes to serve
+    aip_http_port: str = ""
+    aip_health_route: str = ""
+    aip_predict_route: str = ""
+    cloud_ml_trial_id: str = ""  # a hyperparameter tuning trial: its id and where its metrics go
+    cloud_ml_hp_metric_file: str = ""
+    cloudsdk_root_dir: str = ""  # the gcloud SDK (the local stack runs its emulators)
+    xdg_cache_home: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Platform:
+        env = os.environ if env is None else env
+        return cls(**{f.name: env.get(f.name.upper(), "") for f in dataclasses.fields(cls)})
+
+    @property
+    def tuning(self) -> bool:
+        """This process is a hyperparameter tuning trial."""
+        return bool(self.cloud_ml_trial_id or self.cloud_ml_hp_metric_file)
+
+
 def _bool(raw: str) -> bool:
     if raw.strip().lower() in ("1", "true", "yes", "on"):
         return True
@@ -69,19 +116,57 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true/false, 1/0, yes/no or on/off")
 
 
-# Run overrides a retrain message may set (``embedpipe retrain --set key=value``), with their types; the trainer flags
-# of the same names (``--learning-rate`` ...) take them.
-TRAIN_OVERRIDES = {
-    "learning_rate": float,
-    "batch_size": int,
-    "max_steps": int,
-    "epochs": int,
-    "max_seq_length": int,
-    "warmup_ratio": float,
-    "seed": int,
-    "patience": int,
-    "base_model": str,
+@dataclass
+class TrainKnobs:
+    """The training knobs: the one definition of each one's name, type and default. ``Settings`` holds each under
+    ``TRAIN_SETTING[name]`` (so env ``EMBEDPIPE_<THAT>``), a retrain message may override each by its name
+    (``embedpipe retrain --set learning_rate=...``, ``TRAIN_OVERRIDES``), the pipeline passes each to the trainer as
+    ``--<name>`` and the trainer parses the same flags (``TrainParams``, both spellings)."""
+
+    learning_rate: float = 2e-5
+    batch_size: int = 32
+    max_steps: int = 1000  # a cap on optimizer steps (0: none); training length is ``epochs`` over the pairs
+    epochs: int = 2  # at most: the best epoch on the selection split is kept, a worse one stops training
+    max_seq_length: int = 0  # 0: from the corpus' token lengths (95th percentile, up to the base model's limit)
+    warmup_ratio: float = 0.1
+    seed: int = 42
+    patience: int = 1  # epochs without a better selection score before training stops (0: never early)
+    base_model: str = DEFAULT_BASE_MODEL
+
+
+@dataclass
+class TrainParams(TrainKnobs):
+    """What one training takes: the knobs plus the trainer-only flags (no setting, no retrain override; HP tuning may
+    set them, ``hypertune.TUNABLE``)."""
+
+    log_every: int = 10
+    checkpoint_every: int = 50  # steps; 0 = no checkpoints
+    mini_batch_size: int = 0  # > 0 and < batch_size: cached (GradCache) loss with this mini-batch
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def field_types(cls) -> dict[str, type]:
+    """A dataclass' fields and their types (each field's default's type: every field has a default)."""
+    return {f.name: type(f.default) for f in dataclasses.fields(cls)}
+
+
+# The Settings field of each training knob (its env var is EMBEDPIPE_<FIELD>): train_ where the bare name is vague.
+TRAIN_SETTING = {
+    "learning_rate": "learning_rate",
+    "batch_size": "train_batch_size",
+    "max_steps": "train_max_steps",
+    "epochs": "train_epochs",
+    "max_seq_length": "max_seq_length",
+    "warmup_ratio": "warmup_ratio",
+    "seed": "seed",
+    "patience": "train_patience",
+    "base_model": "base_model",
 }
+
+# Run overrides a retrain message may set (``embedpipe retrain --set key=value``), with their types.
+TRAIN_OVERRIDES = field_types(TrainKnobs)
 
 # The reconcile handler waits at most this long, well inside its push subscription's 60 s ack deadline.
 MAX_LAUNCH_WAIT_S = 30.0
@@ -121,16 +206,16 @@ class Settings:
     index_retry_s: float = 600.0  # Pub/Sub's longest ack deadline: a slow delivery is not raced
     # uploads larger than this are rejected before they are read (files are parsed line by line inside the cap)
     max_object_bytes: int = 2 * 1024**3
-    # model and training defaults (a retrain message may override per run)
-    base_model: str = DEFAULT_BASE_MODEL
-    max_seq_length: int = 0  # 0: from the corpus' token lengths (95th percentile, up to the base model's limit)
-    train_batch_size: int = 32
-    train_max_steps: int = 1000  # a cap on optimizer steps (0: none); training length is train_epochs over the pairs
-    train_epochs: int = 2  # at most: the best epoch on the selection split is kept, a worse one stops training
-    train_patience: int = 1  # epochs without a better selection score before training stops (0: never early)
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.1
-    seed: int = 42
+    # model and training defaults (a retrain message may override per run): defined in TrainKnobs, named here
+    base_model: str = TrainKnobs.base_model
+    max_seq_length: int = TrainKnobs.max_seq_length
+    train_batch_size: int = TrainKnobs.batch_size
+    train_max_steps: int = TrainKnobs.max_steps
+    train_epochs: int = TrainKnobs.epochs
+    train_patience: int = TrainKnobs.patience
+    learning_rate: float = TrainKnobs.learning_rate
+    warmup_ratio: float = TrainKnobs.warmup_ratio
+    seed: int = TrainKnobs.seed
     embed_batch_tokens: int = 4096
     # evaluation and promotion
     # comma-separated evaluation.METRIC_KEYS: the served mode must match the baselines (BM25, base model) and the
@@ -183,9 +268,11 @@ class Settings:
     push_audience: str = ""  # comma-separated accepted audiences; empty = the URL the request came to
     push_service_account: str = ""  # the only identity allowed to push, e.g. embedpipe-push@P.iam.gserviceaccount.com
     log_format: str = "text"  # text | json
+    git_sha: str = ""  # the source's commit: the deploy sets it where there is no checkout (functions, images)
+    bf16: str = ""  # 1 / 0 forces bf16 for inference on / off; empty: on where the CPU/GPU has native bf16
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         values = {}
         for f in dataclasses.fields(cls):
@@ -239,6 +326,11 @@ class Settings:
             )
 
     @property
+    def train_knobs(self) -> TrainKnobs:
+        """The training knobs as set here (the defaults a run's overrides start from)."""
+        return TrainKnobs(**{knob: getattr(self, name) for knob, name in TRAIN_SETTING.items()})
+
+    @property
     def gate_metrics(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.gate_metric.split(",") if m.strip())
 
@@ -266,7 +358,7 @@ class Settings:
     def bigquery_emulator(self) -> str:
         """The BigQuery emulator's REST endpoint when one is in use (the local stack exports
         ``BIGQUERY_EMULATOR_HOST`` to everything it starts, as google-cloud-bigquery itself reads it), else empty."""
-        return os.environ.get("BIGQUERY_EMULATOR_HOST", "")
+        return Platform.from_env().bigquery_emulator_host
 
     @property
     def bigquery_grpc_address(self) -> str:

@@ -11,7 +11,7 @@ import functions_framework
 import pytest
 
 from embedpipe import topology
-from embedpipe.contracts import datasets
+from embedpipe.contracts import datasets, events
 from embedpipe.gcp import bus, storage
 from embedpipe.jobs.local import LocalJobLauncher
 from embedpipe.ledger import runs
@@ -64,7 +64,7 @@ def test_whole_loop_through_each_function(services, subs):
     for data, attrs, mid in notes:
         for _ in range(3):
             assert post(on_data, push_event(data, attrs, topology.DATA_EVENTS, message_id=mid)) == 200
-    keys = [f"gcs/{a['bucketId']}/{a['objectId']}#{a['objectGeneration']}" for _, a, _ in notes]
+    keys = [events.object_key(a["bucketId"], a["objectId"], a["objectGeneration"]) for _, a, _ in notes]
     run_ids = {ledger.get_claim(k)["run_id"] for k in keys}
     assert len(run_ids) == 1, "uploads that arrive together coalesce into one run"
     run_id = run_ids.pop()
@@ -141,7 +141,7 @@ def test_retrain_message_launches_one_run(services):
     event = push_event(body, {}, topology.RETRAIN_REQUESTS, message_id="4242")
     for _ in range(3):
         assert post(fn, event) == 200
-    run_id = ledger.get_claim("pubsub/retrain/4242")["run_id"]
+    run_id = ledger.get_claim(events.retrain_key("4242"))["run_id"]
     record = ledger.get_run(run_id)
     assert record["state"] == runs.TRAINING
     assert record["overrides"] == {"max_steps": 2}
@@ -155,7 +155,7 @@ def test_retrain_of_a_dataset_without_data_fails_with_run_failed(services, subs)
     fn = client_for("on-retrain-requested")
     event = push_event(b'{"dataset": "never-uploaded"}', {}, topology.RETRAIN_REQUESTS, message_id="4343")
     assert post(fn, event) == 200
-    record = ledger.get_run(ledger.get_claim("pubsub/retrain/4343")["run_id"])
+    record = ledger.get_run(ledger.get_claim(events.retrain_key("4343"))["run_id"])
     assert record["state"] == runs.FAILED and record["error"]["stage"] == "intake"
     assert "no corpus" in record["error"]["cause"]
     deadline, failed = time.time() + 30, []

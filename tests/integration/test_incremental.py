@@ -11,6 +11,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from embedpipe.contracts import events
 from embedpipe.contracts.events import Event
 from embedpipe.control import incremental
 from embedpipe.control.pipeline import Pipeline
@@ -63,7 +64,7 @@ def run_until_indexed(pipe: Pipeline, run_id: str, timeout: float = 240) -> dict
 def new_run(pipe: Pipeline, rel: str, generation: int, part: str = "corpus") -> str:
     ledger = pipe.ledger
     run_id = ledger.pending_run(DATASET, {"type": "upload", "dataset": DATASET}, 0.0)
-    key = f"gcs/{pipe.settings.data_bucket}/datasets/{DATASET}/{rel}#{generation}"
+    key = events.object_key(pipe.settings.data_bucket, f"datasets/{DATASET}/{rel}", generation)
     ledger.add_trigger(run_id, key, {"object": f"datasets/{DATASET}/{rel}", "generation": generation, "part": part})
     assert pipe.launch_due(DATASET) == [run_id]
     return run_id

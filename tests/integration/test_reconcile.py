@@ -15,6 +15,7 @@ import functions_framework
 import pytest
 
 from embedpipe import topology
+from embedpipe.contracts import events
 from embedpipe.gcp import bus, storage
 from embedpipe.jobs.local import LocalJobLauncher
 from embedpipe.ledger import runs
@@ -56,7 +57,7 @@ def test_a_lost_job_event_is_recovered_by_the_reconcile_tick(isolated):
     body = json.dumps({"dataset": "recon", "reason": "reconcile test"}).encode()
     event = push_event(body, {}, topology.RETRAIN_REQUESTS, message_id="70707")
     assert post(client_for("on-retrain-requested"), event) == 200
-    run_id = ledger.get_claim("pubsub/retrain/70707")["run_id"]
+    run_id = ledger.get_claim(events.retrain_key("70707"))["run_id"]
     record = ledger.get_run(run_id)
     assert record["state"] == runs.TRAINING
     train_job = record["jobs"]["train"]["name"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 import traceback
 
 import pytest
@@ -58,8 +57,6 @@ def launcher() -> FakeLauncher:
 
 
 @pytest.fixture
-def clock(monkeypatch) -> Clock:
-    """Freeze wall time (``time.time``) at a settable value for the duration of one test."""
-    c = Clock()
-    monkeypatch.setattr(time, "time", c)
-    return c
+def clock() -> Clock:
+    """A frozen, settable wall clock: pass it as the ``clock`` of what the test builds (Ledger, Pipeline, ...)."""
+    return Clock()

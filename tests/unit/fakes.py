@@ -111,7 +111,7 @@ class FakeLauncher:
 
 
 class Clock:
-    """A settable ``time.time`` (the ledger and the pipeline read wall time through it)."""
+    """A settable wall clock, a stand-in for ``time.time`` passed as ``clock=`` (Ledger, Lifecycle, Pipeline)."""
 
     def __init__(self, start: float = 1_750_000_000.0):
         self.now = start

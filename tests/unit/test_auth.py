@@ -105,7 +105,13 @@ def install(monkeypatch, **env):
         monkeypatch.setenv(k, v)
     store, launcher, published = FakeStore(), FakeLauncher(), []
     settings = Settings.from_env()
-    pipe = Pipeline(settings, Ledger(settings.artifacts_bucket, store), launcher, lambda t, e: published.append(e))
+    pipe = Pipeline(
+        settings,
+        Ledger(settings.artifacts_bucket, store),
+        launcher,
+        lambda t, e: published.append(e),
+        read_uploads=False,
+    )
     monkeypatch.setattr(runtime, "pipeline", lambda: pipe)
     return store, launcher, published
 
@@ -222,7 +228,11 @@ def test_local_mode_needs_no_token(monkeypatch):
     store, published = FakeStore(), []
     settings = Settings.from_env({})
     pipe = Pipeline(
-        settings, Ledger(settings.artifacts_bucket, store), FakeLauncher(), lambda t, e: published.append(e)
+        settings,
+        Ledger(settings.artifacts_bucket, store),
+        FakeLauncher(),
+        lambda t, e: published.append(e),
+        read_uploads=False,
     )
     monkeypatch.setattr(runtime, "pipeline", lambda: pipe)
     assert post(client("on-data-uploaded"), load_event("gcs_notification_push.json"), None) == 200

@@ -140,3 +140,20 @@ def test_emulator_env_points_at_local_ports():
         "BIGQUERY_EMULATOR_HOST": "http://127.0.0.1:9050",
         "GOOGLE_CLOUD_PROJECT": "embedpipe-local",
     }
+
+
+def test_each_training_knob_has_one_definition_and_one_env_name():
+    """TrainKnobs defines each knob; Settings names it (TRAIN_SETTING) with the same default and type; the
+    retrain overrides and the trainer's parameters are derived from the same fields."""
+    from embedpipe.config import TRAIN_OVERRIDES, TRAIN_SETTING, TrainKnobs, TrainParams, field_types
+
+    settings_fields = {f.name: f for f in dataclasses.fields(Settings)}
+    assert set(TRAIN_SETTING) == set(field_types(TrainKnobs)) == set(TRAIN_OVERRIDES)
+    for knob, kind in field_types(TrainKnobs).items():
+        f = settings_fields[TRAIN_SETTING[knob]]
+        assert (type(f.default), f.default) == (kind, getattr(TrainKnobs, knob)), knob
+    assert Settings().train_knobs == TrainKnobs()
+    assert set(field_types(TrainParams)) >= set(TRAIN_OVERRIDES)
+    env = {"EMBEDPIPE_TRAIN_BATCH_SIZE": "8", "EMBEDPIPE_LEARNING_RATE": "0.001"}
+    knobs = Settings.from_env(env).train_knobs
+    assert (knobs.batch_size, knobs.learning_rate) == (8, 0.001)

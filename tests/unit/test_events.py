@@ -382,3 +382,10 @@ def test_a_message_nested_past_the_parser_stack_is_a_malformed_event_not_a_crash
         events.parse_retrain(events.parse_push(push_event(body, topic="retrain-requests")))
     with pytest.raises(events.EventError, match="not usable JSON"):
         events.Event.from_pubsub(body, {"ce-type": "io.embedpipe.index.updated.v1"})
+
+
+def test_trigger_keys_have_one_constructor_each():
+    change = events.ObjectChange("b", "datasets/demo/corpus.jsonl", 7, "OBJECT_FINALIZE")
+    assert change.key == events.object_key("b", "datasets/demo/corpus.jsonl", 7) == "gcs/b/datasets/demo/corpus.jsonl#7"
+    assert events.object_uri_key("gs://b/datasets/demo/corpus.jsonl", 7) == change.key
+    assert events.retrain_key("42") == "pubsub/retrain/42"

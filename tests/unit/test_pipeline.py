@@ -44,7 +44,7 @@ class Harness:
 
     def __init__(self, settings: Settings, store: FakeStore, launcher: FakeLauncher, clock: Clock):
         self.settings, self.store, self.launcher, self.clock = settings, store, launcher, clock
-        self.ledger = Ledger(settings.artifacts_bucket, store=store)
+        self.ledger = Ledger(settings.artifacts_bucket, store=store, clock=clock)
         self.published: list[tuple[str, Event]] = []
         self.pipe = Pipeline(
             settings,
@@ -52,6 +52,9 @@ class Harness:
             launcher=launcher,
             publish=lambda t, e: self.published.append((t, e)),
             sleep=clock.advance,
+            clock=clock,
+            read_uploads=False,  # the in-memory store backs no bucket
+            live_check=lambda promoted: None,  # nor a Milvus
         )
 
     # ------------------------------------------------------------ triggers
@@ -423,7 +426,7 @@ def test_a_broken_upload_is_still_rejected_and_quarantined(intake_h, gcs):
     outcome = h.pipe.on_object_change(ObjectChange(DATA, name, gen, "OBJECT_FINALIZE"))
     assert outcome.startswith(f"rejected {name}#{gen}")
     (run,) = h.runs()
-    key = f"gcs/{DATA}/{name}#{gen}"
+    key = events.object_key(DATA, name, gen)
     assert run["triggers"] == [] and "notices" not in run
     error = run["file_errors"][key]
     assert (error["line"], error["quarantined_to"]) == (line, f"gs://{DATA}/quarantine/quirks/corpus/bad.jsonl")
@@ -882,7 +885,7 @@ def test_retrain_redelivery_finishes_what_a_crashed_first_delivery_left(h):
 
 
 def test_retrain_with_an_unknown_override_is_rejected(h):
-    req = events.RetrainRequest("demo", {"learning_rate": 1e-5, "dropout": 0.2}, None, "r", "pubsub/retrain/1")
+    req = events.RetrainRequest("demo", {"learning_rate": 1e-5, "dropout": 0.2}, None, "r", events.retrain_key("1"))
     with pytest.raises(ValueError, match=r"unknown override\(s\) \['dropout'\]"):
         h.pipe.on_retrain(req)
     assert h.store.objects == {} and h.launcher.submits == []
@@ -911,20 +914,20 @@ def test_retrain_base_model_override_must_be_loadable_where_the_jobs_run(mode, b
 
 
 def test_retrain_with_a_bad_dataset_name_is_rejected(h):
-    req = events.RetrainRequest("../demo", {}, None, "r", "pubsub/retrain/1")
+    req = events.RetrainRequest("../demo", {}, None, "r", events.retrain_key("1"))
     with pytest.raises(ValueError, match="dataset name"):
         h.pipe.on_retrain(req)
     assert h.store.objects == {} and h.launcher.submits == []
 
 
 def test_retrain_rejection_is_a_malformed_event(h):
-    req = events.RetrainRequest("demo", {"dropout": 0.2}, None, "r", "pubsub/retrain/1")
+    req = events.RetrainRequest("demo", {"dropout": 0.2}, None, "r", events.retrain_key("1"))
     with pytest.raises(events.EventError):
         h.pipe.on_retrain(req)
 
 
 def test_retrain_with_a_mistyped_override_is_rejected(h):
-    req = events.RetrainRequest("demo", {"learning_rate": "fast"}, None, "r", "pubsub/retrain/1")
+    req = events.RetrainRequest("demo", {"learning_rate": "fast"}, None, "r", events.retrain_key("1"))
     with pytest.raises(ValueError):
         h.pipe.on_retrain(req)
     assert h.launcher.submits == []
@@ -951,7 +954,7 @@ def test_files_a_job_left_out_are_quarantined_and_reported_when_it_ends(h, gcs):
         h.job_event(spec, "SUCCEEDED")
     run = h.run(run_id)
     assert run["state"] == EMBEDDING and run["skip_deletes"] is True  # its documents are absent, not deleted
-    key = f"gcs/{DATA}/{name}#{gen}"
+    key = events.object_key(DATA, name, gen)
     assert run["file_errors"][key]["quarantined_to"] == f"gs://{DATA}/quarantine/demo/corpus/zz-dup.jsonl"
     assert gcs.names() == ["quarantine/demo/corpus/zz-dup.jsonl"]
     assert len({e.id for e in h.events(intake.FILE_REJECTED, topology.RUN_EVENTS)}) == 1
@@ -1182,7 +1185,7 @@ def test_a_retrain_arriving_as_its_run_launches_starts_the_next_run(make):
         h.pipe.launch_due("demo")
 
     h.store.interleave("read", f"/runs/{first}/run.json", launch_meanwhile)
-    req = events.RetrainRequest("demo", {"epochs": 1}, None, "new pairs", "pubsub/retrain/77")
+    req = events.RetrainRequest("demo", {"epochs": 1}, None, "new pairs", events.retrain_key("77"))
     outcome = h.pipe.on_retrain(req)
     second = h.ledger.get_claim(req.key)["run_id"]
     assert second != first and outcome.endswith(f"-> run {second}")
@@ -1214,7 +1217,7 @@ def test_a_dataset_whose_milvus_name_clashes_with_another_is_refused(make):
     assert "share its Milvus alias" in rejected.data["reason"]
     assert h.ledger.list_datasets() == ["a-b"] and len(h.runs()) == 1
     with pytest.raises(events.EventError, match="share its Milvus alias"):
-        h.pipe.on_retrain(events.RetrainRequest("a_b", {}, None, "r", "pubsub/retrain/9"))
+        h.pipe.on_retrain(events.RetrainRequest("a_b", {}, None, "r", events.retrain_key("9")))
     h.upload("datasets/a-b/queries.jsonl")  # the first one goes on as before
     assert len(h.runs()[0]["triggers"]) == 2
 
@@ -1224,7 +1227,7 @@ def test_a_dataset_whose_milvus_name_clashes_with_another_is_refused(make):
     ["all of them", {"metric": "ndcg@10", "goal": "MAXIMIZE", "parameters": []}, {"max_trials": -1}],
 )
 def test_retrain_with_a_bad_hp_tuning_spec_is_rejected_before_anything_is_stored(h, spec):
-    req = events.RetrainRequest("demo", {}, spec, "tune", "pubsub/retrain/5")
+    req = events.RetrainRequest("demo", {}, spec, "tune", events.retrain_key("5"))
     with pytest.raises(events.EventError, match="hp_tuning"):
         h.pipe.on_retrain(req)
     assert h.runs() == [] and h.launcher.submits == []

@@ -12,8 +12,8 @@ BUCKET = "embedpipe-artifacts"
 
 
 @pytest.fixture
-def ledger(store) -> Ledger:
-    return Ledger(BUCKET, store=store)
+def ledger(store, clock) -> Ledger:
+    return Ledger(BUCKET, store=store, clock=clock)
 
 
 def test_addresses(ledger):

@@ -71,10 +71,10 @@ def test_retention_keeps_the_collection_just_replaced_after_keep_rejections(cloc
     rejected = [client.add(run_name("ds", clock.now - d * day), clock.now - d * day) for d in (4, 3)]
     new = client.add(run_name("ds", clock.now - 2 * day), clock.now - 2 * day)
     client.aliases["ds"] = new
-    assert vectorstore.drop_old_collections(client, "ds", 2, protect={live}, grace_s=600) == []
+    assert vectorstore.drop_old_collections(client, "ds", 2, protect={live}, grace_s=600, clock=clock) == []
     assert set(client.props) == {live, *rejected, new}
     # once no longer protected, the normal rule applies: the oldest beyond keep go, never the live one
-    assert vectorstore.drop_old_collections(client, "ds", 1, grace_s=600) == [live, rejected[0]]
+    assert vectorstore.drop_old_collections(client, "ds", 1, grace_s=600, clock=clock) == [live, rejected[0]]
     assert set(client.props) == {rejected[1], new}
 
 
@@ -85,10 +85,10 @@ def test_retention_spares_collections_younger_than_the_grace_period(clock):
     young = client.add(run_name("ds", clock.now - 7000), clock.now - 60)
     newest = client.add(run_name("ds", clock.now - 30), clock.now - 30)
     client.aliases["ds"] = client.add(run_name("ds", clock.now - 10), clock.now - 10)
-    assert vectorstore.drop_old_collections(client, "ds", 1, grace_s=600) == [old]
+    assert vectorstore.drop_old_collections(client, "ds", 1, grace_s=600, clock=clock) == [old]
     assert young in client.props and newest in client.props
     clock.advance(600)
-    assert vectorstore.drop_old_collections(client, "ds", 1, grace_s=600) == [young]
+    assert vectorstore.drop_old_collections(client, "ds", 1, grace_s=600, clock=clock) == [young]
 
 
 def test_created_at_falls_back_to_the_run_id(clock):
@@ -101,7 +101,7 @@ def test_retention_leaves_other_datasets_alone(clock):
     client = FakeMilvus()
     mine = [client.add(run_name("ds", clock.now - d * 3600), 0) for d in (3, 2, 1)]
     theirs = client.add(run_name("ds2", clock.now - 5 * 3600), 0)
-    assert vectorstore.drop_old_collections(client, "ds", 1, grace_s=0) == mine[:2]
+    assert vectorstore.drop_old_collections(client, "ds", 1, grace_s=0, clock=clock) == mine[:2]
     assert theirs in client.props
 
 

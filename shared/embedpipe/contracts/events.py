@@ -170,6 +170,22 @@ def parse_push(cloud_event) -> PushMessage:
     )
 
 
+def object_key(bucket: str, name: str, generation: int) -> str:
+    """The trigger key of one object version (``gs://bucket/name`` at ``generation``): what an upload claims."""
+    return f"gcs/{bucket}/{name}#{generation}"
+
+
+def object_uri_key(uri: str, generation: int) -> str:
+    """``object_key`` of a ``gs://bucket/name`` URI."""
+    bucket, _, name = uri.removeprefix("gs://").partition("/")
+    return object_key(bucket, name, generation)
+
+
+def retrain_key(message_id: str) -> str:
+    """The trigger key of a retrain message: one per Pub/Sub message id (a redelivery finds its claim)."""
+    return f"pubsub/retrain/{message_id}"
+
+
 @dataclass(frozen=True)
 class ObjectChange:
     bucket: str
@@ -181,7 +197,7 @@ class ObjectChange:
     @property
     def key(self) -> str:
         """The trigger key the ledger claims: one per object version."""
-        return f"gcs/{self.bucket}/{self.name}#{self.generation}"
+        return object_key(self.bucket, self.name, self.generation)
 
 
 def _int(value: Any, what: str) -> int:
@@ -249,7 +265,7 @@ def parse_retrain(msg: PushMessage) -> RetrainRequest:
         overrides=overrides,
         hp_tuning=body.get("hp_tuning"),
         reason=str(body.get("reason") or ("data changed" if refresh else "retrain requested")),
-        key=f"pubsub/retrain/{msg.message_id}",
+        key=retrain_key(msg.message_id),
         refresh=refresh,
     )
 

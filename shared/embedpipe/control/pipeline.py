@@ -7,6 +7,7 @@ compare-and-set from an expected state, so a duplicate or late event for a stage
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from embedpipe.contracts.events import (
     JobStateHint,
     ObjectChange,
     RetrainRequest,
+    object_uri_key,
 )
 from embedpipe.contracts.records import PromotedEntry, RunRecord, run_stage_payload
 from embedpipe.control import incremental, intake
@@ -86,15 +88,22 @@ class Pipeline(Lifecycle):
         publish: Callable[[str, Event], None] | None = None,
         check_object: Callable[[str, str, int], intake.Verdict] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        read_uploads: bool = True,
+        live_check: Callable[[dict], str | None] | None = None,
     ):
-        super().__init__(settings, ledger, publish)
+        """``read_uploads``: intake reads the uploaded objects and lists the data bucket (GCS); False where no bucket
+        backs the ledger (an in-memory store): no intake checks, unless ``check_object`` is given. ``live_check``:
+        why the promoted index cannot be the base of an incremental run (default: ask Milvus and GCS,
+        ``live_missing``); a ledger on an in-memory store has neither, so its tests pass ``lambda promoted: None``."""
+        super().__init__(settings, ledger, publish, clock)
         self.sleep = sleep
         self._launcher = launcher
-        # Intake reads the uploaded bytes from GCS; a ledger on an in-memory store (unit tests) has none to read.
-        if check_object is None and self.ledger.store is storage:
+        if check_object is None and read_uploads:
             check_object = intake.check_object
         self.check_object = check_object or (lambda bucket, name, generation: None)
-        self.validate = self._check_listing if self.ledger.store is storage else (lambda record: None)
+        self.validate = self._check_listing if read_uploads else (lambda record: None)
+        self.live_check = live_check or self.live_missing
 
     @property
     def launcher(self) -> JobLauncher:
@@ -259,7 +268,7 @@ class Pipeline(Lifecycle):
             return []
 
         def fn(st):
-            if st["pending"] and st["active"] is None and st["due_at"] <= time.time():
+            if st["pending"] and st["active"] is None and st["due_at"] <= self.clock():
                 st["active"], st["pending"], st["pending_since"] = st["pending"], None, None
                 return st
             return None
@@ -280,7 +289,7 @@ class Pipeline(Lifecycle):
         record = self.ledger.update_run(
             run_id,
             lambda r: (
-                {**r, "launch_errors": [*r.get("launch_errors", []), {"at": runs.iso(time.time()), "error": cause}]}
+                {**r, "launch_errors": [*r.get("launch_errors", []), {"at": runs.iso(self.clock()), "error": cause}]}
                 if r["state"] == PENDING
                 else None
             ),
@@ -289,7 +298,7 @@ class Pipeline(Lifecycle):
         tries = len(errors)
         log.error("run %s: launch attempt %d failed: %s", run_id, tries, cause, exc_info=exc)
         # Attempts at local ticks come every half second: a blip must also have lasted LAUNCH_RETRY_WINDOW_S.
-        lasted = time.time() - runs.parse_iso(errors[0]["at"]) if errors else 0.0
+        lasted = self.clock() - runs.parse_iso(errors[0]["at"]) if errors else 0.0
         if tries >= self.settings.launch_max_attempts and lasted >= LAUNCH_RETRY_WINDOW_S:
             self.fail(run_id, "launch", f"could not launch after {tries} attempts; last: {cause}")
 
@@ -307,11 +316,9 @@ class Pipeline(Lifecycle):
 
     def train_spec(self, record: RunRecord, attempt: int) -> JobSpec:
         s, o = self.settings, record.get("overrides") or {}
+        knobs = dataclasses.asdict(s.train_knobs)
         run_id = record["run_id"]
-        params = {
-            k: o.get(k, getattr(s, k if k not in ("batch_size", "max_steps", "epochs", "patience") else f"train_{k}"))
-            for k in TRAIN_OVERRIDES
-        }
+        params = {k: o.get(k, knobs[k]) for k in TRAIN_OVERRIDES}
         args = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
         args += [f"--dataset={record['dataset']}", f"--run-id={run_id}", *self._as_of(record)]
         return JobSpec(
@@ -370,7 +377,7 @@ class Pipeline(Lifecycle):
     def _submit(self, record: RunRecord, stage: str, attempt: int, from_state: str) -> None:
         spec = self.train_spec(record, attempt) if stage == "train" else self.embed_spec(record, attempt)
         name = transient(self.launcher.submit)(spec)  # keyed, so a retried submit is the same job
-        job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(time.time()), "output": spec.base_output_dir}
+        job = {"name": name, "attempt": attempt, "submitted_at": runs.iso(self.clock()), "output": spec.base_output_dir}
 
         def fn(rec):
             if rec["state"] != from_state:
@@ -399,7 +406,7 @@ class Pipeline(Lifecycle):
         if kind is None:
             kind, why = incremental.kind_for(record, promoted)
             log.info("run %s: %s run (%s)", record["run_id"], kind, why)
-        if kind == incremental.INCREMENTAL and (missing := self.live_missing(promoted)):
+        if kind == incremental.INCREMENTAL and (missing := self.live_check(promoted)):
             log.warning("run %s: %s: a full run", record["run_id"], missing)
             kind = incremental.FULL
         if kind == incremental.INCREMENTAL:
@@ -446,7 +453,7 @@ class Pipeline(Lifecycle):
 
     def _settle_intake(self, run_id: str, rejections: list, problem: str | None) -> str | None:
         for r in rejections:
-            key = f"gcs/{r.object[5:]}#{r.generation}"
+            key = object_uri_key(r.object, r.generation)
             # a bad table stays where it is and can fail many runs: its report is per run (a file is moved at once)
             self._report_rejection(run_id, f"{key}@{run_id}" if intake.is_table(r) else key, r)
         if any(intake.is_corpus(r) for r in rejections):  # its documents are absent, not deleted
@@ -459,9 +466,7 @@ class Pipeline(Lifecycle):
 
     def live_missing(self, promoted: PromotedEntry) -> str | None:
         """Why an incremental run cannot use the promoted index (its collection or its id -> hash table is gone),
-        else None. Two calls, whatever the corpus size; a unit-test ledger has neither Milvus nor objects."""
-        if self.ledger.store is not storage:
-            return None
+        else None. Two calls, whatever the corpus size."""
         from embedpipe.retrieval import vectorstore
 
         client = vectorstore.connect(self.settings.milvus_uri, self.settings.milvus_token)
@@ -500,7 +505,7 @@ class Pipeline(Lifecycle):
             and record["state"] == INDEXING
             and job.get("name") == status.name
             and not record.get("index_requested_at")
-            and time.time() - (record["stage_times"].get(INDEXING, {}).get("start") or 0) > REPUBLISH_AFTER_S
+            and self.clock() - (record["stage_times"].get(INDEXING, {}).get("start") or 0) > REPUBLISH_AFTER_S
         ):  # the first delivery moved the run on and died before the request was out (not: it is publishing now)
             self.request_index(record)
             return f"run {run_id}: index requested again (the first request was never published)"
@@ -571,7 +576,7 @@ class Pipeline(Lifecycle):
             subject=record["run_id"],
         )
         self.publish(topology.INDEX_REQUESTS, event)
-        now = runs.iso(time.time())
+        now = runs.iso(self.clock())
         self.ledger.update_run(
             record["run_id"], lambda r: {**r, "index_requested_at": now} if r["state"] == INDEXING else None
         )
@@ -590,13 +595,13 @@ class Pipeline(Lifecycle):
                 (st["due_at"], ds)
                 for ds in self.ledger.list_datasets()
                 for st in [self.ledger.get_dataset(ds)]
-                if st["pending"] and not st["active"] and st["due_at"] - time.time() <= self.settings.launch_wait_s
+                if st["pending"] and not st["active"] and st["due_at"] - self.clock() <= self.settings.launch_wait_s
             ]
             if not due:
                 return started
             due_at, dataset = min(due)
-            if due_at > time.time():
-                self.sleep(due_at - time.time())
+            if due_at > self.clock():
+                self.sleep(due_at - self.clock())
             launched = self.launch_due(dataset)
             if not launched and self.ledger.get_dataset(dataset)["due_at"] <= due_at:
                 return started  # someone else launched it, or it cannot start: leave it to the next tick
@@ -628,8 +633,8 @@ class Pipeline(Lifecycle):
             self.release(record)
             return [f"released {run_id}"]
         if state == PUBLISHING:
-            return [self.finish(record)] if publish_stalled(record) else []
-        in_stage = time.time() - ((record.get("stage_times") or {}).get(state, {}).get("start") or time.time())
+            return [self.finish(record)] if publish_stalled(record, self.clock()) else []
+        in_stage = self.clock() - ((record.get("stage_times") or {}).get(state, {}).get("start") or self.clock())
         if state == INDEXING:
             return self._reconcile_indexing(record, in_stage)
         stage = {TRAINING: "train", EMBEDDING: "embed"}.get(state)
@@ -640,7 +645,7 @@ class Pipeline(Lifecycle):
         if status.done:
             return [self.on_job_status(status)]
         deadline = self.settings.train_deadline_s if stage == "train" else self.settings.embed_deadline_s
-        in_attempt = time.time() - runs.parse_iso(job["submitted_at"]) if job.get("submitted_at") else in_stage
+        in_attempt = self.clock() - runs.parse_iso(job["submitted_at"]) if job.get("submitted_at") else in_stage
         if in_attempt > deadline:  # per attempt: a retry started late in the stage gets its full time
             transient(self.launcher.cancel)(job["name"])
             self.fail(
@@ -666,7 +671,7 @@ class Pipeline(Lifecycle):
             )
             return [f"run {run_id}: indexing past its deadline, failed"]
         requested = record.get("index_requested_at")
-        age = time.time() - runs.parse_iso(requested) if requested else in_stage
+        age = self.clock() - runs.parse_iso(requested) if requested else in_stage
         # never published: the run moved to INDEXING and the publish after it failed (a minute covers a slow one)
         if age > s.index_retry_s or (not requested and in_stage > max(REPUBLISH_AFTER_S, min(60.0, s.index_retry_s))):
             self.request_index(record)

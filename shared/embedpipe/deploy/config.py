@@ -5,7 +5,6 @@ services get (``runtime_env``: the settings less ``LOCAL_ONLY``)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -72,7 +71,7 @@ def sa_id(identity: str) -> str:
 
 
 def git_tag() -> str:
-    sha = os.environ.get("EMBEDPIPE_GIT_SHA")
+    sha = Settings.from_env().git_sha
     if not sha:
         try:
             out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo_root())

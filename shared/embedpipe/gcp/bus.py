@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 from google.api_core import exceptions as gexc
 
 from embedpipe import topology
+from embedpipe.config import Platform
 from embedpipe.contracts.events import Event
 from embedpipe.gcp.retries import transient
 
@@ -23,7 +23,7 @@ def _publisher(emulator: str | None):
 
 
 def publisher():
-    return _publisher(os.environ.get("PUBSUB_EMULATOR_HOST"))
+    return _publisher(Platform.from_env().pubsub_emulator_host or None)
 
 
 def topic_path(project: str, topic: str) -> str:

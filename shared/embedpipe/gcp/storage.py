@@ -11,13 +11,13 @@ import contextlib
 import functools
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from google.api_core import exceptions as gexc
 
+from embedpipe.config import Platform
 from embedpipe.gcp.retries import transient
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def _client(emulator: str | None, project: str | None):
 
 
 def client():
-    return _client(os.environ.get("STORAGE_EMULATOR_HOST"), os.environ.get("GOOGLE_CLOUD_PROJECT"))
+    env = Platform.from_env()
+    return _client(env.storage_emulator_host or None, env.google_cloud_project or None)
 
 
 def blob(uri: str):

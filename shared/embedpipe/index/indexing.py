@@ -145,7 +145,7 @@ def index_run(pipe: Lifecycle, run_id: str, reg: registry.ModelRegistry | None =
     if record["state"] in runs.TERMINAL:
         return f"run {run_id} already {record['state']}: duplicate request ignored"
     if record["state"] == PUBLISHING:
-        if not publish_stalled(record):
+        if not publish_stalled(record, pipe.clock()):
             return f"run {run_id} is being published by another delivery: ignored"
         return pipe.finish(record)  # the delivery that stored the event died before publishing it
     if record["state"] != INDEXING:

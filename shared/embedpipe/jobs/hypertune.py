@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import time
 from pathlib import Path
 
-from embedpipe.config import TRAIN_OVERRIDES
+from embedpipe.config import Platform, TrainParams, field_types
 
 DEFAULT_METRIC_FILE = "/tmp/hypertune/output.metrics"
 GOALS = ("MAXIMIZE", "MINIMIZE")
@@ -43,7 +42,7 @@ def metric_tag(name: str) -> str:
 
 
 def metric_file() -> Path:
-    return Path(os.environ.get("CLOUD_ML_HP_METRIC_FILE") or DEFAULT_METRIC_FILE)
+    return Path(Platform.from_env().cloud_ml_hp_metric_file or DEFAULT_METRIC_FILE)
 
 
 def report(metric: str, value: float, global_step: int, path: Path | None = None) -> dict:
@@ -54,7 +53,7 @@ def report(metric: str, value: float, global_step: int, path: Path | None = None
         "global_step": str(global_step),
         metric_tag(metric): str(value),
         "timestamp": time.time(),
-        "trial": os.environ.get("CLOUD_ML_TRIAL_ID", ""),
+        "trial": Platform.from_env().cloud_ml_trial_id,
     }
     with open(path, "a") as fh:
         fh.write(json.dumps(line) + "\n")
@@ -104,7 +103,7 @@ def validate(spec: dict) -> dict:
 # What a retrain message's ``hp_tuning`` may hold (``check_spec``). Parameters are the trainer's flags
 # (containers/trainer/task.py) with their types: a name or value it cannot parse would fail every trial, after the
 # trials were paid for.
-TUNABLE = {**TRAIN_OVERRIDES, "log_every": int, "checkpoint_every": int, "mini_batch_size": int}
+TUNABLE = field_types(TrainParams)
 SPEC_KEYS = ("metric", "goal", "parameters", "max_trials", "parallel_trials", "max_failed_trials", "algorithm", "seed")
 PARAMETER_KEYS = ("type", "min", "max", "scale", "values")
 TYPES = ("double", "integer", "discrete", "categorical")

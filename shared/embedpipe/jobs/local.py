@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedpipe.config import Settings, repo_root
+from embedpipe.config import Settings, process_env, repo_root
 from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, TERMINAL, JobSpec, JobStatus
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class LocalJobLauncher:
             shutil.rmtree(tmp, ignore_errors=True)
             log.info("job %s already submitted for key %s", name, spec.key)
             return name
-        env = {**os.environ, **self.settings.to_env(), **self.settings.emulator_env()}
+        env = process_env(**self.settings.to_env(), **self.settings.emulator_env())
         with open(job_dir / "runner.log", "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "embedpipe.jobs.runner", str(job_dir)],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 from embedpipe import topology
-from embedpipe.config import Settings, repo_root
+from embedpipe.config import Settings, process_env, repo_root
 from embedpipe.contracts import events
 from embedpipe.jobs import hypertune
 from embedpipe.jobs.local import write_state
@@ -66,7 +65,7 @@ def start_replicas(spec: dict, job_dir: Path, port: int, trial_id: str = "", ext
         with open(log_dir / f"replica-{i}.log", "ab") as log_file:
             proc = subprocess.Popen(
                 [sys.executable, str(script), *spec["args"], *extra_args],
-                env={**os.environ, **replica_env(spec, i, port, trial_id), **(extra_env or {})},
+                env=process_env(**replica_env(spec, i, port, trial_id), **(extra_env or {})),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 
 from embedpipe.config import Settings
 from embedpipe.gcp.vertexai import client_options, label_value
@@ -85,7 +84,7 @@ def console_url(name: str) -> str:
 
 def _git_sha() -> str:
     """The deploy sets EMBEDPIPE_GIT_SHA on every function (no git checkout there)."""
-    return os.environ.get("EMBEDPIPE_GIT_SHA", "")
+    return Settings.from_env().git_sha
 
 
 class VertexJobLauncher:

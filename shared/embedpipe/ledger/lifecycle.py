@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 STALLED_PUBLISH_S = 60.0
 
 
-def publish_stalled(record: RunRecord) -> bool:
+def publish_stalled(record: RunRecord, now: float) -> bool:
+    """Whether ``record`` has been PUBLISHING for longer than STALLED_PUBLISH_S at ``now`` (epoch seconds)."""
     started = (record.get("stage_times") or {}).get(PUBLISHING, {}).get("start") or 0
-    return record["state"] == PUBLISHING and time.time() - started > STALLED_PUBLISH_S
+    return record["state"] == PUBLISHING and now - started > STALLED_PUBLISH_S
 
 
 def embeddings_uri(run_dir: str, attempt: int) -> str:
@@ -42,9 +43,11 @@ class Lifecycle:
         settings: Settings,
         ledger: Ledger | None = None,
         publish: Callable[[str, Event], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
-        self.ledger = ledger or Ledger(settings.artifacts_bucket)
+        self.clock = clock  # wall time, epoch seconds: every stamp and age this object computes reads it
+        self.ledger = ledger or Ledger(settings.artifacts_bucket, clock=clock)
         self._publish = publish
 
     def publish(self, topic: str, event: Event) -> None:

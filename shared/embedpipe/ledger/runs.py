@@ -84,9 +84,10 @@ def new_run_id(dataset: str) -> str:
 
 
 class Ledger:
-    def __init__(self, artifacts_bucket: str, store: Store = storage):
+    def __init__(self, artifacts_bucket: str, store: Store = storage, clock: Callable[[], float] = time.time):
         self.bucket = artifacts_bucket
         self.store = store
+        self.clock = clock  # wall time (seconds since the epoch) for every stamp the ledger writes and compares
 
     # ------------------------------------------------------------ addresses
     def run_uri(self, run_id: str) -> str:
@@ -139,7 +140,7 @@ class Ledger:
         """Claim ``key`` for ``run_id``; returns (the run that owns the claim, whether we created it)."""
         try:
             self.store.write_json(
-                self._claim_uri(key), {"key": key, "run_id": run_id, "at": iso(utcnow())}, if_generation_match=0
+                self._claim_uri(key), {"key": key, "run_id": run_id, "at": iso(self.clock())}, if_generation_match=0
             )
             return run_id, True
         except PreconditionFailed:
@@ -150,7 +151,7 @@ class Ledger:
         return self.store.read_json_gen(self.run_uri(run_id))[0]
 
     def create_run(self, run_id: str, dataset: str, trigger: dict, **fields: Any) -> RunRecord:
-        record = new_run_record(run_id, dataset, trigger, utcnow(), **fields)
+        record = new_run_record(run_id, dataset, trigger, self.clock(), **fields)
         self.store.write_json(self.run_uri(run_id), record, if_generation_match=0)
         return record
 
@@ -158,7 +159,7 @@ class Ledger:
         def wrapped(record):
             out = fn(record)
             if out is not None:
-                out["updated_at"] = iso(utcnow())
+                out["updated_at"] = iso(self.clock())
             return out
 
         return self._update(self.run_uri(run_id), wrapped)
@@ -172,7 +173,7 @@ class Ledger:
             moved = False  # a CAS retry re-runs this; only the attempt that writes may report a move
             if record["state"] != from_state:
                 return None
-            now = utcnow()
+            now = self.clock()
             times = record.setdefault("stage_times", {})
             times.setdefault(from_state, {"start": now})["end"] = now
             times.setdefault(to_state, {})["start"] = now
@@ -224,7 +225,7 @@ class Ledger:
                 self.create_run(run_id, dataset, trigger)
 
             def fn(st, run_id=run_id, fresh=fresh):
-                now = utcnow()
+                now = self.clock()
                 if st["pending"] is None:
                     if not fresh:
                         return None  # the run we read as pending was launched meanwhile: start over
@@ -246,7 +247,9 @@ class Ledger:
         """``view[field][key] = value`` once (create-only: a redelivery writes nothing); whether this call wrote it."""
         try:
             self.store.write_json(
-                self._item_uri(run_id, field, key), {"key": key, "at": utcnow(), "value": value}, if_generation_match=0
+                self._item_uri(run_id, field, key),
+                {"key": key, "at": self.clock(), "value": value},
+                if_generation_match=0,
             )
             return True
         except PreconditionFailed:
@@ -267,7 +270,7 @@ class Ledger:
         ``ARRIVING_MAX_S``: the launch waits for them, so a slow intake does not push its file into the next run."""
         items = self._items(run_id)
         done = {d["key"] for f in ("triggers", "file_errors") for d in items[f]}
-        return [d["key"] for d in items["arriving"] if d["key"] not in done and utcnow() - d["at"] < ARRIVING_MAX_S]
+        return [d["key"] for d in items["arriving"] if d["key"] not in done and self.clock() - d["at"] < ARRIVING_MAX_S]
 
     def add_trigger(self, run_id: str, key: str, info: dict | None = None, wait_s: float = 10.0) -> bool:
         """Record an upload's trigger in ``run_id``; whether the run counts it. Written first, read after: while the
@@ -292,7 +295,7 @@ class Ledger:
         a run holds never change after that. A trigger written before the seal is in the listing that follows it;
         one written after finds the run sealed and merged without it (``add_trigger``) and moves on. ``sealed_at``
         is the moment the run's data is read as of (BigQuery sources: every job and replica of the run, ``as_of``)."""
-        now = iso(time.time())
+        now = iso(self.clock())
         self.update_run(
             run_id,
             lambda r: (

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from embedpipe import topology
-from embedpipe.config import Settings, repo_root
+from embedpipe.config import Platform, Settings, process_env, repo_root
 from embedpipe.gcp import bus, storage
 from embedpipe.jobs.local import LocalJobLauncher, pid_alive
 
@@ -49,7 +49,7 @@ class Part:
 
 
 def gcloud_sdk_root() -> Path:
-    env = os.environ.get("CLOUDSDK_ROOT_DIR")
+    env = Platform.from_env().cloudsdk_root_dir
     if env:
         return Path(env)
     gcloud = shutil.which("gcloud")
@@ -112,7 +112,7 @@ def prepare_bqemulator() -> None:
             return
         done = subprocess.run(
             [str(BQ_VENV / "bin" / "python"), "-c", INSTALL_SPATIAL],
-            env={**os.environ, "HOME": str(home)},
+            env=process_env(HOME=str(home)),
             capture_output=True,
             text=True,
             timeout=120,
@@ -323,16 +323,14 @@ def healthy(part: Part) -> bool:
 
 
 def child_env(settings: Settings) -> dict[str, str]:
-    env = {
-        **os.environ,
+    return process_env(
         **settings.to_env(),
         **settings.emulator_env(),
-        "HF_HUB_OFFLINE": "1",
-        "EMBEDPIPE_REPO_ROOT": str(repo_root()),
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-    }
-    return env
+        HF_HUB_OFFLINE="1",
+        EMBEDPIPE_REPO_ROOT=str(repo_root()),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
 
 
 def start_part(settings: Settings, part: Part) -> int:
@@ -381,16 +379,14 @@ def wait_healthy(settings: Settings, part: Part, timeout: float = 90.0) -> None:
 
 def up(settings: Settings, echo=print, components: bool = True) -> None:
     """Start every part that is not running, in dependency order, and provision topics and buckets.
-    ``components=False`` starts only the emulators and Milvus (for tests that drive functions in-process)."""
-    for key, value in settings.emulator_env().items():
-        os.environ[key] = value
+    ``components=False`` starts only the emulators and Milvus (for tests that drive functions in-process).
+    The parts get the settings and emulator hosts through their env (``child_env``); this process' own clients are
+    pointed at the emulators by its entry point (the CLI's ``settings()``; tests' ``apply_env``), not here."""
     if not BQ_EXE.exists():
         echo(f"  bigquery               not installed ({BQ_EXE}: `make setup`): datasets cannot read BigQuery here")
     elif not _pid(settings, "bigquery"):
         prepare_bqemulator()
         (settings.state_path / "bigquery").mkdir(parents=True, exist_ok=True)
-    storage._client.cache_clear()
-    bus._publisher.cache_clear()
     by_name = {p.name: p for p in parts(settings)}
     mine: dict[str, int] = {}  # what this call started: stopped again if start-up fails part-way
 

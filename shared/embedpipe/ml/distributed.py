@@ -16,9 +16,10 @@ The backend is ``nccl`` when CUDA is available, else ``gloo``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from embedpipe.config import process_env
 
 TRAINING_POOLS = ("workerpool0", "workerpool1")
 
@@ -51,7 +52,7 @@ def _host_port(address: str, default_port: int) -> tuple[str, int]:
 
 def parse_cluster_spec(raw: str, env: Mapping[str, str] | None = None) -> DistInfo:
     """DistInfo from a Vertex ``CLUSTER_SPEC`` JSON string; raises ValueError with the reason when malformed."""
-    env = os.environ if env is None else env
+    env = process_env() if env is None else env
     try:
         spec = json.loads(raw)
         cluster, task = spec["cluster"], spec["task"]
@@ -75,7 +76,7 @@ def parse_cluster_spec(raw: str, env: Mapping[str, str] | None = None) -> DistIn
 
 
 def from_env(env: Mapping[str, str] | None = None) -> DistInfo:
-    env = os.environ if env is None else env
+    env = process_env() if env is None else env
     if env.get("WORLD_SIZE"):
         return DistInfo(
             rank=int(env.get("RANK", "0")),

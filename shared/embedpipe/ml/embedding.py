@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 
 import numpy as np
 
+from embedpipe.config import Settings
 from embedpipe.ml.prefetch import prefetch
 
 log = logging.getLogger(__name__)
@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 @functools.cache
 def bf16_supported(device: str = "cpu") -> bool:
     """bf16 only where it is fast: CUDA with bf16, or a CPU with AVX512-BF16 / AMX (else it is emulated, slower)."""
-    if os.environ.get("EMBEDPIPE_BF16") in ("0", "1"):
-        return os.environ["EMBEDPIPE_BF16"] == "1"
+    forced = Settings.from_env().bf16
+    if forced in ("0", "1"):
+        return forced == "1"
     import torch
 
     if device.startswith("cuda"):

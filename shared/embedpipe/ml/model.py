@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embedpipe.config import BUNDLED
+from embedpipe.config import BUNDLED, Settings, setdefault_env
 
 INFO_FILE = "embedpipe.json"
 
@@ -49,7 +49,7 @@ class ModelInfo:
 
 
 def git_sha() -> str:
-    sha = os.environ.get("EMBEDPIPE_GIT_SHA")
+    sha = Settings.from_env().git_sha
     if sha:
         return sha
     try:
@@ -85,7 +85,7 @@ def save_model(model, out_dir: Path, info: ModelInfo) -> ModelInfo:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EMBEDPIPE_STATE_DIR", ".embedpipe")).resolve() / "cache" / "models"
+    return Settings.from_env().state_path / "cache" / "models"
 
 
 class ModelNotFound(ValueError):
@@ -136,8 +136,7 @@ def load_model(uri: str, device: str | None = None, inference: bool = False):
     get an info derived from the model itself. ``inference=True`` (embedder, search) casts the weights to bf16 where
     the hardware runs it natively: on this CPU ~1.5x faster than fp32 weights under autocast, and embeddings stay
     within cosine 0.9999 of fp32 (checked by tests and ``make bench``)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    setdefault_env(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")  # read by the libraries on import
     from sentence_transformers import SentenceTransformer
 
     path = local_path(uri)

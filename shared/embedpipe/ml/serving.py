@@ -28,6 +28,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from embedpipe.config import Platform
+
 log = logging.getLogger(__name__)
 
 PORT = 8080  # the container port the registry declares; Vertex passes it back as AIP_HTTP_PORT
@@ -150,18 +152,19 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="task serve", description="Serve the model at AIP_STORAGE_URI (Vertex AI).")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (a container: every interface)")
     args = p.parse_args(argv)
-    uri = os.environ.get("AIP_STORAGE_URI")
+    env = Platform.from_env()  # what Vertex AI tells a prediction container
+    uri = env.aip_storage_uri
     if not uri:
         print("AIP_STORAGE_URI is not set: Vertex AI sets it to the model version's folder", file=sys.stderr)
         return 2
-    port = int(os.environ.get("AIP_HTTP_PORT") or PORT)
+    port = int(env.aip_http_port or PORT)
     server = Server(uri)
     httpd = ThreadingHTTPServer(
         (args.host, port),
         handler(
             server,
-            os.environ.get("AIP_HEALTH_ROUTE") or HEALTH_ROUTE,
-            os.environ.get("AIP_PREDICT_ROUTE") or PREDICT_ROUTE,
+            env.aip_health_route or HEALTH_ROUTE,
+            env.aip_predict_route or PREDICT_ROUTE,
         ),
     )
     threading.Thread(target=server.load, name="load-model", daemon=True).start()

@@ -9,32 +9,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
 
+from embedpipe.config import TrainParams
 from embedpipe.ml.checkpoints import Checkpoints
 from embedpipe.ml.distributed import DistInfo
 from embedpipe.ml.embedding import autocast
 from embedpipe.ml.scalars import ScalarLog
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainParams:
-    learning_rate: float = 2e-5
-    batch_size: int = 32
-    max_steps: int = 1000  # a cap: training runs ``epochs`` over the pairs, at most this many steps (0 = no cap)
-    epochs: int = 1
-    max_seq_length: int = 256
-    warmup_ratio: float = 0.1
-    seed: int = 42
-    log_every: int = 10
-    checkpoint_every: int = 50  # steps; 0 = no checkpoints
-    mini_batch_size: int = 0  # > 0 and < batch_size: cached (GradCache) loss with this mini-batch
-    patience: int = 1  # epochs without a better selection score before training stops (0: never stop early)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 SEQ_QUANTILE = 0.95  # of document token lengths: longer documents are truncated, the rest fit whole
@@ -179,7 +161,8 @@ def train(
     rank, world = dist_info.rank, dist_info.world_size
     primary = rank == 0
     seed_everything(params.seed)
-    model.max_seq_length = params.max_seq_length
+    if params.max_seq_length:  # 0: the model's own
+        model.max_seq_length = params.max_seq_length
     model.train()
     loss_fn = make_loss(model, params)
     cached = not isinstance(loss_fn, _mnrl_class())

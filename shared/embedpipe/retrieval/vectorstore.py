@@ -18,7 +18,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -367,19 +367,25 @@ def created_at(client, name: str) -> float:
 
 
 def drop_old_collections(
-    client, dataset: str, keep: int, protect: Iterable[str] = (), grace_s: float = 600.0
+    client,
+    dataset: str,
+    keep: int,
+    protect: Iterable[str] = (),
+    grace_s: float = 600.0,
+    clock: Callable[[], float] = time.time,
 ) -> list[str]:
     """Retention: keep the live (aliased) collection and the newest ``keep`` others (rejected runs, replaced
     indexes: for inspection and rollback); drop the older ones, except any named in ``protect`` (the collection the
     alias pointed to before this run's swap, which a search may still be serving by name; the ledger's promoted
     ones) and any created less than ``grace_s`` ago (by a concurrent run, or a search that resolved it just before
-    a swap). Those are left to a later run's retention. Returns the dropped names."""
+    a swap). Those are left to a later run's retention. ``clock``: wall time, epoch seconds. Returns the dropped
+    names."""
     live = alias_target(client, alias_name(dataset))
     others = [n for n in dataset_collections(client, dataset) if n != live]
     spared = set(protect)
     dropped = []
     for name in others[: max(0, len(others) - keep)]:
-        if name in spared or time.time() - created_at(client, name) < grace_s:
+        if name in spared or clock() - created_at(client, name) < grace_s:
             continue
         client.drop_collection(name)
         dropped.append(name)

@@ -129,7 +129,7 @@ def base_model_for(info, mode: str):
 
 
 def main(argv: list[str]) -> int:
-    logs.setup()
+    logs.setup(fmt=Settings.from_env().log_format)
     if argv[:1] == ["serve"]:  # the same image as a Vertex AI serving container (the Model Registry's versions)
         from embedpipe.ml import serving
 

@@ -95,7 +95,7 @@ def choose_model(base_score: float | None, tuned_score: float | None) -> tuple[b
 
 
 def main(argv: list[str]) -> int:
-    logs.setup()
+    logs.setup(fmt=Settings.from_env().log_format)
     args = parse_args(argv)
     env = Platform.from_env()  # what Vertex AI (or the local job runner) tells this job
     if not env.aip_model_dir:

@@ -20,7 +20,7 @@ from embedpipe.contracts.events import INDEX_UPDATED
 from embedpipe.gcp import auth
 from embedpipe.index.search import NotIndexed, Searcher
 
-logs.setup()
+logs.setup(fmt=Settings.from_env().log_format)
 log = logging.getLogger("search")
 _settings = Settings.from_env()
 searcher = Searcher(_settings)

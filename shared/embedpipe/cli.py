@@ -43,7 +43,11 @@ def settings() -> Settings:
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", envvar="EMBEDPIPE_VERBOSE")) -> None:
-    logs.setup(10 if verbose else 20)
+    try:
+        fmt = Settings.from_env().log_format
+    except SettingsError:  # reported by the command that needs the settings
+        fmt = "text"
+    logs.setup(10 if verbose else 20, fmt)
 
 
 @app.command()

@@ -68,6 +68,12 @@ def process_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **extra}
 
 
+def secret_env(name: str) -> str:
+    """A secret handed to this process in the env var ``name`` (deploy feeds it to a command's stdin; never a
+    setting: settings are printed in plans and passed to children)."""
+    return os.environ.get(name, "")
+
+
 def setdefault_env(**values: str) -> None:
     """Set env vars this process' libraries read themselves (Hugging Face's ``HF_HUB_OFFLINE``, the Google clients'
     emulator hosts), unless already set. For entry points and the loaders that must configure a library first."""

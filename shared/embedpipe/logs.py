@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
 
@@ -19,9 +18,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def setup(level: int = logging.INFO, fmt: str | None = None) -> None:
-    """Configure the root logger once per process (stderr, so stdout stays for results)."""
-    fmt = fmt or os.environ.get("EMBEDPIPE_LOG_FORMAT", "text")
+def setup(level: int = logging.INFO, fmt: str = "text") -> None:
+    """Configure the root logger once per process (stderr, so stdout stays for results); ``fmt`` is the settings'
+    ``log_format`` (text | json), passed in by each entry point (this module sits below config)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=1)
 def pipeline() -> Pipeline:
-    logs.setup()
+    logs.setup(fmt=Settings.from_env().log_format)
     return Pipeline(Settings.from_env())
 
 

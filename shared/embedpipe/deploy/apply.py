@@ -7,13 +7,12 @@ can do (``embedpipe.deploy.plan.Mode``). IAM bindings are added with
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from collections.abc import Callable
 
 from embedpipe import topology
-from embedpipe.config import repo_root
+from embedpipe.config import repo_root, secret_env
 from embedpipe.deploy.config import DeployConfig, DeployError
 from embedpipe.deploy.plan import Mode, Step, fmt, gcloud
 from embedpipe.deploy.staging import is_service
@@ -92,7 +91,7 @@ def apply(cfg: DeployConfig, steps: list[Step], runner: Runner = run_gcloud, ech
         else:
             proc = runner(resolve(step.check), None)
             action = step.action(proc.returncode, proc.stdout)
-        stdin = os.environ.get(step.stdin_env, "") if step.stdin_env and action == "create" else None
+        stdin = secret_env(step.stdin_env) if step.stdin_env and action == "create" else None
         for argv in step.commands(action):
             run(argv, stdin)
         for argv in step.iam:

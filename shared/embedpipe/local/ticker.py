@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    logs.setup()
+    logs.setup(fmt=Settings.from_env().log_format)
     settings = Settings.from_env()
     while True:
         try:

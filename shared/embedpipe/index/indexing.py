@@ -343,7 +343,7 @@ def _bulk(ledger, record: RunRecord):
     """(recorded bulk-import job id, recorder) for this run: the id is stored before the job is polled."""
 
     def on_started(job_id: str) -> None:
-        _record_fields(ledger, record["run_id"], bulk_import={"job_id": job_id, "at": runs.iso(time.time())})
+        _record_fields(ledger, record["run_id"], bulk_import={"job_id": job_id, "at": runs.iso(ledger.clock())})
 
     return (record.get("bulk_import") or {}).get("job_id"), on_started
 
@@ -407,7 +407,7 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
                 "collection": collection,
                 "upserts": sum(m["count"] for m in manifests),
                 "deletes": removed,
-                "started_at": runs.iso(time.time()),
+                "started_at": runs.iso(ledger.clock()),
             },
         )
         # The promoted entry's id -> hash table stops describing the collection once it is edited; until this run
@@ -533,7 +533,7 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
         _record_fields(
             ledger,
             run_id,
-            inplace={**(ledger.get_run(run_id) or {}).get("inplace", {}), "done_at": runs.iso(time.time())},
+            inplace={**(ledger.get_run(run_id) or {}).get("inplace", {}), "done_at": runs.iso(ledger.clock())},
         )
     log.info("run %s (%s): %s into %s; %s; dropped %s", run_id, kind, counts, collection, reason, dropped or "none")
 

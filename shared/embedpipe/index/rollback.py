@@ -26,7 +26,6 @@ on the rollback as ``registry``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -226,7 +225,7 @@ def rollback(
             raise RollbackRefused(f"dataset {dataset!r}: the live index changed meanwhile; run the rollback again")
         seq = st.get("rollback_seq", 0) + 1
         rid = f"{dataset}/rollback/{seq}"
-        at = runs.iso(time.time())
+        at = runs.iso(ledger.clock())
         live_now, *others = _synced(st)
         entries = [
             target,
@@ -287,7 +286,7 @@ def _mark(ledger, dataset: str, rid: str, field: str, **extra) -> None:
         items = st.get("rollbacks") or []
         if not any(i["id"] == rid and not i.get(field) for i in items):
             return None
-        at = runs.iso(time.time())
+        at = runs.iso(ledger.clock())
         return {**st, "rollbacks": [{**i, field: at, **extra} if i["id"] == rid else i for i in items]}
 
     ledger.update_dataset(dataset, fn)

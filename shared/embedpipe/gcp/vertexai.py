@@ -14,6 +14,11 @@ def label_value(value: str) -> str:
     return re.sub(r"[^a-z0-9_-]", "-", str(value).lower())[:63]
 
 
+def parent(settings: Settings) -> str:
+    """The location every Vertex AI resource of ours lives under (jobs, models)."""
+    return f"projects/{settings.project}/locations/{settings.region}"
+
+
 def client_options(settings: Settings, credentials=None) -> dict:
     """Keyword arguments for any gapic ``aiplatform_v1`` service client (jobs, models): REST transport, the regional
     endpoint or ``EMBEDPIPE_VERTEX_ENDPOINT``, and anonymous credentials for an ``http://`` one (a local test

@@ -142,7 +142,9 @@ class VertexRegistry:
 
     @property
     def parent(self) -> str:
-        return f"projects/{self.settings.project}/locations/{self.settings.region}"
+        from embedpipe.gcp.vertexai import parent
+
+        return parent(self.settings)
 
     @property
     def client(self):

@@ -33,6 +33,7 @@ import hashlib
 import logging
 
 from embedpipe.config import Settings
+from embedpipe.gcp import vertexai
 from embedpipe.gcp.vertexai import client_options, label_value
 from embedpipe.jobs import hypertune
 from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobSpec, JobStatus
@@ -96,7 +97,7 @@ class VertexJobLauncher:
     # ---------------------------------------------------------------- client
     @property
     def parent(self) -> str:
-        return f"projects/{self.settings.project}/locations/{self.settings.region}"
+        return vertexai.parent(self.settings)
 
     @property
     def client(self):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from embedpipe import topology
 from embedpipe.config import repo_root, secret_env
 from embedpipe.deploy.config import DeployConfig, DeployError
-from embedpipe.deploy.plan import Mode, Step, fmt, gcloud
+from embedpipe.deploy.plan import Mode, Step, describe_function, fmt, gcloud
 from embedpipe.deploy.staging import is_service
 
 Runner = Callable[[list[str], str | None], subprocess.CompletedProcess]
@@ -45,15 +45,7 @@ class Resolver:
                     cfg, "run", "services", "describe", c.name, f"--region={cfg.region}", "--format=value(status.url)"
                 )
             else:
-                argv = gcloud(
-                    cfg,
-                    "functions",
-                    "describe",
-                    c.name,
-                    "--gen2",
-                    f"--region={cfg.region}",
-                    "--format=value(serviceConfig.uri)",
-                )
+                argv = describe_function(cfg, c.name, "serviceConfig.uri")
         else:
             raise DeployError(f"unknown placeholder <<{key}>>")
         proc = self.runner(argv, None)

@@ -158,6 +158,11 @@ def gcloud(cfg: DeployConfig, *args: str) -> list[str]:
     return ["gcloud", *args, f"--project={cfg.project}"]
 
 
+def describe_function(cfg: DeployConfig, name: str, field: str) -> list[str]:
+    """The command that prints one field of a deployed (gen2) function: the plan's check, apply's URL lookup."""
+    return gcloud(cfg, "functions", "describe", name, "--gen2", f"--region={cfg.region}", f"--format=value({field})")
+
+
 def _member(cfg: DeployConfig, identity: str) -> str:
     return f"serviceAccount:{cfg.sa(identity)}"
 
@@ -296,31 +301,24 @@ def _service_account(cfg: DeployConfig, identity: str) -> Step:
     for other, other_grants in topology.ACCESS.items():  # e.g. launching functions may act as the job identity
         for target, role in other_grants:
             if target == f"sa:{identity}":
-                s.iam.append(
-                    gcloud(
-                        cfg,
-                        "iam",
-                        "service-accounts",
-                        "add-iam-policy-binding",
-                        cfg.sa(identity),
-                        f"--member={_member(cfg, other)}",
-                        f"--role={role}",
-                    )
-                )
+                s.iam.append(_sa_binding(cfg, identity, _member(cfg, other), role))
     if identity == "push":  # Pub/Sub mints the push tokens as this account
-        s.iam.append(
-            gcloud(
-                cfg,
-                "iam",
-                "service-accounts",
-                "add-iam-policy-binding",
-                cfg.sa(identity),
-                f"--member={PUBSUB_AGENT}",
-                "--role=roles/iam.serviceAccountTokenCreator",
-            )
-        )
+        s.iam.append(_sa_binding(cfg, identity, PUBSUB_AGENT, "roles/iam.serviceAccountTokenCreator"))
     s.expect = full
     return s
+
+
+def _sa_binding(cfg: DeployConfig, identity: str, member: str, role: str) -> list[str]:
+    """``member`` gets ``role`` on the service account of ``identity`` (act as it, mint its tokens)."""
+    return gcloud(
+        cfg,
+        "iam",
+        "service-accounts",
+        "add-iam-policy-binding",
+        cfg.sa(identity),
+        f"--member={member}",
+        f"--role={role}",
+    )
 
 
 def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
@@ -360,32 +358,18 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
     for identity, grants in topology.ACCESS.items():
         for target, role in grants:
             if target == f"bucket:{settings_field}":
-                s.iam.append(
-                    gcloud(
-                        cfg,
-                        "storage",
-                        "buckets",
-                        "add-iam-policy-binding",
-                        f"gs://{name}",
-                        f"--member={_member(cfg, identity)}",
-                        f"--role={role}",
-                    )
-                )
+                s.iam.append(_bucket_binding(cfg, name, _member(cfg, identity), role))
     if settings_field == "artifacts_bucket" and cfg.settings.model_registry != "local":
         # the Model Registry's uploads read runs/<run>/.../model/ as Vertex's agent (bucket-wide: copying a folder
         # lists it, and a list is checked on the bucket, where an object-name condition cannot apply)
-        s.iam.append(
-            gcloud(
-                cfg,
-                "storage",
-                "buckets",
-                "add-iam-policy-binding",
-                f"gs://{name}",
-                f"--member={VERTEX_AGENT}",
-                "--role=roles/storage.objectViewer",
-            )
-        )
+        s.iam.append(_bucket_binding(cfg, name, VERTEX_AGENT, "roles/storage.objectViewer"))
     return _labelled(cfg, s, ["storage", "buckets", "describe", f"gs://{name}"], "labels")
+
+
+def _bucket_binding(cfg: DeployConfig, bucket: str, member: str, role: str) -> list[str]:
+    return gcloud(
+        cfg, "storage", "buckets", "add-iam-policy-binding", f"gs://{bucket}", f"--member={member}", f"--role={role}"
+    )
 
 
 def _bigquery_read(cfg: DeployConfig, dataset: str) -> Step:
@@ -558,15 +542,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
             f"--timeout={timeout}s",
             *common,
         )
-        s.check = gcloud(
-            cfg,
-            "functions",
-            "describe",
-            c.name,
-            "--gen2",
-            f"--region={cfg.region}",
-            f"--format=value(labels.{FINGERPRINT_LABEL})",
-        )
+        s.check = describe_function(cfg, c.name, f"labels.{FINGERPRINT_LABEL}")
         invoker = ["functions", "add-invoker-policy-binding", c.name, "--gen2", f"--region={cfg.region}"]
     s.create = [cmd]
     s.expect = s.fingerprint

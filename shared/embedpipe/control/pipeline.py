@@ -321,20 +321,7 @@ class Pipeline(Lifecycle):
         params = {k: o.get(k, knobs[k]) for k in TRAIN_OVERRIDES}
         args = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
         args += [f"--dataset={record['dataset']}", f"--run-id={run_id}", *self._as_of(record)]
-        return JobSpec(
-            key=f"{run_id}/train/{attempt}",
-            container="trainer",
-            args=args,
-            base_output_dir=job_output_uri(self.ledger.run_dir(run_id), "train", attempt),
-            env=self._job_env(),
-            labels={"run_id": run_id, "stage": "train"},
-            image=s.trainer_image,
-            machine_type=s.train_machine_type,
-            accelerator_type=s.train_accelerator,
-            accelerator_count=1 if s.train_accelerator else 0,
-            replica_count=s.train_replicas,
-            hp_tuning=record.get("hp_tuning"),
-        )
+        return self._job_spec(run_id, "train", attempt, args, self._job_env(), hp_tuning=record.get("hp_tuning"))
 
     def embed_spec(self, record: RunRecord, attempt: int) -> JobSpec:
         s, run_id = self.settings, record["run_id"]
@@ -360,18 +347,29 @@ class Pipeline(Lifecycle):
             previous = self.ledger.get_dataset(record["dataset"]).get("promoted")
             if previous:
                 args.append(f"--previous-model-uri={previous['model_uri']}")
+        return self._job_spec(run_id, "embed", attempt, args, {**self._job_env(), **ALLOCATOR_ENV})
+
+    def _job_spec(self, run_id: str, stage: str, attempt: int, args: list[str], env: dict, **extra) -> JobSpec:
+        """One attempt of ``stage`` (train | embed): its key, output folder and labels, and the container, image and
+        machine the settings give that stage; ``extra``: the rest of the JobSpec (``hp_tuning``)."""
+        s = self.settings
+        container, image, machine, accelerator, replicas = {
+            "train": ("trainer", s.trainer_image, s.train_machine_type, s.train_accelerator, s.train_replicas),
+            "embed": ("embedder", s.embedder_image, s.embed_machine_type, s.embed_accelerator, s.embed_replicas),
+        }[stage]
         return JobSpec(
-            key=f"{run_id}/embed/{attempt}",
-            container="embedder",
+            key=f"{run_id}/{stage}/{attempt}",
+            container=container,
             args=args,
-            base_output_dir=job_output_uri(self.ledger.run_dir(run_id), "embed", attempt),
-            env={**self._job_env(), **ALLOCATOR_ENV},
-            labels={"run_id": run_id, "stage": "embed"},
-            image=s.embedder_image,
-            machine_type=s.embed_machine_type,
-            accelerator_type=s.embed_accelerator,
-            accelerator_count=1 if s.embed_accelerator else 0,
-            replica_count=s.embed_replicas,
+            base_output_dir=job_output_uri(self.ledger.run_dir(run_id), stage, attempt),
+            env=env,
+            labels={"run_id": run_id, "stage": stage},
+            image=image,
+            machine_type=machine,
+            accelerator_type=accelerator,
+            accelerator_count=1 if accelerator else 0,
+            replica_count=replicas,
+            **extra,
         )
 
     def _submit(self, record: RunRecord, stage: str, attempt: int, from_state: str) -> None:

@@ -9,9 +9,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from google.cloud import aiplatform_v1
@@ -21,24 +18,19 @@ from embedpipe.index.registry import ALIAS, VertexRegistry
 from embedpipe.ledger.runs import Ledger
 from embedpipe.ml import serving
 from embedpipe.retrieval import vectorstore
+from tests.fake_vertex import PARENT, FakeVertexServer, error
 from tests.unit.fakes import FakeMilvus, FakeStore
 from tests.unit.test_registry import DS, INFO, METRICS, RUN_A, RUN_B, entry, uri
 from tests.unit.test_vertex import settings
 
-PARENT = "projects/demo-project/locations/us-central1"
 MODEL = f"{PARENT}/models/embedpipe-{DS}"
 
 
-def _error(code: int, status: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message, "status": status}}
-
-
-class FakeModelRegistry:
+class FakeModelRegistry(FakeVertexServer):
     """Enough of the Vertex AI Model Registry REST API, kept in memory: upload (a long-running operation), list
     versions (label filter), merge version aliases, delete a version, get an operation."""
 
     def __init__(self, moves_aliases: bool = True) -> None:
-        self.requests: list[tuple[str, str, dict, dict]] = []  # method, path, query, body
         self.models: dict[str, list[dict]] = {}  # model name -> versions (Model JSON), oldest first
         self.operations: dict[str, dict] = {}
         self.moves_aliases = moves_aliases  # Vertex documents it; False: a registry that leaves the old holder
@@ -47,12 +39,7 @@ class FakeModelRegistry:
         self.unseen = 0  # the next N list calls answer as if the Model did not exist (a racing first upload)
         self.refuse_uploads = False  # True: uploads answer 403
         self.next_op = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        super().__init__()
 
     def add_version(self, model: str, body: dict, aliases: list[str]) -> dict:
         versions = self.models.setdefault(model, [])
@@ -86,96 +73,61 @@ class FakeModelRegistry:
     def holders(self, alias: str) -> list[str]:
         return [f"{v['name']}@{v['versionId']}" for v in self.models.get(MODEL, []) if alias in v["versionAliases"]]
 
-    def bodies(self, method: str, path_re: str) -> list[dict]:
-        return [b for m, p, _, b in self.requests if m == method and re.search(path_re, p)]
-
     def _version(self, name: str) -> dict | None:
         model, _, vid = name.partition("@")
         return next((v for v in self.models.get(model, []) if v["versionId"] == vid), None)
 
-    def _handler(self):
-        fake = self
+    def route(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict]:
+        code, doc = self._answer(method, path, query, body)
+        return code, {k: v for k, v in doc.items() if k != "pending"}  # an operation's pending upload stays here
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code: int, doc: dict) -> None:
-                data = json.dumps({k: v for k, v in doc.items() if k != "pending"}).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _handle(self, method: str) -> None:
-                url = urllib.parse.urlsplit(self.path)
-                query = dict(urllib.parse.parse_qsl(url.query))
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else {}
-                path = re.sub(r"^/(v1|ui)/", "", urllib.parse.unquote(url.path))
-                fake.requests.append((method, path, query, body))
-                if method == "POST" and path == f"{PARENT}/models:upload":
-                    if fake.refuse_uploads:
-                        return self._send(403, _error(403, "PERMISSION_DENIED", "aiplatform.models.upload denied"))
-                    if body.get("parentModel"):
-                        if body["parentModel"] not in fake.models:
-                            return self._send(404, _error(404, "NOT_FOUND", f"{body['parentModel']} not found"))
-                        return self._send(200, fake.upload(body["parentModel"], body["model"]))
-                    model = f"{PARENT}/models/{body['modelId']}"
-                    if model in fake.models:
-                        return self._send(409, _error(409, "ALREADY_EXISTS", f"{model} exists"))
-                    return self._send(200, fake.upload(model, body["model"]))
-                if method == "GET" and path.endswith(":listVersions"):
-                    model = path.removesuffix(":listVersions")
-                    if model not in fake.models or fake.unseen:
-                        fake.unseen = max(0, fake.unseen - 1)
-                        return self._send(404, _error(404, "NOT_FOUND", f"{model} not found"))
-                    want = re.fullmatch(r'labels\.(\w+)="(.*)"', query.get("filter", ""))
-                    found = fake.models[model]
-                    if want and fake.hide_from_list:
-                        fake.hide_from_list -= 1
-                        found = []
-                    elif want:
-                        found = [v for v in found if v.get("labels", {}).get(want[1]) == want[2]]
-                    return self._send(200, {"models": found})
-                if method == "POST" and path.endswith(":mergeVersionAliases"):
-                    version = fake._version(path.removesuffix(":mergeVersionAliases"))
-                    if version is None:
-                        return self._send(404, _error(404, "NOT_FOUND", f"{path} not found"))
-                    for alias in body["versionAliases"]:
-                        if alias.startswith("-"):
-                            version["versionAliases"].remove(alias[1:])
-                            continue
-                        if fake.moves_aliases or alias == "default":  # default is always on exactly one
-                            for other in fake.models[version["name"]]:
-                                if alias in other["versionAliases"]:
-                                    other["versionAliases"].remove(alias)
-                        if alias not in version["versionAliases"]:
-                            version["versionAliases"].append(alias)
-                    return self._send(200, version)
-                if method == "DELETE" and path.endswith(":deleteVersion"):
-                    version = fake._version(path.removesuffix(":deleteVersion"))
-                    fake.models[version["name"]].remove(version)
-                    return self._send(200, {"name": f"{version['name']}/operations/del", "done": True})
-                if method == "GET" and path in fake.operations:
-                    return self._send(200, fake.operations[path])
-                return self._send(404, _error(404, "NOT_FOUND", f"{path} not found"))
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_POST(self):
-                self._handle("POST")
-
-            def do_DELETE(self):
-                self._handle("DELETE")
-
-        return Handler
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def _answer(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict]:
+        if method == "POST" and path == f"{PARENT}/models:upload":
+            if self.refuse_uploads:
+                return 403, error(403, "PERMISSION_DENIED", "aiplatform.models.upload denied")
+            if body.get("parentModel"):
+                if body["parentModel"] not in self.models:
+                    return 404, error(404, "NOT_FOUND", f"{body['parentModel']} not found")
+                return 200, self.upload(body["parentModel"], body["model"])
+            model = f"{PARENT}/models/{body['modelId']}"
+            if model in self.models:
+                return 409, error(409, "ALREADY_EXISTS", f"{model} exists")
+            return 200, self.upload(model, body["model"])
+        if method == "GET" and path.endswith(":listVersions"):
+            model = path.removesuffix(":listVersions")
+            if model not in self.models or self.unseen:
+                self.unseen = max(0, self.unseen - 1)
+                return 404, error(404, "NOT_FOUND", f"{model} not found")
+            want = re.fullmatch(r'labels\.(\w+)="(.*)"', query.get("filter", ""))
+            found = self.models[model]
+            if want and self.hide_from_list:
+                self.hide_from_list -= 1
+                found = []
+            elif want:
+                found = [v for v in found if v.get("labels", {}).get(want[1]) == want[2]]
+            return 200, {"models": found}
+        if method == "POST" and path.endswith(":mergeVersionAliases"):
+            version = self._version(path.removesuffix(":mergeVersionAliases"))
+            if version is None:
+                return 404, error(404, "NOT_FOUND", f"{path} not found")
+            for alias in body["versionAliases"]:
+                if alias.startswith("-"):
+                    version["versionAliases"].remove(alias[1:])
+                    continue
+                if self.moves_aliases or alias == "default":  # default is always on exactly one
+                    for other in self.models[version["name"]]:
+                        if alias in other["versionAliases"]:
+                            other["versionAliases"].remove(alias)
+                if alias not in version["versionAliases"]:
+                    version["versionAliases"].append(alias)
+            return 200, version
+        if method == "DELETE" and path.endswith(":deleteVersion"):
+            version = self._version(path.removesuffix(":deleteVersion"))
+            self.models[version["name"]].remove(version)
+            return 200, {"name": f"{version['name']}/operations/del", "done": True}
+        if method == "GET" and path in self.operations:
+            return 200, self.operations[path]
+        return 404, error(404, "NOT_FOUND", f"{path} not found")
 
 
 @pytest.fixture

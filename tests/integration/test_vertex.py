@@ -6,34 +6,24 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from google.cloud import aiplatform_v1
 
 from embedpipe.jobs.spec import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from embedpipe.jobs.vertex import KEY_LABEL, JobNotFound, VertexJobLauncher, key_hash
+from tests.fake_vertex import PARENT, FakeVertexServer, error
 from tests.unit.test_vertex import embed_spec, settings, train_spec
 
-PARENT = "projects/demo-project/locations/us-central1"
 
-
-class FakeVertex:
+class FakeVertex(FakeVertexServer):
     """Enough of the Vertex AI REST API: create/get/list/cancel for custom and tuning jobs, kept in memory."""
 
     def __init__(self) -> None:
-        self.requests: list[tuple[str, str, dict, dict]] = []  # method, path, query, body
         self.jobs: dict[str, dict] = {}  # name -> job JSON
         self.next_id = 1000
         self.hide_from_list = 0  # the next N list calls see nothing (a racing submit)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        super().__init__()
 
     def add(self, kind: str, **job) -> str:
         self.next_id += 1
@@ -41,65 +31,29 @@ class FakeVertex:
         self.jobs[name] = {"name": name, "createTime": f"2026-01-01T00:00:{self.next_id % 60:02d}Z", **job}
         return name
 
-    def bodies(self, method: str, path_re: str) -> list[dict]:
-        return [b for m, p, _, b in self.requests if m == method and re.search(path_re, p)]
-
-    def _handler(self):
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code: int, doc: dict) -> None:
-                data = json.dumps(doc).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _handle(self, method: str) -> None:
-                url = urllib.parse.urlsplit(self.path)
-                query = dict(urllib.parse.parse_qsl(url.query))
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else {}
-                path = urllib.parse.unquote(url.path).removeprefix("/v1/")
-                fake.requests.append((method, path, query, body))
-                m = re.fullmatch(rf"{PARENT}/(customJobs|hyperparameterTuningJobs)", path)
-                if m and method == "POST":
-                    return self._send(200, fake.jobs[fake.add(m[1], **body, state="JOB_STATE_PENDING")])
-                if m and method == "GET":
-                    found = []
-                    if fake.hide_from_list:
-                        fake.hide_from_list -= 1
-                    else:
-                        want = re.fullmatch(r'labels\.(\w+)="(.*)"', query.get("filter", ""))
-                        for name, job in fake.jobs.items():
-                            if f"/{m[1]}/" in name and (not want or job.get("labels", {}).get(want[1]) == want[2]):
-                                found.append(job)
-                    return self._send(200, {m[1]: found})
-                if path.endswith(":cancel") and method == "POST":
-                    name = path.removesuffix(":cancel")
-                    if name not in fake.jobs:
-                        return self._send(404, {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})
-                    fake.jobs[name]["state"] = "JOB_STATE_CANCELLING"
-                    return self._send(200, {})
-                if method == "GET" and path in fake.jobs:
-                    return self._send(200, fake.jobs[path])
-                return self._send(404, {"error": {"code": 404, "message": f"{path} not found", "status": "NOT_FOUND"}})
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_POST(self):
-                self._handle("POST")
-
-        return Handler
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def route(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict]:
+        m = re.fullmatch(rf"{PARENT}/(customJobs|hyperparameterTuningJobs)", path)
+        if m and method == "POST":
+            return 200, self.jobs[self.add(m[1], **body, state="JOB_STATE_PENDING")]
+        if m and method == "GET":
+            found = []
+            if self.hide_from_list:
+                self.hide_from_list -= 1
+            else:
+                want = re.fullmatch(r'labels\.(\w+)="(.*)"', query.get("filter", ""))
+                for name, job in self.jobs.items():
+                    if f"/{m[1]}/" in name and (not want or job.get("labels", {}).get(want[1]) == want[2]):
+                        found.append(job)
+            return 200, {m[1]: found}
+        if path.endswith(":cancel") and method == "POST":
+            name = path.removesuffix(":cancel")
+            if name not in self.jobs:
+                return 404, error(404, "NOT_FOUND", "not found")
+            self.jobs[name]["state"] = "JOB_STATE_CANCELLING"
+            return 200, {}
+        if method == "GET" and path in self.jobs:
+            return 200, self.jobs[path]
+        return 404, error(404, "NOT_FOUND", f"{path} not found")
 
 
 @pytest.fixture

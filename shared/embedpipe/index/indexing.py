@@ -9,6 +9,7 @@ event with the same ``ce-id`` instead of computing a different one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -16,13 +17,16 @@ import time
 
 import numpy as np
 
+from embedpipe.config import Settings
 from embedpipe.contracts.events import INDEX_UPDATED, Event, validate
 from embedpipe.contracts.records import (
     FULL,
-    INCREMENTAL,
     CountsSkipped,
+    DatasetState,
+    IndexUpdated,
     Kind,
     ModelInfo,
+    PromotedEntry,
     RunRecord,
     index_updated_payload,
     promoted_entry,
@@ -31,7 +35,7 @@ from embedpipe.gcp import storage
 from embedpipe.index import bulkload, registry, report, rollback
 from embedpipe.ledger import runs
 from embedpipe.ledger.lifecycle import Lifecycle, embeddings_uri, publish_stalled
-from embedpipe.ledger.runs import INDEXING, PUBLISHING
+from embedpipe.ledger.runs import INDEXING, PUBLISHING, Ledger
 from embedpipe.retrieval import evaluation, vectorstore
 
 log = logging.getLogger(__name__)
@@ -379,204 +383,377 @@ def model_info(uri: str, manifest: dict, trainer_metrics: dict) -> ModelInfo:
     }
 
 
+@dataclasses.dataclass
+class Indexing:
+    """One indexing of a run: what every kind reads. ``promoted_before``: the dataset's promoted entry as the
+    indexing began (``{}`` when none), the index a full or rebuilt run is gated against and an in-place run edits."""
+
+    pipe: Lifecycle
+    record: RunRecord
+    embed_uri: str
+    manifests: list[dict]
+    client: object
+    watch: Stopwatch
+    promoted_before: PromotedEntry | dict
+    t0: float
+
+    @property
+    def settings(self) -> Settings:
+        return self.pipe.settings
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.pipe.ledger
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run_id"]
+
+    @property
+    def dataset(self) -> str:
+        return self.record["dataset"]
+
+    @property
+    def kind(self) -> Kind:
+        return self.record.get("kind") or FULL
+
+    @property
+    def first(self) -> dict:
+        """The first shard's manifest: what every shard agrees on (``load_manifests`` checks it)."""
+        return self.manifests[0]
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """A collection measured on the run's eval qrels (``_evaluate``)."""
+
+    scores: dict  # ``score``'s by_mode, default_mode and metrics
+    search: dict  # what search answers with, as measured (the embedder's settings, the measured default mode)
+    qrels: dict
+    queries: object  # the eval queries' table (ids, vectors), None without qrels
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one kind's indexing did and decided, for the shared ending (``_conclude``)."""
+
+    collection: str
+    counts: CountsSkipped
+    new: Evaluation  # the index this run built
+    previous_collection: str | None  # the alias's target before this run
+    old: dict | None  # the scores of the index it replaces, when measured
+    promoted: bool
+    reason: str
+    model_run: str  # the run whose model the index holds: an incremental run keeps the promoted one's
+    swap: bool  # True: a new collection goes behind the alias (full, rebuild); False: the live one was edited
+    trainer_metrics: dict = dataclasses.field(default_factory=dict)  # the trainer's metrics.json (full runs)
+
+
 def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> str:
-    s, ledger, run_id, dataset = pipe.settings, pipe.ledger, record["run_id"], record["dataset"]
+    """Index the run the way its kind says (one function each), then the shared ending: promote or not, retention,
+    the index-updated event, the model registry."""
     t0 = time.time()
-    embed_uri, job_key = embed_output(ledger, record)
+    embed_uri, job_key = embed_output(pipe.ledger, record)
     manifests = load_manifests(embed_uri, job_key)
-    fingerprint, dim = manifests[0]["fingerprint"], manifests[0]["dim"]
-    kind: Kind = record.get("kind") or FULL
-    # An incremental diff too large to apply in place is rebuilt (the embedder embedded every document with the
-    # promoted model) into a new collection that must pass the gate against the live one, like a full run.
-    rebuild = kind == INCREMENTAL and manifests[0].get("mode") == "rebuild"
-    inplace = kind == INCREMENTAL and not rebuild
-    client = vectorstore.connect(s.milvus_uri, s.milvus_token)
-    alias = vectorstore.alias_name(dataset)
-    watch = Stopwatch()
-    promoted_before = ledger.get_dataset(dataset).get("promoted") or {}
-    removed = check_deletes(s, record, manifests) if kind == INCREMENTAL else 0
-    if inplace:  # into the live collection, which must hold vectors of this very model
-        collection = record["live"]["collection"]
-        watch(vectorstore.check_fingerprint, client, collection, fingerprint, dim)
-        # Recorded before the live collection changes: a crash part-way is finished by the next delivery (upserts
-        # and deletes are idempotent), which reconcile re-requests; `embedpipe status` shows what was under way.
-        _record_fields(
-            ledger,
-            run_id,
-            inplace={
-                "collection": collection,
-                "upserts": sum(m["count"] for m in manifests),
-                "deletes": removed,
-                "started_at": runs.iso(ledger.clock()),
-            },
-        )
-        # The promoted entry's id -> hash table stops describing the collection once it is edited; until this run
-        # promotes (a new entry, new table), the next run must not diff against it: it rebuilds instead.
-        ledger.update_dataset(
-            dataset,
-            lambda st: (
-                {**st, "promoted": {**st["promoted"], "dirty": run_id}}
-                if (st.get("promoted") or {}).get("collection") == collection and st["promoted"].get("dirty") != run_id
-                else None
-            ),
-        )
-    else:
-        collection = vectorstore.collection_name(dataset, run_id)
-        watch(vectorstore.create_collection, client, collection, dim, fingerprint, record["model"]["uri"])
-    upserted = load_shards(
-        s, client, collection, embed_uri, manifests, watch, fresh=not inplace, bulk=_bulk(ledger, record)
+    s = pipe.settings
+    x = Indexing(
+        pipe=pipe,
+        record=record,
+        embed_uri=embed_uri,
+        manifests=manifests,
+        client=vectorstore.connect(s.milvus_uri, s.milvus_token),
+        watch=Stopwatch(),
+        promoted_before=pipe.ledger.get_dataset(record["dataset"]).get("promoted") or {},
+        t0=t0,
     )
+    if x.kind == FULL:
+        out = _index_full(x)
+    elif x.first.get("mode") == "rebuild":  # incremental, the diff too large to apply in place
+        out = _index_rebuild(x)
+    else:  # incremental
+        out = _index_inplace(x)
+    return _conclude(x, out, reg)
+
+
+def _index_full(x: Indexing) -> Outcome:
+    """A full run: its own model's vectors into a new collection, gated against the baselines and the live index."""
+    out = _new_collection_gated(x, deleted=0, same_model=False)
+    return dataclasses.replace(out, trainer_metrics=trainer_output(x.record))
+
+
+def _index_rebuild(x: Indexing) -> Outcome:
+    """An incremental diff too large to apply in place, rebuilt: the embedder embedded every document with the
+    promoted model into a new collection, which must pass the gate against the live one, like a full run."""
+    removed = check_deletes(x.settings, x.record, x.manifests)
+    out = _new_collection_gated(x, deleted=removed, same_model=True)  # the removed: absent from the new collection
+    return dataclasses.replace(
+        out,
+        reason=f"incremental change too large to apply in place, rebuilt: {out.reason}",
+        model_run=x.promoted_before.get("run_id", x.run_id),
+    )
+
+
+def _new_collection_gated(x: Indexing, deleted: int, same_model: bool) -> Outcome:
+    """Full and rebuilt runs: a new collection loaded, measured with the baselines and against the live index,
+    gated. ``same_model``: the live index holds vectors of this run's model, so this run's query vectors rank it when
+    the embedder wrote none of its own."""
+    collection, upserted = _load_new(x)
+    new = _evaluate(x, collection, baselines=True)
+    previous, old = _measure_replaced(x, collection, new.qrels, same_model_queries=new.queries if same_model else None)
+    promoted, reason = _gate(x, new.scores, old, previous)
+    return Outcome(
+        collection=collection,
+        counts=_counts(x, upserted, deleted=deleted),
+        new=new,
+        previous_collection=previous,
+        old=old,
+        promoted=promoted,
+        reason=reason,
+        model_run=x.run_id,
+        swap=True,
+    )
+
+
+def _index_inplace(x: Indexing) -> Outcome:
+    """An incremental run applied to the live collection (upserts and deletes), which must hold vectors of this very
+    model; not gated: the index it replaces is that collection as last measured."""
+    removed = check_deletes(x.settings, x.record, x.manifests)
+    collection = x.record["live"]["collection"]
+    x.watch(vectorstore.check_fingerprint, x.client, collection, x.first["fingerprint"], x.first["dim"])
+    _begin_inplace(x, collection, removed)
+    upserted = _load_shards(x, collection, fresh=False)
     # A run that rejected a corpus file must not delete what that file's documents had put in the index: its
     # ``removed`` is 0 (check_deletes).
-    deleted = delete_removed(client, collection, embed_uri, manifests, watch) if inplace and removed else 0
-    watch(vectorstore.finish_load, client, collection)
-    counts: CountsSkipped = {
+    deleted = delete_removed(x.client, collection, x.embed_uri, x.manifests, x.watch) if removed else 0
+    x.watch(vectorstore.finish_load, x.client, collection)
+    new = _evaluate(x, collection, baselines=False)
+    previous = x.watch(vectorstore.alias_target, x.client, vectorstore.alias_name(x.dataset))
+    before = x.promoted_before
+    old = (
+        {"by_mode": before.get("metrics_by_mode") or {}, "metrics": before["metrics"]}
+        if before.get("metrics")
+        else None
+    )
+    return Outcome(
+        collection=collection,
+        counts=_counts(x, upserted, deleted=deleted),
+        new=new,
+        previous_collection=previous,
+        old=old,
+        promoted=True,
+        reason=f"incremental update of the live collection in place (not gated: {removed} deletes)",
+        model_run=before.get("run_id", x.run_id),
+        swap=False,
+    )
+
+
+def _load_new(x: Indexing) -> tuple[str, int]:
+    """A new collection for this run (``<dataset>__<run_id>``), loaded with every shard: (its name, rows loaded)."""
+    collection = vectorstore.collection_name(x.dataset, x.run_id)
+    m = x.first
+    x.watch(vectorstore.create_collection, x.client, collection, m["dim"], m["fingerprint"], x.record["model"]["uri"])
+    upserted = _load_shards(x, collection, fresh=True)
+    x.watch(vectorstore.finish_load, x.client, collection)
+    return collection, upserted
+
+
+def _load_shards(x: Indexing, collection: str, fresh: bool) -> int:
+    bulk = _bulk(x.ledger, x.record)
+    return load_shards(x.settings, x.client, collection, x.embed_uri, x.manifests, x.watch, fresh=fresh, bulk=bulk)
+
+
+def _begin_inplace(x: Indexing, collection: str, removed: int) -> None:
+    """Recorded before the live collection changes: a crash part-way is finished by the next delivery (upserts and
+    deletes are idempotent), which reconcile re-requests; ``embedpipe status`` shows what was under way."""
+    inplace = {
+        "collection": collection,
+        "upserts": sum(m["count"] for m in x.manifests),
+        "deletes": removed,
+        "started_at": runs.iso(x.ledger.clock()),
+    }
+    _record_fields(x.ledger, x.run_id, inplace=inplace)
+    # The promoted entry's id -> hash table stops describing the collection once it is edited; until this run
+    # promotes (a new entry, new table), the next run must not diff against it: it rebuilds instead.
+    x.ledger.update_dataset(
+        x.dataset,
+        lambda st: (
+            {**st, "promoted": {**st["promoted"], "dirty": x.run_id}}
+            if (st.get("promoted") or {}).get("collection") == collection and st["promoted"].get("dirty") != x.run_id
+            else None
+        ),
+    )
+
+
+def _counts(x: Indexing, upserted: int, deleted: int) -> CountsSkipped:
+    return {
         "upserted": upserted,
-        "deleted": deleted if inplace else removed,
-        "unchanged": sum(m.get("unchanged", 0) for m in manifests),
-        "total": manifests[0].get("corpus_total", sum(m["count"] for m in manifests)),
-        "skipped": manifests[0].get("skipped", 0),
+        "deleted": deleted,
+        "unchanged": sum(m.get("unchanged", 0) for m in x.manifests),
+        "total": x.first.get("corpus_total", sum(m["count"] for m in x.manifests)),
+        "skipped": x.first.get("skipped", 0),
     }
 
-    qrels = storage.read_json(f"{embed_uri}/qrels.json") or {}
-    search = manifests[0].get("search") or {}
-    new = {"by_mode": {}, "default_mode": search.get("default_mode", "dense"), "metrics": {}}
+
+def _evaluate(x: Indexing, collection: str, baselines: bool) -> Evaluation:
+    """The collection's metrics on the eval qrels (none without qrels). ``baselines``: also rank the untuned base
+    model (BM25 alone is one of ``rank``'s modes); a new model's index is gated against both."""
+    qrels = storage.read_json(f"{x.embed_uri}/qrels.json") or {}
+    search = x.first.get("search") or {}
+    scores = {"by_mode": {}, "default_mode": search.get("default_mode", "dense"), "metrics": {}}
     queries = None
     if qrels:
-        queries = read_parquet(f"{embed_uri}/queries.parquet")
-        ranked = watch(rank, client, collection, queries, search)
-        if not inplace:  # the baselines: BM25 alone is ranked above; the untuned base model here
-            ranked["base"] = (
-                rank_base(embed_uri, manifests, queries) if manifests[0].get("has_base") else ranked["dense"]
-            )
-        new = score(ranked, qrels, new["default_mode"])
-    served_search = {**search, "default_mode": new["default_mode"]}  # what search answers with, as measured
-    previous_collection = watch(vectorstore.alias_target, client, alias)
-    old = None
-    if inplace:
-        # The index it replaces is the live collection before this update: its metrics as last measured.
-        if promoted_before.get("metrics"):
-            old = {"by_mode": promoted_before.get("metrics_by_mode") or {}, "metrics": promoted_before["metrics"]}
-        promoted, reason = True, f"incremental update of the live collection in place (not gated: {removed} deletes)"
-    else:
-        # The live index, ranked with its own model's query vectors (a rebuild shares the model: the same ones).
-        prev_queries = f"{embed_uri}/queries-previous.parquet"
-        if previous_collection and previous_collection != collection and qrels:
-            queries_prev = read_parquet(prev_queries) if storage.exists(prev_queries) else queries if rebuild else None
-            if queries_prev is not None:
-                prev_search = promoted_before.get("search") or {}
-                ranked_prev = watch(rank, client, previous_collection, queries_prev, prev_search)
-                old = score(ranked_prev, qrels, prev_search.get("default_mode", "dense"))
-        promoted, reason = decide(
-            new["by_mode"],
-            old["metrics"] if old else None,
-            s.gate_metrics,
-            s.gate_tolerance,
-            bool(previous_collection),
-        )
-        if rebuild:
-            reason = f"incremental change too large to apply in place, rebuilt: {reason}"
-    current = ledger.get_run(run_id) or {}
-    if current.get("state") != INDEXING:  # failed meanwhile (past its deadline): change nothing users see
-        return f"run {run_id} is {current.get('state')} now: not promoting"
-    if promoted:
-        if not inplace:
-            watch(vectorstore.point_alias, client, alias, collection)
-        model_uri = record["model"]["uri"]
-        entry = promoted_entry(
-            run_id=promoted_before.get("run_id", run_id) if kind == INCREMENTAL else run_id,
-            collection=collection,
-            model_uri=model_uri,
-            fingerprint=fingerprint,
-            dim=dim,
-            metrics=new["metrics"],
-            metrics_by_mode=new["by_mode"],
-            search=served_search,
-            schema=vectorstore.SCHEMA_VERSION,
-            updated_by=run_id,
-            # the id -> hash table of what the collection now holds: the next incremental run's diff base
-            hashes=f"{embed_uri}/{manifests[0]['hashes_file']}" if manifests[0].get("hashes_file") else None,
-            rows=manifests[0].get("hashes_rows"),
-        )
+        queries = read_parquet(f"{x.embed_uri}/queries.parquet")
+        ranked = x.watch(rank, x.client, collection, queries, search)
+        if baselines:
+            has_base = x.first.get("has_base")
+            ranked["base"] = rank_base(x.embed_uri, x.manifests, queries) if has_base else ranked["dense"]
+        scores = score(ranked, qrels, scores["default_mode"])
+    return Evaluation(scores, {**search, "default_mode": scores["default_mode"]}, qrels, queries)
 
-        def promote(st):
-            history = [collection] + [c for c in st.get("promoted_history", []) if c != collection]
-            return {
-                **st,
-                "promoted": entry,
-                "promoted_history": history[: s.keep_collections + 1],
-                # whole entries (model, fingerprint, id/hash table): what a rollback makes live again
-                "promoted_entries": rollback.remember(st, entry, s.keep_collections + 1),
-            }
 
-        state = ledger.update_dataset(dataset, promote)
-        registration = {"registry": reg.name, "state": "after publish"}  # see the end of _index
-    else:
-        state = ledger.get_dataset(dataset)
-        registration = registry.not_registered(reg, "rejected by the gate: rejected models are not registered")
-    # Retention never drops what search may still be serving (the pre-swap live collection), the recently promoted
-    # ones (rollback targets, the default one included), or anything younger than the grace period.
-    protect = {c for c in [previous_collection, *state.get("promoted_history", []), *rollback.kept(state)] if c}
-    dropped = (
-        []
-        if inplace
-        else watch(
-            vectorstore.drop_old_collections,
-            client,
-            dataset,
-            s.keep_collections,
-            protect=protect,
-            grace_s=s.retention_grace_s,
-        )
+def _measure_replaced(x: Indexing, collection: str, qrels: dict, same_model_queries) -> tuple[str | None, dict | None]:
+    """(the live collection, its scores): the live index ranked with its own model's query vectors (the embedder
+    wrote them beside this run's, ``queries-previous.parquet``), else with ``same_model_queries`` when the model is
+    the same; scores None when there is no other live index, no qrels or no query vectors for it."""
+    previous = x.watch(vectorstore.alias_target, x.client, vectorstore.alias_name(x.dataset))
+    if not (previous and previous != collection and qrels):
+        return previous, None
+    prev_queries = f"{x.embed_uri}/queries-previous.parquet"
+    queries = read_parquet(prev_queries) if storage.exists(prev_queries) else same_model_queries
+    if queries is None:
+        return previous, None
+    prev_search = x.promoted_before.get("search") or {}
+    ranked = x.watch(rank, x.client, previous, queries, prev_search)
+    return previous, score(ranked, qrels, prev_search.get("default_mode", "dense"))
+
+
+def _gate(x: Indexing, scores: dict, old: dict | None, previous: str | None) -> tuple[bool, str]:
+    s = x.settings
+    return decide(scores["by_mode"], old["metrics"] if old else None, s.gate_metrics, s.gate_tolerance, bool(previous))
+
+
+def _promote(x: Indexing, out: Outcome) -> tuple[PromotedEntry, DatasetState]:
+    """The promotion: the alias onto a new collection, the dataset's promoted entry (what search loads, what a
+    rollback makes live again); returns (the entry, the dataset state after)."""
+    s, m = x.settings, x.first
+    if out.swap:
+        x.watch(vectorstore.point_alias, x.client, vectorstore.alias_name(x.dataset), out.collection)
+    entry = promoted_entry(
+        run_id=out.model_run,
+        collection=out.collection,
+        model_uri=x.record["model"]["uri"],
+        fingerprint=m["fingerprint"],
+        dim=m["dim"],
+        metrics=out.new.scores["metrics"],
+        metrics_by_mode=out.new.scores["by_mode"],
+        search=out.new.search,
+        schema=vectorstore.SCHEMA_VERSION,
+        updated_by=x.run_id,
+        # the id -> hash table of what the collection now holds: the next incremental run's diff base
+        hashes=f"{x.embed_uri}/{m['hashes_file']}" if m.get("hashes_file") else None,
+        rows=m.get("hashes_rows"),
     )
-    if inplace:
-        _record_fields(
-            ledger,
-            run_id,
-            inplace={**(ledger.get_run(run_id) or {}).get("inplace", {}), "done_at": runs.iso(ledger.clock())},
-        )
-    log.info("run %s (%s): %s into %s; %s; dropped %s", run_id, kind, counts, collection, reason, dropped or "none")
 
-    trainer_metrics = trainer_output(record) if kind == FULL else {}
-    report_uri = f"{ledger.run_dir(run_id)}/report.html"
-    data = index_updated_payload(
-        run_id=run_id,
-        dataset=dataset,
-        kind=kind,
-        promoted=promoted,
+    def promote(st):
+        history = [out.collection] + [c for c in st.get("promoted_history", []) if c != out.collection]
+        return {
+            **st,
+            "promoted": entry,
+            "promoted_history": history[: s.keep_collections + 1],
+            # whole entries (model, fingerprint, id/hash table): what a rollback makes live again
+            "promoted_entries": rollback.remember(st, entry, s.keep_collections + 1),
+        }
+
+    return entry, x.ledger.update_dataset(x.dataset, promote)
+
+
+def _retain(x: Indexing, out: Outcome, state: DatasetState) -> list[str]:
+    """Old collections dropped after a swap. Retention never drops what search may still be serving (the pre-swap
+    live collection), the recently promoted ones (rollback targets, the default one included), or anything younger
+    than the grace period. An in-place run drops nothing: it records that its edit is complete instead."""
+    if not out.swap:
+        inplace = (x.ledger.get_run(x.run_id) or {}).get("inplace", {})
+        _record_fields(x.ledger, x.run_id, inplace={**inplace, "done_at": runs.iso(x.ledger.clock())})
+        return []
+    s = x.settings
+    protect = {c for c in [out.previous_collection, *state.get("promoted_history", []), *rollback.kept(state)] if c}
+    return x.watch(
+        vectorstore.drop_old_collections,
+        x.client,
+        x.dataset,
+        s.keep_collections,
+        protect=protect,
+        grace_s=s.retention_grace_s,
+    )
+
+
+def _payload(x: Indexing, out: Outcome, dropped: list[str], report_uri: str) -> IndexUpdated:
+    s, m, old = x.settings, x.first, out.old
+    return index_updated_payload(
+        run_id=x.run_id,
+        dataset=x.dataset,
+        kind=x.kind,
+        promoted=out.promoted,
         gate={
             "metric": s.gate_metric,
             "metrics": list(s.gate_metrics),
             "tolerance": s.gate_tolerance,
-            "reason": reason,
+            "reason": out.reason,
         },
-        search=served_search,
-        alias=alias,
-        collection=collection,
-        previous_collection=previous_collection,
-        model=model_info(record["model"]["uri"], manifests[0], trainer_metrics),
-        counts=counts,
-        metrics=new["metrics"] or None,
+        search=out.new.search,
+        alias=vectorstore.alias_name(x.dataset),
+        collection=out.collection,
+        previous_collection=out.previous_collection,
+        model=model_info(x.record["model"]["uri"], m, out.trainer_metrics),
+        counts=out.counts,
+        metrics=out.new.scores["metrics"] or None,
         previous_metrics=(old["metrics"] or None) if old else None,
-        metrics_by_mode=new["by_mode"],
+        metrics_by_mode=out.new.scores["by_mode"],
         previous_metrics_by_mode=old["by_mode"] if old else None,
-        default_search_mode=new["default_mode"],
-        stage_seconds=stage_seconds(record, t0),
+        default_search_mode=out.new.scores["default_mode"],
+        stage_seconds=stage_seconds(x.record, x.t0),
         report_uri=report_uri,
-        trigger=record.get("trigger"),
+        trigger=x.record.get("trigger"),
         indexed={
-            "selection": trainer_metrics.get("selection") if kind == FULL else None,
+            "selection": out.trainer_metrics.get("selection"),
             "eval": {
-                "split": manifests[0].get("eval_split") if qrels else None,
-                "queries": len(qrels),
-                "qrels_absent": manifests[0].get("qrels_absent", 0),
+                "split": m.get("eval_split") if out.new.qrels else None,
+                "queries": len(out.new.qrels),
+                "qrels_absent": m.get("qrels_absent", 0),
             },
-            "milvus_seconds": round(watch.seconds, 3),
+            "milvus_seconds": round(x.watch.seconds, 3),
             "dropped_collections": dropped,
         },
     )
+
+
+def _conclude(x: Indexing, out: Outcome, reg: registry.ModelRegistry) -> str:
+    """Every kind's ending: promote (or record the rejection), retention, the report and the index-updated event
+    stored in the run record (INDEXING -> PUBLISHING) and published, then the model registry."""
+    ledger, run_id, dataset = x.ledger, x.run_id, x.dataset
+    current = ledger.get_run(run_id) or {}
+    if current.get("state") != INDEXING:  # failed meanwhile (past its deadline): change nothing users see
+        return f"run {run_id} is {current.get('state')} now: not promoting"
+    if out.promoted:
+        entry, state = _promote(x, out)
+        registration = {"registry": reg.name, "state": "after publish"}  # see the end of this function
+    else:
+        state = ledger.get_dataset(dataset)
+        registration = registry.not_registered(reg, "rejected by the gate: rejected models are not registered")
+    dropped = _retain(x, out, state)
+    log.info(
+        "run %s (%s): %s into %s; %s; dropped %s",
+        run_id,
+        x.kind,
+        out.counts,
+        out.collection,
+        out.reason,
+        dropped or "none",
+    )
+    report_uri = f"{ledger.run_dir(run_id)}/report.html"
+    data = _payload(x, out, dropped, report_uri)
     storage.write_bytes(
-        report_uri, report.render(data, trainer_metrics.get("loss_curve")).encode(), content_type="text/html"
+        report_uri, report.render(data, out.trainer_metrics.get("loss_curve")).encode(), content_type="text/html"
     )
     event = Event(INDEX_UPDATED, dict(data), id=f"{run_id}/index-updated", subject=run_id)
     validate(event)
@@ -587,15 +764,15 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
         final_event=event.to_structured(),
         metrics=data["metrics"],
         previous_metrics=data["previous_metrics"],
-        promoted=promoted,
-        collection=collection,
-        counts=counts,
+        promoted=out.promoted,
+        collection=out.collection,
+        counts=out.counts,
         registry=registration,
     )
     if not moved:  # a concurrent delivery of the same request stored its event first; it publishes
         return f"run {run_id}: another delivery finished indexing first ({rec['state']})"
-    done = pipe.finish(rec)
-    if promoted:
+    finished = x.pipe.finish(rec)
+    if out.promoted:
         # After the swap and after index-updated (an upload can take minutes; subscribers and search must not wait
         # for a side record): the registry follows Milvus. Keyed by the run whose model it is, so an incremental
         # run (same model) registers nothing new and only re-points the alias; skipped when a rollback or a newer
@@ -604,6 +781,7 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
         def still_live() -> bool:
             return (ledger.get_dataset(dataset).get("promoted") or {}).get("updated_by") == run_id
 
-        registration = registry.promote(reg, dataset, entry["run_id"], model_uri, new["metrics"], still_live)
+        model_uri = x.record["model"]["uri"]
+        registration = registry.promote(reg, dataset, entry["run_id"], model_uri, out.new.scores["metrics"], still_live)
         ledger.update_run(run_id, lambda r: {**r, "registry": registration})
-    return done
+    return finished

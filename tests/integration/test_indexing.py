@@ -62,7 +62,7 @@ def prepared_run(
     """A run in INDEXING with embedding shards whose query vectors find ``good`` of 20 relevant documents; the
     trainer chose ``mode``; with ``base_good`` the shards also hold base-model vectors that find that many."""
     ledger = pipe.ledger
-    run_id = runs.new_run_id(dataset)
+    run_id = runs.new_run_id(ledger.clock())
     trained = f"{ledger.run_dir(run_id)}/train/1"  # the training job's output directory
     ledger.create_run(run_id, dataset, {"type": "test"}, kind="full", model={"uri": f"{trained}/model/"})
     ledger.advance(run_id, runs.PENDING, runs.INDEXING)

@@ -10,6 +10,7 @@ import re
 from embedpipe.config import Settings
 from embedpipe.index import registry, rollback
 from embedpipe.index.registry import ALIAS, LocalRegistry, VertexRegistry
+from embedpipe.ledger import runs
 from embedpipe.ledger.runs import Ledger
 from embedpipe.retrieval import vectorstore
 from tests.unit.fakes import FakeMilvus, FakeStore
@@ -60,11 +61,11 @@ def test_the_model_id_is_valid_for_every_dataset_name():
     assert re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", registry.model_id("9" * 63))
 
 
-def test_locally_the_registry_is_a_recorded_no_op():
+def test_locally_the_registry_is_a_recorded_no_op(clock):
     reg = registry.for_settings(Settings.from_env({}))
     assert isinstance(reg, LocalRegistry)
-    out = registry.promote(reg, DS, RUN_A, "/models/a", METRICS)
-    assert out["registry"] == "local" and out["state"] == "noop"
+    out = registry.promote(reg, DS, RUN_A, "/models/a", METRICS, clock=clock)
+    assert out["registry"] == "local" and out["state"] == "noop" and out["at"] == runs.iso(clock())
     assert out["version"] == f"embedpipe-{DS}@{RUN_A}" and out["alias"] == ALIAS
 
 

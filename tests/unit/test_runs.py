@@ -329,9 +329,15 @@ def test_stage_order():
 
 
 def test_run_ids_are_unique_and_start_with_a_utc_stamp():
-    ids = {runs.new_run_id("demo") for _ in range(50)}
+    ids = {runs.new_run_id(1732611845.9) for _ in range(50)}  # one second: unique by the random part
     assert len(ids) == 50
-    assert all(len(i.split("-")[0]) == len("20241126t090405") for i in ids)
+    assert all(i.split("-")[0] == "20241126t090405" for i in ids)
+
+
+def test_a_new_run_is_named_by_the_ledgers_clock(ledger, clock):
+    run_id = ledger.pending_run("demo", {"type": "upload"}, due_in_s=5)
+    assert clock() == 1_750_000_000.0 and run_id.startswith("20250615t150640-")
+    assert ledger.get_run(run_id)["created_at"] == runs.iso(clock())
 
 
 def test_iso_is_utc_milliseconds():

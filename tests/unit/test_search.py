@@ -55,7 +55,7 @@ class FakeClient:
         return [{"id": self.hit_id, "title": "the title"}]
 
 
-def make(max_datasets: int = 3, loader=None, promoted=("ds0", "ds1", "ds2", "ds3", "ds4")):
+def make(max_datasets: int = 3, loader=None, promoted=("ds0", "ds1", "ds2", "ds3", "ds4"), clock=time.time):
     store = CountingStore()
     ledger = Ledger("bucket", store)
     for name in promoted:
@@ -70,7 +70,7 @@ def make(max_datasets: int = 3, loader=None, promoted=("ds0", "ds1", "ds2", "ds3
         loaded.append(uri)
         return Model(), Info()
 
-    return search_mod.Searcher(settings, ledger, loader or fake_loader), store, loaded
+    return search_mod.Searcher(settings, ledger, loader or fake_loader, clock=clock), store, loaded
 
 
 def sizes(s: search_mod.Searcher) -> tuple[int, int, int]:
@@ -113,6 +113,18 @@ def test_served_datasets_are_bounded_least_recently_used_first():
     assert list(s._serving) == ["ds2", "ds0", "ds3"] and sizes(s)[:2] == (3, 3)
     s.current("ds1")  # evicted: loads again, and ds2 goes
     assert list(s._serving) == ["ds0", "ds3", "ds1"] and loaded.count("gs://m/ds1") == 2
+
+
+def test_a_served_dataset_is_checked_again_once_search_refresh_s_has_passed_on_the_clock(clock):
+    s, store, loaded = make(clock=clock)  # search_refresh_s=3600
+    s.current("ds0")
+    clock.advance(3600)
+    s.current("ds0")
+    assert "ds0" not in s._reloading, "not past the refresh interval yet"
+    clock.advance(1)
+    s.current("ds0")
+    s._reloading["ds0"].join(5)
+    assert store.reads == 2, "the first load's read, then the refresh's"
 
 
 def test_a_reload_finishing_after_eviction_does_not_bring_the_dataset_back():

@@ -551,7 +551,8 @@ def _load_new(x: Indexing) -> tuple[str, int]:
     """A new collection for this run (``<dataset>__<run_id>``), loaded with every shard: (its name, rows loaded)."""
     collection = vectorstore.collection_name(x.dataset, x.run_id)
     m = x.first
-    x.watch(vectorstore.create_collection, x.client, collection, m["dim"], m["fingerprint"], x.record["model"]["uri"])
+    model_uri, clock = x.record["model"]["uri"], x.ledger.clock
+    x.watch(vectorstore.create_collection, x.client, collection, m["dim"], m["fingerprint"], model_uri, clock=clock)
     upserted = _load_shards(x, collection, fresh=True)
     x.watch(vectorstore.finish_load, x.client, collection)
     return collection, upserted
@@ -684,6 +685,7 @@ def _retain(x: Indexing, out: Outcome, state: DatasetState) -> list[str]:
         s.keep_collections,
         protect=protect,
         grace_s=s.retention_grace_s,
+        clock=x.ledger.clock,
     )
 
 
@@ -782,6 +784,7 @@ def _conclude(x: Indexing, out: Outcome, reg: registry.ModelRegistry) -> str:
             return (ledger.get_dataset(dataset).get("promoted") or {}).get("updated_by") == run_id
 
         model_uri = x.record["model"]["uri"]
-        registration = registry.promote(reg, dataset, entry["run_id"], model_uri, out.new.scores["metrics"], still_live)
+        metrics = out.new.scores["metrics"]
+        registration = registry.promote(reg, dataset, entry["run_id"], model_uri, metrics, still_live, ledger.clock)
         ledger.update_run(run_id, lambda r: {**r, "registry": registration})
     return finished

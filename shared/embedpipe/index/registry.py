@@ -284,6 +284,7 @@ def promote(
     model_uri: str,
     metrics: dict | None = None,
     still_live: Callable[[], bool] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> dict:
     """Register the model of ``run_id`` (once: a version already registered for that run is reused) and point the
     alias at it, unless ``still_live()`` says the index is no longer the live one by then (a rollback or another
@@ -291,14 +292,15 @@ def promote(
     keeps. Never raises: the index is promoted already and stays promoted. A failed or pending registration is
     recorded (``state`` failed | pending, with the error or the operation) and the alias is taken off the previous
     model (it no longer serves the live index; ``default`` stays, Vertex needs one holder); the dataset's next
-    promotion or rollback runs this same step and catches up."""
+    promotion or rollback runs this same step and catches up. ``clock``: wall time for the record's ``at`` (the
+    caller's ledger clock)."""
     out = {"registry": reg.name, "model": reg.model_name(dataset), "alias": ALIAS, "run_id": run_id}
     version = None
     try:
         version = reg.register(dataset, run_id, model_uri, metrics=metrics)
         if still_live is not None and not still_live():
             log.info("dataset %s: run %s is no longer live: alias left to what replaced it", dataset, run_id)
-            return {**out, "version": version, "state": "superseded", "at": runs.iso(time.time())}
+            return {**out, "version": version, "state": "superseded", "at": runs.iso(clock())}
         reg.point_alias(dataset, version)
     except Exception as exc:  # recorded, not raised: see the docstring
         pending = isinstance(exc, RegistrationPending)
@@ -312,9 +314,9 @@ def promote(
             log.exception("dataset %s: could not take alias %s off the previous model", dataset, ALIAS)
         detail = {"operation": exc.operation} if pending else {"error": f"{type(exc).__name__}: {exc}"[:1000]}
         state = "pending" if pending else "failed"
-        return {**out, "version": version, "state": state, **detail, "at": runs.iso(time.time())}
+        return {**out, "version": version, "state": state, **detail, "at": runs.iso(clock())}
     state = "noop" if reg.name == "local" else "aliased"  # locally nothing was sent: the record shows the step
-    return {**out, "version": version, "state": state, "at": runs.iso(time.time())}
+    return {**out, "version": version, "state": state, "at": runs.iso(clock())}
 
 
 def not_registered(reg: ModelRegistry, reason: str) -> dict:

@@ -297,10 +297,12 @@ def point_registry_alias(settings: Settings, dataset: str, entry: PromotedEntry,
     Vertex version registered for the entry's run, registered now if its promotion could not; locally the no-op).
     Returns what the rollback records as its ``registry``; never raises (the Milvus alias has moved already)."""
 
+    ledger = ledger or runs.Ledger(settings.artifacts_bucket)
+
     def still_live() -> bool:  # a promotion that overtook the rollback moves the alias itself
-        live = (ledger or runs.Ledger(settings.artifacts_bucket)).get_dataset(dataset).get("promoted") or {}
+        live = ledger.get_dataset(dataset).get("promoted") or {}
         return live.get("collection") == entry["collection"]
 
-    return registry.promote(
-        registry.for_settings(settings), dataset, entry["run_id"], entry["model_uri"], entry.get("metrics"), still_live
-    )
+    reg = registry.for_settings(settings)
+    metrics = entry.get("metrics")
+    return registry.promote(reg, dataset, entry["run_id"], entry["model_uri"], metrics, still_live, ledger.clock)

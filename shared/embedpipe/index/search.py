@@ -21,6 +21,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -97,9 +98,16 @@ class Serving:
 
 
 class Searcher:
-    def __init__(self, settings: Settings, ledger: Ledger | None = None, loader=model_for):
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger | None = None,
+        loader=model_for,
+        clock: Callable[[], float] = time.time,
+    ):
         self.settings = settings
-        self.ledger = ledger or Ledger(settings.artifacts_bucket)
+        self.clock = clock  # wall time, epoch seconds: when each dataset was last checked (search_refresh_s)
+        self.ledger = ledger or Ledger(settings.artifacts_bucket, clock=clock)
         self.loader = loader
         # At most settings.search_max_datasets datasets, least recently used first; _checked and _reloading only
         # ever hold datasets in _serving, so all three stay bounded.
@@ -138,7 +146,7 @@ class Searcher:
             self._serving[dataset] = serving
             if not replace:
                 self._serving.move_to_end(dataset)
-                self._checked[dataset] = time.time()
+                self._checked[dataset] = self.clock()
             while len(self._serving) > self.settings.search_max_datasets:
                 old, _ = self._serving.popitem(last=False)
                 self._checked.pop(old, None)
@@ -163,7 +171,7 @@ class Searcher:
                     cur = self._load(promoted)
                     self._keep(dataset, cur)
             return cur
-        if time.time() - self._checked.get(dataset, 0) > self.settings.search_refresh_s:
+        if self.clock() - self._checked.get(dataset, 0) > self.settings.search_refresh_s:
             self.reload(dataset)
         return cur
 
@@ -179,7 +187,7 @@ class Searcher:
                 return running
             thread = threading.Thread(target=self._reload, args=(dataset,), name=f"reload-{dataset}", daemon=True)
             self._reloading[dataset] = thread
-            self._checked[dataset] = time.time()
+            self._checked[dataset] = self.clock()
         thread.start()
         return thread
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import random
 import time
@@ -70,16 +71,16 @@ def is_past(record: RunRecord, state: str) -> bool:
     return record["state"] in TERMINAL or stage_index(record["state"]) >= stage_index(state)
 
 
-def utcnow() -> float:
-    return time.time()
-
-
 def parse_iso(text: str) -> float:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def new_run_id(dataset: str) -> str:
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dt%H%M%S")
+def new_run_id(now: float) -> str:
+    """``<UTC stamp of now>-<6 random hex>``. Unique across processes by its random part, not by its time: two
+    instances creating a run in the same second differ there (and ``create_run`` is create-only besides). The stamp
+    orders runs and their collections and names the moment the run was created, so it is read from the ledger's
+    clock like every other stamp of the run (``Ledger.pending_run``), not from the wall clock directly."""
+    stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y%m%dt%H%M%S")
     return f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 
@@ -221,7 +222,7 @@ class Ledger:
             run_id = state["pending"]
             fresh = run_id is None
             if fresh:
-                run_id = new_run_id(dataset)
+                run_id = new_run_id(self.clock())
                 self.create_run(run_id, dataset, trigger)
 
             def fn(st, run_id=run_id, fresh=fresh):
@@ -275,10 +276,11 @@ class Ledger:
     def add_trigger(self, run_id: str, key: str, info: dict | None = None, wait_s: float = 10.0) -> bool:
         """Record an upload's trigger in ``run_id``; whether the run counts it. Written first, read after: while the
         run is unsealed the seal's listing will see the item; once sealed, the merged record says whether it did
-        (False: the caller moves the trigger to the next run). A seal whose merge is not written yet is waited for."""
+        (False: the caller moves the trigger to the next run). A seal whose merge is not written yet is waited for,
+        ``wait_s`` at most: counted in polls of ``MERGE_POLL_S``, not read from a clock (a wait, not a stamp: the
+        ledger's clock may be a frozen test clock, and no stored time is compared)."""
         self.put_item(run_id, "triggers", key, info or {})
-        deadline = time.time() + wait_s
-        while True:
+        for poll in itertools.count():
             record = self.get_run(run_id)
             if record is None:
                 return False
@@ -286,9 +288,9 @@ class Ledger:
                 return True
             if record.get("merged") or not record.get("sealed"):
                 return key in record["triggers"]
-            if time.time() > deadline:  # the sealing launch died before its merge: a redelivery retries
+            if poll * MERGE_POLL_S >= wait_s:  # the sealing launch died before its merge: a redelivery retries
                 raise RuntimeError(f"run {run_id} is sealed but its triggers are not merged yet")
-            time.sleep(0.2)
+            time.sleep(MERGE_POLL_S)
 
     def seal(self, run_id: str) -> RunRecord:
         """Close a PENDING run to new triggers, then copy its items into the record once (``merged``): the triggers
@@ -326,6 +328,8 @@ class Ledger:
 ITEM_FIELDS = ("triggers", "notices", "file_errors", "arriving")
 # An upload whose intake is still running holds back its run's launch this long at most (its handler may have died).
 ARRIVING_MAX_S = 120.0
+# How often add_trigger reads a sealed run whose merge it waits for.
+MERGE_POLL_S = 0.2
 
 
 def _item_of(uri: str) -> tuple[str, str] | None:

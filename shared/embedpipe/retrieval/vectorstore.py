@@ -105,8 +105,11 @@ def connect(uri: str, token: str = ""):
     return MilvusClient(uri=uri, token=token or "", grpc_options=GRPC_OPTIONS)
 
 
-def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: str) -> None:
-    """Create (idempotently) the collection with dense + BM25 sparse fields and their indexes."""
+def create_collection(
+    client, name: str, dim: int, fingerprint: str, model_uri: str, clock: Callable[[], float] = time.time
+) -> None:
+    """Create (idempotently) the collection with dense + BM25 sparse fields and their indexes. ``clock``: wall time,
+    epoch seconds, for its ``created_at`` (what ``drop_old_collections`` compares with its own ``clock``)."""
     from pymilvus import DataType, Function, FunctionType
 
     if client.has_collection(name):
@@ -139,7 +142,7 @@ def create_collection(client, name: str, dim: int, fingerprint: str, model_uri: 
                 PROP + "dim": str(dim),
                 PROP + "model_uri": model_uri,
                 PROP + "analyzer": lexical.ANALYZER,
-                PROP + "created_at": str(time.time()),  # retention's grace period (Lite reports no creation time)
+                PROP + "created_at": str(clock()),  # retention's grace period (Lite reports no creation time)
             },
         )
     except Exception:

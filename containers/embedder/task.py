@@ -129,7 +129,8 @@ def base_model_for(info, mode: str):
 
 
 def main(argv: list[str]) -> int:
-    logs.setup(fmt=Settings.from_env().log_format)
+    settings = Settings.from_env()
+    logs.setup(fmt=settings.log_format)
     if argv[:1] == ["serve"]:  # the same image as a Vertex AI serving container (the Model Registry's versions)
         from embedpipe.ml import serving
 
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model-uri", required=True)
     p.add_argument("--previous-model-uri", default="")
     p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--data-bucket", default=Settings.from_env().data_bucket)
+    p.add_argument("--data-bucket", default=settings.data_bucket)
     p.add_argument("--as-of", default="", help="read BigQuery parts of the dataset as of this time (ISO 8601)")
     p.add_argument("--output-dir", default="", help="default: <run folder>/embeddings")
     p.add_argument(
@@ -171,7 +172,8 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     # GCS reads overlap: the corpus and the live hash table load while the model downloads and loads.
     with ThreadPoolExecutor(4) as writes:
-        reading = writes.submit(intake.load_checked, args.data_bucket, args.dataset, as_of=bqsource.as_of(args.as_of))
+        as_of = bqsource.as_of(args.as_of)
+        reading = writes.submit(intake.load_checked, args.data_bucket, args.dataset, settings, as_of=as_of)
         live = writes.submit(incremental.read_table, args.live_hashes) if args.live_hashes else None
         model, info = load_model(args.model_uri, inference=True)
         ds, rejections, problem = reading.result()

@@ -95,7 +95,8 @@ def choose_model(base_score: float | None, tuned_score: float | None) -> tuple[b
 
 
 def main(argv: list[str]) -> int:
-    logs.setup(fmt=Settings.from_env().log_format)
+    settings = Settings.from_env()
+    logs.setup(fmt=settings.log_format)
     args = parse_args(argv)
     env = Platform.from_env()  # what Vertex AI (or the local job runner) tells this job
     if not env.aip_model_dir:
@@ -111,7 +112,7 @@ def main(argv: list[str]) -> int:
     log.info("rank %d/%d (%s) on %s", dist.rank, dist.world_size, dist.source, device)
     # test labels never reach training; files that break cross-file rules are left out and listed in intake.json
     ds, rejections, problem = intake.load_checked(
-        args.data_bucket, args.dataset, test=False, as_of=bqsource.as_of(args.as_of)
+        args.data_bucket, args.dataset, settings, test=False, as_of=bqsource.as_of(args.as_of)
     )
     if dist.rank == 0:
         intake.write_report(f"{run_dir}/{intake.REPORT_FILE}", rejections, problem)

@@ -148,9 +148,9 @@ class Outcome:
 
 @pytest.fixture
 def cfg(monkeypatch) -> DeployConfig:
-    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
     monkeypatch.delenv("EMBEDPIPE_MILVUS_TOKEN", raising=False)
-    base = Settings(milvus_uri="https://milvus.example:19530", milvus_token=MILVUS_TOKEN)  # token: the secret step
+    # the token: the secret step; the SHA: the images' tag
+    base = Settings(milvus_uri="https://milvus.example:19530", milvus_token=MILVUS_TOKEN, git_sha="0123456789abcdef")
     return config_from_settings(PROJECT, REGION, base, vpc_connector="embedpipe-connector")
 
 

@@ -68,10 +68,10 @@ def sent_custom_job(vertex: FakeVertex) -> aiplatform_v1.CustomJob:
     return aiplatform_v1.CustomJob.from_json(json.dumps(body))
 
 
-def test_custom_job_request_carries_the_whole_spec(vertex, monkeypatch):
-    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123abcd")
+def test_custom_job_request_carries_the_whole_spec(vertex):
     s = settings(
         vertex.endpoint,
+        git_sha="0123abcd",  # the launching function's (the deploy sets it): the job's env carries it
         job_network="projects/123/global/networks/milvus",
         job_scheduling="spot",
         job_timeout_s=7200,

@@ -16,7 +16,7 @@ from embedpipe.config import Settings
 from embedpipe.contracts import datasets
 from embedpipe.control import intake
 from embedpipe.gcp import bqsource, datasource
-from tests.unit.test_intake import DATA, FakeGCS, jl
+from tests.unit.test_intake import CAP, DATA, FakeGCS, jl
 
 T = "my-proj.shop.docs"
 
@@ -166,10 +166,10 @@ def test_the_launch_check_counts_a_corpus_table_and_quarantines_a_broken_source(
     root = "datasets/shop/"
     gcs.put(root + "queries.jsonl", jl({"_id": "q", "text": "alpha?"}))
     gcs.put(root + "source.json", json.dumps({"corpus": {"table": T}}).encode())
-    assert intake.check_listing(DATA, "shop") == ([], None)
+    assert intake.check_listing(DATA, "shop", CAP) == ([], None)
 
     bad = gcs.put(root + "source.json", b'{"corpus": {"table": "nope"}}')
-    [r], problem = intake.check_listing(DATA, "shop")
+    [r], problem = intake.check_listing(DATA, "shop", CAP)
     assert problem == "dataset has no corpus" and r.generation == bad and "is not PROJECT.DATASET.TABLE" in r.reason
     assert r.quarantined_to == f"gs://{DATA}/quarantine/shop/source.json"
 
@@ -301,7 +301,10 @@ def test_the_trainer_never_reads_a_test_qrels_table(gcs, monkeypatch):
         }[part.kind]
 
     monkeypatch.setattr(bqsource, "_arrow_rows", rows)
-    ds = datasource.load_gcs(DATA, "shop", test=False)
+    ds = datasource.load_gcs(DATA, "shop", settings=Settings(), test=False)
     assert "source.json#qrels/test" not in read and set(ds.qrels) == {"train"}
     read.clear()
-    assert set(datasource.load_gcs(DATA, "shop").qrels) == {"train", "test"} and "source.json#qrels/test" in read
+    assert (
+        set(datasource.load_gcs(DATA, "shop", settings=Settings()).qrels) == {"train", "test"}
+        and "source.json#qrels/test" in read
+    )

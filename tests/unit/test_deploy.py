@@ -20,11 +20,13 @@ from embedpipe.deploy.apply import apply
 from embedpipe.deploy.config import DeployConfig, DeployError, bigquery_datasets, config_from_settings, runtime_env
 from embedpipe.deploy.plan import Mode, plan, render
 
+# the deploying settings' git SHA names the images (without one, git_tag asks git for HEAD)
+SHA = {"EMBEDPIPE_GIT_SHA": "0123456789abcdef"}
+
 
 @pytest.fixture
-def cfg(monkeypatch) -> DeployConfig:
-    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
-    base = Settings.from_env({"EMBEDPIPE_MILVUS_URI": "https://milvus.example.com:19530"})
+def cfg() -> DeployConfig:
+    base = Settings.from_env({**SHA, "EMBEDPIPE_MILVUS_URI": "https://milvus.example.com:19530"})
     return config_from_settings("demo-project", "us-central1", base)
 
 
@@ -267,9 +269,8 @@ def test_a_step_without_what_its_mode_needs_is_refused(cfg):
             dataclasses.replace(topic, **change).validate()
 
 
-def test_apply_refuses_a_local_milvus(monkeypatch):
-    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "abc")
-    cfg = config_from_settings("demo-project", "us-central1", Settings.from_env({}))
+def test_apply_refuses_a_local_milvus():
+    cfg = config_from_settings("demo-project", "us-central1", Settings.from_env(SHA))
     with pytest.raises(DeployError, match="EMBEDPIPE_MILVUS_URI points at localhost"):
         apply(cfg, [], runner=FakeGcloud())
 
@@ -285,14 +286,13 @@ def test_deployed_settings_are_cloud_settings(cfg):
     assert "EMBEDPIPE_MILVUS_TOKEN" not in env, "the token travels as a Secret Manager secret, never as plain env"
 
 
-def test_a_local_base_model_path_is_refused_with_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "abc")
+def test_a_local_base_model_path_is_refused_with_the_fix(tmp_path):
     for bad in (str(tmp_path), "BAAI/bge-small-en-v1.5", "bundled:nope", "gs://"):
         with pytest.raises(DeployError, match="EMBEDPIPE_BASE_MODEL: .*upload a local model folder to gs://"):
-            config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": bad}))
-    hub = Settings.from_env({"EMBEDPIPE_BASE_MODEL": "sentence-transformers/all-MiniLM-L6-v2"})
+            config_from_settings("p", "r", Settings.from_env({**SHA, "EMBEDPIPE_BASE_MODEL": bad}))
+    hub = Settings.from_env({**SHA, "EMBEDPIPE_BASE_MODEL": "sentence-transformers/all-MiniLM-L6-v2"})
     assert config_from_settings("p", "r", hub).settings.base_model.endswith("all-MiniLM-L6-v2")  # bundled
-    gs = config_from_settings("p", "r", Settings.from_env({"EMBEDPIPE_BASE_MODEL": "gs://b/models/mine"}))
+    gs = config_from_settings("p", "r", Settings.from_env({**SHA, "EMBEDPIPE_BASE_MODEL": "gs://b/models/mine"}))
     assert gs.settings.base_model == "gs://b/models/mine"
 
 
@@ -405,10 +405,10 @@ def test_the_log_sink_filter_selects_both_job_entries_and_they_parse_alike(fixtu
     )
 
 
-def test_bigquery_sources_get_read_sessions_and_read_on_the_named_datasets_only(monkeypatch):
-    monkeypatch.setenv("EMBEDPIPE_GIT_SHA", "0123456789abcdef")
+def test_bigquery_sources_get_read_sessions_and_read_on_the_named_datasets_only():
     base = Settings.from_env(
         {
+            **SHA,
             "EMBEDPIPE_MILVUS_URI": "https://milvus.example.com:19530",
             "EMBEDPIPE_BIGQUERY_DATASETS": "shop-data.catalog, other-proj.logs",
         }
@@ -433,7 +433,7 @@ def test_bigquery_sources_get_read_sessions_and_read_on_the_named_datasets_only(
     assert "bigquerystorage.googleapis.com" in steps[0].settings["services"]
     assert "EMBEDPIPE_BIGQUERY_PORT" not in runtime_env(c)
     # without named datasets: no BigQuery API, role or grant at all
-    plain = plan(config_from_settings("demo-project", "us-central1", Settings.from_env({})))
+    plain = plan(config_from_settings("demo-project", "us-central1", Settings.from_env(SHA)))
     assert "bigquery" not in " ".join(" ".join(" ".join(a) for a in [*s.create, *s.iam]) for s in plain)
 
 

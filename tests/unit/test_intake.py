@@ -9,11 +9,16 @@ import json
 import pytest
 from google.api_core import exceptions as gexc
 
+from embedpipe.config import Settings
 from embedpipe.contracts import datasets
 from embedpipe.control import intake
+from embedpipe.control.pipeline import Pipeline
 from embedpipe.gcp import storage
+from embedpipe.ledger.runs import Ledger
+from tests.unit.fakes import FakeStore
 
 DATA = "data"
+CAP = Settings().max_object_bytes  # the default EMBEDPIPE_MAX_OBJECT_BYTES
 NESTED = b'{"_id": "a", "text": "x", "metadata": {"m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}\n"
 
 
@@ -110,16 +115,17 @@ def test_an_object_over_the_cap_is_rejected_unread(gcs):
     assert verdict.quarantined_to == f"gs://{DATA}/quarantine/demo/corpus.jsonl" and name not in gcs.objects
 
 
-def test_the_cap_defaults_to_the_setting(gcs, monkeypatch):
+def test_the_pipeline_checks_uploads_against_the_cap_of_its_settings(gcs):
+    def pipe(env: dict) -> Pipeline:
+        return Pipeline(Settings.from_env(env), ledger=Ledger("artifacts", store=FakeStore()))
+
     name = "datasets/demo/queries.jsonl"
     gen = gcs.put(name, jl({"_id": "q", "text": "question"}))
-    monkeypatch.setenv("EMBEDPIPE_MAX_OBJECT_BYTES", "10")
     gcs.unreadable.add(name)
-    assert "over the 10-byte cap" in intake.check_object(DATA, name, gen).reason
-    monkeypatch.delenv("EMBEDPIPE_MAX_OBJECT_BYTES")
+    assert "over the 10-byte cap" in pipe({"EMBEDPIPE_MAX_OBJECT_BYTES": "10"}).check_object(DATA, name, gen).reason
     gcs.unreadable.clear()
     gen = gcs.put(name, jl({"_id": "q", "text": "question"}))  # the first was quarantined
-    assert intake.check_object(DATA, name, gen) == intake.Accepted(f"gs://{DATA}/{name}", gen)
+    assert pipe({}).check_object(DATA, name, gen) == intake.Accepted(f"gs://{DATA}/{name}", gen)
 
 
 def test_an_object_within_the_cap_is_parsed_from_a_stream(gcs):
@@ -134,7 +140,7 @@ def test_an_object_within_the_cap_is_parsed_from_a_stream(gcs):
 def test_an_object_gone_before_its_size_is_read_has_no_verdict(gcs):
     gen = gcs.put("datasets/demo/corpus.jsonl", jl({"_id": "a", "text": "x"}))
     gcs.put("datasets/demo/corpus.jsonl", jl({"_id": "a", "text": "y"}))
-    assert intake.check_object(DATA, "datasets/demo/corpus.jsonl", gen) is None
+    assert intake.check_object(DATA, "datasets/demo/corpus.jsonl", gen, CAP) is None
 
 
 @pytest.mark.parametrize(
@@ -148,7 +154,7 @@ def test_an_object_gone_before_its_size_is_read_has_no_verdict(gcs):
 )
 def test_a_deeply_nested_json_line_rejects_its_file(gcs, rel, data):
     name = f"datasets/demo/{rel}"
-    verdict = intake.check_object(DATA, name, gcs.put(name, data))
+    verdict = intake.check_object(DATA, name, gcs.put(name, data), CAP)
     assert isinstance(verdict, intake.Rejection)
     assert (verdict.line, verdict.reason) == (2, "invalid JSON: nested too deeply")
 
@@ -174,7 +180,7 @@ def test_a_file_over_the_cap_is_left_out_by_the_jobs_load_and_quarantined_at_lau
     gcs.put(root + "queries.jsonl", jl({"_id": "q", "text": "alpha?"}))
     big = gcs.put(root + "corpus/big.jsonl", jl(*({"_id": f"x{i}", "text": "filler"} for i in range(20))))
     gcs.unreadable.add(root + "corpus/big.jsonl")
-    ds, rejections, problem = intake.load_checked(DATA, "demo", max_bytes=200)  # a job: reads, never moves
+    ds, rejections, problem = intake.load_checked(DATA, "demo", Settings(), max_bytes=200)  # a job: reads, never moves
     assert problem is None and sorted(ds.corpus) == ["a", "b"]
     [r] = rejections
     assert (r.object, r.generation, r.line, r.quarantined_to) == (
@@ -195,7 +201,7 @@ def test_a_file_over_the_cap_is_left_out_by_the_jobs_load_and_quarantined_at_lau
 
 def test_launch_check_needs_a_corpus_file_and_reads_nothing(gcs):
     gcs.put("datasets/demo/queries.jsonl", jl({"_id": "q", "text": "alpha?"}))
-    assert intake.check_listing(DATA, "demo") == ([], "dataset has no corpus")
+    assert intake.check_listing(DATA, "demo", CAP) == ([], "dataset has no corpus")
     assert gcs.downloaded == []
 
 

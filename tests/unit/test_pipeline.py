@@ -4,6 +4,7 @@ jobs)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import shutil
@@ -294,7 +295,7 @@ def gcs(monkeypatch) -> FakeGCS:
 def intake_h(make, gcs) -> Harness:
     """The harness with the real intake (``intake.check_object``) reading uploads from the fake bucket."""
     h = make(debounce_s=30)
-    h.pipe.check_object = intake.check_object
+    h.pipe.check_object = functools.partial(intake.check_object, max_bytes=h.settings.max_object_bytes)
     return h
 
 
@@ -454,7 +455,7 @@ def test_the_jobs_load_keeps_qrels_naming_absent_documents(gcs):
         gcs.put(DATA, root + rel, quirk_bytes(rel))
     dup_gen = gcs.put(DATA, root + "corpus/zz-dup.jsonl", jl({"_id": "new", "text": "n"}, {"_id": "q-01", "text": "x"}))
     gcs.put(DATA, root + "qrels/train.tsv", HEADER + b"k1\tq-01\t1\nk9\tq-05\t1\n")
-    ds, rejections, problem = intake.load_checked(DATA, "quirks")
+    ds, rejections, problem = intake.load_checked(DATA, "quirks", Settings())
     assert problem is None
     assert [(r.object, r.generation, r.line) for r in rejections] == [
         (f"gs://{DATA}/{root}corpus/zz-dup.jsonl", dup_gen, 2),

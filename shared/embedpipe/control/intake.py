@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from google.api_core import exceptions as gexc
 
+from embedpipe.config import Settings
 from embedpipe.contracts import datasets
 from embedpipe.gcp import datasource, storage
 
@@ -216,17 +217,11 @@ def quarantine(bucket: str, name: str, generation: int) -> str:
     return f"gs://{bucket}/{target}"
 
 
-def _max_bytes(max_bytes: int | None) -> int:
-    from embedpipe.config import Settings
-
-    return Settings.from_env().max_object_bytes if max_bytes is None else max_bytes
-
-
-def check_object(bucket: str, name: str, generation: int, max_bytes: int | None = None) -> Verdict:
+def check_object(bucket: str, name: str, generation: int, max_bytes: int) -> Verdict:
     """``Accepted`` (with its notices) when the object is a usable dataset file; a ``Rejection`` (and the object is
     quarantined) when it is not; None when that generation is gone.
 
-    An object over ``max_bytes`` (default: ``Settings.max_object_bytes``) is rejected from its metadata, unread;
+    An object over ``max_bytes`` (the pipeline's ``Settings.max_object_bytes``) is rejected from its metadata, unread;
     the rest is parsed from a stream, so memory follows the longest line and the ids, not the file."""
     uri = f"gs://{bucket}/{name}"
     problem = name_problem(name)
@@ -236,7 +231,7 @@ def check_object(bucket: str, name: str, generation: int, max_bytes: int | None 
         blob = storage.client().bucket(bucket).blob(name, generation=generation)
         try:
             blob.reload()  # that generation's metadata: its size
-            problem = datasets.size_problem(int(blob.size), _max_bytes(max_bytes))
+            problem = datasets.size_problem(int(blob.size), max_bytes)
             if problem is None:
                 with blob.open("rb", chunk_size=datasets.READ_CHUNK) as stream:
                     # the pipeline records and logs the notices
@@ -254,6 +249,7 @@ def check_object(bucket: str, name: str, generation: int, max_bytes: int | None 
 def load_checked(
     bucket: str,
     dataset: str,
+    settings: Settings,
     test: bool = True,
     max_rejections: int = 100,
     max_bytes: int | None = None,
@@ -261,7 +257,8 @@ def load_checked(
 ):
     """The jobs' load (DESIGN.md §3.1): the whole dataset, leaving out each file a cross-file check rejects
     (duplicate ids across corpus files, qrels naming unknown query ids) or that is over ``max_bytes`` (default:
-    ``Settings.max_object_bytes``), until the rest is valid. Returns (Dataset or None, rejections, why None).
+    ``settings.max_object_bytes``), until the rest is valid. Returns (Dataset or None, rejections, why None).
+    ``settings``: the job's, from its entry point (the cap; how a ``source.json``'s BigQuery tables are read).
 
     It only reads: the rejections go into the job's ``intake.json`` (``write_report``) and the pipeline, which may
     write the data bucket, quarantines and reports them when the job ends. A function never parses documents.
@@ -270,7 +267,7 @@ def load_checked(
     corpus lacks stays (``Dataset.qrels_absent`` counts the rows; evaluation treats them the trec_eval way), so a
     corpus file left out for a real error does not take the qrels that cite it along."""
     rejections: list[Rejection] = []
-    cap = _max_bytes(max_bytes)
+    cap = settings.max_object_bytes if max_bytes is None else max_bytes
     exclude: set[str] = set()
     for _ in range(max_rejections + 10):
         generations: dict[str, int] = {}
@@ -280,6 +277,7 @@ def load_checked(
                 dataset,
                 test=test,
                 max_bytes=cap,
+                settings=settings,
                 exclude=frozenset(exclude),
                 generations=generations,
                 as_of=as_of,
@@ -300,12 +298,12 @@ def load_checked(
     return None, rejections, f"more than {max_rejections} bad files"
 
 
-def check_listing(bucket: str, dataset: str, max_bytes: int | None = None) -> tuple[list[Rejection], str | None]:
+def check_listing(bucket: str, dataset: str, max_bytes: int) -> tuple[list[Rejection], str | None]:
     """The launch-time check a function can afford: O(files), from the listing alone (and ``source.json``, one
     small object). Files over ``max_bytes`` and a broken ``source.json`` are quarantined (they were rejected at
     upload too; a cap lowered since catches them here); a dataset with no corpus file and no corpus table left
     cannot run. Everything that needs the documents happens in the jobs (``load_checked``)."""
-    cap = _max_bytes(max_bytes)
+    cap = max_bytes
     root = datasets.prefix(bucket, dataset)
     rejections, corpus = [], 0
     for uri, generation, size in storage.list_objects(root):

@@ -8,6 +8,7 @@ compare-and-set from an expected state, so a duplicate or late event for a stage
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -100,7 +101,7 @@ class Pipeline(Lifecycle):
         self.sleep = sleep
         self._launcher = launcher
         if check_object is None and read_uploads:
-            check_object = intake.check_object
+            check_object = functools.partial(intake.check_object, max_bytes=settings.max_object_bytes)
         self.check_object = check_object or (lambda bucket, name, generation: None)
         self.validate = self._check_listing if read_uploads else (lambda record: None)
         self.live_check = live_check or self.live_missing
@@ -428,7 +429,8 @@ class Pipeline(Lifecycle):
         through ``_apply_intake`` when each job ends."""
         if record.get("state") != PENDING:
             return None
-        rejections, problem = intake.check_listing(self.settings.data_bucket, record["dataset"])
+        s = self.settings
+        rejections, problem = intake.check_listing(s.data_bucket, record["dataset"], max_bytes=s.max_object_bytes)
         return self._settle_intake(record["run_id"], rejections, problem)
 
     def _apply_intake(self, record: RunRecord, report_uri: str) -> str | None:

@@ -70,8 +70,8 @@ def sa_id(identity: str) -> str:
     return f"ep-{identity}"[:30]
 
 
-def git_tag() -> str:
-    sha = Settings.from_env().git_sha
+def git_tag(sha: str) -> str:
+    """The image tag: ``sha`` (the deploying settings' ``git_sha``), else the checkout's HEAD, 12 characters."""
     if not sha:
         try:
             out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo_root())
@@ -83,7 +83,7 @@ def git_tag() -> str:
 
 def config_from_settings(project: str, region: str, base: Settings, vpc_connector: str = "") -> DeployConfig:
     """The deployed settings: mode=gcp, cloud names for what still has a local default, images in our registry."""
-    tag = git_tag()
+    tag = git_tag(base.git_sha)
     local = Settings()
     registry = f"{region}-docker.pkg.dev/{project}/{REPOSITORY}"
     changes: dict = {"mode": "gcp", "project": project, "region": region, "log_format": "json"}

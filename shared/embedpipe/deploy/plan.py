@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from embedpipe import topology
-from embedpipe.config import Settings
 from embedpipe.contracts.events import TICK
 from embedpipe.deploy.config import (
     PYTHON_RUNTIME,
@@ -189,7 +188,7 @@ def plan(cfg: DeployConfig) -> list[Step]:
     steps += [_bucket(cfg, f) for f in topology.BUCKETS]
     steps += [_bigquery_read(cfg, d) for d in bigquery_datasets(cfg.settings)]
     steps += [_topic(cfg, t) for t in (*topology.TOPICS, *topology.dead_letter_topics())]
-    if cfg.settings.milvus_token or Settings.from_env().milvus_token:
+    if cfg.settings.milvus_token:
         steps.append(_secret(cfg))
     steps += [_image(cfg, name) for name in topology.IMAGES]
     steps += [_component(cfg, c) for c in topology.COMPONENTS]
@@ -466,7 +465,7 @@ def _component(cfg: DeployConfig, c: topology.Component) -> Step:
         env = {k: v for k, v in env.items() if not k.startswith("EMBEDPIPE_MILVUS")}
     secrets = (
         f"EMBEDPIPE_MILVUS_TOKEN={MILVUS_SECRET}:latest"
-        if c.name in topology.MILVUS_CLIENTS and (cfg.settings.milvus_token or Settings.from_env().milvus_token)
+        if c.name in topology.MILVUS_CLIENTS and cfg.settings.milvus_token
         else ""
     )
     timeout = max(c.ack_deadline_s, 60)

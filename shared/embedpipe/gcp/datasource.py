@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from embedpipe.config import Settings
 from embedpipe.contracts import datasets
 from embedpipe.gcp import storage
 
@@ -12,6 +13,8 @@ from embedpipe.gcp import storage
 def load_gcs(
     data_bucket: str,
     dataset: str,
+    *,
+    settings: Settings,
     test: bool = True,
     max_bytes: int | None = None,
     exclude: frozenset[str] = frozenset(),
@@ -22,7 +25,7 @@ def load_gcs(
     test labels cannot reach training or any choice made from them. With ``max_bytes``, a file over it raises
     DatasetError unread. Files and BigQuery parts named in ``exclude`` (relative paths, ``source.json#corpus``) are
     left out; ``generations`` receives each read file's generation. A ``source.json`` adds the BigQuery parts it
-    names (``bqsource``), read as of ``as_of`` (a datetime; None: now)."""
+    names (``bqsource``, with ``settings``), read as of ``as_of`` (a datetime; None: now)."""
     root = datasets.prefix(data_bucket, dataset)
     files, tables = {}, {}
     for uri, generation, size in storage.list_objects(root):
@@ -35,17 +38,17 @@ def load_gcs(
             # the version whose size was checked (NotFound if replaced since: intake.load_valid loads again)
             data = storage.read_bytes(uri, generation if max_bytes is not None else None)
             if rel == datasets.SOURCE_FILE:
-                tables = _source_tables(data, test, exclude, as_of, max_bytes)
+                tables = _source_tables(data, settings, test, exclude, as_of, max_bytes)
             else:
                 files[rel] = data
     return datasets.load_files(dataset, files, tables)
 
 
-def _source_tables(data: bytes, test: bool, exclude: frozenset[str], as_of, max_bytes: int | None) -> dict:
-    from embedpipe.config import Settings
+def _source_tables(
+    data: bytes, settings: Settings, test: bool, exclude: frozenset[str], as_of, max_bytes: int | None
+) -> dict:
     from embedpipe.gcp import bqsource
 
-    settings = Settings.from_env()
     parts = [p for p in bqsource.parse(data) if p.rel not in exclude and (test or p.split != "test")]
     # a table over the object cap is refused like a file (when BigQuery knows its size)
     return {p: bqsource.records(p, settings, as_of, max_bytes) for p in parts}

@@ -83,11 +83,6 @@ def console_url(name: str) -> str:
     return f"https://console.cloud.google.com/agent-platform/locations/{region}/training/{job_id}?project={project}"
 
 
-def _git_sha() -> str:
-    """The deploy sets EMBEDPIPE_GIT_SHA on every function (no git checkout there)."""
-    return Settings.from_env().git_sha
-
-
 class VertexJobLauncher:
     def __init__(self, settings: Settings, credentials=None):
         self.settings = settings
@@ -129,7 +124,7 @@ class VertexJobLauncher:
             raise ValueError(f"JobSpec {spec.key} has no image: set EMBEDPIPE_{spec.container.upper()}_IMAGE")
         s = self.settings
         args = [a for a in spec.args if a.split("=", 1)[0] not in {f"--{f}" for f in drop_flags}]
-        env = {**spec.env, "EMBEDPIPE_GIT_SHA": _git_sha(), "EMBEDPIPE_JOB_KEY": spec.key}
+        env = {**spec.env, "EMBEDPIPE_GIT_SHA": s.git_sha, "EMBEDPIPE_JOB_KEY": spec.key}
         machine = {"machine_type": spec.machine_type}
         if spec.accelerator_type and spec.accelerator_count:
             machine |= {"accelerator_type": spec.accelerator_type, "accelerator_count": spec.accelerator_count}

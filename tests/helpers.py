@@ -150,6 +150,17 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def drain(subscription: str) -> list[tuple[bytes, dict, str]]:
+    """Everything a pull subscription holds: pulls until one comes back empty (its backlog is empty), however long
+    that takes. Count with it once every publisher that could add to it has returned, not after a fixed wait."""
+    from embedpipe.gcp import bus
+
+    got = []
+    while batch := bus.pull(subscription, timeout=1):
+        got += batch
+    return got
+
+
 def upload_folder(settings: Settings, folder: Path, dataset: str) -> list[str]:
     """Upload a BEIR folder's files into the data bucket; returns the ledger trigger keys of the uploads."""
     from embedpipe.gcp import storage

@@ -33,7 +33,9 @@ def acked(handler):
         except EventError as exc:
             log.error("%s: dropped malformed event %s: %s", handler.__name__, cloud_event["id"], exc)
             return
-        # Quiet when nothing happened (the reconcile tick fires every second locally).
-        log.log(logging.INFO if outcome else logging.DEBUG, "%s: %s", handler.__name__, outcome or "nothing to do")
+        # Quiet when nothing happened (the reconcile tick fires every second locally). The delivery's id (for a push,
+        # the Pub/Sub message id) ties the line to its message; written after the handler ran, before the ack.
+        level = logging.INFO if outcome else logging.DEBUG
+        log.log(level, "%s [%s]: %s", handler.__name__, cloud_event["id"], outcome or "nothing to do")
 
     return wrapper

@@ -29,6 +29,7 @@ from tests.helpers import (
     FIXTURES,
     cli,
     cli_stack,
+    drain,
     isolated_settings,
     job_specs,
     upload_folder,
@@ -76,11 +77,30 @@ def subscribe(settings, topic: str, name: str) -> str:
     return bus.ensure_pull_subscription(settings.project, topic, name)
 
 
-def drain(sub: str, seconds: float) -> list[tuple[bytes, dict, str]]:
-    got, deadline = [], time.time() + seconds
-    while time.time() < deadline:
-        got += bus.pull(sub, timeout=1)
-    return got
+def handler_log(settings, topic: str) -> str:
+    """The log of the component fed by ``topic``: ``runtime.acked`` names each delivery's message id in the line it
+    writes after the handler ran (so whatever the delivery published is published) and before the ack."""
+    (component,) = [c for c in topology.COMPONENTS if c.topic == topic]
+    log_file = settings.state_path / "logs" / f"{component.name}.log"
+    return log_file.read_text(errors="replace") if log_file.exists() else ""
+
+
+def wait_settled(settings, taps: dict[str, str], seen: dict[str, set[str]], timeout: float = 180) -> None:
+    """Wait until no delivery on the tapped topics can publish anything more: every message published there (each
+    tap sees them all, ids kept in ``seen``) has been handled, and the taps then hold nothing newer. The handlers'
+    logs are read before the taps are pulled: whatever a handled delivery published is in its tap by then."""
+
+    def settled() -> bool:
+        logs = {topic: handler_log(settings, topic) for topic in taps}
+        done = all(f"[{mid}]" in logs[topic] for topic, ids in seen.items() for mid in ids)
+        fresh = False
+        for topic, sub in taps.items():
+            for _, _, mid in bus.pull(sub, timeout=1):
+                seen[topic].add(mid)
+                fresh = True
+        return done and not fresh
+
+    wait_for(settled, timeout, f"every delivery on {', '.join(taps)} to be handled", interval=0.5)
 
 
 def test_every_event_delivered_three_times(env_stack):
@@ -95,33 +115,41 @@ def test_every_event_delivered_three_times(env_stack):
     }
     stop = threading.Event()
     copies = {t: 0 for t in taps}
+    seen: dict[str, set[str]] = {t: set() for t in taps}  # every message id published on a tapped topic
 
     def duplicate():
-        while not stop.is_set():
+        while True:  # once stopped, until a pass finds nothing: every original published so far is copied
+            pulled = False
             for topic, sub in taps.items():
-                for data, attrs, _ in bus.pull(sub, timeout=0.5):
+                for data, attrs, message_id in bus.pull(sub, timeout=0.5):
+                    pulled = True
+                    seen[topic].add(message_id)
                     if attrs.get("x-copy"):
                         continue
                     for _ in range(2):
                         bus.publish_raw(settings.project, topic, data, **attrs, **{"x-copy": "1"})
                         copies[topic] += 1
+            if stop.is_set() and not pulled:
+                return
 
     thread = threading.Thread(target=duplicate, daemon=True)
     thread.start()
     try:
         keys = upload_folder(settings, TINY, "dups")
         (record,) = wait_runs_done(ledger, keys)
-        time.sleep(3)  # let the last copies arrive
     finally:
         stop.set()
-        thread.join(timeout=10)
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    # Counted once nothing can publish any more (no time window): every original and copy has been handled.
+    wait_settled(settings, taps, seen)
     assert record["state"] == runs.SUCCEEDED, record.get("error")
     assert copies[topology.DATA_EVENTS] >= 2 * len(keys) and copies[topology.JOB_EVENTS] >= 4
     assert copies[topology.INDEX_REQUESTS] >= 2
     stages = sorted(s["labels"]["stage"] for s in job_specs(settings, record["run_id"]))
     assert stages == ["embed", "train"], "exactly one job per stage"
     assert sorted(record["triggers"]) == sorted(keys)
-    events = [json.loads(d) for d, a, _ in drain(updated, 2) if a.get("ce-subject") == record["run_id"]]
+    events = [json.loads(d) for d, a, _ in drain(updated) if a.get("ce-subject") == record["run_id"]]
     assert len(events) == 1, "exactly one index-updated per run"
     assert_index_is_the_corpus(settings, record)
 

@@ -343,10 +343,13 @@ def test_bad_input_is_quarantined_and_nothing_indexed_is_lost(env_stack):
         keys.append(f"gcs/{settings.data_bucket}/datasets/badin/{rel}#{gen}")
     for name in badly_named:
         storage.write_bytes(f"gs://{settings.data_bucket}/{name}", good)
+    # under load the uploads may be split over more than one run (the debounce bridges hand-overs, not a slow
+    # uploader): each file is judged in whichever run took it, so the rejections of all of them count
     records = wait_runs_done(ledger, keys)
-    record = records[-1]
-    assert record["state"] == runs.SUCCEEDED, record.get("error")
-    errors = {e["object"].split("/datasets/badin/", 1)[1]: e for e in record["file_errors"].values()}
+    assert all(r["state"] == runs.SUCCEEDED for r in records), [r.get("error") for r in records]
+    errors = {
+        e["object"].split("/datasets/badin/", 1)[1]: e for r in records for e in (r.get("file_errors") or {}).values()
+    }
     for rel, (_, line, words) in bad.items():
         assert rel in errors, f"{rel} was not rejected"
         assert errors[rel]["line"] == line and words in errors[rel]["reason"], errors[rel]

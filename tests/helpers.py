@@ -150,14 +150,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def drain(subscription: str) -> list[tuple[bytes, dict, str]]:
-    """Everything a pull subscription holds: pulls until one comes back empty (its backlog is empty), however long
-    that takes. Count with it once every publisher that could add to it has returned, not after a fixed wait."""
+def drain(subscription: str, quiet_s: float = 2.0) -> list[tuple[bytes, dict, str]]:
+    """Everything a pull subscription holds: pulls until none has returned anything for ``quiet_s`` (one empty pull
+    is not proof: a pull that times out on a busy machine also comes back empty), however long the backlog takes.
+    Count with it once every publisher that could add to it has returned, not after a fixed wait."""
     from embedpipe.gcp import bus
 
     got = []
-    while batch := bus.pull(subscription, timeout=1):
-        got += batch
+    quiet_until = time.monotonic() + quiet_s
+    while time.monotonic() < quiet_until:
+        if batch := bus.pull(subscription, timeout=1):
+            got += batch
+            quiet_until = time.monotonic() + quiet_s
     return got
 
 

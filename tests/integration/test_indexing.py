@@ -201,6 +201,25 @@ def test_vectors_of_another_model_are_refused(pipe):
     assert client.query(live, filter="", output_fields=["count(*)"]) == before
 
 
+def test_a_broken_trainer_metrics_file_fails_the_run_before_anything_is_promoted(pipe):
+    """The trainer's metrics.json is read before the alias swap: a run that cannot report its model is failed with
+    the live index, the dataset's promoted entry and the retained collections as they were."""
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    dataset = "brokenmetrics"
+    live_run = prepared_run(pipe, good=10, previous_good=None, dataset=dataset)
+    index_run(pipe, live_run)
+    state = pipe.ledger.get_dataset(dataset)
+    collections = set(client.list_collections())
+    run_id = prepared_run(pipe, good=16, previous_good=10, dataset=dataset)  # better: it would be promoted
+    trained = pipe.ledger.get_run(run_id)["model"]["uri"].rstrip("/").rsplit("/", 1)[0]
+    storage.write_bytes(f"{trained}/metrics.json", b"{not json")
+    assert "FAILED in index" in index_run(pipe, run_id)
+    assert pipe.ledger.get_run(run_id)["state"] == runs.FAILED
+    assert vectorstore.alias_target(client, dataset) == state["promoted"]["collection"]
+    assert pipe.ledger.get_dataset(dataset)["promoted"] == state["promoted"]
+    assert collections <= set(client.list_collections()), "nothing retained away"
+
+
 def test_search_service_reloads_in_the_background(services, tiny_model, pipe):
     """The search service keeps answering with the loaded model while an index-updated event triggers a reload."""
     import sys

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
-import itertools
 import logging
 import random
 import time
@@ -277,10 +276,11 @@ class Ledger:
         """Record an upload's trigger in ``run_id``; whether the run counts it. Written first, read after: while the
         run is unsealed the seal's listing will see the item; once sealed, the merged record says whether it did
         (False: the caller moves the trigger to the next run). A seal whose merge is not written yet is waited for,
-        ``wait_s`` at most: counted in polls of ``MERGE_POLL_S``, not read from a clock (a wait, not a stamp: the
-        ledger's clock may be a frozen test clock, and no stored time is compared)."""
+        ``wait_s`` at most, measured on the monotonic clock, not the ledger's (a wait, not a stamp: the ledger's
+        clock may be a frozen test clock, and no stored time is compared)."""
         self.put_item(run_id, "triggers", key, info or {})
-        for poll in itertools.count():
+        deadline = time.monotonic() + wait_s
+        while True:
             record = self.get_run(run_id)
             if record is None:
                 return False
@@ -288,7 +288,7 @@ class Ledger:
                 return True
             if record.get("merged") or not record.get("sealed"):
                 return key in record["triggers"]
-            if poll * MERGE_POLL_S >= wait_s:  # the sealing launch died before its merge: a redelivery retries
+            if time.monotonic() >= deadline:  # the sealing launch died before its merge: a redelivery retries
                 raise RuntimeError(f"run {run_id} is sealed but its triggers are not merged yet")
             time.sleep(MERGE_POLL_S)
 

@@ -100,6 +100,10 @@ def embedded_ids(pipe: Pipeline, run_id: str) -> list[str]:
     return pq.read_table(storage.blob(uri).open("rb")).column("id").to_pylist()
 
 
+def manifest(pipe: Pipeline, run_id: str) -> dict:
+    return storage.read_json(f"{pipe.ledger.run_dir(run_id)}/embeddings/1/manifest-00000.json")
+
+
 def test_unchanged_corpus_reupload_embeds_nothing(pipe):
     before = pipe.ledger.get_dataset(DATASET)["promoted"]
     gen = upload(pipe.settings, "corpus.jsonl", corpus_lines())
@@ -113,6 +117,7 @@ def test_unchanged_corpus_reupload_embeds_nothing(pipe):
     assert event["counts"] == {"upserted": 0, "deleted": 0, "unchanged": N, "total": N, "skipped": 0}
     assert embedded_ids(pipe, run_id) == []
     assert event["model"]["uri"] == before["model_uri"]
+    assert manifest(pipe, run_id)["parsed"] == 0, "every line is the table's: none parsed again"
 
 
 def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe):
@@ -125,6 +130,7 @@ def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe):
     assert event["kind"] == "incremental" and event["promoted"] is True
     assert event["counts"] == {"upserted": 2, "deleted": 1, "unchanged": N - 3, "total": N - 1, "skipped": 0}
     assert embedded_ids(pipe, run_id) == ["doc007", "doc150"]
+    assert manifest(pipe, run_id)["parsed"] == 2, "only the changed lines are parsed"
     assert set(event["metrics"]) >= {"recall@10", "ndcg@10"} and event["previous_metrics"] is not None
     client = vectorstore.connect(pipe.settings.milvus_uri)
     table = vectorstore.ids_and_hashes(client, live)

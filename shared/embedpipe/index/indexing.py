@@ -100,11 +100,12 @@ def rank(client, collection: str, queries, search: dict | None, k: int = 100) ->
     searched once each, hybrid fused from them with the model's weight, exactly as the search service does."""
     ids = queries.column("id").to_pylist()
     vectors = queries.column("vector").to_pylist()
-    dense = vectorstore.search_dense(client, collection, vectors, max(k, vectorstore.DEPTH))
+    # STRONG: the rankings see every row this indexing wrote (a collection's default, Bounded, may lag them)
+    dense = vectorstore.search_dense(client, collection, vectors, max(k, vectorstore.DEPTH), vectorstore.STRONG)
     out = {"dense": {q: [d for d, _ in hits[:k]] for q, hits in zip(ids, dense)}}
     if "bm25_text" in queries.column_names and vectorstore.has_field(client, collection, "bm25_text"):
         texts = queries.column("bm25_text").to_pylist()
-        sparse = vectorstore.search_sparse(client, collection, texts, max(k, vectorstore.DEPTH))
+        sparse = vectorstore.search_sparse(client, collection, texts, max(k, vectorstore.DEPTH), vectorstore.STRONG)
         out["bm25"] = {q: [d for d, _ in hits[:k]] for q, hits in zip(ids, sparse)}
         out["hybrid"] = {q: [d for d, _ in vectorstore.fused(a, b, k, search)] for q, a, b in zip(ids, dense, sparse)}
     return out
@@ -193,6 +194,22 @@ def decide(
     if failed:
         return False, f"{what}rejected: served is worse on " + "; ".join(failed) + f" (tolerance {tolerance})"
     return True, f"{what}promoted: " + ("; ".join(passed) or "nothing to compare with")
+
+
+class Steps:
+    """Seconds of each step of one indexing (each call closes the step named), for its log line: where the time of
+    an incremental run's index stage goes."""
+
+    def __init__(self, t0: float) -> None:
+        self.last, self.seconds = t0, {}
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 2)
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.seconds.items())
 
 
 class Stopwatch:
@@ -382,6 +399,7 @@ def model_info(uri: str, manifest: dict, trainer_metrics: dict) -> ModelInfo:
 def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> str:
     s, ledger, run_id, dataset = pipe.settings, pipe.ledger, record["run_id"], record["dataset"]
     t0 = time.time()
+    step = Steps(t0)
     embed_uri, job_key = embed_output(ledger, record)
     manifests = load_manifests(embed_uri, job_key)
     fingerprint, dim = manifests[0]["fingerprint"], manifests[0]["dim"]
@@ -423,13 +441,17 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
     else:
         collection = vectorstore.collection_name(dataset, run_id)
         watch(vectorstore.create_collection, client, collection, dim, fingerprint, record["model"]["uri"])
+    step("prepare")
     upserted = load_shards(
         s, client, collection, embed_uri, manifests, watch, fresh=not inplace, bulk=_bulk(ledger, record)
     )
+    step("load")
     # A run that rejected a corpus file must not delete what that file's documents had put in the index: its
     # ``removed`` is 0 (check_deletes).
     deleted = delete_removed(client, collection, embed_uri, manifests, watch) if inplace and removed else 0
-    watch(vectorstore.finish_load, client, collection)
+    if not inplace:  # an in-place update is searchable as written (``finish_load``)
+        watch(vectorstore.finish_load, client, collection)
+    step("delete, flush")
     counts: CountsSkipped = {
         "upserted": upserted,
         "deleted": deleted if inplace else removed,
@@ -451,6 +473,7 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
             )
         new = score(ranked, qrels, new["default_mode"])
     served_search = {**search, "default_mode": new["default_mode"]}  # what search answers with, as measured
+    step("evaluate")
     previous_collection = watch(vectorstore.alias_target, client, alias)
     old = None
     if inplace:
@@ -476,6 +499,7 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
         )
         if rebuild:
             reason = f"incremental change too large to apply in place, rebuilt: {reason}"
+    step("evaluate the live index")
     current = ledger.get_run(run_id) or {}
     if current.get("state") != INDEXING:  # failed meanwhile (past its deadline): change nothing users see
         return f"run {run_id} is {current.get('state')} now: not promoting"
@@ -535,7 +559,17 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
             run_id,
             inplace={**(ledger.get_run(run_id) or {}).get("inplace", {}), "done_at": runs.iso(ledger.clock())},
         )
-    log.info("run %s (%s): %s into %s; %s; dropped %s", run_id, kind, counts, collection, reason, dropped or "none")
+    step("promote, retention")
+    log.info(
+        "run %s (%s): %s into %s; %s; dropped %s; seconds by step: %s",
+        run_id,
+        kind,
+        counts,
+        collection,
+        reason,
+        dropped or "none",
+        step,
+    )
 
     trainer_metrics = trainer_output(record) if kind == FULL else {}
     report_uri = f"{ledger.run_dir(run_id)}/report.html"

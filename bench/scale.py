@@ -424,12 +424,34 @@ def _phase(phase: str, n: int, folder: Path, exe: str, env: dict, state: Path, c
     rec["counts"] = event.get("counts")
     docs = n if phase == "full" else (rec["counts"] or {}).get("upserted") or 0
     rec["docs_per_s"] = {k: round(docs / v, 1) for k, v in rec["stages"].items() if v and k in ("embedding", "index")}
+    now = {p.parent.name for p in (state / "jobs").glob("*/spec.json")}
     if watch:
         rec["components"], rec["jobs"] = watch.report(phase)
     else:
-        now = {p.parent.name for p in (state / "jobs").glob("*/spec.json")}
         rec["components"], rec["jobs"] = _measured_only(state, cap, now - before)
+    rec["seconds_by_phase"] = _logged(state, now - before)
     return rec
+
+
+def _logged(state: Path, jobs: set[str]) -> dict:
+    """Where the run's seconds went, as its embed job and the indexer logged them ("seconds by phase/step"): kept
+    in ``bench-scale.json`` after the state folder is removed."""
+    out = {}
+    for job in sorted(jobs):
+        for log in sorted((state / "jobs" / job).glob("replica-*.log")):
+            text = log.read_text(errors="replace").splitlines()
+            lines = [x.split(": ", 1)[-1] for x in text if "seconds by phase" in x or "corpus loaded in" in x]
+            if lines:
+                out[f"{job}/{log.stem}"] = " | ".join(lines)
+    index_log = state / "logs" / "indexer.log"
+    lines = (
+        [x for x in index_log.read_text(errors="replace").splitlines() if "seconds by step" in x]
+        if index_log.exists()
+        else []
+    )
+    if lines:
+        out["index"] = lines[-1].rsplit("seconds by step: ", 1)[-1]
+    return out
 
 
 def _process_cpu_s(pid: int) -> float | None:

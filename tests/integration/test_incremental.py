@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedpipe.contracts import events
+from embedpipe.contracts.datasets import Doc
 from embedpipe.contracts.events import Event
 from embedpipe.control import incremental
 from embedpipe.control.pipeline import Pipeline
@@ -120,12 +121,16 @@ def test_unchanged_corpus_reupload_embeds_nothing(pipe):
     assert manifest(pipe, run_id)["parsed"] == 0, "every line is the table's: none parsed again"
 
 
-def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe):
+def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe, monkeypatch):
     live = pipe.ledger.get_dataset(DATASET)["promoted"]["collection"]
     changed = {7: "A rewritten document seven.", 150: "Document 150, now about bicycles."}
     gen = upload(pipe.settings, "corpus.jsonl", corpus_lines(changed, removed={43}))
     run_id = new_run(pipe, "corpus.jsonl", gen)
+    flushed = []
+    monkeypatch.setattr(vectorstore, "finish_load", lambda client, name: flushed.append(name))
     run_until_indexed(pipe, run_id)
+    monkeypatch.undo()
+    assert flushed == [], "an in-place update is evaluated as written, without a flush"
     event = pipe.published[-1].data
     assert event["kind"] == "incremental" and event["promoted"] is True
     assert event["counts"] == {"upserted": 2, "deleted": 1, "unchanged": N - 3, "total": N - 1, "skipped": 0}
@@ -135,6 +140,7 @@ def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe):
     client = vectorstore.connect(pipe.settings.milvus_uri)
     table = vectorstore.ids_and_hashes(client, live)
     assert len(table) == N - 1 and "doc043" not in table
+    assert table["doc007"] == Doc("doc007", changed[7], "Topic 7").content_hash  # the unflushed upsert is read
     assert vectorstore.alias_target(client, DATASET) == live
 
 

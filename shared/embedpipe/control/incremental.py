@@ -19,6 +19,12 @@ them too):
 The table, not a scan of Milvus, is the diff's base so that launching costs O(1) in the functions whatever the
 corpus size. It can only lag the collection (an in-place update that failed part-way leaves the previous table on
 the promoted entry): the next diff then redoes those upserts and deletes, which are idempotent.
+
+The table also keeps each document's line digest (``line``: ``datasets.line_digest`` of the corpus line it came
+from; null for a BigQuery row). The next run's load takes a line whose digest the table has as that row's document
+(``datasets.KnownLines``): the same bytes parse to the same document, so only new or changed lines are decoded,
+parsed and hashed, and the content hash itself is never redefined. What needs the other lines still runs on all of
+them (an id seen twice, across files too); ids the corpus lost are deleted as before.
 """
 
 from __future__ import annotations

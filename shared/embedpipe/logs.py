@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,3 +32,19 @@ def setup(level: int = logging.INFO, fmt: str = "text") -> None:
     root.setLevel(level)
     for noisy in ("urllib3", "google", "httpx", "filelock", "sentence_transformers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Steps:
+    """Seconds of each step of one piece of work since ``t0`` (each call closes the step named; a name called again
+    adds up), for its log line: where the time goes besides the work itself."""
+
+    def __init__(self, t0: float) -> None:
+        self.last, self.seconds = t0, {}
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 2)
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.seconds.items())

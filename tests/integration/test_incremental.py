@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedpipe.contracts import events
+from embedpipe.contracts.datasets import Doc
 from embedpipe.contracts.events import Event
 from embedpipe.control import incremental
 from embedpipe.control.pipeline import Pipeline
@@ -100,6 +101,10 @@ def embedded_ids(pipe: Pipeline, run_id: str) -> list[str]:
     return pq.read_table(storage.blob(uri).open("rb")).column("id").to_pylist()
 
 
+def manifest(pipe: Pipeline, run_id: str) -> dict:
+    return storage.read_json(f"{pipe.ledger.run_dir(run_id)}/embeddings/1/manifest-00000.json")
+
+
 def test_unchanged_corpus_reupload_embeds_nothing(pipe):
     before = pipe.ledger.get_dataset(DATASET)["promoted"]
     gen = upload(pipe.settings, "corpus.jsonl", corpus_lines())
@@ -113,22 +118,29 @@ def test_unchanged_corpus_reupload_embeds_nothing(pipe):
     assert event["counts"] == {"upserted": 0, "deleted": 0, "unchanged": N, "total": N, "skipped": 0}
     assert embedded_ids(pipe, run_id) == []
     assert event["model"]["uri"] == before["model_uri"]
+    assert manifest(pipe, run_id)["parsed"] == 0, "every line is the table's: none parsed again"
 
 
-def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe):
+def test_one_percent_change_embeds_exactly_those_and_deletes_removed(pipe, monkeypatch):
     live = pipe.ledger.get_dataset(DATASET)["promoted"]["collection"]
     changed = {7: "A rewritten document seven.", 150: "Document 150, now about bicycles."}
     gen = upload(pipe.settings, "corpus.jsonl", corpus_lines(changed, removed={43}))
     run_id = new_run(pipe, "corpus.jsonl", gen)
+    flushed = []
+    monkeypatch.setattr(vectorstore, "finish_load", lambda client, name: flushed.append(name))
     run_until_indexed(pipe, run_id)
+    monkeypatch.undo()
+    assert flushed == [], "an in-place update is evaluated as written, without a flush"
     event = pipe.published[-1].data
     assert event["kind"] == "incremental" and event["promoted"] is True
     assert event["counts"] == {"upserted": 2, "deleted": 1, "unchanged": N - 3, "total": N - 1, "skipped": 0}
     assert embedded_ids(pipe, run_id) == ["doc007", "doc150"]
+    assert manifest(pipe, run_id)["parsed"] == 2, "only the changed lines are parsed"
     assert set(event["metrics"]) >= {"recall@10", "ndcg@10"} and event["previous_metrics"] is not None
     client = vectorstore.connect(pipe.settings.milvus_uri)
     table = vectorstore.ids_and_hashes(client, live)
     assert len(table) == N - 1 and "doc043" not in table
+    assert table["doc007"] == Doc("doc007", changed[7], "Topic 7").content_hash  # the unflushed upsert is read
     assert vectorstore.alias_target(client, DATASET) == live
 
 

@@ -580,3 +580,119 @@ def test_the_content_hash_keeps_its_definition():
                 payload = json.dumps([title, text, metadata], sort_keys=True, ensure_ascii=False)
                 want = hashlib.sha256(payload.encode()).hexdigest()[:32]
                 assert Doc("d", text, title, metadata).content_hash == want
+
+
+# ---------------------------------------------------------------- known lines (the incremental embed job's load)
+
+
+def known_from(data: bytes, file: str = "corpus.jsonl") -> datasets.KnownLines:
+    """What an earlier load of ``data`` leaves in the id/hash table: each document's line digest, id and hash."""
+    corpus = datasets.Corpus()
+    parse_corpus(data, file, into=corpus, known=datasets.KnownLines())
+    hashes = corpus.content_hashes()
+    return datasets.KnownLines({d: i for i, d in corpus.digests.items()}, hashes)
+
+
+def outcome(files: dict[str, bytes], known: datasets.KnownLines | None = None):
+    """(ids, hashes, documents, skipped, qrels absent) of a load, or the error it raised as (file, line, reason)."""
+    try:
+        ds = load_files("d", files, known=known)
+    except DatasetError as exc:
+        return ("error", exc.file, exc.line, exc.reason)
+    return (
+        list(ds.corpus),
+        datasets.content_hashes(ds.corpus),
+        {i: ds.corpus[i] for i in ds.corpus},
+        [n.to_dict() for n in ds.skipped],
+        ds.qrels_absent,
+    )
+
+
+OLD = jl(
+    {"_id": "a", "title": "Alpha", "text": "first"},
+    {"_id": "b", "text": "second", "metadata": {"k": [1, 2]}},
+    {"_id": 7, "title": "Seven", "text": ""},
+    {"_id": "c", "text": "third"},
+)
+
+
+def test_known_lines_are_not_parsed_and_give_the_full_parse_s_documents():
+    new = OLD.replace(b'"third"', b'"third, edited"') + jl({"_id": "d", "text": "new"})
+    corpus = datasets.Corpus()
+    parse_corpus(new, "corpus.jsonl", into=corpus, known=known_from(OLD))
+    assert corpus.parsed == 2  # c (edited) and d (new); a, b and 7 came from the table
+    full = parse_corpus(new, "corpus.jsonl")
+    assert corpus.content_hashes() == {i: d.content_hash for i, d in full.items()}
+    assert list(corpus) == list(full) and corpus.parsed == 2  # hashes and ids without parsing
+    assert {i: corpus[i] for i in corpus} == full  # a known line is parsed when asked for, as the full parse does
+    assert corpus.parsed == 5
+    assert set(corpus.digests) == set(full) and len(set(corpus.digests.values())) == 5
+
+
+def test_a_changed_title_or_metadata_is_a_new_line_and_a_new_hash():
+    new = OLD.replace(b'"Alpha"', b'"Alpha 2"').replace(b"[1, 2]", b"[1, 3]")
+    corpus = datasets.Corpus()
+    parse_corpus(new, "corpus.jsonl", into=corpus, known=known_from(OLD))
+    old_hashes = known_from(OLD).hashes
+    changed = {i for i, h in corpus.content_hashes().items() if old_hashes[i] != h}
+    assert changed == {"a", "b"} and corpus.parsed == 2
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"corpus.jsonl": OLD + OLD.splitlines(keepends=True)[0]},  # a known line twice
+        {"corpus.jsonl": OLD + jl({"_id": "b", "text": "another b"})},  # a known id on a new line
+        {"corpus.jsonl": jl({"_id": "b", "text": "another b"}) + OLD},  # ... before the known one
+        {"corpus.jsonl": OLD, "corpus/more.jsonl": OLD.splitlines(keepends=True)[3]},  # across files
+        {"corpus.jsonl": OLD + jl({"_id": "z", "text": ""}) + jl({"_id": "z", "text": "again"})},  # skipped id reused
+        {"corpus.jsonl": OLD + b'{"_id": "e", "text": "caf\xe9"}\n'},  # bad UTF-8 after known lines
+        {"corpus.jsonl": OLD + b"\n\n" + jl({"_id": "e", "text": "x"}) + b"\r\n"},  # blank lines, CRLF
+        {"corpus.jsonl": OLD.replace(b"\n", b"\r\n")},  # CRLF: other bytes, parsed again, same documents
+        {"corpus.jsonl": b"\n \n"},  # only blank lines
+        {
+            "corpus.jsonl": OLD,
+            "qrels/test.tsv": HEADER + b"q1\ta\t1\nq1\tgone\t1\n",
+            "queries.jsonl": b'{"_id": "q1", "text": "q"}\n',
+        },
+    ],
+)
+def test_a_load_with_known_lines_gives_the_full_load_s_result_or_error(files):
+    assert outcome(files, known_from(OLD)) == outcome(files)
+
+
+def test_random_edits_load_the_same_with_and_without_known_lines():
+    import random
+
+    rng = random.Random(3)
+    base = [
+        {"_id": f"d{i}", "title": rng.choice(["", "T", f"t{i}"]), "text": rng.choice(["", "x", f"text {i}"])}
+        for i in range(60)
+    ]
+    for trial in range(40):
+        old = [dict(d) for d in base]
+        known = known_from(jl(*old))
+        new = [dict(d) for d in old if rng.random() > 0.1]  # some deleted
+        for d in rng.sample(new, 5):
+            d[rng.choice(["title", "text"])] = rng.choice(["", "edited", f"e{trial}"])
+        new += [{"_id": rng.choice(["d1", "d2", f"n{trial}"]), "text": "added"} for _ in range(rng.randint(0, 2))]
+        rng.shuffle(new)
+        files = {"corpus.jsonl": jl(*new)}
+        assert outcome(files, known) == outcome(files)
+
+
+def test_a_line_digest_names_its_bytes_and_the_parser_version():
+    line = b'{"_id": "a", "text": "x"}'
+    assert datasets.line_digest(line) == datasets.line_digest(bytes(line))
+    assert datasets.line_digest(line) != datasets.line_digest(line + b"\r") != datasets.line_digest(b"")
+    import hashlib
+
+    assert datasets.line_digest(line) != hashlib.blake2b(line, digest_size=16).digest()  # personalised
+    assert len(datasets.line_digest(line)) == datasets.LINE_DIGEST_BYTES
+
+
+def test_without_known_lines_the_corpus_is_a_plain_dict():
+    ds = load_files("d", {"corpus.jsonl": OLD})
+    assert type(ds.corpus) is dict and datasets.content_hashes(ds.corpus) == {
+        i: d.content_hash for i, d in ds.corpus.items()
+    }

@@ -106,3 +106,42 @@ def test_the_table_digest_is_content_sensitive_and_order_blind():
     assert digest(a) == digest(dict(a)) and digest(a) != digest({"x": "1", "y": "3"}) != digest({})
     # replicas reading a BigQuery table get its streams' rows in different orders: they must still agree
     assert digest({"y": "2", "x": "1"}) == digest(a)
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    from embedpipe.control import incremental
+
+    objects: dict[str, bytes] = {}
+    monkeypatch.setattr(incremental.storage, "write_bytes", lambda uri, data, **kw: objects.__setitem__(uri, data))
+    monkeypatch.setattr(incremental.storage, "read_bytes", lambda uri, *a, **kw: objects[uri])
+    return objects
+
+
+def test_the_table_keeps_each_document_s_line_digest_and_reads_back_what_a_load_skips(bucket):
+    from embedpipe.contracts import datasets
+    from embedpipe.control.incremental import read_known, read_table, write_table
+
+    hashes = {"b": "hb", "a": "ha", "\u00e9": "he", "z": "hz"}
+    lines = {"a": b"A" * 16, "b": b"B" * 16, "\u00e9": b"E" * 16}  # z: a BigQuery row, no line
+    write_table("gs://x/t.parquet", hashes, lines)
+    known = read_known("gs://x/t.parquet")
+    assert known == datasets.KnownLines({b"A" * 16: "a", b"B" * 16: "b", b"E" * 16: "\u00e9"}, hashes)
+    assert list(known.hashes) == sorted(hashes)  # sorted by id, as before
+    assert read_table("gs://x/t.parquet") == hashes
+
+
+def test_a_table_without_digests_knows_no_line(bucket):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedpipe.control.incremental import read_known, write_table
+
+    buf = io.BytesIO()  # written before the digests were
+    pq.write_table(pa.table({"id": ["a"], "content_hash": ["h"]}), buf)
+    bucket["gs://x/old.parquet"] = buf.getvalue()
+    assert read_known("gs://x/old.parquet").ids == {} and read_known("gs://x/old.parquet").hashes == {"a": "h"}
+    write_table("gs://x/new.parquet", {"a": "h"})  # no lines given: none stored
+    assert read_known("gs://x/new.parquet").ids == {}

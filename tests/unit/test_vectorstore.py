@@ -110,3 +110,29 @@ def test_collides_finds_the_dataset_with_the_same_alias():
     assert vectorstore.collides("a_b", ["a-b"]) == "a-b"
     assert vectorstore.collides("a-b", ["a-b", "ab", "a-bc"]) is None  # itself does not count
     assert vectorstore.collides("a-b", []) is None
+
+
+class SearchRecorder(FakeMilvus):
+    """Answers every search with one hit per query and records the calls' keyword arguments."""
+
+    def describe_collection(self, name: str) -> dict:
+        return {"properties": {}, "fields": [{"name": "bm25_text"}]}
+
+    def search(self, **kwargs) -> list:
+        self.calls.append(("search", kwargs))
+        return [[{"id": "d1", "distance": 0.5}] for _ in kwargs["data"]]
+
+
+def test_the_indexer_s_evaluation_reads_with_strong_consistency_the_search_service_with_the_collection_s():
+    import pyarrow as pa
+
+    from embedpipe.index import indexing
+
+    client = SearchRecorder()
+    queries = pa.table({"id": ["q1"], "vector": [[0.1, 0.2]], "bm25_text": ["term"]})
+    ranked = indexing.rank(client, "c1", queries, None)
+    assert set(ranked) == {"dense", "bm25", "hybrid"}
+    assert [c[1].get("consistency_level") for c in client.calls] == [vectorstore.STRONG, vectorstore.STRONG]
+    client.calls.clear()
+    vectorstore.search(client, "c1", "hybrid", [[0.1, 0.2]], ["term"], 10)  # what search serves: no override
+    assert [("consistency_level" in c[1]) for c in client.calls] == [False, False]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -116,7 +117,7 @@ class Doc:
 @dataclass
 class Dataset:
     name: str
-    corpus: dict[str, Doc]
+    corpus: Mapping[str, Doc]  # a dict, or a ``Corpus`` (loaded with ``KnownLines``)
     queries: dict[str, str]
     qrels: dict[str, dict[str, dict[str, int]]]  # split -> query id -> doc id -> score
     pairs: list[tuple[str, str, str | None]]
@@ -205,9 +206,10 @@ def _chunks(data: Source):
         yield chunk
 
 
-def _lines(data: Source, file: str):
-    """(line number, decoded line) for each non-blank line; ``data`` is bytes or a stream, parsed the same way."""
-    number, rest, sniffed, any_text = 0, b"", 0, False
+def _raw_lines(data: Source, file: str):
+    """(line number, raw bytes) for each line (blank ones too), before decoding: the NUL sniff and the length cap of
+    an unfinished streamed line apply here, everything else to the decoded line (``_lines``)."""
+    number, rest, sniffed = 0, b"", 0
     for chunk in _chunks(data):
         if sniffed < NUL_SNIFF:
             if b"\0" in chunk[: NUL_SNIFF - sniffed]:
@@ -216,15 +218,20 @@ def _lines(data: Source, file: str):
         *complete, rest = (rest + chunk).split(b"\n")
         for raw in complete:
             number += 1
-            if (line := _decode(raw, file, number)).strip():
-                any_text = True
-                yield number, line
+            yield number, raw
         if len(rest) > MAX_LINE_BYTES and not isinstance(data, (bytes, bytearray)):
             # a stream's unfinished line: stop before it grows further (its full length is unknown)
             raise DatasetError(file, number + 1, f"line is over the {MAX_LINE_BYTES}-byte limit")
-    if (line := _decode(rest, file, number + 1)).strip():
-        any_text = True
-        yield number + 1, line
+    yield number + 1, rest
+
+
+def _lines(data: Source, file: str):
+    """(line number, decoded line) for each non-blank line; ``data`` is bytes or a stream, parsed the same way."""
+    any_text = False
+    for number, raw in _raw_lines(data, file):
+        if (line := _decode(raw, file, number)).strip():
+            any_text = True
+            yield number, line
     if not any_text:
         raise DatasetError(file, None, "file is empty")
 
@@ -252,15 +259,19 @@ def _too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
 
 def _json_lines(data: Source, file: str):
     for number, line in _lines(data, file):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(file, number, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-        except RecursionError:  # json's C parser recurses per nesting level: [[[[...]]]] exhausts the stack
-            raise DatasetError(file, number, "invalid JSON: nested too deeply") from None
-        if not isinstance(obj, dict):
-            raise DatasetError(file, number, f"expected a JSON object, got {type(obj).__name__}")
-        yield number, obj
+        yield number, _json_object(line, file, number)
+
+
+def _json_object(line: str, file: str, number: int) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(file, number, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:  # json's C parser recurses per nesting level: [[[[...]]]] exhausts the stack
+        raise DatasetError(file, number, "invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(file, number, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _str_field(obj: dict, key: str, file: str, number: int, required: bool = True) -> str:
@@ -284,10 +295,150 @@ def parse_corpus(
     into: dict[str, Doc] | None = None,
     seen_in: dict[str, str] | None = None,
     notices: list[Notice] | None = None,
+    known: KnownLines | None = None,
 ) -> dict[str, Doc]:
     """Parse one corpus file; ids must be unique within it and across ``into`` (earlier files). A document with
-    neither title nor text is skipped with a notice; one with only a title is a title-only document."""
-    return corpus_records(_json_lines(data, file), file, into, seen_in, notices)
+    neither title nor text is skipped with a notice; one with only a title is a title-only document.
+
+    With ``known`` (``into`` a ``Corpus``), a line whose raw bytes a previous load parsed (its digest is in
+    ``known``) is not decoded nor parsed again: it is the same document, with the same id and content hash, so only
+    the check that needs the other lines (its id is not seen twice) runs for it; ``into`` parses it if asked for
+    it. Every error is the one the full parse gives, on the same line."""
+    if known is None:
+        return corpus_records(_json_lines(data, file), file, into, seen_in, notices)
+    if not isinstance(into, Corpus):
+        raise TypeError("parse_corpus(known=...) fills a datasets.Corpus")
+    seen_in = {} if seen_in is None else seen_in
+    return corpus_records(_unknown_lines(data, file, into, seen_in, known), file, into, seen_in, notices)
+
+
+LINE_DIGEST_VERSION = b"embedpipe-line-1"  # 16 bytes at most; a new one when what a line parses to would change
+LINE_DIGEST_BYTES = 16
+
+
+def line_digest(raw: bytes) -> bytes:
+    """The identity of a corpus line: 128-bit BLAKE2b of its raw bytes (as split on ``\\n``, ``\\r`` included),
+    personalised with ``LINE_DIGEST_VERSION``, which changes whenever a line could parse to another document or to
+    an error (checks, ``Doc`` fields, the content hash): a digest from an older parser then matches nothing."""
+    return hashlib.blake2b(raw, digest_size=LINE_DIGEST_BYTES, person=LINE_DIGEST_VERSION).digest()
+
+
+@dataclass(frozen=True)
+class KnownLines:
+    """Corpus lines a previous load parsed and accepted: line digest -> document id, and id -> content hash (the
+    incremental embed job's are the live index's id/hash table, ``control.incremental``). Empty: nothing is known,
+    every line is parsed, and the ``Corpus`` still records each document's line digest."""
+
+    ids: Mapping[bytes, str] = field(default_factory=dict)
+    hashes: Mapping[str, str] = field(default_factory=dict)
+
+
+def _unknown_lines(data: Source, file: str, into: Corpus, seen_in: dict[str, str], known: KnownLines):
+    """``_json_lines`` for ``corpus_records``, with each known line taken into ``into`` here, unparsed, after the
+    same duplicate check ``corpus_records`` runs (in line order: the first error is the full parse's). A known
+    document's place (for a later duplicate's error) is its ``Corpus`` entry, not a ``seen_in`` string: this loop
+    runs once per line of the corpus, so it does as little as it can."""
+    any_text = False
+    ids, hashes = known.ids.get, known.hashes
+    docs, known_hashes, digests = into._docs, into._known_hashes, into.digests
+    blake2b = hashlib.blake2b
+    for number, raw in _raw_lines(data, file):
+        digest = blake2b(raw, digest_size=LINE_DIGEST_BYTES, person=LINE_DIGEST_VERSION).digest()
+        doc_id = ids(digest)
+        if doc_id is not None:  # the same bytes were a valid, non-blank line: no decode, no parse
+            any_text = True
+            if doc_id in docs or doc_id in seen_in:
+                where = _first_seen(doc_id, seen_in, into, file)
+                raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {where})")
+            docs[doc_id] = (raw, file, number)
+            known_hashes[doc_id] = hashes[doc_id]
+            digests[doc_id] = digest
+            continue
+        if (line := _decode(raw, file, number)).strip():
+            any_text = True
+            into.next_digest = digest  # the document corpus_records stores from this line has it
+            yield number, _json_object(line, file, number)
+            into.next_digest = None
+    if not any_text:
+        raise DatasetError(file, None, "file is empty")
+
+
+def _first_seen(doc_id: str, seen_in, docs, file: str) -> str:
+    """Where a duplicate id was first seen: ``seen_in``'s note, else a known line's place in a ``Corpus``."""
+    where = seen_in.get(doc_id)
+    if where is None and isinstance(docs, Corpus):
+        where = docs.location(doc_id)
+    return where or file
+
+
+class Corpus(Mapping[str, Doc]):
+    """A corpus loaded with ``KnownLines``: id -> ``Doc`` like the plain dict of a full parse, in file order, where
+    a known line is kept as its raw bytes and parsed on first access (so every reader sees the full parse's
+    document), plus what the incremental embed job asks without parsing: ``content_hashes()`` and ``digests`` (id ->
+    the digest of the line it came from; none for BigQuery rows)."""
+
+    def __init__(self) -> None:
+        self._docs: dict[str, Doc | tuple[bytes, str, int]] = {}  # a known line: (raw bytes, file, line number)
+        self._known_hashes: dict[str, str] = {}  # the known lines not parsed (yet)
+        self._parsed: list[str] = []
+        self.digests: dict[str, bytes] = {}
+        self.next_digest: bytes | None = None
+
+    def __setitem__(self, doc_id: str, doc: Doc) -> None:
+        self._docs[doc_id] = doc
+        self._parsed.append(doc_id)
+        if self.next_digest is not None:
+            self.digests[doc_id] = self.next_digest
+            self.next_digest = None
+
+    def __getitem__(self, doc_id: str) -> Doc:
+        doc = self._docs[doc_id]
+        if type(doc) is tuple:
+            doc = self._docs[doc_id] = _parse_known(doc_id, *doc)
+            del self._known_hashes[doc_id]
+            self._parsed.append(doc_id)
+        return doc
+
+    def __contains__(self, doc_id) -> bool:
+        return doc_id in self._docs
+
+    def __iter__(self):
+        return iter(self._docs)
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    @property
+    def parsed(self) -> int:
+        """Documents parsed so far (the rest are known lines not asked for)."""
+        return len(self._parsed)
+
+    def location(self, doc_id: str) -> str | None:
+        """``file:line`` of a known line not parsed yet (else None)."""
+        entry = self._docs.get(doc_id)
+        return f"{entry[1]}:{entry[2]}" if type(entry) is tuple else None
+
+    def content_hashes(self) -> dict[str, str]:
+        """id -> content hash of every document; known lines are not parsed for it."""
+        out = dict(self._known_hashes)
+        docs = self._docs
+        out.update((i, docs[i].content_hash) for i in self._parsed)
+        return out
+
+
+def _parse_known(doc_id: str, raw: bytes, file: str, number: int) -> Doc:
+    """The document of a known line, parsed as the full parse does."""
+    docs = corpus_records([(number, _json_object(_decode(raw, file, number), file, number))], file)
+    if list(docs) != [doc_id]:  # only a digest collision: the table's line was another one
+        raise DatasetError(file, number, f"line digest names document {doc_id!r}, the line has {list(docs)}")
+    return docs[doc_id]
+
+
+def content_hashes(corpus: Mapping[str, Doc]) -> dict[str, str]:
+    """id -> content hash of a corpus, a ``Corpus`` without parsing its known lines."""
+    if isinstance(corpus, Corpus):
+        return corpus.content_hashes()
+    return {i: doc.content_hash for i, doc in corpus.items()}
 
 
 def corpus_records(
@@ -313,7 +464,8 @@ def corpus_records(
         if metadata and _too_deep(metadata):
             raise DatasetError(file, number, f"field 'metadata' nests deeper than {MAX_JSON_DEPTH} levels")
         if doc_id in docs or doc_id in seen_in:
-            raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {seen_in.get(doc_id, file)})")
+            where = _first_seen(doc_id, seen_in, docs, file)
+            raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {where})")
         seen_in[doc_id] = f"{file}:{number}"
         if not text.strip() and not title.strip():
             notices.append(Notice(file, number, doc_id, f"document {doc_id!r} has neither title nor text: skipped"))
@@ -410,13 +562,18 @@ TEST_QRELS = "qrels/test.tsv"
 
 
 def load_files(
-    name: str, files: dict[str, bytes], tables: dict | None = None, queries_elsewhere: bool = False
+    name: str,
+    files: dict[str, bytes],
+    tables: dict | None = None,
+    queries_elsewhere: bool = False,
+    known: KnownLines | None = None,
 ) -> Dataset:
     """Build a Dataset from ``{relative path: bytes}`` and ``tables`` (``{bqsource.Part: its records}``, parts read
     from BigQuery, loaded beside the files as if they were more files); qrels must name known queries (absent
     documents are kept and counted, see the module docstring), unless ``queries_elsewhere`` (``upload``'s
-    pre-check of a folder whose queries are a table it does not read)."""
-    corpus: dict[str, Doc] = {}
+    pre-check of a folder whose queries are a table it does not read). With ``known`` the corpus is a ``Corpus``
+    whose known lines are not parsed (``parse_corpus``)."""
+    corpus: dict[str, Doc] = {} if known is None else Corpus()
     seen: dict[str, str] = {}
     skipped: list[Notice] = []
     absent: dict[str, int] = {}
@@ -427,7 +584,7 @@ def load_files(
     for rel in sorted(files):
         kind = classify(rel)
         if kind == "corpus":
-            parse_corpus(files[rel], rel, corpus, seen, skipped)
+            parse_corpus(files[rel], rel, corpus, seen, skipped, known)
         elif kind == "queries":
             parse_queries(files[rel], rel, queries)
         elif kind == "pairs":

@@ -19,12 +19,19 @@ them too):
 The table, not a scan of Milvus, is the diff's base so that launching costs O(1) in the functions whatever the
 corpus size. It can only lag the collection (an in-place update that failed part-way leaves the previous table on
 the promoted entry): the next diff then redoes those upserts and deletes, which are idempotent.
+
+The table also keeps each document's line digest (``line``: ``datasets.line_digest`` of the corpus line it came
+from; null for a BigQuery row). The next run's load takes a line whose digest the table has as that row's document
+(``datasets.KnownLines``): the same bytes parse to the same document, so only new or changed lines are decoded,
+parsed and hashed, and the content hash itself is never redefined. What needs the other lines still runs on all of
+them (an id seen twice, across files too); ids the corpus lost are deleted as before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from embedpipe.contracts import datasets
@@ -66,7 +73,7 @@ class Diff:
 def diff(corpus_hashes: dict[str, str], live: dict[str, str]) -> Diff:
     """Compare the corpus snapshot (id -> content hash) with the live index's table."""
     changed = sorted(i for i, h in corpus_hashes.items() if live.get(i) != h)
-    deleted = sorted(set(live) - set(corpus_hashes))
+    deleted = sorted(live.keys() - corpus_hashes.keys())
     return Diff(changed, deleted, len(corpus_hashes) - len(changed))
 
 
@@ -100,27 +107,51 @@ def plan(
     return Plan("incremental", d.changed, gone, d.unchanged, table)
 
 
-def write_table(uri: str, hashes: dict[str, str]) -> None:
+def write_table(uri: str, hashes: Mapping[str, str], lines: Mapping[str, bytes] | None = None) -> None:
+    """The id -> content hash table (``TABLE_FILE``), sorted by id, with each document's line digest
+    (``datasets.line_digest``; null for a document that came from no line of a file, e.g. a BigQuery row, or whose
+    line this run did not read) when ``lines`` is given: the next incremental run skips the parse of those lines."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    ids = sorted(hashes)
+    columns = {
+        "id": pa.array(list(hashes), pa.string()),
+        "content_hash": pa.array(list(hashes.values()), pa.string()),
+    }
+    if lines is not None:
+        columns["line"] = pa.array([lines.get(i) for i in hashes], pa.binary(datasets.LINE_DIGEST_BYTES))
+    table = pa.table(columns)
+    table = table.take(pc.sort_indices(table, [("id", "ascending")]))  # UTF-8 byte order: Python's str order
     buf = io.BytesIO()
-    pq.write_table(pa.table({"id": ids, "content_hash": [hashes[i] for i in ids]}), buf)
+    pq.write_table(table, buf)
     storage.write_bytes(uri, buf.getvalue())
 
 
 def read_table(uri: str) -> dict[str, str]:
+    return read_known(uri).hashes
+
+
+def read_known(uri: str) -> datasets.KnownLines:
+    """A table as the incremental embed job uses it: its id -> content hash rows (the diff's base) and, from the
+    rows that have one, line digest -> id (the corpus lines its load need not parse; none in a table written before
+    the digests were)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-    return dict(zip(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
+    ids = table.column("id").to_pylist()
+    hashes = dict(zip(ids, table.column("content_hash").to_pylist()))
+    lines = {}
+    if "line" in table.column_names:
+        with_line = table.filter(pc.is_valid(table.column("line"))) if table.column("line").null_count else table
+        known_ids = ids if with_line is table else with_line.column("id").to_pylist()
+        lines = dict(zip(with_line.column("line").to_pylist(), known_ids))
+    return datasets.KnownLines(lines, hashes)
 
 
 def digest(table: dict[str, str]) -> str:
     """A fingerprint of an id -> hash table, whatever order it was loaded in (a BigQuery read session's streams come
     in no fixed order): replicas that read the same documents agree on it."""
-    h = hashlib.blake2b(digest_size=16)
-    for i, content in sorted(table.items()):
-        h.update(f"{i}\0{content}\n".encode())
-    return h.hexdigest()
+    text = "".join([f"{i}\0{content}\n" for i, content in sorted(table.items())])  # one update: same digest
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -254,6 +254,7 @@ def load_checked(
     max_rejections: int = 100,
     max_bytes: int | None = None,
     as_of=None,
+    known: datasets.KnownLines | None = None,
 ):
     """The jobs' load (DESIGN.md §3.1): the whole dataset, leaving out each file a cross-file check rejects
     (duplicate ids across corpus files, qrels naming unknown query ids) or that is over ``max_bytes`` (default:
@@ -265,7 +266,8 @@ def load_checked(
 
     What ``datasets.load_files`` accepts with a notice is not a rejection here: a qrels file naming documents the
     corpus lacks stays (``Dataset.qrels_absent`` counts the rows; evaluation treats them the trec_eval way), so a
-    corpus file left out for a real error does not take the qrels that cite it along."""
+    corpus file left out for a real error does not take the qrels that cite it along. ``known``: corpus lines a
+    previous load accepted, not parsed again (the incremental embed job's; ``datasets.parse_corpus``)."""
     rejections: list[Rejection] = []
     cap = settings.max_object_bytes if max_bytes is None else max_bytes
     exclude: set[str] = set()
@@ -281,6 +283,7 @@ def load_checked(
                 exclude=frozenset(exclude),
                 generations=generations,
                 as_of=as_of,
+                known=known,
             )
             return ds, rejections, None
         except datasets.NoCorpus as exc:

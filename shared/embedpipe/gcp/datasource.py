@@ -20,12 +20,14 @@ def load_gcs(
     exclude: frozenset[str] = frozenset(),
     generations: dict[str, int] | None = None,
     as_of=None,
+    known: datasets.KnownLines | None = None,
 ) -> datasets.Dataset:
     """The dataset as stored. ``test=False`` (the trainer) never opens ``qrels/test.tsv`` (nor a test qrels table):
     test labels cannot reach training or any choice made from them. With ``max_bytes``, a file over it raises
     DatasetError unread. Files and BigQuery parts named in ``exclude`` (relative paths, ``source.json#corpus``) are
     left out; ``generations`` receives each read file's generation. A ``source.json`` adds the BigQuery parts it
-    names (``bqsource``, with ``settings``), read as of ``as_of`` (a datetime; None: now)."""
+    names (``bqsource``, with ``settings``), read as of ``as_of`` (a datetime; None: now). ``known``: corpus lines
+    not parsed again (``datasets.parse_corpus``)."""
     root = datasets.prefix(data_bucket, dataset)
     files, tables = {}, {}
     for uri, generation, size in storage.list_objects(root):
@@ -41,7 +43,7 @@ def load_gcs(
                 tables = _source_tables(data, settings, test, exclude, as_of, max_bytes)
             else:
                 files[rel] = data
-    return datasets.load_files(dataset, files, tables)
+    return datasets.load_files(dataset, files, tables, known=known)
 
 
 def _source_tables(

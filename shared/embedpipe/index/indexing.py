@@ -36,6 +36,7 @@ from embedpipe.index import bulkload, registry, report, rollback
 from embedpipe.ledger import runs
 from embedpipe.ledger.lifecycle import Lifecycle, embeddings_uri, publish_stalled
 from embedpipe.ledger.runs import INDEXING, PUBLISHING, Ledger
+from embedpipe.logs import Steps
 from embedpipe.retrieval import evaluation, vectorstore
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,12 @@ def rank(client, collection: str, queries, search: dict | None, k: int = 100) ->
     searched once each, hybrid fused from them with the model's weight, exactly as the search service does."""
     ids = queries.column("id").to_pylist()
     vectors = queries.column("vector").to_pylist()
-    dense = vectorstore.search_dense(client, collection, vectors, max(k, vectorstore.DEPTH))
+    # STRONG: the rankings see every row this indexing wrote (a collection's default, Bounded, may lag them)
+    dense = vectorstore.search_dense(client, collection, vectors, max(k, vectorstore.DEPTH), vectorstore.STRONG)
     out = {"dense": {q: [d for d, _ in hits[:k]] for q, hits in zip(ids, dense)}}
     if "bm25_text" in queries.column_names and vectorstore.has_field(client, collection, "bm25_text"):
         texts = queries.column("bm25_text").to_pylist()
-        sparse = vectorstore.search_sparse(client, collection, texts, max(k, vectorstore.DEPTH))
+        sparse = vectorstore.search_sparse(client, collection, texts, max(k, vectorstore.DEPTH), vectorstore.STRONG)
         out["bm25"] = {q: [d for d, _ in hits[:k]] for q, hits in zip(ids, sparse)}
         out["hybrid"] = {q: [d for d, _ in vectorstore.fused(a, b, k, search)] for q, a, b in zip(ids, dense, sparse)}
     return out
@@ -396,6 +398,7 @@ class Indexing:
     watch: Stopwatch
     promoted_before: PromotedEntry | dict
     t0: float
+    step: Steps  # seconds by step, for the log line (where an incremental run's index stage spends its time)
 
     @property
     def settings(self) -> Settings:
@@ -465,7 +468,9 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
         watch=Stopwatch(),
         promoted_before=pipe.ledger.get_dataset(record["dataset"]).get("promoted") or {},
         t0=t0,
+        step=Steps(t0),
     )
+    x.step("prepare")
     if x.kind == FULL:
         out = _index_full(x)
     elif x.first.get("mode") == "rebuild":  # incremental, the diff too large to apply in place
@@ -498,8 +503,11 @@ def _new_collection_gated(x: Indexing, deleted: int, same_model: bool) -> Outcom
     gated. ``same_model``: the live index holds vectors of this run's model, so this run's query vectors rank it when
     the embedder wrote none of its own."""
     collection, upserted = _load_new(x)
+    x.step("load, flush")
     new = _evaluate(x, collection, baselines=True)
+    x.step("evaluate")
     previous, old = _measure_replaced(x, collection, new.qrels, same_model_queries=new.queries if same_model else None)
+    x.step("evaluate the live index")
     promoted, reason = _gate(x, new.scores, old, previous)
     return Outcome(
         collection=collection,
@@ -525,8 +533,11 @@ def _index_inplace(x: Indexing) -> Outcome:
     # A run that rejected a corpus file must not delete what that file's documents had put in the index: its
     # ``removed`` is 0 (check_deletes).
     deleted = delete_removed(x.client, collection, x.embed_uri, x.manifests, x.watch) if removed else 0
-    x.watch(vectorstore.finish_load, x.client, collection)
+    # no finish_load: an in-place update is searchable as written (the evaluation reads with Strong consistency), and
+    # a flush per small update makes small segments that Milvus then compacts and re-indexes during the evaluation
+    x.step("load, delete")
     new = _evaluate(x, collection, baselines=False)
+    x.step("evaluate")
     previous = x.watch(vectorstore.alias_target, x.client, vectorstore.alias_name(x.dataset))
     before = x.promoted_before
     old = (
@@ -743,14 +754,16 @@ def _conclude(x: Indexing, out: Outcome, reg: registry.ModelRegistry) -> str:
         state = ledger.get_dataset(dataset)
         registration = registry.not_registered(reg, "rejected by the gate: rejected models are not registered")
     dropped = _retain(x, out, state)
+    x.step("promote, retention")
     log.info(
-        "run %s (%s): %s into %s; %s; dropped %s",
+        "run %s (%s): %s into %s; %s; dropped %s; seconds by step: %s",
         run_id,
         x.kind,
         out.counts,
         out.collection,
         out.reason,
         dropped or "none",
+        x.step,
     )
     report_uri = f"{ledger.run_dir(run_id)}/report.html"
     data = _payload(x, out, dropped, report_uri)

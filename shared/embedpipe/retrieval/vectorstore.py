@@ -226,6 +226,10 @@ def get_titles(client, name: str, ids: list[str]) -> dict[str, str]:
 
 @milvus_retry
 def finish_load(client, name: str) -> None:
+    """After a collection's load: seal what was written and load it for search. Only for a fresh collection: an
+    in-place update of a loaded one is searchable as written (read with ``STRONG``), and a flush per small update
+    only makes small segments (Milvus advises against it; Milvus Lite compacts and re-indexes them in a background
+    thread of the server, on the CPUs the evaluation that follows needs)."""
     client.flush(name)  # search on unflushed data is very slow on Milvus Lite
     client.load_collection(name)
 
@@ -253,7 +257,8 @@ def _batches(items, size: int = MAX_NQ):
 
 @milvus_retry
 @loaded
-def search_dense(client, name: str, vectors, k: int) -> list[list[tuple[str, float]]]:
+def search_dense(client, name: str, vectors, k: int, consistency: str | None = None) -> list[list[tuple[str, float]]]:
+    """Dense search; ``consistency`` (e.g. ``STRONG``) overrides the collection's level for this call."""
     out = []
     for part in _batches([list(map(float, v)) for v in vectors]):
         res = client.search(
@@ -263,6 +268,7 @@ def search_dense(client, name: str, vectors, k: int) -> list[list[tuple[str, flo
             limit=k,
             output_fields=["id"],
             search_params={"metric_type": "COSINE"},
+            **_consistency(consistency),
         )
         out += [[(h["id"], float(h["distance"])) for h in hits] for hits in res]
     return out
@@ -270,9 +276,11 @@ def search_dense(client, name: str, vectors, k: int) -> list[list[tuple[str, flo
 
 @milvus_retry
 @loaded
-def search_sparse(client, name: str, bm25_texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+def search_sparse(
+    client, name: str, bm25_texts: list[str], k: int, consistency: str | None = None
+) -> list[list[tuple[str, float]]]:
     """BM25 over ``bm25_text``; queries already analyzed (``lexical.analyzed``). A query with no terms left (only
-    stop words) matches nothing."""
+    stop words) matches nothing. ``consistency`` as in ``search_dense``."""
     out: list[list[tuple[str, float]]] = [[] for _ in bm25_texts]
     asked = [i for i, t in enumerate(bm25_texts) if t.strip()]
     for part in _batches(asked):
@@ -283,12 +291,20 @@ def search_sparse(client, name: str, bm25_texts: list[str], k: int) -> list[list
             limit=k,
             output_fields=["id"],
             search_params={"metric_type": "BM25"},
+            **_consistency(consistency),
         )
         for i, hits in zip(part, res):
             # Milvus Lite reports BM25 as negative distances (best first, most negative), a server as scores:
             # BM25 scores are never negative, so the magnitude is the score either way
             out[i] = [(h["id"], abs(float(h["distance"]))) for h in hits]
     return out
+
+
+STRONG = "Strong"  # a search that sees every write acknowledged before it (collections default to Bounded)
+
+
+def _consistency(level: str | None) -> dict:
+    return {"consistency_level": level} if level else {}
 
 
 def search(client, name: str, mode: str, vectors, bm25_texts, k: int, search: dict | None = None):

@@ -135,14 +135,8 @@ class Pipeline(Lifecycle):
             return f"rejected {change.name}: {clash}"
         info = {"object": change.name, "generation": change.generation, "part": datasets.classify(rel)}
         trigger = {"type": "upload", "dataset": dataset}
-        run_id = self._claim(change.key, dataset, trigger, self.settings.debounce_s)
-        record = self.ledger.get_run(run_id) or {}
-        open_run = record.get("state") == PENDING and not record.get("sealed")
-        if (
-            change.key in record.get("triggers", [])
-            or (open_run and self.ledger.has_item(run_id, "triggers", change.key))
-            or self.ledger.has_item(run_id, "file_errors", change.key)
-        ):  # a redelivery of a trigger already counted (a sealed run without it: the move below was cut short)
+        run_id, fresh = self._claim(change.key, dataset, trigger, self.settings.debounce_s)
+        if not fresh and self._counted(run_id, change.key):
             return f"{change.name}#{change.generation} -> run {run_id}"
         self.ledger.put_item(run_id, "arriving", change.key, info)  # the launch waits for this intake to end
         verdict = self.check_object(change.bucket, change.name, change.generation)
@@ -156,6 +150,18 @@ class Pipeline(Lifecycle):
                 return f"{change.name}#{change.generation} -> run {run_id}"
             run_id = self._move_late(change.key, run_id, dataset, trigger, self.settings.debounce_s)
         raise RuntimeError(f"{change.key}: every run it was given launched before it could join")
+
+    def _counted(self, run_id: str, key: str) -> bool:
+        """Whether a redelivered upload's trigger is already counted in its run, or its file already rejected (a
+        sealed run without it: the move to the next run was cut short). Only a delivery that found its claim asks:
+        one that created the claim is the first past it, so nothing of its trigger can be recorded yet."""
+        record = self.ledger.get_run(run_id) or {}
+        open_run = record.get("state") == PENDING and not record.get("sealed")
+        return (
+            key in record.get("triggers", [])
+            or (open_run and self.ledger.has_item(run_id, "triggers", key))
+            or self.ledger.has_item(run_id, "file_errors", key)
+        )
 
     def _name_clash(self, dataset: str) -> str | None:
         """Datasets whose names differ only where Milvus names cannot (``a-b``, ``a_b``) would share an alias and
@@ -214,7 +220,7 @@ class Pipeline(Lifecycle):
         # is live; a retrain always trains.
         trigger = {"type": "refresh" if req.refresh else "retrain", "dataset": req.dataset, "reason": req.reason}
         # refreshes come in bursts (one per table write from an audit-log trigger): they coalesce like uploads
-        run_id = self._claim(req.key, req.dataset, trigger, self.settings.debounce_s if req.refresh else 0.0)
+        run_id, _ = self._claim(req.key, req.dataset, trigger, self.settings.debounce_s if req.refresh else 0.0)
 
         for _ in range(10):
             taken = True
@@ -242,13 +248,14 @@ class Pipeline(Lifecycle):
         self.launch_due(req.dataset)
         return f"retrain {req.key} -> run {run_id}"
 
-    def _claim(self, key: str, dataset: str, trigger: dict, due_in_s: float) -> str:
+    def _claim(self, key: str, dataset: str, trigger: dict, due_in_s: float) -> tuple[str, bool]:
+        """(the run the trigger belongs to, whether this delivery created its claim)."""
         claim = self.ledger.get_claim(key)
         if claim:
             log.info("duplicate delivery of %s (run %s): finishing its step only", key, claim["run_id"])
-            return claim["run_id"]
+            return claim["run_id"], False
         run_id = self.ledger.pending_run(dataset, trigger, due_in_s)
-        return self.ledger.claim(key, run_id)[0]
+        return self.ledger.claim(key, run_id)
 
     # ------------------------------------------------------------------ launching
     def launch_due(self, dataset: str | None = None) -> list[str]:

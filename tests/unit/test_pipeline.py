@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import shutil
+import threading
 import types
 from pathlib import Path
 
@@ -629,6 +630,53 @@ def test_quiet_periods_beyond_launch_wait_are_left_to_a_later_tick(make):
     assert h.pipe.reconcile() == [] and h.clock.now == t0 and h.launcher.submits == []
     h.clock.advance(25)
     assert len(h.pipe.reconcile()) == 1 and h.clock.now == t0 + 30
+
+
+def test_a_tick_leaves_a_run_another_delivery_of_the_instance_waits_for(make):
+    """Ticks come every half second, each in its own thread of the instance: while one waits for a due run, the next
+    does not wait for it too (they all woke together and launched the same run side by side); the first launches."""
+    h = make(debounce_s=5, launch_wait_s=10)
+    h.upload()
+    asleep, wake, first = threading.Event(), threading.Event(), []
+
+    def first_nap(seconds):
+        asleep.set()
+        wake.wait(5)
+        h.clock.advance(seconds)
+
+    h.pipe.sleep = first_nap
+    waiting = threading.Thread(target=lambda: first.append(h.pipe.reconcile()))
+    waiting.start()
+    assert asleep.wait(5)
+    naps = []
+    h.pipe.sleep = naps.append  # the second tick's, if it waited
+    assert h.pipe.reconcile() == [] and naps == []
+    wake.set()
+    waiting.join(5)
+    assert first == [[f"launched {h.runs()[0]['run_id']}"]] and len(h.launcher.submits) == 1
+
+
+def test_a_delivery_leaves_a_launch_under_way_in_the_instance_to_it(make):
+    """A due run being launched by one delivery (here: inside its submit) is not launched again beside it by another
+    delivery of the same instance: one seal, one submit."""
+    h = make()
+    h.upload()
+    in_submit, release, first = threading.Event(), threading.Event(), []
+    submit = h.launcher.submit
+
+    def slow_submit(spec):
+        in_submit.set()
+        release.wait(5)
+        return submit(spec)
+
+    h.launcher.submit = slow_submit
+    launching = threading.Thread(target=lambda: first.append(h.pipe.launch_due("demo")))
+    launching.start()
+    assert in_submit.wait(5)
+    assert h.pipe.launch_due("demo") == [] and h.pipe.reconcile() == []
+    release.set()
+    launching.join(5)
+    assert first == [[h.runs()[0]["run_id"]]] and len(h.launcher.submits) == 1
 
 
 def test_launch_that_died_half_way_is_finished_by_the_next_tick(h):

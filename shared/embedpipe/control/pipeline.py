@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -104,6 +105,17 @@ class Pipeline(Lifecycle):
         self.check_object = check_object or (lambda bucket, name, generation: None)
         self.validate = self._check_listing if read_uploads else (lambda record: None)
         self.live_check = live_check or self.live_missing
+        self._launch_locks: dict[str, threading.RLock] = {}
+        self._launch_locks_guard = threading.Lock()
+
+    def _launching(self, dataset: str) -> threading.RLock:
+        """Held while a delivery in this instance waits for a dataset's due run or launches it. Deliveries run in
+        threads of one instance (ticks every half second locally, each waiting up to ``launch_wait_s``): without it
+        they all woke at the due time and launched the same run side by side (keyed and compare-and-set, so once, but
+        each one sealing, listing and submitting again on a busy CPU). Another instance, or a later tick after this
+        one died, still finishes a launch cut short (``_launch_dataset``)."""
+        with self._launch_locks_guard:
+            return self._launch_locks.setdefault(dataset, threading.RLock())
 
     @property
     def launcher(self) -> JobLauncher:
@@ -270,6 +282,15 @@ class Pipeline(Lifecycle):
         return started
 
     def _launch_dataset(self, ds: str) -> list[str]:
+        lock = self._launching(ds)
+        if not lock.acquire(blocking=False):  # another delivery in this instance is launching it now
+            return []
+        try:
+            return self._launch_held(ds)
+        finally:
+            lock.release()
+
+    def _launch_held(self, ds: str) -> list[str]:
         pending = self.ledger.get_dataset(ds)["pending"]
         if pending and self.ledger.arriving(pending):  # an upload's intake is still running: launch at a later tick
             return []
@@ -597,19 +618,28 @@ class Pipeline(Lifecycle):
         started = self.launch_due()
         if self.settings.launch_wait_s <= 0:
             return started
+        elsewhere: set[str] = set()  # datasets another delivery in this instance waits for
         while True:
             due = [
                 (st["due_at"], ds)
                 for ds in self.ledger.list_datasets()
+                if ds not in elsewhere
                 for st in [self.ledger.get_dataset(ds)]
                 if st["pending"] and not st["active"] and st["due_at"] - self.clock() <= self.settings.launch_wait_s
             ]
             if not due:
                 return started
             due_at, dataset = min(due)
-            if due_at > self.clock():
-                self.sleep(due_at - self.clock())
-            launched = self.launch_due(dataset)
+            lock = self._launching(dataset)
+            if not lock.acquire(blocking=False):
+                elsewhere.add(dataset)
+                continue
+            try:
+                if due_at > self.clock():
+                    self.sleep(due_at - self.clock())
+                launched = self.launch_due(dataset)
+            finally:
+                lock.release()
             if not launched and self.ledger.get_dataset(dataset)["due_at"] <= due_at:
                 return started  # someone else launched it, or it cannot start: leave it to the next tick
             started += launched

@@ -119,12 +119,26 @@ def schema(event_type: str) -> dict:
     return json.loads(resources.files("embedpipe.contracts.schemas").joinpath(name).read_text())
 
 
+@cache
+def _validator(event_type: str):
+    """The schema's validator, the schema itself checked once (``jsonschema.validate`` re-checks it on every call)."""
+    import jsonschema
+
+    found = schema(event_type)
+    cls = jsonschema.validators.validator_for(found)
+    cls.check_schema(found)
+    return cls(found)
+
+
 def validate(event: Event) -> None:
-    """Check a payload against its shipped JSON Schema (only types that have one)."""
+    """Check a payload against its shipped JSON Schema (only types that have one); raises
+    ``jsonschema.ValidationError`` (the most relevant error, as ``jsonschema.validate`` does)."""
     if event.type in _SCHEMAS:
         import jsonschema
 
-        jsonschema.validate(event.data, schema(event.type))
+        error = jsonschema.exceptions.best_match(_validator(event.type).iter_errors(event.data))
+        if error is not None:
+            raise error
 
 
 # ---------------------------------------------------------------- incoming

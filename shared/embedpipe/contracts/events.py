@@ -15,7 +15,6 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from typing import Any
 
 SPECVERSION = "1.0"
@@ -115,6 +114,8 @@ class Event:
 
 @cache
 def schema(event_type: str) -> dict:
+    from importlib import resources  # ~20 ms, for the few processes that validate (not every importer)
+
     name = _SCHEMAS[event_type]
     return json.loads(resources.files("embedpipe.contracts.schemas").joinpath(name).read_text())
 

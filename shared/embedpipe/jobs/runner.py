@@ -26,8 +26,6 @@ from pathlib import Path
 
 from embedpipe import topology
 from embedpipe.config import Settings, process_env, repo_root
-from embedpipe.contracts import events
-from embedpipe.jobs import hypertune
 from embedpipe.jobs.local import write_state
 from embedpipe.jobs.spec import CANCELLED, FAILED, RUNNING, SUCCEEDED
 
@@ -115,6 +113,8 @@ def outcome(codes: list[int], log_dir: Path) -> tuple[str, str]:
 
 def run_trials(spec: dict, job_dir: Path, port: int) -> tuple[str, str, dict]:
     """Run the HP-tuning trials with bounded parallelism; returns (state, error, extra state fields)."""
+    from embedpipe.jobs import hypertune  # only tuning jobs need it: not on every job's start-up path
+
     hp = hypertune.validate(spec["hp_tuning"])
     base = spec["base_output_dir"].rstrip("/")
     trials = [
@@ -200,10 +200,11 @@ def run(job_dir: Path) -> str:
     peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     write_state(job_dir, state, error, started=started, finished=time.time(), max_rss_mb=peak_mb, **extra)
     message = "Job completed successfully." if state == SUCCEEDED else f"Job failed. {error[-500:]}"
-    entry = events.job_log_entry(spec["name"].rsplit("/", 1)[-1], state, message, settings.project)
     warm.join()  # long done, unless the job was shorter than the import
+    from embedpipe.contracts import events  # loaded with bus by the thread: not on the job's start-up path
     from embedpipe.gcp import bus
 
+    entry = events.job_log_entry(spec["name"].rsplit("/", 1)[-1], state, message, settings.project)
     bus.publish_raw(settings.project, topology.JOB_EVENTS, json.dumps(entry).encode())
     return state
 

@@ -198,11 +198,7 @@ class Settings:
     milvus_uri: str = "http://127.0.0.1:19530"
     milvus_token: str = field(default="", repr=False)
     # orchestration
-    # The quiet period that coalesces a burst of uploads into one run. A launch also waits for every upload whose
-    # intake is under way (the run's "arriving" items), so this only bridges the hand-over from one upload's intake
-    # to the next upload's claim: <= 0.06 s measured on the local stack under load (a CLI upload; README, Tests and
-    # benchmarks). Raise it for uploads that come in slowly one file after another.
-    debounce_s: float = 0.25
+    debounce_s: float = 0.5
     # a reconcile tick waits for a run due within this many seconds and launches it on time (0: at a later tick)
     launch_wait_s: float = 10.0
     tick_s: float = 0.5

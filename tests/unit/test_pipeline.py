@@ -1309,7 +1309,8 @@ def test_a_redelivered_upload_whose_move_was_cut_short_still_reaches_a_run(make)
 
 def test_a_run_waits_for_an_upload_whose_intake_is_still_running(make):
     """A slow intake (a large file, a busy CPU) outlasts the quiet period: the run does not launch without it (it
-    would push the file into a second run); it launches once the intake ended, with that file's trigger."""
+    would push the file into a second run); it launches a quiet period after the intake ended (uploads delivered
+    behind it are claimed only then), with that file's trigger."""
     h = make(debounce_s=1)
     h.upload("datasets/demo/corpus.jsonl")
     first = h.ledger.get_dataset("demo")["pending"]
@@ -1322,8 +1323,40 @@ def test_a_run_waits_for_an_upload_whose_intake_is_still_running(make):
     h.pipe.check_object = slow_intake
     h.upload("datasets/demo/queries.jsonl")
     assert tried == [[]]  # held back while the intake ran
+    assert h.pipe.launch_due("demo") == []  # the quiet period starts again when the intake ends
+    h.clock.advance(1)
     assert h.pipe.launch_due("demo") == [first]
     assert len(h.ledger.get_run(first)["triggers"]) == 2 and h.ledger.get_dataset("demo")["pending"] is None
+
+
+def test_the_quiet_period_runs_from_the_end_of_each_intake(make):
+    """Uploads are delivered a few at a time: the next one is claimed only after the intakes before it ended. The
+    quiet period counts from the end of an intake (a rejected file's too), so a burst whose intakes outlast the quiet
+    period still coalesces into one run."""
+    h = make(debounce_s=1)
+    t0 = h.clock.now
+
+    def intake_of(seconds, verdict=None):
+        def check(bucket, name, generation):
+            h.clock.advance(seconds)
+            return verdict
+
+        return check
+
+    h.pipe.check_object = intake_of(3)
+    h.upload("datasets/demo/corpus.jsonl")
+    assert h.ledger.get_dataset("demo")["due_at"] == t0 + 3 + 1  # not t0 + 1, from the claim
+    h.clock.advance(0.9)  # the next delivery, behind it
+    bad = intake.Rejection("gs://embedpipe-data/datasets/demo/queries.jsonl", 2, 1, "not JSON")
+    h.pipe.check_object = intake_of(2, bad)
+    h.upload("datasets/demo/queries.jsonl", generation=2)
+    assert h.ledger.get_dataset("demo")["due_at"] == t0 + 3 + 0.9 + 2 + 1
+    h.clock.advance(0.9)
+    assert h.pipe.launch_due("demo") == []
+    h.clock.advance(0.1)
+    (run_id,) = h.pipe.launch_due("demo")
+    record = h.run(run_id)
+    assert len(record["triggers"]) == 1 and len(record["file_errors"]) == 1
 
 
 def test_an_intake_that_died_holds_back_its_run_for_a_bounded_time(make):

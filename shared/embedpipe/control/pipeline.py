@@ -152,6 +152,9 @@ class Pipeline(Lifecycle):
             return f"{change.name}#{change.generation} -> run {run_id}"
         self.ledger.put_item(run_id, "arriving", change.key, info)  # the launch waits for this intake to end
         verdict = self.check_object(change.bucket, change.name, change.generation)
+        # The quiet period runs from the end of this intake, not from the claim: uploads delivered behind this one
+        # (a push subscription delivers a few at a time) are claimed only once it is done.
+        self.ledger.extend_due(dataset, run_id, self.settings.debounce_s)
         if isinstance(verdict, intake.Rejection):
             self._report_rejection(run_id, change.key, verdict)
             return f"rejected {change.name}#{change.generation} (run {run_id}): {verdict.reason}"

@@ -233,7 +233,7 @@ class Ledger:
                     return st
                 if st["pending"] != run_id:
                     return None
-                st["due_at"] = max(st["due_at"], min(now + due_in_s, (st["pending_since"] or now) + max_wait_s))
+                st["due_at"] = _pushed_due(st, now, due_in_s, max_wait_s)
                 return st
 
             if self.update_dataset(dataset, fn)["pending"] == run_id:
@@ -241,6 +241,18 @@ class Ledger:
             if fresh:
                 self.store.delete(self.run_uri(run_id))  # lost the race; nobody refers to this record
         raise RuntimeError(f"could not find or create a pending run for {dataset}")
+
+    def extend_due(self, dataset: str, run_id: str, due_in_s: float, max_wait_s: float = 60.0) -> None:
+        """Push the pending run's due time back to ``due_in_s`` from now (bounded as in ``pending_run``); nothing
+        when ``run_id`` is no longer the dataset's pending run (it launched: what arrived is counted or moves on)."""
+
+        def fn(st):
+            if st["pending"] != run_id:
+                return None
+            due = _pushed_due(st, self.clock(), due_in_s, max_wait_s)
+            return {**st, "due_at": due} if due > st["due_at"] else None
+
+        self.update_dataset(dataset, fn)
 
     # ------------------------------------------------------------ per-key items of a run
     def put_item(self, run_id: str, field: str, key: str, value: dict) -> bool:
@@ -348,6 +360,12 @@ def _item_of(uri: str) -> tuple[str, str] | None:
     """(run id, field) of a per-key item's URI (``.../runs/<run_id>/<field>/<digest>.json``), else None."""
     run_id, field = uri.rsplit("/", 3)[-3:-1]
     return (run_id, field) if field in ITEM_FIELDS else None
+
+
+def _pushed_due(state: DatasetState, now: float, due_in_s: float, max_wait_s: float) -> float:
+    """The pending run's due time pushed back to ``now + due_in_s``, never past ``max_wait_s`` after its first
+    change (a steady trickle of uploads cannot hold a run back for ever)."""
+    return max(state["due_at"], min(now + due_in_s, (state["pending_since"] or now) + max_wait_s))
 
 
 def _digest(key: str) -> str:

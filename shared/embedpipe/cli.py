@@ -89,6 +89,9 @@ def status(as_json: bool = typer.Option(False, "--json", envvar="EMBEDPIPE_JSON"
 
 
 POLL_S = 0.1  # how often ``--wait`` reads the run records
+# ... and once a run is indexing: that stage takes seconds (the jobs before it minutes), and its end is what --wait
+# reports, so it is noticed within a few hundredths rather than a tenth of a second
+POLL_FINAL_S = 0.03
 
 
 def _wait_for_runs(s: Settings, keys: list[str], timeout: float, ledger=None, sleep=time.sleep) -> dict:
@@ -108,8 +111,8 @@ def _wait_for_runs(s: Settings, keys: list[str], timeout: float, ledger=None, sl
 
     while time.time() < deadline:
         run_ids = run_ids or claimed()
+        records = [r for r in (ledger.get_run(r) for r in run_ids) if r]
         if run_ids:
-            records = [r for r in (ledger.get_run(r) for r in run_ids) if r]
             states = ", ".join(f"{r['run_id']}={r['state']}" for r in records)
             if states != last_state:
                 err(f"  {time.strftime('%H:%M:%S')} {states}")
@@ -120,7 +123,7 @@ def _wait_for_runs(s: Settings, keys: list[str], timeout: float, ledger=None, sl
                     return ledger.view(max(records, key=lambda r: r["created_at"])["run_id"])  # with late verdicts
                 run_ids = moved
                 continue
-        sleep(POLL_S)
+        sleep(POLL_FINAL_S if any(r["state"] in (runs.INDEXING, runs.PUBLISHING) for r in records) else POLL_S)
     err(f"error: timed out after {timeout:.0f}s waiting for run(s) {run_ids or '(not claimed yet)'}")
     raise typer.Exit(3)
 

@@ -60,7 +60,10 @@ def test_wait_polls_run_records_and_follows_an_upload_moved_to_the_next_run():
     def end(run_id):
         ledger.update_run(run_id, lambda r: {**r, "state": runs.SUCCEEDED})
 
+    naps = []
+
     def sleep(seconds):  # what the pipeline does between two polls
+        naps.append(seconds)
         polls.append(["claims" if "/claims/" in u else "runs" for u in reads])
         if len(polls) == 2:  # the first run ends; the queries upload had been moved to the next one
             end(first)
@@ -74,3 +77,25 @@ def test_wait_polls_run_records_and_follows_an_upload_moved_to_the_next_run():
     assert polls[0] == ["claims", "claims", "runs"]  # the claims, once, then the run record
     assert polls[1] == ["runs"]  # only the run record while it runs
     assert polls[2] == ["runs", "claims", "claims", "runs", "runs"]  # ended: claims again, the next run followed
+    assert naps == [cli.POLL_S] * 3
+
+
+def test_wait_polls_faster_once_the_run_is_indexing():
+    """The index stage takes seconds and its end is what ``--wait`` reports: it is polled more often."""
+    from embedpipe.config import Settings
+    from embedpipe.ledger import runs
+    from tests.unit.fakes import FakeStore
+
+    ledger = runs.Ledger("embedpipe-artifacts", store=FakeStore())
+    run_id = ledger.pending_run("d", {"type": "upload"}, 0)
+    ledger.claim("k", run_id)
+    naps = []
+    states = iter([runs.TRAINING, runs.INDEXING, runs.SUCCEEDED])
+
+    def sleep(seconds):
+        naps.append(seconds)
+        state = next(states)
+        ledger.update_run(run_id, lambda r: {**r, "state": state})
+
+    assert cli._wait_for_runs(Settings.from_env({}), ["k"], 10, ledger=ledger, sleep=sleep)["state"] == runs.SUCCEEDED
+    assert naps == [cli.POLL_S, cli.POLL_S, cli.POLL_FINAL_S]  # PENDING, TRAINING, INDEXING

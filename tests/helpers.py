@@ -78,8 +78,7 @@ def isolated_settings(state_dir: Path, tiny_model: str, **overrides) -> Settings
         train_max_steps=4,
         train_batch_size=8,
         max_seq_length=32,
-        debounce_s=0.5,
-        tick_s=0.5,
+        tick_s=0.5,  # (debounce_s: the default, which the coalescing and redelivery tests hold to)
         # These stacks test the loop's mechanics with a tiny random model, which never beats BM25 or its own base
         # on test: a strict gate would leave every dataset unserved. The gate itself is tested on its own
         # (tests/unit/test_indexing.py, tests/integration/test_indexing.py).

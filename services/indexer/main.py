@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functions_framework
+import jsonschema  # noqa: F401 - index-updated is validated before it is stored
 import pyarrow.parquet  # noqa: F401 - imported at start-up rather than on the first request's clock (~0.8 s)
 import pymilvus  # noqa: F401
 

@@ -1,17 +1,21 @@
 """storage's streams against fake-gcs-server: a Parquet object read in byte ranges (only what the reader asks for),
-an upload committed whole when its block ends and not at all on an error."""
+an upload committed whole when its block ends and not at all on an error; and which writes the local stack's
+fake-gcs-server notifies (the data bucket's only, as the cloud's notification)."""
 
 from __future__ import annotations
 
 import gc
 import io
+import json
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from google.cloud.storage import Blob
 
-from embedpipe.gcp import storage
+from embedpipe import topology
+from embedpipe.gcp import bus, storage
 
 
 def test_a_parquet_object_is_read_in_ranges(services, monkeypatch):
@@ -52,3 +56,19 @@ def test_an_upload_is_committed_when_its_block_ends_and_not_on_an_error(services
     del f
     gc.collect()  # a file object's finalizer closes it: that must not commit the half either
     assert not storage.exists(failed)
+
+
+def test_only_the_data_bucket_notifies_data_events(services):
+    """Ledger and artifact writes are not OBJECT_FINALIZE events for on-data-uploaded (the cloud's notification is on
+    the data bucket alone); an upload to the data bucket is."""
+    sub = bus.ensure_pull_subscription(services.project, topology.DATA_EVENTS, "data-events-buckets-itest")
+    storage.write_json(f"gs://{services.artifacts_bucket}/ledger/notify-probe.json", {"probe": 1})
+    storage.write_bytes(f"gs://{services.data_bucket}/notify-probe.txt", b"probe")
+    seen, deadline = [], time.time() + 60
+    while time.time() < deadline and "notify-probe.txt" not in [a.get("objectId") for a in seen]:
+        seen += [attrs for _, attrs, _ in bus.pull(sub, timeout=2)]
+    time.sleep(1)  # a notification of the earlier artifacts write would have arrived by now
+    seen += [attrs for _, attrs, _ in bus.pull(sub, timeout=2)]
+    assert [(a["bucketId"], a["objectId"]) for a in seen] == [(services.data_bucket, "notify-probe.txt")], json.dumps(
+        seen
+    )

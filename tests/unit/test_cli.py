@@ -34,3 +34,68 @@ def test_events_leaves_cloud_dead_letters_in_their_subscription_and_shows_each_o
     assert acks[topology.log_subscription(topology.INDEX_UPDATED)] is True
     shown = [json.loads(line) for line in second.output.splitlines()]
     assert [d["message_id"] for d in shown] == ["m-1"], "shown once, though pulled twice"
+
+
+def test_wait_polls_run_records_and_follows_an_upload_moved_to_the_next_run():
+    """``--wait`` reads the claims until every upload has one, then only the run records each poll; once the runs
+    have ended it reads the claims again and waits for the run an upload moved to (it arrived as its run launched)."""
+    from embedpipe.config import Settings
+    from embedpipe.ledger import runs
+    from tests.unit.fakes import Clock, FakeStore
+
+    store, clock = FakeStore(), Clock()
+    ledger = runs.Ledger("embedpipe-artifacts", store=store, clock=clock)
+    first = ledger.pending_run("d", {"type": "upload"}, 0)
+    ledger.update_dataset("d", lambda st: {**st, "active": st["pending"], "pending": None})  # launched
+    clock.advance(60)
+    second = ledger.pending_run("d", {"type": "upload"}, 0)  # the next run of the dataset
+    keys = ["b/datasets/d/corpus.jsonl#1", "b/datasets/d/queries.jsonl#2"]
+    for key in keys:
+        ledger.claim(key, first)
+    reads = []
+    read = store.read_json_gen
+    store.read_json_gen = lambda uri: reads.append(uri) or read(uri)
+    polls = []
+
+    def end(run_id):
+        ledger.update_run(run_id, lambda r: {**r, "state": runs.SUCCEEDED})
+
+    naps = []
+
+    def sleep(seconds):  # what the pipeline does between two polls
+        naps.append(seconds)
+        polls.append(["claims" if "/claims/" in u else "runs" for u in reads])
+        if len(polls) == 2:  # the first run ends; the queries upload had been moved to the next one
+            end(first)
+            ledger.move_claim(keys[1], first, second)
+        if len(polls) == 3:
+            end(second)
+        reads.clear()
+
+    record = cli._wait_for_runs(Settings.from_env({}), keys, 10, ledger=ledger, sleep=sleep)
+    assert record["run_id"] == second and record["state"] == runs.SUCCEEDED
+    assert polls[0] == ["claims", "claims", "runs"]  # the claims, once, then the run record
+    assert polls[1] == ["runs"]  # only the run record while it runs
+    assert polls[2] == ["runs", "claims", "claims", "runs", "runs"]  # ended: claims again, the next run followed
+    assert naps == [cli.POLL_S] * 3
+
+
+def test_wait_polls_faster_once_the_run_is_indexing():
+    """The index stage takes seconds and its end is what ``--wait`` reports: it is polled more often."""
+    from embedpipe.config import Settings
+    from embedpipe.ledger import runs
+    from tests.unit.fakes import FakeStore
+
+    ledger = runs.Ledger("embedpipe-artifacts", store=FakeStore())
+    run_id = ledger.pending_run("d", {"type": "upload"}, 0)
+    ledger.claim("k", run_id)
+    naps = []
+    states = iter([runs.TRAINING, runs.INDEXING, runs.SUCCEEDED])
+
+    def sleep(seconds):
+        naps.append(seconds)
+        state = next(states)
+        ledger.update_run(run_id, lambda r: {**r, "state": state})
+
+    assert cli._wait_for_runs(Settings.from_env({}), ["k"], 10, ledger=ledger, sleep=sleep)["state"] == runs.SUCCEEDED
+    assert naps == [cli.POLL_S, cli.POLL_S, cli.POLL_FINAL_S]  # PENDING, TRAINING, INDEXING

@@ -17,7 +17,7 @@ def test_defaults_are_local_first():
     assert s.project == "embedpipe-local"
     assert (s.data_bucket, s.artifacts_bucket) == ("embedpipe-data", "embedpipe-artifacts")
     assert s.milvus_uri == "http://127.0.0.1:19530"
-    assert s.debounce_s == 0.5 and s.launch_wait_s == 10.0
+    assert s.debounce_s == 0.3 and s.launch_wait_s == 10.0
     assert s.max_job_attempts == 2
     assert s.trainer_image == "" and s.embedder_image == ""
 

@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import shutil
+import threading
 import types
 from pathlib import Path
 
@@ -630,6 +631,53 @@ def test_quiet_periods_beyond_launch_wait_are_left_to_a_later_tick(make):
     assert h.pipe.reconcile() == [] and h.clock.now == t0 and h.launcher.submits == []
     h.clock.advance(25)
     assert len(h.pipe.reconcile()) == 1 and h.clock.now == t0 + 30
+
+
+def test_a_tick_leaves_a_run_another_delivery_of_the_instance_waits_for(make):
+    """Ticks come every half second, each in its own thread of the instance: while one waits for a due run, the next
+    does not wait for it too (they all woke together and launched the same run side by side); the first launches."""
+    h = make(debounce_s=5, launch_wait_s=10)
+    h.upload()
+    asleep, wake, first = threading.Event(), threading.Event(), []
+
+    def first_nap(seconds):
+        asleep.set()
+        wake.wait(5)
+        h.clock.advance(seconds)
+
+    h.pipe.sleep = first_nap
+    waiting = threading.Thread(target=lambda: first.append(h.pipe.reconcile()))
+    waiting.start()
+    assert asleep.wait(5)
+    naps = []
+    h.pipe.sleep = naps.append  # the second tick's, if it waited
+    assert h.pipe.reconcile() == [] and naps == []
+    wake.set()
+    waiting.join(5)
+    assert first == [[f"launched {h.runs()[0]['run_id']}"]] and len(h.launcher.submits) == 1
+
+
+def test_a_delivery_leaves_a_launch_under_way_in_the_instance_to_it(make):
+    """A due run being launched by one delivery (here: inside its submit) is not launched again beside it by another
+    delivery of the same instance: one seal, one submit."""
+    h = make()
+    h.upload()
+    in_submit, release, first = threading.Event(), threading.Event(), []
+    submit = h.launcher.submit
+
+    def slow_submit(spec):
+        in_submit.set()
+        release.wait(5)
+        return submit(spec)
+
+    h.launcher.submit = slow_submit
+    launching = threading.Thread(target=lambda: first.append(h.pipe.launch_due("demo")))
+    launching.start()
+    assert in_submit.wait(5)
+    assert h.pipe.launch_due("demo") == [] and h.pipe.reconcile() == []
+    release.set()
+    launching.join(5)
+    assert first == [[h.runs()[0]["run_id"]]] and len(h.launcher.submits) == 1
 
 
 def test_launch_that_died_half_way_is_finished_by_the_next_tick(h):
@@ -1262,7 +1310,8 @@ def test_a_redelivered_upload_whose_move_was_cut_short_still_reaches_a_run(make)
 
 def test_a_run_waits_for_an_upload_whose_intake_is_still_running(make):
     """A slow intake (a large file, a busy CPU) outlasts the quiet period: the run does not launch without it (it
-    would push the file into a second run); it launches once the intake ended, with that file's trigger."""
+    would push the file into a second run); it launches a quiet period after the intake ended (uploads delivered
+    behind it are claimed only then), with that file's trigger."""
     h = make(debounce_s=1)
     h.upload("datasets/demo/corpus.jsonl")
     first = h.ledger.get_dataset("demo")["pending"]
@@ -1275,8 +1324,40 @@ def test_a_run_waits_for_an_upload_whose_intake_is_still_running(make):
     h.pipe.check_object = slow_intake
     h.upload("datasets/demo/queries.jsonl")
     assert tried == [[]]  # held back while the intake ran
+    assert h.pipe.launch_due("demo") == []  # the quiet period starts again when the intake ends
+    h.clock.advance(1)
     assert h.pipe.launch_due("demo") == [first]
     assert len(h.ledger.get_run(first)["triggers"]) == 2 and h.ledger.get_dataset("demo")["pending"] is None
+
+
+def test_the_quiet_period_runs_from_the_end_of_each_intake(make):
+    """Uploads are delivered a few at a time: the next one is claimed only after the intakes before it ended. The
+    quiet period counts from the end of an intake (a rejected file's too), so a burst whose intakes outlast the quiet
+    period still coalesces into one run."""
+    h = make(debounce_s=1)
+    t0 = h.clock.now
+
+    def intake_of(seconds, verdict=None):
+        def check(bucket, name, generation):
+            h.clock.advance(seconds)
+            return verdict
+
+        return check
+
+    h.pipe.check_object = intake_of(3)
+    h.upload("datasets/demo/corpus.jsonl")
+    assert h.ledger.get_dataset("demo")["due_at"] == t0 + 3 + 1  # not t0 + 1, from the claim
+    h.clock.advance(0.9)  # the next delivery, behind it
+    bad = intake.Rejection("gs://embedpipe-data/datasets/demo/queries.jsonl", 2, 1, "not JSON")
+    h.pipe.check_object = intake_of(2, bad)
+    h.upload("datasets/demo/queries.jsonl", generation=2)
+    assert h.ledger.get_dataset("demo")["due_at"] == t0 + 3 + 0.9 + 2 + 1
+    h.clock.advance(0.9)
+    assert h.pipe.launch_due("demo") == []
+    h.clock.advance(0.1)
+    (run_id,) = h.pipe.launch_due("demo")
+    record = h.run(run_id)
+    assert len(record["triggers"]) == 1 and len(record["file_errors"]) == 1
 
 
 def test_an_intake_that_died_holds_back_its_run_for_a_bounded_time(make):

@@ -123,6 +123,27 @@ def test_a_sealed_run_whose_merge_never_came_is_not_guessed(ledger):
     assert ledger.add_trigger("r1", "k1") is True and ledger.get_run("r1")["triggers"] == ["k1"]
 
 
+def test_arriving_reads_only_the_unfinished_uploads_and_the_seal_reads_no_arriving_item(ledger, store, clock):
+    """The launch asks, at every tick, which uploads of the run are still in intake: their items are named by their
+    key's digest, so the finished ones (a trigger or a file error beside them) are not read, and neither the seal nor
+    a view reads ``arriving`` items (never merged into a record)."""
+    ledger.create_run("r1", "demo", {})
+    for key in ("k1", "k2", "k3"):
+        ledger.put_item("r1", "arriving", key, {"object": key})
+    ledger.add_trigger("r1", "k1")
+    ledger.put_item("r1", "file_errors", "k2", {"object": "k2", "line": 1, "reason": "x"})
+    reads = []
+    read = store.read_json_gen
+    store.read_json_gen = lambda uri: reads.append(uri) or read(uri)
+    assert ledger.arriving("r1") == ["k3"]
+    assert reads == [ledger._item_uri("r1", "arriving", "k3")]
+    clock.advance(runs.ARRIVING_MAX_S + 1)
+    assert ledger.arriving("r1") == []  # an intake that died holds the run back for a bounded time
+    reads.clear()
+    assert ledger.seal("r1")["triggers"] == ["k1"] and ledger.view("r1")["file_errors"]
+    assert not [u for u in reads if "/arriving/" in u]
+
+
 def test_list_runs_and_datasets(ledger, clock):
     ledger.create_run("r-b", "demo", {})
     clock.advance(1)

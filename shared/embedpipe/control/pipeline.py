@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -105,6 +106,17 @@ class Pipeline(Lifecycle):
         self.check_object = check_object or (lambda bucket, name, generation: None)
         self.validate = self._check_listing if read_uploads else (lambda record: None)
         self.live_check = live_check or self.live_missing
+        self._launch_locks: dict[str, threading.RLock] = {}
+        self._launch_locks_guard = threading.Lock()
+
+    def _launching(self, dataset: str) -> threading.RLock:
+        """Held while a delivery in this instance waits for a dataset's due run or launches it. Deliveries run in
+        threads of one instance (ticks every half second locally, each waiting up to ``launch_wait_s``): without it
+        they all woke at the due time and launched the same run side by side (keyed and compare-and-set, so once, but
+        each one sealing, listing and submitting again on a busy CPU). Another instance, or a later tick after this
+        one died, still finishes a launch cut short (``_launch_dataset``)."""
+        with self._launch_locks_guard:
+            return self._launch_locks.setdefault(dataset, threading.RLock())
 
     @property
     def launcher(self) -> JobLauncher:
@@ -136,17 +148,14 @@ class Pipeline(Lifecycle):
             return f"rejected {change.name}: {clash}"
         info = {"object": change.name, "generation": change.generation, "part": datasets.classify(rel)}
         trigger = {"type": "upload", "dataset": dataset}
-        run_id = self._claim(change.key, dataset, trigger, self.settings.debounce_s)
-        record = self.ledger.get_run(run_id) or {}
-        open_run = record.get("state") == PENDING and not record.get("sealed")
-        if (
-            change.key in record.get("triggers", [])
-            or (open_run and self.ledger.has_item(run_id, "triggers", change.key))
-            or self.ledger.has_item(run_id, "file_errors", change.key)
-        ):  # a redelivery of a trigger already counted (a sealed run without it: the move below was cut short)
+        run_id, fresh = self._claim(change.key, dataset, trigger, self.settings.debounce_s)
+        if not fresh and self._counted(run_id, change.key):
             return f"{change.name}#{change.generation} -> run {run_id}"
         self.ledger.put_item(run_id, "arriving", change.key, info)  # the launch waits for this intake to end
         verdict = self.check_object(change.bucket, change.name, change.generation)
+        # The quiet period runs from the end of this intake, not from the claim: uploads delivered behind this one
+        # (a push subscription delivers a few at a time) are claimed only once it is done.
+        self.ledger.extend_due(dataset, run_id, self.settings.debounce_s)
         if isinstance(verdict, intake.Rejection):
             self._report_rejection(run_id, change.key, verdict)
             return f"rejected {change.name}#{change.generation} (run {run_id}): {verdict.reason}"
@@ -157,6 +166,18 @@ class Pipeline(Lifecycle):
                 return f"{change.name}#{change.generation} -> run {run_id}"
             run_id = self._move_late(change.key, run_id, dataset, trigger, self.settings.debounce_s)
         raise RuntimeError(f"{change.key}: every run it was given launched before it could join")
+
+    def _counted(self, run_id: str, key: str) -> bool:
+        """Whether a redelivered upload's trigger is already counted in its run, or its file already rejected (a
+        sealed run without it: the move to the next run was cut short). Only a delivery that found its claim asks:
+        one that created the claim is the first past it, so nothing of its trigger can be recorded yet."""
+        record = self.ledger.get_run(run_id) or {}
+        open_run = record.get("state") == PENDING and not record.get("sealed")
+        return (
+            key in record.get("triggers", [])
+            or (open_run and self.ledger.has_item(run_id, "triggers", key))
+            or self.ledger.has_item(run_id, "file_errors", key)
+        )
 
     def _name_clash(self, dataset: str) -> str | None:
         """Datasets whose names differ only where Milvus names cannot (``a-b``, ``a_b``) would share an alias and
@@ -215,7 +236,7 @@ class Pipeline(Lifecycle):
         # is live; a retrain always trains.
         trigger = {"type": "refresh" if req.refresh else "retrain", "dataset": req.dataset, "reason": req.reason}
         # refreshes come in bursts (one per table write from an audit-log trigger): they coalesce like uploads
-        run_id = self._claim(req.key, req.dataset, trigger, self.settings.debounce_s if req.refresh else 0.0)
+        run_id, _ = self._claim(req.key, req.dataset, trigger, self.settings.debounce_s if req.refresh else 0.0)
 
         for _ in range(10):
             taken = True
@@ -243,13 +264,14 @@ class Pipeline(Lifecycle):
         self.launch_due(req.dataset)
         return f"retrain {req.key} -> run {run_id}"
 
-    def _claim(self, key: str, dataset: str, trigger: dict, due_in_s: float) -> str:
+    def _claim(self, key: str, dataset: str, trigger: dict, due_in_s: float) -> tuple[str, bool]:
+        """(the run the trigger belongs to, whether this delivery created its claim)."""
         claim = self.ledger.get_claim(key)
         if claim:
             log.info("duplicate delivery of %s (run %s): finishing its step only", key, claim["run_id"])
-            return claim["run_id"]
+            return claim["run_id"], False
         run_id = self.ledger.pending_run(dataset, trigger, due_in_s)
-        return self.ledger.claim(key, run_id)[0]
+        return self.ledger.claim(key, run_id)
 
     # ------------------------------------------------------------------ launching
     def launch_due(self, dataset: str | None = None) -> list[str]:
@@ -264,6 +286,15 @@ class Pipeline(Lifecycle):
         return started
 
     def _launch_dataset(self, ds: str) -> list[str]:
+        lock = self._launching(ds)
+        if not lock.acquire(blocking=False):  # another delivery in this instance is launching it now
+            return []
+        try:
+            return self._launch_held(ds)
+        finally:
+            lock.release()
+
+    def _launch_held(self, ds: str) -> list[str]:
         pending = self.ledger.get_dataset(ds)["pending"]
         if pending and self.ledger.arriving(pending):  # an upload's intake is still running: launch at a later tick
             return []
@@ -590,19 +621,28 @@ class Pipeline(Lifecycle):
         started = self.launch_due()
         if self.settings.launch_wait_s <= 0:
             return started
+        elsewhere: set[str] = set()  # datasets another delivery in this instance waits for
         while True:
             due = [
                 (st["due_at"], ds)
                 for ds in self.ledger.list_datasets()
+                if ds not in elsewhere
                 for st in [self.ledger.get_dataset(ds)]
                 if st["pending"] and not st["active"] and st["due_at"] - self.clock() <= self.settings.launch_wait_s
             ]
             if not due:
                 return started
             due_at, dataset = min(due)
-            if due_at > self.clock():
-                self.sleep(due_at - self.clock())
-            launched = self.launch_due(dataset)
+            lock = self._launching(dataset)
+            if not lock.acquire(blocking=False):
+                elsewhere.add(dataset)
+                continue
+            try:
+                if due_at > self.clock():
+                    self.sleep(due_at - self.clock())
+                launched = self.launch_due(dataset)
+            finally:
+                lock.release()
             if not launched and self.ledger.get_dataset(dataset)["due_at"] <= due_at:
                 return started  # someone else launched it, or it cannot start: leave it to the next tick
             started += launched

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -25,8 +26,6 @@ from pathlib import Path
 
 from embedpipe import topology
 from embedpipe.config import Settings, process_env, repo_root
-from embedpipe.contracts import events
-from embedpipe.jobs import hypertune
 from embedpipe.jobs.local import write_state
 from embedpipe.jobs.spec import CANCELLED, FAILED, RUNNING, SUCCEEDED
 
@@ -89,8 +88,17 @@ def finished(procs: list[subprocess.Popen]) -> bool:
 
 
 def wait(procs: list[subprocess.Popen]) -> list[int]:
+    """Block until every replica has exited (one failing stops the others, ``finished``). Woken by each exit rather
+    than by polling, so the job ends, and its event goes out, when its last replica does (a 0.2 s poll added 0.1 s
+    on average to every job)."""
+    mine = {p.pid for p in procs}
     while not finished(procs):
-        time.sleep(0.2)
+        try:
+            ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)  # left unreaped: Popen reaps its own
+        except ChildProcessError:  # none left to wait for (finished() sees why)
+            continue
+        if ended is not None and ended.si_pid not in mine:
+            os.waitpid(ended.si_pid, 0)  # not a replica: reap it, or waitid would return it again at once
     return [p.returncode for p in procs]
 
 
@@ -105,6 +113,8 @@ def outcome(codes: list[int], log_dir: Path) -> tuple[str, str]:
 
 def run_trials(spec: dict, job_dir: Path, port: int) -> tuple[str, str, dict]:
     """Run the HP-tuning trials with bounded parallelism; returns (state, error, extra state fields)."""
+    from embedpipe.jobs import hypertune  # only tuning jobs need it: not on every job's start-up path
+
     hp = hypertune.validate(spec["hp_tuning"])
     base = spec["base_output_dir"].rstrip("/")
     trials = [
@@ -152,13 +162,21 @@ def run_trials(spec: dict, job_dir: Path, port: int) -> tuple[str, str, dict]:
     return SUCCEEDED, "", {"tuning": summary, "model_dir": best["model_dir"]}
 
 
+def _warm_publisher() -> None:
+    try:
+        importlib.import_module("embedpipe.gcp.bus").publisher()
+    except Exception:  # noqa: BLE001 - only a head start: publishing at the end makes the client again or fails there
+        pass
+
+
 def run(job_dir: Path) -> str:
     spec = json.loads((job_dir / "spec.json").read_text())
     settings = Settings.from_env()
     port = 29500 + int(spec["name"].rsplit("/", 1)[-1]) % 10000
-    # Pub/Sub and gRPC (~0.2 s to import) are only needed once the job ends: load them beside the replicas' start-up
-    # instead of before it.
-    threading.Thread(target=importlib.import_module, args=("embedpipe.gcp.bus",), daemon=True).start()
+    # Pub/Sub and gRPC (~0.2 s to import, ~0.5 s with the client under load) are only needed once the job ends: load
+    # them and make the publisher beside the replicas' start-up, so the job-event goes out as soon as the job ends.
+    warm = threading.Thread(target=_warm_publisher, daemon=True)
+    warm.start()
     started = time.time()
     write_state(job_dir, RUNNING, started=started)
 
@@ -182,9 +200,11 @@ def run(job_dir: Path) -> str:
     peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     write_state(job_dir, state, error, started=started, finished=time.time(), max_rss_mb=peak_mb, **extra)
     message = "Job completed successfully." if state == SUCCEEDED else f"Job failed. {error[-500:]}"
-    entry = events.job_log_entry(spec["name"].rsplit("/", 1)[-1], state, message, settings.project)
-    from embedpipe.gcp import bus  # imported by the thread in run() by now
+    warm.join()  # long done, unless the job was shorter than the import
+    from embedpipe.contracts import events  # loaded with bus by the thread: not on the job's start-up path
+    from embedpipe.gcp import bus
 
+    entry = events.job_log_entry(spec["name"].rsplit("/", 1)[-1], state, message, settings.project)
     bus.publish_raw(settings.project, topology.JOB_EVENTS, json.dumps(entry).encode())
     return state
 

@@ -193,7 +193,7 @@ class Ledger:
             if uri.endswith("/run.json"):
                 if rec := self.store.read_json_gen(uri)[0]:
                     records.append(rec)
-            elif (where := _item_of(uri)) and (doc := self.store.read_json_gen(uri)[0]):
+            elif (where := _item_of(uri)) and where[1] in MERGED_FIELDS and (doc := self.store.read_json_gen(uri)[0]):
                 items.setdefault(where[0], {}).setdefault(where[1], []).append(doc)
         views = [_merged(r, items.get(r["run_id"], {}), _view_fields(r)) or r for r in records]
         return sorted(views, key=lambda r: r["created_at"])
@@ -233,7 +233,7 @@ class Ledger:
                     return st
                 if st["pending"] != run_id:
                     return None
-                st["due_at"] = max(st["due_at"], min(now + due_in_s, (st["pending_since"] or now) + max_wait_s))
+                st["due_at"] = _pushed_due(st, now, due_in_s, max_wait_s)
                 return st
 
             if self.update_dataset(dataset, fn)["pending"] == run_id:
@@ -241,6 +241,18 @@ class Ledger:
             if fresh:
                 self.store.delete(self.run_uri(run_id))  # lost the race; nobody refers to this record
         raise RuntimeError(f"could not find or create a pending run for {dataset}")
+
+    def extend_due(self, dataset: str, run_id: str, due_in_s: float, max_wait_s: float = 60.0) -> None:
+        """Push the pending run's due time back to ``due_in_s`` from now (bounded as in ``pending_run``); nothing
+        when ``run_id`` is no longer the dataset's pending run (it launched: what arrived is counted or moves on)."""
+
+        def fn(st):
+            if st["pending"] != run_id:
+                return None
+            due = _pushed_due(st, self.clock(), due_in_s, max_wait_s)
+            return {**st, "due_at": due} if due > st["due_at"] else None
+
+        self.update_dataset(dataset, fn)
 
     # ------------------------------------------------------------ per-key items of a run
     def put_item(self, run_id: str, field: str, key: str, value: dict) -> bool:
@@ -258,19 +270,31 @@ class Ledger:
     def has_item(self, run_id: str, field: str, key: str) -> bool:
         return self.store.read_json_gen(self._item_uri(run_id, field, key))[0] is not None
 
-    def _items(self, run_id: str) -> dict[str, list[dict]]:
-        out: dict[str, list[dict]] = {f: [] for f in ITEM_FIELDS}
+    def _item_uris(self, run_id: str) -> dict[str, list[str]]:
+        """The URIs of the run's per-key items by field, from one listing (nothing read)."""
+        out: dict[str, list[str]] = {f: [] for f in ITEM_FIELDS}
         for uri, _ in self.store.list_uris(f"{self.run_dir(run_id)}/"):
-            if (where := _item_of(uri)) and (doc := self.store.read_json_gen(uri)[0]):
-                out[where[1]].append(doc)
+            if where := _item_of(uri):
+                out[where[1]].append(uri)
+        return out
+
+    def _items(self, run_id: str, fields: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
+        """The run's per-key items of ``fields`` (default: those merged into a record), read: one listing, one read
+        per item of those fields."""
+        uris = self._item_uris(run_id)
+        out: dict[str, list[dict]] = {f: [] for f in ITEM_FIELDS}
+        for field in fields or MERGED_FIELDS:
+            out[field] = [doc for uri in uris[field] if (doc := self.store.read_json_gen(uri)[0])]
         return out
 
     def arriving(self, run_id: str) -> list[str]:
         """Uploads claimed for this run whose intake has not ended yet (no trigger, no file error), younger than
-        ``ARRIVING_MAX_S``: the launch waits for them, so a slow intake does not push its file into the next run."""
-        items = self._items(run_id)
-        done = {d["key"] for f in ("triggers", "file_errors") for d in items[f]}
-        return [d["key"] for d in items["arriving"] if d["key"] not in done and self.clock() - d["at"] < ARRIVING_MAX_S]
+        ``ARRIVING_MAX_S``: the launch waits for them, so a slow intake does not push its file into the next run.
+        Items are named by their key's digest, so only the unfinished ones are read (for their age): usually none."""
+        uris = self._item_uris(run_id)
+        done = {_name(u) for f in ("triggers", "file_errors") for u in uris[f]}
+        docs = [doc for u in uris["arriving"] if _name(u) not in done and (doc := self.store.read_json_gen(u)[0])]
+        return [d["key"] for d in docs if self.clock() - d["at"] < ARRIVING_MAX_S]
 
     def add_trigger(self, run_id: str, key: str, info: dict | None = None, wait_s: float = 10.0) -> bool:
         """Record an upload's trigger in ``run_id``; whether the run counts it. Written first, read after: while the
@@ -315,17 +339,21 @@ class Ledger:
 
     def merge_items(self, run_id: str, fields: tuple[str, ...] = ("notices", "file_errors")) -> RunRecord:
         """Copy file verdicts recorded after the seal (launch-time validation) into the record."""
-        items = self._items(run_id)
+        items = self._items(run_id, fields)
         return self.update_run(run_id, lambda r: _merged(r, items, fields))
 
     def view(self, run_id: str) -> RunRecord | None:
         """The run record with the per-key items not yet copied into it (what ``embedpipe status`` shows). Triggers
         are merged only into an unsealed run: a sealed one holds exactly the triggers it decided on."""
         record = self.get_run(run_id)
-        return (_merged(record, self._items(run_id), _view_fields(record)) or record) if record else None
+        if record is None:
+            return None
+        fields = _view_fields(record)
+        return _merged(record, self._items(run_id, fields), fields) or record
 
 
 ITEM_FIELDS = ("triggers", "notices", "file_errors", "arriving")
+MERGED_FIELDS = ("triggers", "notices", "file_errors")  # what ``_merged`` copies into a record (never ``arriving``)
 # An upload whose intake is still running holds back its run's launch this long at most (its handler may have died).
 ARRIVING_MAX_S = 120.0
 # How often add_trigger reads a sealed run whose merge it waits for.
@@ -338,12 +366,23 @@ def _item_of(uri: str) -> tuple[str, str] | None:
     return (run_id, field) if field in ITEM_FIELDS else None
 
 
+def _pushed_due(state: DatasetState, now: float, due_in_s: float, max_wait_s: float) -> float:
+    """The pending run's due time pushed back to ``now + due_in_s``, never past ``max_wait_s`` after its first
+    change (a steady trickle of uploads cannot hold a run back for ever)."""
+    return max(state["due_at"], min(now + due_in_s, (state["pending_since"] or now) + max_wait_s))
+
+
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _name(uri: str) -> str:
+    """An item's object name (its key's digest), whatever its field."""
+    return uri.rsplit("/", 1)[-1]
+
+
 def _view_fields(record: RunRecord) -> tuple[str, ...]:
-    return ITEM_FIELDS if not record.get("sealed") else ("notices", "file_errors")
+    return MERGED_FIELDS if not record.get("sealed") else ("notices", "file_errors")
 
 
 def _merged(record: RunRecord, items: dict[str, list[dict]], fields: tuple[str, ...] = ITEM_FIELDS) -> RunRecord | None:

@@ -281,6 +281,11 @@ def parts(settings: Settings) -> list[Part]:
                 topology.DATA_EVENTS,
                 "-event.list",
                 "finalize",
+                # As the cloud's notification (deploy plan): on the data bucket only. Without it every ledger and
+                # artifact write was pushed to on-data-uploaded too, to be ignored there (~60 pushes per run, taking
+                # the emulator's few push slots from the uploads that start the run).
+                "-event.bucket",
+                settings.data_bucket,
             ],
             f"{settings.gcs_endpoint}/storage/v1/b",
         )

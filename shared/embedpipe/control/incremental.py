@@ -128,10 +128,6 @@ def write_table(uri: str, hashes: Mapping[str, str], lines: Mapping[str, bytes] 
     storage.write_bytes(uri, buf.getvalue())
 
 
-def read_table(uri: str) -> dict[str, str]:
-    return read_known(uri).hashes
-
-
 def read_known(uri: str) -> datasets.KnownLines:
     """A table as the incremental embed job uses it: its id -> content hash rows (the diff's base) and, from the
     rows that have one, line digest -> id (the corpus lines its load need not parse; none in a table written before

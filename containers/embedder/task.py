@@ -158,7 +158,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run-id", required=True)
     p.add_argument("--model-uri", required=True)
     p.add_argument("--previous-model-uri", default="")
-    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--batch-tokens", type=int, default=0, help="0: per device (4096 CPU, 32768 GPU)")
     p.add_argument("--data-bucket", default=settings.data_bucket)
     p.add_argument("--as-of", default="", help="read BigQuery parts of the dataset as of this time (ISO 8601)")
     p.add_argument("--output-dir", default="", help="default: <run folder>/embeddings")

@@ -226,7 +226,7 @@ class Settings:
     learning_rate: float = TrainKnobs.learning_rate
     warmup_ratio: float = TrainKnobs.warmup_ratio
     seed: int = TrainKnobs.seed
-    embed_batch_tokens: int = 4096
+    embed_batch_tokens: int = 0  # 0: per device (embedding.default_batch_tokens)
     # evaluation and promotion
     # comma-separated evaluation.METRIC_KEYS: the served mode must match the baselines (BM25, base model) and the
     # live index on each of them

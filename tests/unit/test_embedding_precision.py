@@ -3,6 +3,8 @@ order."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,46 @@ def test_prefetch_reraises_producer_errors():
         for _item, value in embedding.prefetch(boom, range(10), depth=2):
             got.append(value)
     assert got == [0, 1, 2]
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A CUDA device as torch reports it; ``gpu(native_bf16=...)`` picks an Ampere-or-later or a T4-like one."""
+    import torch
+
+    def make(native_bf16: bool):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        # torch's default also answers yes where bf16 is only emulated (T4, V100)
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation
+        )
+        embedding.bf16_supported.cache_clear()
+
+    yield make
+    embedding.bf16_supported.cache_clear()
+
+
+def test_a_gpu_without_native_bf16_runs_inference_in_fp16_and_training_in_fp32(monkeypatch, gpu):
+    import torch
+
+    monkeypatch.delenv("EMBEDPIPE_BF16", raising=False)
+    gpu(native_bf16=False)
+    assert not embedding.bf16_supported("cuda")
+    assert embedding.inference_dtype("cuda") == torch.float16
+    assert isinstance(embedding.autocast("cuda"), contextlib.nullcontext)  # training: no fp16 without a scaler
+
+
+def test_a_gpu_with_native_bf16_runs_bf16_and_the_override_forces_fp32(monkeypatch, gpu):
+    import torch
+
+    monkeypatch.delenv("EMBEDPIPE_BF16", raising=False)
+    gpu(native_bf16=True)
+    assert embedding.inference_dtype("cuda:0") == torch.bfloat16
+    monkeypatch.setenv("EMBEDPIPE_BF16", "0")
+    embedding.bf16_supported.cache_clear()
+    assert embedding.inference_dtype("cuda:0") is None
+
+
+def test_batch_budget_defaults_per_device():
+    assert embedding.default_batch_tokens("cpu") == embedding.CPU_BATCH_TOKENS
+    assert embedding.default_batch_tokens("cuda:0") == embedding.GPU_BATCH_TOKENS > embedding.CPU_BATCH_TOKENS

@@ -14,16 +14,22 @@ from embedpipe.ml.prefetch import prefetch
 log = logging.getLogger(__name__)
 
 
+CPU_BATCH_TOKENS = 4096  # measured best on a 2-core CPU (make bench)
+GPU_BATCH_TOKENS = 32768  # measured on an H200 (bench/gpu.py); a few hundred MB of activations for a MiniLM
+
+
 @functools.cache
 def bf16_supported(device: str = "cpu") -> bool:
-    """bf16 only where it is fast: CUDA with bf16, or a CPU with AVX512-BF16 / AMX (else it is emulated, slower)."""
+    """bf16 only where it is native: CUDA GPUs from Ampere on, or a CPU with AVX512-BF16 / AMX. Elsewhere bf16 is
+    emulated and slower than fp32 (torch's default ``is_bf16_supported()`` also says yes to emulation, e.g. on the
+    T4, hence ``including_emulation=False``)."""
     forced = Settings.from_env().bf16
     if forced in ("0", "1"):
         return forced == "1"
     import torch
 
     if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
@@ -31,12 +37,39 @@ def bf16_supported(device: str = "cpu") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast(device: str = "cpu"):
+def inference_dtype(device: str = "cpu"):
+    """The reduced precision inference runs in on ``device``, or None for fp32: bf16 where native, fp16 on CUDA GPUs
+    without it (T4, V100: fp16 tensor cores). Training keeps to bf16 or fp32 (fp16 would need a gradient scaler).
+    ``EMBEDPIPE_BF16=0`` forces fp32 everywhere."""
     import torch
 
-    if not bf16_supported(device):
+    if bf16_supported(device):
+        return torch.bfloat16
+    if device.startswith("cuda") and Settings.from_env().bf16 != "0" and torch.cuda.is_available():
+        return torch.float16
+    return None
+
+
+def default_device() -> str:
+    """Where models run when the caller names no device: the GPU of a job's accelerator, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_batch_tokens(device: str) -> int:
+    return GPU_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS
+
+
+def autocast(device: str = "cpu", dtype=None):
+    """bf16 autocast where bf16 is native (training), or ``dtype`` when given (inference: ``inference_dtype``)."""
+    import torch
+
+    if dtype is None and bf16_supported(device):
+        dtype = torch.bfloat16
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
 def padded(length: int, multiple: int, cap: int | None = None) -> int:
@@ -68,14 +101,20 @@ def _dim(model) -> int:
 
 
 def encode(
-    model, texts: list[str], batch_tokens: int = 4096, prefix: str = "", chunk: int = 4096, multiple: int = 16
+    model,
+    texts: list[str],
+    batch_tokens: int = 0,
+    prefix: str = "",
+    chunk: int = 4096,
+    multiple: int = 16,
+    max_rows: int = 512,
 ) -> np.ndarray:
     """Embed ``texts`` with a SentenceTransformer; float32, L2-normalised, in input order.
 
     Texts are tokenized once, ``chunk`` at a time, in a background thread (the Rust tokenizer releases the GIL) while
     the model runs on the previous chunk; within a chunk, rows are length-sorted into batches sized by a padded-token
-    budget. bf16 weights (``load_model(inference=True)``) run as they are; fp32 weights get autocast where bf16 is fast
-    (``bf16_supported``)."""
+    budget (0: ``default_batch_tokens`` of the model's device), at most ``max_rows`` rows. Half-precision weights
+    (``load_model(inference=True)``) run as they are; fp32 weights get autocast in ``inference_dtype``."""
     import torch
 
     if not texts:
@@ -89,13 +128,16 @@ def encode(
         # the model's own preprocessing (lower-casing, prompts, truncation at max_seq_length), padded per chunk
         return prep(texts[start : start + chunk])
 
+    device = str(model.device)
+    batch_tokens = batch_tokens or default_batch_tokens(device)
     fp32 = next(model.parameters()).dtype == torch.float32
-    with torch.inference_mode(), autocast(str(model.device)) if fp32 else contextlib.nullcontext():
+    cast = autocast(device, inference_dtype(device)) if fp32 else contextlib.nullcontext()
+    with torch.inference_mode(), cast:
         for start, features in prefetch(tokenize, range(0, len(texts), chunk), depth=2, name="tokenize"):
             mask = features["attention_mask"]
             lengths = mask.sum(dim=1).tolist()
             width = mask.shape[1]
-            for batch in token_batches(lengths, batch_tokens, multiple=multiple, cap=width):
+            for batch in token_batches(lengths, batch_tokens, max_rows, multiple=multiple, cap=width):
                 cols = padded(max(lengths[i] for i in batch), multiple, width)
                 span = slice(width - cols, width) if left else slice(0, cols)
                 rows = torch.tensor(batch)

@@ -661,6 +661,44 @@ def test_a_load_with_known_lines_gives_the_full_load_s_result_or_error(files):
     assert outcome(files, known_from(OLD)) == outcome(files)
 
 
+def streamed(data: bytes, file: str, known: datasets.KnownLines | None):
+    """(ids, hashes, documents, skipped) of one corpus file read as a stream, or its error as (file, line, reason)."""
+    import io
+
+    corpus, notices = (datasets.Corpus(), []) if known is not None else (None, [])
+    try:
+        docs = parse_corpus(io.BytesIO(data), file, into=corpus, notices=notices, known=known)
+    except DatasetError as exc:
+        return ("error", exc.file, exc.line, exc.reason)
+    return list(docs), datasets.content_hashes(docs), {i: docs[i] for i in docs}, [n.to_dict() for n in notices]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        OLD + jl({"_id": "d", "text": "new"}) + OLD.splitlines(keepends=True)[1],  # a known line twice, in 2 batches
+        OLD.splitlines(keepends=True)[2] + OLD,  # ... in one batch
+        OLD + b"\n" + jl({"_id": "a", "text": "a known id on a new line"}),
+        OLD + OLD.splitlines(keepends=True)[3] + b"x" * (datasets.MAX_LINE_BYTES + 10),  # duplicate before a long line
+        OLD + b'{"_id": "e", "text": "' + b"x" * datasets.MAX_LINE_BYTES + b'"}\n',  # a streamed line over the cap
+        OLD + b"\n\n" + jl({"_id": "e", "text": ""}, {"_id": "f", "text": "x"}),
+    ],
+)
+def test_a_stream_with_known_lines_loads_batch_by_batch_as_the_full_parse_does(data, monkeypatch):
+    monkeypatch.setattr(datasets, "KNOWN_BATCH_LINES", 2)  # batches end inside the runs of known lines
+    assert streamed(data, "corpus.jsonl", known_from(OLD)) == streamed(data, "corpus.jsonl", None)
+
+
+def test_line_ids_look_up_digests_that_share_their_first_8_bytes():
+    digests = [bytes(8) + b"A" * 8, bytes(8) + b"B" * 8, b"\xff" * 16, bytes(8) + b"C" * 8]
+    ids = datasets.LineIds(b"".join(digests), ["a", "b", "z", "c"])
+    query = [bytes(8) + b"C" * 8, bytes(8) + b"D" * 8, b"\xff" * 16, bytes(8) + b"A" * 8, b"\x01" * 16]
+    assert ids.rows(b"".join(query)).tolist() == [3, -1, 2, 0, -1]
+    assert dict(ids) == dict(zip(digests, ["a", "b", "z", "c"])) and len(ids) == 4 and ids[digests[1]] == "b"
+    assert datasets.LineIds(b"", []).rows(b"".join(query)).tolist() == [-1] * 5
+    assert datasets.KnownLines(dict(zip(digests, "abzc"))).line_ids().rows(digests[2]).tolist() == [2]
+
+
 def test_random_edits_load_the_same_with_and_without_known_lines():
     import random
 

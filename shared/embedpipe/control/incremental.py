@@ -131,18 +131,22 @@ def write_table(uri: str, hashes: Mapping[str, str], lines: Mapping[str, bytes] 
 def read_known(uri: str) -> datasets.KnownLines:
     """A table as the incremental embed job uses it: its id -> content hash rows (the diff's base) and, from the
     rows that have one, line digest -> id (the corpus lines its load need not parse; none in a table written before
-    the digests were)."""
+    the digests were), kept as the column's bytes (``datasets.LineIds``), not a dict of a million entries."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     ids = table.column("id").to_pylist()
     hashes = dict(zip(ids, table.column("content_hash").to_pylist()))
-    lines = {}
+    lines = datasets.LineIds(b"", [])
     if "line" in table.column_names:
         with_line = table.filter(pc.is_valid(table.column("line"))) if table.column("line").null_count else table
         known_ids = ids if with_line is table else with_line.column("id").to_pylist()
-        lines = dict(zip(with_line.column("line").to_pylist(), known_ids))
+        column = with_line.column("line").combine_chunks()  # fixed-size binary: its data buffer is the digests
+        if len(column):
+            size = datasets.LINE_DIGEST_BYTES
+            digests = memoryview(column.buffers()[1])[column.offset * size : (column.offset + len(column)) * size]
+            lines = datasets.LineIds(digests, known_ids)
     return datasets.KnownLines(lines, hashes)
 
 

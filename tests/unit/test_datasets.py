@@ -734,3 +734,74 @@ def test_without_known_lines_the_corpus_is_a_plain_dict():
     assert type(ds.corpus) is dict and datasets.content_hashes(ds.corpus) == {
         i: d.content_hash for i, d in ds.corpus.items()
     }
+
+
+# ---------------------------------------------------------------- the parser behind LINE_DIGEST_VERSION
+
+# Lines whose parse a table's line digests stand for: a known line is taken as the document (id, title, text,
+# metadata, content hash) an earlier parser made of it, so what each of these parses to is recorded below.
+GOLDEN_LINES = [
+    b'{"_id": "t", "title": "Only a title"}',
+    b'{"_id": "e", "title": "A title", "text": ""}',
+    b'{"_id": "n", "title": " ", "text": ""}',  # neither: skipped
+    '{"_id": "\u00fc", "title": "Caf\u00e9 \u2014 \u2615", "text": "na\u00efve \u2028 \U0001f600"}'.encode(),
+    b'{"_id": "esc", "title": "\\u00e9\\ud83d\\ude00", "text": "tab\\tnew\\nline \\"q\\" \\\\"}',
+    b'{"_id": "crlf", "text": "a line ending in CR LF"}\r',
+    b'  {"_id": "ws", "title": " padded ", "text": " spaced  "}  ',
+    b'{"_id": "x", "text": "extra fields", "score": 1, "url": "http://e", "title": null}',
+    b'{"_id": "m", "text": "t", "metadata": {"b": [1, 2.5, null, true], "a": {"z": "\\u00fc"}, "c": ""}}',
+    b'{"_id": "m0", "text": "t", "metadata": null}',
+    b'{"_id": "m1", "text": "t", "metadata": {}}',
+    b'{"_id": 42, "text": "numeric id"}',
+    b'{"_id": 4.0, "text": "float id"}',
+    b'{"_id": "d", "text": "first", "text": "second"}',  # a repeated key: the last one
+    b'{"_id": "tc", "title": "Hello.", "text": "Hello. World"}',
+    b'{"_id": "big", "text": "1e400 and -0", "metadata": {"n": 1e400, "m": -0.0, "i": 12345678901234567890}}',
+    b'{"_id": true, "text": "a bool id"}',  # errors from here on: never a known line, but never accepted either
+    b'{"_id": "", "text": "empty id"}',
+    b'{"_id": "ctl\\u0001", "text": "control character"}',
+    b'{"_id": "bad", "title": 5, "text": "t"}',
+    b'{"_id": "bad", "text": "t", "metadata": [1]}',
+    b'\xef\xbb\xbf{"_id": "bom", "text": "t"}',
+    b'["_id", "not an object"]',
+    b'{"_id": "nan", "text": NaN}',
+]
+# (LINE_DIGEST_VERSION, the fingerprint of what GOLDEN_LINES parse to) — see the test for when to change it.
+GOLDEN = (b"embedpipe-line-1", "19459d52d4c607c920168af050eacf41")
+
+
+def golden_fingerprint() -> str:
+    """What each golden line parses to on its own: the document and its content hash, skipped, or an error (not
+    the reason's wording: a line that errors is never known, only whether it does)."""
+    import hashlib
+
+    outcomes = []
+    for raw in GOLDEN_LINES:
+        notices: list = []
+        try:
+            docs = parse_corpus(raw + b"\n", "corpus.jsonl", notices=notices)
+        except DatasetError:
+            outcomes.append("error")
+            continue
+        outcomes.append([[d.id, d.title, d.text, d.metadata, d.content_hash] for d in docs.values()] or "skipped")
+    text = json.dumps(outcomes, ensure_ascii=True, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def test_what_a_line_parses_to_changes_only_with_the_line_digest_version():
+    """A table's line digests are taken as the documents an earlier parser made of those lines: a parser that makes
+    another document (or an error, or a skip) of a line must come with a new ``LINE_DIGEST_VERSION``, so that old
+    digests match nothing. This fails when what the golden lines parse to changes under the same version."""
+    version, recorded = GOLDEN
+    now = golden_fingerprint()
+    if datasets.LINE_DIGEST_VERSION == version:
+        assert now == recorded, (
+            f"what a corpus line parses to changed ({now} != {recorded}) under LINE_DIGEST_VERSION {version!r}: "
+            "tables written before would pass stale documents and hashes off as known lines. Bump "
+            "datasets.LINE_DIGEST_VERSION, then record the new version and this fingerprint in GOLDEN."
+        )
+    else:
+        pytest.fail(
+            f"LINE_DIGEST_VERSION is {datasets.LINE_DIGEST_VERSION!r}, GOLDEN records {version!r}: record "
+            f"GOLDEN = ({datasets.LINE_DIGEST_VERSION!r}, {now!r})"
+        )

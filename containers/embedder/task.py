@@ -215,17 +215,21 @@ def main(argv: list[str]) -> int:
         keep_absent = args.keep_absent or any(intake.is_corpus(r) for r in rejections)
         corpus_hashes = datasets.content_hashes(ds.corpus)  # a known line's is the table's: not parsed for it
         mode, table, live_rows = ("incremental" if live else "full"), corpus_hashes, None
+        kept: list[str] = []  # live rows the table keeps (a corpus file left out)
         if live:
             live_hashes = live.result().hashes
             live_rows = len(live_hashes)
             todo = incremental.plan(corpus_hashes, live_hashes, args.max_inplace_share, keep_absent, args.rebuild)
-            mode, table = todo.mode, todo.table
+            mode, table, kept = todo.mode, todo.table, todo.kept
             ids, deleted = shard(todo.embed, index, count), shard(todo.delete, index, count)
             unchanged = todo.unchanged if index == 0 else 0  # counted once, by replica 0
         else:
             ids, deleted, unchanged = shard(list(ds.corpus), index, count), [], 0
         if index == 0:  # the id -> hash table of the index this run leaves: the next incremental run diffs against it
-            lines = getattr(ds.corpus, "digests", None)  # and skips parsing the lines it names
+            # and skips parsing the lines it names: each document's, and a kept live row's own
+            lines = getattr(ds.corpus, "digests", None)
+            if kept:
+                lines = incremental.table_lines(lines, live.result(), kept)
             pending_table = writes.submit(incremental.write_table, f"{out}/{incremental.TABLE_FILE}", table, lines)
         phases("diff")
         base = base_model_for(info, mode)

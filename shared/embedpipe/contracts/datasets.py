@@ -380,6 +380,12 @@ class LineIds(Mapping[bytes, str]):
                 j += 1
         return rows
 
+    def digests_of(self, ids) -> dict[str, bytes]:
+        """id -> line digest for those of ``ids`` this table has a line for (one pass over the rows)."""
+        wanted = set(ids)
+        rows = [r for r, doc_id in enumerate(self.ids.tolist()) if doc_id in wanted] if wanted else []
+        return {self.ids[r]: self._keys[r].tobytes() for r in rows}
+
     def __getitem__(self, digest: bytes) -> str:
         row = int(self.rows(digest)[0]) if len(digest) == LINE_DIGEST_BYTES else -1
         if row < 0:

@@ -86,6 +86,7 @@ class Plan:
     delete: list[str]  # live ids the corpus lost (rebuild: the new collection lacks them)
     unchanged: int
     table: dict[str, str]  # the id -> content hash table of the index after this run
+    kept: list[str]  # live rows the table keeps for documents absent, not deleted (``keep_absent``), sorted
 
 
 def plan(
@@ -102,9 +103,21 @@ def plan(
     if rebuild or (large and not keep_absent):
         # ``delete`` lists what the new collection will lack, so the indexer's delete-share guard still refuses a
         # corpus uploaded in part (nothing is deleted from the live collection: it is replaced behind the gate)
-        return Plan("rebuild", list(corpus), gone, 0, corpus)
-    table = {**{i: live[i] for i in d.deleted}, **corpus} if keep_absent else corpus
-    return Plan("incremental", d.changed, gone, d.unchanged, table)
+        return Plan("rebuild", list(corpus), gone, 0, corpus, [])
+    kept = d.deleted if keep_absent else []
+    table = {**{i: live[i] for i in kept}, **corpus} if kept else corpus
+    return Plan("incremental", d.changed, gone, d.unchanged, table, kept)
+
+
+def table_lines(
+    lines: Mapping[str, bytes] | None, known: datasets.KnownLines, kept: list[str]
+) -> Mapping[str, bytes] | None:
+    """The line digests of the table a run leaves: its corpus's (``lines``), and for each row it keeps from the live
+    table (``Plan.kept``: a corpus file left out) that row's own: the row is carried whole (id, hash, line), so the
+    file's lines are known again when it comes back unchanged. None when the corpus has none (a full parse)."""
+    if lines is None or not kept:
+        return lines
+    return {**known.line_ids().digests_of(kept), **lines}  # disjoint: a kept id is not in the corpus
 
 
 def write_table(uri: str, hashes: Mapping[str, str], lines: Mapping[str, bytes] | None = None) -> None:

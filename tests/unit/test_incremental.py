@@ -109,6 +109,20 @@ def test_the_table_digest_is_content_sensitive_and_order_blind():
     assert digest({"y": "2", "x": "1"}) == digest(a)
 
 
+def test_the_table_digest_is_the_hash_of_the_rows_text_whatever_the_chunks(monkeypatch):
+    import hashlib
+
+    from embedpipe.control import incremental
+
+    table = {f"d{i}\u00e9": f"h{i}" for i in range(25)}
+    text = "".join(f"{i}\0{h}\n" for i, h in sorted(table.items()))
+    want = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()  # the value manifests have always carried
+    for chunk in (1, 7, 25, 1000):
+        monkeypatch.setattr(incremental, "DIGEST_CHUNK", chunk)
+        assert digest(table) == want
+    assert digest({}) == hashlib.blake2b(b"", digest_size=16).hexdigest()
+
+
 @pytest.fixture
 def bucket(monkeypatch):
     from embedpipe.control import incremental

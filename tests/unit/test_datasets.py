@@ -625,8 +625,22 @@ def test_known_lines_are_not_parsed_and_give_the_full_parse_s_documents():
     assert corpus.content_hashes() == {i: d.content_hash for i, d in full.items()}
     assert list(corpus) == list(full) and corpus.parsed == 2  # hashes and ids without parsing
     assert {i: corpus[i] for i in corpus} == full  # a known line is parsed when asked for, as the full parse does
-    assert corpus.parsed == 5
+    assert corpus.parsed == 5 and corpus.content_hashes() == {i: d.content_hash for i, d in full.items()}
     assert set(corpus.digests) == set(full) and len(set(corpus.digests.values())) == 5
+
+
+def test_a_known_line_s_hash_is_its_table_s_and_a_corpus_takes_one_table():
+    known = known_from(OLD)
+    corpus = datasets.Corpus()
+    parse_corpus(OLD, "corpus.jsonl", into=corpus, known=known)
+    assert corpus.known_lines == 4 and corpus.content_hashes() == known.hashes
+    with pytest.raises(ValueError, match="one KnownLines"):
+        parse_corpus(jl({"_id": "z", "text": "z"}), "corpus/more.jsonl", into=corpus, known=known_from(OLD))
+    partial = datasets.KnownLines(known.ids, {i: h for i, h in known.hashes.items() if i != "b"})
+    corpus = datasets.Corpus()
+    parse_corpus(OLD, "corpus.jsonl", into=corpus, known=partial)
+    with pytest.raises(KeyError, match="'b'"):  # not a table's: a known line's id without a hash
+        corpus.content_hashes()
 
 
 def test_a_changed_title_or_metadata_is_a_new_line_and_a_new_hash():

@@ -439,8 +439,9 @@ def _unknown_lines(data: Source, file: str, into: Corpus, seen_in: dict[str, str
     import numpy as np
 
     any_text = False
-    line_ids, hashes = known.line_ids(), known.hashes
-    docs, known_hashes, digests = into._docs, into._known_hashes, into.digests
+    line_ids = known.line_ids()
+    docs, digests = into._docs, into.digests
+    into.use(known)
     blake2b = hashlib.blake2b
 
     def one_by_one(start: int, end: int) -> None:  # lines [start, end) of the batch, all known
@@ -450,8 +451,8 @@ def _unknown_lines(data: Source, file: str, into: Corpus, seen_in: dict[str, str
                 where = _first_seen(doc_id, seen_in, into, file)
                 raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {where})")
             docs[doc_id] = (raws[k], file, number)
-            known_hashes[doc_id] = hashes[doc_id]
             digests[doc_id] = line_digests[k]
+            into.known_lines += 1
 
     for first, raws in _raw_batches(data, file):
         line_digests = [
@@ -470,8 +471,8 @@ def _unknown_lines(data: Source, file: str, into: Corpus, seen_in: dict[str, str
                 if docs.keys().isdisjoint(run) and seen_in.keys().isdisjoint(run):
                     docs.update(zip(run, zip(raws[start:end], repeat(file), range(first + start, first + end))))
                 if len(docs) == size + len(run):
-                    known_hashes.update(zip(run, map(hashes.__getitem__, run)))
                     digests.update(zip(run, line_digests[start:end]))
+                    into.known_lines += len(run)
                 else:  # an id seen before, or twice in the run: undo, then take the run line by line
                     if len(docs) != size:
                         for doc_id in run:  # all new to ``docs`` (checked above): the rest is as it was
@@ -505,7 +506,8 @@ class Corpus(Mapping[str, Doc]):
 
     def __init__(self) -> None:
         self._docs: dict[str, Doc | tuple[bytes, str, int]] = {}  # a known line: (raw bytes, file, line number)
-        self._known_hashes: dict[str, str] = {}  # the known lines not parsed (yet)
+        self._known: Mapping[str, str] | None = None  # id -> content hash of the known lines (``KnownLines.hashes``)
+        self.known_lines = 0  # lines taken as known
         self._parsed: list[str] = []
         self.digests: dict[str, bytes] = {}
         self.next_digest: bytes | None = None
@@ -521,7 +523,6 @@ class Corpus(Mapping[str, Doc]):
         doc = self._docs[doc_id]
         if type(doc) is tuple:
             doc = self._docs[doc_id] = _parse_known(doc_id, *doc)
-            del self._known_hashes[doc_id]
             self._parsed.append(doc_id)
         return doc
 
@@ -544,11 +545,24 @@ class Corpus(Mapping[str, Doc]):
         entry = self._docs.get(doc_id)
         return f"{entry[1]}:{entry[2]}" if type(entry) is tuple else None
 
+    def use(self, known: KnownLines) -> None:
+        """Take known lines from ``known`` (one ``KnownLines`` per corpus: their hashes are its known documents')."""
+        if self._known is None:
+            self._known = known.hashes
+        elif self._known is not known.hashes:
+            raise ValueError("a Corpus takes its known lines from one KnownLines")
+
     def content_hashes(self) -> dict[str, str]:
-        """id -> content hash of every document; known lines are not parsed for it."""
-        out = dict(self._known_hashes)
-        docs = self._docs
+        """id -> content hash of every document; known lines are not parsed for it: a known document's is the
+        ``KnownLines``' own, so the table's dict is copied (C speed) and the rows this corpus lacks dropped."""
+        docs, out = self._docs, {}
+        if self.known_lines:
+            out = dict(self._known)
+            for doc_id in self._known.keys() - docs.keys():
+                del out[doc_id]
         out.update((i, docs[i].content_hash) for i in self._parsed)
+        if len(out) != len(docs):  # a known line's id without a hash: the KnownLines is not one table's
+            raise KeyError(next(i for i in docs if i not in out))
         return out
 
 

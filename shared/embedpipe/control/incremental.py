@@ -133,7 +133,7 @@ def write_table(uri: str, hashes: Mapping[str, str], lines: Mapping[str, bytes] 
         "content_hash": pa.array(list(hashes.values()), pa.string()),
     }
     if lines is not None:
-        columns["line"] = pa.array([lines.get(i) for i in hashes], pa.binary(datasets.LINE_DIGEST_BYTES))
+        columns["line"] = pa.array(list(map(lines.get, hashes)), pa.binary(datasets.LINE_DIGEST_BYTES))
     table = pa.table(columns)
     table = table.take(pc.sort_indices(table, [("id", "ascending")]))  # UTF-8 byte order: Python's str order
     buf = io.BytesIO()

@@ -169,7 +169,7 @@ DIGEST_CHUNK = 8192  # rows hashed per update: the text of a chunk, not of the w
 def digest(table: dict[str, str]) -> str:
     """A fingerprint of an id -> hash table, whatever order it was loaded in (a BigQuery read session's streams come
     in no fixed order): replicas that read the same documents agree on it. BLAKE2b-128 of the rows
-    ``"{id}\0{hash}\n"`` in id order, fed a chunk of rows at a time (the same value as one update of their whole
+    ``"{id}\\0{hash}\\n"`` in id order, fed a chunk of rows at a time (the same value as one update of their whole
     text, which at a million rows is ~100 MB)."""
     h = hashlib.blake2b(digest_size=16)
     rows = sorted(table.items())

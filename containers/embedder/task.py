@@ -135,14 +135,22 @@ def base_model_for(info, mode: str):
 
 def load_dataset(args, settings, live):
     """``intake.load_checked`` for this job. Incremental (``live``: the future of the live table's
-    ``datasets.KnownLines``): lines the table names are not parsed again. Either way the corpus keeps each
-    document's line digest, which the table this job writes records."""
+    ``datasets.KnownLines``): lines the table names are not parsed again; the files download while the table is
+    read, only their parse waits for it. Either way the corpus keeps each document's line digest, which the table
+    this job writes records."""
     t = time.time()
-    known = live.result() if live is not None else datasets.KnownLines()
-    waited = time.time() - t
+    waited = 0.0
+
+    def known() -> datasets.KnownLines:
+        nonlocal waited
+        start = time.time()
+        lines = live.result() if live is not None else datasets.KnownLines()
+        waited += time.time() - start
+        return lines
+
     as_of = bqsource.as_of(args.as_of)
     loaded = intake.load_checked(args.data_bucket, args.dataset, settings, as_of=as_of, known=known)
-    log.info("corpus loaded in %.1fs after %.1fs waiting for the live table", time.time() - t - waited, waited)
+    log.info("corpus loaded in %.1fs (%.1fs of it waiting for the live table)", time.time() - t, waited)
     return loaded
 
 
@@ -189,7 +197,8 @@ def main(argv: list[str]) -> int:
     index, count = replica()
     t0 = time.time()
     phases = logs.Steps(t0)
-    # GCS reads overlap: the live hash table and then the corpus load while the model downloads and loads.
+    # GCS reads overlap: the live hash table and the corpus download while the model downloads and loads; the
+    # corpus's parse waits for the table.
     with ThreadPoolExecutor(4) as writes:
         live = writes.submit(incremental.read_known, args.live_hashes) if args.live_hashes else None
         reading = writes.submit(load_dataset, args, settings, live)
@@ -206,17 +215,21 @@ def main(argv: list[str]) -> int:
         keep_absent = args.keep_absent or any(intake.is_corpus(r) for r in rejections)
         corpus_hashes = datasets.content_hashes(ds.corpus)  # a known line's is the table's: not parsed for it
         mode, table, live_rows = ("incremental" if live else "full"), corpus_hashes, None
+        kept: list[str] = []  # live rows the table keeps (a corpus file left out)
         if live:
             live_hashes = live.result().hashes
             live_rows = len(live_hashes)
             todo = incremental.plan(corpus_hashes, live_hashes, args.max_inplace_share, keep_absent, args.rebuild)
-            mode, table = todo.mode, todo.table
+            mode, table, kept = todo.mode, todo.table, todo.kept
             ids, deleted = shard(todo.embed, index, count), shard(todo.delete, index, count)
             unchanged = todo.unchanged if index == 0 else 0  # counted once, by replica 0
         else:
             ids, deleted, unchanged = shard(list(ds.corpus), index, count), [], 0
         if index == 0:  # the id -> hash table of the index this run leaves: the next incremental run diffs against it
-            lines = getattr(ds.corpus, "digests", None)  # and skips parsing the lines it names
+            # and skips parsing the lines it names: each document's, and a kept live row's own
+            lines = getattr(ds.corpus, "digests", None)
+            if kept:
+                lines = incremental.table_lines(lines, live.result(), kept)
             pending_table = writes.submit(incremental.write_table, f"{out}/{incremental.TABLE_FILE}", table, lines)
         phases("diff")
         base = base_model_for(info, mode)

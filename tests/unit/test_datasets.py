@@ -625,8 +625,22 @@ def test_known_lines_are_not_parsed_and_give_the_full_parse_s_documents():
     assert corpus.content_hashes() == {i: d.content_hash for i, d in full.items()}
     assert list(corpus) == list(full) and corpus.parsed == 2  # hashes and ids without parsing
     assert {i: corpus[i] for i in corpus} == full  # a known line is parsed when asked for, as the full parse does
-    assert corpus.parsed == 5
+    assert corpus.parsed == 5 and corpus.content_hashes() == {i: d.content_hash for i, d in full.items()}
     assert set(corpus.digests) == set(full) and len(set(corpus.digests.values())) == 5
+
+
+def test_a_known_line_s_hash_is_its_table_s_and_a_corpus_takes_one_table():
+    known = known_from(OLD)
+    corpus = datasets.Corpus()
+    parse_corpus(OLD, "corpus.jsonl", into=corpus, known=known)
+    assert corpus.known_lines == 4 and corpus.content_hashes() == known.hashes
+    with pytest.raises(ValueError, match="one KnownLines"):
+        parse_corpus(jl({"_id": "z", "text": "z"}), "corpus/more.jsonl", into=corpus, known=known_from(OLD))
+    partial = datasets.KnownLines(known.ids, {i: h for i, h in known.hashes.items() if i != "b"})
+    corpus = datasets.Corpus()
+    parse_corpus(OLD, "corpus.jsonl", into=corpus, known=partial)
+    with pytest.raises(KeyError, match="'b'"):  # not a table's: a known line's id without a hash
+        corpus.content_hashes()
 
 
 def test_a_changed_title_or_metadata_is_a_new_line_and_a_new_hash():
@@ -659,6 +673,44 @@ def test_a_changed_title_or_metadata_is_a_new_line_and_a_new_hash():
 )
 def test_a_load_with_known_lines_gives_the_full_load_s_result_or_error(files):
     assert outcome(files, known_from(OLD)) == outcome(files)
+
+
+def streamed(data: bytes, file: str, known: datasets.KnownLines | None):
+    """(ids, hashes, documents, skipped) of one corpus file read as a stream, or its error as (file, line, reason)."""
+    import io
+
+    corpus, notices = (datasets.Corpus(), []) if known is not None else (None, [])
+    try:
+        docs = parse_corpus(io.BytesIO(data), file, into=corpus, notices=notices, known=known)
+    except DatasetError as exc:
+        return ("error", exc.file, exc.line, exc.reason)
+    return list(docs), datasets.content_hashes(docs), {i: docs[i] for i in docs}, [n.to_dict() for n in notices]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        OLD + jl({"_id": "d", "text": "new"}) + OLD.splitlines(keepends=True)[1],  # a known line twice, in 2 batches
+        OLD.splitlines(keepends=True)[2] + OLD,  # ... in one batch
+        OLD + b"\n" + jl({"_id": "a", "text": "a known id on a new line"}),
+        OLD + OLD.splitlines(keepends=True)[3] + b"x" * (datasets.MAX_LINE_BYTES + 10),  # duplicate before a long line
+        OLD + b'{"_id": "e", "text": "' + b"x" * datasets.MAX_LINE_BYTES + b'"}\n',  # a streamed line over the cap
+        OLD + b"\n\n" + jl({"_id": "e", "text": ""}, {"_id": "f", "text": "x"}),
+    ],
+)
+def test_a_stream_with_known_lines_loads_batch_by_batch_as_the_full_parse_does(data, monkeypatch):
+    monkeypatch.setattr(datasets, "KNOWN_BATCH_LINES", 2)  # batches end inside the runs of known lines
+    assert streamed(data, "corpus.jsonl", known_from(OLD)) == streamed(data, "corpus.jsonl", None)
+
+
+def test_line_ids_look_up_digests_that_share_their_first_8_bytes():
+    digests = [bytes(8) + b"A" * 8, bytes(8) + b"B" * 8, b"\xff" * 16, bytes(8) + b"C" * 8]
+    ids = datasets.LineIds(b"".join(digests), ["a", "b", "z", "c"])
+    query = [bytes(8) + b"C" * 8, bytes(8) + b"D" * 8, b"\xff" * 16, bytes(8) + b"A" * 8, b"\x01" * 16]
+    assert ids.rows(b"".join(query)).tolist() == [3, -1, 2, 0, -1]
+    assert dict(ids) == dict(zip(digests, ["a", "b", "z", "c"])) and len(ids) == 4 and ids[digests[1]] == "b"
+    assert datasets.LineIds(b"", []).rows(b"".join(query)).tolist() == [-1] * 5
+    assert datasets.KnownLines(dict(zip(digests, "abzc"))).line_ids().rows(digests[2]).tolist() == [2]
 
 
 def test_random_edits_load_the_same_with_and_without_known_lines():
@@ -696,3 +748,74 @@ def test_without_known_lines_the_corpus_is_a_plain_dict():
     assert type(ds.corpus) is dict and datasets.content_hashes(ds.corpus) == {
         i: d.content_hash for i, d in ds.corpus.items()
     }
+
+
+# ---------------------------------------------------------------- the parser behind LINE_DIGEST_VERSION
+
+# Lines whose parse a table's line digests stand for: a known line is taken as the document (id, title, text,
+# metadata, content hash) an earlier parser made of it, so what each of these parses to is recorded below.
+GOLDEN_LINES = [
+    b'{"_id": "t", "title": "Only a title"}',
+    b'{"_id": "e", "title": "A title", "text": ""}',
+    b'{"_id": "n", "title": " ", "text": ""}',  # neither: skipped
+    '{"_id": "\u00fc", "title": "Caf\u00e9 \u2014 \u2615", "text": "na\u00efve \u2028 \U0001f600"}'.encode(),
+    b'{"_id": "esc", "title": "\\u00e9\\ud83d\\ude00", "text": "tab\\tnew\\nline \\"q\\" \\\\"}',
+    b'{"_id": "crlf", "text": "a line ending in CR LF"}\r',
+    b'  {"_id": "ws", "title": " padded ", "text": " spaced  "}  ',
+    b'{"_id": "x", "text": "extra fields", "score": 1, "url": "http://e", "title": null}',
+    b'{"_id": "m", "text": "t", "metadata": {"b": [1, 2.5, null, true], "a": {"z": "\\u00fc"}, "c": ""}}',
+    b'{"_id": "m0", "text": "t", "metadata": null}',
+    b'{"_id": "m1", "text": "t", "metadata": {}}',
+    b'{"_id": 42, "text": "numeric id"}',
+    b'{"_id": 4.0, "text": "float id"}',
+    b'{"_id": "d", "text": "first", "text": "second"}',  # a repeated key: the last one
+    b'{"_id": "tc", "title": "Hello.", "text": "Hello. World"}',
+    b'{"_id": "big", "text": "1e400 and -0", "metadata": {"n": 1e400, "m": -0.0, "i": 12345678901234567890}}',
+    b'{"_id": true, "text": "a bool id"}',  # errors from here on: never a known line, but never accepted either
+    b'{"_id": "", "text": "empty id"}',
+    b'{"_id": "ctl\\u0001", "text": "control character"}',
+    b'{"_id": "bad", "title": 5, "text": "t"}',
+    b'{"_id": "bad", "text": "t", "metadata": [1]}',
+    b'\xef\xbb\xbf{"_id": "bom", "text": "t"}',
+    b'["_id", "not an object"]',
+    b'{"_id": "nan", "text": NaN}',
+]
+# (LINE_DIGEST_VERSION, the fingerprint of what GOLDEN_LINES parse to) — see the test for when to change it.
+GOLDEN = (b"embedpipe-line-1", "19459d52d4c607c920168af050eacf41")
+
+
+def golden_fingerprint() -> str:
+    """What each golden line parses to on its own: the document and its content hash, skipped, or an error (not
+    the reason's wording: a line that errors is never known, only whether it does)."""
+    import hashlib
+
+    outcomes = []
+    for raw in GOLDEN_LINES:
+        notices: list = []
+        try:
+            docs = parse_corpus(raw + b"\n", "corpus.jsonl", notices=notices)
+        except DatasetError:
+            outcomes.append("error")
+            continue
+        outcomes.append([[d.id, d.title, d.text, d.metadata, d.content_hash] for d in docs.values()] or "skipped")
+    text = json.dumps(outcomes, ensure_ascii=True, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def test_what_a_line_parses_to_changes_only_with_the_line_digest_version():
+    """A table's line digests are taken as the documents an earlier parser made of those lines: a parser that makes
+    another document (or an error, or a skip) of a line must come with a new ``LINE_DIGEST_VERSION``, so that old
+    digests match nothing. This fails when what the golden lines parse to changes under the same version."""
+    version, recorded = GOLDEN
+    now = golden_fingerprint()
+    if datasets.LINE_DIGEST_VERSION == version:
+        assert now == recorded, (
+            f"what a corpus line parses to changed ({now} != {recorded}) under LINE_DIGEST_VERSION {version!r}: "
+            "tables written before would pass stale documents and hashes off as known lines. Bump "
+            "datasets.LINE_DIGEST_VERSION, then record the new version and this fingerprint in GOLDEN."
+        )
+    else:
+        pytest.fail(
+            f"LINE_DIGEST_VERSION is {datasets.LINE_DIGEST_VERSION!r}, GOLDEN records {version!r}: record "
+            f"GOLDEN = ({datasets.LINE_DIGEST_VERSION!r}, {now!r})"
+        )

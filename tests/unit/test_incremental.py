@@ -93,6 +93,7 @@ def test_plan_with_a_left_out_corpus_file_deletes_nothing_never_rebuilds_and_kee
     p = plan(corpus, live, max_inplace_share=0.2, keep_absent=True)
     assert p.mode == "incremental" and p.delete == [] and p.embed == [f"d{i}" for i in range(5)]
     assert p.table == {**{f"d{i}": "h" for i in range(5, 10)}, **corpus}  # the next run neither deletes nor re-embeds
+    assert p.kept == [f"d{i}" for i in range(5, 10)] and plan(corpus, live, 0.2).kept == []
 
 
 def test_plan_rebuilds_a_part_edited_collection_whatever_the_change():
@@ -106,6 +107,20 @@ def test_the_table_digest_is_content_sensitive_and_order_blind():
     assert digest(a) == digest(dict(a)) and digest(a) != digest({"x": "1", "y": "3"}) != digest({})
     # replicas reading a BigQuery table get its streams' rows in different orders: they must still agree
     assert digest({"y": "2", "x": "1"}) == digest(a)
+
+
+def test_the_table_digest_is_the_hash_of_the_rows_text_whatever_the_chunks(monkeypatch):
+    import hashlib
+
+    from embedpipe.control import incremental
+
+    table = {f"d{i}\u00e9": f"h{i}" for i in range(25)}
+    text = "".join(f"{i}\0{h}\n" for i, h in sorted(table.items()))
+    want = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()  # the value manifests have always carried
+    for chunk in (1, 7, 25, 1000):
+        monkeypatch.setattr(incremental, "DIGEST_CHUNK", chunk)
+        assert digest(table) == want
+    assert digest({}) == hashlib.blake2b(b"", digest_size=16).hexdigest()
 
 
 @pytest.fixture
@@ -145,3 +160,30 @@ def test_a_table_without_digests_knows_no_line(bucket):
     assert read_known("gs://x/old.parquet").ids == {} and read_known("gs://x/old.parquet").hashes == {"a": "h"}
     write_table("gs://x/new.parquet", {"a": "h"})  # no lines given: none stored
     assert read_known("gs://x/new.parquet").ids == {}
+
+
+def test_rows_kept_for_a_left_out_file_keep_their_line_digests(bucket):
+    """A corpus file left out of a run keeps its documents' rows, lines included: when it comes back unchanged, its
+    lines are known again, not parsed."""
+    import json
+
+    from embedpipe.contracts import datasets
+    from embedpipe.control.incremental import read_known, table_lines, write_table
+
+    def jl(*ids):
+        return b"".join(json.dumps({"_id": i, "text": f"text of {i}"}).encode() + b"\n" for i in ids)
+
+    files = {"corpus.jsonl": jl("a", "b"), "corpus/more.jsonl": jl("c", "d")}
+    first = datasets.load_files("d", files, known=datasets.KnownLines()).corpus
+    write_table("gs://x/1.parquet", first.content_hashes(), first.digests)
+    live = read_known("gs://x/1.parquet")
+
+    left_out = datasets.load_files("d", {"corpus.jsonl": files["corpus.jsonl"]}, known=live).corpus
+    p = plan(left_out.content_hashes(), live.hashes, 0.2, keep_absent=True)
+    assert p.kept == ["c", "d"] and p.embed == [] and left_out.parsed == 0
+    lines = table_lines(left_out.digests, live, p.kept)
+    assert lines == first.digests and table_lines(left_out.digests, live, []) is left_out.digests
+    write_table("gs://x/2.parquet", p.table, lines)
+
+    back = datasets.load_files("d", files, known=read_known("gs://x/2.parquet")).corpus
+    assert back.parsed == 0 and back.content_hashes() == first.content_hashes()

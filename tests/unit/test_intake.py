@@ -199,6 +199,22 @@ def test_a_file_over_the_cap_is_left_out_by_the_jobs_load_and_quarantined_at_lau
     assert "quarantine/demo/corpus/big.jsonl" in gcs.objects and root + "corpus/big.jsonl" not in gcs.objects
 
 
+def test_the_jobs_load_reads_the_files_before_it_asks_for_the_known_lines(gcs):
+    """The incremental embed job reads the live table while the corpus downloads: only the parse waits for it."""
+    root = "datasets/demo/"
+    gcs.put(root + "corpus.jsonl", jl({"_id": "a", "text": "alpha"}, {"_id": "b", "text": "beta"}))
+    gcs.put(root + "queries.jsonl", jl({"_id": "q", "text": "alpha?"}))
+    asked = []
+
+    def known() -> datasets.KnownLines:
+        asked.append(sorted(gcs.downloaded))
+        return datasets.KnownLines()
+
+    ds, _, problem = intake.load_checked(DATA, "demo", Settings(), known=known)
+    assert problem is None and sorted(ds.corpus) == ["a", "b"] and isinstance(ds.corpus, datasets.Corpus)
+    assert asked == [[root + "corpus.jsonl", root + "queries.jsonl"]]
+
+
 def test_launch_check_needs_a_corpus_file_and_reads_nothing(gcs):
     gcs.put("datasets/demo/queries.jsonl", jl({"_id": "q", "text": "alpha?"}))
     assert intake.check_listing(DATA, "demo", CAP) == ([], "dataset has no corpus")

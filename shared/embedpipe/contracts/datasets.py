@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -327,38 +328,164 @@ def line_digest(raw: bytes) -> bytes:
 class KnownLines:
     """Corpus lines a previous load parsed and accepted: line digest -> document id, and id -> content hash (the
     incremental embed job's are the live index's id/hash table, ``control.incremental``). Empty: nothing is known,
-    every line is parsed, and the ``Corpus`` still records each document's line digest."""
+    every line is parsed, and the ``Corpus`` still records each document's line digest. ``ids`` is any mapping; a
+    load looks lines up through ``LineIds`` (``line_ids``), a file's lines at once."""
 
     ids: Mapping[bytes, str] = field(default_factory=dict)
     hashes: Mapping[str, str] = field(default_factory=dict)
+
+    def line_ids(self) -> LineIds:
+        found = self.ids if isinstance(self.ids, LineIds) else self.__dict__.get("_line_ids")
+        if found is None:
+            found = LineIds(b"".join(self.ids), list(self.ids.values()))
+            object.__setattr__(self, "_line_ids", found)  # frozen: not a field, so equality is unchanged
+        return found
+
+
+class LineIds(Mapping[bytes, str]):
+    """line digest -> document id, for many lines at a time (``rows``): the digests (``digests``, each
+    ``LINE_DIGEST_BYTES`` long, concatenated; any buffer) are sorted once by their first 8 bytes as an integer, and a
+    batch of lines is a ``searchsorted`` and a 16-byte comparison in numpy, not a dict lookup per line."""
+
+    def __init__(self, digests, ids) -> None:
+        import numpy as np
+
+        self._keys = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)  # each digest as two 64-bit integers
+        self.ids = np.asarray(ids, dtype=object)  # row -> document id
+        if len(self.ids) != len(self._keys):
+            raise ValueError(f"{len(self._keys)} line digests for {len(self.ids)} ids")
+        self._order = self._first = None
+
+    def rows(self, digests: bytes):
+        """The row (index into ``ids``) of each of ``digests`` (concatenated), -1 where the line is not known."""
+        import numpy as np
+
+        query = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+        if not len(self._keys) or not len(query):
+            return np.full(len(query), -1, dtype=np.int64)
+        if self._order is None:
+            self._order = np.argsort(self._keys[:, 0], kind="stable")
+            self._first = self._keys[self._order, 0]
+        pos = np.minimum(np.searchsorted(self._first, query[:, 0]), len(self._first) - 1)
+        candidate = self._order[pos]
+        found = (self._keys[candidate] == query).all(axis=1)
+        rows = np.where(found, candidate, -1)
+        # two known digests that share their first 8 bytes (~n^2/2^65: never in practice): search the whole run
+        for i in np.flatnonzero(~found & (self._first[pos] == query[:, 0])).tolist():
+            j = int(pos[i])
+            while j < len(self._first) and self._first[j] == query[i, 0]:
+                if (self._keys[self._order[j]] == query[i]).all():
+                    rows[i] = self._order[j]
+                    break
+                j += 1
+        return rows
+
+    def digests_of(self, ids) -> dict[str, bytes]:
+        """id -> line digest for those of ``ids`` this table has a line for (one pass over the rows)."""
+        wanted = set(ids)
+        rows = [r for r, doc_id in enumerate(self.ids.tolist()) if doc_id in wanted] if wanted else []
+        return {self.ids[r]: self._keys[r].tobytes() for r in rows}
+
+    def __getitem__(self, digest: bytes) -> str:
+        row = int(self.rows(digest)[0]) if len(digest) == LINE_DIGEST_BYTES else -1
+        if row < 0:
+            raise KeyError(digest)
+        return self.ids[row]
+
+    def __iter__(self):
+        return (key.tobytes() for key in self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+KNOWN_BATCH_LINES = 1 << 16  # a stream's lines looked up at once (bytes are one batch)
+
+
+def _raw_batches(data: Source, file: str):
+    """``_raw_lines`` a batch at a time: (number of its first line, raw lines). Bytes are one batch, split at once;
+    a stream's batches end where ``_raw_lines`` raises, and the error comes after the lines before it."""
+    if isinstance(data, (bytes, bytearray)):
+        if b"\0" in data[:NUL_SNIFF]:
+            raise DatasetError(file, None, "binary file (NUL bytes), expected UTF-8 text")
+        yield 1, bytes(data).split(b"\n")
+        return
+    first, batch, error = 1, [], None
+    try:
+        for number, raw in _raw_lines(data, file):
+            if not batch:
+                first = number
+            batch.append(raw)
+            if len(batch) == KNOWN_BATCH_LINES:
+                yield first, batch
+                batch = []
+    except DatasetError as exc:
+        error = exc
+    if batch:
+        yield first, batch
+    if error is not None:
+        raise error
 
 
 def _unknown_lines(data: Source, file: str, into: Corpus, seen_in: dict[str, str], known: KnownLines):
     """``_json_lines`` for ``corpus_records``, with each known line taken into ``into`` here, unparsed, after the
     same duplicate check ``corpus_records`` runs (in line order: the first error is the full parse's). A known
-    document's place (for a later duplicate's error) is its ``Corpus`` entry, not a ``seen_in`` string: this loop
-    runs once per line of the corpus, so it does as little as it can."""
+    document's place (for a later duplicate's error) is its ``Corpus`` entry, not a ``seen_in`` string.
+
+    This runs over every line of the corpus, so it works a batch of lines at a time: their digests, which of them
+    are known (``LineIds.rows``), then each run of known lines between two unknown ones goes into ``into`` in a few
+    C-level dict updates once its ids are checked new as a set; a run that fails that check (or holds an id twice)
+    goes line by line, which raises the full parse's error at its line."""
+    import numpy as np
+
     any_text = False
-    ids, hashes = known.ids.get, known.hashes
-    docs, known_hashes, digests = into._docs, into._known_hashes, into.digests
+    line_ids = known.line_ids()
+    docs, digests = into._docs, into.digests
+    into.use(known)
     blake2b = hashlib.blake2b
-    for number, raw in _raw_lines(data, file):
-        digest = blake2b(raw, digest_size=LINE_DIGEST_BYTES, person=LINE_DIGEST_VERSION).digest()
-        doc_id = ids(digest)
-        if doc_id is not None:  # the same bytes were a valid, non-blank line: no decode, no parse
-            any_text = True
+
+    def one_by_one(start: int, end: int) -> None:  # lines [start, end) of the batch, all known
+        for k in range(start, end):
+            doc_id, number = ids[k - (start - known_before)], first + k
             if doc_id in docs or doc_id in seen_in:
                 where = _first_seen(doc_id, seen_in, into, file)
                 raise DatasetError(file, number, f"duplicate _id {doc_id!r} (first seen in {where})")
-            docs[doc_id] = (raw, file, number)
-            known_hashes[doc_id] = hashes[doc_id]
-            digests[doc_id] = digest
-            continue
-        if (line := _decode(raw, file, number)).strip():
-            any_text = True
-            into.next_digest = digest  # the document corpus_records stores from this line has it
-            yield number, _json_object(line, file, number)
-            into.next_digest = None
+            docs[doc_id] = (raws[k], file, number)
+            digests[doc_id] = line_digests[k]
+            into.known_lines += 1
+
+    for first, raws in _raw_batches(data, file):
+        line_digests = [
+            blake2b(raw, digest_size=LINE_DIGEST_BYTES, person=LINE_DIGEST_VERSION).digest() for raw in raws
+        ]
+        rows = line_ids.rows(b"".join(line_digests))
+        hit = rows >= 0
+        ids = line_ids.ids[rows[hit]].tolist()  # the known lines' document ids, in line order
+        any_text = any_text or bool(ids)
+        known_before = 0  # known lines of the batch before the current run
+        unknown = np.flatnonzero(~hit).tolist()
+        for start, end in zip([0, *(u + 1 for u in unknown)], [*unknown, len(raws)]):
+            if end > start:  # lines [start, end) are known: take them
+                run = ids[known_before : known_before + end - start]
+                size = len(docs)
+                if docs.keys().isdisjoint(run) and seen_in.keys().isdisjoint(run):
+                    docs.update(zip(run, zip(raws[start:end], repeat(file), range(first + start, first + end))))
+                if len(docs) == size + len(run):
+                    digests.update(zip(run, line_digests[start:end]))
+                    into.known_lines += len(run)
+                else:  # an id seen before, or twice in the run: undo, then take the run line by line
+                    if len(docs) != size:
+                        for doc_id in run:  # all new to ``docs`` (checked above): the rest is as it was
+                            docs.pop(doc_id, None)
+                    one_by_one(start, end)  # raises the full parse's error at its line
+                known_before += end - start
+            if end < len(raws):  # line ``end`` is not known: decode and parse it
+                number = first + end
+                if (line := _decode(raws[end], file, number)).strip():
+                    any_text = True
+                    into.next_digest = line_digests[end]  # the document corpus_records stores from this line has it
+                    yield number, _json_object(line, file, number)
+                    into.next_digest = None
     if not any_text:
         raise DatasetError(file, None, "file is empty")
 
@@ -379,7 +506,8 @@ class Corpus(Mapping[str, Doc]):
 
     def __init__(self) -> None:
         self._docs: dict[str, Doc | tuple[bytes, str, int]] = {}  # a known line: (raw bytes, file, line number)
-        self._known_hashes: dict[str, str] = {}  # the known lines not parsed (yet)
+        self._known: Mapping[str, str] | None = None  # id -> content hash of the known lines (``KnownLines.hashes``)
+        self.known_lines = 0  # lines taken as known
         self._parsed: list[str] = []
         self.digests: dict[str, bytes] = {}
         self.next_digest: bytes | None = None
@@ -395,7 +523,6 @@ class Corpus(Mapping[str, Doc]):
         doc = self._docs[doc_id]
         if type(doc) is tuple:
             doc = self._docs[doc_id] = _parse_known(doc_id, *doc)
-            del self._known_hashes[doc_id]
             self._parsed.append(doc_id)
         return doc
 
@@ -418,11 +545,24 @@ class Corpus(Mapping[str, Doc]):
         entry = self._docs.get(doc_id)
         return f"{entry[1]}:{entry[2]}" if type(entry) is tuple else None
 
+    def use(self, known: KnownLines) -> None:
+        """Take known lines from ``known`` (one ``KnownLines`` per corpus: their hashes are its known documents')."""
+        if self._known is None:
+            self._known = known.hashes
+        elif self._known is not known.hashes:
+            raise ValueError("a Corpus takes its known lines from one KnownLines")
+
     def content_hashes(self) -> dict[str, str]:
-        """id -> content hash of every document; known lines are not parsed for it."""
-        out = dict(self._known_hashes)
-        docs = self._docs
+        """id -> content hash of every document; known lines are not parsed for it: a known document's is the
+        ``KnownLines``' own, so the table's dict is copied (C speed) and the rows this corpus lacks dropped."""
+        docs, out = self._docs, {}
+        if self.known_lines:
+            out = dict(self._known)
+            for doc_id in self._known.keys() - docs.keys():
+                del out[doc_id]
         out.update((i, docs[i].content_hash) for i in self._parsed)
+        if len(out) != len(docs):  # a known line's id without a hash: the KnownLines is not one table's
+            raise KeyError(next(i for i in docs if i not in out))
         return out
 
 

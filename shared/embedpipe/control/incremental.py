@@ -86,6 +86,7 @@ class Plan:
     delete: list[str]  # live ids the corpus lost (rebuild: the new collection lacks them)
     unchanged: int
     table: dict[str, str]  # the id -> content hash table of the index after this run
+    kept: list[str]  # live rows the table keeps for documents absent, not deleted (``keep_absent``), sorted
 
 
 def plan(
@@ -102,9 +103,21 @@ def plan(
     if rebuild or (large and not keep_absent):
         # ``delete`` lists what the new collection will lack, so the indexer's delete-share guard still refuses a
         # corpus uploaded in part (nothing is deleted from the live collection: it is replaced behind the gate)
-        return Plan("rebuild", list(corpus), gone, 0, corpus)
-    table = {**{i: live[i] for i in d.deleted}, **corpus} if keep_absent else corpus
-    return Plan("incremental", d.changed, gone, d.unchanged, table)
+        return Plan("rebuild", list(corpus), gone, 0, corpus, [])
+    kept = d.deleted if keep_absent else []
+    table = {**{i: live[i] for i in kept}, **corpus} if kept else corpus
+    return Plan("incremental", d.changed, gone, d.unchanged, table, kept)
+
+
+def table_lines(
+    lines: Mapping[str, bytes] | None, known: datasets.KnownLines, kept: list[str]
+) -> Mapping[str, bytes] | None:
+    """The line digests of the table a run leaves: its corpus's (``lines``), and for each row it keeps from the live
+    table (``Plan.kept``: a corpus file left out) that row's own: the row is carried whole (id, hash, line), so the
+    file's lines are known again when it comes back unchanged. None when the corpus has none (a full parse)."""
+    if lines is None or not kept:
+        return lines
+    return {**known.line_ids().digests_of(kept), **lines}  # disjoint: a kept id is not in the corpus
 
 
 def write_table(uri: str, hashes: Mapping[str, str], lines: Mapping[str, bytes] | None = None) -> None:
@@ -120,7 +133,7 @@ def write_table(uri: str, hashes: Mapping[str, str], lines: Mapping[str, bytes] 
         "content_hash": pa.array(list(hashes.values()), pa.string()),
     }
     if lines is not None:
-        columns["line"] = pa.array([lines.get(i) for i in hashes], pa.binary(datasets.LINE_DIGEST_BYTES))
+        columns["line"] = pa.array(list(map(lines.get, hashes)), pa.binary(datasets.LINE_DIGEST_BYTES))
     table = pa.table(columns)
     table = table.take(pc.sort_indices(table, [("id", "ascending")]))  # UTF-8 byte order: Python's str order
     buf = io.BytesIO()
@@ -131,23 +144,35 @@ def write_table(uri: str, hashes: Mapping[str, str], lines: Mapping[str, bytes] 
 def read_known(uri: str) -> datasets.KnownLines:
     """A table as the incremental embed job uses it: its id -> content hash rows (the diff's base) and, from the
     rows that have one, line digest -> id (the corpus lines its load need not parse; none in a table written before
-    the digests were)."""
+    the digests were), kept as the column's bytes (``datasets.LineIds``), not a dict of a million entries."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     ids = table.column("id").to_pylist()
     hashes = dict(zip(ids, table.column("content_hash").to_pylist()))
-    lines = {}
+    lines = datasets.LineIds(b"", [])
     if "line" in table.column_names:
         with_line = table.filter(pc.is_valid(table.column("line"))) if table.column("line").null_count else table
         known_ids = ids if with_line is table else with_line.column("id").to_pylist()
-        lines = dict(zip(with_line.column("line").to_pylist(), known_ids))
+        column = with_line.column("line").combine_chunks()  # fixed-size binary: its data buffer is the digests
+        if len(column):
+            size = datasets.LINE_DIGEST_BYTES
+            digests = memoryview(column.buffers()[1])[column.offset * size : (column.offset + len(column)) * size]
+            lines = datasets.LineIds(digests, known_ids)
     return datasets.KnownLines(lines, hashes)
+
+
+DIGEST_CHUNK = 8192  # rows hashed per update: the text of a chunk, not of the whole table, is held at once
 
 
 def digest(table: dict[str, str]) -> str:
     """A fingerprint of an id -> hash table, whatever order it was loaded in (a BigQuery read session's streams come
-    in no fixed order): replicas that read the same documents agree on it."""
-    text = "".join([f"{i}\0{content}\n" for i, content in sorted(table.items())])  # one update: same digest
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    in no fixed order): replicas that read the same documents agree on it. BLAKE2b-128 of the rows
+    ``"{id}\\0{hash}\\n"`` in id order, fed a chunk of rows at a time (the same value as one update of their whole
+    text, which at a million rows is ~100 MB)."""
+    h = hashlib.blake2b(digest_size=16)
+    rows = sorted(table.items())
+    for start in range(0, len(rows), DIGEST_CHUNK):
+        h.update("".join([f"{i}\0{content}\n" for i, content in rows[start : start + DIGEST_CHUNK]]).encode())
+    return h.hexdigest()

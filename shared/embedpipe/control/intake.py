@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.api_core import exceptions as gexc
@@ -254,7 +255,7 @@ def load_checked(
     max_rejections: int = 100,
     max_bytes: int | None = None,
     as_of=None,
-    known: datasets.KnownLines | None = None,
+    known: datasets.KnownLines | Callable[[], datasets.KnownLines] | None = None,
 ):
     """The jobs' load (DESIGN.md §3.1): the whole dataset, leaving out each file a cross-file check rejects
     (duplicate ids across corpus files, qrels naming unknown query ids) or that is over ``max_bytes`` (default:
@@ -267,7 +268,8 @@ def load_checked(
     What ``datasets.load_files`` accepts with a notice is not a rejection here: a qrels file naming documents the
     corpus lacks stays (``Dataset.qrels_absent`` counts the rows; evaluation treats them the trec_eval way), so a
     corpus file left out for a real error does not take the qrels that cite it along. ``known``: corpus lines a
-    previous load accepted, not parsed again (the incremental embed job's; ``datasets.parse_corpus``)."""
+    previous load accepted, not parsed again (the incremental embed job's; ``datasets.parse_corpus``), or a function
+    returning them, called after the files are read (``datasource.load_gcs``)."""
     rejections: list[Rejection] = []
     cap = settings.max_object_bytes if max_bytes is None else max_bytes
     exclude: set[str] = set()

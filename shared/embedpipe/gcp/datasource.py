@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from embedpipe.config import Settings
 from embedpipe.contracts import datasets
 from embedpipe.gcp import storage
@@ -20,14 +22,15 @@ def load_gcs(
     exclude: frozenset[str] = frozenset(),
     generations: dict[str, int] | None = None,
     as_of=None,
-    known: datasets.KnownLines | None = None,
+    known: datasets.KnownLines | Callable[[], datasets.KnownLines] | None = None,
 ) -> datasets.Dataset:
     """The dataset as stored. ``test=False`` (the trainer) never opens ``qrels/test.tsv`` (nor a test qrels table):
     test labels cannot reach training or any choice made from them. With ``max_bytes``, a file over it raises
     DatasetError unread. Files and BigQuery parts named in ``exclude`` (relative paths, ``source.json#corpus``) are
     left out; ``generations`` receives each read file's generation. A ``source.json`` adds the BigQuery parts it
     names (``bqsource``, with ``settings``), read as of ``as_of`` (a datetime; None: now). ``known``: corpus lines
-    not parsed again (``datasets.parse_corpus``)."""
+    not parsed again (``datasets.parse_corpus``), or a function returning them, called once everything is read and
+    before the parse (the incremental embed job reads the live table meanwhile)."""
     root = datasets.prefix(data_bucket, dataset)
     files, tables = {}, {}
     for uri, generation, size in storage.list_objects(root):
@@ -43,6 +46,8 @@ def load_gcs(
                 tables = _source_tables(data, settings, test, exclude, as_of, max_bytes)
             else:
                 files[rel] = data
+    if callable(known):
+        known = known()
     return datasets.load_files(dataset, files, tables, known=known)
 
 

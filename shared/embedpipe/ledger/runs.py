@@ -106,10 +106,18 @@ class Ledger:
         return f"gs://{self.bucket}/ledger/datasets/{dataset}.json"
 
     # ------------------------------------------------------------ compare-and-set
-    def _update(self, uri: str, fn: Callable[[Any], Any], create: Callable[[], Any] | None = None) -> Any:
-        """Read-modify-write with CAS. ``fn`` gets a copy and returns the new document, or None to leave it."""
+    def _update(
+        self,
+        uri: str,
+        fn: Callable[[Any], Any],
+        create: Callable[[], Any] | None = None,
+        read: tuple[Any, int] | None = None,
+    ) -> Any:
+        """Read-modify-write with CAS. ``fn`` gets a copy and returns the new document, or None to leave it.
+        ``read``: the (document, generation) the caller has just read, used for the first attempt instead of reading
+        it again (a lost race reads afresh, as always)."""
         for attempt in range(50):
-            doc, gen = self.store.read_json_gen(uri)
+            doc, gen = read if read is not None and attempt == 0 else self.store.read_json_gen(uri)
             if doc is None:
                 if create is None:
                     raise KeyError(uri)
@@ -202,8 +210,11 @@ class Ledger:
     def get_dataset(self, dataset: str) -> DatasetState:
         return self.store.read_json_gen(self._dataset_uri(dataset))[0] or empty_dataset_state(dataset)
 
-    def update_dataset(self, dataset: str, fn: Callable[[DatasetState], DatasetState | None]) -> DatasetState:
-        return self._update(self._dataset_uri(dataset), fn, create=lambda: empty_dataset_state(dataset))
+    def update_dataset(
+        self, dataset: str, fn: Callable[[DatasetState], DatasetState | None], read: tuple[Any, int] | None = None
+    ) -> DatasetState:
+        """CAS on the dataset state; ``read``: its (document, generation) just read by the caller (see ``_update``)."""
+        return self._update(self._dataset_uri(dataset), fn, create=lambda: empty_dataset_state(dataset), read=read)
 
     def has_dataset(self, dataset: str) -> bool:
         return self.store.read_json_gen(self._dataset_uri(dataset))[0] is not None
@@ -217,7 +228,10 @@ class Ledger:
         by ``max_wait_s`` after its first change), or a new one. Everything that arrives before ``due_at`` joins
         the same run, which is how bursts coalesce."""
         for _ in range(20):
-            state = self.get_dataset(dataset)
+            # read once: this read decides the run and is the compare-and-set's base (no second read of the same
+            # generation on every upload's path)
+            read = self.store.read_json_gen(self._dataset_uri(dataset))
+            state = read[0] or empty_dataset_state(dataset)
             run_id = state["pending"]
             fresh = run_id is None
             if fresh:
@@ -236,7 +250,7 @@ class Ledger:
                 st["due_at"] = _pushed_due(st, now, due_in_s, max_wait_s)
                 return st
 
-            if self.update_dataset(dataset, fn)["pending"] == run_id:
+            if self.update_dataset(dataset, fn, read=read)["pending"] == run_id:
                 return run_id
             if fresh:
                 self.store.delete(self.run_uri(run_id))  # lost the race; nobody refers to this record

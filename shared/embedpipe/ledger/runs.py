@@ -356,10 +356,11 @@ class Ledger:
         items = self._items(run_id, fields)
         return self.update_run(run_id, lambda r: _merged(r, items, fields))
 
-    def view(self, run_id: str) -> RunRecord | None:
+    def view(self, run_id: str, record: RunRecord | None = None) -> RunRecord | None:
         """The run record with the per-key items not yet copied into it (what ``embedpipe status`` shows). Triggers
-        are merged only into an unsealed run: a sealed one holds exactly the triggers it decided on."""
-        record = self.get_run(run_id)
+        are merged only into an unsealed run: a sealed one holds exactly the triggers it decided on. ``record``: the
+        run record as the caller has just read it (not read again)."""
+        record = record or self.get_run(run_id)
         if record is None:
             return None
         fields = _view_fields(record)

@@ -297,9 +297,21 @@ class Ledger:
         per item of those fields."""
         uris = self._item_uris(run_id)
         out: dict[str, list[dict]] = {f: [] for f in ITEM_FIELDS}
-        for field in fields or MERGED_FIELDS:
-            out[field] = [doc for uri in uris[field] if (doc := self.store.read_json_gen(uri)[0])]
+        wanted = [(field, uri) for field in fields or MERGED_FIELDS for uri in uris[field]]
+        for (field, _), doc in zip(wanted, self._read_many([uri for _, uri in wanted])):
+            if doc:
+                out[field].append(doc)
         return out
+
+    def _read_many(self, uris: list[str]) -> list[Any]:
+        """The documents at ``uris``, in order, read side by side (up to ``READ_THREADS`` at a time): the seal reads
+        one item per upload of the burst, on the launch's path, where one after another cost a round trip each."""
+        if len(uris) < 2:
+            return [self.store.read_json_gen(uri)[0] for uri in uris]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(uris))) as pool:
+            return [doc for doc, _ in pool.map(self.store.read_json_gen, uris)]
 
     def arriving(self, run_id: str) -> list[str]:
         """Uploads claimed for this run whose intake has not ended yet (no trigger, no file error), younger than
@@ -373,6 +385,7 @@ MERGED_FIELDS = ("triggers", "notices", "file_errors")  # what ``_merged`` copie
 ARRIVING_MAX_S = 120.0
 # How often add_trigger reads a sealed run whose merge it waits for.
 MERGE_POLL_S = 0.2
+READ_THREADS = 8  # reads of a run's per-key items in flight at once (``Ledger._read_many``)
 
 
 def _item_of(uri: str) -> tuple[str, str] | None:

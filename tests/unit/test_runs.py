@@ -312,10 +312,8 @@ def test_pending_run_does_not_rejoin_a_run_launched_meanwhile(ledger, store, clo
         ledger.update_dataset("demo", launch)
         ledger.advance(r1, PENDING, TRAINING)
 
-    # pending_run reads the dataset twice (get_dataset, then the CAS update); the launcher runs in between
-    store.interleave(
-        "read", "/ledger/datasets/demo.json", lambda: store.interleave("read", "/ledger/", launcher_takes_r1)
-    )
+    # pending_run reads the dataset once and writes it by compare-and-set; the launcher runs in between
+    store.interleave("write", "/ledger/datasets/demo.json", launcher_takes_r1)
     r2 = ledger.pending_run("demo", {}, due_in_s=0)
     state = ledger.get_dataset("demo")
     assert state["active"] == r1

@@ -106,10 +106,18 @@ class Ledger:
         return f"gs://{self.bucket}/ledger/datasets/{dataset}.json"
 
     # ------------------------------------------------------------ compare-and-set
-    def _update(self, uri: str, fn: Callable[[Any], Any], create: Callable[[], Any] | None = None) -> Any:
-        """Read-modify-write with CAS. ``fn`` gets a copy and returns the new document, or None to leave it."""
+    def _update(
+        self,
+        uri: str,
+        fn: Callable[[Any], Any],
+        create: Callable[[], Any] | None = None,
+        read: tuple[Any, int] | None = None,
+    ) -> Any:
+        """Read-modify-write with CAS. ``fn`` gets a copy and returns the new document, or None to leave it.
+        ``read``: the (document, generation) the caller has just read, used for the first attempt instead of reading
+        it again (a lost race reads afresh, as always)."""
         for attempt in range(50):
-            doc, gen = self.store.read_json_gen(uri)
+            doc, gen = read if read is not None and attempt == 0 else self.store.read_json_gen(uri)
             if doc is None:
                 if create is None:
                     raise KeyError(uri)
@@ -202,8 +210,11 @@ class Ledger:
     def get_dataset(self, dataset: str) -> DatasetState:
         return self.store.read_json_gen(self._dataset_uri(dataset))[0] or empty_dataset_state(dataset)
 
-    def update_dataset(self, dataset: str, fn: Callable[[DatasetState], DatasetState | None]) -> DatasetState:
-        return self._update(self._dataset_uri(dataset), fn, create=lambda: empty_dataset_state(dataset))
+    def update_dataset(
+        self, dataset: str, fn: Callable[[DatasetState], DatasetState | None], read: tuple[Any, int] | None = None
+    ) -> DatasetState:
+        """CAS on the dataset state; ``read``: its (document, generation) just read by the caller (see ``_update``)."""
+        return self._update(self._dataset_uri(dataset), fn, create=lambda: empty_dataset_state(dataset), read=read)
 
     def has_dataset(self, dataset: str) -> bool:
         return self.store.read_json_gen(self._dataset_uri(dataset))[0] is not None
@@ -217,7 +228,10 @@ class Ledger:
         by ``max_wait_s`` after its first change), or a new one. Everything that arrives before ``due_at`` joins
         the same run, which is how bursts coalesce."""
         for _ in range(20):
-            state = self.get_dataset(dataset)
+            # read once: this read decides the run and is the compare-and-set's base (no second read of the same
+            # generation on every upload's path)
+            read = self.store.read_json_gen(self._dataset_uri(dataset))
+            state = read[0] or empty_dataset_state(dataset)
             run_id = state["pending"]
             fresh = run_id is None
             if fresh:
@@ -236,7 +250,7 @@ class Ledger:
                 st["due_at"] = _pushed_due(st, now, due_in_s, max_wait_s)
                 return st
 
-            if self.update_dataset(dataset, fn)["pending"] == run_id:
+            if self.update_dataset(dataset, fn, read=read)["pending"] == run_id:
                 return run_id
             if fresh:
                 self.store.delete(self.run_uri(run_id))  # lost the race; nobody refers to this record
@@ -283,9 +297,21 @@ class Ledger:
         per item of those fields."""
         uris = self._item_uris(run_id)
         out: dict[str, list[dict]] = {f: [] for f in ITEM_FIELDS}
-        for field in fields or MERGED_FIELDS:
-            out[field] = [doc for uri in uris[field] if (doc := self.store.read_json_gen(uri)[0])]
+        wanted = [(field, uri) for field in fields or MERGED_FIELDS for uri in uris[field]]
+        for (field, _), doc in zip(wanted, self._read_many([uri for _, uri in wanted])):
+            if doc:
+                out[field].append(doc)
         return out
+
+    def _read_many(self, uris: list[str]) -> list[Any]:
+        """The documents at ``uris``, in order, read side by side (up to ``READ_THREADS`` at a time): the seal reads
+        one item per upload of the burst, on the launch's path, where one after another cost a round trip each."""
+        if len(uris) < 2:
+            return [self.store.read_json_gen(uri)[0] for uri in uris]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(uris))) as pool:
+            return [doc for doc, _ in pool.map(self.store.read_json_gen, uris)]
 
     def arriving(self, run_id: str) -> list[str]:
         """Uploads claimed for this run whose intake has not ended yet (no trigger, no file error), younger than
@@ -342,10 +368,11 @@ class Ledger:
         items = self._items(run_id, fields)
         return self.update_run(run_id, lambda r: _merged(r, items, fields))
 
-    def view(self, run_id: str) -> RunRecord | None:
+    def view(self, run_id: str, record: RunRecord | None = None) -> RunRecord | None:
         """The run record with the per-key items not yet copied into it (what ``embedpipe status`` shows). Triggers
-        are merged only into an unsealed run: a sealed one holds exactly the triggers it decided on."""
-        record = self.get_run(run_id)
+        are merged only into an unsealed run: a sealed one holds exactly the triggers it decided on. ``record``: the
+        run record as the caller has just read it (not read again)."""
+        record = record or self.get_run(run_id)
         if record is None:
             return None
         fields = _view_fields(record)
@@ -358,6 +385,7 @@ MERGED_FIELDS = ("triggers", "notices", "file_errors")  # what ``_merged`` copie
 ARRIVING_MAX_S = 120.0
 # How often add_trigger reads a sealed run whose merge it waits for.
 MERGE_POLL_S = 0.2
+READ_THREADS = 8  # reads of a run's per-key items in flight at once (``Ledger._read_many``)
 
 
 def _item_of(uri: str) -> tuple[str, str] | None:

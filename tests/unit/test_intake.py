@@ -13,7 +13,7 @@ from embedpipe.config import Settings
 from embedpipe.contracts import datasets
 from embedpipe.control import intake
 from embedpipe.control.pipeline import Pipeline
-from embedpipe.gcp import storage
+from embedpipe.gcp import datasource, storage
 from embedpipe.ledger.runs import Ledger
 from tests.unit.fakes import FakeStore
 
@@ -213,6 +213,20 @@ def test_the_jobs_load_reads_the_files_before_it_asks_for_the_known_lines(gcs):
     ds, _, problem = intake.load_checked(DATA, "demo", Settings(), known=known)
     assert problem is None and sorted(ds.corpus) == ["a", "b"] and isinstance(ds.corpus, datasets.Corpus)
     assert asked == [[root + "corpus.jsonl", root + "queries.jsonl"]]
+
+
+def test_a_live_table_that_cannot_be_read_fails_the_load_once_and_names_it(gcs):
+    """A NotFound for the live table is not a dataset file replaced mid-read: no re-listing, no rejection."""
+    gcs.put("datasets/demo/corpus.jsonl", jl({"_id": "a", "text": "alpha"}))
+    calls = []
+
+    def known() -> datasets.KnownLines:
+        calls.append(1)
+        raise gexc.NotFound("gs://bucket/runs/r0/live-hashes.parquet")
+
+    with pytest.raises(datasource.KnownLinesUnreadable, match="live-hashes.parquet"):
+        intake.load_checked(DATA, "demo", Settings(), known=known)
+    assert len(calls) == 1 and gcs.downloaded == ["datasets/demo/corpus.jsonl"]
 
 
 def test_launch_check_needs_a_corpus_file_and_reads_nothing(gcs):

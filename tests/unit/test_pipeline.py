@@ -756,6 +756,10 @@ def test_training_succeeded_launches_embedding(h):
     assert embed.labels == {"run_id": run_id, "stage": "embed"}
     assert f"--model-uri=gs://embedpipe-artifacts/runs/{run_id}/train/1/model/" in embed.args
     assert embed.env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)  # the embedder's allocator settings travel with it
+    # the token budget is left to the embedder (per device) unless set: an older image would read 0 as 1 row a batch
+    assert not any(a.startswith("--batch-tokens") for a in embed.args)
+    h.pipe.settings = dataclasses.replace(h.pipe.settings, embed_batch_tokens=8192)
+    assert "--batch-tokens=8192" in h.pipe.embed_spec(record, 2).args
     assert record["jobs"]["train"]["name"] == h.launcher.name_for(train.job_id)
     assert record["jobs"]["embed"]["name"] == h.launcher.name_for(embed.job_id)
     assert [e.data["state"] for e in h.events(RUN_STAGE)] == [TRAINING, EMBEDDING]

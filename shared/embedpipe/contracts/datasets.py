@@ -363,9 +363,9 @@ class LineIds(Mapping[bytes, str]):
         query = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
         if not len(self._keys) or not len(query):
             return np.full(len(query), -1, dtype=np.int64)
-        if self._order is None:
-            self._order = np.argsort(self._keys[:, 0], kind="stable")
-            self._first = self._keys[self._order, 0]
+        if self._first is None:  # built once; both set before either is read, so a second thread sees a pair
+            order = np.argsort(self._keys[:, 0], kind="stable")
+            self._order, self._first = order, self._keys[order, 0]
         pos = np.minimum(np.searchsorted(self._first, query[:, 0]), len(self._first) - 1)
         candidate = self._order[pos]
         found = (self._keys[candidate] == query).all(axis=1)

@@ -361,7 +361,9 @@ class Pipeline(Lifecycle):
             f"--dataset={record['dataset']}",
             f"--run-id={run_id}",
             f"--model-uri={record['model']['uri']}",
-            f"--batch-tokens={s.embed_batch_tokens}",
+            # only when set: 0 (per device) is the embedder's own default, and an image older than that default
+            # would read 0 as one row per batch
+            *([f"--batch-tokens={s.embed_batch_tokens}"] if s.embed_batch_tokens else []),
             f"--output-dir={embeddings_uri(self.ledger.run_dir(run_id), attempt)}",
             f"--job-key={run_id}/embed/{attempt}",
             f"--max-inplace-share={s.max_inplace_share}",

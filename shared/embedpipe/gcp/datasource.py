@@ -12,6 +12,11 @@ from embedpipe.contracts import datasets
 from embedpipe.gcp import storage
 
 
+class KnownLinesUnreadable(RuntimeError):
+    """The known lines (the live id/hash table) could not be read: not a fault of any dataset file, so no caller
+    may take it for one (a NotFound here is not a file gone between listing and reading)."""
+
+
 def load_gcs(
     data_bucket: str,
     dataset: str,
@@ -47,7 +52,10 @@ def load_gcs(
             else:
                 files[rel] = data
     if callable(known):
-        known = known()
+        try:
+            known = known()
+        except Exception as exc:
+            raise KnownLinesUnreadable(f"the known corpus lines could not be read: {exc!r}") from exc
     return datasets.load_files(dataset, files, tables, known=known)
 
 

@@ -31,29 +31,13 @@ import traceback
 from pathlib import Path
 from unittest import mock
 
+from bench.machine import matmul_tflops
 from bench.run import ROOT
 
 BUDGETS = (4096, 8192, 16384, 32768, 65536, 131072)
 ROW_CAPS = (512, 2048)
 GPU_BATCH_SIZES = (64, 128, 256, 512, 1024)
 CALIBRATION_DOCS = 8192  # enough for the largest batch size several times over
-
-
-def matmul_tflops(dtype, n: int = 8192, calls: int = 10) -> float:
-    import torch
-
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3):
-        torch.matmul(a, b)
-    best = 0.0
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e12)
-    return round(best, 1)
 
 
 def repeated(src: Path, out: Path, docs: int) -> Path:
@@ -125,7 +109,7 @@ def fp16_path(path: str, ds, reference) -> dict:
     texts = [ds.corpus[i].full_text for i in doc_ids]
     qrels = ds.eval_qrels()
     qids = sorted(qrels)
-    with mock.patch.object(embedding, "bf16_supported", lambda device="cpu": False):
+    with mock.patch.object(embedding, "bf16_native", lambda device="cpu": False):
         model, _ = load_model(path, inference=True)
         model.max_seq_length = reference.max_seq_length
         dtype = str(embedding.inference_dtype(str(model.device))).removeprefix("torch.")
@@ -165,8 +149,8 @@ def run() -> dict:
         "capability": f"{cap[0]}.{cap[1]}",
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "",
-        "bf16_matmul_tflops": matmul_tflops(torch.bfloat16),
-        "fp16_matmul_tflops": matmul_tflops(torch.float16),
+        "bf16_matmul_tflops": round(matmul_tflops("bfloat16", (8192,), 10, "cuda")[0], 1),
+        "fp16_matmul_tflops": round(matmul_tflops("float16", (8192,), 10, "cuda")[0], 1),
     }
     cisi = Path(os.environ.get("EMBEDPIPE_QUALITY_DATA") or ROOT.parent / "shared" / "data" / "cisi")
     tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))

@@ -54,21 +54,25 @@ def bf16_kind(flags: set[str]) -> str:
     return "none"
 
 
-def matmul_tflops(dtype: str, sizes: tuple[int, ...], calls: int = 5) -> tuple[float, int]:
-    """Best TFLOP/s of ``calls`` timed ``torch.matmul`` of two n x n matrices per size (after one untimed call);
-    returns (TFLOP/s, the size that gave it)."""
+def matmul_tflops(dtype: str, sizes: tuple[int, ...], calls: int = 5, device: str = "cpu") -> tuple[float, int]:
+    """Best TFLOP/s of ``calls`` timed ``torch.matmul`` of two n x n matrices per size (after one untimed call) on
+    ``device``; returns (TFLOP/s, the size that gave it). On CUDA each call is timed between synchronisations, as
+    kernels launch asynchronously."""
     import torch
 
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     best, best_n = 0.0, 0
     with torch.inference_mode():
         for n in sizes:
             gen = torch.Generator().manual_seed(0)
-            a = torch.randn(n, n, generator=gen).to(getattr(torch, dtype))
-            b = torch.randn(n, n, generator=gen).to(getattr(torch, dtype))
+            a = torch.randn(n, n, generator=gen).to(device=device, dtype=getattr(torch, dtype))
+            b = torch.randn(n, n, generator=gen).to(device=device, dtype=getattr(torch, dtype))
             torch.matmul(a, b)
             for _ in range(calls):
+                sync()
                 t = time.perf_counter()
                 torch.matmul(a, b)
+                sync()
                 rate = 2 * n**3 / (time.perf_counter() - t) / 1e12
                 if rate > best:
                     best, best_n = rate, n

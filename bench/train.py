@@ -145,6 +145,9 @@ def run(device: str = "cpu", model_path: str = "") -> dict:
     from embedpipe.ml.embedding import bf16_supported
     from embedpipe.ml.training import evaluate_exact
 
+    if device.startswith("cuda:") and device != "cuda:0":
+        # the baseline's trainer runs on the process' first GPU whatever we name: a comparison across two GPUs
+        raise ValueError(f"bench.train runs on 'cuda' or 'cuda:0', not {device!r} (set CUDA_VISIBLE_DEVICES instead)")
     steps, batch, seq = _settings()
     repeats = int(os.environ.get("BENCH_TRAIN_REPEATS", "3"))
     warm_steps = int(os.environ.get("BENCH_TRAIN_WARMUP_STEPS", "3"))

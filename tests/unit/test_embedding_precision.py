@@ -24,11 +24,11 @@ def model(tiny_model):
 
 def encode_with(monkeypatch, model, bf16: str, **kw) -> np.ndarray:
     monkeypatch.setenv("EMBEDPIPE_BF16", bf16)
-    embedding.bf16_supported.cache_clear()
+    embedding.bf16_native.cache_clear()
     try:
         return embedding.encode(model, TEXTS, **kw)
     finally:
-        embedding.bf16_supported.cache_clear()
+        embedding.bf16_native.cache_clear()
 
 
 def test_bf16_within_cosine_0999_of_fp32(monkeypatch, model):
@@ -69,10 +69,10 @@ def gpu(monkeypatch):
         monkeypatch.setattr(
             torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation
         )
-        embedding.bf16_supported.cache_clear()
+        embedding.bf16_native.cache_clear()
 
     yield make
-    embedding.bf16_supported.cache_clear()
+    embedding.bf16_native.cache_clear()
 
 
 def test_a_gpu_without_native_bf16_runs_inference_in_fp16_and_training_in_fp32(monkeypatch, gpu):
@@ -92,7 +92,7 @@ def test_a_gpu_with_native_bf16_runs_bf16_and_the_override_forces_fp32(monkeypat
     gpu(native_bf16=True)
     assert embedding.inference_dtype("cuda:0") == torch.bfloat16
     monkeypatch.setenv("EMBEDPIPE_BF16", "0")
-    embedding.bf16_supported.cache_clear()
+    embedding.bf16_native.cache_clear()
     assert embedding.inference_dtype("cuda:0") is None
 
 

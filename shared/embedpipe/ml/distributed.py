@@ -101,7 +101,9 @@ def init(info: DistInfo, timeout_s: float = 600.0) -> str:
 
     import torch
 
-    cuda = torch.cuda.is_available()
+    from embedpipe.ml.embedding import default_device
+
+    cuda = default_device() == "cuda"  # one rule for where models run; here one GPU per local rank
     device = f"cuda:{info.local_rank}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(info.local_rank)

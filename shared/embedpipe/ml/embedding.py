@@ -18,14 +18,19 @@ CPU_BATCH_TOKENS = 4096  # measured best on a 2-core CPU (make bench)
 GPU_BATCH_TOKENS = 32768  # measured on an H200 (bench/gpu.py); a few hundred MB of activations for a MiniLM
 
 
-@functools.cache
 def bf16_supported(device: str = "cpu") -> bool:
-    """bf16 only where it is native: CUDA GPUs from Ampere on, or a CPU with AVX512-BF16 / AMX. Elsewhere bf16 is
-    emulated and slower than fp32 (torch's default ``is_bf16_supported()`` also says yes to emulation, e.g. on the
-    T4, hence ``including_emulation=False``)."""
+    """bf16 only where it is native, unless ``EMBEDPIPE_BF16`` forces it on or off."""
     forced = Settings.from_env().bf16
     if forced in ("0", "1"):
         return forced == "1"
+    return bf16_native(device)
+
+
+@functools.cache  # the hardware does not change under a process; the override above is read each call
+def bf16_native(device: str = "cpu") -> bool:
+    """CUDA GPUs from Ampere on, or a CPU with AVX512-BF16 / AMX. Elsewhere bf16 is emulated and slower than fp32
+    (torch's default ``is_bf16_supported()`` also says yes to emulation, e.g. on the T4, hence
+    ``including_emulation=False``)."""
     import torch
 
     if device.startswith("cuda"):
@@ -40,12 +45,15 @@ def bf16_supported(device: str = "cpu") -> bool:
 def inference_dtype(device: str = "cpu"):
     """The reduced precision inference runs in on ``device``, or None for fp32: bf16 where native, fp16 on CUDA GPUs
     without it (T4, V100: fp16 tensor cores). Training keeps to bf16 or fp32 (fp16 would need a gradient scaler).
-    ``EMBEDPIPE_BF16=0`` forces fp32 everywhere."""
+    ``EMBEDPIPE_BF16=0`` forces fp32 everywhere, ``=1`` bf16."""
     import torch
 
-    if bf16_supported(device):
+    forced = Settings.from_env().bf16
+    if forced == "0":
+        return None
+    if forced == "1" or bf16_native(device):
         return torch.bfloat16
-    if device.startswith("cuda") and Settings.from_env().bf16 != "0" and torch.cuda.is_available():
+    if device.startswith("cuda") and torch.cuda.is_available():
         return torch.float16
     return None
 

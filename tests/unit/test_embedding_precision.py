@@ -23,12 +23,8 @@ def model(tiny_model):
 
 
 def encode_with(monkeypatch, model, bf16: str, **kw) -> np.ndarray:
-    monkeypatch.setenv("EMBEDPIPE_BF16", bf16)
-    embedding.bf16_native.cache_clear()
-    try:
-        return embedding.encode(model, TEXTS, **kw)
-    finally:
-        embedding.bf16_native.cache_clear()
+    monkeypatch.setenv("EMBEDPIPE_BF16", bf16)  # read on each call: nothing cached to clear
+    return embedding.encode(model, TEXTS, **kw)
 
 
 def test_bf16_within_cosine_0999_of_fp32(monkeypatch, model):
@@ -92,7 +88,6 @@ def test_a_gpu_with_native_bf16_runs_bf16_and_the_override_forces_fp32(monkeypat
     gpu(native_bf16=True)
     assert embedding.inference_dtype("cuda:0") == torch.bfloat16
     monkeypatch.setenv("EMBEDPIPE_BF16", "0")
-    embedding.bf16_native.cache_clear()
     assert embedding.inference_dtype("cuda:0") is None
 
 

@@ -36,7 +36,7 @@ from embedpipe.retrieval.evaluation import evaluate  # trec_eval through pytrec_
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "quality-results.json"
 STATE = ROOT / ".embedpipe" / "quality"
-MODES = ("bm25", "base", "dense", "hybrid", "served")
+MODES = ("bm25", "base", "bm25+base", "dense", "hybrid", "served")  # bm25+base: the off-the-shelf RRF of both
 COLUMNS = ("recall@10", "ndcg@10", "mrr@10", "recall@100")
 UPLOAD_TIMEOUT_S = 3600
 UP_ATTEMPTS = 3

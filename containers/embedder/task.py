@@ -46,7 +46,7 @@ from embedpipe.control import incremental, intake
 from embedpipe.gcp import bqsource, storage
 from embedpipe.ml import distributed
 from embedpipe.ml.embedding import encode, shard
-from embedpipe.ml.model import load_model
+from embedpipe.ml.model import INFO_FILE, base_artifact, load_model
 from embedpipe.retrieval import lexical
 
 log = logging.getLogger("embedder")
@@ -124,13 +124,20 @@ def checked(vectors, what: str):
     return vectors
 
 
-def base_model_for(info, mode: str):
-    """The untuned base model at the shipped model's sequence length, when a full run shipped a fine-tune."""
+def base_model_for(info, mode: str, model_uri: str):
+    """(the untuned base model, its URI and info) at the shipped model's sequence length, when a full run shipped a
+    fine-tune; (None, None, None) otherwise. The trainer keeps that model beside the fine-tune
+    (``model.base_artifact``), so the base vectors and a fallback index served from them have one artifact and one
+    fingerprint; a run trained before it did gets the base model it names (no fallback index then)."""
     if mode != "full" or not info.tuned or not info.base_model:
-        return None
+        return None, None, None
+    uri = base_artifact(model_uri)
+    if storage.exists(f"{uri}/{INFO_FILE}"):
+        base, base_info = load_model(uri, inference=True)
+        return base, uri, base_info
     base, _ = load_model(info.base_model, inference=True)
     base.max_seq_length = info.max_seq_length
-    return base
+    return base, None, None
 
 
 def load_dataset(args, settings, live):
@@ -232,7 +239,7 @@ def main(argv: list[str]) -> int:
                 lines = incremental.table_lines(lines, live.result(), kept)
             pending_table = writes.submit(incremental.write_table, f"{out}/{incremental.TABLE_FILE}", table, lines)
         phases("diff")
-        base = base_model_for(info, mode)
+        base, base_uri, base_info = base_model_for(info, mode, args.model_uri)
         name = f"corpus-{index:05d}-of-{count:05d}.parquet"
         deleted_name = f"deleted-{index:05d}-of-{count:05d}.parquet"
         # Row group by row group: embed ROW_GROUP documents, append them to the local shard file, drop them.
@@ -323,6 +330,9 @@ def main(argv: list[str]) -> int:
             "eval_split": ds.eval_split(),
             "tuned": info.tuned,
             "has_base": base is not None,
+            # the base model's own artifact: what a first run whose fine-tune loses can serve (indexing's fallback)
+            "base_model_uri": base_uri,
+            "base_fingerprint": base_info.fingerprint if base_info else None,
             "search": info.search,
             "dim": int(info.dim or dim),
             "fingerprint": info.fingerprint,

@@ -21,6 +21,7 @@ Hyperparameters come as flags, ``--learning-rate=...`` or ``--learning_rate=...`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import platform
 import sys
@@ -35,7 +36,7 @@ from embedpipe.gcp import bqsource, storage
 from embedpipe.jobs import hypertune
 from embedpipe.ml import distributed, selection
 from embedpipe.ml.checkpoints import Checkpoints
-from embedpipe.ml.model import ModelInfo, git_sha, load_model, save_model
+from embedpipe.ml.model import ModelInfo, base_artifact, git_sha, load_model, save_model
 from embedpipe.ml.scalars import ScalarLog
 from embedpipe.ml.training import seq_length_for, train
 
@@ -83,15 +84,50 @@ def versions() -> dict:
 
 
 def choose_model(base_score: float | None, tuned_score: float | None) -> tuple[bool, str]:
-    """Ship the fine-tune only when it beats the base model on the selection split."""
+    """Ship the fine-tune only when it beats the base model on the selection split; with nothing to check it on,
+    the base model ships (a fine-tune nobody could check must not be served: small collections lost with it)."""
     if base_score is None or tuned_score is None:
-        return True, "no selection split (too few training pairs): the fine-tune ships unchecked"
+        return False, (
+            f"too few training pairs to check a fine-tune (no dev qrels, fewer than {selection.KFOLD_MIN} "
+            "anchors for k-fold selection): the base model ships"
+        )
     if tuned_score > base_score:
         return True, f"fine-tune {selection.METRIC} {tuned_score:.4f} > base {base_score:.4f} on the selection split"
     return False, (
         f"fine-tune {selection.METRIC} {tuned_score:.4f} did not beat the base model's {base_score:.4f} on the "
         "selection split: the base model ships"
     )
+
+
+def agree(values: list[int], dist, device: str) -> list[int]:
+    """Rank 0's ``values`` on every rank (a decision only rank 0 computed)."""
+    if dist.world_size <= 1:
+        return values
+    import torch
+    import torch.distributed as td
+
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    td.broadcast(t, src=0)
+    return [int(v) for v in t.tolist()]
+
+
+def untrained(params: TrainParams, world_size: int = 1) -> dict:
+    """``train``'s result for a model shipped without a final training (the base model, chosen before it)."""
+    return {
+        "selection": [],
+        "best_step": 0,
+        "best_score": None,
+        "steps": 0,
+        "total_steps": 0,
+        "resumed_from_step": None,
+        "world_size": world_size,
+        "pairs_seen": 0,
+        "pairs_seen_this_run": 0,
+        "seconds": 0.0,
+        "pairs_per_s": None,
+        "loss_curve": [],
+        "params": params.to_dict(),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -148,20 +184,41 @@ def main(argv: list[str]) -> int:
     def score(m) -> float:
         return selection.dense_score(m, task, base.query_prefix, base.document_prefix)
 
-    base_score = score(model) if task else None
+    def fresh():
+        m, _ = load_model(args.base_model, device=device)
+        m.max_seq_length = seq
+        return m
+
+    # too few pairs to hold any out: k-fold, on rank 0 alone (a collection this small trains in seconds); every rank
+    # then takes rank 0's verdict and epoch count, so a DDP job's final training starts in step on all of them
+    cv = None
+    if task is None and dist.is_primary:
+        cv = selection.cross_validate(fresh, train, pairs, params, args.seed, base.query_prefix, base.document_prefix)
+    base_score = score(model) if task else (cv.base_score if cv else None)
     if task:
         log.info("selection: base model %s %.4f", selection.METRIC, base_score)
     ckpt_dir = env.aip_checkpoint_dir
     scalars = ScalarLog(env.aip_tensorboard_log_dir or None) if dist.is_primary else None
-    stats = train(
-        model,
-        train_pairs,
-        params,
-        dist_info=dist,
-        checkpoints=Checkpoints(ckpt_dir) if ckpt_dir else None,
-        scalars=scalars,
-        select=score if task else None,
-    )
+    checked, epochs = task is not None, params.epochs
+    if task is None:
+        wins = cv is not None and cv.tuned_score > cv.base_score
+        verdict, epochs = agree([int(wins), cv.epochs if cv else 0], dist, device)
+        checked = bool(verdict)
+    if checked:  # a fine-tune that can win: train it (on every pair after k-fold, for the epochs it chose)
+        final = params if task else dataclasses.replace(params, epochs=epochs)
+        stats = train(
+            model,
+            train_pairs,
+            final,
+            dist_info=dist,
+            checkpoints=Checkpoints(ckpt_dir) if ckpt_dir else None,
+            scalars=scalars,
+            select=score if task else None,
+        )
+    else:  # nothing to check it on, or k-fold says it loses: no training at all
+        stats = untrained(params, dist.world_size)
+    if cv:
+        stats.update(selection=cv.history(), best_score=cv.tuned_score)
     log.info("rank %d/%d trained %d steps", dist.rank, dist.world_size, stats["steps"])
     distributed.shutdown()
     if not dist.is_primary:
@@ -169,17 +226,23 @@ def main(argv: list[str]) -> int:
         return 0
     tuned_score = stats["best_score"]
     tuned, reason = choose_model(base_score, tuned_score)
+    if cv:
+        reason = f"{reason} ({cv.folds}-fold cross-validation over {len(cv.task.queries)} anchors)"
     log.info("%s", reason)
-    if not tuned:
+    if not tuned and stats["steps"]:
         model, _ = load_model(args.base_model, device=device)
         model.max_seq_length = seq
     chosen: dict = {"default_mode": "dense", **selection.UNCHOSEN}
     by_mode: dict = {}
-    if task:
-        dense = selection.dense_hits(model, task, base.query_prefix, base.document_prefix)
-        bm25 = selection.bm25_hits(task)
-        chosen = selection.choose_search(task, dense, bm25)
-        by_mode = selection.by_mode(task, dense, bm25, chosen)
+    sel_task = task or (cv.task if cv else None)
+    if sel_task:
+        if task:
+            dense = selection.dense_hits(model, task, base.query_prefix, base.document_prefix)
+        else:  # the fold models' pooled rankings of the kept epoch (or the base model's): no final model is scored
+            dense = cv.by_epoch[cv.epochs] if tuned else cv.base
+        bm25 = selection.bm25_hits(sel_task)
+        chosen = selection.choose_search(sel_task, dense, bm25)
+        by_mode = selection.by_mode(sel_task, dense, bm25, chosen)
         log.info(
             "selection: search mode %s (hybrid: %s fusion, dense weight %s): %s",
             chosen["default_mode"],
@@ -200,7 +263,8 @@ def main(argv: list[str]) -> int:
         tuned=tuned,
         shipped_reason=reason,
         selection={
-            **(task.describe() if task else {"split": None}),
+            **(sel_task.describe() if sel_task else {"split": None}),
+            **({"folds": cv.folds} if cv else {}),
             "base": base_score,
             "tuned": tuned_score,
             "epochs": stats["selection"],
@@ -213,12 +277,23 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         info = save_model(model, Path(tmp), info)
         storage.upload_dir(Path(tmp), model_dir)
+    # the untuned model at the same preprocessing: the embedder's base vectors, a first run's fallback index (not
+    # per HP-tuning trial: a trial's run falls back to BM25 or its own index, see indexing._fallback)
+    if tuned and not tuning:
+        untuned, _ = load_model(args.base_model, device=device)
+        untuned.max_seq_length = seq
+        kept = dataclasses.replace(
+            info, metrics={}, tuned=False, shipped_reason="the untuned base model", selection={}, search={}, version=""
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(untuned, Path(tmp), kept)
+            storage.upload_dir(Path(tmp), base_artifact(model_dir))
     metrics = {
         **stats,  # its per-epoch "selection" list lives on in selection["epochs"]
         "model_version": info.version,
         "fingerprint": info.fingerprint,
         "pairs": len(pairs),
-        "pairs_trained": len(train_pairs),
+        "pairs_trained": len(train_pairs) if stats["steps"] else 0,
         "pairs_source": source,
         "git_sha": info.git_sha,
         "versions": versions(),
@@ -230,7 +305,7 @@ def main(argv: list[str]) -> int:
         "shipped_reason": reason,
         "selection": info.selection,
         "search": info.search,
-        "eval_split": task.split if task else None,
+        "eval_split": sel_task.split if sel_task else None,
         "eval": eval_metrics,
         "train_seconds": stats["seconds"],
         "seconds": round(time.time() - t0, 3),  # the whole job: loading, selection, training, saving

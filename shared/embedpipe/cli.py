@@ -170,6 +170,12 @@ def summary(record: dict) -> str:
         f"  promoted: {data.get('promoted')} ({(data.get('gate') or {}).get('reason')}); "
         f"default search mode: {data.get('default_search_mode')}"
     )
+    if fb := data.get("fallback"):
+        what = "the best of what it measured" if fb["mode"] == "served" else "the best baseline"
+        lines.append(
+            f"  served: {fb['served']} (first-run fallback: the gate rejected this run's own index on the eval "
+            f"split, so {what} serves until a run passes the gate; index {fb['collection']})"
+        )
     lines.append(
         "  seconds per stage: " + ", ".join(f"{k}={v:.1f}" for k, v in (data.get("stage_seconds") or {}).items())
     )

@@ -119,7 +119,7 @@ def test_a_beir_folder_as_published_uploads_and_indexes(local_stack):
     data = json.loads(result.stdout)["data"]
     assert data["counts"]["skipped"] == 1 and data["counts"]["total"] == 6
     assert data["eval"] == {"split": "test", "queries": 3, "qrels_absent": 1}
-    assert set(data["metrics_by_mode"]) == {"bm25", "base", "dense", "hybrid", "served"}
+    assert set(data["metrics_by_mode"]) == {"bm25", "base", "bm25+base", "dense", "hybrid", "served"}
     assert data["metrics_by_mode"]["served"] == data["metrics_by_mode"][data["default_search_mode"]]
     client = vectorstore.connect(settings.milvus_uri)
     rows = {r["id"]: r for r in client.query(data["collection"], filter="", output_fields=["id", "text"], limit=100)}

@@ -15,7 +15,7 @@ from embedpipe.gcp import storage
 from embedpipe.jobs.local import LocalJobLauncher
 from embedpipe.jobs.spec import JobSpec
 from embedpipe.ml.embedding import encode
-from embedpipe.ml.model import ModelInfo, load_model, save_model
+from embedpipe.ml.model import ModelInfo, base_artifact, load_model, save_model
 from embedpipe.retrieval import lexical
 from tests.helpers import FIXTURES, upload_folder
 
@@ -27,6 +27,10 @@ def test_three_replicas_embed_every_document_once(services, tiny_model, tmp_path
     info = save_model(model, tmp_path / "model", ModelInfo(base_model=tiny_model, dim=base.dim, max_seq_length=32))
     run_dir = f"gs://{s.artifacts_bucket}/runs/shard-test"
     storage.upload_dir(tmp_path / "model", f"{run_dir}/model")
+    # the untuned model the trainer keeps beside a fine-tune (model.base_artifact): the base vectors come from it
+    untuned = ModelInfo(base_model=tiny_model, dim=base.dim, max_seq_length=32, tuned=False)
+    kept = save_model(load_model(tiny_model)[0], tmp_path / "base-model", untuned)
+    storage.upload_dir(tmp_path / "base-model", base_artifact(f"{run_dir}/model/"))
     spec = JobSpec(
         key="shard-test/embed/1",
         container="embedder",
@@ -76,5 +80,9 @@ def test_three_replicas_embed_every_document_once(services, tiny_model, tmp_path
         want = encode(base_model, [corpus[i].full_text for i in ids])
         assert ((got * want).sum(axis=1)).min() > 0.999
     assert all(m["has_base"] and m["skipped"] == 0 for m in manifests)
+    # named in every manifest: a first run whose fine-tune loses can serve an index of these vectors with this model
+    assert {(m["base_model_uri"], m["base_fingerprint"]) for m in manifests} == {
+        (f"{run_dir}/base-model", kept.fingerprint)
+    }
     queries = pq.read_table(io.BytesIO(storage.read_bytes(f"{run_dir}/embeddings/queries.parquet")))
     assert {"id", "text", "bm25_text", "vector", "base_vector"} <= set(queries.column_names)

@@ -58,6 +58,7 @@ def prepared_run(
     mode: str = "dense",
     base_good: int | None = None,
     dataset: str = DATASET,
+    base_artifact: bool = False,
 ) -> str:
     """A run in INDEXING with embedding shards whose query vectors find ``good`` of 20 relevant documents; the
     trainer chose ``mode``; with ``base_good`` the shards also hold base-model vectors that find that many."""
@@ -95,6 +96,8 @@ def prepared_run(
     manifest = {"file": "corpus-00000-of-00001.parquet", "replica": 0, "replicas": 1, "count": N_DOCS}
     search = {"default_mode": mode, "hybrid_weight": 0.7, "rrf_k": 60}
     manifest.update(dim=DIM, fingerprint=fingerprint, search=search, has_base=base_good is not None, tuned=True)
+    if base_artifact:  # the trainer kept the untuned model beside the fine-tune (what a first run can fall back to)
+        manifest.update(base_model_uri=f"{trained}/base-model", base_fingerprint=f"base-{fingerprint}")
     storage.write_json(f"{out}/manifest-00000.json", manifest)
     # the trainer writes metrics.json beside its model folder (its attempt's or trial's output directory)
     curve = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
@@ -121,7 +124,7 @@ def test_gate_both_directions_alias_swap_retention_and_report(pipe):
     assert vectorstore.alias_target(client, DATASET) == event["collection"]
     assert event["metrics"]["recall@1"] == pytest.approx(0.5)  # 10 of 20 queries point straight at their doc
     # every mode is scored; served is the trainer's choice (dense here); the base model is the shipped one
-    assert set(event["metrics_by_mode"]) == {"bm25", "base", "dense", "hybrid", "served"}
+    assert set(event["metrics_by_mode"]) == {"bm25", "base", "bm25+base", "dense", "hybrid", "served"}
     assert event["metrics_by_mode"]["served"] == event["metrics_by_mode"]["dense"] == event["metrics"]
     assert event["metrics_by_mode"]["base"] == event["metrics_by_mode"]["dense"]
     assert event["metrics_by_mode"]["bm25"]["recall@100"] == 0.0  # "queri q0" shares no stem with "text of d000"
@@ -174,17 +177,73 @@ def test_gate_both_directions_alias_swap_retention_and_report(pipe):
 
 def test_first_runs_are_gated_against_the_base_model_and_served_follows_the_chosen_mode(pipe):
     client = vectorstore.connect(pipe.settings.milvus_uri)
-    # The fine-tune finds 10 of 20; the untuned base model's own vectors find all 20: never promoted.
+    # The fine-tune finds 10 of 20; the untuned base model's own vectors find all 20: rejected. These shards have no
+    # base index to serve (no base artifact), and BM25 finds nothing: the run's own index is the best that can serve.
     run_id = prepared_run(pipe, good=10, previous_good=None, mode="hybrid", base_good=20, dataset="firstgate")
     index_run(pipe, run_id)
     event = pipe.published[-1].data
-    assert event["promoted"] is False and "vs base 1.0000" in event["gate"]["reason"]
+    assert "vs base 1.0000" in event["gate"]["reason"]
     assert event["gate"]["reason"].startswith("first index for this dataset; rejected")
     assert event["metrics_by_mode"]["base"]["recall@1"] == pytest.approx(1.0)  # exact search over base vectors
     assert event["default_search_mode"] == "hybrid" and event["search"]["hybrid_weight"] == 0.7
     assert event["metrics"] == event["metrics_by_mode"]["served"] == event["metrics_by_mode"]["hybrid"]
-    assert vectorstore.alias_target(client, "firstgate") is None
-    assert not pipe.ledger.get_dataset("firstgate").get("promoted")
+    assert event["promoted"] is True and event["fallback"]["mode"] == "served"
+    assert "falls back: served: this run's own index" in event["gate"]["reason"]
+    assert vectorstore.alias_target(client, "firstgate") == vectorstore.collection_name("firstgate", run_id)
+
+
+def test_a_first_run_that_loses_to_the_base_model_serves_the_base_model(pipe):
+    """Issue 29: a rejected first run leaves the dataset searchable with the best baseline it measured, served from
+    an index of the base model's vectors, measured through Milvus, flagged in the event, the entry and the report."""
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    run_id = prepared_run(
+        pipe, good=10, previous_good=None, mode="dense", base_good=20, dataset="fallback", base_artifact=True
+    )
+    index_run(pipe, run_id)
+    event = pipe.published[-1].data
+    own = vectorstore.collection_name("fallback", run_id)
+    fb = event["fallback"]
+    assert event["promoted"] is True and fb["mode"] == "base" and fb["served"] == "base model"
+    assert fb["collection"] == own + "__base" and fb["rejected_collection"] == own
+    assert "rejected: served is worse" in fb["why"] and "falls back: served: base model" in event["gate"]["reason"]
+    assert vectorstore.alias_target(client, "fallback") == own + "__base" == event["collection"]
+    # served is measured on the new index through Milvus, the run's own figures stay beside it
+    assert event["default_search_mode"] == "dense" and event["metrics"]["recall@1"] == pytest.approx(1.0)
+    # the event's figures are the serving index's (dense = served); the rejected index's stay in the fallback
+    assert event["metrics_by_mode"]["served"] == event["metrics"] == event["metrics_by_mode"]["dense"]
+    assert fb["rejected_metrics_by_mode"]["dense"]["recall@1"] == pytest.approx(0.5)
+    assert event["metrics_by_mode"]["base"]["recall@1"] == pytest.approx(1.0)  # the exact baseline, kept
+    assert event["model"]["uri"].endswith("/base-model") and event["model"]["tuned"] is False
+    assert (
+        event["model"]["fingerprint"] == "base-fp-a"
+        and "fallback: base model serves" in event["model"]["shipped_reason"]
+    )
+    entry = pipe.ledger.get_dataset("fallback")["promoted"]
+    assert (entry["collection"], entry["model_uri"], entry["fingerprint"]) == (
+        own + "__base",
+        fb["model_uri"],
+        "base-fp-a",
+    )
+    assert entry["search"]["default_mode"] == "dense"
+    assert vectorstore.describe(client, own + "__base").fingerprint == "base-fp-a"
+    assert pipe.ledger.get_run(run_id)["registry"]["state"] == "not registered"
+    assert "served instead (first-run fallback)" in storage.read_bytes(event["report_uri"]).decode()
+
+    # A delivery that died after promoting, before storing its event, is redelivered: it makes the same choice (the
+    # promotion it finds is its own, so this is still the first index), not a rejection against itself.
+    pipe.ledger.update_run(run_id, lambda r: {**r, "state": runs.INDEXING})
+    index_run(pipe, run_id)
+    again = pipe.published[-1].data
+    assert again["promoted"] is True and again["fallback"]["mode"] == "base" and again["collection"] == own + "__base"
+    assert again["previous_collection"] is None and again["metrics"] == event["metrics"]
+    assert vectorstore.alias_target(client, "fallback") == own + "__base"
+
+    # A later run is gated against what serves (the fallback), never falls back itself.
+    later = prepared_run(pipe, good=12, previous_good=20, base_good=20, dataset="fallback", base_artifact=True)
+    index_run(pipe, later)
+    event = pipe.published[-1].data
+    assert event["promoted"] is False and "fallback" not in event and "vs live index 1.0000" in event["gate"]["reason"]
+    assert vectorstore.alias_target(client, "fallback") == own + "__base"
 
 
 def test_vectors_of_another_model_are_refused(pipe):

@@ -38,10 +38,10 @@ def dataset(services) -> str:
     return DATASET
 
 
-def train_args(settings, run_id: str, **overrides) -> list[str]:
+def train_args(settings, run_id: str, dataset: str = DATASET, **overrides) -> list[str]:
     flags = {"batch-size": 4, "max-steps": 4, "epochs": 100, "max-seq-length": 32, "log-every": 2, **overrides}
     return [
-        f"--dataset={DATASET}",
+        f"--dataset={dataset}",
         f"--run-id={run_id}",
         f"--base-model={settings.base_model}",
         *(f"--{k}={v}" for k, v in flags.items()),
@@ -175,10 +175,10 @@ def test_hp_tuning_job_runs_three_trials_and_picks_the_best(services, dataset, t
     assert not storage.exists(f"{base}/model/embedpipe.json")  # no untuned model at the job's base
 
 
-def run_trainer(services, run_id: str, tmp_path, base_model: str | None = None, **flags):
+def run_trainer(services, run_id: str, tmp_path, base_model: str | None = None, dataset: str = DATASET, **flags):
     base = f"gs://{services.artifacts_bucket}/runs/{run_id}"
     env = {**os.environ, "AIP_MODEL_DIR": f"{base}/model/", "AIP_CHECKPOINT_DIR": f"{base}/checkpoints/"}
-    args = train_args(services, run_id, **flags)
+    args = train_args(services, run_id, dataset, **flags)
     if base_model:
         args = [a for a in args if not a.startswith("--base-model=")] + [f"--base-model={base_model}"]
     done = subprocess.run(
@@ -217,3 +217,39 @@ def test_a_diverging_fine_tune_fails_instead_of_shipping(services, dataset, tmp_
     assert done.returncode != 0
     assert "NonFiniteLoss" in done.stderr and "training diverged" in done.stderr
     assert not storage.exists(f"{base}/model/embedpipe.json") and not storage.exists(f"{base}/metrics.json")
+
+
+@pytest.mark.parametrize("lr,tuned", [(3e-3, True), (1e-7, False)])
+def test_a_collection_too_small_to_hold_pairs_out_is_cross_validated(services, tmp_path, lr, tuned):
+    """Issue 29: 24 documents give 24 corpus-derived anchors, too few for a hold-out (200): the trainer selects by
+    5-fold cross-validation instead of shipping an unchecked fine-tune. With a rate that teaches the random tiny
+    model something the pooled folds see the fine-tune win: it trains on every pair for the epochs they chose, and
+    the untuned model is kept beside it (the first-run fallback's index). With a rate too small to change anything
+    it does not beat the base model, so nothing is trained at all."""
+    from embedpipe.ml.model import ModelInfo, base_artifact, local_path
+
+    corpus = f"gs://{services.data_bucket}/datasets/kfold/corpus.jsonl"
+    storage.upload_file(FIXTURES / "tiny_beir" / "corpus.jsonl", corpus)
+    run_id = f"kfold-{uuid.uuid4().hex[:8]}"
+    flags = {"max-steps": 0, "epochs": 2, "learning-rate": lr}
+    done, base = run_trainer(services, run_id, tmp_path, dataset="kfold", **flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = storage.read_json(f"{base}/metrics.json")
+    sel = metrics["selection"]
+    assert metrics["pairs_source"] == "derived from corpus" and metrics["eval_split"] == "kfold"
+    assert sel["split"] == "kfold" and sel["folds"] == 5 and sel["queries"] == 24  # every anchor scored, once
+    assert [e["epoch"] for e in sel["epochs"]] == [1, 2]
+    chosen = max(sel["epochs"], key=lambda e: (e["score"], -e["epoch"]))
+    assert sel["tuned"] == pytest.approx(chosen["score"])
+    assert metrics["tuned"] is tuned is (sel["tuned"] > sel["base"])
+    assert "5-fold cross-validation" in metrics["shipped_reason"] and "unchecked" not in metrics["shipped_reason"]
+    info = ModelInfo.read(local_path(f"{base}/model/"))
+    assert info.tuned is tuned and set(sel["by_mode"]) == {"dense", "bm25", "hybrid"}
+    kept = base_artifact(f"{base}/model/")
+    if tuned:  # every pair (batches of 4) for the chosen number of epochs
+        assert metrics["steps"] == chosen["epoch"] * 24 // 4
+        untuned = ModelInfo.read(local_path(kept))
+        assert untuned.tuned is False and untuned.max_seq_length == info.max_seq_length
+        assert untuned.fingerprint != info.fingerprint
+    else:  # no final training, no second copy of the base model
+        assert metrics["steps"] == 0 and not storage.exists(f"{kept}/embedpipe.json")

@@ -9,7 +9,16 @@ import pytest
 from pymilvus.exceptions import MilvusException, ParamError
 
 from embedpipe.config import Settings
-from embedpipe.index.indexing import check_deletes, decide, load_manifests, permanent_milvus_error, score
+from embedpipe.index.indexing import (
+    OFF_THE_SHELF,
+    check_deletes,
+    decide,
+    fallback_mode,
+    load_manifests,
+    off_the_shelf,
+    permanent_milvus_error,
+    score,
+)
 
 METRICS = ("ndcg@10", "recall@10")
 
@@ -118,3 +127,32 @@ def test_shards_of_another_embed_attempt_are_refused(monkeypatch):
     for m in manifests.values():
         m["corpus_digest"] = "same"
     assert len(load_manifests("gs://a/runs/r/embeddings/2", "r/embed/2")) == 2
+
+
+# ---------------------------------------------------------------- a first run's fallback and the off-the-shelf hybrid
+
+ALL = ("base", "bm25", OFF_THE_SHELF, "served")
+
+
+def test_the_fallback_is_the_best_baseline_on_the_gate_metrics_in_order():
+    by_mode = {"served": m(0.3), "dense": m(0.3), "base": m(0.6), "bm25": m(0.4), OFF_THE_SHELF: m(0.55)}
+    assert fallback_mode(by_mode, METRICS, ALL) == "base"
+    assert fallback_mode({**by_mode, "bm25": m(0.7)}, METRICS, ALL) == "bm25"
+    # the first gate metric decides, the next breaks a tie; a full tie goes to the simpler (base before the rest)
+    assert fallback_mode({**by_mode, OFF_THE_SHELF: m(0.6, ndcg=0.61)}, ("ndcg@10", "recall@10"), ALL) == OFF_THE_SHELF
+    assert fallback_mode({**by_mode, OFF_THE_SHELF: m(0.6)}, METRICS, ALL) == "base"
+
+
+def test_without_a_base_index_the_runs_own_index_competes_with_bm25_only():
+    by_mode = {"served": m(0.5), "base": m(0.9), "bm25": m(0.1), OFF_THE_SHELF: m(0.8)}
+    assert fallback_mode(by_mode, METRICS, ("bm25", "served")) == "served"  # never BM25 at 0.1 over the run's 0.5
+    assert fallback_mode({**by_mode, "bm25": m(0.6)}, METRICS, ("bm25", "served")) == "bm25"
+    assert fallback_mode({}, METRICS, ALL) is None  # nothing measured: nothing to fall back on
+
+
+def test_off_the_shelf_is_an_even_rrf_of_the_two_rankings():
+    base = {"q": ["a", "b", "c"]}
+    bm25 = {"q": ["c", "d", "a"]}
+    # a: 1/61 + 1/63, c: 1/63 + 1/61 (tie, base's first), b: 1/62, d: 1/62
+    assert off_the_shelf(base, bm25) == {"q": ["a", "c", "b", "d"]}
+    assert off_the_shelf({"q": ["a"]}, {}) == {"q": ["a"]}  # a query BM25 found nothing for keeps the base ranking

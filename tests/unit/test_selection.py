@@ -172,3 +172,47 @@ def test_bm25_hits_on_a_task():
     )
     found = selection.bm25_hits(task)
     assert found["q1"][0][0] == "g" and found["q1"][0][1] > 0 and found["q2"] == []
+
+
+# ---------------------------------------------------------------- k-fold selection for collections too small to split
+
+
+def test_folds_hold_each_whole_anchor_out_exactly_once():
+    pairs = make_pairs(selection.KFOLD_MIN + 3)
+    out = selection.folds(pairs, seed=3)
+    assert len(out) == selection.KFOLDS
+    held = [a for _, h in out for a in h]
+    assert sorted(held) == sorted({p[0] for p in pairs})  # a partition of the anchors
+    for train, h in out:
+        assert not {p[0] for p in train} & h  # an anchor with two positives leaves with both
+        assert sorted(train + [p for p in pairs if p[0] in h]) == sorted(pairs)
+    assert selection.folds(pairs, seed=3) == out
+    assert selection.folds(make_pairs(selection.KFOLD_MIN - 1), seed=3) == []
+
+
+def test_cross_validate_scores_every_anchor_with_a_model_that_never_trained_on_it(tiny_model):
+    from embedpipe.config import TrainParams
+    from embedpipe.ml import training
+    from embedpipe.ml.model import load_model
+
+    trained_on: list[set] = []
+
+    def spy(model, pairs, params, **kw):
+        trained_on.append({p[0] for p in pairs})
+        assert params.patience == 0  # every fold runs every epoch: epochs are compared across folds
+        return training.train(model, pairs, params, **kw)
+
+    pairs = [(f"question on topic {i}", f"an answer about topic {i}, detail {i * 7}", None) for i in range(12)]
+    params = TrainParams(batch_size=4, epochs=2, max_seq_length=32, learning_rate=1e-3, checkpoint_every=0)
+    cv = selection.cross_validate(lambda: load_model(tiny_model)[0], spy, pairs, params, seed=1)
+    anchors = {p[0] for p in pairs}
+    assert cv.folds == selection.KFOLDS == len(trained_on)
+    held = [anchors - t for t in trained_on]  # what each fold model never saw
+    assert all(held) and sorted(a for h in held for a in h) == sorted(anchors)
+    assert sorted(cv.task.queries.values()) == sorted(anchors) and cv.task.split == "kfold"
+    # every epoch's pooled rankings cover every anchor once; the base model ranks them all too
+    assert set(cv.by_epoch) == {1, 2} and all(set(h) == set(cv.task.queries) for h in cv.by_epoch.values())
+    assert set(cv.base) == set(cv.task.queries)
+    assert cv.epochs in (1, 2) and cv.tuned_score == cv.scores[cv.epochs] == max(cv.scores.values())
+    assert 0.0 <= cv.base_score <= 1.0 and [h["epoch"] for h in cv.history()] == [1, 2]
+    assert selection.cross_validate(lambda: load_model(tiny_model)[0], spy, pairs[:9], params, seed=1) is None

@@ -31,13 +31,13 @@ def test_a_tie_ships_the_base(trainer_task):
 
 
 @pytest.mark.parametrize("base,tuned_score", [(None, None), (0.3, None), (None, 0.3)])
-def test_without_a_selection_split_the_fine_tune_ships_unchecked(trainer_task, base, tuned_score):
+def test_with_nothing_to_check_it_on_the_base_model_ships_never_an_unchecked_fine_tune(trainer_task, base, tuned_score):
     tuned, reason = trainer_task.choose_model(base, tuned_score)
-    assert tuned is True and "unchecked" in reason
+    assert tuned is False and "too few training pairs to check a fine-tune" in reason
 
 
 def test_zero_scores_are_scores_not_missing(trainer_task):
-    # 0.0 is a real (bad) score: a fine-tune at 0 must not ship "unchecked" over a base that scored
+    # 0.0 is a real (bad) score: a fine-tune at 0 must not count as "nothing to check", nor a base at 0
     assert trainer_task.choose_model(0.2, 0.0)[0] is False
     tuned, reason = trainer_task.choose_model(0.0, 0.1)
-    assert tuned is True and "unchecked" not in reason
+    assert tuned is True and "too few" not in reason

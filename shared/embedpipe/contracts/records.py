@@ -359,13 +359,30 @@ class EvalInfo(TypedDict):
     qrels_absent: int  # relevant documents the corpus does not have
 
 
-class Indexed(TypedDict):
-    """What only an index run's payload carries (a rollback's has ``rollback`` instead)."""
-
+class IndexedCore(TypedDict):
     selection: dict[str, Any] | None  # full runs: the trainer's choices on the selection split
     eval: EvalInfo
     milvus_seconds: float  # time inside Milvus calls
     dropped_collections: list[str]  # old collections retention dropped
+
+
+class Fallback(TypedDict):
+    """A first run whose own index the gate rejected, served by its best baseline instead (``indexing._fallback``)."""
+
+    served: str  # what serves, in words: "base model", "BM25", "RRF of BM25 and the base model", or the run's own
+    mode: str  # its key in metrics_by_mode: base | bm25 | bm25+base | served (own index: no base index to serve)
+    why: str  # the gate's verdict on the run's own index
+    collection: str  # the index that serves
+    model_uri: str  # the model it holds (the untuned base model's artifact)
+    fingerprint: str
+    rejected_collection: str  # the run's own index, kept for inspection like any rejected one
+    rejected_metrics_by_mode: MetricsByMode  # its figures (metrics_by_mode: the serving index's, and the baselines)
+
+
+class Indexed(IndexedCore, total=False):
+    """What only an index run's payload carries (a rollback's has ``rollback`` instead)."""
+
+    fallback: Fallback  # only on a first run that fell back
 
 
 class RollbackInfoCore(TypedDict):
@@ -411,6 +428,7 @@ class IndexUpdated(IndexUpdatedCore, total=False):
     milvus_seconds: float
     dropped_collections: list[str]
     rollback: RollbackInfo
+    fallback: Fallback
 
 
 def index_updated_payload(

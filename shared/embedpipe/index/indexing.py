@@ -42,6 +42,17 @@ from embedpipe.retrieval import evaluation, vectorstore
 log = logging.getLogger(__name__)
 
 UPSERT_BATCH = 1000
+# The off-the-shelf hybrid a user assembles by hand: RRF (k 60, equal weights) of stemmed BM25 and the untuned base
+# model, scored beside the run's own modes in every full run (``metrics_by_mode``) and one of a first run's fallbacks.
+OFF_THE_SHELF = "bm25+base"
+OFF_THE_SHELF_SEARCH = {"fusion": "rrf", "hybrid_weight": 0.5, "rrf_k": evaluation.RRF_K}
+# What a first run whose own index the gate rejects serves instead (``_fallback``): the measured mode, how search
+# answers it on the base index, and how the event names it.
+FALLBACKS = {
+    "base": ("dense", "base model"),
+    "bm25": ("bm25", "BM25"),
+    OFF_THE_SHELF: ("hybrid", "RRF of BM25 and the base model"),
+}
 # What upserts read from a shard: the base model's vectors (only the eval baseline needs them) stay in the file.
 UPSERT_COLUMNS = ("id", "vector", "text", "bm25_text", "title", "content_hash", "metadata")
 # A delivery polls a bulk import at most this long (inside Pub/Sub's 600 s ack deadline); reconcile's re-request
@@ -128,6 +139,26 @@ def rank_base(embed_uri: str, manifests: list[dict], queries, k: int = 100) -> d
                     vectors = np.asarray(part.column("base_vector").flatten(), dtype=np.float32)
                     top.add(part.column("id").to_pylist(), vectors.reshape(part.num_rows, -1))
     return top.ranked(queries.column("id").to_pylist())
+
+
+def off_the_shelf(base: dict[str, list[str]], bm25: dict[str, list[str]], k: int = 100) -> dict[str, list[str]]:
+    """RRF of the base model's and BM25's rankings (``OFF_THE_SHELF_SEARCH``), computed in memory from ranks alone,
+    as search's hybrid mode fuses them on a collection of base vectors."""
+    s = OFF_THE_SHELF_SEARCH
+    return {
+        q: [
+            d
+            for d, _ in evaluation.fuse(
+                [(d, 0.0) for d in base.get(q, [])],
+                [(d, 0.0) for d in bm25.get(q, [])],
+                s["hybrid_weight"],
+                s["fusion"],
+                s["rrf_k"],
+                limit=k,
+            )
+        ]
+        for q in base
+    }
 
 
 def score(ranked: dict, qrels: dict, served_mode: str) -> dict:
@@ -274,7 +305,9 @@ def batches(source, columns, batch: int = UPSERT_BATCH):
         yield from f.iter_batches(batch_size=batch, row_groups=[i], columns=list(columns))
 
 
-def upsert_tables(client, collection: str, shards, watch: Stopwatch, batch: int = UPSERT_BATCH) -> int:
+def upsert_tables(
+    client, collection: str, shards, watch: Stopwatch, batch: int = UPSERT_BATCH, vector: str = "vector"
+) -> int:
     """Row upserts in batches (by primary key, so a redelivered request rewrites the same rows), read from each shard
     (a ``pq.ParquetFile``, a local Parquet path or an in-memory table) ``batch`` rows at a time. Vectors go over as
     numpy rows: turning them into Python lists first costs more than the rows' whole build. Rows are built in this
@@ -286,11 +319,12 @@ def upsert_tables(client, collection: str, shards, watch: Stopwatch, batch: int 
             if isinstance(shard, pa.Table):
                 yield from (shard.slice(start, batch) for start in range(0, shard.num_rows, batch))
             else:
-                for b in batches(shard, UPSERT_COLUMNS, batch):
+                columns = [vector if c == "vector" else c for c in UPSERT_COLUMNS]
+                for b in batches(shard, columns, batch):
                     yield pa.Table.from_batches([b])
 
     def rows_of(part):
-        vectors = np.asarray(part.column("vector").combine_chunks().flatten(), dtype=np.float32)
+        vectors = np.asarray(part.column(vector).combine_chunks().flatten(), dtype=np.float32)
         cols = {c: part.column(c).to_pylist() for c in ("id", "text", "bm25_text", "title", "content_hash", "metadata")}
         return vectorstore.rows_from(
             cols["id"],
@@ -450,6 +484,8 @@ class Outcome:
     model_run: str  # the run whose model the index holds: an incremental run keeps the promoted one's
     swap: bool  # True: a new collection goes behind the alias (full, rebuild); False: the live one was edited
     trainer_metrics: dict = dataclasses.field(default_factory=dict)  # the trainer's metrics.json (full runs)
+    # a first run's fallback (``_fallback``): what serves instead of the run's own index, and the model it holds
+    fallback: dict | None = None
 
 
 def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> str:
@@ -504,12 +540,15 @@ def _new_collection_gated(x: Indexing, deleted: int, same_model: bool) -> Outcom
     the embedder wrote none of its own."""
     collection, upserted = _load_new(x)
     x.step("load, flush")
-    new = _evaluate(x, collection, baselines=True)
+    new = _evaluate(x, collection, baselines=True, search=x.promoted_before.get("search") if same_model else None)
     x.step("evaluate")
     previous, old = _measure_replaced(x, collection, new.qrels, same_model_queries=new.queries if same_model else None)
     x.step("evaluate the live index")
+    first = _first_index(x, previous)
+    if first:  # a redelivery finds what its first delivery promoted: still this dataset's first index
+        previous = None
     promoted, reason = _gate(x, new.scores, old, previous)
-    return Outcome(
+    out = Outcome(
         collection=collection,
         counts=_counts(x, upserted, deleted=deleted),
         new=new,
@@ -520,6 +559,113 @@ def _new_collection_gated(x: Indexing, deleted: int, same_model: bool) -> Outcom
         model_run=x.run_id,
         swap=True,
     )
+    if not promoted and first and x.kind == FULL:
+        return _fallback(x, out)
+    return out
+
+
+def _first_index(x: Indexing, previous: str | None) -> bool:
+    """Whether this run builds its dataset's first index: nothing promoted, or only what an earlier delivery of this
+    very run promoted (its own collection or its fallback's) before it died."""
+    own = (vectorstore.collection_name(x.dataset, x.run_id), vectorstore.base_collection_name(x.dataset, x.run_id))
+    return (previous is None or previous in own) and x.promoted_before.get("updated_by") in (None, x.run_id)
+
+
+def fallback_mode(by_mode: dict, metrics: tuple[str, ...], available: tuple[str, ...]) -> str | None:
+    """Of ``available`` (``FALLBACKS`` keys, and ``served``: the run's own index), the one measured highest on the
+    gate metrics in order (the first decides, the next break ties); on a full tie the earlier in ``FALLBACKS``."""
+    order = [*FALLBACKS, "served"]
+    measured = [m for m in order if m in available and by_mode.get(m)]
+    if not measured:
+        return None
+    return max(measured, key=lambda m: tuple(by_mode[m].get(k, 0.0) for k in metrics) + (-order.index(m),))
+
+
+def _fallback(x: Indexing, out: Outcome) -> Outcome:
+    """A first run whose own index the gate rejected still leaves the dataset searchable: of the baselines it
+    measured (base model, BM25, the off-the-shelf RRF of both) and its own index, the best on the gate metrics
+    (``fallback_mode``, on the gate's eval split: the gate's choice between indexes this run built, not a training
+    choice) is promoted. BM25 and the run's own index serve from the run's collection; the base model and the RRF
+    from an index of the untuned model's vectors: the run's collection when the base model shipped, else a second
+    collection (``vectorstore.base_collection_name``) loaded from the shards' ``base_vector`` column, with the base
+    artifact the trainer kept (``model.base_artifact``; without it those two cannot serve). The event's figures are
+    the serving index's, measured through Milvus like any index's; the rejected index's stay in ``fallback``.
+    Idempotent: a redelivery makes the same choice and rewrites the same rows. A later upload or retrain replaces
+    what serves through the gate as usual; later runs never fall back (the live index stays)."""
+    m = x.first
+    by_mode = out.new.scores["by_mode"]
+    base_uri, base_fp = m.get("base_model_uri"), m.get("base_fingerprint")
+    tuned = m.get("tuned", True)  # False: the run's collection holds base-model vectors already
+    base_index = not tuned or bool(base_uri and base_fp)
+    available = tuple(FALLBACKS) + ("served",) if base_index else ("bm25", "served")
+    mode = fallback_mode(by_mode, x.settings.gate_metrics, available)
+    if mode is None:
+        return out
+    collection, model_uri, fingerprint = out.collection, x.record["model"]["uri"], m["fingerprint"]
+    queries = out.new.queries
+    if mode == "served":  # the run's own index: it lost to a baseline that cannot serve, or only on a later metric
+        search_mode, label, search = out.new.scores["default_mode"], "this run's own index", out.new.search
+    elif mode == "bm25":
+        search_mode, label = FALLBACKS[mode]
+        search = {**out.new.search, "default_mode": search_mode}
+    else:
+        search_mode, label = FALLBACKS[mode]
+        search = {**OFF_THE_SHELF_SEARCH, "default_mode": search_mode}
+        if tuned:
+            collection, model_uri, fingerprint = (
+                vectorstore.base_collection_name(x.dataset, x.run_id),
+                base_uri,
+                base_fp,
+            )
+            _load_base(x, collection, fingerprint, model_uri)
+            queries = queries.set_column(queries.column_names.index("vector"), "vector", queries.column("base_vector"))
+    x.step("fallback index")
+    ranked = x.watch(rank, x.client, collection, queries, search)
+    scores = score(ranked, out.new.qrels, search_mode)
+    baselines = {k: v for k, v in by_mode.items() if k in FALLBACKS}  # base (exact), bm25, bm25+base
+    scores["by_mode"] = {**baselines, **scores["by_mode"]}
+    metric = x.settings.gate_metrics[0]
+    why = f"served: {label} ({metric} {scores['metrics'].get(metric, 0.0):.4f} through the index)"
+    log.info("run %s: %s; first index, so it falls back: %s", x.run_id, out.reason, why)
+    return dataclasses.replace(
+        out,
+        collection=collection,
+        new=dataclasses.replace(out.new, scores=scores, search={**search, "default_mode": scores["default_mode"]}),
+        promoted=True,
+        reason=f"{out.reason}; first index for this dataset, so it falls back: {why}",
+        fallback={
+            "served": label,
+            "mode": mode,
+            "why": out.reason,
+            "collection": collection,
+            "model_uri": model_uri,
+            "fingerprint": fingerprint,
+            "rejected_collection": out.collection,
+            "rejected_metrics_by_mode": by_mode,
+        },
+    )
+
+
+def _load_base(x: Indexing, collection: str, fingerprint: str, model_uri: str) -> None:
+    """The fallback's index of base vectors, by upserts (keyed, so a redelivery rewrites the same rows). Not bulk
+    imported: the shards' vector column is the fine-tune's; a first run over millions of documents that falls back
+    to the base model loads at upsert speed (about 4-6k rows/s) within its delivery's deadline."""
+    x.watch(
+        vectorstore.create_collection,
+        x.client,
+        collection,
+        x.first["dim"],
+        fingerprint,
+        model_uri,
+        clock=x.ledger.clock,
+    )
+    with contextlib.ExitStack() as opened:
+        shards = [parquet(opened.enter_context(storage.open_read(f"{x.embed_uri}/{s['file']}"))) for s in x.manifests]
+        for s, shard in zip(x.manifests, shards):
+            if (rows := pq_rows(shard)) != s["count"]:
+                raise ValueError(f"{s['file']}: {rows} rows, manifest says {s['count']}")
+        upsert_tables(x.client, collection, shards, x.watch, vector="base_vector")
+    x.watch(vectorstore.finish_load, x.client, collection)
 
 
 def _index_inplace(x: Indexing) -> Outcome:
@@ -536,7 +682,7 @@ def _index_inplace(x: Indexing) -> Outcome:
     # no finish_load: an in-place update is searchable as written (the evaluation reads with Strong consistency), and
     # a flush per small update makes small segments that Milvus then compacts and re-indexes during the evaluation
     x.step("load, delete")
-    new = _evaluate(x, collection, baselines=False)
+    new = _evaluate(x, collection, baselines=False, search=x.promoted_before.get("search"))
     x.step("evaluate")
     previous = x.watch(vectorstore.alias_target, x.client, vectorstore.alias_name(x.dataset))
     before = x.promoted_before
@@ -606,11 +752,13 @@ def _counts(x: Indexing, upserted: int, deleted: int) -> CountsSkipped:
     }
 
 
-def _evaluate(x: Indexing, collection: str, baselines: bool) -> Evaluation:
+def _evaluate(x: Indexing, collection: str, baselines: bool, search: dict | None = None) -> Evaluation:
     """The collection's metrics on the eval qrels (none without qrels). ``baselines``: also rank the untuned base
-    model (BM25 alone is one of ``rank``'s modes); a new model's index is gated against both."""
+    model (BM25 alone is one of ``rank``'s modes); a new model's index is gated against both. ``search``: how the
+    index answers (default: the model's own settings; an incremental run keeps the promoted entry's, which a first
+    run's fallback or a rollback may have set)."""
     qrels = storage.read_json(f"{x.embed_uri}/qrels.json") or {}
-    search = x.first.get("search") or {}
+    search = search or x.first.get("search") or {}
     scores = {"by_mode": {}, "default_mode": search.get("default_mode", "dense"), "metrics": {}}
     queries = None
     if qrels:
@@ -619,6 +767,8 @@ def _evaluate(x: Indexing, collection: str, baselines: bool) -> Evaluation:
         if baselines:
             has_base = x.first.get("has_base")
             ranked["base"] = rank_base(x.embed_uri, x.manifests, queries) if has_base else ranked["dense"]
+            if "bm25" in ranked:
+                ranked[OFF_THE_SHELF] = off_the_shelf(ranked["base"], ranked["bm25"])
         scores = score(ranked, qrels, scores["default_mode"])
     return Evaluation(scores, {**search, "default_mode": scores["default_mode"]}, qrels, queries)
 
@@ -650,11 +800,12 @@ def _promote(x: Indexing, out: Outcome) -> tuple[PromotedEntry, DatasetState]:
     s, m = x.settings, x.first
     if out.swap:
         x.watch(vectorstore.point_alias, x.client, vectorstore.alias_name(x.dataset), out.collection)
+    fb = out.fallback or {}
     entry = promoted_entry(
         run_id=out.model_run,
         collection=out.collection,
-        model_uri=x.record["model"]["uri"],
-        fingerprint=m["fingerprint"],
+        model_uri=fb.get("model_uri") or x.record["model"]["uri"],
+        fingerprint=fb.get("fingerprint") or m["fingerprint"],
         dim=m["dim"],
         metrics=out.new.scores["metrics"],
         metrics_by_mode=out.new.scores["by_mode"],
@@ -717,7 +868,7 @@ def _payload(x: Indexing, out: Outcome, dropped: list[str], report_uri: str) -> 
         alias=vectorstore.alias_name(x.dataset),
         collection=out.collection,
         previous_collection=out.previous_collection,
-        model=model_info(x.record["model"]["uri"], m, out.trainer_metrics),
+        model=_served_model(x, out),
         counts=out.counts,
         metrics=out.new.scores["metrics"] or None,
         previous_metrics=(old["metrics"] or None) if old else None,
@@ -736,8 +887,24 @@ def _payload(x: Indexing, out: Outcome, dropped: list[str], report_uri: str) -> 
             },
             "milvus_seconds": round(x.watch.seconds, 3),
             "dropped_collections": dropped,
+            **({"fallback": out.fallback} if out.fallback else {}),
         },
     )
+
+
+def _served_model(x: Indexing, out: Outcome) -> ModelInfo:
+    """The event's ``model``: the model the promoted index holds (a first run's fallback: the untuned base model)."""
+    info = model_info(x.record["model"]["uri"], x.first, out.trainer_metrics)
+    fb = out.fallback
+    if fb and fb["model_uri"] != info["uri"]:
+        info.update(
+            uri=fb["model_uri"],
+            version=fb["fingerprint"],
+            fingerprint=fb["fingerprint"],
+            tuned=False,
+            shipped_reason=f"fallback: {fb['served']} serves, the run's own index lost ({fb['why']})",
+        )
+    return info
 
 
 def _conclude(x: Indexing, out: Outcome, reg: registry.ModelRegistry) -> str:
@@ -796,7 +963,7 @@ def _conclude(x: Indexing, out: Outcome, reg: registry.ModelRegistry) -> str:
         def still_live() -> bool:
             return (ledger.get_dataset(dataset).get("promoted") or {}).get("updated_by") == run_id
 
-        model_uri = x.record["model"]["uri"]
+        model_uri = entry["model_uri"]  # a first run's fallback may serve the base model (registry.promote skips it)
         metrics = out.new.scores["metrics"]
         registration = registry.promote(reg, dataset, entry["run_id"], model_uri, metrics, still_live, ledger.clock)
         ledger.update_run(run_id, lambda r: {**r, "registry": registration})

@@ -294,6 +294,8 @@ def promote(
     model (it no longer serves the live index; ``default`` stays, Vertex needs one holder); the dataset's next
     promotion or rollback runs this same step and catches up. ``clock``: wall time for the record's ``at`` (the
     caller's ledger clock)."""
+    if model.is_base_artifact(model_uri):  # a first run's fallback: the untuned model is no run's model to version
+        return not_registered(reg, "the untuned base model serves (a first run's fallback): not registered")
     out = {"registry": reg.name, "model": reg.model_name(dataset), "alias": ALIAS, "run_id": run_id}
     version = None
     try:

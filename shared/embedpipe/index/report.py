@@ -126,7 +126,7 @@ def render(event_data: dict, loss_curve=None) -> str:
         y_max=1.0,
     )
     by_mode = d.get("metrics_by_mode") or {}
-    modes = [m for m in ("bm25", "base", "dense", "hybrid", "served") if by_mode.get(m)]
+    modes = [m for m in ("bm25", "base", "bm25+base", "dense", "hybrid", "served") if by_mode.get(m)]
     headline = ["recall@10", "ndcg@10", "mrr@10"]
     baselines = bar_plot(headline, {m: [by_mode[m].get(k) for k in headline] for m in modes}, "plot-modes", y_max=1.0)
     stages = d.get("stage_seconds") or {}
@@ -138,6 +138,7 @@ def render(event_data: dict, loss_curve=None) -> str:
         "kind": d.get("kind"),
         "promoted": d.get("promoted"),
         "gate": gate.get("reason"),
+        **({"served instead (first-run fallback)": d["fallback"]["served"]} if d.get("fallback") else {}),
         "collection": d.get("collection"),
         "previous collection": d.get("previous_collection"),
         "default search mode": d.get("default_search_mode"),

@@ -88,8 +88,10 @@ def _synced(state: DatasetState) -> list[PromotedEntry]:
 
 
 def built_by(entry: PromotedEntry, dataset: str, run_id: str) -> bool:
-    """Whether ``run_id`` built the entry's collection, or last updated it in place."""
-    return entry["collection"] == vectorstore.collection_name(dataset, run_id) or entry.get("updated_by") == run_id
+    """Whether ``run_id`` built the entry's collection (its own, or its first-run fallback's), or last updated it in
+    place."""
+    built = (vectorstore.collection_name(dataset, run_id), vectorstore.base_collection_name(dataset, run_id))
+    return entry["collection"] in built or entry.get("updated_by") == run_id
 
 
 def choose(state: DatasetState, to: str | None = None) -> tuple[PromotedEntry, str | None]:

@@ -84,6 +84,20 @@ def save_model(model, out_dir: Path, info: ModelInfo) -> ModelInfo:
     return info
 
 
+BASE_ARTIFACT = "base-model"
+
+
+def base_artifact(model_uri: str) -> str:
+    """Where a run that ships a fine-tune also keeps its untuned base model, beside ``model/`` and with the same
+    preprocessing (sequence length, prefixes): the index a first run serves when the gate finds the fine-tune worse
+    than its baselines (``indexing``'s fallback), embedded by the embedder with exactly this artifact."""
+    return f"{model_uri.rstrip('/').rsplit('/', 1)[0]}/{BASE_ARTIFACT}"
+
+
+def is_base_artifact(uri: str) -> bool:
+    return uri.rstrip("/").endswith("/" + BASE_ARTIFACT)
+
+
 def cache_dir() -> Path:
     return Settings.from_env().state_path / "cache" / "models"
 

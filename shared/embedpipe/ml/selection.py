@@ -2,7 +2,11 @@
 
 The selection split is ``qrels/dev.tsv`` when the dataset has one (its queries against the whole corpus), else a
 held-out slice of the training pairs posed as a small retrieval task: each held-out anchor is a query whose relevant
-documents are its positives, searched among the positives of all pairs. Held-out pairs are never trained on. On it
+documents are its positives, searched among the positives of all pairs. Held-out pairs are never trained on. A
+collection too small for a hold-out (fewer than ``HELDOUT_MIN / HELDOUT_SHARE`` anchors) is cross-validated instead
+(``cross_validate``: ``KFOLDS`` folds of anchors, each scored by a model trained on the others, the scores pooled); one
+too small even for that (fewer than ``KFOLD_MIN`` anchors) has nothing to check a fine-tune with, so the base model
+ships untrained (``trainer choose_model``). On it
 the trainer picks the epoch to keep, whether the fine-tune beats the base model at all, and how search answers by
 default: dense, BM25, or the two fused (``evaluation.FUSIONS``: a convex combination of normalised scores, or
 weighted reciprocal rank) with the family and weight that score best. Test queries and test qrels never reach this
@@ -24,7 +28,9 @@ log = logging.getLogger(__name__)
 
 METRIC = "ndcg@10"  # what every choice maximises: BEIR's headline metric
 HELDOUT_SHARE = 0.1
-HELDOUT_MIN, HELDOUT_MAX = 20, 1000  # queries; fewer pairs than 5x the minimum: no hold-out, no selection
+HELDOUT_MIN, HELDOUT_MAX = 20, 1000  # queries; fewer anchors than HELDOUT_MIN / HELDOUT_SHARE: no hold-out
+KFOLDS = 5  # below the hold-out's minimum: cross-validation over this many folds of anchors (cheap at that size)
+KFOLD_MIN = 10  # anchors: two held-out queries a fold at least; fewer and nothing can be checked
 MAX_DOCS = 20_000  # selection corpus cap: the relevant documents plus a seeded sample of the others
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # dense weight; 0 = BM25 alone, 1 = dense alone
 # hybrid settings where nothing could be chosen (no selection split): an even RRF, the common default
@@ -76,9 +82,15 @@ def task_for(ds, pairs: list, seed: int = 42) -> tuple[list, Task | None]:
     train, held = split_pairs(pairs, seed)
     if not held:
         log.warning(
-            "%d training pairs: too few to hold any out; no selection (the fine-tune ships unchecked)", len(pairs)
+            "%d training pairs: too few to hold any out (k-fold selection, if there are enough for it)", len(pairs)
         )
         return pairs, None
+    return train, pairs_task("heldout", pairs, held, seed)
+
+
+def pairs_task(split: str, pairs: list, held: list, seed: int) -> Task:
+    """``held``'s anchors as queries, their positives as the relevant documents, among the positives of all
+    ``pairs`` (ids ``p<n>`` in the order of ``pairs``, so every fold of one collection shares one corpus)."""
     ids: dict[str, str] = {}
     for p in pairs:
         ids.setdefault(p[1], f"p{len(ids)}")
@@ -87,7 +99,90 @@ def task_for(ds, pairs: list, seed: int = 42) -> tuple[list, Task | None]:
         q = queries.setdefault(a, f"q{len(queries)}")
         qrels.setdefault(q, {})[ids[pos]] = 1
     corpus = _capped({i: text for text, i in ids.items()}, {d for r in qrels.values() for d in r}, seed)
-    return train, Task("heldout", {i: a for a, i in queries.items()}, corpus, qrels)
+    return Task(split, {i: a for a, i in queries.items()}, corpus, qrels)
+
+
+def folds(pairs: list, seed: int) -> list[tuple[list, set]]:
+    """(training pairs, held-out anchors) of each of ``KFOLDS`` folds: whole anchors dealt round-robin in the
+    seeded hash order of ``split_pairs``; empty below ``KFOLD_MIN`` anchors."""
+    anchors = sorted({p[0] for p in pairs}, key=lambda a: _key(seed, a))
+    if len(anchors) < KFOLD_MIN:
+        return []
+    out = []
+    for f in range(KFOLDS):
+        held = set(anchors[f::KFOLDS])
+        out.append(([p for p in pairs if p[0] not in held], held))
+    return out
+
+
+@dataclass
+class CrossValidation:
+    """What ``cross_validate`` measured: every anchor a query once (``task``, split ``kfold``), ranked by the base
+    model and, for each epoch, by the fold model that did not train on it."""
+
+    task: Task
+    base: dict  # query -> base model hits
+    by_epoch: dict[int, dict]  # epoch -> query -> hits of the fold models after that many epochs
+    scores: dict[int, float]  # epoch -> pooled METRIC
+    base_score: float
+    epochs: int  # the best epoch count (the fewest among ties): what the final model trains for
+    folds: int
+
+    @property
+    def tuned_score(self) -> float:
+        return self.scores[self.epochs]
+
+    def history(self) -> list[dict]:
+        return [{"epoch": e, "score": round(s, 6)} for e, s in sorted(self.scores.items())]
+
+
+def cross_validate(
+    fresh_model, train, pairs: list, params, seed: int, query_prefix: str = "", document_prefix: str = ""
+) -> CrossValidation | None:
+    """K-fold selection for collections too small for a hold-out (None below ``KFOLD_MIN`` anchors). Each fold
+    trains a fresh copy of the base model (``fresh_model()``) with ``train`` (``training.train``: passed in, since
+    training imports this module) on the other folds' pairs for every epoch (no early
+    stop: epochs are compared across folds) and ranks its own anchors after each epoch; the rankings of all folds
+    are pooled, so each score is over every anchor, each ranked by a model that never saw it. Costs ``KFOLDS``
+    trainings on a collection of at most a few hundred anchors."""
+    import dataclasses as dc
+
+    split = folds(pairs, seed)
+    if not split:
+        return None
+    task = pairs_task("kfold", pairs, pairs, seed)
+    qid = {a: q for q, a in task.queries.items()}
+    base = dense_hits(fresh_model(), task, query_prefix, document_prefix)
+    by_epoch: dict[int, dict] = {}
+    fold_params = dc.replace(params, patience=0)
+    reached = []
+    for n, (train_pairs, held) in enumerate(split, 1):
+        qs = {qid[a] for a in held}
+        sub = Task("kfold", {q: task.queries[q] for q in qs}, task.corpus, {q: task.qrels[q] for q in qs})
+        seen: list[dict] = []
+
+        def select(model, sub=sub, seen=seen) -> float:
+            hits = dense_hits(model, sub, query_prefix, document_prefix)
+            seen.append(hits)
+            return evaluation.evaluate(evaluation.ids(hits), sub.qrels).get(METRIC, 0.0)
+
+        train(fresh_model(), train_pairs, fold_params, select=select)
+        for epoch, hits in enumerate(seen, 1):
+            by_epoch.setdefault(epoch, {}).update(hits)
+        reached.append(len(seen))
+        log.info(
+            "kfold: fold %d/%d trained on %d pairs, scored on %d anchors", n, len(split), len(train_pairs), len(qs)
+        )
+    common = min(reached)  # a max_steps cap can end a larger fold's training an epoch earlier
+    base_score = evaluation.evaluate(evaluation.ids(base), task.qrels).get(METRIC, 0.0)
+    scores = {
+        e: evaluation.evaluate(evaluation.ids(by_epoch[e]), task.qrels).get(METRIC, 0.0) for e in range(1, common + 1)
+    }
+    if not scores:  # no epoch trained (epochs=0): zero epochs is the untuned model
+        scores, by_epoch = {0: base_score}, {0: base}
+    best = max(scores, key=lambda e: (scores[e], -e))
+    log.info("kfold selection: base %.4f, fine-tune by epoch %s", base_score, scores)
+    return CrossValidation(task, base, by_epoch, scores, base_score, best, len(split))
 
 
 def dense_hits(model, task: Task, query_prefix: str = "", document_prefix: str = "", k: int = DEPTH) -> dict:

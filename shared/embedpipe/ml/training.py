@@ -261,6 +261,8 @@ def train(
             if scalars is not None:
                 scalars.add("train/pairs_per_s", rate, step)
         if checkpoints and params.checkpoint_every > 0 and step % params.checkpoint_every == 0 and step < total:
+            if scalars is not None:  # first: a checkpoint that exists has its scalars stored (a kill can come next)
+                scalars.flush()
             checkpoints.save(
                 step,
                 {
@@ -274,8 +276,6 @@ def train(
                     "params": params.to_dict(),
                 },
             )
-            if scalars is not None:
-                scalars.flush()
             log.info("checkpoint at step %d written to %s", step, checkpoints.uri)
     elapsed = time.perf_counter() - t0
     if best is not None and best["step"] != step:

@@ -85,6 +85,14 @@ def collection_name(dataset: str, run_id: str) -> str:
     return safe_name(f"{dataset}__{run_id}")
 
 
+BASE_SUFFIX = "__base"
+
+
+def base_collection_name(dataset: str, run_id: str) -> str:
+    """A first run's fallback index of untuned base-model vectors (``indexing._fallback``), beside the run's own."""
+    return collection_name(dataset, run_id) + BASE_SUFFIX
+
+
 def alias_name(dataset: str) -> str:
     return safe_name(dataset)
 
@@ -356,7 +364,9 @@ def point_alias(client, alias: str, collection: str) -> None:
     log.info("alias %s -> %s", alias, collection)
 
 
-RUN_SUFFIX = re.compile(r"__\d{8}t\d{6}_[0-9a-f]{6}$")  # collection_name(): "<dataset>__<run_id>", run ids sort by time
+# collection_name(): "<dataset>__<run_id>", run ids sort by time; base_collection_name() adds BASE_SUFFIX, listed,
+# kept and dropped like the run's own
+RUN_SUFFIX = re.compile(r"__\d{8}t\d{6}_[0-9a-f]{6}(" + BASE_SUFFIX + ")?$")
 
 
 def collides(dataset: str, others: Iterable[str]) -> str | None:

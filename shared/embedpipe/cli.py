@@ -162,10 +162,10 @@ def summary(record: dict) -> str:
         lines.append(f"  qrels rows naming documents not in the corpus: {absent} (scored as relevant, unretrievable)")
     for label, m in (("new", data.get("metrics")), ("previous", data.get("previous_metrics"))):
         if m:
-            lines.append(f"  {label:<8} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+            lines.append(f"  {label:<9} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
     by_mode = data.get("metrics_by_mode") or {}
     for mode, m in by_mode.items():
-        lines.append(f"  {mode:<8} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+        lines.append(f"  {mode:<9} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
     lines.append(
         f"  promoted: {data.get('promoted')} ({(data.get('gate') or {}).get('reason')}); "
         f"default search mode: {data.get('default_search_mode')}"

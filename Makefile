@@ -27,7 +27,7 @@ setup: $(STAMP) ## create .venv and install pinned dependencies + the embedpipe 
 
 demo: setup ## start the local stack, upload the demo dataset, wait for index-updated, print it
 	$(EP) up
-	$(EP) upload examples/demo/data --dataset demo --wait --timeout 900
+	$(EP) upload examples/demo/data --dataset demo --wait
 
 test: setup ## every test tier: unit, integration (real emulators), e2e (whole loop on the local stack)
 	$(PY) -m pytest tests -q -p no:cacheprovider

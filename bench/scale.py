@@ -378,7 +378,7 @@ def _upload(exe: str, env: dict, folder: Path, watch: Watch | None) -> tuple[int
     """``embedpipe upload --wait``; after an OOM kill it is given OOM_GRACE_S to end (rc None: stopped waiting)."""
     grace = float(os.environ.get("EMBEDPIPE_BENCH_OOM_GRACE_S", "120"))
     proc = subprocess.Popen(
-        [exe, "upload", str(folder), "--dataset", "scale", "--wait", "--timeout", "7000"],
+        [exe, "upload", str(folder), "--dataset", "scale", "--wait", "--timeout", "0"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from embedpipe import logs, topology
-from embedpipe.config import Settings, SettingsError, setdefault_env
+from embedpipe.config import TRAIN_OVERRIDES, Settings, SettingsError, check_overrides, setdefault_env
 from embedpipe.contracts import datasets
 from embedpipe.contracts.events import Event, object_key, object_uri_key, retrain_key
 from embedpipe.gcp import storage
@@ -115,7 +115,13 @@ def _wait_for_runs(s: Settings, keys: list[str], timeout: float, ledger=None, sl
 
         def claimed() -> list[str]:
             claims = list(pool.map(ledger.get_claim, keys))
-            return sorted({c["run_id"] for c in claims}) if all(claims) else []
+            if all(claims):
+                return sorted({c["run_id"] for c in claims})
+            refused = [r for r in pool.map(ledger.get_rejection, [k for k, c in zip(keys, claims) if not c]) if r]
+            if refused:  # e.g. a retrain message the function refused: it will never be claimed
+                err("error: refused: " + "; ".join(r["reason"] for r in refused))
+                raise typer.Exit(2)
+            return []
 
         record = _poll_runs(ledger, claimed, timeout, sleep)
     return ledger.view(record["run_id"], record)  # with late verdicts
@@ -123,7 +129,7 @@ def _wait_for_runs(s: Settings, keys: list[str], timeout: float, ledger=None, sl
 
 def _poll_runs(ledger, claimed, timeout: float, sleep) -> dict:
     """``_wait_for_runs``' loop: the newest of the runs the keys are claimed by, as read once they have all ended."""
-    deadline = time.time() + timeout
+    deadline = time.time() + timeout if timeout > 0 else float("inf")
     run_ids: list[str] = []
     last_state = None
     while time.time() < deadline:
@@ -141,7 +147,14 @@ def _poll_runs(ledger, claimed, timeout: float, sleep) -> dict:
                 run_ids = moved
                 continue
         sleep(POLL_FINAL_S if any(r["state"] in (runs.INDEXING, runs.PUBLISHING) for r in records) else POLL_S)
-    err(f"error: timed out after {timeout:.0f}s waiting for run(s) {run_ids or '(not claimed yet)'}")
+    if run_ids:
+        follow = " or ".join(f"`embedpipe wait {r}`" for r in run_ids)
+        err(
+            f"error: stopped waiting after {timeout:.0f}s; the run goes on: follow it with {follow} "
+            "(or `embedpipe runs`)"
+        )
+    else:
+        err(f"error: no run claimed what was sent within {timeout:.0f}s; see `embedpipe runs` and `embedpipe status`")
     raise typer.Exit(3)
 
 
@@ -182,10 +195,58 @@ def summary(record: dict) -> str:
     return "\n".join(lines)
 
 
+def report_location(s: Settings, report_uri: str | None) -> str | None:
+    """Where a person opens a run's report: locally a copy under the state dir (``file://``, the bucket is fake
+    GCS's), in the cloud the object's console page."""
+    if not report_uri or not report_uri.startswith("gs://"):
+        return None
+    bucket, _, name = report_uri[5:].partition("/")
+    if s.mode != "local":
+        return f"https://console.cloud.google.com/storage/browser/_details/{bucket}/{name}"
+    target = s.state_path / "reports" / f"{name.split('/')[1] if name.startswith('runs/') else 'report'}.html"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(report_uri))
+    except Exception:  # noqa: BLE001 - a summary without the copy is still a summary
+        return report_uri
+    return target.resolve().as_uri()
+
+
+def next_steps(s: Settings, record: dict) -> list[str]:
+    """Copy-pasteable commands after a run: open the report, query the index, roll back."""
+    data = (record.get("final_event") or {}).get("data") or {}
+    dataset = record["dataset"]
+    lines = []
+    if where := report_location(s, data.get("report_uri")):
+        lines.append(f"  report:   {where}")
+    if record["state"] == runs.SUCCEEDED and (data.get("promoted") or data.get("previous_collection")):
+        lines.append(f'  search:   embedpipe search --dataset {dataset} "your query"')
+    if record["state"] == runs.SUCCEEDED and data.get("promoted") and data.get("previous_collection"):
+        lines.append(f"  rollback: embedpipe rollback --dataset {dataset}   (back to {data['previous_collection']})")
+    if record["state"] == runs.FAILED:
+        lines.append(f"  retry:    embedpipe retrain --dataset {dataset} --wait")
+    return lines
+
+
 def _finish(record: dict) -> None:
-    err(summary(record))
+    err("\n".join([summary(record), *next_steps(settings(), record)]))
     typer.echo(json.dumps(record["final_event"], indent=2))
     raise typer.Exit(0 if record["state"] == runs.SUCCEEDED else 1)
+
+
+@app.command("wait")
+def wait_run(
+    run_id: str = typer.Argument(..., help="a run id (embedpipe runs lists them)"),
+    timeout: float = typer.Option(0.0, "--timeout", envvar="EMBEDPIPE_TIMEOUT", help="seconds (0: as long as it runs)"),
+) -> None:
+    """Follow a run until it ends (e.g. after an upload --wait gave up): its stages, then its summary and event."""
+    s = settings()
+    ledger = runs.Ledger(s.artifacts_bucket)
+    if ledger.get_run(run_id) is None:
+        err(f"error: no run {run_id!r} (embedpipe runs lists them)")
+        raise typer.Exit(2)
+    record = _poll_runs(ledger, lambda: [run_id], timeout, time.sleep)
+    _finish(ledger.view(record["run_id"], record))
 
 
 MAX_WARNINGS = 20  # notice lines ``upload`` prints before summing up the rest
@@ -232,7 +293,12 @@ def upload(
     directory: Path = typer.Argument(..., exists=True, file_okay=False, help="a BEIR folder"),
     dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
     wait: bool = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT", help="block until the run ends"),
-    timeout: float = typer.Option(900.0, "--timeout", envvar="EMBEDPIPE_TIMEOUT"),
+    timeout: float = typer.Option(
+        0.0,
+        "--timeout",
+        envvar="EMBEDPIPE_TIMEOUT",
+        help="seconds to wait for the run (0: as long as it runs); a run outlives a timeout: `embedpipe wait RUN_ID`",
+    ),
 ) -> None:
     """Upload a BEIR folder to gs://DATA/datasets/NAME/; with --wait print the run's final event (stdout)."""
     s = settings()
@@ -269,7 +335,10 @@ def _parse_set(values: list[str]) -> dict:
 def retrain(
     dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
     set_: list[str] = typer.Option(
-        [], "--set", envvar="EMBEDPIPE_SET", help="override, e.g. --set learning_rate=3e-5 (env: space-separated)"
+        [],
+        "--set",
+        envvar="EMBEDPIPE_SET",
+        help=f"override, e.g. --set learning_rate=3e-5; keys: {', '.join(TRAIN_OVERRIDES)} (env: space-separated)",
     ),
     reason: str = typer.Option("requested from the CLI", "--reason", envvar="EMBEDPIPE_REASON"),
     source: str = typer.Option(
@@ -285,12 +354,21 @@ def retrain(
         envvar="EMBEDPIPE_REFRESH",
         help="the data changed (e.g. a BigQuery table): re-read it, update the live index incrementally, no training",
     ),
-    wait: bool = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT"),
-    timeout: float = typer.Option(900.0, "--timeout", envvar="EMBEDPIPE_TIMEOUT"),
+    wait: bool = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT", help="block until the run ends"),
+    timeout: float = typer.Option(
+        0.0,
+        "--timeout",
+        envvar="EMBEDPIPE_TIMEOUT",
+        help="seconds to wait for the run (0: as long as it runs); a run outlives a timeout: `embedpipe wait RUN_ID`",
+    ),
 ) -> None:
     """Publish a retrain message for a dataset (full run: train, embed, index, gate; --refresh: re-read the data)."""
     s = settings()
-    overrides = _parse_set(set_)
+    try:  # the retrain handler's own check, before anything is published
+        overrides = check_overrides(_parse_set(set_), cloud=s.mode == "gcp")
+    except ValueError as exc:
+        err(f"error: --set: {exc}")
+        raise typer.Exit(2) from None
     if refresh and overrides:
         err("error: --refresh does not train: drop --set")
         raise typer.Exit(2)

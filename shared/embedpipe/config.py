@@ -174,6 +174,43 @@ TRAIN_SETTING = {
 # Run overrides a retrain message may set (``embedpipe retrain --set key=value``), with their types.
 TRAIN_OVERRIDES = field_types(TrainKnobs)
 
+# What each numeric knob accepts (a value outside fails the retrain message, and ``retrain --set`` before publishing)
+KNOB_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "learning_rate": (1e-12, 1.0),
+    "batch_size": (2, None),  # in-batch negatives need two pairs a batch
+    "max_steps": (0, None),
+    "epochs": (1, None),
+    "max_seq_length": (0, None),
+    "warmup_ratio": (0.0, 0.99),
+    "seed": (0, None),
+    "patience": (0, None),
+}
+
+
+def check_overrides(overrides: dict, cloud: bool = False) -> dict:
+    """Retrain overrides (``TRAIN_OVERRIDES``) typed and checked, or ValueError saying what is wrong and what is
+    allowed: the one check the retrain handler and ``embedpipe retrain --set`` both run. ``cloud``: jobs run on
+    Vertex AI, where only gs:// and bundled base models load."""
+    unknown = sorted(set(overrides) - set(TRAIN_OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(TRAIN_OVERRIDES)}")
+    out = {}
+    for key, value in overrides.items():
+        kind = TRAIN_OVERRIDES[key]
+        try:
+            if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+                raise ValueError
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"override {key}={value!r} is not a valid {kind.__name__}") from None
+        low, high = KNOB_BOUNDS.get(key, (None, None))
+        if (low is not None and out[key] < low) or (high is not None and out[key] > high):
+            raise ValueError(f"override {key}={value!r} is outside [{low}, {'no limit' if high is None else high}]")
+    if "base_model" in out and (problem := model_uri_problem(out["base_model"], cloud)):
+        raise ValueError(f"override base_model: {problem}")
+    return out
+
+
 # The reconcile handler waits at most this long, well inside its push subscription's 60 s ack deadline.
 MAX_LAUNCH_WAIT_S = 30.0
 

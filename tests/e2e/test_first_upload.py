@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +78,11 @@ def test_a_small_first_upload_that_loses_is_still_searchable_from_the_best_basel
     assert data["metrics"]["ndcg@10"] == pytest.approx(1.0) and data["default_search_mode"] == "bm25"
     assert fb["rejected_metrics_by_mode"]["served"]["ndcg@10"] < 1.0
     assert f"served: {fb['served']} (first-run fallback" in result.stderr  # the CLI summary says what serves
+    # ...and ends with where the report opens (a local copy) and how to query the index
+    report = next(line for line in result.stderr.splitlines() if line.startswith("  report:   file://"))
+    page = Path(report.split("file://", 1)[1]).read_text()
+    assert "served instead (first-run fallback)" in page and data["run_id"] in page
+    assert 'search:   embedpipe search --dataset small "your query"' in result.stderr
     # search answers from it, in the fallback's mode, and finds the document
     found = cli(env, "search", "--dataset", "small", "--json", "which record is " + code(7))
     assert found.returncode == 0, found.stderr[-2000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from embedpipe import cli, topology
@@ -99,3 +100,79 @@ def test_wait_polls_faster_once_the_run_is_indexing():
 
     assert cli._wait_for_runs(Settings.from_env({}), ["k"], 10, ledger=ledger, sleep=sleep)["state"] == runs.SUCCEEDED
     assert naps == [cli.POLL_S, cli.POLL_S, cli.POLL_FINAL_S]  # PENDING, TRAINING, INDEXING
+
+
+def test_retrain_refuses_a_wrong_override_before_publishing(monkeypatch, tmp_path):
+    """A mistyped key or value exits 2 with the allowed keys, and nothing is published (it used to be dropped
+    silently by the function, with --wait sitting out its whole timeout)."""
+    monkeypatch.setenv("EMBEDPIPE_STATE_DIR", str(tmp_path))
+    published = []
+    monkeypatch.setattr(bus, "publish_raw", lambda *a, **k: published.append(a) or "m-1")
+    for bad, why in [("lr=3e-5", "unknown override(s) ['lr']; allowed: "), ("learning_rate=fast", "not a valid float")]:
+        result = CliRunner().invoke(cli.app, ["retrain", "--dataset", "demo", "--set", bad])
+        assert result.exit_code == 2 and why in result.output, result.output
+    assert published == []
+    helped = CliRunner().invoke(cli.app, ["retrain", "--help"], env={"COLUMNS": "300"})
+    assert "learning_rate" in helped.output and "epochs" in helped.output  # --set lists its keys
+
+
+def test_wait_reports_a_refused_trigger_at_once():
+    """A retrain message the function refused (from any publisher) is never claimed: --wait says why and exits 2
+    on its first poll instead of waiting out its timeout."""
+    import typer
+
+    from embedpipe.config import Settings
+    from embedpipe.ledger import runs
+    from tests.unit.fakes import Clock, FakeStore
+
+    ledger = runs.Ledger("embedpipe-artifacts", store=FakeStore(), clock=Clock())
+    ledger.reject("retrain/m-9", "retrain retrain/m-9: unknown override(s) ['lr']")
+    naps = []
+    with pytest.raises(typer.Exit) as exc:
+        cli._wait_for_runs(Settings.from_env({}), ["retrain/m-9"], 0, ledger=ledger, sleep=naps.append)
+    assert exc.value.exit_code == 2 and naps == []
+
+
+def test_a_timed_out_wait_says_the_run_goes_on_and_how_to_follow_it(capsys):
+    import typer
+
+    from embedpipe.ledger import runs
+    from tests.unit.fakes import Clock, FakeStore
+
+    ledger = runs.Ledger("embedpipe-artifacts", store=FakeStore(), clock=Clock())
+    run_id = ledger.pending_run("d", {"type": "upload"}, 0)
+    with pytest.raises(typer.Exit) as exc:
+        cli._poll_runs(ledger, lambda: [run_id], 0.01, lambda s: None)
+    assert exc.value.exit_code == 3
+    assert f"the run goes on: follow it with `embedpipe wait {run_id}`" in capsys.readouterr().err
+
+
+def test_next_steps_name_the_report_where_a_person_opens_it(monkeypatch, tmp_path):
+    from embedpipe.config import Settings
+    from embedpipe.gcp import storage
+    from embedpipe.ledger import runs
+
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: b"<html>report</html>")
+    record = {
+        "run_id": "r1",
+        "dataset": "demo",
+        "state": runs.SUCCEEDED,
+        "final_event": {
+            "data": {
+                "report_uri": "gs://embedpipe-artifacts/runs/r1/report.html",
+                "promoted": True,
+                "previous_collection": "demo__r0",
+            }
+        },
+    }
+    local = cli.next_steps(Settings.from_env({"EMBEDPIPE_STATE_DIR": str(tmp_path)}), record)
+    copy = tmp_path / "reports" / "r1.html"
+    assert local[0] == f"  report:   {copy.resolve().as_uri()}" and copy.read_bytes() == b"<html>report</html>"
+    assert 'embedpipe search --dataset demo "your query"' in local[1]
+    assert "embedpipe rollback --dataset demo" in local[2] and "demo__r0" in local[2]
+    import dataclasses
+
+    cloud = cli.next_steps(dataclasses.replace(Settings.from_env({}), mode="gcp"), record)
+    assert cloud[0].endswith(
+        "console.cloud.google.com/storage/browser/_details/embedpipe-artifacts/runs/r1/report.html"
+    )

@@ -157,3 +157,29 @@ def test_each_training_knob_has_one_definition_and_one_env_name():
     env = {"EMBEDPIPE_TRAIN_BATCH_SIZE": "8", "EMBEDPIPE_LEARNING_RATE": "0.001"}
     knobs = Settings.from_env(env).train_knobs
     assert (knobs.batch_size, knobs.learning_rate) == (8, 0.001)
+
+
+# ---------------------------------------------------------------- retrain overrides: one check, CLI and handler
+
+
+def test_check_overrides_types_and_bounds_each_knob():
+    from embedpipe.config import check_overrides
+
+    assert check_overrides({"learning_rate": "3e-5", "epochs": 2, "batch_size": 16.0}) == {
+        "learning_rate": 3e-5,
+        "epochs": 2,
+        "batch_size": 16,
+    }
+    for bad, why in [
+        ({"lr": 3e-5}, r"unknown override\(s\) \['lr'\]; allowed: \[.*'learning_rate'"),
+        ({"learning_rate": "fast"}, "learning_rate='fast' is not a valid float"),
+        ({"epochs": 2.5}, "epochs=2.5 is not a valid int"),  # not silently truncated to 2
+        ({"epochs": True}, "is not a valid int"),
+        ({"epochs": 0}, r"epochs=0 is outside \[1, no limit\]"),
+        ({"batch_size": 1}, "batch_size=1 is outside"),  # in-batch negatives need two
+        ({"learning_rate": -1}, "learning_rate=-1 is outside"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio=1.5 is outside"),
+        ({"base_model": "bundled:nope"}, "override base_model: .*unknown bundled model"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            check_overrides(bad)

@@ -941,7 +941,12 @@ def test_retrain_with_an_unknown_override_is_rejected(h):
     req = events.RetrainRequest("demo", {"learning_rate": 1e-5, "dropout": 0.2}, None, "r", events.retrain_key("1"))
     with pytest.raises(ValueError, match=r"unknown override\(s\) \['dropout'\]"):
         h.pipe.on_retrain(req)
-    assert h.store.objects == {} and h.launcher.submits == []
+    assert h.launcher.submits == []
+    # nothing stored but the refusal itself, which `retrain --wait` reads instead of waiting out its timeout
+    assert [k for k in h.store.objects if "/ledger/rejected/" not in str(k)] == []
+    assert "unknown override(s) ['dropout']" in h.pipe.ledger.get_rejection(req.key)["reason"]
+    h.pipe.ledger.reject(req.key, "again")  # a redelivery: create-only, the first reason stays
+    assert "dropout" in h.pipe.ledger.get_rejection(req.key)["reason"]
 
 
 @pytest.mark.parametrize(
@@ -970,7 +975,8 @@ def test_retrain_with_a_bad_dataset_name_is_rejected(h):
     req = events.RetrainRequest("../demo", {}, None, "r", events.retrain_key("1"))
     with pytest.raises(ValueError, match="dataset name"):
         h.pipe.on_retrain(req)
-    assert h.store.objects == {} and h.launcher.submits == []
+    assert h.launcher.submits == [] and "dataset name" in h.pipe.ledger.get_rejection(req.key)["reason"]
+    assert [k for k in h.store.objects if "/ledger/rejected/" not in str(k)] == []
 
 
 def test_retrain_rejection_is_a_malformed_event(h):

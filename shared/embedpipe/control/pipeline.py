@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from embedpipe import topology
-from embedpipe.config import TRAIN_OVERRIDES, Settings, model_uri_problem
+from embedpipe.config import TRAIN_OVERRIDES, Settings, check_overrides
 from embedpipe.contracts import datasets
 from embedpipe.contracts.events import (
     INDEX_REQUESTED,
@@ -58,19 +58,10 @@ def checked_overrides(req: RetrainRequest, cloud: bool = False) -> dict:
             hypertune.check_spec(req.hp_tuning)
         except ValueError as exc:
             raise EventError(f"retrain {req.key}: hp_tuning: {exc}") from None
-    unknown = sorted(set(req.overrides) - set(TRAIN_OVERRIDES))
-    if unknown:
-        raise EventError(f"retrain {req.key}: unknown override(s) {unknown}; allowed: {sorted(TRAIN_OVERRIDES)}")
-    out = {}
-    for key, value in req.overrides.items():
-        kind = TRAIN_OVERRIDES[key]
-        try:
-            out[key] = kind(value)
-        except (TypeError, ValueError):
-            raise EventError(f"retrain {req.key}: override {key}={value!r} is not a valid {kind.__name__}") from None
-    if "base_model" in out and (problem := model_uri_problem(out["base_model"], cloud)):
-        raise EventError(f"retrain {req.key}: override base_model: {problem}")
-    return out
+    try:
+        return check_overrides(req.overrides, cloud)
+    except ValueError as exc:
+        raise EventError(f"retrain {req.key}: {exc}") from None
 
 
 def job_output_uri(run_dir: str, stage: str, attempt: int) -> str:
@@ -228,10 +219,14 @@ class Pipeline(Lifecycle):
         )
 
     def on_retrain(self, req: RetrainRequest) -> str:
-        overrides = checked_overrides(req, cloud=self.settings.mode == "gcp")
-        clash = self._name_clash(req.dataset)
-        if clash:
-            raise EventError(f"retrain {req.key}: {clash}")
+        try:
+            overrides = checked_overrides(req, cloud=self.settings.mode == "gcp")
+            clash = self._name_clash(req.dataset)
+            if clash:
+                raise EventError(f"retrain {req.key}: {clash}")
+        except EventError as exc:  # acked, never retried: recorded so that `retrain --wait` says so at once
+            self.ledger.reject(req.key, str(exc))
+            raise
         # A refresh is a data change (a BigQuery table changed): it runs like an upload, incremental when an index
         # is live; a retrain always trains.
         trigger = {"type": "refresh" if req.refresh else "retrain", "dataset": req.dataset, "reason": req.reason}

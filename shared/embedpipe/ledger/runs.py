@@ -4,6 +4,8 @@ Objects (all JSON):
 
 - ``ledger/claims/<sha256(trigger key)>.json``: created once (``if_generation_match=0``); names the run a trigger
   (an object version or a message id) belongs to. A redelivery finds its claim and only finishes what is left.
+- ``ledger/rejected/<sha256(trigger key)>.json``: a trigger refused before any claim (a bad retrain message), with
+  the reason: what ``retrain --wait`` reports instead of waiting.
 - ``ledger/datasets/<dataset>.json``: per-dataset state: the ``pending`` run collecting uploads (launched when
   ``due_at`` passes, which is how bursts coalesce), the ``active`` run, and the ``promoted`` index.
 - ``runs/<run_id>/run.json``: the run record. Changed only by compare-and-set on the object generation.
@@ -133,6 +135,21 @@ class Ledger:
         raise RuntimeError(f"too much contention on {uri}")
 
     # ------------------------------------------------------------ claims
+    def reject(self, key: str, reason: str) -> None:
+        """Record that a trigger was refused before anything was claimed (a bad retrain message): create-only, so a
+        redelivery writes nothing new. What ``embedpipe retrain --wait`` reads instead of waiting out its timeout."""
+        try:
+            self.store.write_json(
+                f"gs://{self.bucket}/ledger/rejected/{_digest(key)}.json",
+                {"key": key, "reason": reason, "at": iso(self.clock())},
+                if_generation_match=0,
+            )
+        except PreconditionFailed:
+            pass
+
+    def get_rejection(self, key: str) -> dict | None:
+        return self.store.read_json_gen(f"gs://{self.bucket}/ledger/rejected/{_digest(key)}.json")[0]
+
     def get_claim(self, key: str) -> dict | None:
         return self.store.read_json_gen(self._claim_uri(key))[0]
 

@@ -185,7 +185,9 @@ def test_irrelevant_object_changes_are_ignored(h, change):
 def test_badly_named_objects_are_rejected_without_a_run(h, name):
     outcome = h.pipe.on_object_change(ObjectChange(DATA, name, 3, "OBJECT_FINALIZE"))
     assert outcome.startswith("rejected") and name in outcome
-    assert h.store.objects == {}
+    # no run, no dataset state: only the refusal, where `upload --wait` finds it instead of waiting forever
+    assert [u for u in h.store.objects if "/ledger/rejected/" not in u] == []
+    assert name in h.ledger.get_rejection(events.object_key(DATA, name, 3))["reason"]
     assert h.launcher.submits == []
 
 
@@ -1275,6 +1277,9 @@ def test_a_dataset_whose_milvus_name_clashes_with_another_is_refused(make):
     assert rejected.data["object"] == "gs://embedpipe-data/datasets/a_b/corpus.jsonl"
     assert "share its Milvus alias" in rejected.data["reason"]
     assert h.ledger.list_datasets() == ["a-b"] and len(h.runs()) == 1
+    # claimed by no run: recorded as refused, so `upload --wait` ends at once with the reason
+    key = events.object_key(DATA, "datasets/a_b/corpus.jsonl", 1)
+    assert "share its Milvus alias" in h.ledger.get_rejection(key)["reason"]
     with pytest.raises(events.EventError, match="share its Milvus alias"):
         h.pipe.on_retrain(events.RetrainRequest("a_b", {}, None, "r", events.retrain_key("9")))
     h.upload("datasets/a-b/queries.jsonl")  # the first one goes on as before

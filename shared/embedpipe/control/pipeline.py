@@ -127,6 +127,8 @@ class Pipeline(Lifecycle):
             verdict = self.check_object(change.bucket, change.name, change.generation)
             if isinstance(verdict, intake.Rejection):
                 self._report_rejection(None, change.key, verdict)
+            else:  # that version is gone already: nothing to quarantine, but a waiter must still hear why
+                self.ledger.reject(change.key, f"{change.name}: {intake.name_problem(change.name)}")
             return f"rejected {change.name}: {intake.name_problem(change.name)}"
         found = datasets.dataset_of(change.name)
         if found is None:
@@ -211,6 +213,8 @@ class Pipeline(Lifecycle):
         run-events subscribers which object, line and reason."""
         if run_id:
             self.ledger.put_item(run_id, "file_errors", key, rejection.to_dict())
+        else:  # claimed by no run (a bad dataset name, a clash): `upload --wait` reads this instead of waiting
+            self.ledger.reject(key, f"{rejection.object}: {rejection.reason}")
         self.publish(
             topology.RUN_EVENTS,
             Event(

@@ -189,10 +189,11 @@ def main(argv: list[str]) -> int:
         m.max_seq_length = seq
         return m
 
-    # too few pairs to hold any out: k-fold, on rank 0 alone (a collection this small trains in seconds); every rank
-    # then takes rank 0's verdict and epoch count, so a DDP job's final training starts in step on all of them
+    # too few pairs to hold any out: k-fold, on every rank alone (no collective inside: none waits out the process
+    # group's timeout while another trains five folds); all then take rank 0's verdict and epoch count (a GPU's
+    # last bits may differ), so a DDP job's final training starts in step on every rank
     cv = None
-    if task is None and dist.is_primary:
+    if task is None:
         cv = selection.cross_validate(fresh, train, pairs, params, args.seed, base.query_prefix, base.document_prefix)
     base_score = score(model) if task else (cv.base_score if cv else None)
     if task:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import atexit
 import gc
 import json
+import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import typer
@@ -14,7 +16,7 @@ import typer
 from embedpipe import logs, topology
 from embedpipe.config import TRAIN_OVERRIDES, Settings, SettingsError, check_overrides, setdefault_env
 from embedpipe.contracts import datasets
-from embedpipe.contracts.events import Event, object_key, object_uri_key, retrain_key
+from embedpipe.contracts.events import Event, object_key, object_uri_key, request_key
 from embedpipe.gcp import storage
 from embedpipe.ledger import runs
 
@@ -98,6 +100,10 @@ POLL_S = 0.1  # how often ``--wait`` reads the run records
 # ... and once a run is indexing: that stage takes seconds (the jobs before it minutes), and its end is what --wait
 # reports, so it is noticed within a few hundredths rather than a tenth of a second
 POLL_FINAL_S = 0.03
+# A wait with no time limit still gives up on uploads or messages the pipeline never takes up (it is down, a bucket
+# notification is missing): claims come within seconds when it runs. Runs themselves are waited for as long as they
+# go on; the pipeline's own deadlines end a stuck one.
+CLAIM_TIMEOUT_S = float(os.environ.get("EMBEDPIPE_CLAIM_TIMEOUT_S", "300"))
 
 
 def _wait_for_runs(s: Settings, keys: list[str], timeout: float, ledger=None, sleep=time.sleep) -> dict:
@@ -112,15 +118,31 @@ def _wait_for_runs(s: Settings, keys: list[str], timeout: float, ledger=None, sl
 
     ledger = ledger or runs.Ledger(s.artifacts_bucket)
     with ThreadPoolExecutor(max_workers=min(8, len(keys) or 1)) as pool:
+        told: set[str] = set()
+        first_poll = time.time()
 
         def claimed() -> list[str]:
             claims = list(pool.map(ledger.get_claim, keys))
-            if all(claims):
-                return sorted({c["run_id"] for c in claims})
-            refused = [r for r in pool.map(ledger.get_rejection, [k for k, c in zip(keys, claims) if not c]) if r]
-            if refused:  # e.g. a retrain message the function refused: it will never be claimed
-                err("error: refused: " + "; ".join(r["reason"] for r in refused))
-                raise typer.Exit(2)
+            runs_of = sorted({c["run_id"] for c in claims if c})
+            missing = [k for k, c in zip(keys, claims) if not c]
+            if not missing:
+                return runs_of
+            refused = {k: r for k, r in zip(missing, pool.map(ledger.get_rejection, missing)) if r}
+            for key in sorted(set(refused) - told):  # refused (a bad file name, a bad retrain): never claimed
+                err(f"  refused: {refused[key]['reason']}")
+                told.add(key)
+            if len(refused) == len(missing):  # every key settled: follow what was claimed, if anything
+                if not runs_of:
+                    err("error: everything sent was refused (above)")
+                    raise typer.Exit(2)
+                return runs_of
+            waited = time.time() - first_poll
+            if waited > CLAIM_TIMEOUT_S:
+                err(
+                    f"error: {len(missing)} of {len(keys)} uploads or messages were not taken up by the pipeline "
+                    f"within {CLAIM_TIMEOUT_S:.0f}s: is it running (`embedpipe status`)? See `embedpipe runs`."
+                )
+                raise typer.Exit(3)
             return []
 
         record = _poll_runs(ledger, claimed, timeout, sleep)
@@ -131,9 +153,19 @@ def _poll_runs(ledger, claimed, timeout: float, sleep) -> dict:
     """``_wait_for_runs``' loop: the newest of the runs the keys are claimed by, as read once they have all ended."""
     deadline = time.time() + timeout if timeout > 0 else float("inf")
     run_ids: list[str] = []
+    try:
+        return _poll_until(ledger, claimed, deadline, timeout, sleep, run_ids)
+    except KeyboardInterrupt:
+        follow = " or ".join(f"`embedpipe wait {r}`" for r in run_ids) or "`embedpipe runs`"
+        err(f"\ninterrupted; the run goes on: follow it with {follow}")
+        raise typer.Exit(130) from None
+
+
+def _poll_until(ledger, claimed, deadline: float, timeout: float, sleep, run_ids: list[str]) -> dict:
     last_state = None
     while time.time() < deadline:
-        run_ids = run_ids or claimed()
+        if not run_ids:
+            run_ids[:] = claimed()
         records = [r for r in (ledger.get_run(r) for r in run_ids) if r]
         if run_ids:
             states = ", ".join(f"{r['run_id']}={r['state']}" for r in records)
@@ -144,7 +176,7 @@ def _poll_runs(ledger, claimed, timeout: float, sleep) -> dict:
                 moved = claimed()
                 if moved == run_ids:
                     return max(records, key=lambda r: r["created_at"])
-                run_ids = moved
+                run_ids[:] = moved
                 continue
         sleep(POLL_FINAL_S if any(r["state"] in (runs.INDEXING, runs.PUBLISHING) for r in records) else POLL_S)
     if run_ids:
@@ -221,7 +253,8 @@ def next_steps(s: Settings, record: dict) -> list[str]:
         lines.append(f"  report:   {where}")
     if record["state"] == runs.SUCCEEDED and (data.get("promoted") or data.get("previous_collection")):
         lines.append(f'  search:   embedpipe search --dataset {dataset} "your query"')
-    if record["state"] == runs.SUCCEEDED and data.get("promoted") and data.get("previous_collection"):
+    previous = data.get("previous_collection")
+    if record["state"] == runs.SUCCEEDED and data.get("promoted") and previous and previous != data.get("collection"):
         lines.append(f"  rollback: embedpipe rollback --dataset {dataset}   (back to {data['previous_collection']})")
     if record["state"] == runs.FAILED:
         lines.append(f"  retry:    embedpipe retrain --dataset {dataset} --wait")
@@ -306,6 +339,12 @@ def upload(
     files = sorted(
         p for p in directory.rglob("*") if p.is_file() and datasets.classify(p.relative_to(directory).as_posix())
     )
+    from embedpipe.control.intake import name_problem  # the intake's own verdict on object names
+
+    for path in files:
+        if problem := name_problem(f"datasets/{dataset}/{path.relative_to(directory).as_posix()}"):
+            err(f"error: {path}: {problem}")
+            raise typer.Exit(2)
     keys = []
     for path in files:
         rel = path.relative_to(directory).as_posix()
@@ -366,6 +405,8 @@ def retrain(
     s = settings()
     try:  # the retrain handler's own check, before anything is published
         overrides = check_overrides(_parse_set(set_), cloud=s.mode == "gcp")
+        if s.mode == "local" and "base_model" in overrides and Path(overrides["base_model"]).is_dir():
+            overrides["base_model"] = str(Path(overrides["base_model"]).resolve())
     except ValueError as exc:
         err(f"error: --set: {exc}")
         raise typer.Exit(2) from None
@@ -380,13 +421,16 @@ def retrain(
         if wait:
             _finish(_wait_for_runs(s, [written], timeout))
         return
-    body = {"dataset": dataset, "overrides": overrides, "reason": reason, **({"refresh": True} if refresh else {})}
+    request_id = uuid.uuid4().hex  # the trigger key (message ids repeat where the emulator restarts)
+    body = {"dataset": dataset, "overrides": overrides, "reason": reason, "request_id": request_id}
+    if refresh:
+        body["refresh"] = True
     from embedpipe.gcp import bus
 
     message_id = bus.publish_raw(s.project, topology.RETRAIN_REQUESTS, json.dumps(body).encode())
-    err(f"  published retrain request {message_id}")
+    err(f"  published retrain request {message_id} (request {request_id})")
     if wait:
-        _finish(_wait_for_runs(s, [retrain_key(message_id)], timeout))
+        _finish(_wait_for_runs(s, [request_key(request_id)], timeout))
 
 
 def _store_source(s, dataset: str, source: str) -> str | None:

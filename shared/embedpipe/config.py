@@ -8,6 +8,7 @@ local stack started by ``embedpipe up``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -180,9 +181,9 @@ KNOB_BOUNDS: dict[str, tuple[float, float | None]] = {
     "batch_size": (2, None),  # in-batch negatives need two pairs a batch
     "max_steps": (0, None),
     "epochs": (1, None),
-    "max_seq_length": (0, None),
+    "max_seq_length": (0, 8192),
     "warmup_ratio": (0.0, 0.99),
-    "seed": (0, None),
+    "seed": (0, 2**32 - 1),  # numpy's seed range
     "patience": (0, None),
 }
 
@@ -198,10 +199,14 @@ def check_overrides(overrides: dict, cloud: bool = False) -> dict:
     for key, value in overrides.items():
         kind = TRAIN_OVERRIDES[key]
         try:
-            if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            if kind in (int, float) and isinstance(value, bool):
+                raise ValueError
+            if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
             out[key] = kind(value)
-        except (TypeError, ValueError):
+            if kind is float and not math.isfinite(out[key]):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"override {key}={value!r} is not a valid {kind.__name__}") from None
         low, high = KNOB_BOUNDS.get(key, (None, None))
         if (low is not None and out[key] < low) or (high is not None and out[key] > high):

@@ -62,7 +62,7 @@ def strict_stack(tmp_path_factory, tiny_model):
 def test_a_small_first_upload_that_loses_is_still_searchable_from_the_best_baseline(strict_stack, tmp_path):
     settings, env = strict_stack
     folder = small_collection(tmp_path / "small")
-    result = cli(env, "upload", str(folder), "--dataset", "small", "--wait", "--timeout", "600")
+    result = cli(env, "upload", str(folder), "--dataset", "small", "--wait", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)["data"]
     # nothing could check a fine-tune: the base model shipped, untrained, and said why

@@ -176,3 +176,80 @@ def test_next_steps_name_the_report_where_a_person_opens_it(monkeypatch, tmp_pat
     assert cloud[0].endswith(
         "console.cloud.google.com/storage/browser/_details/embedpipe-artifacts/runs/r1/report.html"
     )
+
+
+def _ledger():
+    from embedpipe.ledger import runs
+    from tests.unit.fakes import Clock, FakeStore
+
+    return runs.Ledger("embedpipe-artifacts", store=FakeStore(), clock=Clock())
+
+
+def test_a_refused_file_among_accepted_ones_is_reported_and_the_run_followed(capsys):
+    from embedpipe.config import Settings
+    from embedpipe.ledger import runs
+
+    ledger = _ledger()
+    run_id = ledger.pending_run("d", {"type": "upload"}, 0)
+    ledger.claim("gcs/b/datasets/d/corpus.jsonl#1", run_id)
+    ledger.reject("gcs/b/datasets/d/bad\x7f.jsonl#2", "bad\x7f.jsonl: object name contains control characters")
+    ledger.update_run(run_id, lambda r: {**r, "state": runs.SUCCEEDED})
+    keys = ["gcs/b/datasets/d/corpus.jsonl#1", "gcs/b/datasets/d/bad\x7f.jsonl#2"]
+    record = cli._wait_for_runs(Settings.from_env({}), keys, 0, ledger=ledger, sleep=lambda s: None)
+    assert record["run_id"] == run_id
+    assert "refused: bad\x7f.jsonl: object name contains control characters" in capsys.readouterr().err
+
+
+def test_a_wait_without_limit_gives_up_on_what_the_pipeline_never_takes_up(monkeypatch, capsys):
+    import typer
+
+    from embedpipe.config import Settings
+
+    monkeypatch.setattr(cli, "CLAIM_TIMEOUT_S", 0.0)
+    with pytest.raises(typer.Exit) as exc:
+        cli._wait_for_runs(Settings.from_env({}), ["gcs/b/x#1"], 0, ledger=_ledger(), sleep=lambda s: None)
+    assert exc.value.exit_code == 3 and "not taken up by the pipeline" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_waiting_says_the_run_goes_on(capsys):
+    import typer
+
+    ledger = _ledger()
+    run_id = ledger.pending_run("d", {"type": "upload"}, 0)
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as exc:
+        cli._poll_runs(ledger, lambda: [run_id], 0, interrupt)
+    assert exc.value.exit_code == 130
+    assert f"the run goes on: follow it with `embedpipe wait {run_id}`" in capsys.readouterr().err
+
+
+def test_upload_refuses_a_file_name_the_intake_would_refuse_before_uploading(monkeypatch, tmp_path):
+    from tests.helpers import FIXTURES
+
+    folder = tmp_path / "d"
+    import shutil
+
+    shutil.copytree(FIXTURES / "tiny_beir", folder)
+    (folder / "corpus").mkdir()
+    (folder / "corpus" / ("c" * 201 + ".jsonl")).write_text((folder / "corpus.jsonl").read_text())
+    (folder / "corpus.jsonl").unlink()
+    uploaded = []
+    monkeypatch.setattr(cli.storage, "upload_file", lambda *a, **k: uploaded.append(a) or 1)
+    result = CliRunner().invoke(
+        cli.app, ["upload", str(folder), "--dataset", "d"], env={"EMBEDPIPE_STATE_DIR": str(tmp_path)}
+    )
+    assert result.exit_code == 2 and "segment longer than 200 characters" in result.output and uploaded == []
+
+
+def test_no_rollback_hint_after_an_in_place_update(monkeypatch, tmp_path):
+    from embedpipe.config import Settings
+    from embedpipe.ledger import runs
+
+    monkeypatch.setattr(cli.storage, "read_bytes", lambda uri: b"x")
+    data = {"report_uri": None, "promoted": True, "collection": "demo__r1", "previous_collection": "demo__r1"}
+    record = {"run_id": "r2", "dataset": "demo", "state": runs.SUCCEEDED, "final_event": {"data": data}}
+    steps = cli.next_steps(Settings.from_env({"EMBEDPIPE_STATE_DIR": str(tmp_path)}), record)
+    assert not any("rollback" in line for line in steps) and any("search" in line for line in steps)

@@ -389,3 +389,18 @@ def test_trigger_keys_have_one_constructor_each():
     assert change.key == events.object_key("b", "datasets/demo/corpus.jsonl", 7) == "gcs/b/datasets/demo/corpus.jsonl#7"
     assert events.object_uri_key("gs://b/datasets/demo/corpus.jsonl", 7) == change.key
     assert events.retrain_key("42") == "pubsub/retrain/42"
+
+
+def test_a_retrain_request_id_keys_the_request_instead_of_the_message_id():
+    """Message ids repeat where the publisher's counter restarts (the local emulator's, while the ledger lives on):
+    the CLI's request id is the key; a malformed one is refused."""
+
+    def message(body: dict, mid: str = "1") -> events.PushMessage:
+        return events.PushMessage(json.dumps(body).encode(), {}, mid, "2026-12-07T00:00:00Z", None)
+
+    keyed = events.parse_retrain(message({"dataset": "d", "request_id": "0123456789abcdef"}))
+    assert keyed.key == events.request_key("0123456789abcdef") != events.retrain_key("1")
+    assert events.parse_retrain(message({"dataset": "d"})).key == events.retrain_key("1")
+    for bad in ("short", "x" * 129, "has space in it", 12345678):
+        with pytest.raises(events.EventError, match="request_id"):
+            events.parse_retrain(message({"dataset": "d", "request_id": bad}))

@@ -12,6 +12,7 @@ import base64
 import binascii
 import datetime as dt
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from functools import cache
@@ -201,6 +202,16 @@ def retrain_key(message_id: str) -> str:
     return f"pubsub/retrain/{message_id}"
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{8,128}")
+
+
+def request_key(request_id: str) -> str:
+    """The trigger key of a retrain message that names its own ``request_id`` (the CLI sends a UUID): message ids
+    alone repeat where the publisher's counter restarts (the local emulator numbers from 1 in each process, while the
+    ledger outlives it), and a publisher that resends a request on purpose wants it done once."""
+    return f"pubsub/retrain/request/{request_id}"
+
+
 @dataclass(frozen=True)
 class ObjectChange:
     bucket: str
@@ -275,12 +286,15 @@ def parse_retrain(msg: PushMessage) -> RetrainRequest:
         raise EventError(f"retrain message {msg.message_id}: 'refresh' must be true or false")
     if refresh and (overrides or body.get("hp_tuning")):
         raise EventError(f"retrain message {msg.message_id}: a refresh does not train: no overrides or hp_tuning")
+    request_id = body.get("request_id")
+    if request_id is not None and not (isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id)):
+        raise EventError(f"retrain message {msg.message_id}: 'request_id' must be 8-128 of [A-Za-z0-9_.-]")
     return RetrainRequest(
         dataset=body["dataset"],
         overrides=overrides,
         hp_tuning=body.get("hp_tuning"),
         reason=str(body.get("reason") or ("data changed" if refresh else "retrain requested")),
-        key=retrain_key(msg.message_id),
+        key=request_key(request_id) if request_id else retrain_key(msg.message_id),
         refresh=refresh,
     )
 

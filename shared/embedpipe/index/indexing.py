@@ -546,7 +546,7 @@ def _new_collection_gated(x: Indexing, deleted: int, same_model: bool) -> Outcom
     x.step("evaluate the live index")
     first = _first_index(x, previous)
     if first:  # a redelivery finds what its first delivery promoted: still this dataset's first index
-        previous = None
+        previous, old = None, None
     promoted, reason = _gate(x, new.scores, old, previous)
     out = Outcome(
         collection=collection,

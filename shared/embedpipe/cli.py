@@ -321,17 +321,21 @@ def precheck(directory: Path, dataset: str, echo=err) -> datasets.Dataset:
     return ds
 
 
+WAIT_OPTION = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT", help="block until the run ends")
+TIMEOUT_OPTION = typer.Option(
+    0.0,
+    "--timeout",
+    envvar="EMBEDPIPE_TIMEOUT",
+    help="seconds to wait for the run (0: as long as it runs); a run outlives a timeout: `embedpipe wait RUN_ID`",
+)
+
+
 @app.command()
 def upload(
     directory: Path = typer.Argument(..., exists=True, file_okay=False, help="a BEIR folder"),
     dataset: str = typer.Option(..., "--dataset", envvar="EMBEDPIPE_DATASET"),
-    wait: bool = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT", help="block until the run ends"),
-    timeout: float = typer.Option(
-        0.0,
-        "--timeout",
-        envvar="EMBEDPIPE_TIMEOUT",
-        help="seconds to wait for the run (0: as long as it runs); a run outlives a timeout: `embedpipe wait RUN_ID`",
-    ),
+    wait: bool = WAIT_OPTION,
+    timeout: float = TIMEOUT_OPTION,
 ) -> None:
     """Upload a BEIR folder to gs://DATA/datasets/NAME/; with --wait print the run's final event (stdout)."""
     s = settings()
@@ -393,13 +397,8 @@ def retrain(
         envvar="EMBEDPIPE_REFRESH",
         help="the data changed (e.g. a BigQuery table): re-read it, update the live index incrementally, no training",
     ),
-    wait: bool = typer.Option(False, "--wait", envvar="EMBEDPIPE_WAIT", help="block until the run ends"),
-    timeout: float = typer.Option(
-        0.0,
-        "--timeout",
-        envvar="EMBEDPIPE_TIMEOUT",
-        help="seconds to wait for the run (0: as long as it runs); a run outlives a timeout: `embedpipe wait RUN_ID`",
-    ),
+    wait: bool = WAIT_OPTION,
+    timeout: float = TIMEOUT_OPTION,
 ) -> None:
     """Publish a retrain message for a dataset (full run: train, embed, index, gate; --refresh: re-read the data)."""
     s = settings()

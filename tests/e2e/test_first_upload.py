@@ -5,12 +5,11 @@ run measured, with the reason in the CLI summary, the event and the report; sear
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli, isolated_settings
+from tests.helpers import cli, cli_stack, isolated_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -51,12 +50,8 @@ def small_collection(root):
 @pytest.fixture(scope="module")
 def strict_stack(tmp_path_factory, tiny_model):
     settings = isolated_settings(tmp_path_factory.mktemp("first-upload-state"), tiny_model, gate_tolerance=0.0)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_") and "EMULATOR_HOST" not in k}
-    env.update(settings.to_env())
-    result = cli(env, "up")
-    assert result.returncode == 0, result.stderr
-    yield settings, env
-    cli(env, "down")
+    with cli_stack(settings) as env:
+        yield settings, env
 
 
 def test_a_small_first_upload_that_loses_is_still_searchable_from_the_best_baseline(strict_stack, tmp_path):

@@ -156,9 +156,12 @@ def _poll_runs(ledger, claimed, timeout: float, sleep) -> dict:
     try:
         return _poll_until(ledger, claimed, deadline, timeout, sleep, run_ids)
     except KeyboardInterrupt:
-        follow = " or ".join(f"`embedpipe wait {r}`" for r in run_ids) or "`embedpipe runs`"
-        err(f"\ninterrupted; the run goes on: follow it with {follow}")
+        err(f"\ninterrupted; the run goes on: follow it with {_follow(run_ids) or '`embedpipe runs`'}")
         raise typer.Exit(130) from None
+
+
+def _follow(run_ids: list[str]) -> str:
+    return " or ".join(f"`embedpipe wait {r}`" for r in run_ids)
 
 
 def _poll_until(ledger, claimed, deadline: float, timeout: float, sleep, run_ids: list[str]) -> dict:
@@ -180,9 +183,8 @@ def _poll_until(ledger, claimed, deadline: float, timeout: float, sleep, run_ids
                 continue
         sleep(POLL_FINAL_S if any(r["state"] in (runs.INDEXING, runs.PUBLISHING) for r in records) else POLL_S)
     if run_ids:
-        follow = " or ".join(f"`embedpipe wait {r}`" for r in run_ids)
         err(
-            f"error: stopped waiting after {timeout:.0f}s; the run goes on: follow it with {follow} "
+            f"error: stopped waiting after {timeout:.0f}s; the run goes on: follow it with {_follow(run_ids)} "
             "(or `embedpipe runs`)"
         )
     else:

@@ -247,10 +247,20 @@ class Stopwatch:
 
 
 def load_shards(
-    s, client, collection: str, embed_uri: str, manifests: list[dict], watch: Stopwatch, fresh: bool, bulk=None
+    s,
+    client,
+    collection: str,
+    embed_uri: str,
+    manifests: list[dict],
+    watch: Stopwatch,
+    fresh: bool,
+    bulk=None,
+    vector: str = "vector",
 ) -> int:
     """Upsert every shard (or bulk import, for a large fresh collection on a server that can); returns rows.
-    ``bulk`` is (recorded import job id or None, a callable that records a new one before it is polled).
+    ``bulk`` is (recorded import job id or None, a callable that records a new one before it is polled). ``vector``:
+    the shards' column that fills the dense field (``base_vector`` for a first run's fallback index: always upserted,
+    since a bulk import stages the shards as they are).
 
     Streamed: each shard is read from GCS through ranged reads (nothing is downloaded: Cloud Run's /tmp is memory)
     and upserted ``UPSERT_BATCH`` rows at a time, so the indexer holds a row group, not the corpus. Every shard's
@@ -262,7 +272,7 @@ def load_shards(
             if (rows := pq_rows(shard)) != m["count"]:
                 raise ValueError(f"{m['file']}: {rows} rows, manifest says {m['count']}")
         total = sum(m["count"] for m in manifests)
-        if fresh and bulkload.wanted(s, total):
+        if fresh and vector == "vector" and bulkload.wanted(s, total):
             job_id, on_started = bulk or (None, None)
             try:  # a recorded job is only polled again: importing twice would duplicate rows (import does not upsert)
                 files = (
@@ -281,7 +291,7 @@ def load_shards(
                 )
             except bulkload.ImportUnsupported as exc:
                 log.warning("bulk import unavailable (%s): loading %s with upserts", exc, collection)
-        return upsert_tables(client, collection, shards, watch)
+        return upsert_tables(client, collection, shards, watch, vector=vector)
 
 
 def parquet(source):
@@ -659,12 +669,7 @@ def _load_base(x: Indexing, collection: str, fingerprint: str, model_uri: str) -
         model_uri,
         clock=x.ledger.clock,
     )
-    with contextlib.ExitStack() as opened:
-        shards = [parquet(opened.enter_context(storage.open_read(f"{x.embed_uri}/{s['file']}"))) for s in x.manifests]
-        for s, shard in zip(x.manifests, shards):
-            if (rows := pq_rows(shard)) != s["count"]:
-                raise ValueError(f"{s['file']}: {rows} rows, manifest says {s['count']}")
-        upsert_tables(x.client, collection, shards, x.watch, vector="base_vector")
+    load_shards(x.settings, x.client, collection, x.embed_uri, x.manifests, x.watch, fresh=True, vector="base_vector")
     x.watch(vectorstore.finish_load, x.client, collection)
 
 

@@ -101,6 +101,9 @@ class Ledger:
     def _claim_uri(self, key: str) -> str:
         return f"gs://{self.bucket}/ledger/claims/{_digest(key)}.json"
 
+    def _rejection_uri(self, key: str) -> str:
+        return f"gs://{self.bucket}/ledger/rejected/{_digest(key)}.json"
+
     def _item_uri(self, run_id: str, field: str, key: str) -> str:
         return f"{self.run_dir(run_id)}/{field}/{_digest(key)}.json"
 
@@ -140,15 +143,13 @@ class Ledger:
         redelivery writes nothing new. What ``embedpipe retrain --wait`` reads instead of waiting out its timeout."""
         try:
             self.store.write_json(
-                f"gs://{self.bucket}/ledger/rejected/{_digest(key)}.json",
-                {"key": key, "reason": reason, "at": iso(self.clock())},
-                if_generation_match=0,
+                self._rejection_uri(key), {"key": key, "reason": reason, "at": iso(self.clock())}, if_generation_match=0
             )
         except PreconditionFailed:
             pass
 
     def get_rejection(self, key: str) -> dict | None:
-        return self.store.read_json_gen(f"gs://{self.bucket}/ledger/rejected/{_digest(key)}.json")[0]
+        return self.store.read_json_gen(self._rejection_uri(key))[0]
 
     def get_claim(self, key: str) -> dict | None:
         return self.store.read_json_gen(self._claim_uri(key))[0]

@@ -45,7 +45,7 @@ from embedpipe.contracts import datasets
 from embedpipe.control import incremental, intake
 from embedpipe.gcp import bqsource, storage
 from embedpipe.ml import distributed
-from embedpipe.ml.embedding import encode, shard
+from embedpipe.ml.embedding import encode, encode_each, shard
 from embedpipe.ml.model import INFO_FILE, base_artifact, load_model
 from embedpipe.retrieval import lexical
 
@@ -280,16 +280,16 @@ def main(argv: list[str]) -> int:
             qids = sorted(q for q in qrels if q in ds.queries)
             texts = [ds.queries[q] for q in qids]
             pending.append(writes.submit(storage.write_json, f"{out}/qrels.json", {q: qrels[q] for q in qids}))
-            qv = checked(encode(model, [info.query_prefix + t for t in texts], args.batch_tokens), "query")
+            qv = checked(encode_each(model, texts, info.query_prefix), "query")  # as the search service encodes queries
             terms = lexical.analyzed(texts)  # the same analysis for both query tables
             qcols = {"id": qids, "text": texts, "bm25_text": terms, "vector": list(qv)}
             if base is not None:
-                qb = encode(base, [info.query_prefix + t for t in texts], args.batch_tokens)
+                qb = encode_each(base, texts, info.query_prefix)
                 qcols["base_vector"] = list(checked(qb, "base query"))
             pending.append(writes.submit(write_parquet, f"{out}/queries.parquet", qcols))
             if args.previous_model_uri:
                 prev, prev_info = load_model(args.previous_model_uri, inference=True)
-                pv = encode(prev, [prev_info.query_prefix + t for t in texts], args.batch_tokens)
+                pv = encode_each(prev, texts, prev_info.query_prefix)
                 pending.append(
                     writes.submit(
                         write_parquet,

@@ -283,6 +283,10 @@ class Settings:
     max_inplace_share: float = 0.2
     # Milvus bulk import (scale path) for full loads of at least this many rows; needs the bucket Milvus reads from
     bulk_import_min_rows: int = 1_000_000
+    # collections of at most this many documents get an exact (FLAT) dense index, larger ones Milvus' AUTOINDEX
+    # (approximate): exact costs ~40 ms a query at 100k 384-d vectors on one core, and an approximate index moved the
+    # fused rankings of a 1,460-document collection by 0.005 nDCG@10
+    exact_search_max_docs: int = 100_000
     bulk_import_bucket: str = ""
     # search service: how often it re-reads the ledger for a promotion it may have missed (index-updated is the push)
     search_refresh_s: float = 30.0

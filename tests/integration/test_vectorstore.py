@@ -123,3 +123,22 @@ def test_retention_spares_the_live_protected_and_young_collections(client):
     assert vectorstore.drop_old_collections(client, "vs-retain", 1, grace_s=600) == [], "created just now"
     assert vectorstore.drop_old_collections(client, "vs-retain", 1, grace_s=0) == [replaced]
     assert set(vectorstore.dataset_collections(client, "vs-retain")) == {rejected, live}
+
+
+def test_an_exact_collection_ranks_as_exact_search_does(client):
+    """A small collection's FLAT index: Milvus' top 100 is numpy's exact top 100 in order (the convex hybrid
+    normalises over the whole candidate list, so one missed candidate moves fused ranks), and the index is built
+    over every row once finish_load returns."""
+    name = vectorstore.collection_name("vs-exact", "run-1")
+    vectorstore.create_collection(client, name, 32, "fp-a", "gs://x/", exact=True)
+    data, vecs = rows(3000, 32, seed=3)
+    for start in range(0, len(data), 1000):
+        vectorstore.upsert_batch(client, name, data[start : start + 1000])
+    vectorstore.finish_load(client, name)
+    index = client.describe_index(name, "dense")
+    assert index["index_type"] == "FLAT" and index["pending_index_rows"] == 0
+    queries = np.random.default_rng(9).normal(size=(20, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    hits = vectorstore.search_dense(client, name, queries, 100)
+    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :100]
+    assert [[d for d, _ in h] for h in hits] == [[f"doc-{j}" for j in row] for row in exact]

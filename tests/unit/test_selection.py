@@ -100,6 +100,34 @@ def test_task_for_holds_out_training_pairs_without_dev():
     assert doc(1).full_text not in task.corpus.values()
 
 
+def test_task_for_holds_out_training_queries_against_the_whole_corpus():
+    # qrels/train.tsv, no pairs/, no dev: whole training queries are held out with their own graded judgements
+    n = ENOUGH + 30
+    corpus = {f"d{i}": doc(i) for i in range(n + 50)}  # 50 documents no training query judges
+    queries = {f"q{i}": f"question {i}" for i in range(n)} | {"qt": "test question"}
+    train = {f"q{i}": {f"d{i}": 2, f"d{(i + 1) % n}": 1, f"d{(i + 2) % n}": 0} for i in range(n)}
+    ds = Dataset(name="t", corpus=corpus, queries=queries, qrels={"train": train, "test": {"qt": {"d0": 1}}}, pairs=[])
+    pairs = ds.training_pairs()
+    kept, task = task_for(ds, pairs, seed=5)
+    assert task.split == "heldout_queries"
+    assert len(task.queries) == int(n * HELDOUT_SHARE)
+    assert task.corpus == {d.id: d.full_text for d in corpus.values()}  # unjudged documents compete too
+    for q in task.queries:
+        assert task.qrels[q] == train[q]  # grades kept (2 counts more than 1 in nDCG)
+    held = {queries[q] for q in task.queries}
+    assert not held & {p[0] for p in kept}
+    assert len(kept) == sum(1 for p in pairs if p[0] not in held)
+    assert "qt" not in task.queries
+    assert task_for(ds, pairs, seed=5) == (kept, task)  # the same split on every rank and retry
+
+
+def test_pairs_files_keep_the_pairs_hold_out():
+    # pairs/ present: its anchors are what trains, so the hold-out is of pairs even when qrels/train exists
+    train = {f"q{i}": {"d0": 1} for i in range(3)}
+    ds = dataset({"train": train}, pairs=make_pairs(ENOUGH))
+    assert task_for(ds, ds.training_pairs())[1].split == "heldout"
+
+
 def test_task_for_without_enough_pairs_has_no_selection():
     pairs = make_pairs(ENOUGH - 1)
     train, task = task_for(dataset({}), pairs)

@@ -15,6 +15,7 @@ from embedpipe.ml.scalars import ScalarLog
 from embedpipe.ml.training import (
     NonFiniteLoss,
     TrainParams,
+    distinct_batches,
     evaluate_exact,
     length_grouped_batches,
     seq_length_for,
@@ -74,6 +75,25 @@ def test_length_grouped_batches_cover_every_pair_once():
     flat = [p for b in batches for p in b]
     assert sorted(flat) == sorted(data)
     assert all(2 <= len(b) <= 8 for b in batches)
+
+
+def test_no_batch_repeats_an_anchor_or_a_positive():
+    # qrels/train-style pairs: each query has several relevant documents, documents are relevant to several queries
+    data = [(f"query {q}", f"doc {(q * 3 + j) % 40}", None) for q in range(30) for j in range(6)]
+    batches = length_grouped_batches(data, 16, random.Random(0))
+    for b in batches:
+        assert len({p[0] for p in b}) == len(b) and len({p[1] for p in b}) == len(b)
+    assert sorted(p for b in batches for p in b) == sorted(data)  # nothing lost: repeats wait for a later batch
+
+
+def test_pairs_of_one_anchor_never_share_a_batch():
+    data = [("q", "d0", None), ("q", "d1", None), ("q", "d2", None), ("r", "d0", None), ("s", "d9", None)]
+    q0, q1, q2, r0, s9 = data
+    assert distinct_batches(data, 4) == [[q0, s9], [q1, r0], [q2]]  # q2 conflicts with every batch: left alone
+    # a pair left alone at the end joins the first batch it does not conflict with
+    assert distinct_batches([("a", "x", None), ("b", "y", None), ("c", "z", None)], 2) == [
+        [("a", "x", None), ("b", "y", None), ("c", "z", None)]
+    ]
 
 
 def test_evaluate_exact_returns_the_metric_keys(tiny_model):

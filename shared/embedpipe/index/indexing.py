@@ -668,6 +668,7 @@ def _load_base(x: Indexing, collection: str, fingerprint: str, model_uri: str) -
         fingerprint,
         model_uri,
         clock=x.ledger.clock,
+        exact=_exact(x),
     )
     load_shards(x.settings, x.client, collection, x.embed_uri, x.manifests, x.watch, fresh=True, vector="base_vector")
     x.watch(vectorstore.finish_load, x.client, collection)
@@ -714,10 +715,24 @@ def _load_new(x: Indexing) -> tuple[str, int]:
     collection = vectorstore.collection_name(x.dataset, x.run_id)
     m = x.first
     model_uri, clock = x.record["model"]["uri"], x.ledger.clock
-    x.watch(vectorstore.create_collection, x.client, collection, m["dim"], m["fingerprint"], model_uri, clock=clock)
+    x.watch(
+        vectorstore.create_collection,
+        x.client,
+        collection,
+        m["dim"],
+        m["fingerprint"],
+        model_uri,
+        clock=clock,
+        exact=_exact(x),
+    )
     upserted = _load_shards(x, collection, fresh=True)
     x.watch(vectorstore.finish_load, x.client, collection)
     return collection, upserted
+
+
+def _exact(x: Indexing) -> bool:
+    """An exact dense index for a collection of at most ``exact_search_max_docs`` documents (the run's rows)."""
+    return sum(m["count"] for m in x.manifests) <= x.settings.exact_search_max_docs
 
 
 def _load_shards(x: Indexing, collection: str, fresh: bool) -> int:

@@ -155,6 +155,16 @@ def encode(
     return out
 
 
+def encode_each(model, texts: list[str], prefix: str = "") -> np.ndarray:
+    """``encode``, one text per call: how the search service encodes a query. Batches pad rows to a shared width, and
+    half-precision kernels then round differently (cosine 0.99996 to the same query alone), which moved a measured
+    nDCG@10 by 0.0014; eval queries encoded this way are the vectors users' queries get, to the bit on the same
+    hardware."""
+    if not texts:
+        return encode(model, [], prefix=prefix)
+    return np.stack([encode(model, [t], prefix=prefix)[0] for t in texts])
+
+
 def _rows(value, rows, span: slice, shape, device):
     """One batch's slice of a chunk's feature on ``device``: its rows, and only as many (padded) columns as it
     needs. Values that are not per-row tensors (e.g. the modality name) pass through."""

@@ -39,7 +39,7 @@ UNCHOSEN = {"fusion": "rrf", "hybrid_weight": 0.5, "rrf_k": evaluation.RRF_K}
 
 @dataclass
 class Task:
-    split: str  # "dev" | "heldout"
+    split: str  # "dev" | "heldout_queries" (of qrels/train) | "heldout" (pairs) | "kfold"
     queries: dict[str, str]
     corpus: dict[str, str]
     qrels: dict[str, dict[str, int]]
@@ -79,6 +79,9 @@ def task_for(ds, pairs: list, seed: int = 42) -> tuple[list, Task | None]:
         keep = {d for r in dev.values() for d in r} & ds.corpus.keys()  # rows naming absent documents stay in qrels
         corpus = _capped({i: doc.full_text for i, doc in ds.corpus.items()}, keep, seed)
         return pairs, Task("dev", {q: ds.queries[q] for q in dev}, corpus, dev)
+    supervised = _heldout_queries(ds, pairs, seed)
+    if supervised:
+        return supervised
     train, held = split_pairs(pairs, seed)
     if not held:
         log.warning(
@@ -86,6 +89,28 @@ def task_for(ds, pairs: list, seed: int = 42) -> tuple[list, Task | None]:
         )
         return pairs, None
     return train, pairs_task("heldout", pairs, held, seed)
+
+
+def _heldout_queries(ds, pairs: list, seed: int) -> tuple[list, Task] | None:
+    """Where the pairs are ``qrels/train.tsv``'s (no ``pairs/``, no dev split): a seeded share of the training
+    queries held out and searched against the whole corpus with their own graded judgements, so selection scores
+    real queries the way the test split will (not the positives-only corpus of ``pairs_task``). None when there are
+    too few queries to hold out (``split_pairs`` and k-fold then work on the pairs as usual)."""
+    if ds.pairs:
+        return None
+    train = {
+        q: r for q, r in (ds.qrels.get("train") or {}).items() if q in ds.queries and any(s > 0 for s in r.values())
+    }
+    qids = sorted(train, key=lambda q: _key(seed, q))
+    n = min(HELDOUT_MAX, int(len(qids) * HELDOUT_SHARE))
+    if n < HELDOUT_MIN:
+        return None
+    held = set(qids[:n])
+    texts = {ds.queries[q] for q in held}  # a query text repeated under another id is held out too
+    keep = {d for q in held for d in train[q]} & ds.corpus.keys()
+    corpus = _capped({i: doc.full_text for i, doc in ds.corpus.items()}, keep, seed)
+    task = Task("heldout_queries", {q: ds.queries[q] for q in sorted(held)}, corpus, {q: train[q] for q in held})
+    return [p for p in pairs if p[0] not in texts], task
 
 
 def pairs_task(split: str, pairs: list, held: list, seed: int) -> Task:

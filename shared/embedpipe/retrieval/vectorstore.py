@@ -114,10 +114,17 @@ def connect(uri: str, token: str = ""):
 
 
 def create_collection(
-    client, name: str, dim: int, fingerprint: str, model_uri: str, clock: Callable[[], float] = time.time
+    client,
+    name: str,
+    dim: int,
+    fingerprint: str,
+    model_uri: str,
+    clock: Callable[[], float] = time.time,
+    exact: bool = False,
 ) -> None:
     """Create (idempotently) the collection with dense + BM25 sparse fields and their indexes. ``clock``: wall time,
-    epoch seconds, for its ``created_at`` (what ``drop_old_collections`` compares with its own ``clock``)."""
+    epoch seconds, for its ``created_at`` (what ``drop_old_collections`` compares with its own ``clock``). ``exact``:
+    a FLAT dense index (exact search: what selection and evaluation compute, to the ranking), else AUTOINDEX."""
     from pymilvus import DataType, Function, FunctionType
 
     if client.has_collection(name):
@@ -138,7 +145,7 @@ def create_collection(
         )
     )
     index = client.prepare_index_params()
-    index.add_index(field_name="dense", index_type="AUTOINDEX", metric_type="COSINE")
+    index.add_index(field_name="dense", index_type="FLAT" if exact else "AUTOINDEX", metric_type="COSINE")
     index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
     try:
         client.create_collection(
@@ -240,6 +247,25 @@ def finish_load(client, name: str) -> None:
     thread of the server, on the CPUs the evaluation that follows needs)."""
     client.flush(name)  # search on unflushed data is very slow on Milvus Lite
     client.load_collection(name)
+    wait_indexed(client, name)
+
+
+def wait_indexed(client, name: str, poll_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+    """Until the dense index covers every row: rows not yet indexed are searched exactly, so scores measured before
+    the index is built are not the ones the index serves afterwards. No limit of its own (the stage deadline ends a
+    stuck load); says every 30 s how far it is. A server that reports no progress is not waited for."""
+    start, said = clock(), clock()
+    while True:
+        info = client.describe_index(name, "dense") or {}
+        pending, total, done = info.get("pending_index_rows"), info.get("total_rows"), info.get("indexed_rows")
+        if pending is None and (total is None or done is None):
+            return
+        if not pending and (total is None or done is None or done >= total):
+            return
+        if clock() - said >= 30:
+            log.info("%s: dense index built for %s of %s rows (%.0fs)", name, done, total, clock() - start)
+            said = clock()
+        time.sleep(poll_s)
 
 
 @loaded

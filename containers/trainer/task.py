@@ -181,8 +181,12 @@ def main(argv: list[str]) -> int:
     params = TrainParams(**{k: getattr(args, k) for k in TrainParams.__dataclass_fields__ if hasattr(args, k)})
     params.max_seq_length = seq
 
+    scored: list[tuple[float, dict]] = []  # (score, hits) of each scoring, base model first: never ranked twice
+
     def score(m) -> float:
-        return selection.dense_score(m, task, base.query_prefix, base.document_prefix)
+        hits = selection.dense_hits(m, task, base.query_prefix, base.document_prefix)
+        scored.append((selection.metric_of(task, hits), hits))
+        return scored[-1][0]
 
     def fresh():
         m, _ = load_model(args.base_model, device=device)
@@ -238,7 +242,12 @@ def main(argv: list[str]) -> int:
     sel_task = task or (cv.task if cv else None)
     if sel_task:
         if task:
-            dense = selection.dense_hits(model, task, base.query_prefix, base.document_prefix)
+            # the shipped weights were ranked already: the base model first, the kept epoch (the first to reach the
+            # best score) during training; a resumed run's earlier epochs were not ranked here, so rank again then
+            want = tuned_score if tuned else base_score
+            dense = next((h for sc, h in scored if sc == want), None)
+            if dense is None:
+                dense = selection.dense_hits(model, task, base.query_prefix, base.document_prefix)
         else:  # the fold models' pooled rankings of the kept epoch (or the base model's): no final model is scored
             dense = cv.by_epoch[cv.epochs] if tuned else cv.base
         bm25 = selection.bm25_hits(sel_task)

@@ -399,6 +399,14 @@ def retrain(
         envvar="EMBEDPIPE_REFRESH",
         help="the data changed (e.g. a BigQuery table): re-read it, update the live index incrementally, no training",
     ),
+    allow_shrink: bool = typer.Option(
+        False,
+        "--allow-shrink",
+        envvar="EMBEDPIPE_ALLOW_SHRINK",
+        help="confirm that the new index may lack live documents (corpus parts removed or quarantined); without "
+        "it such an index is refused when it lacks more than EMBEDPIPE_MAX_DELETE_SHARE of them, or any of a "
+        "quarantined part's",
+    ),
     wait: bool = WAIT_OPTION,
     timeout: float = TIMEOUT_OPTION,
 ) -> None:
@@ -411,11 +419,11 @@ def retrain(
     except ValueError as exc:
         err(f"error: --set: {exc}")
         raise typer.Exit(2) from None
-    if refresh and overrides:
-        err("error: --refresh does not train: drop --set")
+    if refresh and (overrides or allow_shrink):
+        err("error: --refresh does not train: drop --set and --allow-shrink")
         raise typer.Exit(2)
     written = _store_source(s, dataset, source) if source else None
-    if written and not overrides and not refresh:
+    if written and not overrides and not refresh and not allow_shrink:
         # the new source.json is itself a change that starts a full run: a retrain message too could start a second
         # one (the message can be handled before the bucket's notification arrives)
         err("  the new source.json starts the run")
@@ -426,6 +434,8 @@ def retrain(
     body = {"dataset": dataset, "overrides": overrides, "reason": reason, "request_id": request_id}
     if refresh:
         body["refresh"] = True
+    if allow_shrink:
+        body["allow_shrink"] = True
     from embedpipe.gcp import bus
 
     message_id = bus.publish_raw(s.project, topology.RETRAIN_REQUESTS, json.dumps(body).encode())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -373,3 +374,64 @@ def test_secrets_never_leak(env_stack):
     assert scanned > 50
     runs_json = cli(env, "runs", "--json").stdout
     assert SECRET not in runs_json and json.loads(runs_json)
+
+
+def test_a_quarantined_part_is_absent_not_deleted_and_shrinking_needs_confirmation(env_stack, tmp_path):
+    """Issue 25.1/25.2 on the real stack: a corpus in 4 parts; one part re-uploaded with a bad line is quarantined
+    and its documents stay live through the runs that follow; the fixed part updates them. A retrain after a part
+    was removed is refused without --allow-shrink (the live index stays), and with it the event says how many live
+    documents the new index lacks."""
+    settings, env = env_stack
+    ledger = Ledger(settings.artifacts_bucket)
+    corpus_lines = [line for line in (TINY / "corpus.jsonl").read_text().splitlines() if line.strip()]
+    docs = {json.loads(line)["_id"]: line for line in corpus_lines}
+    judged = {
+        row.split("\t")[1]
+        for f in (TINY / "qrels").glob("*.tsv")
+        for row in f.read_text().splitlines()[1:]
+        if row.strip()
+    }
+    spare = sorted(set(docs) - judged)[:6]  # part 3: unjudged documents, so only the shrink guard can refuse
+    rest = [i for i in sorted(docs) if i not in spare]
+    parts = [rest[0:6], rest[6:12], rest[12:], spare]
+    folder = tmp_path / "parts"
+    shutil.copytree(TINY, folder)
+    (folder / "corpus.jsonl").unlink()
+    (folder / "corpus").mkdir()
+    for n, ids in enumerate(parts):
+        (folder / "corpus" / f"part-{n}.jsonl").write_text("".join(docs[i] + "\n" for i in ids))
+    (first,) = wait_runs_done(ledger, upload_folder(settings, folder, "parts"))
+    assert first["state"] == runs.SUCCEEDED and index_ids(settings, "parts") == set(docs)
+    bucket = f"gs://{settings.data_bucket}/datasets/parts/corpus"
+
+    def put(rel: str, data: str) -> list[dict]:
+        gen = storage.write_bytes(f"{bucket}/{rel}", data.encode())
+        return wait_runs_done(ledger, [f"gcs/{settings.data_bucket}/datasets/parts/corpus/{rel}#{gen}"])
+
+    bad = "".join(docs[i] + "\n" for i in parts[1][:3]) + '{"_id": "broken", "text": }\n'
+    runs_bad = put("part-1.jsonl", bad)
+    assert all(r["state"] == runs.SUCCEEDED for r in runs_bad), [r.get("error") for r in runs_bad]
+    assert index_ids(settings, "parts") == set(docs), "the quarantined part's documents stayed live"
+    edited = json.loads(docs[parts[2][0]])
+    edited["text"] += " Edited."
+    (later,) = put("part-2.jsonl", "".join([json.dumps(edited) + "\n", *(docs[i] + "\n" for i in parts[2][1:])]))
+    assert later["state"] == runs.SUCCEEDED and later["absent_parts"] == ["datasets/parts/corpus/part-1.jsonl"]
+    assert index_ids(settings, "parts") == set(docs), "still absent, still live"
+
+    fixed = put("part-1.jsonl", "".join(docs[i] + "\n" for i in parts[1]))
+    assert fixed[-1]["state"] == runs.SUCCEEDED and not fixed[-1].get("absent_parts")
+    assert not ledger.get_dataset("parts").get("absent_parts")
+    assert index_ids(settings, "parts") == set(docs)
+
+    storage.delete(f"{bucket}/part-3.jsonl")  # removed on purpose: a retrain must be told so
+    refused = cli(env, "retrain", "--dataset", "parts", "--wait", "--timeout", "600")
+    data = json.loads(refused.stdout)["data"]
+    assert not data["promoted"] and data["counts"]["live_missing"] == len(spare)
+    assert f"lacks {len(spare)} of the {len(docs)} live documents" in data["gate"]["reason"]
+    assert "--allow-shrink" in data["gate"]["reason"]
+    assert index_ids(settings, "parts") == set(docs), "the live index stays"
+    allowed = cli(env, "retrain", "--dataset", "parts", "--allow-shrink", "--wait", "--timeout", "600")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    data = json.loads(allowed.stdout)["data"]
+    assert data["promoted"] and data["counts"]["live_missing"] == len(spare)
+    assert index_ids(settings, "parts") == set(docs) - set(spare)

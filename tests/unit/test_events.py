@@ -167,6 +167,17 @@ def test_parse_retrain_refresh_must_be_a_bool_and_does_not_train():
             parse(body)
 
 
+def test_parse_retrain_allow_shrink_is_a_bool_for_a_retrain_only():
+    def parse(body: bytes):
+        return parse_retrain(parse_push(push_event(body, topic="retrain-requests", message_id="7")))
+
+    assert parse(b'{"dataset": "demo", "allow_shrink": true}').allow_shrink
+    assert not parse(b'{"dataset": "demo"}').allow_shrink
+    for body in (b'{"dataset": "d", "allow_shrink": 1}', b'{"dataset": "d", "allow_shrink": true, "refresh": true}'):
+        with pytest.raises(EventError, match="allow_shrink"):
+            parse(body)
+
+
 def test_parse_retrain_defaults():
     req = parse_retrain(parse_push(push_event(b'{"dataset": "demo"}', topic="retrain-requests", message_id="5")))
     assert (req.dataset, req.overrides, req.hp_tuning, req.reason) == ("demo", {}, None, "retrain requested")

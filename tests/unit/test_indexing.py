@@ -18,6 +18,7 @@ from embedpipe.index.indexing import (
     off_the_shelf,
     permanent_milvus_error,
     score,
+    shrink_refusal,
 )
 
 METRICS = ("ndcg@10", "recall@10")
@@ -156,3 +157,26 @@ def test_off_the_shelf_is_an_even_rrf_of_the_two_rankings():
     # a: 1/61 + 1/63, c: 1/63 + 1/61 (tie, base's first), b: 1/62, d: 1/62
     assert off_the_shelf(base, bm25) == {"q": ["a", "c", "b", "d"]}
     assert off_the_shelf({"q": ["a"]}, {}) == {"q": ["a"]}  # a query BM25 found nothing for keeps the base ranking
+
+
+def shrinking(missing: int, live: int = 1000, **record) -> str | None:
+    import types
+
+    s = dataclasses.replace(Settings.from_env({}), max_delete_share=0.05)
+    x = types.SimpleNamespace(
+        settings=s, record={"dataset": "demo", **record}, promoted_before={"rows": live}, dataset="demo"
+    )
+    return shrink_refusal(x, missing)
+
+
+def test_a_new_index_lacking_live_documents_needs_the_retrain_confirmation():
+    """Issue 25.2: full and rebuilt runs had no shrink guard, and the gate rewards a smaller corpus (dropping a third
+    of a corpus, all unjudged, raised recall@10 from 0.28 to 0.61 and was promoted)."""
+    assert shrinking(0) is None and shrinking(50) is None  # within EMBEDPIPE_MAX_DELETE_SHARE
+    why = shrinking(334)
+    assert why.startswith("rejected: the new index lacks 334 of the 1000 live documents (33.4% > ")
+    assert "embedpipe retrain --dataset demo --allow-shrink" in why
+    assert shrinking(334, allow_shrink=True) is None
+    # a quarantined part's documents are absent, never deleted: however few, only the confirmation lets them go
+    part = "datasets/demo/corpus/part-1.jsonl"
+    assert part in shrinking(3, absent_parts=[part]) and shrinking(3, absent_parts=[part], allow_shrink=True) is None

@@ -266,6 +266,10 @@ class _FakeBlob:
     def reload(self) -> None:
         self.download_as_bytes()  # NotFound when that generation is gone
 
+    def exists(self) -> bool:
+        found = self.gcs.objects.get((self.bucket, self.name))
+        return found is not None and (self.pinned is None or found[1] == self.pinned)
+
     @property
     def size(self) -> int:
         return len(self.download_as_bytes())
@@ -1455,3 +1459,87 @@ def test_a_tuning_job_whose_trials_found_nothing_usable_fails_the_run_in_intake(
     run = h.run(run_id)
     assert run["state"] == FAILED and run["error"]["stage"] == "intake"
     assert len(h.launcher.stage_submits("train")) == 1, "not retried: a retry cannot change the data"
+
+
+# ---------------------------------------------------------------- reliability III: a quarantined part is absent
+
+
+def absent_done(h, run_id: str) -> None:
+    """The run's embed job succeeded and its indexer promoted and published: the dataset is free again."""
+    h.job_event(h.launcher.stage_submits("embed")[-1], "SUCCEEDED")
+    event = Event(events.INDEX_UPDATED, {"run_id": run_id, "promoted": True}, id=f"{run_id}/index-updated")
+    h.ledger.advance(run_id, INDEXING, runs.PUBLISHING, final_event=event.to_structured())
+    h.pipe.finish(h.ledger.get_run(run_id))
+
+
+def absent_launch(h) -> dict:
+    """The pending run launched; its record."""
+    (run,) = [r for r in h.runs() if r["state"] == PENDING]
+    h.clock.advance(h.settings.debounce_s + 1)
+    h.pipe.launch_due("demo")
+    return h.run(run["run_id"])
+
+
+def test_a_part_quarantined_at_upload_stays_absent_until_a_good_one_arrives(intake_h, gcs):
+    """Issue 25.1: a re-uploaded corpus part with one bad line was quarantined and the incremental run that followed
+    deleted its live documents (they were missing from the listing). The part is now absent in every run until a
+    good file arrives at its name: no run deletes anything meanwhile."""
+    h = intake_h
+    h.ledger.update_dataset("demo", lambda st: {**st, "promoted": PROMOTED})
+    part = "datasets/demo/corpus/part-1.jsonl"
+    bad = gcs.put(DATA, part, jl({"_id": "a", "text": "ok"}) + b'{"_id": "b", "text": }\n')
+    assert h.pipe.on_object_change(ObjectChange(DATA, part, bad, "OBJECT_FINALIZE")).startswith("rejected")
+    assert h.ledger.get_dataset("demo")["absent_parts"][part]["generation"] == bad
+    run = absent_launch(h)
+    assert run["skip_deletes"] is True and run["absent_parts"] == [part]
+    assert "--keep-absent" in h.launcher.stage_submits("embed")[-1].args
+    absent_done(h, run["run_id"])
+
+    # a later upload of another part: the quarantined one is still absent, its documents still kept
+    other = "datasets/demo/corpus/part-2.jsonl"
+    h.pipe.on_object_change(
+        ObjectChange(DATA, other, gcs.put(DATA, other, jl({"_id": "c", "text": "c"})), "OBJECT_FINALIZE")
+    )
+    run = absent_launch(h)
+    assert run["absent_parts"] == [part] and "--keep-absent" in h.launcher.stage_submits("embed")[-1].args
+    absent_done(h, run["run_id"])
+
+    # the good version arrives: the part is back, deletions are the corpus' own again
+    good = gcs.put(DATA, part, jl({"_id": "a", "text": "ok"}, {"_id": "b", "text": "fixed"}))
+    h.pipe.on_object_change(ObjectChange(DATA, part, good, "OBJECT_FINALIZE"))
+    run = absent_launch(h)
+    assert "absent_parts" not in run and not run.get("skip_deletes")
+    assert "--keep-absent" not in h.launcher.stage_submits("embed")[-1].args
+    assert h.ledger.get_dataset("demo")["absent_parts"] == {}
+
+
+def test_a_part_a_job_quarantined_is_absent_in_later_runs_too(h, gcs):
+    run_id = h.started_run()
+    name = "datasets/demo/corpus/zz-dup.jsonl"
+    gen = gcs.put(DATA, name, jl({"_id": "a", "text": "again"}))
+    bad = intake.Rejection(f"gs://{DATA}/{name}", gen, 1, "duplicate _id 'a' (first in corpus.jsonl)")
+    h.job_event(report_at_job_end(h, "train", [bad]), "SUCCEEDED")
+    assert h.run(run_id)["skip_deletes"] is True
+    assert list(h.ledger.get_dataset("demo")["absent_parts"]) == [name]
+
+
+def test_a_retrain_that_allows_shrinking_lets_absent_parts_go(h, gcs):
+    part = "datasets/demo/corpus/part-1.jsonl"
+    h.ledger.update_dataset(
+        "demo", lambda st: {**st, "promoted": PROMOTED, "absent_parts": {part: {"generation": 7, "reason": "x"}}}
+    )
+    h.pipe.on_retrain(RetrainRequest("demo", {}, None, "cleanup", "pubsub/retrain/1", allow_shrink=True))
+    (run,) = h.runs()
+    assert run["allow_shrink"] is True and "absent_parts" not in run and not run.get("skip_deletes")
+    assert h.ledger.get_dataset("demo")["absent_parts"] == {}
+    assert len(h.launcher.stage_submits("train")) == 1
+
+
+def test_without_the_confirmation_a_retrain_keeps_the_absent_parts(h, gcs):
+    part = "datasets/demo/corpus/part-1.jsonl"
+    h.ledger.update_dataset(
+        "demo", lambda st: {**st, "promoted": PROMOTED, "absent_parts": {part: {"generation": 7, "reason": "x"}}}
+    )
+    h.pipe.on_retrain(RetrainRequest("demo", {}, None, "again", "pubsub/retrain/2"))
+    (run,) = h.runs()
+    assert run["absent_parts"] == [part] and run["skip_deletes"] is True and not run.get("allow_shrink")

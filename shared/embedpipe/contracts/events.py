@@ -272,6 +272,7 @@ class RetrainRequest:
     reason: str
     key: str
     refresh: bool = False  # the data changed (a BigQuery table): re-read it; no new training when an index is live
+    allow_shrink: bool = False  # the user confirms the new index may serve fewer documents than the live one
 
 
 def parse_retrain(msg: PushMessage) -> RetrainRequest:
@@ -286,6 +287,11 @@ def parse_retrain(msg: PushMessage) -> RetrainRequest:
         raise EventError(f"retrain message {msg.message_id}: 'refresh' must be true or false")
     if refresh and (overrides or body.get("hp_tuning")):
         raise EventError(f"retrain message {msg.message_id}: a refresh does not train: no overrides or hp_tuning")
+    allow_shrink = body.get("allow_shrink", False)
+    if not isinstance(allow_shrink, bool):
+        raise EventError(f"retrain message {msg.message_id}: 'allow_shrink' must be true or false")
+    if refresh and allow_shrink:
+        raise EventError(f"retrain message {msg.message_id}: 'allow_shrink' goes with a retrain, not a refresh")
     request_id = body.get("request_id")
     if request_id is not None and not (isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id)):
         raise EventError(f"retrain message {msg.message_id}: 'request_id' must be 8-128 of [A-Za-z0-9_.-]")
@@ -296,6 +302,7 @@ def parse_retrain(msg: PushMessage) -> RetrainRequest:
         reason=str(body.get("reason") or ("data changed" if refresh else "retrain requested")),
         key=request_key(request_id) if request_id else retrain_key(msg.message_id),
         refresh=refresh,
+        allow_shrink=allow_shrink,
     )
 
 

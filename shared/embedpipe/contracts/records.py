@@ -111,6 +111,7 @@ class Counts(TypedDict):
 
 class CountsSkipped(Counts, total=False):
     skipped: int  # documents the corpus had with neither title nor text (index runs; not on a rollback)
+    live_missing: int  # full and rebuilt runs replacing a live index: its documents the new collection lacks
 
 
 # ---------------------------------------------------------------- run record
@@ -148,6 +149,8 @@ class RunRecord(RunRecordCreated, total=False):
     notices: dict[str, dict[str, Any]]  # key -> intake notice
     file_errors: dict[str, dict[str, Any]]  # key -> rejected file
     skip_deletes: bool  # a corpus file was rejected: its documents are absent, not deleted
+    absent_parts: list[str]  # the corpus parts quarantined and not replaced yet when the run launched
+    allow_shrink: bool  # a retrain confirmed that its index may lack live documents (retrain --allow-shrink)
     # launching (Pipeline)
     force_full: bool  # a retrain asked for a full run
     hp_tuning: dict[str, Any]  # a tuning job's spec

@@ -150,6 +150,7 @@ class Pipeline(Lifecycle):
         # (a push subscription delivers a few at a time) are claimed only once it is done.
         self.ledger.extend_due(dataset, run_id, self.settings.debounce_s)
         if isinstance(verdict, intake.Rejection):
+            self._mark_absent([verdict])  # before the report ends this intake: the launch waits for it
             self._report_rejection(run_id, change.key, verdict)
             return f"rejected {change.name}#{change.generation} (run {run_id}): {verdict.reason}"
         for _ in range(10):
@@ -254,6 +255,8 @@ class Pipeline(Lifecycle):
                     record.setdefault("trigger", trigger)
                 if req.hp_tuning:  # a tuning job: on Vertex, or the local job runner's trials
                     record["hp_tuning"] = req.hp_tuning
+                if req.allow_shrink:  # confirmed: the new index may lack live documents (indexing's shrink guard)
+                    record["allow_shrink"] = True
                 return record
 
             record = self.ledger.update_run(run_id, fn)
@@ -431,6 +434,7 @@ class Pipeline(Lifecycle):
         if problem:
             self.fail(record["run_id"], "intake", problem)
             return
+        self._absent_at_launch(record)
         record = self.ledger.get_run(record["run_id"]) or record
         kind = record.get("kind")
         promoted = self.ledger.get_dataset(record["dataset"]).get("promoted")
@@ -484,6 +488,7 @@ class Pipeline(Lifecycle):
         return self._settle_intake(record["run_id"], moved, problem)
 
     def _settle_intake(self, run_id: str, rejections: list, problem: str | None) -> str | None:
+        self._mark_absent(rejections)
         for r in rejections:
             key = object_uri_key(r.object, r.generation)
             # a bad table stays where it is and can fail many runs: its report is per run (a file is moved at once)
@@ -495,6 +500,58 @@ class Pipeline(Lifecycle):
             rejected = "; ".join(f"{e['object']}:{e['line'] or ''} {e['reason']}" for e in errors.values())
             return problem + (f" (rejected: {rejected})" if rejected else "")
         return None
+
+    def _mark_absent(self, rejections: list) -> None:
+        """Corpus files quarantined (moved out of the dataset) become the dataset's ``absent_parts``: their
+        documents are absent, never deleted, in every run until a good file arrives at that name
+        (``_absent_at_launch``) or a retrain confirms with ``allow_shrink``. Idempotent."""
+        prefix = f"gs://{self.settings.data_bucket}/"
+        by_dataset: dict[str, dict] = {}
+        for r in rejections:
+            if not intake.is_corpus(r) or intake.is_table(r) or not r.object.startswith(prefix):
+                continue  # a table part is re-read (and re-judged) by every run: not absent for long
+            name = r.object[len(prefix) :]
+            found = datasets.dataset_of(name)
+            if found:
+                by_dataset.setdefault(found[0], {})[name] = {"generation": r.generation, "reason": r.reason}
+        for dataset, parts in by_dataset.items():
+
+            def fn(st, parts=parts):
+                have = st.get("absent_parts") or {}
+                if all(have.get(n, {}).get("generation") == v["generation"] for n, v in parts.items()):
+                    return None
+                return {**st, "absent_parts": {**have, **parts}}
+
+            self.ledger.update_dataset(dataset, fn)
+            log.warning("dataset %s: corpus part(s) %s quarantined: absent, not deleted", dataset, sorted(parts))
+
+    def _absent_at_launch(self, record: RunRecord) -> list[str]:
+        """The dataset's absent corpus parts as this run launches: a part whose name holds a file again is back
+        (whatever order the uploads' handlers ran in), and a retrain with ``allow_shrink`` lets them all go. The run
+        keeps the rest as ``absent_parts``, with ``skip_deletes``: nothing of theirs is deleted in place, and a
+        new collection that lacks their documents is refused (indexing.shrink_refusal)."""
+        parts = self.ledger.get_dataset(record["dataset"]).get("absent_parts") or {}
+        if not parts:
+            return []
+        bucket = self.settings.data_bucket
+        gone = set(parts) if record.get("allow_shrink") else {n for n in parts if storage.exists(f"gs://{bucket}/{n}")}
+        if gone:
+
+            def clear(st):
+                have = st.get("absent_parts") or {}
+                return (
+                    {**st, "absent_parts": {n: v for n, v in have.items() if n not in gone}}
+                    if gone & set(have)
+                    else None
+                )
+
+            self.ledger.update_dataset(record["dataset"], clear)
+        still = sorted(set(parts) - gone)
+        if still:
+            fields = {"skip_deletes": True, "absent_parts": still}
+            self.ledger.update_run(record["run_id"], lambda r: {**r, **fields} if r["state"] == PENDING else None)
+            log.warning("run %s: corpus part(s) %s still absent: their documents stay", record["run_id"], still)
+        return still
 
     def live_missing(self, promoted: PromotedEntry) -> str | None:
         """Why an incremental run cannot use the promoted index (its collection or its id -> hash table is gone),

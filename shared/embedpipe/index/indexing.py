@@ -558,9 +558,15 @@ def _new_collection_gated(x: Indexing, deleted: int, same_model: bool) -> Outcom
     if first:  # a redelivery finds what its first delivery promoted: still this dataset's first index
         previous, old = None, None
     promoted, reason = _gate(x, new.scores, old, previous)
+    counts = _counts(x, upserted, deleted=deleted)
+    if previous and not first:
+        missing = live_missing(x, upserted)
+        counts["live_missing"] = missing
+        if promoted and (why := shrink_refusal(x, missing)):
+            promoted, reason = False, why
     out = Outcome(
         collection=collection,
-        counts=_counts(x, upserted, deleted=deleted),
+        counts=counts,
         new=new,
         previous_collection=previous,
         old=old,
@@ -572,6 +578,45 @@ def _new_collection_gated(x: Indexing, deleted: int, same_model: bool) -> Outcom
     if not promoted and first and x.kind == FULL:
         return _fallback(x, out)
     return out
+
+
+def _id_column(uri: str) -> set[str]:
+    with storage.open_read(uri) as f:
+        return set(parquet(f).read(columns=["id"]).column("id").to_pylist())
+
+
+def live_missing(x: Indexing, rows: int) -> int:
+    """Live documents a new collection of ``rows`` rows lacks: the live index's id table less this run's (exact),
+    else (an entry promoted without a table) how many rows fewer it has."""
+    live = x.promoted_before
+    mine = x.first.get("hashes_file")
+    if live.get("hashes") and mine and storage.exists(live["hashes"]):
+        return len(_id_column(live["hashes"]) - _id_column(f"{x.embed_uri}/{mine}"))
+    return max(0, int(live.get("rows") or 0) - rows)
+
+
+def shrink_refusal(x: Indexing, missing: int) -> str | None:
+    """Why a new collection that lacks ``missing`` live documents must not replace the live index: more than
+    ``max_delete_share`` of them, without the retrain's ``allow_shrink`` confirmation. A partial upload, a
+    quarantined corpus part or a table left out would otherwise shrink the index, and the gate rewards a smaller
+    corpus (fewer unjudged documents to outrank the judged ones)."""
+    live = int(x.promoted_before.get("rows") or 0) or missing
+    if not missing or x.record.get("allow_shrink"):
+        return None
+    if absent := x.record.get("absent_parts"):  # quarantined parts: absent, never deleted, however few
+        return (
+            f"rejected: the new index lacks {missing} of the {live} live documents while corpus part(s) "
+            f"{', '.join(absent)} are quarantined (absent, not deleted); the live index stays. Upload a good "
+            f"version of each, or confirm that their documents go: embedpipe retrain --dataset {x.dataset} "
+            "--allow-shrink"
+        )
+    if missing <= x.settings.max_delete_share * live:
+        return None
+    return (
+        f"rejected: the new index lacks {missing} of the {live} live documents ({missing / max(live, 1):.1%} > "
+        f"EMBEDPIPE_MAX_DELETE_SHARE={x.settings.max_delete_share:.0%}); the live index stays. Upload the missing "
+        f"corpus parts, or confirm that they go: embedpipe retrain --dataset {x.dataset} --allow-shrink"
+    )
 
 
 def _first_index(x: Indexing, previous: str | None) -> bool:

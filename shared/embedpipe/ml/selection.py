@@ -223,8 +223,8 @@ def dense_hits(model, task: Task, query_prefix: str = "", document_prefix: str =
     return top.hits(qids)
 
 
-def dense_score(model, task: Task, query_prefix: str = "", document_prefix: str = "") -> float:
-    hits = dense_hits(model, task, query_prefix, document_prefix)
+def metric_of(task: Task, hits: dict) -> float:
+    """``METRIC`` of rankings (query -> [(id, score)]) on the task."""
     return evaluation.evaluate(evaluation.ids(hits), task.qrels).get(METRIC, 0.0)
 
 

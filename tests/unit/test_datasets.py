@@ -59,6 +59,32 @@ def test_invalid_json_line():
     assert_error(corpus_error(data), "corpus.jsonl", 3, "invalid JSON: Unterminated string")
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        rb'{"_id": "x\ud800", "text": "t"}',  # in an id: check_id used to raise UnicodeEncodeError (a 500 loop)
+        rb'{"_id": "b", "text": "half \udfff"}',  # in a text: every later job's content hash used to raise
+        rb'{"_id": "b", "text": "t", "metadata": {"k": ["\uDBFF"]}}',
+    ],
+    ids=["id", "text", "metadata"],
+)
+def test_an_escaped_lone_surrogate_is_a_bad_line(line):
+    data = jl({"_id": "a", "text": "ok"}) + line + b"\n"
+    assert_error(corpus_error(data), "corpus.jsonl", 2, "unpaired UTF-16 surrogate")
+
+
+def test_escaped_surrogate_pairs_are_text():
+    docs = parse_corpus(b'{"_id": "e", "text": "smile \\ud83d\\ude00"}\n', "corpus.jsonl")
+    assert docs["e"].text == "smile \U0001f600" and docs["e"].content_hash
+
+
+@pytest.mark.parametrize("parse", [parse_queries, parse_pairs])
+def test_lone_surrogates_are_refused_in_every_jsonl_kind(parse):
+    data = b'{"_id": "q\\ud800", "text": "t", "anchor": "a\\ud800", "positive": "p"}\n'
+    with pytest.raises(DatasetError, match="unpaired UTF-16 surrogate"):
+        parse(data, "x.jsonl")
+
+
 def test_line_that_is_not_an_object():
     data = jl({"_id": "a", "text": "ok"}, ["b", "text"])
     assert_error(corpus_error(data), "corpus.jsonl", 2, "expected a JSON object, got list")

@@ -272,7 +272,21 @@ def _json_object(line: str, file: str, number: int) -> dict:
         raise DatasetError(file, number, "invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise DatasetError(file, number, f"expected a JSON object, got {type(obj).__name__}")
+    if "\\u" in line and _unpaired_surrogate(obj):
+        # only an escape can make one (UTF-8 decoding refuses encoded surrogates); an id holding one used to crash
+        # check_id, a text the content hash of every later job
+        raise DatasetError(file, number, "an escaped unpaired UTF-16 surrogate (such as \\ud800) is not text")
     return obj
+
+
+def _unpaired_surrogate(obj) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except RecursionError:  # nested past the encoder's stack: the metadata depth check refuses the line
+        return False
+    return False
 
 
 def _str_field(obj: dict, key: str, file: str, number: int, required: bool = True) -> str:

@@ -1204,6 +1204,21 @@ def test_one_dataset_that_cannot_launch_does_not_stop_the_others_and_fails_after
     assert h.ledger.get_dataset("bad")["active"] is None
 
 
+def test_one_unreadable_dataset_state_does_not_stop_the_tick_with_the_default_launch_wait(make):
+    """Issue 25.6: ``launch_soon`` read every dataset's state outside the per-dataset isolation, so one unreadable
+    state raised out of every reconcile tick (the isolation test above runs with launch_wait_s=0)."""
+    h = make(launch_wait_s=Settings.from_env({}).launch_wait_s)
+    assert h.settings.launch_wait_s > 0
+    h.upload("datasets/bad/corpus.jsonl")
+    h.upload("datasets/good/corpus.jsonl")
+    h.clock.advance(1)
+    get = h.ledger.get_dataset
+    h.ledger.get_dataset = lambda ds: (_ for _ in ()).throw(ValueError("corrupt state")) if ds == "bad" else get(ds)
+    notes = h.pipe.reconcile()  # does not raise
+    assert h.run(get("good")["active"])["state"] == TRAINING
+    assert any(n.startswith("error in bad") for n in notes)
+
+
 def test_reconcile_isolates_a_dataset_whose_job_lookup_fails(make):
     h = make()
     a, b = h.started_run("a"), h.started_run("b")

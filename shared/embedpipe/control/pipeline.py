@@ -679,15 +679,25 @@ class Pipeline(Lifecycle):
         started = self.launch_due()
         if self.settings.launch_wait_s <= 0:
             return started
-        elsewhere: set[str] = set()  # datasets another delivery in this instance waits for
+        elsewhere: set[str] = set()  # datasets another delivery in this instance waits for (or cannot be read)
         while True:
-            due = [
-                (st["due_at"], ds)
-                for ds in self.ledger.list_datasets()
-                if ds not in elsewhere
-                for st in [self.ledger.get_dataset(ds)]
-                if st["pending"] and not st["active"] and st["due_at"] - self.clock() <= self.settings.launch_wait_s
-            ]
+            due = []
+            for ds in self.ledger.list_datasets():
+                if ds in elsewhere:
+                    continue
+                try:
+                    st = self.ledger.get_dataset(ds)
+                    soon = (
+                        st["pending"]
+                        and not st["active"]
+                        and st["due_at"] - self.clock() <= self.settings.launch_wait_s
+                    )
+                except Exception:  # noqa: BLE001 - isolate datasets: one unreadable state must not stop the tick
+                    log.exception("dataset %s: its state cannot be read; the other datasets go on", ds)
+                    elsewhere.add(ds)
+                    continue
+                if soon:
+                    due.append((st["due_at"], ds))
             if not due:
                 return started
             due_at, dataset = min(due)

@@ -72,6 +72,8 @@ class _Blob:
     def size(self) -> int:
         return len(self._found()[0])
 
+    content_encoding = None  # stored as uploaded (no gzip transcoding)
+
     @property
     def generation(self) -> int:
         return self._found()[1]

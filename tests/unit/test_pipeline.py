@@ -214,11 +214,14 @@ class FakeGCS:
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], tuple[bytes, int]] = {}
+        self.encodings: dict[tuple[str, str], str] = {}  # Content-Encoding, where set
         self._generation = 100
 
-    def put(self, bucket: str, name: str, data: bytes) -> int:
+    def put(self, bucket: str, name: str, data: bytes, encoding: str | None = None) -> int:
         self._generation += 1
         self.objects[(bucket, name)] = (data, self._generation)
+        if encoding:
+            self.encodings[(bucket, name)] = encoding
         return self._generation
 
     def names(self, bucket: str = DATA) -> list[str]:
@@ -231,7 +234,8 @@ class FakeGCS:
         for name in self.names(bucket):
             if name.startswith(prefix):
                 data, generation = self.objects[(bucket, name)]
-                yield types.SimpleNamespace(name=name, generation=generation, size=len(data))
+                encoding = self.encodings.get((bucket, name))
+                yield types.SimpleNamespace(name=name, generation=generation, size=len(data), content_encoding=encoding)
 
 
 @dataclasses.dataclass
@@ -273,6 +277,10 @@ class _FakeBlob:
     @property
     def size(self) -> int:
         return len(self.download_as_bytes())
+
+    @property
+    def content_encoding(self) -> str | None:
+        return self.gcs.encodings.get((self.bucket, self.name))
 
     def open(self, mode: str = "rb", chunk_size: int | None = None) -> io.BytesIO:
         assert mode == "rb"
@@ -442,6 +450,23 @@ def test_a_broken_upload_is_still_rejected_and_quarantined(intake_h, gcs):
     assert gcs.names() == ["quarantine/quirks/corpus/bad.jsonl"]
     (event,) = h.events(intake.FILE_REJECTED, topology.RUN_EVENTS)
     assert event.data["line"] == line and event.data["run_id"] == run["run_id"]
+
+
+def test_a_gzip_encoded_upload_is_refused_unread_at_upload_and_at_launch(intake_h, gcs):
+    """Issue 25.10: the size cap checked the stored (compressed) size, and GCS decompresses a gzip-encoded object on
+    every read: 603 KB became 46 MB in intake and in every job. Such objects are refused from their metadata."""
+    import gzip
+
+    h = intake_h
+    name = "datasets/quirks/corpus.jsonl"
+    gen = gcs.put(DATA, name, gzip.compress(jl(*({"_id": f"z{i}", "text": "x" * 100} for i in range(100)))), "gzip")
+    outcome = h.pipe.on_object_change(ObjectChange(DATA, name, gen, "OBJECT_FINALIZE"))
+    assert outcome.startswith(f"rejected {name}#{gen}") and "Content-Encoding: gzip" in outcome
+    assert gcs.names() == ["quarantine/quirks/corpus.jsonl"]
+    # one that reached the bucket another way (a lowered cap, a missed event) is refused by the launch's listing
+    gen = gcs.put(DATA, name, gzip.compress(b"{}"), "gzip")
+    rejections, problem = intake.check_listing(DATA, "quirks", max_bytes=h.settings.max_object_bytes)
+    assert [r.object for r in rejections] == [f"gs://{DATA}/{name}"] and "Content-Encoding" in rejections[0].reason
 
 
 def test_a_badly_named_upload_is_quarantined_by_the_real_intake(intake_h, gcs):

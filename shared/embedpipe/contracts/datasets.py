@@ -786,8 +786,15 @@ def prefix(data_bucket: str, dataset: str) -> str:
     return f"gs://{data_bucket}/datasets/{dataset}/"
 
 
-def size_problem(size: int, cap: int) -> str | None:
-    """Why an object of ``size`` bytes is not read at all (None when it is within the cap)."""
+def size_problem(size: int, cap: int, encoding: str | None = None) -> str | None:
+    """Why an object of ``size`` stored bytes is not read at all (None when it is within the cap). An object stored
+    with a ``Content-Encoding`` (gzip) is decompressed by GCS on every read: its stored size says nothing of what is
+    read (603 KB expanded to 46 MB), so the cap could not hold: refused."""
+    if encoding and encoding.strip().lower() not in ("identity", ""):
+        return (
+            f"object is stored with Content-Encoding: {encoding} (GCS decompresses it on every read, past the "
+            "size cap): upload it uncompressed"
+        )
     if size <= cap:
         return None
     return f"object is {size} bytes, over the {cap}-byte cap (EMBEDPIPE_MAX_OBJECT_BYTES)"

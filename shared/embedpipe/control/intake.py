@@ -232,7 +232,7 @@ def check_object(bucket: str, name: str, generation: int, max_bytes: int) -> Ver
         blob = storage.client().bucket(bucket).blob(name, generation=generation)
         try:
             blob.reload()  # that generation's metadata: its size
-            problem = datasets.size_problem(int(blob.size), max_bytes)
+            problem = datasets.size_problem(int(blob.size), max_bytes, blob.content_encoding)
             if problem is None:
                 with blob.open("rb", chunk_size=datasets.READ_CHUNK) as stream:
                     # the pipeline records and logs the notices
@@ -311,13 +311,13 @@ def check_listing(bucket: str, dataset: str, max_bytes: int) -> tuple[list[Rejec
     cap = max_bytes
     root = datasets.prefix(bucket, dataset)
     rejections, corpus = [], 0
-    for uri, generation, size in storage.list_objects(root):
+    for uri, generation, size, encoding in storage.list_objects(root):
         rel = uri[len(root) :]
         kind = datasets.classify(rel)
         if not kind:
             continue
         name = uri[len(f"gs://{bucket}/") :]
-        if problem := datasets.size_problem(size, cap):
+        if problem := datasets.size_problem(size, cap, encoding):
             rejections.append(Rejection(uri, generation, None, problem, quarantine(bucket, name, generation)))
         elif kind == "corpus":
             corpus += 1

@@ -38,12 +38,12 @@ def load_gcs(
     before the parse (the incremental embed job reads the live table meanwhile)."""
     root = datasets.prefix(data_bucket, dataset)
     files, tables = {}, {}
-    for uri, generation, size in storage.list_objects(root):
+    for uri, generation, size, encoding in storage.list_objects(root):
         rel = uri[len(root) :]
         if generations is not None:
             generations[rel] = generation
         if datasets.classify(rel) and (test or rel != datasets.TEST_QRELS) and rel not in exclude:
-            if max_bytes is not None and (problem := datasets.size_problem(size, max_bytes)):
+            if max_bytes is not None and (problem := datasets.size_problem(size, max_bytes, encoding)):
                 raise datasets.DatasetError(rel, None, problem)
             # the version whose size was checked (NotFound if replaced since: intake.load_valid loads again)
             data = storage.read_bytes(uri, generation if max_bytes is not None else None)

@@ -126,11 +126,11 @@ def list_uris(prefix_uri: str) -> Iterator[tuple[str, int]]:
         yield f"gs://{bucket}/{b.name}", int(b.generation)
 
 
-def list_objects(prefix_uri: str) -> Iterator[tuple[str, int, int]]:
-    """(uri, generation, size in bytes) for every object under a prefix."""
+def list_objects(prefix_uri: str) -> Iterator[tuple[str, int, int, str | None]]:
+    """(uri, generation, stored size in bytes, Content-Encoding or None) for every object under a prefix."""
     bucket, prefix = split_uri(prefix_uri)
     for b in client().list_blobs(bucket, prefix=prefix):
-        yield f"gs://{bucket}/{b.name}", int(b.generation), int(b.size)
+        yield f"gs://{bucket}/{b.name}", int(b.generation), int(b.size), getattr(b, "content_encoding", None)
 
 
 # Ranged reads fetch at least this much (a Parquet reader asks for column chunks, mostly in file order); resumable

@@ -36,6 +36,7 @@ from embedpipe.gcp import storage
 from embedpipe.jobs.spec import JobSpec
 from embedpipe.ledger import lifecycle, runs
 from embedpipe.ledger.runs import EMBEDDING, FAILED, INDEXING, PENDING, SUCCEEDED, TRAINING, Ledger
+from embedpipe.retrieval import vectorstore
 from tests.unit.fakes import Clock, FakeLauncher, FakeStore, load_event
 
 DATA = "embedpipe-data"
@@ -1450,6 +1451,7 @@ PROMOTED = {
     "schema": 2,
     "hashes": "gs://arts/runs/r0/embeddings/1/hashes.parquet",
     "rows": 100,
+    "representation": vectorstore.REPRESENTATION,
 }
 
 
@@ -1474,6 +1476,16 @@ def test_an_incremental_run_diffs_against_the_promoted_table(h):
 
 def test_a_live_collection_a_failed_in_place_update_edited_is_rebuilt(h):
     spec = incremental_embed(h, {**PROMOTED, "dirty": "r1"})  # its table no longer describes it
+    assert "--rebuild" in spec.args
+
+
+@pytest.mark.parametrize("recorded", [None, "text-0+raw"], ids=["unrecorded", "another"])
+def test_a_live_index_built_with_another_representation_is_rebuilt_not_edited(h, recorded):
+    """Issue 25.3: incremental runs re-embed only documents whose content hash changed, so a change to the text rule
+    or the BM25 analyzer left old and new texts mixed in one collection. A live index made with another (or an
+    unrecorded) representation is rebuilt with the promoted model, behind the gate."""
+    entry = {k: v for k, v in PROMOTED.items() if k != "representation"}
+    spec = incremental_embed(h, {**entry, **({"representation": recorded} if recorded else {})})
     assert "--rebuild" in spec.args
 
 

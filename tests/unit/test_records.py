@@ -69,6 +69,7 @@ def rollback_payload() -> dict:
         updated_by="r2",
         hashes="gs://a/runs/r2/embeddings/1/hashes.parquet",
         rows=15,
+        representation="text-1+lucene-en-stop+snowball-en",
     )
     target = {**live, "run_id": "r1", "collection": "demo__r1", "updated_by": "r1", "metrics": METRICS}
     ledger = Ledger("a", store=FakeStore())

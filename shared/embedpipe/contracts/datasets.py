@@ -327,6 +327,10 @@ def parse_corpus(
     return corpus_records(_unknown_lines(data, file, into, seen_in, known), file, into, seen_in, notices)
 
 
+# The rule that turns a document into the text that is embedded and BM25-indexed (``Doc.body``, ``Doc.full_text``):
+# bump it with any change to them. Collections record it (``vectorstore.REPRESENTATION``); an incremental run over a
+# collection built with another rebuilds every document instead of mixing old and new texts in one index.
+TEXT_RULE = 1
 LINE_DIGEST_VERSION = b"embedpipe-line-1"  # 16 bytes at most; a new one when what a line parses to would change
 LINE_DIGEST_BYTES = 16
 

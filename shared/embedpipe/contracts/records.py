@@ -195,7 +195,7 @@ def new_run_record(run_id: str, dataset: str, trigger: dict[str, Any], now: floa
 
 class PromotedEntryMade(TypedDict):
     """The keys ``promoted_entry`` writes. Entries promoted by older versions may lack some (``rows``, ``schema``,
-    ``hashes``): readers ``.get`` those."""
+    ``hashes``, ``representation``): readers ``.get`` those."""
 
     run_id: str  # the run that built the collection (an in-place update keeps it)
     collection: str
@@ -209,6 +209,7 @@ class PromotedEntryMade(TypedDict):
     updated_by: str  # the run that made it live last (itself, or an in-place update)
     hashes: str | None  # URI of the id -> content hash table: the next incremental run's diff base
     rows: int | None  # rows in that table
+    representation: str  # vectorstore.REPRESENTATION its rows were made with (entries before issue 25 lack it)
 
 
 class RolledBackMark(TypedDict):
@@ -237,8 +238,10 @@ def promoted_entry(
     updated_by: str,
     hashes: str | None,
     rows: int | None,
+    representation: str,
 ) -> PromotedEntry:
     return {
+        "representation": representation,
         "run_id": run_id,
         "collection": collection,
         "model_uri": model_uri,

@@ -450,6 +450,16 @@ class Pipeline(Lifecycle):
             if promoted.get("dirty"):  # an in-place update edited it and never promoted: its contents are unknown
                 log.warning("run %s: run %s left %s part-updated: rebuilt", record["run_id"], promoted["dirty"], live)
                 live["rebuild"] = True
+            from embedpipe.retrieval.vectorstore import REPRESENTATION  # names only: no Milvus client is created
+
+            if promoted.get("representation") != REPRESENTATION:  # edited in place, old and new texts would mix
+                log.warning(
+                    "run %s: the live index was built with representation %s, this version makes %s: rebuilt",
+                    record["run_id"],
+                    promoted.get("representation", "(unrecorded)"),
+                    REPRESENTATION,
+                )
+                live["rebuild"] = True
             fields = {"kind": kind, "model": {"uri": promoted["model_uri"]}, "live": live}
             self.ledger.update_run(record["run_id"], lambda r: {**r, **fields} if r["state"] == PENDING else None)
             self._submit({**record, **fields}, "embed", 1, PENDING)

@@ -880,6 +880,9 @@ def _promote(x: Indexing, out: Outcome) -> tuple[PromotedEntry, DatasetState]:
         # the id -> hash table of what the collection now holds: the next incremental run's diff base
         hashes=f"{x.embed_uri}/{m['hashes_file']}" if m.get("hashes_file") else None,
         rows=m.get("hashes_rows"),
+        # a swap's new collection, or an in-place update of one built with this very representation (a live index
+        # built with another is rebuilt, never edited in place: Pipeline.start_training)
+        representation=vectorstore.REPRESENTATION,
     )
 
     def promote(st):

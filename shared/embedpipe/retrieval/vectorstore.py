@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from embedpipe.contracts import datasets
 from embedpipe.retrieval import evaluation, lexical
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 16000  # VARCHAR max_length is in bytes (65535); 4 bytes per char worst case
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_permit_without_calls": False}
 SCHEMA_VERSION = 2  # 2: BM25 over the analyzed ``bm25_text`` field (1: over raw ``text``)
+# What a row's text and BM25 terms were made with: the document text rule and the analyzer. Recorded in each
+# collection and promoted entry; an incremental run over an index built with another representation rebuilds it.
+REPRESENTATION = f"text-{datasets.TEXT_RULE}+{lexical.ANALYZER}"
 MODES = ("dense", "bm25", "hybrid")
 DEPTH = 100  # candidates per side that hybrid fusion sees
 MAX_NQ = 1000
@@ -157,6 +161,7 @@ def create_collection(
                 PROP + "dim": str(dim),
                 PROP + "model_uri": model_uri,
                 PROP + "analyzer": lexical.ANALYZER,
+                PROP + "representation": REPRESENTATION,
                 PROP + "created_at": str(clock()),  # retention's grace period (Lite reports no creation time)
             },
         )

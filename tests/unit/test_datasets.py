@@ -797,7 +797,9 @@ GOLDEN_LINES = [
     b'{"_id": "d", "text": "first", "text": "second"}',  # a repeated key: the last one
     b'{"_id": "tc", "title": "Hello.", "text": "Hello. World"}',
     b'{"_id": "big", "text": "1e400 and -0", "metadata": {"n": 1e400, "m": -0.0, "i": 12345678901234567890}}',
+    b'{"_id": "e\\u0301 ", "text": "an NFD id with a trailing space"}',  # read as the NFC id "\u00e9"
     b'{"_id": true, "text": "a bool id"}',  # errors from here on: never a known line, but never accepted either
+    b'{"_id": "lone\\ud800", "text": "an unpaired surrogate"}',
     b'{"_id": "", "text": "empty id"}',
     b'{"_id": "ctl\\u0001", "text": "control character"}',
     b'{"_id": "bad", "title": 5, "text": "t"}',
@@ -807,7 +809,7 @@ GOLDEN_LINES = [
     b'{"_id": "nan", "text": NaN}',
 ]
 # (LINE_DIGEST_VERSION, the fingerprint of what GOLDEN_LINES parse to) — see the test for when to change it.
-GOLDEN = (b"embedpipe-line-1", "9a2684e228473478bc6f520c9230e9ca")
+GOLDEN = (b"embedpipe-line-2", "c9fb6884ad13144220b500e736b6b795")
 
 
 def golden_fingerprint() -> str:
@@ -847,3 +849,22 @@ def test_what_a_line_parses_to_changes_only_with_the_line_digest_version():
             f"LINE_DIGEST_VERSION is {datasets.LINE_DIGEST_VERSION!r}, GOLDEN records {version!r}: record "
             f"GOLDEN = ({datasets.LINE_DIGEST_VERSION!r}, {now!r})"
         )
+
+
+def test_ids_are_read_as_nfc_without_surrounding_whitespace_in_every_file():
+    """Issue 25.4: the same id in NFD in the corpus and NFC in the qrels (or with a trailing space) was two ids, and
+    the judgement counted as absent. Ids are normalised where they are read; two that become equal are a
+    duplicate, named with file:line."""
+    nfd, nfc = "cafe\u0301", "caf\u00e9"
+    ds = datasets.load_files(
+        "norm",
+        {
+            "corpus.jsonl": jl({"_id": nfd, "text": "espresso"}, {"_id": "plain ", "text": "tea"}),
+            "queries.jsonl": jl({"_id": " q1", "text": "coffee"}),
+            "qrels/test.tsv": f"query-id\tcorpus-id\tscore\nq1\t{nfc}\t1\nq1 \tplain\t1\n".encode(),
+        },
+    )
+    assert set(ds.corpus) == {nfc, "plain"} and set(ds.queries) == {"q1"}
+    assert ds.qrels["test"] == {"q1": {nfc: 1, "plain": 1}} and not ds.qrels_absent
+    err = corpus_error(jl({"_id": nfc, "text": "a"}, {"_id": nfd, "text": "b"}))
+    assert_error(err, "corpus.jsonl", 2, "duplicate _id")

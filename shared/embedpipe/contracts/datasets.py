@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import BinaryIO
+
+log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 1 << 20
 DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -289,6 +293,25 @@ def _unpaired_surrogate(obj) -> bool:
     return False
 
 
+_NORMALISED: dict[str, int] = {}  # file -> ids normalised so far in this process (the warnings are capped per file)
+NORMALISED_WARNINGS = 5
+
+
+def normal_id(value: str, file: str, number: int) -> str:
+    """An id as it is compared everywhere: Unicode NFC, no surrounding whitespace. The same id written as NFC in one
+    file and NFD in another (or with a trailing space) used to be two documents, and qrels in the other form counted
+    as absent; normalised, they are one (two ids that become equal are a duplicate, with file:line). A changed id
+    is logged with file:line (the first few per file)."""
+    normal = value.strip()
+    if not normal.isascii():
+        normal = unicodedata.normalize("NFC", normal)
+    if normal != value:
+        seen = _NORMALISED[file] = _NORMALISED.get(file, 0) + 1
+        if seen <= NORMALISED_WARNINGS:
+            log.warning("%s:%s: id %r read as %r (Unicode NFC, no surrounding whitespace)", file, number, value, normal)
+    return normal
+
+
 def _str_field(obj: dict, key: str, file: str, number: int, required: bool = True) -> str:
     value = obj.get(key)
     if value is None:
@@ -331,7 +354,7 @@ def parse_corpus(
 # bump it with any change to them. Collections record it (``vectorstore.REPRESENTATION``); an incremental run over a
 # collection built with another rebuilds every document instead of mixing old and new texts in one index.
 TEXT_RULE = 1
-LINE_DIGEST_VERSION = b"embedpipe-line-1"  # 16 bytes at most; a new one when what a line parses to would change
+LINE_DIGEST_VERSION = b"embedpipe-line-2"  # 16 bytes at most; a new one when what a line parses to would change (2: normal_id)
 LINE_DIGEST_BYTES = 16
 
 
@@ -612,7 +635,7 @@ def corpus_records(
     seen_in = {} if seen_in is None else seen_in
     notices = [] if notices is None else notices
     for number, obj in records:
-        doc_id = _str_field(obj, "_id", file, number)
+        doc_id = normal_id(_str_field(obj, "_id", file, number), file, number)
         check_id(doc_id, file, number)
         text = _str_field(obj, "text", file, number, required=False)
         title = _str_field(obj, "title", file, number, required=False)
@@ -639,7 +662,7 @@ def parse_queries(data: Source, file: str, into: dict[str, str] | None = None) -
 def query_records(records, file: str, into: dict[str, str] | None = None) -> dict[str, str]:
     out = {} if into is None else into
     for number, obj in records:
-        qid = _str_field(obj, "_id", file, number)
+        qid = normal_id(_str_field(obj, "_id", file, number), file, number)
         if qid in out:
             raise DatasetError(file, number, f"duplicate query _id {qid!r}")
         out[qid] = _str_field(obj, "text", file, number)
@@ -673,6 +696,7 @@ def qrels_rows(
     """The checks of ``parse_qrels`` on ``(line or row number, (query id, corpus id, score))``."""
     out: dict[str, dict[str, int]] = {} if into is None else into
     for number, (qid, doc_id, score) in rows:
+        qid, doc_id = normal_id(qid, file, number), normal_id(doc_id, file, number)
         try:
             value = int(float(score))
         except (ValueError, OverflowError):

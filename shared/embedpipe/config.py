@@ -256,6 +256,8 @@ class Settings:
     embed_deadline_s: float = 6 * 3600.0
     index_deadline_s: float = 3600.0
     index_retry_s: float = 600.0  # Pub/Sub's longest ack deadline: a slow delivery is not raced
+    # a recorded bulk import is polled by later index requests past index_deadline_s, up to this (hours at 10M rows)
+    bulk_import_deadline_s: float = 86400.0
     # uploads larger than this are rejected before they are read (files are parsed line by line inside the cap)
     max_object_bytes: int = 2 * 1024**3
     # model and training defaults (a retrain message may override per run): defined in TrainKnobs, named here

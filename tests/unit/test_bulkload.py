@@ -117,6 +117,9 @@ class FakeMilvus:
             data = {"jobId": job_id}
         elif path.endswith("/jobs/import/get_progress"):
             job_id = body["jobId"]
+            if job_id not in self.jobs:  # a restored or replaced server (datacoord's wording)
+                answer = {"code": 2100, "message": f"import failed: import job does not exist, jobID={job_id}"}
+                return io.BytesIO(json.dumps(answer).encode())
             script = self.jobs[job_id]
             state = script[min(self.polls[job_id], len(script) - 1)]
             self.polls[job_id] += 1
@@ -292,3 +295,11 @@ def test_a_parquet_shard_is_staged_row_group_by_row_group(written, tmp_path):
     assert staged.read().equals(bulkload.import_table(shard)), "the same rows as the shard staged whole"
     empty = pq.read_table(io.BytesIO(written[f"gs://bkt/{files[1][0]}"]))
     assert empty.num_rows == 0 and empty.schema == staged.schema_arrow, "an empty shard: a file with the schema"
+
+
+def test_a_job_the_server_does_not_know_fails_instead_of_being_polled_for_ever(milvus):
+    """Issue 25.5: a recorded job id that a restored or replaced Milvus no longer knows was an error every delivery
+    met again (the run stayed INDEXING); it is a failed import now, which fails the run with the reason."""
+    with pytest.raises(bulkload.ImportFailed, match="does not know this job") as exc:
+        bulkload.run_import(settings(), "demo__r1", FILES, job_id="999")
+    assert exc.value.job_id == "999" and milvus.created() == 0

@@ -1121,6 +1121,23 @@ def test_reconcile_re_requests_a_lost_index_then_fails_it_past_the_deadline(make
     assert follow_up != run_id and h.run(follow_up)["state"] == TRAINING  # the dataset runs again
 
 
+def test_a_recorded_bulk_import_is_bounded_by_its_own_deadline(make):
+    """Issue 25.5: a recorded bulk import exempted the run from every deadline: with a restored or unreachable
+    Milvus, 30 days later the run was still INDEXING and the dataset never ran again."""
+    h = make(index_retry_s=600, index_deadline_s=3600, bulk_import_deadline_s=86400)
+    run_id = indexing_run(h)
+    h.ledger.update_run(run_id, lambda r: {**r, "bulk_import": {"job_id": "450", "at": "t"}})
+    h.clock.advance(7200)  # past the index deadline: a bulk import may take hours, it is polled again
+    h.pipe.reconcile()
+    assert h.run(run_id)["state"] == INDEXING
+    h.clock.advance(86400)
+    h.pipe.reconcile()
+    record = h.run(run_id)
+    assert record["state"] == FAILED and "bulk import 450 unfinished" in record["error"]["cause"]
+    assert "EMBEDPIPE_BULK_IMPORT_DEADLINE_S" in record["error"]["cause"]
+    assert h.ledger.get_dataset("demo")["active"] is None
+
+
 def granted_publisher(h, identity: str):
     """A publisher that refuses topics the deploy does not grant ``identity`` (topology.ACCESS), as Pub/Sub would."""
     granted = {t.removeprefix("topic:") for t, role in topology.ACCESS[identity] if role == "roles/pubsub.publisher"}

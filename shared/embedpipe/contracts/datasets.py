@@ -354,7 +354,9 @@ def parse_corpus(
 # bump it with any change to them. Collections record it (``vectorstore.REPRESENTATION``); an incremental run over a
 # collection built with another rebuilds every document instead of mixing old and new texts in one index.
 TEXT_RULE = 1
-LINE_DIGEST_VERSION = b"embedpipe-line-2"  # 16 bytes at most; a new one when what a line parses to would change (2: normal_id)
+LINE_DIGEST_VERSION = (
+    b"embedpipe-line-2"  # 16 bytes at most; a new one when what a line parses to would change (2: normal_id)
+)
 LINE_DIGEST_BYTES = 16
 
 

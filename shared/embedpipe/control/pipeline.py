@@ -779,13 +779,21 @@ class Pipeline(Lifecycle):
         """An index request can be lost (publish failed after the run moved on) or dead-lettered (the indexer failed
         5 times): re-request it every ``index_retry_s``, and fail the run past ``index_deadline_s``."""
         s, run_id = self.settings, record["run_id"]
-        # A recorded bulk import is bounded by its own job (it fails the run when the job fails), not by this.
-        if in_stage > s.index_deadline_s and not record.get("bulk_import"):
+        # A recorded bulk import may run for hours past the index deadline, but not for ever: a restored or
+        # unreachable Milvus, or an import that never ends, would hold the dataset in INDEXING for good.
+        job = (record.get("bulk_import") or {}).get("job_id")
+        deadline, knob = (
+            (s.bulk_import_deadline_s, "EMBEDPIPE_BULK_IMPORT_DEADLINE_S")
+            if job
+            else (s.index_deadline_s, "EMBEDPIPE_INDEX_DEADLINE_S")
+        )
+        if in_stage > deadline:
+            what = f"bulk import {job} unfinished" if job else "no index result"
             self.fail(
                 run_id,
                 "index",
-                f"no index result {in_stage:.0f}s after the request (deadline "
-                f"{s.index_deadline_s:.0f}s, EMBEDPIPE_INDEX_DEADLINE_S); see the index-requests dead letters",
+                f"{what} {in_stage:.0f}s after the request (deadline {deadline:.0f}s, {knob}); see the index-requests "
+                "dead letters",
             )
             return [f"run {run_id}: indexing past its deadline, failed"]
         requested = record.get("index_requested_at")

@@ -20,6 +20,7 @@ import http.client
 import itertools
 import json
 import logging
+import re
 import time
 import urllib.error
 import urllib.request
@@ -239,6 +240,9 @@ def start_import(
     return job_id
 
 
+UNKNOWN_JOB = re.compile(r"not (?:be )?found|not exist|no such job", re.IGNORECASE)
+
+
 def wait_import(
     settings: Settings, job_id: str, deadline_s: float | None = DEFAULT_DEADLINE_S, poll_s: float = 5.0
 ) -> int:
@@ -254,6 +258,10 @@ def wait_import(
             p = progress_request(settings.milvus_uri, settings.milvus_token, job_id).send(timeout=timeout)
         except ImportUnsupported as exc:  # the job exists: an unreachable server is a later look, never upserts
             raise ImportPending(job_id, f"unreachable ({exc})", None) from None
+        except RuntimeError as exc:
+            if UNKNOWN_JOB.search(str(exc)):  # a restored or replaced server: no later look can find it
+                raise ImportFailed(job_id, f"the Milvus server does not know this job ({exc})") from None
+            raise
         state = p.get("state", "")
         if state == "Completed":
             rows = int(p.get("importedRows") or p.get("totalRows") or 0)

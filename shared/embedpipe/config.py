@@ -294,6 +294,9 @@ class Settings:
     search_refresh_s: float = 30.0
     # longer queries are refused (400); real collections have paragraph-long queries (CISI: 2083 chars)
     search_max_query_chars: int = 16000
+    # downloaded models kept on local disk (Cloud Run's disk is memory): the most recently used this many, plus any
+    # used within the last 10 minutes; older ones are deleted when another is downloaded
+    model_cache_keep: int = 4
     search_max_datasets: int = 16  # datasets (and models) a search instance keeps loaded; least recently used go
     # jobs on Vertex AI (mode=gcp)
     trainer_image: str = ""

@@ -10,7 +10,9 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -133,16 +135,46 @@ def local_path(uri: str) -> Path:
         return Path(uri)
     from embedpipe.gcp import storage
 
-    target = cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (target / ".complete").exists():
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        storage.download_dir(uri, tmp)
-        (tmp / ".complete").write_text(uri)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            pass
+    root = cache_dir()
+    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / ".complete").exists():
+        os.utime(target / ".complete")  # its last use: what pruning keeps
+        return target
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    storage.download_dir(uri, tmp)
+    (tmp / ".complete").write_text(uri)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    prune_cache(root, Settings.from_env().model_cache_keep, keep_also=target)
     return target
+
+
+CACHE_GRACE_S = 600.0  # a model used this recently is never deleted (another process may be loading it)
+
+
+def prune_cache(root: Path, keep: int, keep_also: Path | None = None, now: float | None = None) -> list[Path]:
+    """Delete downloaded models beyond the ``keep`` most recently used (last use: the mtime of ``.complete``), and
+    download leftovers (``.tmp<pid>``) of processes that died, none used or written within ``CACHE_GRACE_S``: the
+    search service downloads each promotion's and rollback's model, and on Cloud Run the disk is memory. A model in
+    memory needs none of its files. Returns what was deleted."""
+    now = time.time() if now is None else now
+    done, pending = [], []
+    for d in root.iterdir() if root.is_dir() else []:
+        if d == keep_also or not d.is_dir():
+            continue
+        marker = d / ".complete"
+        if marker.exists():
+            done.append((marker.stat().st_mtime, d))
+        else:  # a download: written to until it is renamed (a large file's writes leave its folder's mtime alone)
+            pending.append((max([d.stat().st_mtime, *(f.stat().st_mtime for f in d.rglob("*"))]), d))
+    done.sort(reverse=True)
+    old = [d for t, d in done[max(0, keep - (keep_also is not None)) :] if now - t > CACHE_GRACE_S]
+    old += [d for t, d in pending if now - t > CACHE_GRACE_S]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return old
 
 
 def load_model(uri: str, device: str | None = None, inference: bool = False):

@@ -308,3 +308,22 @@ def test_the_trainer_never_reads_a_test_qrels_table(gcs, monkeypatch):
         set(datasource.load_gcs(DATA, "shop", settings=Settings()).qrels) == {"train", "test"}
         and "source.json#qrels/test" in read
     )
+
+
+def test_a_snapshot_outside_the_time_travel_window_fails_the_job_not_the_part(monkeypatch):
+    """Issue 25.13: a 400 for a snapshot BigQuery no longer keeps was taken for the table's fault: the part was left
+    out and the run went on (and could promote) with partial data."""
+    from google.api_core import exceptions as gexc
+
+    class OldSnapshot(FakeRead):
+        def create_read_session(self, parent, read_session):
+            raise gexc.BadRequest(
+                "Invalid snapshot time 1764504000000 for table docs: cannot read before the time travel window"
+            )
+
+    fake_clients(monkeypatch, FakeRest(), OldSnapshot([]))
+    [part] = parse({"corpus": {"table": T}})
+    seal = bqsource.as_of("2026-11-30T12:00:00.000Z")
+    with pytest.raises(bqsource.SnapshotUnavailable, match="outside BigQuery's time-travel window") as exc:
+        list(bqsource.records(part, Settings(), seal))
+    assert not isinstance(exc.value, datasets.DatasetError) and "retrain --refresh" in str(exc.value)

@@ -189,9 +189,18 @@ def _columns_of(part: Part, schema) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
+class SnapshotUnavailable(RuntimeError):
+    """A table cannot be read as of the run's seal (outside the time-travel window): the read's fault, not the
+    data's, so the job fails (the run with it) rather than leave the part out and go on with partial data."""
+
+
+SNAPSHOT_REFUSED = re.compile(r"time.?travel|snapshot", re.IGNORECASE)
+
+
 # What a part's read may raise as the data's fault (the part is left out and reported, like a bad file): a table or
-# column that is not there, SQL that does not compile, a snapshot outside the time-travel window. Anything else
-# (unavailable, quota, permission) propagates: the job fails and is retried, the run fails after its attempts.
+# column that is not there, SQL that does not compile. Not a snapshot outside the time-travel window
+# (SnapshotUnavailable), nor anything else (unavailable, quota, permission): those propagate, the job fails and is
+# retried, the run fails after its attempts.
 def _data_errors():
     from google.api_core import exceptions as gexc
 
@@ -234,6 +243,13 @@ def _arrow_rows(part: Part, settings, as_of: dt.datetime | None, max_bytes: int 
     try:
         session = read.create_read_session(parent=f"projects/{settings.project}", read_session=session)
     except _data_errors() as exc:
+        if as_of and SNAPSHOT_REFUSED.search(str(getattr(exc, "message", exc))):
+            # not the table's fault: this read cannot be served (the run's seal is older than BigQuery keeps);
+            # leaving the part out would run on partial data
+            raise SnapshotUnavailable(
+                f"{part.where}: cannot be read as of {as_of.isoformat()} (the run's seal), outside BigQuery's "
+                f"time-travel window: start a new run (embedpipe retrain --refresh) to read it now ({exc.message})"
+            ) from None
         raise _fail(part, None, f"cannot open a read session: {exc.message}") from None
     for stream in session.streams:
         for page in read.read_rows(stream.name).rows(session).pages:

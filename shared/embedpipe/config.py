@@ -285,6 +285,9 @@ class Settings:
     max_inplace_share: float = 0.2
     # Milvus bulk import (scale path) for full loads of at least this many rows; needs the bucket Milvus reads from
     bulk_import_min_rows: int = 1_000_000
+    # a BigQuery query part may bill at most this many bytes per run of it (0: no cap); every job replica and
+    # attempt runs it again
+    bigquery_max_bytes_billed: int = 100 * 2**30
     # collections of at most this many documents get an exact (FLAT) dense index, larger ones Milvus' AUTOINDEX
     # (approximate): exact costs ~40 ms a query at 100k 384-d vectors on one core, and an approximate index moved the
     # fused rankings of a 1,460-document collection by 0.005 nDCG@10

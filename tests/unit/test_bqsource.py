@@ -327,3 +327,60 @@ def test_a_snapshot_outside_the_time_travel_window_fails_the_job_not_the_part(mo
     with pytest.raises(bqsource.SnapshotUnavailable, match="outside BigQuery's time-travel window") as exc:
         list(bqsource.records(part, Settings(), seal))
     assert not isinstance(exc.value, datasets.DatasetError) and "retrain --refresh" in str(exc.value)
+
+
+class QueryRest(FakeRest):
+    """A dry run that says what the statement is and which tables it reads; records every query and its config."""
+
+    def __init__(self, statement_type="SELECT", tables=("my-proj.shop.docs",)):
+        super().__init__()
+        self.statement_type, self.tables, self.queries = statement_type, tables, []
+
+    def query(self, sql, job_config=None):
+        self.queries.append((sql, job_config))
+        if job_config is not None and job_config.dry_run:
+            refs = [
+                types.SimpleNamespace(project=t.rsplit(".", 2)[0], dataset_id=t.rsplit(".", 2)[1]) for t in self.tables
+            ]
+            return types.SimpleNamespace(statement_type=self.statement_type, referenced_tables=refs)
+        schema = [types.SimpleNamespace(name=n) for n in ("id", "title", "text")]
+        import pyarrow as pa
+
+        batch = pa.Table.from_pylist([{"id": "d1", "title": "", "text": "t"}])
+        return types.SimpleNamespace(
+            result=lambda: types.SimpleNamespace(schema=schema, to_arrow_iterable=lambda bqstorage_client=None: [batch])
+        )
+
+
+@pytest.mark.parametrize(
+    "sql, words",
+    [
+        ("SELECT id, text FROM shop.docs; DROP TABLE shop.docs", "one SELECT statement, got 2"),
+        ("DELETE FROM shop.docs WHERE TRUE", "only a SELECT can be a source, got a DELETE"),
+    ],
+    ids=["script", "delete"],
+)
+def test_a_query_part_that_is_not_one_select_is_refused_before_it_runs(monkeypatch, sql, words):
+    """Issue 25.12: the SELECT-only guard was untested, and bqemulator runs a script even in a dry run: more than
+    one statement is refused before any query is sent."""
+    rest = QueryRest(statement_type="DELETE" if sql.startswith("DELETE") else "SELECT")
+    fake_clients(monkeypatch, rest, FakeRead([]))
+    [part] = parse({"corpus": {"query": sql}})
+    with pytest.raises(datasets.DatasetError, match=words):
+        list(bqsource.records(part, Settings(), None))
+    assert all(cfg is not None and cfg.dry_run for _, cfg in rest.queries), "nothing but a dry run was sent"
+    assert len(rest.queries) == (0 if "script" in words or ";" in sql else 1)
+
+
+def test_a_query_part_reads_only_the_deployed_datasets_and_is_billed_within_the_cap(monkeypatch):
+    rest = QueryRest(tables=("my-proj.shop.docs", "other-proj.hr.salaries"))
+    fake_clients(monkeypatch, rest, FakeRead([]))
+    [part] = parse({"corpus": {"query": "SELECT d.id, d.title, s.text FROM shop.docs d JOIN hr.salaries s USING (id)"}})
+    settings = Settings(bigquery_datasets="my-proj.shop", bigquery_max_bytes_billed=10**9)
+    with pytest.raises(datasets.DatasetError, match=r"reads dataset\(s\) \['other-proj.hr'\], not in"):
+        list(bqsource.records(part, settings, None))
+    assert len(rest.queries) == 1  # the dry run only
+    rest.tables = ("my-proj.shop.docs",)
+    assert [r["_id"] for _, r in bqsource.records(part, settings, None)] == ["d1"]
+    (sql, cfg) = rest.queries[-1]
+    assert cfg.maximum_bytes_billed == 10**9 and not cfg.dry_run

@@ -189,6 +189,30 @@ def _columns_of(part: Part, schema) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
+def statements(sql: str) -> int:
+    """How many statements ``sql`` holds: semicolons outside string literals, quoted names and comments end one;
+    text after the last one (beyond whitespace and comments) is one more."""
+    count, pending, i, n = 0, False, 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"`":
+            end = i + 1
+            while end < n and sql[end] != c:
+                end += 2 if sql[end] == "\\" else 1
+            i, pending = end + 1, True
+        elif sql.startswith("--", i) or c == "#":
+            i = sql.find("\n", i)
+            i = n if i < 0 else i
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+        elif c == ";":
+            count, pending, i = count + (1 if pending else 0), False, i + 1
+        else:
+            pending, i = pending or not c.isspace(), i + 1
+    return count + (1 if pending else 0)
+
+
 class SnapshotUnavailable(RuntimeError):
     """A table cannot be read as of the run's seal (outside the time-travel window): the read's fault, not the
     data's, so the job fails (the run with it) rather than leave the part out and go on with partial data."""
@@ -218,11 +242,21 @@ def _arrow_rows(part: Part, settings, as_of: dt.datetime | None, max_bytes: int 
     rest, read = _clients(settings)
     try:
         if part.query:
-            # a source is read, never run for effect: only a SELECT (a dry run says what the statement is)
+            # a source is read, never run for effect: one statement (an emulator runs a script even in a dry run),
+            # and only a SELECT (a dry run says what the statement is), of the datasets the deploy names
+            if (n := statements(part.query)) != 1:
+                raise _fail(part, None, f"a source query is one SELECT statement, got {n} statements")
             dry = rest.query(part.query, job_config=bigquery.QueryJobConfig(dry_run=True, use_query_cache=False))
             if dry.statement_type != "SELECT":
                 raise _fail(part, None, f"only a SELECT can be a source, got a {dry.statement_type} statement")
-            result = rest.query(part.query).result()
+            allowed = {d.strip() for d in settings.bigquery_datasets.split(",") if d.strip()}
+            read_from = {f"{t.project}.{t.dataset_id}" for t in (getattr(dry, "referenced_tables", None) or [])}
+            if allowed and (others := sorted(read_from - allowed)):
+                raise _fail(part, None, f"reads dataset(s) {others}, not in EMBEDPIPE_BIGQUERY_DATASETS {sorted(allowed)}")
+            cap = settings.bigquery_max_bytes_billed
+            result = rest.query(
+                part.query, job_config=bigquery.QueryJobConfig(maximum_bytes_billed=cap) if cap > 0 else None
+            ).result()
             columns = _columns_of(part, result.schema)
             storage_api = None if settings.bigquery_emulator else read
             for batch in result.to_arrow_iterable(bqstorage_client=storage_api):

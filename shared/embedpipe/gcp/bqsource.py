@@ -252,7 +252,8 @@ def _arrow_rows(part: Part, settings, as_of: dt.datetime | None, max_bytes: int 
             allowed = {d.strip() for d in settings.bigquery_datasets.split(",") if d.strip()}
             read_from = {f"{t.project}.{t.dataset_id}" for t in (getattr(dry, "referenced_tables", None) or [])}
             if allowed and (others := sorted(read_from - allowed)):
-                raise _fail(part, None, f"reads dataset(s) {others}, not in EMBEDPIPE_BIGQUERY_DATASETS {sorted(allowed)}")
+                known = sorted(allowed)
+                raise _fail(part, None, f"reads dataset(s) {others}, not in EMBEDPIPE_BIGQUERY_DATASETS {known}")
             cap = settings.bigquery_max_bytes_billed
             result = rest.query(
                 part.query, job_config=bigquery.QueryJobConfig(maximum_bytes_billed=cap) if cap > 0 else None

@@ -29,7 +29,10 @@ searcher = Searcher(_settings)
 def on_push(request):
     """A Pub/Sub push (JSON wrapper ``{"message": {...}}``) of an index-updated CloudEvent: reload, never fail."""
     auth.authorize_push(_settings)  # gcp mode: only the push service account may trigger a reload
-    body = request.get_json(silent=True) or {}
+    try:
+        body = request.get_json(silent=True) or {}
+    except RecursionError:  # JSON nested past the parser's stack (silent= covers ValueError only)
+        body = {}
     msg = body.get("message") if isinstance(body, dict) else None
     if not isinstance(msg, dict):
         return {"error": "expected a Pub/Sub push body {'message': {...}}"}, 400
@@ -38,8 +41,10 @@ def on_push(request):
         return {"ignored": attrs.get("ce-type")}, 200  # ack: not ours to handle
     try:
         data = json.loads(base64.b64decode(msg.get("data") or "", validate=True))
-    except (binascii.Error, ValueError) as exc:
-        log.error("dropped malformed index-updated message %s: %s", msg.get("messageId"), exc)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    except (binascii.Error, ValueError, RecursionError) as exc:
+        log.error("dropped malformed index-updated message %s: %s", msg.get("messageId"), type(exc).__name__)
         return {"error": "malformed"}, 200  # ack: redelivery cannot fix it
     started = searcher.on_index_updated(data)
     log.info(

@@ -3,6 +3,7 @@ nothing serves and loads each URI once, and the service's HTTP mapping (400 / 40
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import gc
 import os
@@ -15,6 +16,7 @@ import functions_framework
 import pytest
 
 from embedpipe.config import Settings
+from embedpipe.contracts.events import INDEX_UPDATED
 from embedpipe.index import search as search_mod
 from embedpipe.ledger.runs import Ledger
 from tests.helpers import ROOT
@@ -202,3 +204,11 @@ def test_service_maps_bad_input_to_400_and_unknown_datasets_to_404(monkeypatch):
     assert store.reads == 0
     assert c.get("/search", query_string={"dataset": "unknown", "q": "pumps"}).status_code == 404
     assert module.searcher.snapshot() == {}
+    # pushes that cannot be index-updated events are acked or refused, never a 500 (a redelivery loop)
+    deep = "[" * 100_000 + "]" * 100_000
+    r = c.post("/", data=deep, content_type="application/json")
+    assert r.status_code == 400
+    for data in (deep, "[1, 2]", "not json"):
+        msg = {"message": {"data": base64.b64encode(data.encode()).decode(), "attributes": {"ce-type": INDEX_UPDATED}}}
+        r = c.post("/", json=msg)
+        assert (r.status_code, r.get_json()) == (200, {"error": "malformed"}), data[:20]

@@ -399,10 +399,9 @@ def retrain(
         envvar="EMBEDPIPE_REFRESH",
         help="the data changed (e.g. a BigQuery table): re-read it, update the live index incrementally, no training",
     ),
-    allow_shrink: bool = typer.Option(
+    allow_shrink: bool = typer.Option(  # no env twin: a confirmation is given per command, never left exported
         False,
         "--allow-shrink",
-        envvar="EMBEDPIPE_ALLOW_SHRINK",
         help="confirm that the new index may lack live documents (corpus parts removed or quarantined); without "
         "it such an index is refused when it lacks more than EMBEDPIPE_MAX_DELETE_SHARE of them, or any of a "
         "quarantined part's",
@@ -422,8 +421,11 @@ def retrain(
     if refresh and (overrides or allow_shrink):
         err("error: --refresh does not train: drop --set and --allow-shrink")
         raise typer.Exit(2)
+    if source and allow_shrink:  # the new source.json starts its own run, which a message could not confirm
+        err("error: --allow-shrink confirms a retrain of the stored sources: write --source first, then retrain")
+        raise typer.Exit(2)
     written = _store_source(s, dataset, source) if source else None
-    if written and not overrides and not refresh and not allow_shrink:
+    if written and not overrides and not refresh:
         # the new source.json is itself a change that starts a full run: a retrain message too could start a second
         # one (the message can be handled before the bucket's notification arrives)
         err("  the new source.json starts the run")

@@ -423,7 +423,9 @@ def test_a_quarantined_part_is_absent_not_deleted_and_shrinking_needs_confirmati
     assert not ledger.get_dataset("parts").get("absent_parts")
     assert index_ids(settings, "parts") == set(docs)
 
-    storage.delete(f"{bucket}/part-3.jsonl")  # removed on purpose: a retrain must be told so
+    # part 3 broken and quarantined: a retrain would build an index without its documents
+    put("part-3.jsonl", '{"_id": "broken", "text": }\n')
+    assert list(ledger.get_dataset("parts")["absent_parts"]) == ["datasets/parts/corpus/part-3.jsonl"]
     refused = cli(env, "retrain", "--dataset", "parts", "--wait", "--timeout", "600")
     data = json.loads(refused.stdout)["data"]
     assert not data["promoted"] and data["counts"]["live_missing"] == len(spare)
@@ -435,3 +437,4 @@ def test_a_quarantined_part_is_absent_not_deleted_and_shrinking_needs_confirmati
     data = json.loads(allowed.stdout)["data"]
     assert data["promoted"] and data["counts"]["live_missing"] == len(spare)
     assert index_ids(settings, "parts") == set(docs) - set(spare)
+    assert not ledger.get_dataset("parts").get("absent_parts"), "released by the promotion"

@@ -73,6 +73,19 @@ def test_an_escaped_lone_surrogate_is_a_bad_line(line):
     assert_error(corpus_error(data), "corpus.jsonl", 2, "unpaired UTF-16 surrogate")
 
 
+def test_the_surrogate_check_walks_any_depth():
+    # a line the parser still takes can sit deeper than a recursive walk (json.dumps) goes: the check must not give
+    # up there and let the surrogate reach the content hash
+    deep: list = []
+    inner = deep
+    for _ in range(100_000):
+        inner.append([])
+        inner = inner[0]
+    inner.append("bad \udfff")
+    assert datasets._unpaired_surrogate({"_id": "d", "x": deep})
+    assert not datasets._unpaired_surrogate({"_id": "d", "x": [[["fine \U0001f600"]]]})
+
+
 def test_escaped_surrogate_pairs_are_text():
     docs = parse_corpus(b'{"_id": "e", "text": "smile \\ud83d\\ude00"}\n', "corpus.jsonl")
     assert docs["e"].text == "smile \U0001f600" and docs["e"].content_hash

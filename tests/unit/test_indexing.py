@@ -89,6 +89,9 @@ def test_deletes_over_the_configured_share_of_the_live_rows_are_refused():
     assert check_deletes(s, record, [{"deleted": 0}]) == 0
     # a run that rejected a corpus file deletes nothing (its documents are absent, not gone): no refusal either
     assert check_deletes(s, {**record, "skip_deletes": True}, [{"deleted": 500}]) == 0
+    # a part quarantined after the run's jobs listed the bucket: its deletions may be that part's documents
+    with pytest.raises(ValueError, match="quarantined while this run was under way: it deletes nothing"):
+        check_deletes(s, record, [{"deleted": 3}], absent=["datasets/demo/corpus/p1.jsonl"])
 
 
 def test_permanent_milvus_errors_are_told_from_transient_ones():
@@ -163,8 +166,10 @@ def shrinking(missing: int, live: int = 1000, **record) -> str | None:
     import types
 
     s = dataclasses.replace(Settings.from_env({}), max_delete_share=0.05)
+    absent_in_state = record.pop("state_absent", {})
+    ledger = types.SimpleNamespace(get_dataset=lambda ds: {"absent_parts": absent_in_state})
     x = types.SimpleNamespace(
-        settings=s, record={"dataset": "demo", **record}, promoted_before={"rows": live}, dataset="demo"
+        settings=s, record={"dataset": "demo", **record}, promoted_before={"rows": live}, dataset="demo", ledger=ledger
     )
     return shrink_refusal(x, missing)
 
@@ -180,3 +185,6 @@ def test_a_new_index_lacking_live_documents_needs_the_retrain_confirmation():
     # a quarantined part's documents are absent, never deleted: however few, only the confirmation lets them go
     part = "datasets/demo/corpus/part-1.jsonl"
     assert part in shrinking(3, absent_parts=[part]) and shrinking(3, absent_parts=[part], allow_shrink=True) is None
+    # quarantined after the run launched (its jobs listed the bucket without it): the dataset state says so
+    assert part in shrinking(3, state_absent={part: {"generation": 9}})
+    assert shrinking(3, state_absent={part: {}}, released_parts=[part]) is None  # an allow_shrink retrain's

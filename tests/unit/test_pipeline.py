@@ -1588,8 +1588,21 @@ def test_a_part_a_job_quarantined_is_absent_in_later_runs_too(h, gcs):
     gen = gcs.put(DATA, name, jl({"_id": "a", "text": "again"}))
     bad = intake.Rejection(f"gs://{DATA}/{name}", gen, 1, "duplicate _id 'a' (first in corpus.jsonl)")
     h.job_event(report_at_job_end(h, "train", [bad]), "SUCCEEDED")
-    assert h.run(run_id)["skip_deletes"] is True
+    run = h.run(run_id)
+    assert run["skip_deletes"] is True and run["absent_parts"] == [name]  # this run's index may not lack it either
     assert list(h.ledger.get_dataset("demo")["absent_parts"]) == [name]
+    absent_done(h, run_id)
+    h.ledger.update_dataset("demo", lambda st: {**st, "promoted": PROMOTED})  # what the indexer would have written
+    h.upload("datasets/demo/queries.jsonl")
+    assert absent_launch(h)["absent_parts"] == [name]  # nor may any later run's
+
+    # the user deletes the quarantined copy: its documents may go now
+    gcs.objects.pop((DATA, "quarantine/demo/corpus/zz-dup.jsonl"))
+    absent_done(h, h.ledger.get_dataset("demo")["active"])
+    h.upload("datasets/demo/queries.jsonl", generation=2)
+    run = absent_launch(h)
+    assert "absent_parts" not in run and not run.get("skip_deletes")
+    assert h.ledger.get_dataset("demo")["absent_parts"] == {}
 
 
 def test_a_retrain_that_allows_shrinking_lets_absent_parts_go(h, gcs):
@@ -1599,9 +1612,11 @@ def test_a_retrain_that_allows_shrinking_lets_absent_parts_go(h, gcs):
     )
     h.pipe.on_retrain(RetrainRequest("demo", {}, None, "cleanup", "pubsub/retrain/1", allow_shrink=True))
     (run,) = h.runs()
-    assert run["allow_shrink"] is True and "absent_parts" not in run and not run.get("skip_deletes")
-    assert h.ledger.get_dataset("demo")["absent_parts"] == {}
+    assert run["allow_shrink"] is True and run["released_parts"] == [part]
+    assert "absent_parts" not in run and not run.get("skip_deletes")
     assert len(h.launcher.stage_submits("train")) == 1
+    # released only by the promotion (indexing._promote): a run that fails or is rejected keeps them absent
+    assert list(h.ledger.get_dataset("demo")["absent_parts"]) == [part]
 
 
 def test_without_the_confirmation_a_retrain_keeps_the_absent_parts(h, gcs):

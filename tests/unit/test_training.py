@@ -15,7 +15,7 @@ from embedpipe.ml.scalars import ScalarLog
 from embedpipe.ml.training import (
     NonFiniteLoss,
     TrainParams,
-    distinct_batches,
+    distinct,
     evaluate_exact,
     length_grouped_batches,
     seq_length_for,
@@ -77,23 +77,37 @@ def test_length_grouped_batches_cover_every_pair_once():
     assert all(2 <= len(b) <= 8 for b in batches)
 
 
-def test_no_batch_repeats_an_anchor_or_a_positive():
-    # qrels/train-style pairs: each query has several relevant documents, documents are relevant to several queries
-    data = [(f"query {q}", f"doc {(q * 3 + j) % 40}", None) for q in range(30) for j in range(6)]
-    batches = length_grouped_batches(data, 16, random.Random(0))
-    for b in batches:
-        assert len({p[0] for p in b}) == len(b) and len({p[1] for p in b}) == len(b)
-    assert sorted(p for b in batches for p in b) == sorted(data)  # nothing lost: repeats wait for a later batch
+def qrels_pairs(queries: int, per_query: int, docs: int) -> list:
+    """qrels/train-style pairs: each query has several relevant documents, documents are relevant to several."""
+    return [(f"query {q}", f"doc {(q * 7 + j * 3) % docs}", None) for q in range(queries) for j in range(per_query)]
 
 
-def test_pairs_of_one_anchor_never_share_a_batch():
-    data = [("q", "d0", None), ("q", "d1", None), ("q", "d2", None), ("r", "d0", None), ("s", "d9", None)]
-    q0, q1, q2, r0, s9 = data
-    assert distinct_batches(data, 4) == [[q0, s9], [q1, r0], [q2]]  # q2 conflicts with every batch: left alone
-    # a pair left alone at the end joins the first batch it does not conflict with
-    assert distinct_batches([("a", "x", None), ("b", "y", None), ("c", "z", None)], 2) == [
-        [("a", "x", None), ("b", "y", None), ("c", "z", None)]
-    ]
+def test_no_batch_repeats_an_anchor_or_a_positive_and_every_epoch_counts_the_same_steps():
+    data = qrels_pairs(400, 6, 300)  # 2,400 pairs: three windows of 800
+    counts = set()
+    for epoch in range(4):
+        batches = length_grouped_batches(data, 16, random.Random(epoch))
+        counts.add(len(batches))
+        for b in batches:
+            assert len({p[0] for p in b}) == len(b) and len({p[1] for p in b}) == len(b)
+        kept = [p for b in batches for p in b]
+        assert len(kept) == len(set(kept)) and set(kept) <= set(data)
+        assert len(kept) > 0.9 * len(data)  # a repeat sits out one epoch, not many pairs
+    assert counts == {len(data) // 16}  # fixed by size: resumed runs and DDP ranks step alike
+
+
+def test_a_dataset_whose_later_epochs_hold_more_repeats_trains_every_epoch(tiny_model):
+    """The review's reproduction: 11 queries x 3 documents over 40 documents, batch 8, two epochs (a batching that
+    depended on content made epoch 2 shorter than epoch 1 and raised IndexError)."""
+    data = [(f"q{q}", f"d{(3 * q + j) % 40}", None) for q in range(11) for j in range(3)]
+    out = train(load_model(tiny_model)[0], data, params(batch_size=8, epochs=2, max_steps=0))
+    assert out["steps"] == out["total_steps"] == 2 * (len(data) // 8)
+
+
+def test_distinct_drops_the_repeats_of_a_batch():
+    batch = [("q", "d0", None), ("q", "d1", None), ("r", "d0", None), ("s", "d9", None)]
+    assert distinct(batch) == [("q", "d0", None), ("s", "d9", None)]
+    assert distinct([("q", f"d{i}", None) for i in range(5)]) == [("q", "d0", None)]  # one pair: loss 0 that step
 
 
 def test_evaluate_exact_returns_the_metric_keys(tiny_model):

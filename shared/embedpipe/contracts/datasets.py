@@ -284,12 +284,21 @@ def _json_object(line: str, file: str, number: int) -> dict:
 
 
 def _unpaired_surrogate(obj) -> bool:
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    except RecursionError:  # nested past the encoder's stack: the metadata depth check refuses the line
-        return False
+    """Whether any string (key or value) anywhere in ``obj`` holds an unpaired surrogate. Walked with a stack, not
+    recursion: a line nested past the interpreter's stack must not hide one."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 

@@ -149,7 +149,8 @@ class RunRecord(RunRecordCreated, total=False):
     notices: dict[str, dict[str, Any]]  # key -> intake notice
     file_errors: dict[str, dict[str, Any]]  # key -> rejected file
     skip_deletes: bool  # a corpus file was rejected: its documents are absent, not deleted
-    absent_parts: list[str]  # the corpus parts quarantined and not replaced yet when the run launched
+    absent_parts: list[str]  # corpus parts quarantined and not back when the run launched, or left out by its jobs
+    released_parts: list[str]  # absent parts an allow_shrink retrain lets go (cleared when it is promoted)
     allow_shrink: bool  # a retrain confirmed that its index may lack live documents (retrain --allow-shrink)
     # launching (Pipeline)
     force_full: bool  # a retrain asked for a full run

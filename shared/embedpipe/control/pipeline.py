@@ -498,7 +498,7 @@ class Pipeline(Lifecycle):
         return self._settle_intake(record["run_id"], moved, problem)
 
     def _settle_intake(self, run_id: str, rejections: list, problem: str | None) -> str | None:
-        self._mark_absent(rejections)
+        self._mark_absent(rejections, run_id)
         for r in rejections:
             key = object_uri_key(r.object, r.generation)
             # a bad table stays where it is and can fail many runs: its report is per run (a file is moved at once)
@@ -511,10 +511,11 @@ class Pipeline(Lifecycle):
             return problem + (f" (rejected: {rejected})" if rejected else "")
         return None
 
-    def _mark_absent(self, rejections: list) -> None:
+    def _mark_absent(self, rejections: list, run_id: str | None = None) -> None:
         """Corpus files quarantined (moved out of the dataset) become the dataset's ``absent_parts``: their
-        documents are absent, never deleted, in every run until a good file arrives at that name
-        (``_absent_at_launch``) or a retrain confirms with ``allow_shrink``. Idempotent."""
+        documents are absent, never deleted, in every run until a file arrives at that name again, the user deletes
+        the quarantined copy, or a retrain that said ``allow_shrink`` is promoted (``_absent_at_launch``,
+        ``indexing._promote``). ``run_id``: a job's rejections, whose run holds them as absent too. Idempotent."""
         prefix = f"gs://{self.settings.data_bucket}/"
         by_dataset: dict[str, dict] = {}
         for r in rejections:
@@ -523,7 +524,8 @@ class Pipeline(Lifecycle):
             name = r.object[len(prefix) :]
             found = datasets.dataset_of(name)
             if found:
-                by_dataset.setdefault(found[0], {})[name] = {"generation": r.generation, "reason": r.reason}
+                entry = {"generation": r.generation, "reason": r.reason, "quarantined_to": r.quarantined_to}
+                by_dataset.setdefault(found[0], {})[name] = entry
         for dataset, parts in by_dataset.items():
 
             def fn(st, parts=parts):
@@ -534,17 +536,31 @@ class Pipeline(Lifecycle):
 
             self.ledger.update_dataset(dataset, fn)
             log.warning("dataset %s: corpus part(s) %s quarantined: absent, not deleted", dataset, sorted(parts))
+            if run_id:
+                names = set(parts)
+
+                def mine(r, names=names):
+                    have = set(r.get("absent_parts") or [])
+                    return None if names <= have else {**r, "absent_parts": sorted(have | names)}
+
+                self.ledger.update_run(run_id, mine)
 
     def _absent_at_launch(self, record: RunRecord) -> list[str]:
-        """The dataset's absent corpus parts as this run launches: a part whose name holds a file again is back
-        (whatever order the uploads' handlers ran in), and a retrain with ``allow_shrink`` lets them all go. The run
-        keeps the rest as ``absent_parts``, with ``skip_deletes``: nothing of theirs is deleted in place, and a
-        new collection that lacks their documents is refused (indexing.shrink_refusal)."""
+        """The dataset's absent corpus parts as this run launches. A part is back when a file holds its name again
+        (whatever order the uploads' handlers ran in), and let go when the user deleted its quarantined copy. The
+        run keeps the rest as ``absent_parts``, with ``skip_deletes``: nothing of theirs is deleted in place, and a
+        new collection that lacks their documents is refused (indexing.shrink_refusal); a retrain with
+        ``allow_shrink`` keeps them as ``released_parts`` instead, cleared from the dataset when it is promoted."""
         parts = self.ledger.get_dataset(record["dataset"]).get("absent_parts") or {}
         if not parts:
             return []
         bucket = self.settings.data_bucket
-        gone = set(parts) if record.get("allow_shrink") else {n for n in parts if storage.exists(f"gs://{bucket}/{n}")}
+
+        def settled(name: str, entry: dict) -> bool:
+            copy = entry.get("quarantined_to")
+            return storage.exists(f"gs://{bucket}/{name}") or bool(copy and not storage.exists(copy))
+
+        gone = {n for n, v in parts.items() if settled(n, v)}
         if gone:
 
             def clear(st):
@@ -558,9 +574,12 @@ class Pipeline(Lifecycle):
             self.ledger.update_dataset(record["dataset"], clear)
         still = sorted(set(parts) - gone)
         if still:
-            fields = {"skip_deletes": True, "absent_parts": still}
+            if record.get("allow_shrink"):
+                fields: dict = {"released_parts": still}
+            else:
+                fields = {"skip_deletes": True, "absent_parts": still}
             self.ledger.update_run(record["run_id"], lambda r: {**r, **fields} if r["state"] == PENDING else None)
-            log.warning("run %s: corpus part(s) %s still absent: their documents stay", record["run_id"], still)
+            log.warning("run %s: corpus part(s) %s absent (%s)", record["run_id"], still, ", ".join(fields))
         return still
 
     def live_missing(self, promoted: PromotedEntry) -> str | None:

@@ -366,7 +366,14 @@ def delete_removed(client, collection: str, embed_uri: str, manifests: list[dict
     return deleted
 
 
-def check_deletes(s, record: RunRecord, manifests: list[dict]) -> int:
+def absent_now(ledger, record: RunRecord) -> list[str]:
+    """The corpus parts absent for this run: those it launched with or its jobs left out, and those quarantined
+    since it launched (its jobs listed the bucket without them), less those an ``allow_shrink`` retrain releases."""
+    parts = set(record.get("absent_parts") or []) | set(ledger.get_dataset(record["dataset"]).get("absent_parts") or {})
+    return sorted(parts - set(record.get("released_parts") or []))
+
+
+def check_deletes(s, record: RunRecord, manifests: list[dict], absent: list[str] = ()) -> int:
     """An incremental run deletes the live documents its corpus snapshot lacks. A corpus re-uploaded part by part
     would delete the rest, so more than ``max_delete_share`` of the live rows is refused (ValueError: the run fails,
     nothing indexed changes); a retrain rebuilds from the corpus instead, behind the gate."""
@@ -375,6 +382,11 @@ def check_deletes(s, record: RunRecord, manifests: list[dict]) -> int:
     live = (record.get("live") or {}).get("rows") or manifests[0].get("live_rows") or 0
     if record.get("skip_deletes"):  # a corpus file was rejected: its documents are absent, not deleted
         return 0
+    if removed and absent:  # quarantined after this run's jobs listed the bucket: they took its documents as gone
+        raise ValueError(
+            f"corpus part(s) {', '.join(absent)} were quarantined while this run was under way: it deletes nothing "
+            f"(its {removed} deletions may be their documents); the next run keeps them as absent"
+        )
     if removed and removed > s.max_delete_share * live:
         raise ValueError(
             f"refusing to delete {removed} of the {live} live documents ({removed / max(live, 1):.1%} > "
@@ -535,7 +547,7 @@ def _index_full(x: Indexing) -> Outcome:
 def _index_rebuild(x: Indexing) -> Outcome:
     """An incremental diff too large to apply in place, rebuilt: the embedder embedded every document with the
     promoted model into a new collection, which must pass the gate against the live one, like a full run."""
-    removed = check_deletes(x.settings, x.record, x.manifests)
+    removed = check_deletes(x.settings, x.record, x.manifests, absent_now(x.ledger, x.record))
     out = _new_collection_gated(x, deleted=removed, same_model=True)  # the removed: absent from the new collection
     return dataclasses.replace(
         out,
@@ -580,9 +592,9 @@ def _new_collection_gated(x: Indexing, deleted: int, same_model: bool) -> Outcom
     return out
 
 
-def _id_column(uri: str) -> set[str]:
+def _id_column(uri: str):
     with storage.open_read(uri) as f:
-        return set(parquet(f).read(columns=["id"]).column("id").to_pylist())
+        return parquet(f).read(columns=["id"]).column("id")
 
 
 def live_missing(x: Indexing, rows: int) -> int:
@@ -591,7 +603,12 @@ def live_missing(x: Indexing, rows: int) -> int:
     live = x.promoted_before
     mine = x.first.get("hashes_file")
     if live.get("hashes") and mine and storage.exists(live["hashes"]):
-        return len(_id_column(live["hashes"]) - _id_column(f"{x.embed_uri}/{mine}"))
+        import pyarrow.compute as pc
+
+        # Arrow columns and Arrow's hash set: ~30 bytes an id at 10M ids (Python sets of str: ~100)
+        before = _id_column(live["hashes"])
+        kept = pc.is_in(before, value_set=_id_column(f"{x.embed_uri}/{mine}").combine_chunks())
+        return len(before) - int(pc.sum(kept).as_py() or 0)
     return max(0, int(live.get("rows") or 0) - rows)
 
 
@@ -603,7 +620,7 @@ def shrink_refusal(x: Indexing, missing: int) -> str | None:
     live = int(x.promoted_before.get("rows") or 0) or missing
     if not missing or x.record.get("allow_shrink"):
         return None
-    if absent := x.record.get("absent_parts"):  # quarantined parts: absent, never deleted, however few
+    if absent := absent_now(x.ledger, x.record):  # quarantined parts: absent, never deleted, however few
         return (
             f"rejected: the new index lacks {missing} of the {live} live documents while corpus part(s) "
             f"{', '.join(absent)} are quarantined (absent, not deleted); the live index stays. Upload a good "
@@ -722,7 +739,7 @@ def _load_base(x: Indexing, collection: str, fingerprint: str, model_uri: str) -
 def _index_inplace(x: Indexing) -> Outcome:
     """An incremental run applied to the live collection (upserts and deletes), which must hold vectors of this very
     model; not gated: the index it replaces is that collection as last measured."""
-    removed = check_deletes(x.settings, x.record, x.manifests)
+    removed = check_deletes(x.settings, x.record, x.manifests, absent_now(x.ledger, x.record))
     collection = x.record["live"]["collection"]
     x.watch(vectorstore.check_fingerprint, x.client, collection, x.first["fingerprint"], x.first["dim"])
     _begin_inplace(x, collection, removed)
@@ -885,8 +902,12 @@ def _promote(x: Indexing, out: Outcome) -> tuple[PromotedEntry, DatasetState]:
         representation=vectorstore.REPRESENTATION,
     )
 
+    released = set(x.record.get("released_parts") or [])
+
     def promote(st):
         history = [out.collection] + [c for c in st.get("promoted_history", []) if c != out.collection]
+        if released:  # the retrain said allow_shrink and is promoted: those parts' documents are let go
+            st = {**st, "absent_parts": {n: v for n, v in (st.get("absent_parts") or {}).items() if n not in released}}
         return {
             **st,
             "promoted": entry,

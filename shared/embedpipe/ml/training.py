@@ -51,54 +51,35 @@ def seed_everything(seed: int) -> None:
 def length_grouped_batches(pairs: list, batch_size: int, rng: random.Random) -> list[list]:
     """Shuffle, then sort within windows of 50 batches by length so batches hold similar lengths (less padding),
     then shuffle the batch order so training still sees the data in random order. No batch holds one anchor or one
-    positive twice (``distinct_batches``); the pairs of a window's unfilled batches move on to the next window."""
+    positive twice (``distinct``). The number of batches depends on the number of pairs only, never on the shuffle:
+    every epoch, every rank and every resumed run count the same steps."""
     pairs = pairs[:]
     rng.shuffle(pairs)
     window = batch_size * 50
-    batches, carry = [], []
+    batches = []
     for start in range(0, len(pairs), window):
-        chunk = carry + sorted(pairs[start : start + window], key=lambda p: len(p[0]) + len(p[1]))
-        cut = distinct_batches(chunk, batch_size)
-        if start + window < len(pairs):
-            carry = [p for b in cut if len(b) < batch_size for p in b]
-            cut = [b for b in cut if len(b) == batch_size]
-        batches.extend(cut)
-    # In-batch negatives need at least two pairs per batch (only a pair that conflicts with every batch is left out)
-    batches = [b for b in batches if len(b) > 1]
+        chunk = sorted(pairs[start : start + window], key=lambda p: len(p[0]) + len(p[1]))
+        slices = (chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+        # in-batch negatives need two pairs: a window's tail of one is left out (by size alone, never by content)
+        batches.extend(distinct(b) for b in slices if len(b) > 1)
     rng.shuffle(batches)
     return batches
 
 
-def distinct_batches(pairs: list, batch_size: int) -> list[list]:
-    """``pairs`` cut in order into batches in which no anchor and no positive text appears twice; a pair that would
-    repeat one waits for a later batch, and one left alone at the end joins the first batch it does not conflict
-    with (one pair over the size). With in-batch negatives every other pair's positive is a negative for an anchor:
-    a query with several relevant documents (``qrels/train.tsv`` averages dozens in some collections), or a document
-    relevant to several queries, would otherwise be trained as a negative of itself."""
-    batches, rest = [], pairs
-    while rest:
-        batch, anchors, positives, later = [], set(), set(), []
-        for p in rest:
-            if len(batch) < batch_size and p[0] not in anchors and p[1] not in positives:
-                batch.append(p)
-                anchors.add(p[0])
-                positives.add(p[1])
-            else:
-                later.append(p)
-        batches.append(batch)
-        rest = later
-    full, alone = [b for b in batches if len(b) > 1], [b[0] for b in batches if len(b) == 1]
-    for p in alone:
-        home = next((b for b in full if len(b) <= batch_size and not _conflicts(p, b)), None)
-        if home is not None:
-            home.append(p)
-        else:
-            full.append([p])
-    return full
-
-
-def _conflicts(pair, batch: list) -> bool:
-    return any(pair[0] == p[0] or pair[1] == p[1] for p in batch)
+def distinct(batch: list) -> list:
+    """``batch`` without the pairs that repeat an anchor or a positive of an earlier pair in it. With in-batch
+    negatives every other pair's positive is a negative for an anchor: a query with several relevant documents
+    (``qrels/train.tsv`` averages dozens in some collections), or a document relevant to several queries, would be
+    trained as a negative of itself. A pair left out sits out this epoch only (the next shuffle places it elsewhere);
+    a batch left with one pair trains nothing that step (its loss is 0), which keeps the step count fixed."""
+    anchors, positives, out = set(), set(), []
+    for p in batch:
+        if p[0] in anchors or p[1] in positives:
+            continue
+        anchors.add(p[0])
+        positives.add(p[1])
+        out.append(p)
+    return out
 
 
 def _batch_for(pairs: list, params: TrainParams, epoch: int, cache: dict) -> list[list]:

@@ -164,7 +164,8 @@ def measure(data_dir: Path, dataset: str, env: dict[str, str], result: dict) -> 
             raise QualityError(f"embedpipe upload exited {res.returncode}; event: {res.stdout.strip()[:2000] or '-'}")
         data = event.get("data") or {}
         result["metrics_by_mode"] = data.get("metrics_by_mode") or {}
-        for key in ("default_search_mode", "promoted", "gate", "model", "stage_seconds", "run_id", "collection"):
+        keys = ("default_search_mode", "promoted", "gate", "model", "stage_seconds", "run_id", "collection")
+        for key in (*keys, "selection", "selection_agreement"):
             result[key] = data.get(key)
         judged, texts = load_judged(data_dir)
         try:
@@ -222,6 +223,12 @@ def main() -> int:
             f"default search mode {result.get('default_search_mode')}; the service answered in mode "
             f"{', '.join(modes)}; wall {result['wall_s']:.0f}s"
         )
+        if agree := result.get("selection_agreement"):  # after the fact: did the selection split order the modes well
+            print(
+                f"selection split ({(result.get('selection') or {}).get('split')}) ordered the modes "
+                f"{' > '.join(agree['selection_order'])}, the test split {' > '.join(agree['test_order'])} "
+                f"({agree['pairs']} pairs alike; {agree['metric']} lost to the choice: {agree['test_loss']:.4f})"
+            )
     if status:
         print(f"error: {result['error']}", file=sys.stderr)
     print(f"written to {RESULTS}", file=sys.stderr)

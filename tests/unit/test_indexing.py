@@ -11,6 +11,7 @@ from pymilvus.exceptions import MilvusException, ParamError
 from embedpipe.config import Settings
 from embedpipe.index.indexing import (
     OFF_THE_SHELF,
+    agreement,
     check_deletes,
     decide,
     fallback_mode,
@@ -188,3 +189,12 @@ def test_a_new_index_lacking_live_documents_needs_the_retrain_confirmation():
     # quarantined after the run launched (its jobs listed the bucket without it): the dataset state says so
     assert part in shrinking(3, state_absent={part: {"generation": 9}})
     assert shrinking(3, state_absent={part: {}}, released_parts=[part]) is None  # an allow_shrink retrain's
+
+
+def test_agreement_reports_how_selection_ranked_the_modes_against_test():
+    sel = {"by_mode": {"dense": m(0.1, 0.70), "bm25": m(0.1, 0.60), "hybrid": m(0.1, 0.68)}}
+    test = {"dense": m(0.1, 0.43), "bm25": m(0.1, 0.49), "hybrid": m(0.1, 0.47), "served": m(0.1, 0.43)}
+    got = agreement(sel, test)
+    assert got["selection_order"] == ["dense", "hybrid", "bm25"] and got["test_order"] == ["bm25", "hybrid", "dense"]
+    assert got["pairs"] == "0/3" and got["test_loss"] == pytest.approx(0.06)
+    assert agreement(None, test) is None and agreement({"by_mode": {"dense": m(0.1, 0.5)}}, test) is None

@@ -48,6 +48,7 @@ def payload(kind: records.Kind, promoted: bool, old: dict | None, trainer: dict)
         trigger=record["trigger"],
         indexed={
             "selection": trainer.get("selection") if kind == records.FULL else None,
+            "selection_agreement": None,
             "eval": {"split": "test", "queries": 3, "qrels_absent": 0},
             "milvus_seconds": 0.25,
             "dropped_collections": ["demo__r0"],

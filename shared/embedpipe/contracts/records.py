@@ -368,6 +368,7 @@ class EvalInfo(TypedDict):
 
 class IndexedCore(TypedDict):
     selection: dict[str, Any] | None  # full runs: the trainer's choices on the selection split
+    selection_agreement: dict[str, Any] | None  # full runs: selection's order of the modes vs the eval split's
     eval: EvalInfo
     milvus_seconds: float  # time inside Milvus calls
     dropped_collections: list[str]  # old collections retention dropped
@@ -431,6 +432,7 @@ class IndexUpdated(IndexUpdatedCore, total=False):
     """Data of ``io.embedpipe.index.updated.v1`` (``schemas/index_updated.v1.json``)."""
 
     selection: dict[str, Any] | None
+    selection_agreement: dict[str, Any] | None
     eval: EvalInfo
     milvus_seconds: float
     dropped_collections: list[str]

@@ -161,6 +161,27 @@ def off_the_shelf(base: dict[str, list[str]], bm25: dict[str, list[str]], k: int
     }
 
 
+def agreement(selection: dict | None, test: dict, metric: str = "ndcg@10") -> dict | None:
+    """After the fact, for the record only (nothing is chosen with it): how far the selection split's ranking of the
+    search modes agreed with the eval split's. ``test_loss``: what the mode best on selection scores below the mode
+    best on test (0 when they are the same); ``pairs``: mode pairs both splits order alike, of all pairs."""
+    sel = (selection or {}).get("by_mode") or {}
+    modes = [m for m in vectorstore.MODES if metric in (sel.get(m) or {}) and metric in (test.get(m) or {})]
+    if len(modes) < 2:
+        return None
+    on_sel = sorted(modes, key=lambda m: -sel[m][metric])
+    on_test = sorted(modes, key=lambda m: -test[m][metric])
+    pairs = [(a, b) for i, a in enumerate(modes) for b in modes[i + 1 :]]
+    alike = sum((sel[a][metric] - sel[b][metric]) * (test[a][metric] - test[b][metric]) > 0 for a, b in pairs)
+    return {
+        "metric": metric,
+        "selection_order": on_sel,
+        "test_order": on_test,
+        "pairs": f"{alike}/{len(pairs)}",
+        "test_loss": round(test[on_test[0]][metric] - test[on_sel[0]][metric], 6),
+    }
+
+
 def score(ranked: dict, qrels: dict, served_mode: str) -> dict:
     """Metrics of every mode on the eval qrels; ``served`` is the mode search answers with by default (chosen at
     training time on the selection split, never here on test)."""
@@ -969,6 +990,7 @@ def _payload(x: Indexing, out: Outcome, dropped: list[str], report_uri: str) -> 
         trigger=x.record.get("trigger"),
         indexed={
             "selection": out.trainer_metrics.get("selection"),
+            "selection_agreement": agreement(out.trainer_metrics.get("selection"), out.new.scores["by_mode"]),
             "eval": {
                 "split": m.get("eval_split") if out.new.qrels else None,
                 "queries": len(out.new.qrels),

@@ -148,6 +148,7 @@ def render(event_data: dict, loss_curve=None) -> str:
         "selection split": {
             k: v for k, v in (d.get("selection") or {}).items() if k in ("split", "queries", "base", "tuned")
         },
+        "selection vs test (modes, after the fact)": d.get("selection_agreement"),
         "counts": d.get("counts"),
         "model": (d.get("model") or {}).get("uri"),
         "fingerprint": (d.get("model") or {}).get("fingerprint"),

@@ -93,7 +93,8 @@ class Doc:
 
     @property
     def full_text(self) -> str:
-        """What gets embedded and BM25-indexed: the title (when there is one) and the text, the title once."""
+        """What gets embedded and BM25-indexed: the title (when there is one) and the text, the title once. Any
+        change to it (or to ``body``) comes with a new ``vectorstore.TEXT_RULE``, so live indexes are rebuilt."""
         title, body = self.title.strip(), self.body
         if not title:
             return body
@@ -359,10 +360,6 @@ def parse_corpus(
     return corpus_records(_unknown_lines(data, file, into, seen_in, known), file, into, seen_in, notices)
 
 
-# The rule that turns a document into the text that is embedded and BM25-indexed (``Doc.body``, ``Doc.full_text``):
-# bump it with any change to them. Collections record it (``vectorstore.REPRESENTATION``); an incremental run over a
-# collection built with another rebuilds every document instead of mixing old and new texts in one index.
-TEXT_RULE = 1
 LINE_DIGEST_VERSION = (
     b"embedpipe-line-2"  # 16 bytes at most; a new one when what a line parses to would change (2: normal_id)
 )

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from embedpipe.contracts import datasets
 from embedpipe.retrieval import evaluation, lexical
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,8 @@ GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_permit_withou
 SCHEMA_VERSION = 2  # 2: BM25 over the analyzed ``bm25_text`` field (1: over raw ``text``)
 # What a row's text and BM25 terms were made with: the document text rule and the analyzer. Recorded in each
 # collection and promoted entry; an incremental run over an index built with another representation rebuilds it.
-REPRESENTATION = f"text-{datasets.TEXT_RULE}+{lexical.ANALYZER}"
+TEXT_RULE = 1  # the version of ``datasets.Doc.body`` / ``full_text`` (what is embedded and BM25-indexed)
+REPRESENTATION = f"text-{TEXT_RULE}+{lexical.ANALYZER}"
 MODES = ("dense", "bm25", "hybrid")
 DEPTH = 100  # candidates per side that hybrid fusion sees
 MAX_NQ = 1000

@@ -678,7 +678,7 @@ def query_records(records, file: str, into: dict[str, str] | None = None) -> dic
 
 
 def parse_qrels(
-    data: Source, file: str, known_queries=None, known_docs=None, notices: list[Notice] | None = None
+    data: Source, file: str, known_queries=None, known_docs=None, notices: list[Notice] | None = None, into=None
 ) -> dict[str, dict[str, int]]:
     """Parse one qrels file; with ``known_queries`` each row's query must exist (errors name the line); with
     ``known_docs`` a row naming an absent document is kept (trec_eval counts it as relevant and unretrievable) with
@@ -695,7 +695,7 @@ def parse_qrels(
                 raise DatasetError(file, number, f"expected 3 tab-separated columns, got {len(cols)}")
             yield number, tuple(cols)
 
-    return qrels_rows(rows(), file, known_queries, known_docs, notices)
+    return qrels_rows(rows(), file, known_queries, known_docs, notices, into)
 
 
 def qrels_rows(
@@ -719,8 +719,8 @@ def qrels_rows(
     return out
 
 
-def parse_pairs(data: Source, file: str) -> list[tuple[str, str, str | None]]:
-    out = []
+def parse_pairs(data: Source, file: str, into: list | None = None) -> list[tuple[str, str, str | None]]:
+    out = [] if into is None else into
     for number, obj in _json_lines(data, file):
         anchor = _str_field(obj, "anchor", file, number)
         positive = _str_field(obj, "positive", file, number)

@@ -68,6 +68,13 @@ class _Blob:
     def reload(self) -> None:
         self._found()
 
+    def exists(self) -> bool:
+        try:
+            self._found()
+        except gexc.NotFound:
+            return False
+        return True
+
     @property
     def size(self) -> int:
         return len(self._found()[0])

@@ -1627,3 +1627,27 @@ def test_without_the_confirmation_a_retrain_keeps_the_absent_parts(h, gcs):
     h.pipe.on_retrain(RetrainRequest("demo", {}, None, "again", "pubsub/retrain/2"))
     (run,) = h.runs()
     assert run["absent_parts"] == [part] and run["skip_deletes"] is True and not run.get("allow_shrink")
+
+
+def test_a_delivery_that_died_after_quarantining_a_part_leaves_it_absent(intake_h, gcs, monkeypatch):
+    """The review's case: the file was quarantined, then the handler died before recording the part absent; the
+    redelivery finds that generation gone. It must not count as an accepted upload (the next run would take the
+    part's documents as deleted)."""
+    h = intake_h
+    h.ledger.update_dataset("demo", lambda st: {**st, "promoted": PROMOTED})
+    part = "datasets/demo/corpus/part-1.jsonl"
+    change = ObjectChange(DATA, part, gcs.put(DATA, part, b'{"_id": "b", "text": }\n'), "OBJECT_FINALIZE")
+    mark = h.pipe._mark_absent
+
+    def died(*a, **kw):
+        monkeypatch.setattr(h.pipe, "_mark_absent", mark)
+        raise RuntimeError("instance died")
+
+    monkeypatch.setattr(h.pipe, "_mark_absent", died)
+    with pytest.raises(RuntimeError):
+        h.pipe.on_object_change(change)
+    assert gcs.names() == ["quarantine/demo/corpus/part-1.jsonl"]
+    assert h.pipe.on_object_change(change).startswith(f"rejected {part}")
+    assert list(h.ledger.get_dataset("demo")["absent_parts"]) == [part]
+    (run,) = [r for r in h.runs() if r["state"] == PENDING]
+    assert run["triggers"] == [] and events.object_key(DATA, part, change.generation) in run["file_errors"]

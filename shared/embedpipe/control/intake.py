@@ -216,11 +216,16 @@ def _source_parts(data: datasets.Source, rel: str) -> list:
     return bqsource.parse(bytes(data), rel)
 
 
-def quarantine(bucket: str, name: str, generation: int) -> str:
-    """Copy ``name`` (that generation) to ``quarantine/<rest of the path>`` and delete it if still unchanged."""
+def quarantine_name(name: str) -> str:
+    """Where ``quarantine`` moves ``name``: ``quarantine/<the path below datasets/>``, made a safe object name."""
     rest = name.split("/", 1)[1] if name.startswith("datasets/") else name
     target = f"quarantine/{rest}".replace("..", "__")
-    target = "".join(c if ord(c) >= 32 and ord(c) != 127 else "_" for c in target)[:1000]
+    return "".join(c if ord(c) >= 32 and ord(c) != 127 else "_" for c in target)[:1000]
+
+
+def quarantine(bucket: str, name: str, generation: int) -> str:
+    """Copy ``name`` (that generation) to ``quarantine_name(name)`` and delete it if still unchanged."""
+    target = quarantine_name(name)
     src_bucket = storage.client().bucket(bucket)
     src = src_bucket.blob(name, generation=generation)
     try:
@@ -235,7 +240,8 @@ def quarantine(bucket: str, name: str, generation: int) -> str:
 
 def check_object(bucket: str, name: str, generation: int, max_bytes: int) -> Verdict:
     """``Accepted`` (with its notices) when the object is a usable dataset file; a ``Rejection`` (and the object is
-    quarantined) when it is not; None when that generation is gone.
+    quarantined) when it is not; None when that generation is gone (replaced or deleted; one an earlier delivery
+    quarantined is that ``Rejection`` again).
 
     An object over ``max_bytes`` (the pipeline's ``Settings.max_object_bytes``) is rejected from its metadata, unread;
     the rest is parsed from a stream, so memory follows the longest line and the ids, not the file."""
@@ -253,13 +259,24 @@ def check_object(bucket: str, name: str, generation: int, max_bytes: int) -> Ver
                     # the pipeline records and logs the notices
                     notices = check_file(rel, stream)
                     return Accepted(uri, generation, tuple(notices), getattr(notices, "total", len(notices)))
-        except gexc.NotFound:
-            return None  # replaced or deleted since: the newer generation has its own event
+        except gexc.NotFound:  # replaced or deleted since (the newer generation has its own event), or moved
+            return _quarantined_before(bucket, name, generation)
         except datasets.DatasetError as exc:
             problem, line = exc.reason, exc.line
     where = f"{uri}:{line}" if line else uri
     log.warning("rejected %s: %s", where, problem)
     return Rejection(uri, generation, line, problem, quarantine(bucket, name, generation))
+
+
+def _quarantined_before(bucket: str, name: str, generation: int) -> Rejection | None:
+    """An upload whose generation is gone because an earlier delivery quarantined it and died before recording the
+    rejection (nothing at its name now, a copy in quarantine): the rejection again, so a corpus part is absent, not
+    deleted, and the waiter hears of it. None when the object was replaced or deleted."""
+    copy = f"gs://{bucket}/{quarantine_name(name)}"
+    if storage.exists(f"gs://{bucket}/{name}") or not storage.exists(copy):
+        return None
+    reason = "quarantined by an earlier delivery of this upload (its reason is in that delivery's log)"
+    return Rejection(f"gs://{bucket}/{name}", generation, None, reason, copy)
 
 
 def load_checked(

@@ -396,17 +396,22 @@ def test_upload_with_skipped_documents_records_its_notices_once(intake_h, gcs):
     assert h.published == []
 
 
+def dies_once(monkeypatch, obj, attr: str) -> None:
+    """``obj.attr`` raises once (the instance died there), then is itself again: what a redelivery meets."""
+    real = getattr(obj, attr)
+
+    def died(*a, **kw):
+        monkeypatch.setattr(obj, attr, real)
+        raise RuntimeError("instance died")
+
+    monkeypatch.setattr(obj, attr, died)
+
+
 def test_redelivery_after_a_crash_between_notices_and_trigger_records_them_once(intake_h, gcs, monkeypatch):
     h = intake_h
     name = "datasets/quirks/corpus.jsonl"
     change = ObjectChange(DATA, name, gcs.put(DATA, name, quirk_bytes("corpus.jsonl")), "OBJECT_FINALIZE")
-    add_trigger = h.ledger.add_trigger
-
-    def died(*a, **kw):
-        monkeypatch.setattr(h.ledger, "add_trigger", add_trigger)
-        raise RuntimeError("instance died")
-
-    monkeypatch.setattr(h.ledger, "add_trigger", died)
+    dies_once(monkeypatch, h.ledger, "add_trigger")
     with pytest.raises(RuntimeError):
         h.pipe.on_object_change(change)
     h.pipe.on_object_change(change)
@@ -1637,13 +1642,7 @@ def test_a_delivery_that_died_after_quarantining_a_part_leaves_it_absent(intake_
     h.ledger.update_dataset("demo", lambda st: {**st, "promoted": PROMOTED})
     part = "datasets/demo/corpus/part-1.jsonl"
     change = ObjectChange(DATA, part, gcs.put(DATA, part, b'{"_id": "b", "text": }\n'), "OBJECT_FINALIZE")
-    mark = h.pipe._mark_absent
-
-    def died(*a, **kw):
-        monkeypatch.setattr(h.pipe, "_mark_absent", mark)
-        raise RuntimeError("instance died")
-
-    monkeypatch.setattr(h.pipe, "_mark_absent", died)
+    dies_once(monkeypatch, h.pipe, "_mark_absent")
     with pytest.raises(RuntimeError):
         h.pipe.on_object_change(change)
     assert gcs.names() == ["quarantine/demo/corpus/part-1.jsonl"]

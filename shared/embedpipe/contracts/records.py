@@ -321,6 +321,14 @@ class DatasetState(DatasetStateMade, total=False):
     rollbacks: list[RollbackItem]
 
 
+def without_absent(state: dict, names: set[str]) -> dict | None:
+    """The dataset state with those corpus parts no longer absent (``absent_parts``), or None when none of them is."""
+    have = state.get("absent_parts") or {}
+    if not names & set(have):
+        return None
+    return {**state, "absent_parts": {n: v for n, v in have.items() if n not in names}}
+
+
 def empty_dataset_state(dataset: str) -> DatasetState:
     """The state of a dataset nothing has happened to yet."""
     return {

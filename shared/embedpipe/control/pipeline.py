@@ -27,7 +27,7 @@ from embedpipe.contracts.events import (
     RetrainRequest,
     object_uri_key,
 )
-from embedpipe.contracts.records import PromotedEntry, RunRecord, run_stage_payload
+from embedpipe.contracts.records import PromotedEntry, RunRecord, run_stage_payload, without_absent
 from embedpipe.control import incremental, intake
 from embedpipe.gcp import storage
 from embedpipe.gcp.retries import transient
@@ -562,16 +562,7 @@ class Pipeline(Lifecycle):
 
         gone = {n for n, v in parts.items() if settled(n, v)}
         if gone:
-
-            def clear(st):
-                have = st.get("absent_parts") or {}
-                return (
-                    {**st, "absent_parts": {n: v for n, v in have.items() if n not in gone}}
-                    if gone & set(have)
-                    else None
-                )
-
-            self.ledger.update_dataset(record["dataset"], clear)
+            self.ledger.update_dataset(record["dataset"], lambda st: without_absent(st, gone))
         still = sorted(set(parts) - gone)
         if still:
             if record.get("allow_shrink"):

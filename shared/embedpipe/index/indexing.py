@@ -30,6 +30,7 @@ from embedpipe.contracts.records import (
     RunRecord,
     index_updated_payload,
     promoted_entry,
+    without_absent,
 )
 from embedpipe.gcp import storage
 from embedpipe.index import bulkload, registry, report, rollback
@@ -928,7 +929,7 @@ def _promote(x: Indexing, out: Outcome) -> tuple[PromotedEntry, DatasetState]:
     def promote(st):
         history = [out.collection] + [c for c in st.get("promoted_history", []) if c != out.collection]
         if released:  # the retrain said allow_shrink and is promoted: those parts' documents are let go
-            st = {**st, "absent_parts": {n: v for n, v in (st.get("absent_parts") or {}).items() if n not in released}}
+            st = without_absent(st, released) or st
         return {
             **st,
             "promoted": entry,

@@ -256,6 +256,9 @@ class Settings:
     embed_deadline_s: float = 6 * 3600.0
     index_deadline_s: float = 3600.0
     index_retry_s: float = 600.0  # Pub/Sub's longest ack deadline: a slow delivery is not raced
+    # an indexer delivery loads (and waits for the index build) this long, then records how far it got and hands the
+    # rest to a new index request: inside the 600 s ack deadline, with time left for the evaluation
+    index_delivery_budget_s: float = 420.0
     # a recorded bulk import is polled by later index requests past index_deadline_s, up to this (hours at 10M rows)
     bulk_import_deadline_s: float = 86400.0
     # uploads larger than this are rejected before they are read (files are parsed line by line inside the cap)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe.contracts.events import Event
+from embedpipe.contracts.events import INDEX_REQUESTED, Event
 from embedpipe.control.pipeline import Pipeline
 from embedpipe.gcp import storage
 from embedpipe.index import bulkload, indexing
@@ -379,3 +379,45 @@ def test_a_bulk_load_stages_each_shard_from_gcs_and_falls_back_to_upserts_where_
     assert indexing.load_shards(s, client, collection, out, manifests, indexing.Stopwatch(), fresh=True) == N_DOCS
     staged = indexing.read_parquet(f"gs://{s.bulk_import_bucket}/embedpipe-import/{collection}/part-00000.parquet")
     assert staged.equals(bulkload.import_table(indexing.read_parquet(f"{out}/{manifests[0]['file']}")))
+
+
+def test_a_load_killed_part_way_resumes_and_one_larger_than_a_delivery_completes_over_several(pipe, monkeypatch):
+    """Issue 25.7: each delivery used to restart the upserts from row 0 inside the push deadline, so a load larger
+    than one delivery never finished. Here the first delivery dies in its second batch of 16 rows, and every later
+    delivery's budget is spent after one batch: the load completes over several deliveries, each upserting only the
+    rest."""
+    monkeypatch.setattr(indexing, "UPSERT_BATCH", 16)  # 60 rows: 4 batches
+    monkeypatch.setattr(indexing, "LOAD_CHECKPOINT_S", 0.0)
+    batches, real = [], vectorstore.upsert_batch
+
+    def upsert_batch(client, name, rows):
+        if len(batches) == 1 and not getattr(upsert_batch, "died", False):
+            upsert_batch.died = True
+            raise ConnectionError("the indexer's instance was killed")
+        batches.append([r["id"] for r in rows])
+        return real(client, name, rows)
+
+    monkeypatch.setattr(vectorstore, "upsert_batch", upsert_batch)
+    requests = []
+    budget = dataclasses.replace(pipe.settings, index_delivery_budget_s=0.0)
+    short = Pipeline(
+        budget,
+        pipe.ledger,
+        publish=lambda topic, e: (requests if e.type == INDEX_REQUESTED else pipe.published).append(e),
+    )
+    run_id = prepared_run(pipe, good=10, previous_good=None, dataset="resumed")
+    with pytest.raises(ConnectionError):
+        index_run(pipe, run_id)  # a crash: Pub/Sub redelivers the request
+    outcomes = []
+    while pipe.ledger.get_run(run_id)["state"] == runs.INDEXING and len(outcomes) < 20:
+        outcomes.append(index_run(short, run_id))  # the redelivery, then each hand-over's new request
+    # rows 17-32 and 33-48 each hand over, the last batch completes (more hand-overs only if the index build lags)
+    assert all("continued by a new index request" in o for o in outcomes[:-1]) and len(outcomes) >= 3, outcomes
+    assert "index-updated published (promoted=True)" in outcomes[-1]
+    assert len(requests) == len(outcomes) - 1 and len({e.id for e in requests}) == len(requests)
+    assert [len(b) for b in batches] == [16, 16, 16, 12], "each row upserted once over all deliveries"
+    assert sorted(i for b in batches for i in b) == [f"d{i:03d}" for i in range(N_DOCS)]
+    record = pipe.ledger.get_run(run_id)
+    assert record["state"] == runs.SUCCEEDED and record["counts"]["upserted"] == N_DOCS
+    client = vectorstore.connect(pipe.settings.milvus_uri)
+    assert vectorstore.count_rows(client, vectorstore.collection_name("resumed", run_id)) == N_DOCS

@@ -198,3 +198,128 @@ def test_agreement_reports_how_selection_ranked_the_modes_against_test():
     assert got["selection_order"] == ["dense", "hybrid", "bm25"] and got["test_order"] == ["bm25", "hybrid", "dense"]
     assert got["pairs"] == "0/3" and got["test_loss"] == pytest.approx(0.06)
     assert agreement(None, test) is None and agreement({"by_mode": {"dense": m(0.1, 0.5)}}, test) is None
+
+
+# ---------------------------------------------------------------- resumable loads (issue 25.7)
+
+
+class Killed(Exception):
+    """The indexer's process dying part-way through a load (nothing after it runs: no ``finally`` saves progress)."""
+
+
+class Upserts:
+    """A Milvus client's ``upsert`` that records each id it receives, and dies at the ``die_at``-th call."""
+
+    def __init__(self, die_at: int | None = None):
+        self.ids: list[str] = []
+        self.calls, self.die_at = 0, die_at
+
+    def upsert(self, collection_name, data):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise Killed
+        self.ids += [r["id"] for r in data]
+
+
+def shard_file(n: int, start: int, row_group: int):
+    """A ``pq.ParquetFile`` of ``n`` rows (ids d<start>...) in row groups of ``row_group`` rows."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [f"d{i:05d}" for i in range(start, start + n)]
+    table = pa.table(
+        {
+            "id": ids,
+            "vector": [[1.0, 0.0]] * n,
+            "text": ids,
+            "bm25_text": ids,
+            "title": ids,
+            "content_hash": ids,
+            "metadata": ["{}"] * n,
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group)
+    buf.seek(0)
+    return pq.ParquetFile(buf)
+
+
+@pytest.fixture
+def load(store, clock):
+    """(ledger, run id of a run in INDEXING, a function that loads 2 shards of 1,000 and 700 rows once)"""
+    from embedpipe.index.indexing import Progress, Stopwatch, upsert_tables
+    from embedpipe.ledger import runs
+    from embedpipe.ledger.runs import Ledger
+
+    ledger = Ledger("artifacts", store=store, clock=clock)
+    run_id = runs.new_run_id(clock())
+    ledger.create_run(run_id, "demo", {"type": "test"}, kind="full")
+    ledger.advance(run_id, runs.PENDING, runs.INDEXING)
+
+    def once(client, stamp="c1|emb/1", until=float("inf"), monotonic=lambda: 0.0):
+        shards = [shard_file(1000, 0, 300), shard_file(700, 1000, 300)]
+        progress = Progress(ledger, run_id, "c/vector", stamp, until, clock=monotonic)
+        files = ["a.parquet", "b.parquet"]
+        return upsert_tables(client, "c", shards, Stopwatch(), batch=128, progress=progress, files=files)
+
+    return ledger, run_id, once
+
+
+def test_a_load_killed_part_way_is_continued_by_the_next_delivery_from_its_last_checkpoint(load, monkeypatch):
+    from embedpipe.index import indexing
+
+    ledger, run_id, once = load
+    monkeypatch.setattr(indexing, "LOAD_CHECKPOINT_S", 0.0)  # a checkpoint after every batch
+    # Row groups of 300 read 128 rows at a time: batches of 128, 128, 44 each. It dies in the second shard's second
+    # row group: the first shard's 10 batches and the second's first 4 (428 rows) went in.
+    first = Upserts(die_at=15)
+    with pytest.raises(Killed):
+        once(first)
+    assert ledger.get_run(run_id)["loads"]["c/vector"]["shards"] == {"a.parquet": 1000, "b.parquet": 428}
+    second = Upserts()
+    assert once(second) == 1700  # every row of the load, counting the first delivery's
+    assert second.ids[0] == "d01428" and len(second.ids) == 700 - 428
+    assert sorted(first.ids + second.ids) == [f"d{i:05d}" for i in range(1700)], "each row upserted exactly once"
+
+
+def test_a_crash_between_checkpoints_redoes_only_what_followed_the_last_one(load):
+    ledger, run_id, once = load
+    first = Upserts(die_at=12)
+    with pytest.raises(Killed):
+        once(first)  # a frozen clock: the only checkpoint is the first shard's end
+    assert ledger.get_run(run_id)["loads"]["c/vector"]["shards"] == {"a.parquet": 1000}
+    second = Upserts()
+    assert once(second) == 1700 and second.ids == [f"d{i:05d}" for i in range(1000, 1700)]
+
+
+def test_a_delivery_past_its_budget_hands_over_and_the_load_completes_over_several(load):
+    from embedpipe.index.indexing import Handover
+
+    ledger, run_id, once = load
+    loaded, deliveries = [], 0
+    while True:
+        ticks = iter(range(10**6)).__next__  # each delivery's clock: one tick a batch, the budget 5 ticks
+        client = Upserts()
+        deliveries += 1
+        try:
+            total = once(client, until=5, monotonic=ticks)
+            loaded += client.ids
+            break
+        except Handover as exc:
+            loaded += client.ids
+            assert "rows loaded into c so far" in str(exc)
+    assert total == 1700 and deliveries == 4  # 17 batches, 5 a delivery
+    assert sorted(loaded) == [f"d{i:05d}" for i in range(1700)], "nothing loaded twice, nothing left out"
+
+
+def test_progress_of_another_collection_or_embed_attempt_is_not_resumed(load, monkeypatch):
+    from embedpipe.index import indexing
+
+    ledger, run_id, once = load
+    monkeypatch.setattr(indexing, "LOAD_CHECKPOINT_S", 0.0)
+    with pytest.raises(Killed):
+        once(Upserts(die_at=5))
+    recreated = Upserts()  # the collection was dropped and made again: another creation time in the stamp
+    assert once(recreated, stamp="c2|emb/1") == 1700 and len(recreated.ids) == 1700

@@ -1126,6 +1126,30 @@ def test_reconcile_re_requests_a_lost_index_then_fails_it_past_the_deadline(make
     assert follow_up != run_id and h.run(follow_up)["state"] == TRAINING  # the dataset runs again
 
 
+def test_a_load_that_goes_on_over_several_deliveries_is_timed_from_its_last_progress(make):
+    """Issue 25.7: a load too large for one delivery continues over several (index.indexing.Progress); the index
+    deadline must not fail one that is still loading, and must still end one whose progress stopped."""
+    h = make(index_retry_s=600, index_deadline_s=3600)
+    run_id = indexing_run(h)
+
+    def progress():  # what an indexer delivery records as it loads
+        at = runs.iso(h.clock())
+        h.ledger.update_run(run_id, lambda r: {**r, "loads": {"c/vector": {"stamp": "s", "shards": {}, "at": at}}})
+        h.pipe.request_index(h.run(run_id), again=True)  # its hand-over
+
+    for _ in range(6):  # 6 x 1000 s: past the deadline from the stage's start, progressing all along
+        h.clock.advance(1000)
+        progress()
+        h.pipe.reconcile()
+        assert h.run(run_id)["state"] == INDEXING
+    h.clock.advance(3601)  # then no progress for longer than the deadline
+    h.pipe.reconcile()
+    record = h.run(run_id)
+    assert record["state"] == FAILED and "EMBEDPIPE_INDEX_DEADLINE_S" in record["error"]["cause"]
+    ids = [e.id for e in h.events(INDEX_REQUESTED)]
+    assert len(ids) == len(set(ids)) >= 7, "each hand-over is a new request, not a duplicate of the first"
+
+
 def test_a_recorded_bulk_import_is_bounded_by_its_own_deadline(make):
     """Issue 25.5: a recorded bulk import exempted the run from every deadline: with a restored or unreachable
     Milvus, 30 days later the run was still INDEXING and the dataset never ran again."""

@@ -163,6 +163,8 @@ class RunRecord(RunRecordCreated, total=False):
     # indexing (index.indexing)
     inplace: InplaceDone
     bulk_import: dict[str, str]  # {"job_id", "at"}: a Milvus bulk import under way
+    # "<collection>/<vector column>" -> {"stamp", "shards": {file: rows upserted}, "at"}: how far a load got
+    loads: dict[str, dict[str, Any]]
     collection: str
     counts: CountsSkipped
     registry: dict[str, Any]  # the model registry's outcome (index.registry)

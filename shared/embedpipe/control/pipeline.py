@@ -18,7 +18,6 @@ from embedpipe import topology
 from embedpipe.config import TRAIN_OVERRIDES, Settings, check_overrides
 from embedpipe.contracts import datasets
 from embedpipe.contracts.events import (
-    INDEX_REQUESTED,
     RUN_STAGE,
     Event,
     EventError,
@@ -677,18 +676,8 @@ class Pipeline(Lifecycle):
         self.launch_due(record["dataset"])
         return f"run {record['run_id']}: FAILED in {stage}"
 
-    def request_index(self, record: RunRecord) -> None:
-        event = Event(
-            INDEX_REQUESTED,
-            {"run_id": record["run_id"], "dataset": record["dataset"]},
-            id=f"{record['run_id']}/index",
-            subject=record["run_id"],
-        )
-        self.publish(topology.INDEX_REQUESTS, event)
-        now = runs.iso(self.clock())
-        self.ledger.update_run(
-            record["run_id"], lambda r: {**r, "index_requested_at": now} if r["state"] == INDEXING else None
-        )
+    def request_index(self, record: RunRecord, again: bool = False) -> None:
+        super().request_index(record, again)
         self._stage_event(record, INDEXING)
 
     # ------------------------------------------------------------------ reconcile
@@ -797,6 +786,9 @@ class Pipeline(Lifecycle):
             if job
             else (s.index_deadline_s, "EMBEDPIPE_INDEX_DEADLINE_S")
         )
+        # a load that goes on over several deliveries (index.indexing.Progress) is timed from its last progress
+        if (moved := runs.last_load_progress(record)) is not None:
+            in_stage = min(in_stage, self.clock() - moved)
         if in_stage > deadline:
             what = f"bulk import {job} unfinished" if job else "no index result"
             self.fail(

@@ -1,9 +1,12 @@
 """The indexer's work for one run: load embedding shards into Milvus, evaluate, gate, swap the alias, register the
 promoted model in the model registry (``embedpipe.index.registry``; the run record's ``registry``), publish.
 
-Resumable: rows are upserted by primary key, so a redelivered request rewrites the same rows; the run record moves
-INDEXING -> PUBLISHING (with the event stored) -> SUCCEEDED, so a redelivery after a crash republishes the stored
-event with the same ``ce-id`` instead of computing a different one.
+Resumable: rows are upserted by primary key, so a redelivered request rewrites the same rows, and a load records
+how far it got (``Progress``), so the next delivery upserts only the rest; a delivery that has run for
+``index_delivery_budget_s`` hands over to a new index request (``Handover``), so a load of any size completes over
+several deliveries, none past Pub/Sub's ack deadline. The run record moves INDEXING -> PUBLISHING (with the event
+stored) -> SUCCEEDED, so a redelivery after a crash republishes the stored event with the same ``ce-id`` instead of
+computing a different one.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ UPSERT_COLUMNS = ("id", "vector", "text", "bm25_text", "title", "content_hash", 
 # A delivery polls a bulk import at most this long (inside Pub/Sub's 600 s ack deadline); reconcile's re-request
 # resumes the same import job later.
 IMPORT_POLL_S = 420.0
+# A load records how far it got at most this often (a ledger write; also at each shard's end and at a hand-over), so
+# a delivery that dies redoes at most this much of the load.
+LOAD_CHECKPOINT_S = 30.0
 
 
 def embed_output(ledger, record: RunRecord) -> tuple[str, str | None]:
@@ -211,6 +217,9 @@ def index_run(pipe: Lifecycle, run_id: str, reg: registry.ModelRegistry | None =
         return f"run {run_id} is {record['state']}, not ready to index: ignored"
     try:
         return _index(pipe, record, reg or registry.for_settings(pipe.settings))
+    except (Handover, vectorstore.IndexBuilding) as exc:  # acked: a new request continues from what was recorded
+        pipe.request_index(record, again=True)
+        return f"run {run_id}: {exc}; continued by a new index request"
     except bulkload.ImportPending as exc:  # acked: reconcile re-requests the index and this job is polled again
         return f"run {run_id}: bulk import {exc.job_id} still running; resumed by the next index request"
     except (
@@ -254,6 +263,64 @@ def decide(
     return True, f"{what}promoted: " + ("; ".join(passed) or "nothing to compare with")
 
 
+class Handover(Exception):
+    """This delivery has spent its time budget (``index_delivery_budget_s``) part-way through a load: how far it got
+    is recorded (``Progress``) and a new index request continues from there."""
+
+
+class Progress:
+    """How far one load into one collection got, kept in the run record (``loads[key]``: rows loaded per shard file),
+    so that the next delivery, after a crash or a hand-over, upserts only the rest. Stamped with the collection's
+    creation time and the shards' folder: a recreated collection or another embed attempt starts again from row 0.
+    Saved every ``LOAD_CHECKPOINT_S``, at each shard's end and at a hand-over, never on an error: what is recorded was
+    upserted. ``until``: when (``clock``, monotonic) this delivery hands over."""
+
+    def __init__(self, ledger: Ledger, run_id: str, key: str, stamp: str, until: float, clock=time.monotonic):
+        self.ledger, self.run_id, self.key, self.stamp = ledger, run_id, key, stamp
+        self.until, self.clock = until, clock
+        entry = ((ledger.get_run(run_id) or {}).get("loads") or {}).get(key) or {}
+        self.done: dict[str, int] = dict(entry.get("shards") or {}) if entry.get("stamp") == stamp else {}
+        self.resumed = sum(self.done.values())  # rows an earlier delivery loaded
+        self.saved_at = clock()
+
+    def rows(self, file: str) -> int:
+        return self.done.get(file, 0)
+
+    def advance(self, file: str, rows: int, shard_done: bool = False) -> None:
+        """The first ``rows`` rows of ``file`` are upserted. Past ``until`` (and rows still to load), hand over."""
+        self.done[file] = rows
+        now = self.clock()
+        if shard_done or now >= self.until or now - self.saved_at >= LOAD_CHECKPOINT_S:
+            self.save()
+        if now >= self.until and not shard_done:
+            rows, collection = sum(self.done.values()), self.key.split("/")[0]
+            raise Handover(f"{rows} rows loaded into {collection} so far (this delivery's time is spent)")
+
+    def save(self) -> None:
+        done, stamp = dict(self.done), self.stamp
+
+        def fn(r):
+            if r["state"] != INDEXING:
+                return None
+            loads = dict(r.get("loads") or {})
+            old = loads.get(self.key) or {}
+            shards = dict(done)
+            if old.get("stamp") == stamp:  # another delivery of the same run may be further along in some shard
+                for f, n in (old.get("shards") or {}).items():
+                    shards[f] = max(n, shards.get(f, 0))
+            loads[self.key] = {"stamp": stamp, "shards": shards, "at": runs.iso(self.ledger.clock())}
+            return {**r, "loads": loads}
+
+        self.ledger.update_run(self.run_id, fn)
+        self.saved_at = self.clock()
+
+
+def load_progress(x: Indexing, collection: str, vector: str = "vector") -> Progress:
+    """The progress of loading the run's shards' ``vector`` column into ``collection`` (created before)."""
+    stamp = f"{x.watch(vectorstore.created_at, x.client, collection)}|{x.embed_uri}"
+    return Progress(x.ledger, x.run_id, f"{collection}/{vector}", stamp, x.until)
+
+
 class Stopwatch:
     """Seconds spent inside Milvus calls (reported as ``milvus_seconds``, so orchestration overhead is measurable)."""
 
@@ -278,8 +345,11 @@ def load_shards(
     fresh: bool,
     bulk=None,
     vector: str = "vector",
+    progress: Progress | None = None,
 ) -> int:
     """Upsert every shard (or bulk import, for a large fresh collection on a server that can); returns rows.
+    ``progress``: where an earlier delivery's upserts stopped, and this delivery's record of its own (upserts only);
+    the rows returned are then those of every delivery.
     ``bulk`` is (recorded import job id or None, a callable that records a new one before it is polled). ``vector``:
     the shards' column that fills the dense field (``base_vector`` for a first run's fallback index: always upserted,
     since a bulk import stages the shards as they are).
@@ -313,7 +383,8 @@ def load_shards(
                 )
             except bulkload.ImportUnsupported as exc:
                 log.warning("bulk import unavailable (%s): loading %s with upserts", exc, collection)
-        return upsert_tables(client, collection, shards, watch, vector=vector)
+        files = [m["file"] for m in manifests]
+        return upsert_tables(client, collection, shards, watch, vector=vector, progress=progress, files=files)
 
 
 def parquet(source):
@@ -328,32 +399,59 @@ def pq_rows(source) -> int:
     return parquet(source).metadata.num_rows
 
 
-def batches(source, columns, batch: int = UPSERT_BATCH):
-    """Record batches of at most ``batch`` rows of a Parquet file, ``columns`` only, read row group by row group.
-    Measured (pyarrow 26): one ``iter_batches`` over a whole file grows the process with the rows read (about
-    +130 MB for 400k rows), one per row group stays flat."""
+def batches(source, columns, batch: int = UPSERT_BATCH, skip: int = 0):
+    """Record batches of at most ``batch`` rows of a Parquet file, ``columns`` only, read row group by row group,
+    from the one holding row ``skip`` on (row groups wholly before it are not read; its own rows before ``skip`` are
+    read and dropped). Measured (pyarrow 26): one ``iter_batches`` over a whole file grows the process with the rows
+    read (about +130 MB for 400k rows), one per row group stays flat."""
     f = parquet(source)
+    start = 0
     for i in range(f.num_row_groups):
-        yield from f.iter_batches(batch_size=batch, row_groups=[i], columns=list(columns))
+        n = f.metadata.row_group(i).num_rows
+        if start + n > skip:
+            for b in f.iter_batches(batch_size=batch, row_groups=[i], columns=list(columns)):
+                if start + b.num_rows > skip:
+                    yield b.slice(max(0, skip - start))
+                start += b.num_rows
+        else:
+            start += n
 
 
 def upsert_tables(
-    client, collection: str, shards, watch: Stopwatch, batch: int = UPSERT_BATCH, vector: str = "vector"
+    client,
+    collection: str,
+    shards,
+    watch: Stopwatch,
+    batch: int | None = None,
+    vector: str = "vector",
+    progress: Progress | None = None,
+    files: list[str] | None = None,
 ) -> int:
     """Row upserts in batches (by primary key, so a redelivered request rewrites the same rows), read from each shard
     (a ``pq.ParquetFile``, a local Parquet path or an in-memory table) ``batch`` rows at a time. Vectors go over as
     numpy rows: turning them into Python lists first costs more than the rows' whole build. Rows are built in this
-    thread: measured on Milvus Lite (2 cores, server-bound), building them in a background thread was no faster."""
+    thread: measured on Milvus Lite (2 cores, server-bound), building them in a background thread was no faster.
+    With ``progress`` (``files`` name the shards), each shard starts where the recorded progress says, and the rows
+    returned count those earlier deliveries loaded."""
     import pyarrow as pa
 
+    batch = batch or UPSERT_BATCH
+    files = files or [str(i) for i in range(len(shards))]
+
     def pieces():
-        for shard in shards:
+        """(shard's file, rows of it loaded once this piece is, whether that is all of it, the piece)"""
+        for file, shard in zip(files, shards):
+            done = progress.rows(file) if progress else 0
             if isinstance(shard, pa.Table):
-                yield from (shard.slice(start, batch) for start in range(0, shard.num_rows, batch))
+                total = shard.num_rows
+                parts = (shard.slice(start, batch) for start in range(done, total, batch))
             else:
+                total = pq_rows(shard)
                 columns = [vector if c == "vector" else c for c in UPSERT_COLUMNS]
-                for b in batches(shard, columns, batch):
-                    yield pa.Table.from_batches([b])
+                parts = (pa.Table.from_batches([b]) for b in batches(shard, columns, batch, skip=done))
+            for part in parts:
+                done += part.num_rows
+                yield file, done, done >= total, part
 
     def rows_of(part):
         vectors = np.asarray(part.column(vector).combine_chunks().flatten(), dtype=np.float32)
@@ -369,10 +467,12 @@ def upsert_tables(
         )
 
     upserted = 0
-    for part in pieces():
+    for file, done, last, part in pieces():
         if part.num_rows:
             upserted += watch(vectorstore.upsert_batch, client, collection, rows_of(part))
-    return upserted
+        if progress:
+            progress.advance(file, done, shard_done=last)
+    return progress.resumed + upserted if progress else upserted
 
 
 def delete_removed(client, collection: str, embed_uri: str, manifests: list[dict], watch: Stopwatch) -> int:
@@ -477,6 +577,7 @@ class Indexing:
     promoted_before: PromotedEntry | dict
     t0: float
     step: Steps  # seconds by step, for the log line (where an incremental run's index stage spends its time)
+    until: float = float("inf")  # when (time.monotonic) this delivery hands a load over (``Handover``)
 
     @property
     def settings(self) -> Settings:
@@ -549,6 +650,7 @@ def _index(pipe: Lifecycle, record: RunRecord, reg: registry.ModelRegistry) -> s
         promoted_before=pipe.ledger.get_dataset(record["dataset"]).get("promoted") or {},
         t0=t0,
         step=Steps(t0),
+        until=time.monotonic() + s.index_delivery_budget_s,
     )
     x.step("prepare")
     if x.kind == FULL:
@@ -754,8 +856,19 @@ def _load_base(x: Indexing, collection: str, fingerprint: str, model_uri: str) -
         clock=x.ledger.clock,
         exact=_exact(x),
     )
-    load_shards(x.settings, x.client, collection, x.embed_uri, x.manifests, x.watch, fresh=True, vector="base_vector")
-    x.watch(vectorstore.finish_load, x.client, collection)
+    progress = load_progress(x, collection, "base_vector")
+    load_shards(
+        x.settings,
+        x.client,
+        collection,
+        x.embed_uri,
+        x.manifests,
+        x.watch,
+        fresh=True,
+        vector="base_vector",
+        progress=progress,
+    )
+    _finish_load(x, collection, progress)
 
 
 def _index_inplace(x: Indexing) -> Outcome:
@@ -765,7 +878,7 @@ def _index_inplace(x: Indexing) -> Outcome:
     collection = x.record["live"]["collection"]
     x.watch(vectorstore.check_fingerprint, x.client, collection, x.first["fingerprint"], x.first["dim"])
     _begin_inplace(x, collection, removed)
-    upserted = _load_shards(x, collection, fresh=False)
+    upserted = _load_shards(x, collection, fresh=False, progress=load_progress(x, collection))
     # A run that rejected a corpus file must not delete what that file's documents had put in the index: its
     # ``removed`` is 0 (check_deletes).
     deleted = delete_removed(x.client, collection, x.embed_uri, x.manifests, x.watch) if removed else 0
@@ -809,9 +922,25 @@ def _load_new(x: Indexing) -> tuple[str, int]:
         clock=clock,
         exact=_exact(x),
     )
-    upserted = _load_shards(x, collection, fresh=True)
-    x.watch(vectorstore.finish_load, x.client, collection)
+    progress = load_progress(x, collection)
+    upserted = _load_shards(x, collection, fresh=True, progress=progress)
+    _finish_load(x, collection, progress)
     return collection, upserted
+
+
+def _finish_load(x: Indexing, collection: str, progress: Progress) -> None:
+    """Seal and index a fresh collection (``vectorstore.finish_load``, handed over past the delivery's budget). A load
+    that resumed another delivery's must hold every row: rows a Milvus restart lost after they were recorded would
+    otherwise go missing silently, so a short count starts the load again from row 0 (in the next delivery)."""
+    x.watch(vectorstore.finish_load, x.client, collection, until=x.until)
+    if not progress.resumed:
+        return
+    rows = x.watch(vectorstore.count_rows, x.client, collection)
+    expected = sum(m["count"] for m in x.manifests)
+    if rows < expected:
+        progress.done.clear()
+        progress.save()
+        raise RuntimeError(f"{collection}: {rows} rows after a resumed load of {expected}: loading again from row 0")
 
 
 def _exact(x: Indexing) -> bool:
@@ -819,9 +948,11 @@ def _exact(x: Indexing) -> bool:
     return sum(m["count"] for m in x.manifests) <= x.settings.exact_search_max_docs
 
 
-def _load_shards(x: Indexing, collection: str, fresh: bool) -> int:
+def _load_shards(x: Indexing, collection: str, fresh: bool, progress: Progress) -> int:
     bulk = _bulk(x.ledger, x.record)
-    return load_shards(x.settings, x.client, collection, x.embed_uri, x.manifests, x.watch, fresh=fresh, bulk=bulk)
+    return load_shards(
+        x.settings, x.client, collection, x.embed_uri, x.manifests, x.watch, fresh=fresh, bulk=bulk, progress=progress
+    )
 
 
 def _begin_inplace(x: Indexing, collection: str, removed: int) -> None:

@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 from embedpipe import topology
 from embedpipe.config import Settings
-from embedpipe.contracts.events import RUN_FAILED, Event
+from embedpipe.contracts.events import INDEX_REQUESTED, RUN_FAILED, Event
 from embedpipe.contracts.records import RunRecord, run_failed_payload
 from embedpipe.gcp import bus
 from embedpipe.ledger import runs
-from embedpipe.ledger.runs import PUBLISHING, Ledger
+from embedpipe.ledger.runs import INDEXING, PUBLISHING, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,21 @@ class Lifecycle:
             self._publish(topic, event)
         else:
             bus.publish(self.settings.project, topic, event)
+
+    def request_index(self, record: RunRecord, again: bool = False) -> None:
+        """Ask the indexer for the run, and record when. ``again``: an indexer delivery hands the rest of its load to
+        the next one (``index.indexing.Handover``): its own event id, since it is no duplicate of the first."""
+        run_id = record["run_id"]
+        suffix = f"/{self.clock():.3f}" if again else ""
+        event = Event(
+            INDEX_REQUESTED,
+            {"run_id": run_id, "dataset": record["dataset"]},
+            id=f"{run_id}/index{suffix}",
+            subject=run_id,
+        )
+        self.publish(topology.INDEX_REQUESTS, event)
+        now = runs.iso(self.clock())
+        self.ledger.update_run(run_id, lambda r: {**r, "index_requested_at": now} if r["state"] == INDEXING else None)
 
     # ------------------------------------------------------------------ endings
     def fail(self, run_id: str, stage: str, cause: str) -> None:

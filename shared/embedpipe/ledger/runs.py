@@ -447,3 +447,10 @@ def _merged(record: RunRecord, items: dict[str, list[dict]], fields: tuple[str, 
                 record.setdefault(field, {})[doc["key"]] = doc["value"]
                 changed = True
     return record if changed else None
+
+
+def last_load_progress(record: RunRecord) -> float | None:
+    """When an index load of this run last recorded progress (``index.indexing.Progress``), epoch seconds; None if
+    none did."""
+    stamps = [parse_iso(e["at"]) for e in (record.get("loads") or {}).values() if e.get("at")]
+    return max(stamps, default=None)

@@ -244,21 +244,28 @@ def get_titles(client, name: str, ids: list[str]) -> dict[str, str]:
     return {r["id"]: r.get("title", "") for r in rows}
 
 
+class IndexBuilding(Exception):
+    """The dense index is still being built when the caller's time is up (``wait_indexed``'s ``until``)."""
+
+
 @milvus_retry
-def finish_load(client, name: str) -> None:
+def finish_load(client, name: str, until: float | None = None) -> None:
     """After a collection's load: seal what was written and load it for search. Only for a fresh collection: an
     in-place update of a loaded one is searchable as written (read with ``STRONG``), and a flush per small update
     only makes small segments (Milvus advises against it; Milvus Lite compacts and re-indexes them in a background
     thread of the server, on the CPUs the evaluation that follows needs)."""
     client.flush(name)  # search on unflushed data is very slow on Milvus Lite
     client.load_collection(name)
-    wait_indexed(client, name)
+    wait_indexed(client, name, until=until)
 
 
-def wait_indexed(client, name: str, poll_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+def wait_indexed(
+    client, name: str, poll_s: float = 0.5, clock: Callable[[], float] = time.monotonic, until: float | None = None
+) -> None:
     """Until the dense index covers every row: rows not yet indexed are searched exactly, so scores measured before
     the index is built are not the ones the index serves afterwards. No limit of its own (the stage deadline ends a
-    stuck load); says every 30 s how far it is. A server that reports no progress is not waited for."""
+    stuck load); says every 30 s how far it is. A server that reports no progress is not waited for. Past ``until``
+    (``clock``'s time), raises ``IndexBuilding``: the caller's request ends and a later one waits on."""
     start, said = clock(), clock()
     while True:
         info = client.describe_index(name, "dense") or {}
@@ -267,10 +274,19 @@ def wait_indexed(client, name: str, poll_s: float = 0.5, clock: Callable[[], flo
             return
         if not pending and (total is None or done is None or done >= total):
             return
+        if until is not None and clock() >= until:
+            raise IndexBuilding(f"{name}: dense index built for {done} of {total} rows so far")
         if clock() - said >= 30:
             log.info("%s: dense index built for %s of %s rows (%.0fs)", name, done, total, clock() - start)
             said = clock()
         time.sleep(poll_s)
+
+
+@loaded
+def count_rows(client, name: str) -> int:
+    """Rows in the collection, as of every write acknowledged so far (``Strong``)."""
+    res = client.query(collection_name=name, filter="", output_fields=["count(*)"], consistency_level="Strong")
+    return int(res[0]["count(*)"])
 
 
 @loaded

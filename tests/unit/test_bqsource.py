@@ -11,6 +11,7 @@ import json
 import types
 
 import pytest
+from google.api_core import exceptions as gexc
 
 from embedpipe.config import Settings
 from embedpipe.contracts import datasets
@@ -334,22 +335,35 @@ class QueryRest(FakeRest):
 
     def __init__(self, statement_type="SELECT", tables=("my-proj.shop.docs",)):
         super().__init__()
-        self.statement_type, self.tables, self.queries = statement_type, tables, []
+        self.statement_type, self.tables, self.queries, self.jobs = statement_type, tables, [], {}
 
-    def query(self, sql, job_config=None):
+    def query(self, sql, job_config=None, job_id=None, location=None, job_retry=None):
+        if job_id in self.jobs:
+            raise gexc.Conflict(f"Already Exists: Job my-proj:EU.{job_id}")
         self.queries.append((sql, job_config))
         if job_config is not None and job_config.dry_run:
             refs = [
                 types.SimpleNamespace(project=t.rsplit(".", 2)[0], dataset_id=t.rsplit(".", 2)[1]) for t in self.tables
             ]
-            return types.SimpleNamespace(statement_type=self.statement_type, referenced_tables=refs)
+            return types.SimpleNamespace(statement_type=self.statement_type, referenced_tables=refs, location="EU")
         schema = [types.SimpleNamespace(name=n) for n in ("id", "title", "text")]
         import pyarrow as pa
 
         batch = pa.Table.from_pylist([{"id": "d1", "title": "", "text": "t"}])
-        return types.SimpleNamespace(
-            result=lambda: types.SimpleNamespace(schema=schema, to_arrow_iterable=lambda bqstorage_client=None: [batch])
-        )
+        result = types.SimpleNamespace(schema=schema, to_arrow_iterable=lambda bqstorage_client=None: [batch])
+        job = types.SimpleNamespace(result=lambda: result, location=location)
+        if job_id:
+            self.jobs[job_id] = job
+        return job
+
+    def get_job(self, job_id, location=None):
+        if job_id not in self.jobs or self.jobs[job_id].location != location:
+            raise gexc.NotFound(f"Not found: Job my-proj:{location}.{job_id}")
+        return self.jobs[job_id]
+
+    def runs(self) -> int:
+        """Query jobs run (dry runs are free and not counted)."""
+        return sum(1 for _, cfg in self.queries if not (cfg is not None and cfg.dry_run))
 
 
 @pytest.mark.parametrize(
@@ -384,3 +398,37 @@ def test_a_query_part_reads_only_the_deployed_datasets_and_is_billed_within_the_
     assert [r["_id"] for _, r in bqsource.records(part, settings, None)] == ["d1"]
     (sql, cfg) = rest.queries[-1]
     assert cfg.maximum_bytes_billed == 10**9 and not cfg.dry_run
+
+
+def test_a_query_part_runs_once_per_run_whoever_reads_it(monkeypatch):
+    """Issue 25.12: every job, replica and attempt re-ran (and paid for) a query part. Its job id now comes from the
+    part and the run's seal: the second reader of a run reads the first's result; another run runs it again; a job
+    whose result BigQuery no longer keeps is run again."""
+    rest = QueryRest()
+    fake_clients(monkeypatch, rest, FakeRead([]))
+    [part] = parse({"corpus": {"query": "SELECT id, title, text FROM shop.docs"}})
+    seal = bqsource.as_of("2026-11-30T12:00:00.000Z")
+    for _ in range(3):  # the trainer, then two embedder replicas
+        assert [r["_id"] for _, r in bqsource.records(part, Settings(), seal)] == ["d1"]
+    assert rest.runs() == 1 and list(rest.jobs) == [bqsource.query_job_id(part, seal)]
+    later = bqsource.as_of("2026-12-01T12:00:00.000Z")
+    assert [r["_id"] for _, r in bqsource.records(part, Settings(), later)] == ["d1"] and rest.runs() == 2
+
+    def expired():
+        raise gexc.NotFound("Not found: Table my-proj:_anon.anon123")
+
+    rest.jobs[bqsource.query_job_id(part, later)].result = expired
+    assert [r["_id"] for _, r in bqsource.records(part, Settings(), later)] == ["d1"] and rest.runs() == 3
+    # A replica that looked before another inserted: its insert's Conflict is read as "already run"
+    rest.jobs.clear()
+    theirs, real_get = rest.query("SELECT id, title, text FROM shop.docs"), rest.get_job
+
+    def raced_get(job_id, location=None):
+        if job_id not in rest.jobs:  # nothing yet; the other replica inserts right after this look
+            rest.jobs[job_id] = types.SimpleNamespace(result=theirs.result, location=location)
+            raise gexc.NotFound("Not found: Job")
+        return real_get(job_id, location)
+
+    monkeypatch.setattr(rest, "get_job", raced_get)
+    before = rest.runs()
+    assert [r["_id"] for _, r in bqsource.records(part, Settings(), seal)] == ["d1"] and rest.runs() == before

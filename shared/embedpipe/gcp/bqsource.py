@@ -18,7 +18,9 @@ content hashes (and with them incremental runs) are the same as for files.
 Reading is the jobs' work, never a function's: jobs read with the BigQuery Storage Read API (Arrow, streamed batch by
 batch, every stream of the session), as of the run's creation time (``as_of``: time travel pins the table, so every
 replica and every retry of a run reads the same rows). A ``query`` part runs as a query job whose result table is
-then read the same way; it is not pinned (write ``FOR SYSTEM_TIME AS OF`` into the SQL to pin it). Every embedder
+then read the same way; it is not pinned (write ``FOR SYSTEM_TIME AS OF`` into the SQL to pin it), but it runs once
+per run: its job id is derived from the part and the run's seal (``query_job_id``), so every other replica and
+attempt reads that job's result instead of running (and paying for) the query again. Every embedder
 replica reads every stream: each needs every document's content hash for the incremental plan and the replicas'
 agreement digest (``incremental``); the embedding work is then split by id as for files.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -255,9 +258,8 @@ def _arrow_rows(part: Part, settings, as_of: dt.datetime | None, max_bytes: int 
                 known = sorted(allowed)
                 raise _fail(part, None, f"reads dataset(s) {others}, not in EMBEDPIPE_BIGQUERY_DATASETS {known}")
             cap = settings.bigquery_max_bytes_billed
-            result = rest.query(
-                part.query, job_config=bigquery.QueryJobConfig(maximum_bytes_billed=cap) if cap > 0 else None
-            ).result()
+            config = bigquery.QueryJobConfig(maximum_bytes_billed=cap) if cap > 0 else None
+            result = _query_once(rest, part, as_of, config, getattr(dry, "location", None))
             columns = _columns_of(part, result.schema)
             storage_api = None if settings.bigquery_emulator else read
             for batch in result.to_arrow_iterable(bqstorage_client=storage_api):
@@ -289,6 +291,36 @@ def _arrow_rows(part: Part, settings, as_of: dt.datetime | None, max_bytes: int 
     for stream in session.streams:
         for page in read.read_rows(stream.name).rows(session).pages:
             yield from page.to_arrow().to_pylist()
+
+
+def query_job_id(part: Part, as_of: dt.datetime) -> str:
+    """The id of the one query job a run runs for ``part`` (``as_of``: the run's seal, which tells runs apart)."""
+    key = f"{part.rel}\n{part.query}\n{as_of.isoformat()}"
+    return "embedpipe_source_" + hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+def _query_once(rest, part: Part, as_of: dt.datetime | None, config, location: str | None):
+    """The result of the part's query job for this run: an existing job's (another replica or attempt ran it), else
+    a new job under ``query_job_id``. BigQuery keeps a result table about a day: a job whose result is gone is run
+    again, under a new id. Without ``as_of`` (no run), a new job."""
+    from google.api_core import exceptions as gexc
+
+    if as_of is None:
+        return rest.query(part.query, job_config=config).result()
+    job_id = query_job_id(part, as_of)
+    try:
+        job = rest.get_job(job_id, location=location)
+    except gexc.NotFound:
+        try:  # job_retry=None: a job with a given id cannot be retried under that id
+            return rest.query(part.query, job_config=config, job_id=job_id, location=location, job_retry=None).result()
+        except gexc.Conflict:  # a replica created it between our look and our insert
+            job = rest.get_job(job_id, location=location)
+    try:
+        return job.result()
+    except gexc.BadRequest:
+        raise  # the query's own fault (bad SQL, over the byte cap): running it again cannot help
+    except gexc.GoogleAPICallError:  # its result expired (NotFound) or it failed on BigQuery's side: run it again
+        return rest.query(part.query, job_config=config).result()
 
 
 def _text(value, part: Part, row: int, name: str) -> str:

@@ -114,8 +114,9 @@ RECONCILE_SCHEDULE = "* * * * *"
 IMAGES = ("trainer", "embedder")
 
 # Least-privilege access per identity. Identities: each component (its own service account), "job" (what Vertex AI
-# jobs run as) and "push" (what push subscriptions sign their OIDC tokens as). Targets: "project", "bucket:<field>",
-# "topic:<topic>", "sa:<identity>". Why each grant exists is in deploy/README.md.
+# jobs run as) and "push" (what push subscriptions sign their OIDC tokens as). Targets: "project", "bucket:<field>"
+# ("bucket:<field>/<prefix>": objects under that prefix only, an IAM condition), "topic:<topic>", "sa:<identity>".
+# Why each grant exists is in deploy/README.md.
 _LEDGER = ("bucket:artifacts_bucket", "roles/storage.objectUser")  # run ledger, claims, run records
 _INTAKE = ("bucket:data_bucket", "roles/storage.objectUser")  # reads uploads, moves bad ones under quarantine/
 _RUN_EVENTS = ("topic:" + RUN_EVENTS, "roles/pubsub.publisher")  # stage changes, run.failed, file.rejected
@@ -176,9 +177,12 @@ ACCESS: dict[str, tuple[tuple[str, str], ...]] = {
         ("project", f"custom:{MODEL_REGISTRAR_ROLE}"),
     ),
     "search": (("bucket:artifacts_bucket", "roles/storage.objectViewer"),),
+    # Jobs read both buckets (listing is checked on the bucket, so reads stay bucket-wide) and write only under runs/:
+    # ledger/ (run records, dataset states, claims) is the control plane, which a job must not be able to rewrite.
     "job": (
         ("bucket:data_bucket", "roles/storage.objectViewer"),
-        ("bucket:artifacts_bucket", "roles/storage.objectUser"),
+        ("bucket:artifacts_bucket", "roles/storage.objectViewer"),
+        ("bucket:artifacts_bucket/runs/", "roles/storage.objectUser"),
     ),  # + BigQuery roles when EMBEDPIPE_BIGQUERY_DATASETS names datasets (deploy.plan.BIGQUERY_JOB_ROLES)
     "push": (),  # gets roles/run.invoker on each push-fed component (granted with the component)
     # What Cloud Build runs as for our image builds and the functions' and services' source builds: new projects

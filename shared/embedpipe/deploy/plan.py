@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -356,8 +357,10 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
     ]
     for identity, grants in topology.ACCESS.items():
         for target, role in grants:
-            if target == f"bucket:{settings_field}":
-                s.iam.append(_bucket_binding(cfg, name, _member(cfg, identity), role))
+            field, _, prefix = target.removeprefix("bucket:").partition("/")
+            if target.startswith("bucket:") and field == settings_field:
+                condition = object_prefix_condition(name, prefix) if prefix else None
+                s.iam.append(_bucket_binding(cfg, name, _member(cfg, identity), role, condition))
     if settings_field == "artifacts_bucket" and cfg.settings.model_registry != "local":
         # the Model Registry's uploads read runs/<run>/.../model/ as Vertex's agent (bucket-wide: copying a folder
         # lists it, and a list is checked on the bucket, where an object-name condition cannot apply)
@@ -365,10 +368,18 @@ def _bucket(cfg: DeployConfig, settings_field: str) -> Step:
     return _labelled(cfg, s, ["storage", "buckets", "describe", f"gs://{name}"], "labels")
 
 
-def _bucket_binding(cfg: DeployConfig, bucket: str, member: str, role: str) -> list[str]:
-    return gcloud(
-        cfg, "storage", "buckets", "add-iam-policy-binding", f"gs://{bucket}", f"--member={member}", f"--role={role}"
-    )
+def _bucket_binding(cfg: DeployConfig, bucket: str, member: str, role: str, condition: str | None = None) -> list[str]:
+    cmd = ["storage", "buckets", "add-iam-policy-binding", f"gs://{bucket}", f"--member={member}", f"--role={role}"]
+    # gcloud refuses a binding without a condition to a policy holding conditioned ones, unless told "None"
+    return gcloud(cfg, *cmd, f"--condition={condition or 'None'}")
+
+
+def object_prefix_condition(bucket: str, prefix: str) -> str:
+    """An IAM condition matching the bucket's objects under ``prefix`` (buckets have uniform bucket-level access, which
+    conditions need). Requests on the bucket itself, such as listing, do not match: grant those without one."""
+    expr = f'resource.name.startsWith("projects/_/buckets/{bucket}/objects/{prefix}")'
+    title = "embedpipe-" + re.sub(r"[^A-Za-z0-9-]", "-", prefix).strip("-")
+    return f"expression={expr},title={title},description=objects under {prefix} only"
 
 
 def _bigquery_read(cfg: DeployConfig, dataset: str) -> Step:

@@ -93,7 +93,7 @@ def test_least_privilege_bindings(cfg):
     ] == [], "the upload function launches nothing"
     assert "ep-job@demo-project.iam.gserviceaccount.com --role=roles/storage.objectViewer" in bucket_iam
     search_roles = [a for s in steps.values() for a in s.iam if "--member=serviceAccount:ep-search@" in " ".join(a)]
-    assert [r[-2] for r in search_roles] == ["--role=roles/storage.objectViewer"]
+    assert [r[-3] for r in search_roles] == ["--role=roles/storage.objectViewer"]
     project_roles = [a for s in steps.values() for a in s.iam if a[1:3] == ["projects", "add-iam-policy-binding"]]
     by_member: dict[str, set[str]] = {}
     for a in project_roles:
@@ -120,6 +120,20 @@ def test_least_privilege_bindings(cfg):
     agent = "serviceAccount:service-<<project_number>>@gcp-sa-aiplatform.iam.gserviceaccount.com"
     artifacts_iam = " ".join(" ".join(a) for a in steps["gs://demo-project-embedpipe-artifacts"].iam)
     assert f"--member={agent} --role=roles/storage.objectViewer" in artifacts_iam and agent not in bucket_iam
+    # jobs read the artifacts bucket and write only under runs/: never ledger/, the control plane
+    job = [
+        a
+        for a in steps["gs://demo-project-embedpipe-artifacts"].iam
+        if "--member=serviceAccount:ep-job@" in " ".join(a)
+    ]
+    assert [(a[-3], a[-2]) for a in job] == [
+        ("--role=roles/storage.objectViewer", "--condition=None"),
+        (
+            "--role=roles/storage.objectUser",
+            '--condition=expression=resource.name.startsWith("projects/_/buckets/demo-project-embedpipe-artifacts/'
+            'objects/runs/"),title=embedpipe-runs,description=objects under runs/ only',
+        ),
+    ]
     apis = steps["enable"].create
     assert apis[1][1:] == ["beta", "services", "identity", "create", "--service=aiplatform.googleapis.com"] + [
         "--project=demo-project"

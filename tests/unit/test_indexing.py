@@ -323,3 +323,25 @@ def test_progress_of_another_collection_or_embed_attempt_is_not_resumed(load, mo
         once(Upserts(die_at=5))
     recreated = Upserts()  # the collection was dropped and made again: another creation time in the stamp
     assert once(recreated, stamp="c2|emb/1") == 1700 and len(recreated.ids) == 1700
+
+
+def test_one_delivery_hands_over_each_time_and_none_after_the_run_left_indexing(load):
+    """Duplicates of a request (Pub/Sub's, reconcile's) each used to start a hand-over chain of their own, for good;
+    a delivery kept loading (and handing over) after the run had failed; a delivery that loaded nothing moved the
+    progress stamp the index deadline counts from."""
+    from embedpipe.index.indexing import Progress, RunLeft, _claim_handover
+    from embedpipe.ledger import runs
+
+    ledger, run_id, once = load
+    assert _claim_handover(ledger, run_id, 1) and not _claim_handover(ledger, run_id, 1)  # the duplicate: none
+    assert _claim_handover(ledger, run_id, 2)
+    with pytest.raises(Killed):
+        once(Upserts(die_at=11))  # the first shard is recorded at its end
+    at = ledger.get_run(run_id)["loads"]["c/vector"]["at"]
+    ledger.clock.advance(60)
+    Progress(ledger, run_id, "c/vector", "c1|emb/1", float("inf")).save()  # nothing new: the stamp stays
+    assert ledger.get_run(run_id)["loads"]["c/vector"]["at"] == at
+    ledger.advance(run_id, runs.INDEXING, runs.FAILED)
+    with pytest.raises(RunLeft, match="the run is FAILED"):
+        once(Upserts())
+    assert not _claim_handover(ledger, run_id, 3)

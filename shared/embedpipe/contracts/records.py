@@ -165,6 +165,7 @@ class RunRecord(RunRecordCreated, total=False):
     bulk_import: dict[str, str]  # {"job_id", "at"}: a Milvus bulk import under way
     # "<collection>/<vector column>" -> {"stamp", "shards": {file: rows upserted}, "at"}: how far a load got
     loads: dict[str, dict[str, Any]]
+    handovers: int  # how many times an indexer delivery handed the rest of its load to a new request
     collection: str
     counts: CountsSkipped
     registry: dict[str, Any]  # the model registry's outcome (index.registry)

@@ -676,8 +676,8 @@ class Pipeline(Lifecycle):
         self.launch_due(record["dataset"])
         return f"run {record['run_id']}: FAILED in {stage}"
 
-    def request_index(self, record: RunRecord, again: bool = False) -> None:
-        super().request_index(record, again)
+    def request_index(self, record: RunRecord, part: int = 0) -> None:
+        super().request_index(record, part)
         self._stage_event(record, INDEXING)
 
     # ------------------------------------------------------------------ reconcile

@@ -218,8 +218,13 @@ def index_run(pipe: Lifecycle, run_id: str, reg: registry.ModelRegistry | None =
     try:
         return _index(pipe, record, reg or registry.for_settings(pipe.settings))
     except (Handover, vectorstore.IndexBuilding) as exc:  # acked: a new request continues from what was recorded
-        pipe.request_index(record, again=True)
+        part = record.get("handovers", 0) + 1
+        if not _claim_handover(pipe.ledger, run_id, part):  # a duplicate delivery of this step: one chain only
+            return f"run {run_id}: {exc}; another delivery already handed over"
+        pipe.request_index(record, part=part)
         return f"run {run_id}: {exc}; continued by a new index request"
+    except RunLeft as exc:
+        return f"run {run_id}: {exc}"
     except bulkload.ImportPending as exc:  # acked: reconcile re-requests the index and this job is polled again
         return f"run {run_id}: bulk import {exc.job_id} still running; resumed by the next index request"
     except (
@@ -268,6 +273,24 @@ class Handover(Exception):
     is recorded (``Progress``) and a new index request continues from there."""
 
 
+class RunLeft(Exception):
+    """The run left INDEXING (failed past its deadline, or finished by another delivery) while this one loaded."""
+
+
+def _claim_handover(ledger: Ledger, run_id: str, part: int) -> bool:
+    """Whether this delivery is the one that hands over for the ``part``-th time: Pub/Sub duplicates and reconcile's
+    re-requests run beside the chain, and each would otherwise start a chain of its own, for good."""
+    won = False
+
+    def fn(r):
+        nonlocal won
+        won = r["state"] == INDEXING and r.get("handovers", 0) == part - 1
+        return {**r, "handovers": part} if won else None
+
+    ledger.update_run(run_id, fn)
+    return won
+
+
 class Progress:
     """How far one load into one collection got, kept in the run record (``loads[key]``: rows loaded per shard file),
     so that the next delivery, after a crash or a hand-over, upserts only the rest. Stamped with the collection's
@@ -297,21 +320,30 @@ class Progress:
             raise Handover(f"{rows} rows loaded into {collection} so far (this delivery's time is spent)")
 
     def save(self) -> None:
-        done, stamp = dict(self.done), self.stamp
+        """Record ``done`` (merged with another delivery's, which may be further along in some shard). Its ``at``
+        moves only with rows: the index deadline counts from it, and deliveries that load nothing must not hold it
+        off. Raises ``RunLeft`` once the run is no longer INDEXING: the load is nobody's business any more."""
+        done, stamp, left = dict(self.done), self.stamp, None
 
         def fn(r):
-            if r["state"] != INDEXING:
+            nonlocal left
+            left = r["state"] if r["state"] != INDEXING else None
+            if left:
                 return None
             loads = dict(r.get("loads") or {})
             old = loads.get(self.key) or {}
             shards = dict(done)
-            if old.get("stamp") == stamp:  # another delivery of the same run may be further along in some shard
+            if old.get("stamp") == stamp:
                 for f, n in (old.get("shards") or {}).items():
                     shards[f] = max(n, shards.get(f, 0))
+                if sum(shards.values()) <= sum((old.get("shards") or {}).values()):
+                    return None  # nothing new
             loads[self.key] = {"stamp": stamp, "shards": shards, "at": runs.iso(self.ledger.clock())}
             return {**r, "loads": loads}
 
         self.ledger.update_run(self.run_id, fn)
+        if left:
+            raise RunLeft(f"the run is {left}: its load stopped")
         self.saved_at = self.clock()
 
 
@@ -931,16 +963,16 @@ def _load_new(x: Indexing) -> tuple[str, int]:
 def _finish_load(x: Indexing, collection: str, progress: Progress) -> None:
     """Seal and index a fresh collection (``vectorstore.finish_load``, handed over past the delivery's budget). A load
     that resumed another delivery's must hold every row: rows a Milvus restart lost after they were recorded would
-    otherwise go missing silently, so a short count starts the load again from row 0 (in the next delivery)."""
+    otherwise go missing silently. On a short count the collection (this run's own, never live) is dropped: the
+    redelivery makes it again, whose new creation time no recorded progress matches, and loads it from row 0."""
     x.watch(vectorstore.finish_load, x.client, collection, until=x.until)
     if not progress.resumed:
         return
     rows = x.watch(vectorstore.count_rows, x.client, collection)
     expected = sum(m["count"] for m in x.manifests)
     if rows < expected:
-        progress.done.clear()
-        progress.save()
-        raise RuntimeError(f"{collection}: {rows} rows after a resumed load of {expected}: loading again from row 0")
+        x.watch(x.client.drop_collection, collection)
+        raise RuntimeError(f"{collection}: {rows} rows after a resumed load of {expected}: dropped, loaded again")
 
 
 def _exact(x: Indexing) -> bool:

@@ -56,11 +56,12 @@ class Lifecycle:
         else:
             bus.publish(self.settings.project, topic, event)
 
-    def request_index(self, record: RunRecord, again: bool = False) -> None:
-        """Ask the indexer for the run, and record when. ``again``: an indexer delivery hands the rest of its load to
-        the next one (``index.indexing.Handover``): its own event id, since it is no duplicate of the first."""
+    def request_index(self, record: RunRecord, part: int = 0) -> None:
+        """Ask the indexer for the run, and record when. ``part`` > 0: an indexer delivery hands the rest of its load
+        to the next one, for the ``part``-th time (``index.indexing.Handover``): its own event id, since it is no
+        duplicate of the first request."""
         run_id = record["run_id"]
-        suffix = f"/{self.clock():.3f}" if again else ""
+        suffix = f"/{part}" if part else ""
         event = Event(
             INDEX_REQUESTED,
             {"run_id": run_id, "dataset": record["dataset"]},

@@ -173,6 +173,8 @@ ACCESS: dict[str, tuple[tuple[str, str], ...]] = {
         ("bucket:artifacts_bucket", "roles/storage.objectUser"),
         ("bucket:data_bucket", "roles/storage.objectViewer"),
         ("topic:" + INDEX_UPDATED, "roles/pubsub.publisher"),
+        # a delivery that spends its time budget hands the rest of a load to a new index request (index.indexing)
+        ("topic:" + INDEX_REQUESTS, "roles/pubsub.publisher"),
         ("topic:" + RUN_EVENTS, "roles/pubsub.publisher"),
         ("project", f"custom:{MODEL_REGISTRAR_ROLE}"),
     ),

@@ -202,3 +202,16 @@ def test_the_trainer_parses_the_argv_vertex_sends_for_a_trial():
     with pytest.raises(SystemExit):  # a fractional value for an integer parameter is still refused
         task.parse_args(argv[:3] + ["--batch-size=32.5"])
     assert task.parse_args(argv[:3] + ["--seed=9223372036854775809"]).seed == 9223372036854775809  # exact
+
+
+def test_grid_search_over_a_continuous_parameter_is_refused_before_vertex_refuses_it():
+    """Issue 27.2: Vertex AI refuses a grid search with a DOUBLE parameter at launch ("all parameters must be
+    INTEGER, CATEGORICAL, or DISCRETE"); the retrain request is refused with that reason instead."""
+    with pytest.raises(
+        ValueError, match=r"grid search takes only .*\['learning_rate', 'warmup_ratio'\] are continuous"
+    ):
+        hypertune.check_spec(with_(algorithm="grid"))
+    grid = param(learning_rate={"values": [1e-5, 3e-5]}, warmup_ratio={"values": [0.0, 0.1]})
+    assert hypertune.check_spec({**grid, "algorithm": "GRID"})["algorithm"] == "GRID"
+    assert hypertune.parameter_kind({"min": 20, "max": 200}) == "integer"  # what the Vertex spec sends too
+    assert hypertune.parameter_kind({"min": 0, "max": 1.5}) == "double"

@@ -215,7 +215,24 @@ def check_spec(spec) -> dict:
         raise ValueError(f"unknown parameter(s) {unknown}: the trainer takes {sorted(TUNABLE)}")
     for name, p in params.items():
         _check_parameter(name, p)
+    if algorithm.lower() == "grid" and (
+        doubles := sorted(n for n, p in params.items() if parameter_kind(p) == "double")
+    ):
+        raise ValueError(
+            f"grid search takes only integer, discrete or categorical parameters (Vertex AI refuses the job "
+            f"otherwise); {doubles} are continuous (double): give their 'values' instead of min and max"
+        )
     return spec
+
+
+def parameter_kind(p: dict) -> str:
+    """double | integer | discrete | categorical: the ``type`` given, else what the min/max or values say (ints on
+    both ends: integer)."""
+    if p.get("type"):
+        return p["type"]
+    if "values" in p:
+        return "discrete" if all(isinstance(v, int | float) for v in p["values"]) else "categorical"
+    return "integer" if isinstance(p.get("min"), int) and isinstance(p.get("max"), int) else "double"
 
 
 def _draw(p: dict, rng: random.Random, first: bool):

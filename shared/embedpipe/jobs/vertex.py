@@ -265,15 +265,7 @@ class VertexJobLauncher:
 
 def _parameter_spec(name: str, p: dict) -> dict:
     out: dict = {"parameter_id": flag_name(name)}
-    kind = p.get("type")
-    values = p.get("values")
-    if kind is None:
-        if values is not None:
-            kind = "discrete" if all(isinstance(v, int | float) for v in values) else "categorical"
-        elif isinstance(p.get("min"), int) and isinstance(p.get("max"), int):
-            kind = "integer"
-        else:
-            kind = "double"
+    kind, values = hypertune.parameter_kind(p), p.get("values")
     if kind == "double":
         out["double_value_spec"] = {"min_value": float(p["min"]), "max_value": float(p["max"])}
     elif kind == "integer":

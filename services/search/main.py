@@ -56,6 +56,9 @@ def on_push(request):
     return {"reloading": bool(started)}, 200
 
 
+PARAMETERS = ("dataset", "q", "k", "mode")  # GET /search: anything else is refused, not ignored
+
+
 @functions_framework.http
 def search(request):
     if request.method == "POST":
@@ -66,11 +69,15 @@ def search(request):
             "serving": {ds: s.promoted.get("collection") for ds, s in searcher.snapshot().items()},
         }
     args = request.args
+    if unknown := sorted(set(args) - set(PARAMETERS)):
+        return {"error": f"unknown query parameter(s) {unknown}; allowed: {', '.join(PARAMETERS)}"}, 400
     if not args.get("dataset") or not args.get("q"):
         return {"error": "query parameters 'dataset' and 'q' are required"}, 400
+    k = args.get("k", "10")
+    if not k.isdigit():  # int() would also take " 7", "+7" or "1_0", and its error text is Python's
+        return {"error": f"k must be a whole number within 1..1000, not {k!r}"}, 400
     try:
-        k = int(args.get("k", 10))
-        return searcher.search(args["dataset"], args["q"], k, args.get("mode") or None)
+        return searcher.search(args["dataset"], args["q"], int(k), args.get("mode") or None)
     except NotIndexed as exc:
         return {"error": str(exc)}, 404
     except ValueError as exc:  # a bad k, mode, dataset name, or a query too long or empty

@@ -421,6 +421,9 @@ def retrain(
     if refresh and (overrides or allow_shrink):
         err("error: --refresh does not train: drop --set and --allow-shrink")
         raise typer.Exit(2)
+    if not source and (problem := dataset_problem(s, dataset)):
+        err(f"error: {problem}")
+        raise typer.Exit(2)
     if source and allow_shrink:  # the new source.json starts its own run, which a message could not confirm
         err("error: --allow-shrink confirms a retrain of the stored sources: write --source first, then retrain")
         raise typer.Exit(2)
@@ -444,6 +447,31 @@ def retrain(
     err(f"  published retrain request {message_id} (request {request_id})")
     if wait:
         _finish(_wait_for_runs(s, [request_key(request_id)], timeout))
+
+
+def dataset_problem(s: Settings, dataset: str, ledger=None) -> str | None:
+    """Why a retrain of ``dataset`` would find nothing to train on (a typo would otherwise leave a FAILED run in the
+    ledger): a bad name, or a dataset no upload ever reached and of which the data bucket holds nothing. Names the
+    known datasets closest to it."""
+    import difflib
+
+    try:
+        datasets.check_name(dataset)
+    except ValueError as exc:
+        return str(exc)
+    ledger = ledger or runs.Ledger(s.artifacts_bucket)
+    if ledger.has_dataset(dataset) or storage.has_objects(datasets.prefix(s.data_bucket, dataset)):
+        return None
+    known = ledger.list_datasets()
+    close = difflib.get_close_matches(dataset, known, n=3)
+    hint = (
+        f"did you mean {' or '.join(close)}?"
+        if close
+        else f"known: {', '.join(known[:20])}"
+        if known
+        else "upload one first: embedpipe upload DIR --dataset NAME"
+    )
+    return f"no dataset {dataset!r} (nothing uploaded under datasets/{dataset}/); {hint}"
 
 
 def _store_source(s, dataset: str, source: str) -> str | None:

@@ -108,6 +108,7 @@ def test_retrain_refuses_a_wrong_override_before_publishing(monkeypatch, tmp_pat
     monkeypatch.setenv("EMBEDPIPE_STATE_DIR", str(tmp_path))
     published = []
     monkeypatch.setattr(bus, "publish_raw", lambda *a, **k: published.append(a) or "m-1")
+    monkeypatch.setattr(cli, "dataset_problem", lambda s, name: None)  # the dataset exists
     for bad, why in [("lr=3e-5", "unknown override(s) ['lr']; allowed: "), ("learning_rate=fast", "not a valid float")]:
         result = CliRunner().invoke(cli.app, ["retrain", "--dataset", "demo", "--set", bad])
         assert result.exit_code == 2 and why in result.output, result.output
@@ -253,3 +254,28 @@ def test_no_rollback_hint_after_an_in_place_update(monkeypatch, tmp_path):
     record = {"run_id": "r2", "dataset": "demo", "state": runs.SUCCEEDED, "final_event": {"data": data}}
     steps = cli.next_steps(Settings.from_env({"EMBEDPIPE_STATE_DIR": str(tmp_path)}), record)
     assert not any("rollback" in line for line in steps) and any("search" in line for line in steps)
+
+
+def test_retrain_of_a_dataset_that_does_not_exist_is_refused_with_the_closest_names(monkeypatch, tmp_path):
+    """Issue 26.7: `retrain --dataset dmeo` published, and left a FAILED run in the ledger."""
+    from embedpipe.config import Settings
+    from embedpipe.gcp import storage
+    from embedpipe.ledger import runs
+    from tests.unit.fakes import Clock, FakeStore
+
+    ledger = runs.Ledger("embedpipe-artifacts", store=FakeStore(), clock=Clock())
+    for name in ("demo", "cisi", "nfcorpus"):
+        ledger.update_dataset(name, lambda st: st)
+    uploaded = {"gs://embedpipe-data/datasets/fresh/"}  # uploaded, no run yet: not in the ledger
+    monkeypatch.setattr(storage, "has_objects", lambda uri: uri in uploaded)
+    s = Settings.from_env({})
+    assert cli.dataset_problem(s, "demo", ledger) is None and cli.dataset_problem(s, "fresh", ledger) is None
+    assert cli.dataset_problem(s, "dmeo", ledger).endswith("did you mean demo?")
+    assert "known: cisi, demo, nfcorpus" in cli.dataset_problem(s, "zzz", ledger)
+    assert "must match" in cli.dataset_problem(s, "Demo!", ledger)
+    monkeypatch.setenv("EMBEDPIPE_STATE_DIR", str(tmp_path))
+    published = []
+    monkeypatch.setattr(bus, "publish_raw", lambda *a, **k: published.append(a) or "m-1")
+    monkeypatch.setattr(runs, "Ledger", lambda bucket, **kw: ledger)
+    result = CliRunner().invoke(cli.app, ["retrain", "--dataset", "dmeo"])
+    assert result.exit_code == 2 and "no dataset 'dmeo'" in result.output and published == []

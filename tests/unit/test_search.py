@@ -96,13 +96,24 @@ def test_bad_names_and_queries_are_refused_before_any_lookup(dataset, query, mat
     assert store.reads == 0 and loaded == [] and sizes(s) == (0, 0, 0)
 
 
+def test_an_unknown_dataset_is_told_from_one_without_an_index_with_the_closest_names():
+    s, _, _ = make(promoted=("demo", "cisi"))
+    s.ledger.update_dataset("fresh", lambda st: st)  # uploaded, nothing promoted yet
+    with pytest.raises(search_mod.NotIndexed, match=r"no dataset 'dmeo'; did you mean 'demo'\?"):
+        s.current("dmeo")
+    with pytest.raises(search_mod.NotIndexed, match="'fresh' has no promoted index yet"):
+        s.current("fresh")
+
+
 def test_unknown_datasets_leave_no_state():
     s, store, _ = make()
     for i in range(200):
         with pytest.raises(search_mod.NotIndexed):
             s.current(f"nope-{i}")
     assert sizes(s) == (0, 0, 0)
-    assert store.reads == 200, "nothing cached: a dataset promoted later is found on its next request"
+    # two reads each (its state, then whether it exists, for the error), nothing cached: a dataset promoted later is
+    # found on its next request
+    assert store.reads == 400
     assert s.reload("nope-1") is None, "an event for a dataset nobody asked for loads nothing"
 
 
@@ -202,6 +213,10 @@ def test_service_maps_bad_input_to_400_and_unknown_datasets_to_404(monkeypatch):
     assert c.get("/search", query_string={"dataset": "../x", "q": "pumps"}).status_code == 400
     assert c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "k": "many"}).status_code == 400
     assert store.reads == 0
+    r = c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "k": "abc"})
+    assert (r.status_code, r.get_json()["error"]) == (400, "k must be a whole number within 1..1000, not 'abc'")
+    r = c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "top_k": "5"})  # used to be ignored
+    assert r.status_code == 400 and "unknown query parameter(s) ['top_k']; allowed: dataset, q, k, mode" in r.text
     assert c.get("/search", query_string={"dataset": "unknown", "q": "pumps"}).status_code == 404
     assert module.searcher.snapshot() == {}
     # pushes that cannot be index-updated events are acked or refused, never a 500 (a redelivery loop)

@@ -126,6 +126,12 @@ def list_uris(prefix_uri: str) -> Iterator[tuple[str, int]]:
         yield f"gs://{bucket}/{b.name}", int(b.generation)
 
 
+def has_objects(prefix_uri: str) -> bool:
+    """Whether any object's name starts with the prefix (one listing call of one result)."""
+    bucket, prefix = split_uri(prefix_uri)
+    return any(True for _ in client().list_blobs(bucket, prefix=prefix, max_results=1))
+
+
 def list_objects(prefix_uri: str) -> Iterator[tuple[str, int, int, str | None]]:
     """(uri, generation, stored size in bytes, Content-Encoding or None) for every object under a prefix."""
     bucket, prefix = split_uri(prefix_uri)

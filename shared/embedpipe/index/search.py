@@ -160,11 +160,12 @@ class Searcher:
             if cur is not None:
                 self._serving.move_to_end(dataset)
         if cur is None:
-            # Read before taking any lock and remember nothing when there is no index: a made-up name costs one
-            # ledger read and leaves no state, and cannot hold up other datasets' first requests.
+            # Read before taking any lock and remember nothing when there is no index: a made-up name costs two
+            # ledger reads and a listing (for the error's suggestions) and leaves no state, and cannot hold up other
+            # datasets' first requests.
             promoted = self.ledger.get_dataset(dataset).get("promoted")
             if not promoted:
-                raise NotIndexed(f"dataset {dataset!r} has no promoted index yet")
+                raise NotIndexed(not_indexed(self.ledger, dataset))
             with self._first:  # first request: load now, once per dataset, one at a time (peak memory)
                 cur = self._serving.get(dataset)
                 if cur is None:
@@ -242,6 +243,16 @@ class Searcher:
             "model_version": cur.promoted.get("fingerprint"),
             "hits": [{"id": i, "score": round(sc, 6), "title": titles.get(i, "")} for i, sc in hits],
         }
+
+
+def not_indexed(ledger: Ledger, dataset: str) -> str:
+    """Why ``dataset`` cannot be searched: no index yet, or no such dataset (with the known names closest to it)."""
+    import difflib
+
+    if ledger.has_dataset(dataset):
+        return f"dataset {dataset!r} has no promoted index yet (see `embedpipe runs`)"
+    close = difflib.get_close_matches(dataset, ledger.list_datasets(), n=3)
+    return f"no dataset {dataset!r}" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
 
 
 def search(settings: Settings, dataset: str, query: str, k: int = 10, mode: str | None = None) -> dict:

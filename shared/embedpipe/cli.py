@@ -217,6 +217,15 @@ def summary(record: dict) -> str:
         f"  promoted: {data.get('promoted')} ({(data.get('gate') or {}).get('reason')}); "
         f"default search mode: {data.get('default_search_mode')}"
     )
+    by_rival: dict[str, list] = {}
+    for c in (data.get("gate") or {}).get("comparisons") or []:
+        by_rival.setdefault(c["rival"], []).append(c)
+    for rival, cs in by_rival.items():  # deltas with their noise: a paired t-test over the eval queries
+        said = [
+            f"{c['metric']} {c['delta']:+.4f} (p={c['p']:.3f}{'' if c['significant'] else ', within noise'})"
+            for c in cs
+        ]
+        lines.append(f"  vs {rival + ':':<12}" + "; ".join(said))
     if fb := data.get("fallback"):
         what = "the best of what it measured" if fb["mode"] == "served" else "the best baseline"
         lines.append(

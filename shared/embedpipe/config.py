@@ -279,6 +279,9 @@ class Settings:
     # live index on each of them
     gate_metric: str = "ndcg@10,recall@10"
     gate_tolerance: float = 0.0
+    # promote a run that replaces a live index only if it is significantly better on some gate metric (paired t-test
+    # over the eval queries, p < 0.05); default: not worse is enough
+    gate_require_significant_gain: bool = False
     keep_collections: int = 2  # per dataset, besides the live one: newest rejected/replaced collections kept (>= 1)
     # retention never drops a collection younger than this (a search may still hold it by name)
     retention_grace_s: float = 600.0

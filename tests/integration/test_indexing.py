@@ -163,6 +163,18 @@ def test_gate_both_directions_alias_swap_retention_and_report(pipe):
     tolerated_event = pipe.published[-1].data
     assert tolerated_event["promoted"] is True
     pipe.settings = dataclasses.replace(pipe.settings, gate_tolerance=0.0)
+    (live,) = [
+        c for c in tolerated_event["gate"]["comparisons"] if c["rival"] == "live index" and c["metric"] == "ndcg@10"
+    ]
+    assert live["delta"] < 0 and live["queries"] == N_QUERIES  # each gate comparison carries its paired test
+    # Not worse, but no better than noise: promoted by default, refused when a significant gain is required.
+    pipe.settings = dataclasses.replace(pipe.settings, gate_require_significant_gain=True)
+    same = prepared_run(pipe, good=12, previous_good=12)
+    index_run(pipe, same)
+    same_event = pipe.published[-1].data
+    pipe.settings = dataclasses.replace(pipe.settings, gate_require_significant_gain=False)
+    assert same_event["promoted"] is False and "no significant gain over the live index" in same_event["gate"]["reason"]
+    assert vectorstore.alias_target(client, DATASET) == vectorstore.collection_name(DATASET, tolerated)
     # The collection it replaced (search may still be serving it) stays; the oldest one, promoted two swaps ago, goes.
     assert tolerated_event["dropped_collections"] == [vectorstore.collection_name(DATASET, first)]
     assert vectorstore.collection_name(DATASET, better) in vectorstore.dataset_collections(client, DATASET)

@@ -279,3 +279,21 @@ def test_retrain_of_a_dataset_that_does_not_exist_is_refused_with_the_closest_na
     monkeypatch.setattr(runs, "Ledger", lambda bucket, **kw: ledger)
     result = CliRunner().invoke(cli.app, ["retrain", "--dataset", "dmeo"])
     assert result.exit_code == 2 and "no dataset 'dmeo'" in result.output and published == []
+
+
+def test_the_summary_shows_each_gate_difference_with_its_noise():
+    from embedpipe.ledger import runs
+
+    comparisons = [
+        {"rival": "live index", "metric": "ndcg@10", "delta": 0.0002, "p": 0.93, "queries": 76, "significant": False},
+        {"rival": "bm25", "metric": "ndcg@10", "delta": 0.0731, "p": 0.0004, "queries": 76, "significant": True},
+    ]
+    record = {
+        "run_id": "r1",
+        "dataset": "cisi",
+        "state": runs.SUCCEEDED,
+        "final_event": {"data": {"promoted": True, "gate": {"reason": "promoted", "comparisons": comparisons}}},
+    }
+    text = cli.summary(record)
+    assert "  vs live index: ndcg@10 +0.0002 (p=0.930, within noise)" in text
+    assert "  vs bm25:       ndcg@10 +0.0731 (p=0.000)" in text

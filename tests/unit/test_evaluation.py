@@ -176,3 +176,20 @@ def test_topk_streamed_in_blocks_equals_a_full_argsort(k):
     ranked = top.ranked(["q0", "q1", "q2", "q3", "q4"])
     full = np.argsort(-(queries @ docs.T), axis=1)[:, : min(k, len(docs))]
     assert ranked == {f"q{i}": [ids[j] for j in full[i]] for i in range(len(queries))}
+
+
+def test_a_paired_difference_says_whether_it_is_more_than_noise():
+    """Issue 26.5: a retrain was promoted on 0.9338 vs 0.9336 with no sense of noise."""
+    from embedpipe.retrieval.evaluation import paired
+
+    old = {f"q{i}": {"ndcg@10": 0.5 + 0.01 * (i % 7)} for i in range(60)}
+    tiny = {q: {"ndcg@10": v["ndcg@10"] + (0.02 if i % 2 else -0.019)} for i, (q, v) in enumerate(old.items())}
+    clear = {q: {"ndcg@10": v["ndcg@10"] + 0.05 + 0.01 * (i % 3)} for i, (q, v) in enumerate(old.items())}
+    noise = paired(tiny, old, "ndcg@10")
+    assert noise["delta"] == pytest.approx(0.0005) and noise["p"] > 0.5 and not noise["significant"]
+    gain = paired(clear, old, "ndcg@10")
+    assert gain["delta"] == pytest.approx(0.06) and gain["p"] < 0.001 and gain["significant"] and gain["queries"] == 60
+    same = paired(old, old, "ndcg@10")
+    assert (same["delta"], same["p"], same["significant"]) == (0.0, 1.0, False)
+    only = paired({"q1": {"ndcg@10": 1.0}, "x": {"ndcg@10": 0.0}}, {"q1": {"ndcg@10": 0.0}}, "ndcg@10")
+    assert only["queries"] == 1 and only["p"] == 1.0  # paired over the queries both scored

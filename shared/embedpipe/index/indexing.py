@@ -192,12 +192,39 @@ def agreement(selection: dict | None, test: dict, metric: str = "ndcg@10") -> di
 def score(ranked: dict, qrels: dict, served_mode: str) -> dict:
     """Metrics of every mode on the eval qrels; ``served`` is the mode search answers with by default (chosen at
     training time on the selection split, never here on test)."""
-    by_mode = {mode: m for mode, r in ranked.items() if (m := evaluation.evaluate(r, qrels))}
+    rows = {mode: evaluation.per_query(r, qrels) for mode, r in ranked.items()}
+    by_mode = {mode: m for mode, r in rows.items() if (m := evaluation.averaged(r))}
     if not by_mode:  # no query with a relevant document: nothing measured
         return {"by_mode": {}, "default_mode": served_mode, "metrics": {}}
     mode = served_mode if served_mode in by_mode else "dense"
     by_mode["served"] = by_mode[mode]
-    return {"by_mode": by_mode, "default_mode": mode, "metrics": by_mode[mode]}
+    # per query, for the gate's paired comparisons (``compare``): what is served and what it is gated against
+    per_query = {"served": rows[mode], **{m: rows[m] for m in ("bm25", "base") if m in by_mode}}
+    return {"by_mode": by_mode, "default_mode": mode, "metrics": by_mode[mode], "per_query": per_query}
+
+
+def compare(new: dict, old: dict | None, metrics: tuple[str, ...]) -> list[dict]:
+    """The served ranking against each thing the gate compares it with (BM25 alone, the untuned base model, the
+    live index), per gate metric: ``evaluation.paired``'s mean difference and p-value, so a summary can say
+    whether a difference is more than noise. ``new``/``old``: ``score``'s results."""
+    served = (new.get("per_query") or {}).get("served")
+    if not served:
+        return []
+    rivals = {m: r for m in ("bm25", "base") if (r := new["per_query"].get(m))}
+    if old and (live := (old.get("per_query") or {}).get("served")):
+        rivals["live index"] = live
+    return [{"rival": name, **evaluation.paired(served, rows, m)} for name, rows in rivals.items() for m in metrics]
+
+
+def significant_gain(comparisons: list[dict]) -> str | None:
+    """Why a run that passed the gate is refused when ``gate_require_significant_gain`` is set: it has a live index
+    to replace and is not significantly better than it on any gate metric. None when it is, or when no live index
+    was measured."""
+    live = [c for c in comparisons if c["rival"] == "live index"]
+    if not live or any(c["significant"] and c["delta"] > 0 for c in live):
+        return None
+    said = "; ".join(f"{c['metric']} {c['delta']:+.4f} (p={c['p']:.2f})" for c in live)
+    return f"rejected: no significant gain over the live index ({said}; EMBEDPIPE_GATE_REQUIRE_SIGNIFICANT_GAIN)"
 
 
 def index_run(pipe: Lifecycle, run_id: str, reg: registry.ModelRegistry | None = None) -> str:
@@ -1058,7 +1085,12 @@ def _measure_replaced(x: Indexing, collection: str, qrels: dict, same_model_quer
 
 def _gate(x: Indexing, scores: dict, old: dict | None, previous: str | None) -> tuple[bool, str]:
     s = x.settings
-    return decide(scores["by_mode"], old["metrics"] if old else None, s.gate_metrics, s.gate_tolerance, bool(previous))
+    ok, why = decide(
+        scores["by_mode"], old["metrics"] if old else None, s.gate_metrics, s.gate_tolerance, bool(previous)
+    )
+    if ok and s.gate_require_significant_gain and (refused := significant_gain(compare(scores, old, s.gate_metrics))):
+        return False, refused
+    return ok, why
 
 
 def _promote(x: Indexing, out: Outcome) -> tuple[PromotedEntry, DatasetState]:
@@ -1137,6 +1169,9 @@ def _payload(x: Indexing, out: Outcome, dropped: list[str], report_uri: str) -> 
             "metrics": list(s.gate_metrics),
             "tolerance": s.gate_tolerance,
             "reason": out.reason,
+            "require_significant_gain": s.gate_require_significant_gain,
+            # the served ranking against BM25, the base model and the live index, per gate metric (paired t-test)
+            "comparisons": compare(out.new.scores, old, s.gate_metrics),
         },
         search=out.new.search,
         alias=vectorstore.alias_name(x.dataset),

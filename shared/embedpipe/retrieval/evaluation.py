@@ -52,10 +52,44 @@ def per_query(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]]) ->
 
 
 def evaluate(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
-    rows = per_query(ranked, qrels)
+    return averaged(per_query(ranked, qrels))
+
+
+def averaged(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The mean of ``per_query``'s rows ({} without any)."""
     if not rows:
         return {}
     return {k: round(sum(r[k] for r in rows.values()) / len(rows), 6) for k in METRIC_KEYS}
+
+
+SIGNIFICANCE_ALPHA = 0.05  # a difference whose p-value is at least this is "within noise"
+
+
+def paired(new: dict[str, dict[str, float]], old: dict[str, dict[str, float]], metric: str) -> dict:
+    """How ``new`` differs from ``old`` on ``metric`` (``per_query`` rows of two rankings of the same queries): the
+    mean difference over the queries both scored and a two-sided paired t-test's p-value (the "student" test of
+    ranx and of IR papers), ``significant`` below ``SIGNIFICANCE_ALPHA``. Identical scores, or fewer than two
+    queries, are p = 1 (nothing to tell apart)."""
+    import math
+
+    from scipy import stats
+
+    qs = sorted(set(new) & set(old))
+    a, b = [new[q][metric] for q in qs], [old[q][metric] for q in qs]
+    delta = (sum(a) - sum(b)) / len(qs) if qs else 0.0
+    diffs = {round(x - y, 12) for x, y in zip(a, b)}
+    p = 1.0
+    if len(qs) > 1 and diffs != {0.0}:
+        # every query moved by the same amount: no variance for the test, and no doubt either
+        p = 0.0 if len(diffs) == 1 else float(stats.ttest_rel(a, b).pvalue)
+        p = 1.0 if math.isnan(p) else p
+    return {
+        "metric": metric,
+        "delta": round(delta, 6),
+        "p": round(p, 4),
+        "queries": len(qs),
+        "significant": p < SIGNIFICANCE_ALPHA,
+    }
 
 
 Hits = list[tuple[str, float]]  # (id, score), best first

@@ -74,7 +74,7 @@ def search(request):
     if not args.get("dataset") or not args.get("q"):
         return {"error": "query parameters 'dataset' and 'q' are required"}, 400
     k = args.get("k", "10")
-    if not k.isdigit():  # int() would also take " 7", "+7" or "1_0", and its error text is Python's
+    if not (k.isascii() and k.isdigit()):  # int() would also take " 7", "+7", "1_0" or "٣", with Python's error text
         return {"error": f"k must be a whole number within 1..1000, not {k!r}"}, 400
     try:
         return searcher.search(args["dataset"], args["q"], int(k), args.get("mode") or None)

@@ -213,8 +213,9 @@ def test_service_maps_bad_input_to_400_and_unknown_datasets_to_404(monkeypatch):
     assert c.get("/search", query_string={"dataset": "../x", "q": "pumps"}).status_code == 400
     assert c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "k": "many"}).status_code == 400
     assert store.reads == 0
-    r = c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "k": "abc"})
-    assert (r.status_code, r.get_json()["error"]) == (400, "k must be a whole number within 1..1000, not 'abc'")
+    for k in ("abc", "²", "٣", " 7", "+7", "1_0", ""):
+        r = c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "k": k})
+        assert (r.status_code, r.get_json()["error"]) == (400, f"k must be a whole number within 1..1000, not {k!r}")
     r = c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "top_k": "5"})  # used to be ignored
     assert r.status_code == 400 and "unknown query parameter(s) ['top_k']; allowed: dataset, q, k, mode" in r.text
     assert c.get("/search", query_string={"dataset": "unknown", "q": "pumps"}).status_code == 404

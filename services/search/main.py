@@ -71,10 +71,14 @@ def search(request):
     args = request.args
     if unknown := sorted(set(args) - set(PARAMETERS)):
         return {"error": f"unknown query parameter(s) {unknown}; allowed: {', '.join(PARAMETERS)}"}, 400
+    if repeated := sorted(p for p in args if len(args.getlist(p)) > 1):
+        return {"error": f"query parameter(s) {repeated} given more than once"}, 400
     if not args.get("dataset") or not args.get("q"):
         return {"error": "query parameters 'dataset' and 'q' are required"}, 400
     k = args.get("k", "10")
-    if not (k.isascii() and k.isdigit()):  # int() would also take " 7", "+7", "1_0" or "٣", with Python's error text
+    if not (
+        k.isascii() and k.isdigit() and len(k) <= 4
+    ):  # int() would also take " 7", "+7", "1_0" or "٣", with Python's error text
         return {"error": f"k must be a whole number within 1..1000, not {k!r}"}, 400
     try:
         return searcher.search(args["dataset"], args["q"], int(k), args.get("mode") or None)

@@ -432,3 +432,34 @@ def test_a_query_part_runs_once_per_run_whoever_reads_it(monkeypatch):
     monkeypatch.setattr(rest, "get_job", raced_get)
     before = rest.runs()
     assert [r["_id"] for _, r in bqsource.records(part, Settings(), seal)] == ["d1"] and rest.runs() == before
+
+
+def test_a_query_job_that_fails_on_bigquerys_side_is_run_again_not_the_attempt_failed(monkeypatch):
+    """The run's own job id rules out the client's job retries: a backendError under it is run again as a plain
+    job (with those retries) rather than failing the job attempt; the query's own fault still fails the part."""
+    rest = QueryRest()
+    fake_clients(monkeypatch, rest, FakeRead([]))
+    [part] = parse({"corpus": {"query": "SELECT id, title, text FROM shop.docs"}})
+    seal = bqsource.as_of("2026-11-30T12:00:00.000Z")
+    real_query = rest.query
+
+    def failing_once(sql, job_config=None, job_id=None, location=None, job_retry=None):
+        job = real_query(sql, job_config, job_id, location, job_retry)
+        if job_id:  # the run's job fails on BigQuery's side
+            job.result = lambda: (_ for _ in ()).throw(gexc.InternalServerError("Backend error"))
+        return job
+
+    monkeypatch.setattr(rest, "query", failing_once)
+    assert [r["_id"] for _, r in bqsource.records(part, Settings(), seal)] == ["d1"]
+    assert rest.runs() == 2  # the run's job, then a plain one
+
+    def bad_sql(sql, job_config=None, job_id=None, location=None, job_retry=None):
+        job = real_query(sql, job_config, job_id, location, job_retry)
+        if job_id:
+            job.result = lambda: (_ for _ in ()).throw(gexc.BadRequest("Unrecognized name: txt"))
+        return job
+
+    rest.jobs.clear()
+    monkeypatch.setattr(rest, "query", bad_sql)
+    with pytest.raises(datasets.DatasetError, match="Unrecognized name"):
+        list(bqsource.records(part, Settings(), seal))

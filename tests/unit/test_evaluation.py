@@ -193,3 +193,7 @@ def test_a_paired_difference_says_whether_it_is_more_than_noise():
     assert (same["delta"], same["p"], same["significant"]) == (0.0, 1.0, False)
     only = paired({"q1": {"ndcg@10": 1.0}, "x": {"ndcg@10": 0.0}}, {"q1": {"ndcg@10": 0.0}}, "ndcg@10")
     assert only["queries"] == 1 and only["p"] == 1.0  # paired over the queries both scored
+    two = paired(
+        {"a": {"ndcg@10": 1.0}, "b": {"ndcg@10": 1.0}}, {"a": {"ndcg@10": 0.0}, "b": {"ndcg@10": 0.0}}, "ndcg@10"
+    )
+    assert two["p"] == 0.0 and not two["significant"], "two queries are never a significant gain"

@@ -215,3 +215,9 @@ def test_grid_search_over_a_continuous_parameter_is_refused_before_vertex_refuse
     assert hypertune.check_spec({**grid, "algorithm": "GRID"})["algorithm"] == "GRID"
     assert hypertune.parameter_kind({"min": 20, "max": 200}) == "integer"  # what the Vertex spec sends too
     assert hypertune.parameter_kind({"min": 0, "max": 1.5}) == "double"
+    # a float flag stays continuous between whole-number bounds (JSON writers turn 1.0 into 1)
+    assert hypertune.parameter_kind({"min": 0, "max": 1}, "warmup_ratio") == "double"
+    with pytest.raises(ValueError, match=r"\['warmup_ratio'\] are continuous"):
+        hypertune.check_spec(
+            {"metric": "ndcg@10", "algorithm": "grid", "parameters": {"warmup_ratio": {"min": 0, "max": 1}}}
+        )

@@ -366,3 +366,12 @@ def test_the_gate_reports_each_comparison_with_its_noise_and_can_require_a_signi
     live_worse = score({"dense": miss}, qrels, "dense")
     assert significant_gain(compare(new, live_worse, ("ndcg@10",))) is None
     assert significant_gain(compare(new, None, ("ndcg@10",))) is None  # a first index: nothing to beat
+    # Only a new model must beat the live index: a rebuild with the promoted one ranks as it does, and refusing it
+    # would refuse every later run's rebuild too (a big diff, a new representation, a part-edited index).
+    from types import SimpleNamespace
+
+    from embedpipe.index.indexing import _gate
+
+    settings = dataclasses.replace(Settings.from_env({}), gate_metric="ndcg@10", gate_require_significant_gain=True)
+    assert _gate(SimpleNamespace(settings=settings, kind="full"), new, live_same, "live")[0] is False
+    assert _gate(SimpleNamespace(settings=settings, kind="incremental"), new, live_same, "live")[0] is True

@@ -213,9 +213,11 @@ def test_service_maps_bad_input_to_400_and_unknown_datasets_to_404(monkeypatch):
     assert c.get("/search", query_string={"dataset": "../x", "q": "pumps"}).status_code == 400
     assert c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "k": "many"}).status_code == 400
     assert store.reads == 0
-    for k in ("abc", "²", "٣", " 7", "+7", "1_0", ""):
+    for k in ("abc", "²", "٣", " 7", "+7", "1_0", "", "0" * 5000):
         r = c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "k": k})
         assert (r.status_code, r.get_json()["error"]) == (400, f"k must be a whole number within 1..1000, not {k!r}")
+    r = c.get("/search?dataset=ds0&q=pumps&k=5&k=abc")
+    assert r.status_code == 400 and "query parameter(s) ['k'] given more than once" in r.text
     r = c.get("/search", query_string={"dataset": "ds0", "q": "pumps", "top_k": "5"})  # used to be ignored
     assert r.status_code == 400 and "unknown query parameter(s) ['top_k']; allowed: dataset, q, k, mode" in r.text
     assert c.get("/search", query_string={"dataset": "unknown", "q": "pumps"}).status_code == 404

@@ -356,6 +356,8 @@ class Gate(GateReason, total=False):
     metric: str  # EMBEDPIPE_GATE_METRIC
     metrics: list[str]  # every metric the gate compares
     tolerance: float
+    require_significant_gain: bool  # EMBEDPIPE_GATE_REQUIRE_SIGNIFICANT_GAIN (full runs replacing a live index)
+    comparisons: list[dict[str, Any]]  # {"rival", "metric", "delta", "p", "queries", "significant"}: index.indexing
 
 
 class ModelCore(TypedDict):

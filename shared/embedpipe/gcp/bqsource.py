@@ -312,14 +312,16 @@ def _query_once(rest, part: Part, as_of: dt.datetime | None, config, location: s
         job = rest.get_job(job_id, location=location)
     except gexc.NotFound:
         try:  # job_retry=None: a job with a given id cannot be retried under that id
-            return rest.query(part.query, job_config=config, job_id=job_id, location=location, job_retry=None).result()
+            job = rest.query(part.query, job_config=config, job_id=job_id, location=location, job_retry=None)
         except gexc.Conflict:  # a replica created it between our look and our insert
             job = rest.get_job(job_id, location=location)
     try:
         return job.result()
     except gexc.BadRequest:
         raise  # the query's own fault (bad SQL, over the byte cap): running it again cannot help
-    except gexc.GoogleAPICallError:  # its result expired (NotFound) or it failed on BigQuery's side: run it again
+    except gexc.GoogleAPICallError:
+        # its result expired (NotFound) or it failed on BigQuery's side (backendError, rateLimitExceeded): run it
+        # again with the client's own job retries (each replica that meets the failed job pays for its own run)
         return rest.query(part.query, job_config=config).result()
 
 

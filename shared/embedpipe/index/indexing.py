@@ -1088,7 +1088,9 @@ def _gate(x: Indexing, scores: dict, old: dict | None, previous: str | None) -> 
     ok, why = decide(
         scores["by_mode"], old["metrics"] if old else None, s.gate_metrics, s.gate_tolerance, bool(previous)
     )
-    if ok and s.gate_require_significant_gain and (refused := significant_gain(compare(scores, old, s.gate_metrics))):
+    # a new model only: a rebuild with the promoted one (a big diff, a new representation) ranks as the live index does
+    required = s.gate_require_significant_gain and x.kind == FULL
+    if ok and required and (refused := significant_gain(compare(scores, old, s.gate_metrics))):
         return False, refused
     return ok, why
 

@@ -216,7 +216,7 @@ def check_spec(spec) -> dict:
     for name, p in params.items():
         _check_parameter(name, p)
     if algorithm.lower() == "grid" and (
-        doubles := sorted(n for n, p in params.items() if parameter_kind(p) == "double")
+        doubles := sorted(n for n, p in params.items() if parameter_kind(p, n) == "double")
     ):
         raise ValueError(
             f"grid search takes only integer, discrete or categorical parameters (Vertex AI refuses the job "
@@ -225,17 +225,20 @@ def check_spec(spec) -> dict:
     return spec
 
 
-def parameter_kind(p: dict) -> str:
-    """double | integer | discrete | categorical: the ``type`` given, else what the min/max or values say (ints on
-    both ends: integer)."""
+def parameter_kind(p: dict, name: str | None = None) -> str:
+    """double | integer | discrete | categorical: the ``type`` given, else what the trainer's flag ``name`` takes
+    (a float flag is double even between whole-number bounds, as JSON writers turn 1.0 into 1), else what the
+    min/max or values say (ints on both ends: integer)."""
     if p.get("type"):
         return p["type"]
     if "values" in p:
         return "discrete" if all(isinstance(v, int | float) for v in p["values"]) else "categorical"
+    if TUNABLE.get(name) is float:
+        return "double"
     return "integer" if isinstance(p.get("min"), int) and isinstance(p.get("max"), int) else "double"
 
 
-def _draw(p: dict, rng: random.Random, first: bool):
+def _draw(p: dict, rng: random.Random, first: bool, name: str | None = None):
     if "values" in p:
         return p["values"][0] if first else rng.choice(p["values"])
     lo, hi = float(p["min"]), float(p["max"])
@@ -243,10 +246,7 @@ def _draw(p: dict, rng: random.Random, first: bool):
         x = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     else:
         x = rng.uniform(lo, hi)
-    integer = p.get("type") == "integer" or (
-        p.get("type") is None and isinstance(p["min"], int) and isinstance(p["max"], int)
-    )
-    return int(round(x)) if integer else float(f"{x:.6g}")
+    return int(round(x)) if parameter_kind(p, name) == "integer" else float(f"{x:.6g}")
 
 
 def suggest(spec: dict) -> list[dict]:
@@ -254,7 +254,7 @@ def suggest(spec: dict) -> list[dict]:
     spec = validate(spec)
     rng = random.Random(spec["seed"])
     names = sorted(spec["parameters"])
-    return [{n: _draw(spec["parameters"][n], rng, i == 0) for n in names} for i in range(spec["max_trials"])]
+    return [{n: _draw(spec["parameters"][n], rng, i == 0, n) for n in names} for i in range(spec["max_trials"])]
 
 
 def flag(name: str) -> str:

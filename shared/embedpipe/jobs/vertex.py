@@ -265,7 +265,7 @@ class VertexJobLauncher:
 
 def _parameter_spec(name: str, p: dict) -> dict:
     out: dict = {"parameter_id": flag_name(name)}
-    kind, values = hypertune.parameter_kind(p), p.get("values")
+    kind, values = hypertune.parameter_kind(p, name), p.get("values")
     if kind == "double":
         out["double_value_spec"] = {"min_value": float(p["min"]), "max_value": float(p["max"])}
     elif kind == "integer":

@@ -63,13 +63,15 @@ def averaged(rows: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 SIGNIFICANCE_ALPHA = 0.05  # a difference whose p-value is at least this is "within noise"
+SIGNIFICANCE_MIN_QUERIES = 10  # fewer paired queries are never called significant, whatever the p-value
 
 
 def paired(new: dict[str, dict[str, float]], old: dict[str, dict[str, float]], metric: str) -> dict:
     """How ``new`` differs from ``old`` on ``metric`` (``per_query`` rows of two rankings of the same queries): the
     mean difference over the queries both scored and a two-sided paired t-test's p-value (the "student" test of
-    ranx and of IR papers), ``significant`` below ``SIGNIFICANCE_ALPHA``. Identical scores, or fewer than two
-    queries, are p = 1 (nothing to tell apart)."""
+    ranx and of IR papers), ``significant`` below ``SIGNIFICANCE_ALPHA`` (as reported, rounded) with at least
+    ``SIGNIFICANCE_MIN_QUERIES`` queries. Identical scores, or fewer than two queries, are p = 1 (nothing to tell
+    apart); every query moved by the same amount is p = 0."""
     import math
 
     from scipy import stats
@@ -88,7 +90,7 @@ def paired(new: dict[str, dict[str, float]], old: dict[str, dict[str, float]], m
         "delta": round(delta, 6),
         "p": round(p, 4),
         "queries": len(qs),
-        "significant": p < SIGNIFICANCE_ALPHA,
+        "significant": round(p, 4) < SIGNIFICANCE_ALPHA and len(qs) >= SIGNIFICANCE_MIN_QUERIES,
     }
 
 

@@ -76,9 +76,8 @@ def search(request):
     if not args.get("dataset") or not args.get("q"):
         return {"error": "query parameters 'dataset' and 'q' are required"}, 400
     k = args.get("k", "10")
-    if not (
-        k.isascii() and k.isdigit() and len(k) <= 4
-    ):  # int() would also take " 7", "+7", "1_0" or "٣", with Python's error text
+    # ASCII digits only: int() would also take " 7", "+7", "1_0" or "٣", and answer bad ones with Python's error text
+    if not (k.isascii() and k.isdigit() and len(k) <= 4):
         return {"error": f"k must be a whole number within 1..1000, not {k!r}"}, 400
     try:
         return searcher.search(args["dataset"], args["q"], int(k), args.get("mode") or None)

@@ -462,8 +462,6 @@ def dataset_problem(s: Settings, dataset: str, ledger=None) -> str | None:
     """Why a retrain of ``dataset`` would find nothing to train on (a typo would otherwise leave a FAILED run in the
     ledger): a bad name, or a dataset no upload ever reached and of which the data bucket holds nothing. Names the
     known datasets closest to it."""
-    import difflib
-
     try:
         datasets.check_name(dataset)
     except ValueError as exc:
@@ -472,14 +470,12 @@ def dataset_problem(s: Settings, dataset: str, ledger=None) -> str | None:
     if ledger.has_dataset(dataset) or storage.has_objects(datasets.prefix(s.data_bucket, dataset)):
         return None
     known = ledger.list_datasets()
-    close = difflib.get_close_matches(dataset, known, n=3)
-    hint = (
-        f"did you mean {' or '.join(close)}?"
-        if close
-        else f"known: {', '.join(known[:20])}"
-        if known
-        else "upload one first: embedpipe upload DIR --dataset NAME"
-    )
+    if close := runs.closest_names(dataset, known):
+        hint = f"did you mean {' or '.join(close)}?"
+    elif known:
+        hint = f"known: {', '.join(known[:20])}"
+    else:
+        hint = "upload one first: embedpipe upload DIR --dataset NAME"
     return f"no dataset {dataset!r} (nothing uploaded under datasets/{dataset}/); {hint}"
 
 

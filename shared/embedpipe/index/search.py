@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from embedpipe.config import Settings
 from embedpipe.contracts.datasets import check_name
 from embedpipe.contracts.records import PromotedEntry
-from embedpipe.ledger.runs import Ledger
+from embedpipe.ledger.runs import Ledger, closest_names
 from embedpipe.ml.embedding import encode
 from embedpipe.ml.model import load_model
 from embedpipe.retrieval import lexical, vectorstore
@@ -247,11 +247,9 @@ class Searcher:
 
 def not_indexed(ledger: Ledger, dataset: str) -> str:
     """Why ``dataset`` cannot be searched: no index yet, or no such dataset (with the known names closest to it)."""
-    import difflib
-
     if ledger.has_dataset(dataset):
         return f"dataset {dataset!r} has no promoted index yet (see `embedpipe runs`)"
-    close = difflib.get_close_matches(dataset, ledger.list_datasets(), n=3)
+    close = closest_names(dataset, ledger.list_datasets())
     return f"no dataset {dataset!r}" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
 
 

@@ -454,3 +454,10 @@ def last_load_progress(record: RunRecord) -> float | None:
     none did."""
     stamps = [parse_iso(e["at"]) for e in (record.get("loads") or {}).values() if e.get("at")]
     return max(stamps, default=None)
+
+
+def closest_names(name: str, known: list[str]) -> list[str]:
+    """The ``known`` dataset names closest to ``name`` (up to 3, closest first): a typo's suggestions."""
+    import difflib
+
+    return difflib.get_close_matches(name, known, n=3)
